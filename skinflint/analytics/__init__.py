@@ -1,0 +1,1 @@
+"""Analyses over the ledger and recorded data: reports, audits, evaluation."""

@@ -1,0 +1,80 @@
+"""Cache figures and offline invalidation, for the CLI."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from skinflint.storage.ledger import open_sqlite
+
+__all__ = ["invalidate", "stats"]
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def stats(path: str) -> dict[str, Any]:
+    """Entries on disk and, from the ledger, hit rate and money saved by cache hits."""
+    conn = open_sqlite(path)
+    try:
+        tables = _tables(conn)
+        out: dict[str, Any] = {"entries": 0, "expired": 0, "bytes": 0, "tags": 0}
+        if "cache_entries" in tables:
+            now = time.time()
+            n, size, expired = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0),"
+                " COALESCE(SUM(expires_at > 0 AND expires_at <= ?), 0) FROM cache_entries",
+                (now,)).fetchone()
+            out.update(entries=n, bytes=size, expired=expired)
+            out["tags"] = conn.execute("SELECT COUNT(DISTINCT tag) FROM cache_tags").fetchone()[0]
+        if "ledger" in tables:
+            total, hits, saved = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
+                " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
+                " FROM ledger WHERE endpoint IN ('chat', 'embeddings')").fetchone()
+            out.update(requests=total, hits=hits, hit_rate=hits / total if total else 0.0,
+                       saved_usd=float(saved))
+        return out
+    finally:
+        conn.close()
+
+
+def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | None:
+    """Ask a running gateway to invalidate (it also drops its in-memory copies)."""
+    req = urllib.request.Request(url.rstrip("/") + "/api/cache/invalidate",
+                                 data=json.dumps({"tags": tags}).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    if admin_key:
+        req.add_header("authorization", f"Bearer {admin_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=3) as resp:
+            return int(json.loads(resp.read())["invalidated"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return None
+
+
+def invalidate(path: str, tags: list[str], *, url: str | None,
+               admin_key: str | None = None) -> dict[str, Any]:
+    if url:
+        n = _tell_gateway(url, tags, admin_key)
+        if n is not None:
+            return {"invalidated": n, "where": f"gateway at {url}"}
+    conn = open_sqlite(path)
+    try:
+        if "cache_tags" not in _tables(conn):
+            return {"invalidated": 0, "where": path}
+        marks = ", ".join("?" for _ in tags)
+        with conn:
+            keys = [r[0] for r in conn.execute(
+                f"SELECT DISTINCT key FROM cache_tags WHERE tag IN ({marks})", tags)]
+            for key in keys:
+                conn.execute("DELETE FROM cache_entries WHERE key = ?", (key,))
+                conn.execute("DELETE FROM cache_tags WHERE key = ?", (key,))
+        return {"invalidated": len(keys), "where": path}
+    finally:
+        conn.close()

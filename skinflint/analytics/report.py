@@ -1,0 +1,93 @@
+"""Spend report over ledger records: pure functions, no printing."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from skinflint.models import LedgerRecord
+
+__all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since"]
+
+GROUPINGS = ("feature", "model", "user", "strategy", "tenant")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``7d``, ``12h``, ``30m`` -> a unix timestamp that long before ``now``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m is None:
+        raise ValueError(f"--since must look like 30m, 12h or 7d, not {text!r}")
+    return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass
+class Group:
+    key: str
+    requests: int = 0
+    errors: int = 0
+    cache_hits: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    baseline_cost_usd: float = 0.0
+    saved_usd: float = 0.0
+    unknown_cost: int = 0
+    latency_ms: list[float] = field(default_factory=list, repr=False)
+
+    def add(self, r: LedgerRecord) -> None:
+        self.requests += 1
+        self.errors += r.status >= 400
+        self.cache_hits += r.cache_status.startswith("hit")
+        self.input_tokens += r.input_tokens
+        self.output_tokens += r.output_tokens
+        if r.cost_usd is None:
+            self.unknown_cost += 1
+        else:
+            self.cost_usd += r.cost_usd
+        self.baseline_cost_usd += r.baseline_cost_usd or 0.0
+        self.saved_usd += r.saved_usd or 0.0
+        self.latency_ms.append(r.latency_ms)
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        lat = sorted(out.pop("latency_ms"))
+        out["p50_latency_ms"] = lat[len(lat) // 2] if lat else 0.0
+        out["p95_latency_ms"] = lat[min(int(len(lat) * 0.95), len(lat) - 1)] if lat else 0.0
+        out["cache_hit_rate"] = self.cache_hits / self.requests if self.requests else 0.0
+        return out
+
+
+@dataclass
+class Report:
+    by: str
+    since: float
+    total: Group
+    groups: list[Group]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by": self.by, "since": self.since, "total": self.total.summary(),
+                "groups": [g.summary() for g in self.groups]}
+
+
+def _key(record: LedgerRecord, by: str) -> str:
+    if by == "strategy":
+        return record.strategy or ("error" if record.status >= 400 else "provider")
+    return str(getattr(record, by)) or "(none)"
+
+
+def build_report(records: Iterable[LedgerRecord], *, by: str = "feature", since: float = 0.0) -> Report:
+    if by not in GROUPINGS:
+        raise ValueError(f"--by must be one of {', '.join(GROUPINGS)}")
+    total, groups = Group("total"), dict[str, Group]()
+    for r in records:
+        if r.ts < since:
+            continue
+        total.add(r)
+        key = _key(r, by)
+        groups.setdefault(key, Group(key)).add(r)
+    ordered = sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
+    return Report(by, since, total, ordered)

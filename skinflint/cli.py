@@ -1,0 +1,229 @@
+"""The ``skinflint`` command. The only module (with the dashboard) that imports rich."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from skinflint.config import Settings, load_settings
+from skinflint.errors import ConfigError
+
+__all__ = ["main"]
+
+
+def _console() -> Console:
+    return Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+
+
+def _usd(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.4f}"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# ---- serve
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from skinflint.server.run import serve
+
+    if args.config and args.workers > 1:
+        os.environ["SKINFLINT_CONFIG"] = args.config  # workers load it themselves
+    serve(settings, host=args.host or settings.server.host, port=args.port or settings.server.port,
+          workers=args.workers or settings.server.workers)
+    return 0
+
+
+# ---- report
+
+def format_report(report: Any) -> Table:
+    table = Table(title=f"Spend by {report.by}")
+    for col in ("group", "requests", "errors", "cache hits", "tokens in", "tokens out",
+                "cost", "baseline", "saved", "p50 ms"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for g in [*report.groups, report.total]:
+        s = g.summary()
+        cost = _usd(g.cost_usd) + (f" (+{g.unknown_cost} unpriced)" if g.unknown_cost else "")
+        table.add_row(g.key, str(g.requests), str(g.errors), f"{s['cache_hit_rate']:.0%}",
+                      f"{g.input_tokens:,}", f"{g.output_tokens:,}", cost,
+                      _usd(g.baseline_cost_usd), _usd(g.saved_usd), f"{s['p50_latency_ms']:.1f}",
+                      style="bold" if g is report.total else None)
+    return table
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from skinflint.analytics.report import build_report, parse_since
+    from skinflint.storage.ledger import SQLiteLedger
+
+    since = parse_since(args.since) if args.since else 0.0
+    path = args.db or settings.storage.sqlite_path
+    if not os.path.exists(path):
+        raise ConfigError(f"no ledger at {path}")
+    ledger = SQLiteLedger(path)
+    try:
+        report = build_report(ledger.query(since), by=args.by, since=since)
+    finally:
+        ledger.close()
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        _console().print(format_report(report))
+    return 0
+
+
+# ---- prices
+
+def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
+    from skinflint.gateway import price_overrides
+    from skinflint.pricing import PriceCatalog
+
+    catalog = PriceCatalog(price_overrides(settings))
+    models = [args.model] if args.model else sorted(settings.models) or ["gpt-4o-mini"]
+    rows = []
+    for name in models:
+        cfg = settings.models.get(name)
+        lookup = name if name in catalog.overrides or cfg is None else (cfg.model or name)
+        price = catalog.price(lookup)
+        if price is None:
+            raise ConfigError(f"no price known for {name!r}: add models.{name}.price to the config")
+        rows.append({"model": name, "input_per_mtok": price.input, "output_per_mtok": price.output,
+                     "cached_input_per_mtok": price.cached_input, "source": price.source})
+    if args.json:
+        _print_json(rows)
+        return 0
+    table = Table(title="Prices (USD per million tokens)")
+    for col in ("model", "input", "output", "cached input", "source"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], f"{r['input_per_mtok']:g}", f"{r['output_per_mtok']:g}",
+                      f"{r['cached_input_per_mtok']:g}", r["source"])
+    _console().print(table)
+    return 0
+
+
+# ---- cache
+
+def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
+    from skinflint.analytics import cachestats
+
+    path = args.db or settings.storage.sqlite_path
+    if args.cache_command == "stats":
+        stats = cachestats.stats(path)
+        if args.json:
+            _print_json(stats)
+        else:
+            table = Table(title="Exact cache")
+            table.add_column("figure")
+            table.add_column("value", justify="right")
+            for k, v in stats.items():
+                table.add_row(k.replace("_", " "), f"{v:,.4f}" if isinstance(v, float) else f"{v:,}")
+            _console().print(table)
+        return 0
+    url = args.url or f"http://{settings.server.host}:{settings.server.port}"
+    result = cachestats.invalidate(path, args.tag, url=url, admin_key=args.admin_key)
+    if args.json:
+        _print_json(result)
+    else:
+        _console().print(f"invalidated {result['invalidated']} entries tagged "
+                         f"{', '.join(args.tag)} ({result['where']})")
+    return 0
+
+
+# ---- demo
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import Progress
+
+    from skinflint.demo import format_demo_rows, run_demo
+
+    console = _console()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("replaying recorded traffic", total=None)
+
+        def tick(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = run_demo(requests=args.requests, concurrency=args.concurrency, seed=args.seed,
+                          on_progress=tick)
+    if args.json:
+        _print_json(result)
+        return 0
+    table = Table(title="skinflint demo: recorded real model outputs, replayed through the gateway")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for label, value in format_demo_rows(result):
+        table.add_row(label, value)
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="skinflint", description="LLM gateway that cuts the bill.")
+    p.add_argument("--config", help="YAML configuration (default: $SKINFLINT_CONFIG or none)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int, default=0)
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="replay recorded traffic through the gateway, offline")
+    d.add_argument("--requests", type=int, default=400)
+    d.add_argument("--concurrency", type=int, default=16)
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="spend, tokens and savings from the ledger")
+    r.add_argument("--db", help="SQLite ledger path (default: storage.sqlite_path)")
+    r.add_argument("--since", help="only requests newer than this, e.g. 7d, 12h")
+    r.add_argument("--by", default="feature",
+                   choices=["feature", "model", "user", "strategy", "tenant"])
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
+
+    pr = sub.add_parser("prices", help="the price the gateway charges for a model")
+    pr.add_argument("model", nargs="?")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prices)
+
+    c = sub.add_parser("cache", help="cache figures and invalidation")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    cs = csub.add_parser("stats")
+    cs.add_argument("--db")
+    cs.add_argument("--json", action="store_true")
+    ci = csub.add_parser("invalidate")
+    ci.add_argument("--tag", action="append", required=True, help="tag to drop (repeatable)")
+    ci.add_argument("--db")
+    ci.add_argument("--url", help="running gateway to tell (default: the configured address)")
+    ci.add_argument("--admin-key", default=None)
+    ci.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cache)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        result: int = args.func(args, settings)
+        return result
+    except (ConfigError, ValueError, OSError) as exc:
+        message = exc.message if isinstance(exc, ConfigError) else str(exc)
+        sys.stderr.write(f"skinflint: {message}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Configuration: parse YAML, interpolate ``${ENV}``, validate, freeze.
+
+This is the one module that reads environment variables. Everything else receives a frozen
+:class:`Settings`. Plain-text gateway keys are hashed here and never kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from skinflint.errors import ConfigError
+
+__all__ = [
+    "CachePolicy",
+    "ExactCacheConfig",
+    "KeyConfig",
+    "ModelConfig",
+    "PriceOverride",
+    "ProviderConfig",
+    "Settings",
+    "hash_key",
+    "load_settings",
+]
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a gateway or admin key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderConfig(_Frozen):
+    kind: Literal["openai-compatible", "anthropic", "replay"] = "openai-compatible"
+    base_url: str = ""
+    api_key: str = Field(default="", repr=False)
+    timeout: float = Field(default=600.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    backoff_base: float = Field(default=0.25, ge=0)
+    backoff_max: float = Field(default=8.0, ge=0)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    latency_scale: float = Field(default=1.0, ge=0)  # replay only
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> ProviderConfig:
+        if self.kind != "replay" and not self.base_url:
+            raise ValueError("base_url is required for this provider kind")
+        return self
+
+
+class PriceOverride(_Frozen):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+
+
+class ModelConfig(_Frozen):
+    provider: str
+    model: str = ""  # the provider's name for it; defaults to the alias
+    fallbacks: tuple[str, ...] = ()
+    price: PriceOverride | None = None
+
+
+class CachePolicy(_Frozen):
+    """Exact-cache policy; per-feature and per-route entries override the defaults."""
+
+    enabled: bool | None = None
+    ttl_seconds: float | None = Field(default=None, ge=0)
+    normalization: Literal["conservative", "loose"] | None = None
+    max_temperature: float | None = Field(default=None, ge=0)
+    cache_any_temperature: bool | None = None
+
+
+class ExactCacheConfig(_Frozen):
+    enabled: bool = True
+    ttl_seconds: float = Field(default=7 * 86400, ge=0)
+    scope: Literal["tenant", "user", "shared"] = "tenant"
+    normalization: Literal["conservative", "loose"] = "conservative"
+    max_temperature: float = Field(default=0.7, ge=0)
+    memory_entries: int = Field(default=10_000, ge=0)
+    max_entries: int = Field(default=200_000, ge=1)
+    max_entry_bytes: int = Field(default=1 << 20, ge=1)
+    features: dict[str, CachePolicy] = Field(default_factory=dict)
+    routes: dict[str, CachePolicy] = Field(default_factory=dict)
+
+
+class CacheConfig(_Frozen):
+    exact: ExactCacheConfig = Field(default_factory=ExactCacheConfig)
+
+
+class StorageConfig(_Frozen):
+    sqlite_path: str = "./skinflint.db"
+    ledger_flush_interval: float = Field(default=0.2, gt=0)
+
+
+class KeyConfig(_Frozen):
+    """A gateway key. Give ``key`` (hashed at load) or its ``key_sha256``."""
+
+    tenant: str
+    key_sha256: str = Field(default="", repr=False)
+    key: str = Field(default="", repr=False, exclude=True)
+
+    @model_validator(mode="after")
+    def _hash(self) -> KeyConfig:
+        if self.key:
+            object.__setattr__(self, "key_sha256", hash_key(self.key))
+            object.__setattr__(self, "key", "")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.key_sha256):
+            raise ValueError("give key or a 64-hex-char key_sha256")
+        return self
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8787, ge=0, le=65535)
+    max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    workers: int = Field(default=1, ge=1)
+
+
+class Settings(_Frozen):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    default_provider: str | None = None
+    baseline_model: str | None = None
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    keys: tuple[KeyConfig, ...] = ()
+    admin_key_sha256: str = Field(default="", repr=False)
+    admin_key: str = Field(default="", repr=False, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        if self.admin_key:
+            object.__setattr__(self, "admin_key_sha256", hash_key(self.admin_key))
+            object.__setattr__(self, "admin_key", "")
+        for alias, model in self.models.items():
+            if model.provider not in self.providers:
+                raise ValueError(f"models.{alias}.provider: unknown provider {model.provider!r}")
+            for fb in model.fallbacks:
+                if fb not in self.models:
+                    raise ValueError(f"models.{alias}.fallbacks: unknown model {fb!r}")
+        if self.default_provider and self.default_provider not in self.providers:
+            raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
+        return self
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"config: {path}: environment variable {name} is not set")
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _zero_config(env: Mapping[str, str]) -> dict[str, Any]:
+    """One upstream from ``OPENAI_BASE_URL``/``OPENAI_API_KEY``; every model passes through."""
+    return {
+        "providers": {
+            "openai": {
+                "kind": "openai-compatible",
+                "base_url": env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+                "api_key": env.get("OPENAI_API_KEY", ""),
+            }
+        },
+        "default_provider": "openai",
+    }
+
+
+def _format_validation(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    return f"config: {where}: {first['msg']}"
+
+
+def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
+    """Validate an already-parsed configuration mapping."""
+    env = os.environ if env is None else env
+    data = _interpolate(dict(raw), env, "")
+    if not data.get("providers"):
+        data = {**_zero_config(env), **{k: v for k, v in data.items() if k != "providers"}}
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc)) from None
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Load ``path``, else ``$SKINFLINT_CONFIG``, else the zero configuration."""
+    env = os.environ if env is None else env
+    path = path or env.get("SKINFLINT_CONFIG") or None
+    if path is None:
+        return settings_from_dict({}, env)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    return settings_from_dict(raw, env)

@@ -1,0 +1,129 @@
+"""The gateway: every service one process needs, opened from validated settings and passed
+around as one explicit bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from skinflint.config import ProviderConfig, Settings
+from skinflint.interfaces import Ledger, Provider
+from skinflint.metrics import Metrics
+from skinflint.pipeline import Pipeline, RequestContext, build_stages
+from skinflint.pipeline.account import Account
+from skinflint.pipeline.attribute import Attribute
+from skinflint.pipeline.cache_exact import ExactCache
+from skinflint.pipeline.call import CallProvider, RetryPolicy
+from skinflint.pipeline.route import Route
+from skinflint.pricing import PriceCatalog
+from skinflint.providers.anthropic import AnthropicProvider
+from skinflint.providers.http import new_session
+from skinflint.providers.openai_compat import OpenAICompatProvider
+from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
+from skinflint.storage.cache import TieredCacheStore
+from skinflint.storage.ledger import SQLiteLedger
+from skinflint.tokens import TokenCounter
+
+__all__ = ["Gateway", "price_overrides"]
+
+log = logging.getLogger("skinflint")
+
+
+def _provider(name: str, cfg: ProviderConfig, session: aiohttp.ClientSession) -> Provider:
+    if cfg.kind == "anthropic":
+        return AnthropicProvider(name, base_url=cfg.base_url, api_key=cfg.api_key, session=session)
+    if cfg.kind == "replay":
+        return ReplayProvider(name, latency_scale=cfg.latency_scale)
+    return OpenAICompatProvider(name, base_url=cfg.base_url, api_key=cfg.api_key, session=session,
+                                headers=dict(cfg.headers), connect_timeout=cfg.connect_timeout)
+
+
+def price_overrides(settings: Settings) -> dict[str, tuple[float, float, float | None]]:
+    overrides: dict[str, tuple[float, float, float | None]] = {}
+    if any(p.kind == "replay" for p in settings.providers.values()):
+        overrides.update({m: (i, o, None) for m, (i, o) in REPLAY_PRICES.items()})
+    for alias, model in settings.models.items():
+        if model.price is not None:
+            overrides[alias] = (model.price.input, model.price.output, model.price.cached_input)
+    return overrides
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    pipeline: Pipeline
+    ledger: Ledger
+    cache: TieredCacheStore
+    exact_cache: ExactCache
+    metrics: Metrics
+    catalog: PriceCatalog
+    tokens: TokenCounter
+    providers: dict[str, Provider]
+    session: aiohttp.ClientSession
+    warmed: asyncio.Future[None] | None = field(default=None)
+
+    @classmethod
+    async def open(cls, settings: Settings, *, ledger: Ledger | None = None) -> Gateway:
+        """Open storage and providers; heavy loading (price catalog, tokenizer, recorded data)
+        continues in a thread so start-up does not wait for it."""
+        db = settings.storage.sqlite_path
+        if db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        session = new_session()
+        providers = {n: _provider(n, c, session) for n, c in settings.providers.items()}
+        metrics, tokens = Metrics(), TokenCounter()
+        catalog = PriceCatalog(price_overrides(settings))
+        ledger = ledger or SQLiteLedger(db, flush_interval=settings.storage.ledger_flush_interval)
+        ex = settings.cache.exact
+        store = TieredCacheStore(db, memory_entries=ex.memory_entries, max_entries=ex.max_entries)
+        exact = ExactCache(ex, store)
+        policies = {n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
+                    for n, c in settings.providers.items()}
+
+        def price_name(name: str) -> str:
+            model = settings.models.get(name)
+            if name in catalog.overrides or model is None:
+                return name
+            return model.model or name
+
+        stages = build_stages(
+            attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
+            exact_cache=exact,
+            route=Route(settings),
+            call_provider=CallProvider(providers, policies, metrics),
+            account=Account(catalog=catalog, tokens=tokens, ledger=ledger, metrics=metrics,
+                            cache=exact, price_name=price_name,
+                            baseline_model=settings.baseline_model),
+        )
+        gw = cls(settings, Pipeline(stages), ledger, store, exact, metrics, catalog, tokens,
+                 providers, session)
+        gw.warmed = asyncio.ensure_future(asyncio.to_thread(gw._warm))
+        return gw
+
+    def _warm(self) -> None:
+        self.catalog.warm(list(self.settings.models) or None)
+        self.tokens.warm()
+        for provider in self.providers.values():
+            if isinstance(provider, ReplayProvider):
+                provider.load()
+
+    def context(self, endpoint: str, raw_body: bytes, headers: dict[str, str]) -> RequestContext:
+        return RequestContext(request_id=uuid.uuid4().hex, ts=time.time(),
+                              started=time.perf_counter(), endpoint=endpoint,
+                              raw_body=raw_body, headers=headers)
+
+    async def close(self) -> None:
+        """Flush the ledger and the cache, then close connections. Safe to call twice."""
+        if self.warmed is not None:
+            await asyncio.gather(self.warmed, return_exceptions=True)
+        for provider in self.providers.values():
+            await provider.close()
+        await self.session.close()
+        await self.cache.close()
+        await asyncio.to_thread(self.ledger.close)

@@ -1,0 +1,100 @@
+"""Pure data passed between layers. No I/O here.
+
+Request and response bodies stay plain dicts in the OpenAI wire format: parsing them into
+objects on every request costs more than the whole hot-path budget, and the gateway must pass
+through fields it does not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Completion",
+    "LedgerRecord",
+    "StreamChunk",
+    "UpstreamRequest",
+    "Usage",
+]
+
+JSON = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    counted: bool = False  # True when we counted tokens ourselves because the provider gave none
+
+    @classmethod
+    def from_openai(cls, usage: JSON | None) -> Usage | None:
+        if not usage:
+            return None
+        details = usage.get("prompt_tokens_details") or {}
+        return cls(
+            input_tokens=int(usage.get("prompt_tokens") or 0),
+            output_tokens=int(usage.get("completion_tokens") or 0),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+        )
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    """One call to one provider. ``body`` is an OpenAI request body whose ``model`` is already
+    the provider's own model name."""
+
+    provider_model: str
+    body: JSON
+    timeout: float = 600.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A complete OpenAI-shaped response (``chat.completion`` or embeddings list).
+
+    ``raw`` holds the provider's exact bytes when ``body`` is their unmodified parse, so the
+    gateway can relay them without serialising again."""
+
+    body: JSON
+    raw: bytes | None = None
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """One ``chat.completion.chunk``; ``raw`` as in :class:`Completion`."""
+
+    data: JSON
+    raw: bytes | None = None
+
+
+@dataclass(slots=True)
+class LedgerRecord:
+    """One row of the ledger: one request through the gateway."""
+
+    request_id: str
+    ts: float
+    request_hash: str = ""
+    tenant: str = "default"
+    feature: str = ""
+    user: str = ""
+    requested_model: str = ""
+    model: str = ""
+    provider: str = ""
+    endpoint: str = "chat"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float | None = 0.0
+    baseline_cost_usd: float | None = 0.0
+    saved_usd: float | None = 0.0
+    cache_status: str = "miss"
+    strategy: str = ""
+    latency_ms: float = 0.0
+    upstream_latency_ms: float = 0.0
+    status: int = 200
+    error_type: str = ""
+    route: str = ""
+    similarity: float | None = None

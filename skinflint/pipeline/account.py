@@ -1,0 +1,159 @@
+"""Stage 10, account: usage (the provider's, else counted offline), cost from the price
+catalog, saving against the baseline, the ledger row, and storing the answer in the caches.
+
+It acts after every other stage has returned, for every outcome: answered, served from cache,
+failed, or abandoned by the client. A stream is accounted when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from skinflint.errors import SkinflintError
+from skinflint.interfaces import Ledger
+from skinflint.metrics import Metrics
+from skinflint.models import LedgerRecord, StreamChunk, Usage
+from skinflint.pipeline.cache_exact import ExactCache
+from skinflint.pipeline.context import Next, Reply, RequestContext
+from skinflint.pricing import PriceCatalog
+from skinflint.streaming import StreamAssembler
+from skinflint.tokens import TokenCounter
+
+__all__ = ["Account"]
+
+CLIENT_CLOSED = 499
+
+
+class Account:
+    name = "account"
+    enabled = True
+
+    def __init__(self, *, catalog: PriceCatalog, tokens: TokenCounter, ledger: Ledger,
+                 metrics: Metrics, cache: ExactCache, price_name: Callable[[str], str],
+                 baseline_model: str | None) -> None:
+        self._catalog = catalog
+        self._tokens = tokens
+        self._ledger = ledger
+        self._metrics = metrics
+        self._cache = cache
+        self._price_name = price_name
+        self._baseline = baseline_model
+
+    async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
+        try:
+            reply = await next(ctx)
+        except BaseException as exc:  # re-raised: the row is written whatever happened
+            self._failed(ctx, exc)
+            raise
+        if reply.chunks is not None:
+            return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
+        assert reply.body is not None
+        if ctx.usage is None:
+            ctx.usage = self._usage(ctx, reply.body)
+        if ctx.cache_status != "hit-exact":
+            await self._cache.save(ctx, reply.body, reply.raw)
+        self._finish(ctx)
+        return reply
+
+    def _failed(self, ctx: RequestContext, exc: BaseException) -> None:
+        self._mark_failure(ctx, exc)
+        self._finish(ctx)
+
+    @staticmethod
+    def _mark_failure(ctx: RequestContext, exc: BaseException) -> None:
+        ctx.cache_writable = False
+        if isinstance(exc, SkinflintError):
+            ctx.status, ctx.error_type = exc.status, exc.code or exc.error_type
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            ctx.status, ctx.error_type = CLIENT_CLOSED, "client_disconnected"
+        else:
+            ctx.status, ctx.error_type = 500, type(exc).__name__
+
+    async def _observe(self, ctx: RequestContext,
+                       chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+        """Relay the stream, rebuilding the completion; account once it ends, however it ends."""
+        assembler = StreamAssembler()
+        started, failure = time.perf_counter(), None
+        try:
+            async for chunk in chunks:
+                assembler.add(chunk.data)
+                if ctx.client_wants_usage or chunk.data.get("choices"):
+                    yield chunk
+        except BaseException as exc:  # re-raised; GeneratorExit is the client leaving
+            failure = exc
+            raise
+        finally:
+            hit = ctx.cache_status == "hit-exact"
+            if not hit:
+                ctx.upstream_ms += (time.perf_counter() - started) * 1000
+                ctx.usage = self._usage(ctx, assembler.completion())
+            if failure is not None:
+                self._mark_failure(ctx, failure)
+            elif not hit:
+                await self._cache.save(ctx, assembler.completion(), None)
+            self._finish(ctx)
+
+    def _usage(self, ctx: RequestContext, body: dict[str, Any]) -> Usage:
+        usage = Usage.from_openai(body.get("usage"))
+        if usage is not None:
+            return usage
+        model = ctx.model or ctx.requested_model
+        self._metrics.counted_usage.labels(model).inc()
+        if ctx.endpoint == "embeddings":
+            inputs = ctx.body.get("input")
+            texts = inputs if isinstance(inputs, list) else [inputs]
+            n = sum(self._tokens.count_text(model, t) for t in texts if isinstance(t, str))
+            return Usage(input_tokens=n, counted=True)
+        messages = ctx.body.get("messages") or []
+        return Usage(input_tokens=self._tokens.count_messages(model, messages),
+                     output_tokens=self._tokens.count_completion(model, body), counted=True)
+
+    def _price(self, ctx: RequestContext) -> None:
+        usage = ctx.usage or Usage()
+        baseline_name = self._baseline or ctx.requested_model
+        ctx.baseline_model = baseline_name
+        ctx.baseline_cost_usd = self._catalog.cost(self._price_name(baseline_name), usage)
+        if ctx.cache_status.startswith("hit"):
+            ctx.cost_usd = 0.0
+        elif ctx.answered is not None:
+            ctx.cost_usd = self._catalog.cost(self._price_name(ctx.answered.name), usage)
+            if ctx.cost_usd is None:
+                self._metrics.unknown_price.labels(ctx.model).inc()
+        else:
+            ctx.cost_usd = 0.0  # never reached a provider
+        if ctx.cost_usd is not None and ctx.baseline_cost_usd is not None:
+            ctx.saved_usd = max(ctx.baseline_cost_usd - ctx.cost_usd, 0.0)
+
+    def _finish(self, ctx: RequestContext) -> None:
+        self._price(ctx)
+        usage = ctx.usage or Usage()
+        self._ledger.record(LedgerRecord(
+            request_id=ctx.request_id, ts=ctx.ts, request_hash=ctx.request_hash,
+            tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
+            requested_model=ctx.requested_model, model=ctx.model, provider=ctx.provider,
+            endpoint=ctx.endpoint, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
+            cost_usd=ctx.cost_usd, baseline_cost_usd=ctx.baseline_cost_usd,
+            saved_usd=ctx.saved_usd, cache_status=ctx.cache_status,
+            strategy="exact_cache" if ctx.cache_status == "hit-exact" else "",
+            latency_ms=(time.perf_counter() - ctx.started) * 1000,
+            upstream_latency_ms=ctx.upstream_ms, status=ctx.status, error_type=ctx.error_type,
+            route=ctx.route,
+        ))
+        self._observe_metrics(ctx, usage)
+
+    def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
+        m = self._metrics
+        m.requests.labels(ctx.endpoint, ctx.model, ctx.cache_status, str(ctx.status)).inc()
+        m.latency.labels(ctx.endpoint).observe(time.perf_counter() - ctx.started)
+        if ctx.cost_usd:
+            m.cost.labels(ctx.model).inc(ctx.cost_usd)
+        if ctx.saved_usd:
+            m.saved.labels(ctx.cache_status).inc(ctx.saved_usd)
+        if usage.input_tokens:
+            m.tokens.labels(ctx.model, "input").inc(usage.input_tokens)
+        if usage.output_tokens:
+            m.tokens.labels(ctx.model, "output").inc(usage.output_tokens)

@@ -1,0 +1,126 @@
+"""Stage 4, exact cache: the same request, normalised, within the same scope, is answered from
+the store. Writing happens in the account stage, once a response is known to be complete."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from skinflint.cachekey import request_hash, scoped_key
+from skinflint.config import CachePolicy, ExactCacheConfig
+from skinflint.interfaces import CacheEntry, CacheStore
+from skinflint.models import StreamChunk, Usage
+from skinflint.pipeline.context import Next, Reply, RequestContext
+from skinflint.streaming import chunks_from_completion, is_complete
+
+__all__ = ["ExactCache", "Policy"]
+
+#: What providers use when a request sets no temperature.
+DEFAULT_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    enabled: bool
+    ttl_seconds: float
+    loose: bool
+    max_temperature: float
+    any_temperature: bool
+
+
+def _merge(base: ExactCacheConfig, *overrides: CachePolicy | None) -> Policy:
+    enabled, ttl, norm = base.enabled, base.ttl_seconds, base.normalization
+    max_t, any_t = base.max_temperature, False
+    for o in overrides:
+        if o is None:
+            continue
+        enabled = enabled if o.enabled is None else o.enabled
+        ttl = ttl if o.ttl_seconds is None else o.ttl_seconds
+        norm = norm if o.normalization is None else o.normalization
+        max_t = max_t if o.max_temperature is None else o.max_temperature
+        any_t = any_t if o.cache_any_temperature is None else o.cache_any_temperature
+    return Policy(enabled, ttl, norm == "loose", max_t, any_t)
+
+
+async def _replay(chunks: list[dict[str, Any]]) -> AsyncIterator[StreamChunk]:
+    for data in chunks:
+        yield StreamChunk(data=data)
+
+
+class ExactCache:
+    name = "exact_cache"
+
+    def __init__(self, config: ExactCacheConfig, store: CacheStore) -> None:
+        self.config = config
+        self.store = store
+        self.enabled = config.enabled or bool(config.features) or bool(config.routes)
+        self._policies: dict[tuple[str, str], Policy] = {}
+
+    def policy(self, feature: str, model: str) -> Policy:
+        try:
+            return self._policies[feature, model]
+        except KeyError:
+            found = _merge(self.config, self.config.routes.get(model),
+                           self.config.features.get(feature))
+            self._policies[feature, model] = found
+            return found
+
+    def _scope(self, ctx: RequestContext) -> str:
+        scope = self.config.scope
+        if scope == "shared":
+            return "shared"
+        if scope == "user":
+            return f"u:{ctx.tenant}:{ctx.user}"
+        return f"t:{ctx.tenant}"
+
+    def _eligible(self, ctx: RequestContext, policy: Policy) -> bool:
+        if not policy.enabled or ctx.cache_mode == "bypass":
+            return False
+        if ctx.endpoint != "chat" or policy.any_temperature:
+            return True
+        temperature = ctx.body.get("temperature")
+        if not isinstance(temperature, int | float):
+            temperature = DEFAULT_TEMPERATURE
+        return temperature <= policy.max_temperature
+
+    async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
+        policy = self.policy(ctx.feature, ctx.requested_model)
+        if not self._eligible(ctx, policy):
+            ctx.cache_status = "bypass"
+            return await next(ctx)
+        digest = request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
+        ctx.cache_key = scoped_key(self._scope(ctx), digest)
+        ctx.cache_writable, ctx.cache_ttl = True, policy.ttl_seconds
+        if ctx.cache_mode != "refresh":
+            raw = await self.store.get(ctx.cache_key, time.time())
+            if raw is not None:
+                return self._hit(ctx, raw)
+        return await next(ctx)
+
+    def _hit(self, ctx: RequestContext, raw: bytes) -> Reply:
+        body = orjson.loads(raw)
+        ctx.cache_status, ctx.cache_writable = "hit-exact", False
+        ctx.model = body.get("model") or ctx.requested_model
+        ctx.provider = "cache"
+        ctx.usage = Usage.from_openai(body.get("usage")) or Usage()
+        if ctx.stream:
+            chunks = chunks_from_completion(body, include_usage=ctx.client_wants_usage)
+            return Reply(chunks=_replay(chunks))
+        return Reply(body=body, raw=raw)
+
+    async def save(self, ctx: RequestContext, body: dict[str, Any], raw: bytes | None) -> bool:
+        """Store a finished response if the request allows it and the answer is complete."""
+        if not ctx.cache_writable or ctx.status != 200:
+            return False
+        if ctx.endpoint == "chat" and not is_complete(body):
+            return False
+        value = raw if raw is not None else orjson.dumps(body)
+        if len(value) > self.config.max_entry_bytes:
+            return False
+        expires = time.time() + ctx.cache_ttl if ctx.cache_ttl > 0 else 0.0
+        await self.store.set(CacheEntry(ctx.cache_key, value, expires, ctx.tags))
+        return True

@@ -1,0 +1,46 @@
+"""Pipeline slots that hold no strategy yet. Each is a real stage that passes the request on;
+``enabled = False`` lets the pipeline skip the call entirely."""
+
+from __future__ import annotations
+
+from skinflint.pipeline.context import Next, Reply, RequestContext
+
+__all__ = ["BudgetTokens", "Compress", "Guard", "Rules", "SemanticCache"]
+
+
+class _Slot:
+    name = "slot"
+    enabled = False
+
+    async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
+        return await next(ctx)
+
+
+class Guard(_Slot):
+    """Stage 2: budgets and rate limits."""
+
+    name = "guard"
+
+
+class Rules(_Slot):
+    """Stage 3: deterministic answers that need no LLM."""
+
+    name = "rules"
+
+
+class SemanticCache(_Slot):
+    """Stage 5: answers from similar earlier requests."""
+
+    name = "semantic_cache"
+
+
+class Compress(_Slot):
+    """Stage 6: prompt compression."""
+
+    name = "compress"
+
+
+class BudgetTokens(_Slot):
+    """Stage 8: output-token caps."""
+
+    name = "budget_tokens"

@@ -1,0 +1,128 @@
+"""The price catalog: ``genai-prices`` plus per-model overrides from the configuration.
+
+A model's rates are resolved once and kept as floats, because computing a cost is on the hot
+path and the catalog's own calculation costs tens of microseconds. An unknown price is not an
+error: the cost is recorded as unknown (``None``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from skinflint.models import Usage
+
+__all__ = ["ModelPrice", "PriceCatalog"]
+
+_PER_TOKEN = 1e-6  # catalog and overrides are in USD per million tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens, with optional tiers keyed by input tokens (``start`` -> rate)."""
+
+    model: str
+    input: float
+    output: float
+    cached_input: float
+    source: str
+    input_tiers: tuple[tuple[int, float], ...] = ()
+    output_tiers: tuple[tuple[int, float], ...] = ()
+    cached_tiers: tuple[tuple[int, float], ...] = ()
+
+    def cost(self, usage: Usage) -> float:
+        n = usage.input_tokens
+        uncached = max(n - usage.cached_tokens, 0)
+        return _PER_TOKEN * (
+            uncached * _tiered(self.input, self.input_tiers, n)
+            + usage.cached_tokens * _tiered(self.cached_input, self.cached_tiers, n)
+            + usage.output_tokens * _tiered(self.output, self.output_tiers, n)
+        )
+
+
+def _tiered(base: float, tiers: tuple[tuple[int, float], ...], input_tokens: int) -> float:
+    rate = base
+    for start, price in tiers:
+        if input_tokens >= start:
+            rate = price
+    return rate
+
+
+def _rate(value: Any) -> tuple[float | None, tuple[tuple[int, float], ...]]:
+    """A catalog price field (None, Decimal or TieredPrices) as a base rate and tiers."""
+    if value is None:
+        return None, ()
+    base = getattr(value, "base", None)
+    if base is None:
+        return float(value), ()
+    tiers = tuple((int(t.start), float(t.price)) for t in getattr(value, "tiers", ()))
+    return float(base), tiers
+
+
+def _from_catalog(model: str) -> ModelPrice | None:
+    from genai_prices import Usage as CatalogUsage
+    from genai_prices import calc_price
+
+    try:
+        found = calc_price(CatalogUsage(input_tokens=1, output_tokens=1), model_ref=model)
+    except LookupError:
+        return None
+    mp = found.model_price
+    inp, inp_t = _rate(mp.input_mtok)
+    out, out_t = _rate(mp.output_mtok)
+    cached, cached_t = _rate(mp.cache_read_mtok)
+    if inp is None or out is None:
+        return None
+    return ModelPrice(
+        model=model,
+        input=inp,
+        output=out,
+        cached_input=inp if cached is None else cached,
+        source=f"genai-prices ({found.provider.id}/{found.model.id})",
+        input_tiers=inp_t,
+        output_tiers=out_t,
+        cached_tiers=cached_t if cached is not None else inp_t,
+    )
+
+
+class PriceCatalog:
+    """Looks prices up by the name a model answered under; results are memoised.
+
+    ``overrides`` map a model name to ``(input, output, cached_input | None)`` USD per million.
+    """
+
+    def __init__(self, overrides: dict[str, tuple[float, float, float | None]] | None = None):
+        self.overrides = dict(overrides or {})
+        self._memo: dict[str, ModelPrice | None] = {}
+        self._lock = threading.Lock()
+
+    def warm(self, models: list[str] | None = None) -> None:
+        """Import the catalog and resolve ``models`` (call from a thread at start-up)."""
+        for model in models or ["gpt-4o-mini"]:
+            self.price(model)
+
+    def price(self, model: str) -> ModelPrice | None:
+        try:
+            return self._memo[model]
+        except KeyError:
+            pass
+        with self._lock:
+            found = self._resolve(model)
+            self._memo[model] = found
+        return found
+
+    def _resolve(self, model: str) -> ModelPrice | None:
+        override = self.overrides.get(model)
+        if override is not None:
+            inp, out, cached = override
+            return ModelPrice(model, inp, out, inp if cached is None else cached, "config")
+        found = _from_catalog(model)
+        if found is None and "/" in model:
+            found = _from_catalog(model.rsplit("/", 1)[1])
+        return found
+
+    def cost(self, model: str, usage: Usage) -> float | None:
+        """USD for ``usage`` on ``model``, or ``None`` when the price is unknown."""
+        price = self.price(model)
+        return None if price is None else price.cost(usage)

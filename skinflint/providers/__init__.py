@@ -1,0 +1,1 @@
+"""Upstream providers behind the :class:`skinflint.interfaces.Provider` interface."""

@@ -1,0 +1,78 @@
+"""What HTTP providers share: one boundary that turns aiohttp's exceptions into ours, and the
+reading of vendor error responses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+
+from skinflint.errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+
+__all__ = ["new_session", "retry_after_seconds", "status_error", "translate_errors"]
+
+
+def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:
+    """The pooled client every HTTP provider shares (keep-alive, no per-host cap)."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300,
+                                     enable_cleanup_closed=True)
+    return aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode(),
+                                 auto_decompress=True, trust_env=False)
+
+
+@contextmanager
+def translate_errors(provider: str) -> Iterator[None]:
+    """Foreign exceptions become :mod:`skinflint.errors` here and nowhere else."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        raise UpstreamTimeoutError(f"{provider}: upstream timed out", provider=provider) from None
+    except aiohttp.ClientPayloadError:
+        raise UpstreamProtocolError(f"{provider}: upstream cut the response short",
+                                    provider=provider, code="upstream_cut") from None
+    except (aiohttp.ClientConnectionError, OSError) as exc:
+        raise UpstreamConnectionError(
+            f"{provider}: cannot reach upstream ({type(exc).__name__})", provider=provider
+        ) from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamProtocolError(f"{provider}: {type(exc).__name__}", provider=provider) from None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None  # an HTTP date: rare from LLM APIs, and backoff applies anyway
+
+
+def status_error(provider: str, status: int, raw: bytes, retry_after: str | None) -> UpstreamStatusError:
+    """An error status from the vendor, with the vendor's message when it sent one."""
+    message, etype, code = f"upstream returned HTTP {status}", None, None
+    try:
+        body: Any = orjson.loads(raw)
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            etype = err.get("type") if isinstance(err.get("type"), str) else None
+            code = err.get("code") if isinstance(err.get("code"), str) else None
+        elif isinstance(err, str):
+            message = err
+    except orjson.JSONDecodeError:
+        pass
+    return UpstreamStatusError(status, f"{provider}: {message}", provider=provider,
+                               error_type=etype, code=code,
+                               retry_after=retry_after_seconds(retry_after))

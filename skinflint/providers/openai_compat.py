@@ -1,0 +1,92 @@
+"""Any OpenAI-compatible API: OpenAI, DeepSeek, DashScope, Groq, OpenRouter, Together, vLLM,
+Ollama, llama.cpp. Bodies pass through untouched and responses are relayed byte for byte."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from skinflint.errors import UpstreamProtocolError
+from skinflint.models import Completion, StreamChunk, UpstreamRequest
+from skinflint.providers.http import status_error, translate_errors
+
+__all__ = ["OpenAICompatProvider"]
+
+
+class OpenAICompatProvider:
+    def __init__(self, name: str, *, base_url: str, api_key: str, session: aiohttp.ClientSession,
+                 headers: dict[str, str] | None = None, connect_timeout: float = 10.0) -> None:
+        self.name = name
+        self._base = base_url.rstrip("/")
+        self._session = session
+        self._headers = {"content-type": "application/json", **(headers or {})}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._connect_timeout = connect_timeout
+
+    def _timeout(self, request: UpstreamRequest, *, streaming: bool) -> aiohttp.ClientTimeout:
+        if streaming:  # a long stream is fine as long as it keeps moving
+            return aiohttp.ClientTimeout(connect=self._connect_timeout, sock_read=request.timeout)
+        return aiohttp.ClientTimeout(total=request.timeout, connect=self._connect_timeout)
+
+    async def _post(self, path: str, request: UpstreamRequest) -> Completion:
+        with translate_errors(self.name):
+            async with self._session.post(
+                self._base + path, data=orjson.dumps(request.body),
+                headers={**self._headers, **request.headers} if request.headers else self._headers,
+                timeout=self._timeout(request, streaming=False),
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise status_error(self.name, resp.status, raw, resp.headers.get("retry-after"))
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(f"{self.name}: upstream sent invalid JSON",
+                                        provider=self.name, code="upstream_bad_json") from None
+        if not isinstance(body, dict):
+            raise UpstreamProtocolError(f"{self.name}: upstream sent a non-object",
+                                        provider=self.name, code="upstream_bad_json")
+        return Completion(body=body, raw=raw)
+
+    async def complete(self, request: UpstreamRequest) -> Completion:
+        return await self._post("/chat/completions", request)
+
+    async def embed(self, request: UpstreamRequest) -> Completion:
+        return await self._post("/embeddings", request)
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamChunk]:
+        with translate_errors(self.name):
+            async with self._session.post(
+                self._base + "/chat/completions", data=orjson.dumps(request.body),
+                headers=self._headers, timeout=self._timeout(request, streaming=True),
+            ) as resp:
+                if resp.status >= 400:
+                    raw = await resp.read()
+                    raise status_error(self.name, resp.status, raw, resp.headers.get("retry-after"))
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, "event:" lines
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        return
+                    yield self._chunk(payload)
+        raise UpstreamProtocolError(f"{self.name}: stream ended before [DONE]",
+                                    provider=self.name, code="upstream_cut")
+
+    def _chunk(self, payload: bytes) -> StreamChunk:
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(f"{self.name}: upstream sent an invalid stream chunk",
+                                        provider=self.name, code="upstream_bad_json") from None
+        if isinstance(data, dict) and "error" in data and "choices" not in data:
+            err = data["error"] if isinstance(data["error"], dict) else {"message": data["error"]}
+            raise UpstreamProtocolError(f"{self.name}: {err.get('message', 'stream error')}",
+                                        provider=self.name, code="upstream_stream_error")
+        return StreamChunk(data=data, raw=payload)
+
+    async def close(self) -> None:
+        return None  # the session is shared and closed by its owner

@@ -1,0 +1,1 @@
+"""The HTTP server: a plain ASGI application (no framework) and its runner."""

@@ -1,0 +1,200 @@
+"""The ASGI application: OpenAI routes, admin API, and the one handler that renders errors.
+
+Hand-written rather than built on a framework because the gateway's whole per-request budget is
+well under a millisecond, and routing seven fixed paths needs no more than a dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from skinflint.config import Settings, hash_key
+from skinflint.errors import AuthenticationError, BodyTooLargeError, RequestError, SkinflintError
+from skinflint.gateway import Gateway
+from skinflint.pipeline import Reply, RequestContext
+from skinflint.server.responses import Responder, error_body, skinflint_headers
+
+__all__ = ["App"]
+
+log = logging.getLogger("skinflint.server")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Handler = Callable[["App", Scope, Receive, Responder], Awaitable[None]]
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        body = message.get("body", b"")
+        size += len(body)
+        if size > limit:
+            raise BodyTooLargeError(f"request body exceeds {limit} bytes")
+        parts.append(body)
+        if not message.get("more_body"):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+class App:
+    """``App(settings)`` is an ASGI 3 application; services open in the lifespan startup."""
+
+    def __init__(self, settings: Settings, *, gateway: Gateway | None = None) -> None:
+        self.settings = settings
+        self.gateway: Gateway | None = gateway
+        self._owns_gateway = gateway is None
+        self._admin_hash = settings.admin_key_sha256
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.gateway is None:
+                    self.gateway = await Gateway.open(self.settings)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.gateway is not None and self._owns_gateway:
+                    await self.gateway.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = _ROUTES.get((scope["method"], scope["path"]))
+        out = Responder(send)
+        if handler is None:
+            status = 405 if any(p == scope["path"] for _, p in _ROUTES) else 404
+            await out.error(RequestError(f"no route for {scope['method']} {scope['path']}",
+                                         code="not_found"), status=status)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive, out, task))
+        try:
+            await handler(self, scope, receive, out)
+        except asyncio.CancelledError:
+            if not out.client_gone:
+                raise
+            task.uncancel()  # we cancelled ourselves because the client left
+        except _ClientGone:
+            pass
+        except SkinflintError as exc:
+            await out.error(exc)
+        except Exception:  # the one outer handler: a bug must still answer the client
+            log.exception("unhandled error")
+            await out.error(SkinflintError("internal error"))
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(receive: Receive, out: Responder, task: asyncio.Task[Any]) -> None:
+        """Cancel the request when its client disconnects, which cancels the upstream call."""
+        await out.body_read.wait()
+        message = await receive()
+        if message["type"] == "http.disconnect" and not out.finished:
+            out.client_gone = True
+            task.cancel()
+
+    def _require_admin(self, headers: dict[str, str]) -> None:
+        if not self._admin_hash:
+            return
+        auth = headers.get("authorization", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not token or hash_key(token) != self._admin_hash:
+            raise AuthenticationError("admin key required")
+
+    # ---- routes
+
+    async def completions(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        await self._pipeline("chat", scope, receive, out)
+
+    async def embeddings(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        await self._pipeline("embeddings", scope, receive, out)
+
+    async def _pipeline(self, endpoint: str, scope: Scope, receive: Receive, out: Responder) -> None:
+        assert self.gateway is not None
+        headers = _headers(scope)
+        limit = self.settings.server.max_body_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLargeError(f"request body exceeds {limit} bytes")
+        raw = await _read_body(receive, limit)
+        out.body_read.set()
+        ctx = self.gateway.context(endpoint, raw, headers)
+        out.request_id = ctx.request_id
+        try:
+            reply = await self.gateway.pipeline.handle(ctx)
+        except SkinflintError as exc:
+            await out.error(exc, headers=skinflint_headers(ctx))
+            return
+        await self._reply(ctx, reply, out)
+
+    async def _reply(self, ctx: RequestContext, reply: Reply, out: Responder) -> None:
+        if reply.chunks is None:
+            body = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
+            await out.json(body, reply.status, skinflint_headers(ctx))
+        else:
+            await out.sse(reply.chunks, skinflint_headers(ctx, streaming=True))
+
+    async def models(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        owned = {n: m.provider for n, m in self.settings.models.items()}
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": p} for n, p in owned.items()]
+        await out.json(orjson.dumps({"object": "list", "data": data}))
+
+    async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        await out.json(b'{"status":"ok"}')
+
+    async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        await out.send_bytes(self.gateway.metrics.render(), 200,
+                             [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+
+    async def invalidate(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        raw = await _read_body(receive, self.settings.server.max_body_bytes)
+        out.body_read.set()
+        try:
+            tags = orjson.loads(raw).get("tags")
+        except (orjson.JSONDecodeError, AttributeError):
+            tags = None
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise RequestError('body must be {"tags": ["tag", ...]}', code="invalid_tags")
+        dropped = await self.gateway.cache.invalidate_tags(tags)
+        await out.json(orjson.dumps({"invalidated": dropped, "tags": tags}))
+
+
+_ROUTES: dict[tuple[str, str], Handler] = {}
+for _path in ("/v1/chat/completions", "/chat/completions"):
+    _ROUTES["POST", _path] = App.completions
+for _path in ("/v1/embeddings", "/embeddings"):
+    _ROUTES["POST", _path] = App.embeddings
+for _path in ("/v1/models", "/models"):
+    _ROUTES["GET", _path] = App.models
+_ROUTES["GET", "/health"] = App.health
+_ROUTES["GET", "/metrics"] = App.metrics
+_ROUTES["POST", "/api/cache/invalidate"] = App.invalidate

@@ -1,0 +1,95 @@
+"""Writing responses: JSON, server-sent events, OpenAI-shaped errors, skinflint headers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from skinflint.errors import SkinflintError
+from skinflint.models import StreamChunk
+from skinflint.pipeline import RequestContext
+
+__all__ = ["Responder", "error_body", "skinflint_headers"]
+
+Headers = list[tuple[bytes, bytes]]
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no")]
+
+
+def _usd(value: float | None) -> bytes:
+    return b"unknown" if value is None else f"{value:.8f}".encode()
+
+
+def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Headers:
+    """The response headers of DESIGN section 3. A stream's cost is not known when its headers
+    go out, so streams carry cost headers only when served from cache."""
+    headers = [
+        (b"x-skinflint-request-id", ctx.request_id.encode()),
+        (b"x-skinflint-cache", ctx.cache_status.encode()),
+        (b"x-skinflint-model", (ctx.model or ctx.requested_model).encode()),
+        (b"x-skinflint-route", (ctx.route or ctx.requested_model).encode()),
+    ]
+    if not streaming or ctx.cache_status.startswith("hit"):
+        headers.append((b"x-skinflint-cost-usd", _usd(ctx.cost_usd)))
+        headers.append((b"x-skinflint-saved-usd", _usd(ctx.saved_usd)))
+    return headers
+
+
+def error_body(exc: SkinflintError) -> bytes:
+    return orjson.dumps(exc.to_body())
+
+
+class Responder:
+    """Wraps ASGI ``send`` with the few response shapes the gateway writes."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+        self.client_gone = False
+        self.body_read = asyncio.Event()
+        self.request_id = ""
+
+    async def send_bytes(self, body: bytes, status: int = 200, headers: Headers | None = None) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status,
+                          "headers": headers or [_JSON]})
+        self.finished = True
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def json(self, body: bytes, status: int = 200, headers: Headers | None = None) -> None:
+        await self.send_bytes(body, status, [_JSON, *(headers or ())])
+
+    async def error(self, exc: SkinflintError, *, status: int | None = None,
+                    headers: Headers | None = None) -> None:
+        if self.started:
+            return  # the stream's error event has been written already
+        extra = list(headers or ())
+        if self.request_id and not extra:
+            extra.append((b"x-skinflint-request-id", self.request_id.encode()))
+        await self.json(error_body(exc), status or exc.status, extra)
+
+    async def sse(self, chunks: AsyncIterator[StreamChunk], headers: Headers) -> None:
+        """Relay chunks as server-sent events; an upstream failure mid-stream becomes an error
+        event (no ``[DONE]``), because the status line has already gone out."""
+        self.started = True
+        await self._send({"type": "http.response.start", "status": 200, "headers": _SSE + headers})
+        send = self._send
+        try:
+            async for chunk in chunks:
+                payload = chunk.raw if chunk.raw is not None else orjson.dumps(chunk.data)
+                await send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n",
+                            "more_body": True})
+            tail = b"data: [DONE]\n\n"
+        except SkinflintError as exc:
+            tail = b"data: " + error_body(exc) + b"\n\n"
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self.finished = True
+        await send({"type": "http.response.body", "body": tail})

@@ -1,0 +1,1 @@
+"""Storage backends, one narrow interface per concern (see :mod:`skinflint.interfaces`)."""
