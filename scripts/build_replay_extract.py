@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from skinflint.providers.replay import REPLAY_PRICES, TOKEN_COUNTER, count_tokens  # noqa: E402
+from skinflint.providers.replay import REPLAY_PRICES, count_tokens, token_counter  # noqa: E402
 
 FILES = ("arc_challenge_train.csv", "mbpp_train.csv", "winograde_train.csv")
 MAX_BYTES = 2 * 1024 * 1024
@@ -130,7 +130,7 @@ def max_relative_error(samples: list[Sample], model: str) -> float:
 
 
 def report_prices(samples: list[Sample]) -> None:
-    print(f"token counter: {TOKEN_COUNTER}")
+    print(f"token counter: {token_counter()}")
     for model in samples[0]["models"]:
         fit_in, fit_out = fit_prices(samples, model)
         print(f"  {model:36s} fit {fit_in:8.4f} / {fit_out:8.4f}  table "

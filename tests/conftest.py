@@ -31,7 +31,8 @@ def fake(upstream: FakeUpstream) -> FakeUpstream:
     return upstream
 
 
-def base_config(fake: FakeUpstream, db: Path, **extra: Any) -> dict[str, Any]:
+def base_config(fake: FakeUpstream, db: Path, *, fake_opts: dict[str, Any] | None = None,
+                **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "providers": {
             "fake": {"kind": "openai-compatible", "base_url": fake.base_url,
@@ -52,8 +53,8 @@ def base_config(fake: FakeUpstream, db: Path, **extra: Any) -> dict[str, Any]:
         "default_provider": "fake",
         "storage": {"sqlite_path": str(db), "ledger_flush_interval": 0.05},
     }
-    for key, value in extra.items():
-        config[key] = value
+    config["providers"]["fake"].update(fake_opts or {})
+    config.update(extra)
     return config
 
 
