@@ -28,10 +28,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from skinflint.providers.replay import REPLAY_PRICES, count_tokens, token_counter  # noqa: E402
-
 FILES = ("arc_challenge_train.csv", "mbpp_train.csv", "winograde_train.csv")
 MAX_BYTES = 2 * 1024 * 1024
 Row = dict[str, str]
@@ -107,6 +103,8 @@ def encode(samples: list[Sample]) -> bytes:
 
 def fit_prices(samples: list[Sample], model: str) -> tuple[float, float]:
     """Least-squares (input, output) USD per million tokens with no intercept (2x2 normal eqs)."""
+    from skinflint.providers.replay import count_tokens
+
     sxx = sxy = syy = sxc = syc = 0.0
     for s in samples:
         x = float(count_tokens(s["prompt"]))
@@ -119,6 +117,8 @@ def fit_prices(samples: list[Sample], model: str) -> tuple[float, float]:
 
 def max_relative_error(samples: list[Sample], model: str) -> float:
     """Largest |predicted - recorded| / recorded cost under ``REPLAY_PRICES``."""
+    from skinflint.providers.replay import REPLAY_PRICES, count_tokens
+
     rate_in, rate_out = REPLAY_PRICES[model]
     worst = 0.0
     for s in samples:
@@ -130,6 +130,9 @@ def max_relative_error(samples: list[Sample], model: str) -> float:
 
 
 def report_prices(samples: list[Sample]) -> None:
+    """Print each model's fitted rates, the table's rates, and the table's worst error."""
+    from skinflint.providers.replay import REPLAY_PRICES, token_counter
+
     print(f"token counter: {token_counter()}")
     for model in samples[0]["models"]:
         fit_in, fit_out = fit_prices(samples, model)
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "skinflint" / "data"
                         / "routerbench.jsonl.gz")
     args = parser.parse_args(argv)
+    if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+        sys.path.insert(0, str(ROOT))
     samples, dropped = read_samples(args.source)
     check_unique(samples)
     data = encode(samples)

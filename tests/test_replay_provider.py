@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import threading
@@ -225,7 +224,8 @@ async def test_complete_waits_the_scaled_latency(mbpp: ReplaySample) -> None:
 
 async def test_deterministic(mbpp: ReplaySample) -> None:
     a, b, c = (ReplayProvider(latency_scale=0.0, seed=s) for s in (7, 7, 8))
-    first, second = (await p.complete(request(mbpp.prompt)) for p in (a, b))
+    first = await a.complete(request(mbpp.prompt))
+    second = await b.complete(request(mbpp.prompt))
     first.body.pop("created")
     second.body.pop("created")
     assert first.body == second.body
@@ -259,4 +259,10 @@ def test_load_is_lazy_and_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         t.join()
     assert reads == 1
     assert p.models() == ["m"]
-    asyncio.run(asyncio.sleep(0))
+
+
+def test_word_count_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replay, "_cl100k", lambda: None)
+    assert token_counter() == "words"
+    assert count_tokens("def f(x): return x + 1") == 10
+    assert replay._truncate("one, two three", 2) == "one,"

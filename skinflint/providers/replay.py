@@ -302,7 +302,9 @@ class ReplayProvider:
         return sample.correct[model] if answer is None else _grade(sample, model, answer)
 
     def latency(self, prompt: str, model: str) -> float:
-        """Seconds :meth:`complete` waits before returning ``model``'s whole recorded answer."""
+        """Seconds :meth:`complete` waits before returning ``model``'s whole recorded answer.
+
+        Raises KeyError for an unrecorded prompt or model."""
         sample = self._loaded().by_prompt[prompt.strip()]
         ttft, generation = self._timing(sample.prompt, model,
                                         count_tokens(sample.responses[model]))
@@ -321,7 +323,7 @@ class ReplayProvider:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UpstreamProtocolError(f"replay: cannot read the recorded data: {exc}",
                                             provider=self.name, code="replay_data_unreadable"
-                                            ) from None
+                                            ) from exc
         return self._loaded()
 
     def _lookup(self, extract: _Extract, request: UpstreamRequest) -> tuple[ReplaySample, str]:

@@ -1,0 +1,507 @@
+"""Anthropic's Messages API behind the OpenAI chat-completions interface.
+
+Requests are translated with :func:`to_anthropic`, complete responses with
+:func:`from_anthropic` and streams with :func:`chunks_from_sse`; all three are pure (no I/O) so
+they are tested without a network. :class:`AnthropicProvider` only adds the HTTP call.
+
+Not translatable, and therefore refused with a 400 before any call: ``n`` > 1, content parts
+other than text and images, non-function tools, and tool-call arguments that are not a JSON
+object. OpenAI sampling knobs Anthropic lacks (``seed``, penalties, ``logit_bias``,
+``logprobs``) are dropped, as they change no contract the client can check.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+
+from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
+from skinflint.models import Completion, StreamChunk, UpstreamRequest
+from skinflint.providers.http import retry_after_seconds, translate_errors
+
+__all__ = [
+    "AnthropicProvider",
+    "chunks_from_sse",
+    "finish_reason",
+    "from_anthropic",
+    "to_anthropic",
+    "usage_from_anthropic",
+]
+
+JSON = dict[str, Any]
+
+_PREFIX = "anthropic: "
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
+           "max_tokens": "length", "model_context_window_exceeded": "length",
+           "tool_use": "tool_calls", "refusal": "content_filter"}
+_TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}
+# An ``error`` event carries no HTTP status; overloaded maps to 503 (not Anthropic's 529) so
+# that clients and proxies that only know standard codes still treat it as retryable.
+_EVENT_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
+                 "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                 "rate_limit_error": 429, "api_error": 500, "overloaded_error": 503,
+                 "timeout_error": 504}
+_OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "rate_limit_error",
+                           "api_error"})
+_JSON_ONLY = ("Respond with a single valid JSON object and nothing else: no prose and no "
+              "code fences.")
+
+
+def _invalid(message: str, code: str | None = None) -> UpstreamStatusError:
+    return UpstreamStatusError(400, _PREFIX + message, error_type="invalid_request_error",
+                               code=code)
+
+
+# --- request -----------------------------------------------------------------------------
+
+
+def to_anthropic(body: JSON, model: str, default_max_tokens: int) -> JSON:
+    """The Messages API body for the OpenAI chat-completions ``body``; ``body`` is not modified.
+
+    Raises :class:`UpstreamStatusError` (400) for anything Anthropic cannot express."""
+    if (body.get("n") or 1) > 1:
+        raise _invalid("n > 1 is not supported", code="unsupported_parameter")
+    system, messages = _messages(body.get("messages") or [])
+    system = "\n\n".join(s for s in (system, _format_instruction(body.get("response_format"))) if s)
+    out: JSON = {"model": model, "max_tokens": _max_tokens(body, default_max_tokens),
+                 "messages": messages}
+    if system:
+        out["system"] = system
+    out.update(_sampling(body))
+    out.update(_tooling(body))
+    if body.get("user"):
+        out["metadata"] = {"user_id": str(body["user"])}
+    if body.get("stream"):
+        out["stream"] = True
+    return out
+
+
+def _max_tokens(body: JSON, default: int) -> int:
+    # The smaller wins: a budget stage may cap one field while the client set the other.
+    given = [body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
+    return int(min(given)) if given else default
+
+
+def _sampling(body: JSON) -> JSON:
+    out: JSON = {}
+    if body.get("temperature") is not None:  # OpenAI allows 0..2, Anthropic 0..1
+        out["temperature"] = max(0.0, min(float(body["temperature"]), 1.0))
+    if body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    return out
+
+
+def _format_instruction(fmt: object) -> str:
+    """Anthropic has no JSON mode, so the system prompt asks for it instead."""
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_object", "json_schema"):
+        return ""
+    schema = (fmt.get("json_schema") or {}).get("schema")
+    if schema is None:
+        return _JSON_ONLY
+    return f"{_JSON_ONLY} It must conform to this JSON Schema: {orjson.dumps(schema).decode()}"
+
+
+def _tooling(body: JSON) -> JSON:
+    tools = body.get("tools")
+    if not tools:
+        return {}
+    out: JSON = {"tools": [_tool(t) for t in tools]}
+    choice = _tool_choice(body.get("tool_choice"))
+    if body.get("parallel_tool_calls") is False and choice.get("type") != "none":
+        choice["disable_parallel_tool_use"] = True
+    if choice:
+        out["tool_choice"] = choice
+    return out
+
+
+def _tool(tool: JSON) -> JSON:
+    if tool.get("type") != "function":
+        raise _invalid(f"tool type {tool.get('type')!r} is not supported",
+                       code="unsupported_parameter")
+    fn = tool.get("function") or {}
+    out: JSON = {"name": fn.get("name", ""),
+                 "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
+    if fn.get("description"):
+        out["description"] = fn["description"]
+    return out
+
+
+def _tool_choice(choice: object) -> JSON:
+    """The Anthropic ``tool_choice`` (a fresh dict), or ``{}`` for Anthropic's default."""
+    if choice is None:
+        return {}
+    if isinstance(choice, str) and choice in _TOOL_CHOICE:
+        return dict(_TOOL_CHOICE[choice])
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "tool", "name": (choice.get("function") or {}).get("name", "")}
+    raise _invalid(f"tool_choice {choice!r} is not supported", code="unsupported_parameter")
+
+
+def _messages(messages: list[JSON]) -> tuple[str, list[JSON]]:
+    """The joined system prompt and the alternating user/assistant turns."""
+    system: list[str] = []
+    turns: list[JSON] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_of(message.get("content")))
+        elif role == "user":
+            _append(turns, "user", _blocks(message.get("content")))
+        elif role == "assistant":
+            _append(turns, "assistant", _assistant_blocks(message))
+        elif role == "tool":
+            _append(turns, "user", [_tool_result(message)])
+        else:
+            raise _invalid(f"message role {role!r} is not supported", code="unsupported_parameter")
+    for turn in turns:  # Anthropic wants tool results before any text in a user turn
+        turn["content"].sort(key=lambda block: block["type"] != "tool_result")
+    return "\n\n".join(s for s in system if s), turns
+
+
+def _append(turns: list[JSON], role: str, blocks: list[JSON]) -> None:
+    """Add ``blocks`` as a turn, merged into the previous one when the role repeats, since
+    Anthropic requires roles to alternate."""
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _blocks(content: object) -> list[JSON]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        return []
+    blocks = (_part(p) for p in content)
+    return [b for b in blocks if b is not None]
+
+
+def _part(part: JSON) -> JSON | None:
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        text = part.get(kind) or ""
+        return {"type": "text", "text": text} if text else None  # empty text is rejected
+    if kind == "image_url":
+        return {"type": "image", "source": _image_source((part.get("image_url") or {}).get("url"))}
+    raise _invalid(f"content part type {kind!r} is not supported", code="unsupported_parameter")
+
+
+def _image_source(url: object) -> JSON:
+    if not isinstance(url, str):
+        raise _invalid("image_url.url must be a string")
+    if not url.startswith("data:"):
+        return {"type": "url", "url": url}
+    header, _, data = url[5:].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if encoding != "base64" or not data:
+        raise _invalid("image data URLs must be base64-encoded")
+    return {"type": "base64", "media_type": media_type, "data": data}
+
+
+def _assistant_blocks(message: JSON) -> list[JSON]:
+    blocks = _blocks(message.get("content"))
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        blocks.append({"type": "tool_use", "id": call.get("id", ""), "name": fn.get("name", ""),
+                       "input": _arguments(fn.get("arguments"))})
+    return blocks
+
+
+def _arguments(arguments: object) -> JSON:
+    if not arguments:
+        return {}
+    try:
+        parsed = orjson.loads(arguments) if isinstance(arguments, str | bytes) else arguments
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise _invalid("tool call arguments must be a JSON object")
+    return parsed
+
+
+def _tool_result(message: JSON) -> JSON:
+    return {"type": "tool_result", "tool_use_id": message.get("tool_call_id", ""),
+            "content": _text_of(message.get("content"))}
+
+
+# --- response ----------------------------------------------------------------------------
+
+
+def finish_reason(stop_reason: object) -> str:
+    """The OpenAI ``finish_reason`` for an Anthropic ``stop_reason``; unknown ones -> "stop"."""
+    return _FINISH.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def usage_from_anthropic(usage: JSON | None) -> JSON:
+    """OpenAI usage: Anthropic counts cache reads and writes apart from ``input_tokens``, and
+    OpenAI's ``prompt_tokens`` includes both."""
+    u = usage or {}
+    cached = int(u.get("cache_read_input_tokens") or 0)
+    prompt = int(u.get("input_tokens") or 0) + cached + int(u.get("cache_creation_input_tokens") or 0)
+    completion = int(u.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def from_anthropic(msg: JSON, model: str) -> JSON:
+    """The ``chat.completion`` for an Anthropic message; ``model`` is the name requested."""
+    blocks = [b for b in msg.get("content") or () if isinstance(b, dict)]
+    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+    calls = [_tool_call(b) for b in blocks if b.get("type") == "tool_use"]
+    message: JSON = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
+    return {"id": f"chatcmpl-{msg.get('id', '')}", "object": "chat.completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason(msg.get("stop_reason"))}],
+            "usage": usage_from_anthropic(msg.get("usage"))}
+
+
+def _tool_call(block: JSON) -> JSON:
+    return {"id": block.get("id", ""), "type": "function",
+            "function": {"name": block.get("name", ""),
+                         "arguments": orjson.dumps(block.get("input") or {}).decode()}}
+
+
+# --- stream ------------------------------------------------------------------------------
+
+
+class _StreamTranslator:
+    """Anthropic stream events -> ``chat.completion.chunk`` bodies; one instance per stream."""
+
+    def __init__(self, model: str, provider: str) -> None:
+        self.model, self.provider = model, provider
+        self.id, self.created = "chatcmpl-", int(time.time())
+        self.usage: JSON = {}
+        self.tools: dict[int, int] = {}  # content block index -> OpenAI tool call index
+        self.started = self.finished = False
+
+    def feed(self, event: JSON) -> list[JSON]:
+        """The chunks ``event`` produces; raises on an ``error`` event."""
+        kind = event.get("type")
+        if kind == "message_start":
+            return self._message_start(event.get("message") or {})
+        if kind == "content_block_start":
+            return self._block_start(event.get("index", 0), event.get("content_block") or {})
+        if kind == "content_block_delta":
+            return self._block_delta(event.get("index", 0), event.get("delta") or {})
+        if kind == "message_delta":
+            return self._message_delta(event)
+        if kind == "message_stop":
+            self.finished = True
+            return [self._usage_chunk()]
+        if kind == "error":
+            raise _stream_error(event.get("error") or {}, self.provider)
+        return []  # ping, content_block_stop, and event types added to the API later
+
+    def _message_start(self, message: JSON) -> list[JSON]:
+        self.id = f"chatcmpl-{message.get('id', '')}"
+        self._add_usage(message.get("usage"))
+        return self._emit({})
+
+    def _block_start(self, index: int, block: JSON) -> list[JSON]:
+        if block.get("type") == "text" and block.get("text"):
+            return self._emit({"content": block["text"]})
+        if block.get("type") != "tool_use":
+            return []  # thinking and server-tool blocks have no OpenAI counterpart
+        self.tools[index] = len(self.tools)
+        return self._emit({"tool_calls": [{
+            "index": self.tools[index], "id": block.get("id", ""), "type": "function",
+            "function": {"name": block.get("name", ""), "arguments": ""}}]})
+
+    def _block_delta(self, index: int, delta: JSON) -> list[JSON]:
+        if delta.get("type") == "text_delta" and delta.get("text"):
+            return self._emit({"content": delta["text"]})
+        if delta.get("type") == "input_json_delta" and delta.get("partial_json") \
+                and index in self.tools:
+            return self._emit({"tool_calls": [{
+                "index": self.tools[index], "function": {"arguments": delta["partial_json"]}}]})
+        return []
+
+    def _message_delta(self, event: JSON) -> list[JSON]:
+        self._add_usage(event.get("usage"))
+        reason = (event.get("delta") or {}).get("stop_reason")
+        return self._emit({}, finish_reason(reason)) if reason else []
+
+    def _add_usage(self, usage: object) -> None:
+        # Counts in message_delta are cumulative, so later values replace earlier ones.
+        if isinstance(usage, dict):
+            self.usage.update((k, v) for k, v in usage.items() if isinstance(v, int))
+
+    def _emit(self, delta: JSON, finish: str | None = None) -> list[JSON]:
+        """``delta`` as a chunk, preceded by the role chunk when it is the first."""
+        chunks = [] if self.started else [self._chunk({"role": "assistant", "content": ""})]
+        self.started = True
+        if delta or finish:
+            chunks.append(self._chunk(delta, finish))
+        return chunks
+
+    def _chunk(self, delta: JSON, finish: str | None = None) -> JSON:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish}]}
+
+    def _usage_chunk(self) -> JSON:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage_from_anthropic(self.usage)}
+
+
+async def chunks_from_sse(lines: AsyncIterable[bytes], model: str, *,
+                          provider: str = "anthropic") -> AsyncIterator[StreamChunk]:
+    """Translate Anthropic SSE ``lines`` into OpenAI chunks, ending with one usage chunk
+    (``choices: []``). Stops reading at ``message_stop``; raises
+    :class:`UpstreamProtocolError` if the lines end before it or carry unreadable JSON, and
+    :class:`UpstreamStatusError` for an ``error`` event."""
+    state = _StreamTranslator(model, provider)
+    name = ""
+    async for line in lines:
+        if line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+        elif line.startswith(b"data:"):
+            for data in state.feed(_event(line[5:], name, provider)):
+                yield StreamChunk(data=data)
+            if state.finished:
+                return
+    raise UpstreamProtocolError(_PREFIX + "stream cut before message_stop", provider=provider,
+                                code="upstream_cut")
+
+
+def _event(payload: bytes, name: str, provider: str) -> JSON:
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        raise UpstreamProtocolError(_PREFIX + "unreadable stream event", provider=provider,
+                                    code="upstream_bad_json")
+    event.setdefault("type", name)  # the data line names its type; the event line is a backup
+    return event
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def _vendor_error(status: int, error: JSON, provider: str,
+                  retry_after: float | None = None) -> UpstreamStatusError:
+    etype = error.get("type") if isinstance(error.get("type"), str) else None
+    message = str(error.get("message") or f"upstream returned HTTP {status}")
+    return UpstreamStatusError(status, _PREFIX + message, provider=provider,
+                               error_type=etype if etype in _OPENAI_TYPES else None,
+                               code=etype, retry_after=retry_after)
+
+
+def _stream_error(error: JSON, provider: str) -> UpstreamStatusError:
+    return _vendor_error(_EVENT_STATUS.get(str(error.get("type")), 500), error, provider)
+
+
+def _status_error(status: int, raw: bytes, retry_after: str | None,
+                  provider: str) -> UpstreamStatusError:
+    """A non-2xx response; its body is ``{"type": "error", "error": {"type", "message"}}``."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    return _vendor_error(status, error if isinstance(error, dict) else {}, provider,
+                         retry_after_seconds(retry_after))
+
+
+def _decode(raw: bytes, provider: str) -> JSON:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise UpstreamProtocolError(_PREFIX + "upstream sent invalid JSON", provider=provider,
+                                    code="upstream_bad_json")
+    return body
+
+
+# --- provider ----------------------------------------------------------------------------
+
+
+def _messages_url(base_url: str) -> str:
+    return base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
+
+
+def _timeout(request: UpstreamRequest, *, stream: bool) -> aiohttp.ClientTimeout:
+    if stream:  # a long answer is fine as long as it keeps moving
+        return aiohttp.ClientTimeout(total=None, sock_connect=request.timeout,
+                                     sock_read=request.timeout)
+    return aiohttp.ClientTimeout(total=request.timeout)
+
+
+class AnthropicProvider:
+    """A :class:`skinflint.interfaces.Provider` for ``POST {base_url}/v1/messages``.
+
+    ``base_url`` may end in ``/v1`` or not. ``session`` is shared and owned by the caller."""
+
+    def __init__(self, name: str, *, base_url: str, api_key: str,
+                 session: aiohttp.ClientSession, default_max_tokens: int = 4096,
+                 version: str = "2023-06-01") -> None:
+        self.name = name
+        self._url = _messages_url(base_url)
+        self._session = session
+        self._headers = {"x-api-key": api_key, "anthropic-version": version,
+                         "content-type": "application/json"}
+        self._default_max_tokens = default_max_tokens
+
+    def __repr__(self) -> str:
+        return f"AnthropicProvider({self.name!r}, url={self._url!r})"  # never the key
+
+    @asynccontextmanager
+    async def _post(self, request: UpstreamRequest, *,
+                    stream: bool) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The 2xx response; translation errors are raised before anything is sent."""
+        body = to_anthropic(request.body, request.provider_model, self._default_max_tokens)
+        body.pop("stream", None)
+        if stream:
+            body["stream"] = True
+        async with self._session.post(self._url, data=orjson.dumps(body),
+                                      headers={**self._headers, **request.headers},
+                                      timeout=_timeout(request, stream=stream)) as resp:
+            if not 200 <= resp.status < 300:
+                raise _status_error(resp.status, await resp.read(),
+                                    resp.headers.get("retry-after"), self.name)
+            yield resp
+
+    async def complete(self, request: UpstreamRequest) -> Completion:
+        with translate_errors(self.name):
+            async with self._post(request, stream=False) as resp:
+                raw = await resp.read()
+        return Completion(body=from_anthropic(_decode(raw, self.name), request.provider_model))
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamChunk]:
+        with translate_errors(self.name):
+            async with self._post(request, stream=True) as resp, aclosing(
+                    chunks_from_sse(resp.content, request.provider_model,
+                                    provider=self.name)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def embed(self, request: UpstreamRequest) -> Completion:
+        raise UpstreamStatusError(400, _PREFIX + "embeddings are not supported",
+                                  provider=self.name, code="unsupported_endpoint")
+
+    async def close(self) -> None:
+        return None  # the session is shared and closed by its owner
