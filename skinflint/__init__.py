@@ -7,6 +7,6 @@ from skinflint.config import Settings, load_settings
 from skinflint.errors import SkinflintError
 from skinflint.models import LedgerRecord, Usage
 
-__all__ = ["LedgerRecord", "SkinflintError", "Settings", "Usage", "__version__", "load_settings"]
+__all__ = ["LedgerRecord", "Settings", "SkinflintError", "Usage", "__version__", "load_settings"]
 
 __version__ = "0.1.0"

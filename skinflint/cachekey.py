@@ -17,10 +17,19 @@ __all__ = ["NOT_OUTPUT_AFFECTING", "normalize_text", "request_hash", "scoped_key
 JSON = dict[str, Any]
 
 #: Body fields that cannot change what the model answers. Pinned by a test.
-NOT_OUTPUT_AFFECTING = frozenset({
-    "stream", "stream_options", "user", "metadata", "store", "service_tier",
-    "prompt_cache_key", "safety_identifier", "prompt_cache_retention",
-})
+NOT_OUTPUT_AFFECTING = frozenset(
+    {
+        "stream",
+        "stream_options",
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "prompt_cache_retention",
+    }
+)
 
 _TRAILING_PUNCT = re.compile(r"[\s.!?;:,]+$")
 
@@ -39,7 +48,8 @@ def _normalize_content(content: Any, loose: bool) -> Any:
     if isinstance(content, list):
         return [
             {**part, "text": normalize_text(part["text"], loose=loose)}
-            if isinstance(part, dict) and isinstance(part.get("text"), str) else part
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+            else part
             for part in content
         ]
     return content

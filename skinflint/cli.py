@@ -32,30 +32,55 @@ def _print_json(data: Any) -> None:
 
 # ---- serve
 
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.server.run import serve
 
     if args.config and args.workers > 1:
         os.environ["SKINFLINT_CONFIG"] = args.config  # workers load it themselves
-    serve(settings, host=args.host or settings.server.host, port=args.port or settings.server.port,
-          workers=args.workers or settings.server.workers)
+    serve(
+        settings,
+        host=args.host or settings.server.host,
+        port=args.port or settings.server.port,
+        workers=args.workers or settings.server.workers,
+    )
     return 0
 
 
 # ---- report
 
+
 def format_report(report: Any) -> Table:
     table = Table(title=f"Spend by {report.by}")
-    for col in ("group", "requests", "errors", "cache hits", "tokens in", "tokens out",
-                "cost", "baseline", "saved", "p50 ms"):
+    for col in (
+        "group",
+        "requests",
+        "errors",
+        "cache hits",
+        "tokens in",
+        "tokens out",
+        "cost",
+        "baseline",
+        "saved",
+        "p50 ms",
+    ):
         table.add_column(col, justify="left" if col == "group" else "right")
     for g in [*report.groups, report.total]:
         s = g.summary()
         cost = _usd(g.cost_usd) + (f" (+{g.unknown_cost} unpriced)" if g.unknown_cost else "")
-        table.add_row(g.key, str(g.requests), str(g.errors), f"{s['cache_hit_rate']:.0%}",
-                      f"{g.input_tokens:,}", f"{g.output_tokens:,}", cost,
-                      _usd(g.baseline_cost_usd), _usd(g.saved_usd), f"{s['p50_latency_ms']:.1f}",
-                      style="bold" if g is report.total else None)
+        table.add_row(
+            g.key,
+            str(g.requests),
+            str(g.errors),
+            f"{s['cache_hit_rate']:.0%}",
+            f"{g.input_tokens:,}",
+            f"{g.output_tokens:,}",
+            cost,
+            _usd(g.baseline_cost_usd),
+            _usd(g.saved_usd),
+            f"{s['p50_latency_ms']:.1f}",
+            style="bold" if g is report.total else None,
+        )
     return table
 
 
@@ -81,6 +106,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 # ---- prices
 
+
 def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.gateway import price_overrides
     from skinflint.pricing import PriceCatalog
@@ -94,8 +120,15 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
         price = catalog.price(lookup)
         if price is None:
             raise ConfigError(f"no price known for {name!r}: add models.{name}.price to the config")
-        rows.append({"model": name, "input_per_mtok": price.input, "output_per_mtok": price.output,
-                     "cached_input_per_mtok": price.cached_input, "source": price.source})
+        rows.append(
+            {
+                "model": name,
+                "input_per_mtok": price.input,
+                "output_per_mtok": price.output,
+                "cached_input_per_mtok": price.cached_input,
+                "source": price.source,
+            }
+        )
     if args.json:
         _print_json(rows)
         return 0
@@ -103,13 +136,19 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
     for col in ("model", "input", "output", "cached input", "source"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], f"{r['input_per_mtok']:g}", f"{r['output_per_mtok']:g}",
-                      f"{r['cached_input_per_mtok']:g}", r["source"])
+        table.add_row(
+            str(r["model"]),
+            f"{r['input_per_mtok']:g}",
+            f"{r['output_per_mtok']:g}",
+            f"{r['cached_input_per_mtok']:g}",
+            str(r["source"]),
+        )
     _console().print(table)
     return 0
 
 
 # ---- cache
+
 
 def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.analytics import cachestats
@@ -124,7 +163,8 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
             table.add_column("figure")
             table.add_column("value", justify="right")
             for k, v in stats.items():
-                table.add_row(k.replace("_", " "), f"{v:,.4f}" if isinstance(v, float) else f"{v:,}")
+                shown = f"{v:,.4f}" if isinstance(v, float) else f"{v:,}"
+                table.add_row(k.replace("_", " "), shown)
             _console().print(table)
         return 0
     url = args.url or f"http://{settings.server.host}:{settings.server.port}"
@@ -132,12 +172,15 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _print_json(result)
     else:
-        _console().print(f"invalidated {result['invalidated']} entries tagged "
-                         f"{', '.join(args.tag)} ({result['where']})")
+        _console().print(
+            f"invalidated {result['invalidated']} entries tagged "
+            f"{', '.join(args.tag)} ({result['where']})"
+        )
     return 0
 
 
 # ---- demo
+
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from rich.progress import Progress
@@ -151,8 +194,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         def tick(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        result = run_demo(requests=args.requests, concurrency=args.concurrency, seed=args.seed,
-                          on_progress=tick)
+        result = run_demo(
+            requests=args.requests, concurrency=args.concurrency, seed=args.seed, on_progress=tick
+        )
     if args.json:
         _print_json(result)
         return 0
@@ -186,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="spend, tokens and savings from the ledger")
     r.add_argument("--db", help="SQLite ledger path (default: storage.sqlite_path)")
     r.add_argument("--since", help="only requests newer than this, e.g. 7d, 12h")
-    r.add_argument("--by", default="feature",
-                   choices=["feature", "model", "user", "strategy", "tenant"])
+    r.add_argument(
+        "--by", default="feature", choices=["feature", "model", "user", "strategy", "tenant"]
+    )
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
 

@@ -162,6 +162,7 @@ class Settings(_Frozen):
 
 def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
     if isinstance(value, str):
+
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
             if name in env:
@@ -169,9 +170,12 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
             if default is not None:
                 return default
             raise ConfigError(f"config: {path}: environment variable {name} is not set")
+
         return _ENV_REF.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {
+            k: _interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
     return value

@@ -31,7 +31,9 @@ STREAM_SHARE = 0.2
 Progress = Callable[[int, int], None]
 
 
-def build_workload(samples: list[ReplaySample], n: int, seed: int) -> list[tuple[ReplaySample, bool]]:
+def build_workload(
+    samples: list[ReplaySample], n: int, seed: int
+) -> list[tuple[ReplaySample, bool]]:
     """``n`` requests: distinct questions from every benchmark, a share of them asked again
     (popular ones more often), some streamed. Deterministic for a seed."""
     rng = random.Random(seed)
@@ -56,29 +58,42 @@ async def _send(client: Any, sample: ReplaySample, stream: bool) -> tuple[str, s
     messages = [{"role": "user", "content": sample.prompt}]
     if stream:
         raw = await client.chat.completions.with_raw_response.create(
-            model=PREMIUM_MODEL, messages=messages, temperature=0, stream=True)
+            model=PREMIUM_MODEL, messages=messages, temperature=0, stream=True
+        )
         text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
     else:
         raw = await client.chat.completions.with_raw_response.create(
-            model=PREMIUM_MODEL, messages=messages, temperature=0)
+            model=PREMIUM_MODEL, messages=messages, temperature=0
+        )
         text = raw.parse().choices[0].message.content or ""
     elapsed = (time.perf_counter() - started) * 1000
-    return text, raw.headers.get("x-skinflint-model", ""), raw.headers.get("x-skinflint-cache", ""), elapsed
+    return (
+        text,
+        raw.headers.get("x-skinflint-model", ""),
+        raw.headers.get("x-skinflint-cache", ""),
+        elapsed,
+    )
 
 
-async def _drive(base_url: str, workload: list[tuple[ReplaySample, bool]], concurrency: int,
-                 on_progress: Progress | None) -> list[tuple[ReplaySample, str, str, float]]:
+async def _drive(
+    base_url: str,
+    workload: list[tuple[ReplaySample, bool]],
+    concurrency: int,
+    on_progress: Progress | None,
+) -> list[tuple[ReplaySample, str, str, float]]:
     from openai import AsyncOpenAI
 
     results: list[tuple[ReplaySample, str, str, float]] = []
     gate = asyncio.Semaphore(concurrency)
     async with AsyncOpenAI(base_url=base_url, api_key="demo", max_retries=0, timeout=60) as client:
+
         async def one(sample: ReplaySample, stream: bool) -> None:
             async with gate:
                 _, model, cache, ms = await _send(client, sample, stream)
             results.append((sample, model, cache, ms))
             if on_progress:
                 on_progress(len(results), len(workload))
+
         await asyncio.gather(*(one(s, st) for s, st in workload))
     return results
 
@@ -88,17 +103,26 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(int(len(ordered) * q), len(ordered) - 1)] if ordered else 0.0
 
 
-def run_demo(*, requests: int = 400, concurrency: int = 16, seed: int = 7,
-             on_progress: Progress | None = None) -> dict[str, Any]:
+def run_demo(
+    *,
+    requests: int = 400,
+    concurrency: int = 16,
+    seed: int = 7,
+    on_progress: Progress | None = None,
+) -> dict[str, Any]:
     replay = ReplayProvider(latency_scale=LATENCY_SCALE)
     workload = build_workload(replay.samples(), requests, seed)
     with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
         db = str(Path(tmp) / "skinflint.db")
-        settings = settings_from_dict({
-            "providers": {"replay": {"kind": "replay", "latency_scale": LATENCY_SCALE}},
-            "default_provider": "replay", "baseline_model": PREMIUM_MODEL,
-            "storage": {"sqlite_path": db},
-        }, env={})
+        settings = settings_from_dict(
+            {
+                "providers": {"replay": {"kind": "replay", "latency_scale": LATENCY_SCALE}},
+                "default_provider": "replay",
+                "baseline_model": PREMIUM_MODEL,
+                "storage": {"sqlite_path": db},
+            },
+            env={},
+        )
         started = time.perf_counter()
         with BackgroundServer(settings) as server:
             results = asyncio.run(_drive(server.base_url, workload, concurrency, on_progress))
@@ -109,10 +133,15 @@ def run_demo(*, requests: int = 400, concurrency: int = 16, seed: int = 7,
     return _summarise(replay, results, rows, wall)
 
 
-def _summarise(replay: ReplayProvider, results: list[tuple[ReplaySample, str, str, float]],
-               rows: list[Any], wall: float) -> dict[str, Any]:
+def _summarise(
+    replay: ReplayProvider,
+    results: list[tuple[ReplaySample, str, str, float]],
+    rows: list[Any],
+    wall: float,
+) -> dict[str, Any]:
     baseline_quality = statistics.fmean(
-        replay.correctness(s.prompt, PREMIUM_MODEL) or 0 for s, *_ in results)
+        replay.correctness(s.prompt, PREMIUM_MODEL) or 0 for s, *_ in results
+    )
     quality = statistics.fmean(replay.correctness(s.prompt, m) or 0 for s, m, *_ in results)
     baseline = sum(r.baseline_cost_usd or 0.0 for r in rows)
     spend = sum(r.cost_usd or 0.0 for r in rows)
@@ -123,8 +152,14 @@ def _summarise(replay: ReplayProvider, results: list[tuple[ReplaySample, str, st
         "unique_prompts": len({s.id for s, *_ in results}),
         "ledger_rows": len(rows),
         "baseline": {"model": PREMIUM_MODEL, "cost_usd": baseline, "quality": baseline_quality},
-        "strategies": [{"name": "exact cache", "cost_usd": spend, "hits": hits,
-                        "cut": 1 - spend / baseline if baseline else 0.0}],
+        "strategies": [
+            {
+                "name": "exact cache",
+                "cost_usd": spend,
+                "hits": hits,
+                "cut": 1 - spend / baseline if baseline else 0.0,
+            }
+        ],
         "skinflint": {"cost_usd": spend, "quality": quality},
         "cut": 1 - spend / baseline if baseline else 0.0,
         "quality_retained": quality / baseline_quality if baseline_quality else 1.0,
@@ -138,19 +173,27 @@ def format_demo_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     base = result["baseline"]
     rows = [
         ("requests (unique prompts)", f"{result['requests']} ({result['unique_prompts']})"),
-        (f"baseline: every request to {base['model']}",
-         f"${base['cost_usd']:.4f}  quality {base['quality']:.1%}"),
+        (
+            f"baseline: every request to {base['model']}",
+            f"${base['cost_usd']:.4f}  quality {base['quality']:.1%}",
+        ),
     ]
     for s in result["strategies"]:
-        rows.append((f"with {s['name']} ({s['hits']} hits)",
-                     f"${s['cost_usd']:.4f}  cut {s['cut']:.1%}"))
+        rows.append(
+            (f"with {s['name']} ({s['hits']} hits)", f"${s['cost_usd']:.4f}  cut {s['cut']:.1%}")
+        )
     rows += [
         ("total cut", f"{result['cut']:.1%}"),
-        ("quality retained", f"{result['quality_retained']:.1%} "
-                             f"(mean correctness {result['skinflint']['quality']:.1%})"),
-        ("latency p50 / p95",
-         f"{result['latency_ms']['p50']:.0f} / {result['latency_ms']['p95']:.0f} ms "
-         f"(recorded latencies x{result['latency_scale']:g})"),
+        (
+            "quality retained",
+            f"{result['quality_retained']:.1%} "
+            f"(mean correctness {result['skinflint']['quality']:.1%})",
+        ),
+        (
+            "latency p50 / p95",
+            f"{result['latency_ms']['p50']:.0f} / {result['latency_ms']['p95']:.0f} ms "
+            f"(recorded latencies x{result['latency_scale']:g})",
+        ),
         ("wall time", f"{result['wall_seconds']:.1f} s"),
     ]
     return rows

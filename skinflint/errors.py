@@ -51,8 +51,14 @@ class SkinflintError(Exception):
         return False
 
     def to_body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "code": self.code,
-                          "param": None}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "code": self.code,
+                "param": None,
+            }
+        }
 
 
 class ConfigError(SkinflintError):

@@ -40,8 +40,14 @@ def _provider(name: str, cfg: ProviderConfig, session: aiohttp.ClientSession) ->
         return AnthropicProvider(name, base_url=cfg.base_url, api_key=cfg.api_key, session=session)
     if cfg.kind == "replay":
         return ReplayProvider(name, latency_scale=cfg.latency_scale)
-    return OpenAICompatProvider(name, base_url=cfg.base_url, api_key=cfg.api_key, session=session,
-                                headers=dict(cfg.headers), connect_timeout=cfg.connect_timeout)
+    return OpenAICompatProvider(
+        name,
+        base_url=cfg.base_url,
+        api_key=cfg.api_key,
+        session=session,
+        headers=dict(cfg.headers),
+        connect_timeout=cfg.connect_timeout,
+    )
 
 
 def price_overrides(settings: Settings) -> dict[str, tuple[float, float, float | None]]:
@@ -83,8 +89,10 @@ class Gateway:
         ex = settings.cache.exact
         store = TieredCacheStore(db, memory_entries=ex.memory_entries, max_entries=ex.max_entries)
         exact = ExactCache(ex, store)
-        policies = {n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
-                    for n, c in settings.providers.items()}
+        policies = {
+            n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
+            for n, c in settings.providers.items()
+        }
 
         def price_name(name: str) -> str:
             model = settings.models.get(name)
@@ -97,12 +105,28 @@ class Gateway:
             exact_cache=exact,
             route=Route(settings),
             call_provider=CallProvider(providers, policies, metrics),
-            account=Account(catalog=catalog, tokens=tokens, ledger=ledger, metrics=metrics,
-                            cache=exact, price_name=price_name,
-                            baseline_model=settings.baseline_model),
+            account=Account(
+                catalog=catalog,
+                tokens=tokens,
+                ledger=ledger,
+                metrics=metrics,
+                cache=exact,
+                price_name=price_name,
+                baseline_model=settings.baseline_model,
+            ),
         )
-        gw = cls(settings, Pipeline(stages), ledger, store, exact, metrics, catalog, tokens,
-                 providers, session)
+        gw = cls(
+            settings,
+            Pipeline(stages),
+            ledger,
+            store,
+            exact,
+            metrics,
+            catalog,
+            tokens,
+            providers,
+            session,
+        )
         gw.warmed = asyncio.ensure_future(asyncio.to_thread(gw._warm))
         return gw
 
@@ -114,9 +138,14 @@ class Gateway:
                 provider.load()
 
     def context(self, endpoint: str, raw_body: bytes, headers: dict[str, str]) -> RequestContext:
-        return RequestContext(request_id=uuid.uuid4().hex, ts=time.time(),
-                              started=time.perf_counter(), endpoint=endpoint,
-                              raw_body=raw_body, headers=headers)
+        return RequestContext(
+            request_id=uuid.uuid4().hex,
+            ts=time.time(),
+            started=time.perf_counter(),
+            endpoint=endpoint,
+            raw_body=raw_body,
+            headers=headers,
+        )
 
     async def close(self) -> None:
         """Flush the ledger and the cache, then close connections. Safe to call twice."""

@@ -6,31 +6,66 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 __all__ = ["Metrics"]
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                    10, 30, 60)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("skinflint_requests", "Requests handled",
-                                ["endpoint", "model", "cache", "status"], registry=r)
+        self.requests = Counter(
+            "skinflint_requests",
+            "Requests handled",
+            ["endpoint", "model", "cache", "status"],
+            registry=r,
+        )
         self.cost = Counter("skinflint_cost_usd", "Spend in USD", ["model"], registry=r)
-        self.saved = Counter("skinflint_saved_usd", "Saving against the baseline in USD",
-                             ["cache"], registry=r)
+        self.saved = Counter(
+            "skinflint_saved_usd", "Saving against the baseline in USD", ["cache"], registry=r
+        )
         self.tokens = Counter("skinflint_tokens", "Tokens", ["model", "kind"], registry=r)
-        self.unknown_price = Counter("skinflint_unknown_price", "Requests whose price is unknown",
-                                     ["model"], registry=r)
-        self.counted_usage = Counter("skinflint_counted_usage",
-                                     "Responses without provider usage, counted offline",
-                                     ["model"], registry=r)
-        self.retries = Counter("skinflint_upstream_retries", "Upstream retries",
-                               ["provider"], registry=r)
-        self.upstream_errors = Counter("skinflint_upstream_errors", "Failed upstream attempts",
-                                       ["provider", "type"], registry=r)
-        self.latency = Histogram("skinflint_request_seconds", "Total request latency",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.unknown_price = Counter(
+            "skinflint_unknown_price", "Requests whose price is unknown", ["model"], registry=r
+        )
+        self.counted_usage = Counter(
+            "skinflint_counted_usage",
+            "Responses without provider usage, counted offline",
+            ["model"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "skinflint_upstream_retries", "Upstream retries", ["provider"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "skinflint_upstream_errors",
+            "Failed upstream attempts",
+            ["provider", "type"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "skinflint_request_seconds",
+            "Total request latency",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

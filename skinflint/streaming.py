@@ -37,7 +37,9 @@ class StreamAssembler:
 
     def _add_choice(self, choice: JSON) -> None:
         i = choice.get("index", 0)
-        state = self._choices.setdefault(i, {"index": i, "finish_reason": None, "role": "assistant"})
+        state = self._choices.setdefault(
+            i, {"index": i, "finish_reason": None, "role": "assistant"}
+        )
         delta = choice.get("delta") or {}
         if delta.get("role"):
             state["role"] = delta["role"]
@@ -52,8 +54,10 @@ class StreamAssembler:
 
     def _add_tool_delta(self, i: int, call: JSON) -> None:
         calls = self._tools.setdefault(i, {})
-        slot = calls.setdefault(call.get("index", 0), {
-            "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        slot = calls.setdefault(
+            call.get("index", 0),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
         if call.get("id"):
             slot["id"] = call["id"]
         fn = call.get("function") or {}
@@ -66,15 +70,29 @@ class StreamAssembler:
         choices = []
         for i in sorted(self._choices):
             state = self._choices[i]
-            message: JSON = {"role": state["role"], "content": "".join(self._texts.get(i, ())) or None}
+            message: JSON = {
+                "role": state["role"],
+                "content": "".join(self._texts.get(i, ())) or None,
+            }
             if i in self._tools:
                 message["tool_calls"] = [self._tools[i][k] for k in sorted(self._tools[i])]
             elif message["content"] is None:
                 message["content"] = ""
-            choices.append({"index": i, "message": message, "logprobs": state.get("logprobs"),
-                            "finish_reason": state["finish_reason"]})
-        body: JSON = {"id": self.id, "object": "chat.completion", "created": self.created,
-                      "model": self.model, "choices": choices}
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": state.get("logprobs"),
+                    "finish_reason": state["finish_reason"],
+                }
+            )
+        body: JSON = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if self.usage is not None:
             body["usage"] = self.usage
         return body
@@ -90,8 +108,12 @@ def is_complete(completion: JSON) -> bool:
 
 def chunks_from_completion(completion: JSON, *, include_usage: bool) -> list[JSON]:
     """The stream a client would have received for ``completion``."""
-    base = {"id": completion.get("id", ""), "object": "chat.completion.chunk",
-            "created": completion.get("created", 0), "model": completion.get("model", "")}
+    base = {
+        "id": completion.get("id", ""),
+        "object": "chat.completion.chunk",
+        "created": completion.get("created", 0),
+        "model": completion.get("model", ""),
+    }
     out: list[JSON] = []
     for choice in completion.get("choices") or ():
         out.extend(_choice_chunks(base, choice))
@@ -105,8 +127,10 @@ def _choice_chunks(base: JSON, choice: JSON) -> list[JSON]:
     message = choice.get("message") or {}
 
     def chunk(delta: JSON, finish: str | None = None) -> JSON:
-        return {**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                     "finish_reason": finish}]}
+        return {
+            **base,
+            "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
 
     out = [chunk({"role": message.get("role", "assistant"), "content": ""})]
     if message.get("content"):

@@ -11,10 +11,10 @@ from typing import Any
 
 import openai
 import pytest
+from tests.fake_upstream import FakeUpstream
 
 from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
-from tests.fake_upstream import FakeUpstream
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -31,21 +31,36 @@ def fake(upstream: FakeUpstream) -> FakeUpstream:
     return upstream
 
 
-def base_config(fake: FakeUpstream, db: Path, *, fake_opts: dict[str, Any] | None = None,
-                **extra: Any) -> dict[str, Any]:
+def base_config(
+    fake: FakeUpstream, db: Path, *, fake_opts: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "providers": {
-            "fake": {"kind": "openai-compatible", "base_url": fake.base_url,
-                     "api_key": "sk-upstream-secret-123", "max_retries": 2,
-                     "backoff_base": 0.01, "backoff_max": 0.5, "timeout": 5},
-            "claude": {"kind": "anthropic", "base_url": fake.root_url,
-                       "api_key": "sk-ant-secret-456", "max_retries": 0, "timeout": 5},
+            "fake": {
+                "kind": "openai-compatible",
+                "base_url": fake.base_url,
+                "api_key": "sk-upstream-secret-123",
+                "max_retries": 2,
+                "backoff_base": 0.01,
+                "backoff_max": 0.5,
+                "timeout": 5,
+            },
+            "claude": {
+                "kind": "anthropic",
+                "base_url": fake.root_url,
+                "api_key": "sk-ant-secret-456",
+                "max_retries": 0,
+                "timeout": 5,
+            },
         },
         "models": {
             "gpt-4o-mini": {"provider": "fake"},
             "gpt-4o": {"provider": "fake"},
-            "cheap": {"provider": "fake", "model": "qwen3-8b",
-                      "price": {"input": 0.01, "output": 0.02}},
+            "cheap": {
+                "provider": "fake",
+                "model": "qwen3-8b",
+                "price": {"input": 0.01, "output": 0.02},
+            },
             "claude-sonnet": {"provider": "claude", "model": "claude-3-5-sonnet-latest"},
             "primary": {"provider": "fake", "model": "gpt-4o-mini", "fallbacks": ["backup"]},
             "backup": {"provider": "claude", "model": "claude-3-5-haiku-latest"},
@@ -83,8 +98,9 @@ def gateway(make_gateway: GatewayFactory) -> BackgroundServer:
 
 @pytest.fixture
 def client(gateway: BackgroundServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.base_url, api_key="client-key", max_retries=0,
-                       timeout=10) as c:
+    with openai.OpenAI(
+        base_url=gateway.base_url, api_key="client-key", max_retries=0, timeout=10
+    ) as c:
         yield c
 
 

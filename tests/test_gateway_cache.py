@@ -9,32 +9,35 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from tests.fake_upstream import FakeUpstream
 
 from skinflint.cachekey import NOT_OUTPUT_AFFECTING, request_hash
 from tests.conftest import GatewayFactory, ledger_rows
-from tests.fake_upstream import FakeUpstream
 
 
 def _ask(c: openai.OpenAI, content: str = "what is skinflint?", **kw: Any) -> Any:
     kw.setdefault("temperature", 0)
     kw.setdefault("model", "gpt-4o-mini")
     return c.chat.completions.with_raw_response.create(
-        messages=[{"role": "user", "content": content}], **kw)
+        messages=[{"role": "user", "content": content}], **kw
+    )
 
 
 def _calls(fake: FakeUpstream) -> int:
     return sum(1 for r in fake.requests if r.path.endswith(("/chat/completions", "/messages")))
 
 
-def test_hit_after_miss_with_headers(client: openai.OpenAI, fake: FakeUpstream,
-                                     tmp_path: Path) -> None:
+def test_hit_after_miss_with_headers(
+    client: openai.OpenAI, fake: FakeUpstream, tmp_path: Path
+) -> None:
     first, second = _ask(client), _ask(client)
     assert first.headers["x-skinflint-cache"] == "miss"
     assert second.headers["x-skinflint-cache"] == "hit-exact"
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert float(second.headers["x-skinflint-cost-usd"]) == 0
     assert float(second.headers["x-skinflint-saved-usd"]) == pytest.approx(
-        float(first.headers["x-skinflint-cost-usd"]))
+        float(first.headers["x-skinflint-cost-usd"])
+    )
     assert second.headers["x-skinflint-model"] == "gpt-4o-mini"
     assert first.headers["x-skinflint-request-id"] != second.headers["x-skinflint-request-id"]
     assert _calls(fake) == 1
@@ -75,12 +78,18 @@ def test_bypass_does_not_write(client: openai.OpenAI) -> None:
     assert _ask(client, "fresh question").headers["x-skinflint-cache"] == "miss"
 
 
-def test_every_output_affecting_parameter_changes_the_key(client: openai.OpenAI,
-                                                         fake: FakeUpstream) -> None:
+def test_every_output_affecting_parameter_changes_the_key(
+    client: openai.OpenAI, fake: FakeUpstream
+) -> None:
     _ask(client)
     variants: list[dict[str, Any]] = [
-        {"temperature": 0.2}, {"top_p": 0.5}, {"seed": 3}, {"max_tokens": 40},
-        {"stop": ["x"]}, {"n": 2}, {"model": "gpt-4o"},
+        {"temperature": 0.2},
+        {"top_p": 0.5},
+        {"seed": 3},
+        {"max_tokens": 40},
+        {"stop": ["x"]},
+        {"n": 2},
+        {"model": "gpt-4o"},
         {"response_format": {"type": "json_object"}},
         {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
     ]
@@ -90,22 +99,41 @@ def test_every_output_affecting_parameter_changes_the_key(client: openai.OpenAI,
 
 
 def test_cache_key_fields_are_pinned() -> None:
-    assert frozenset({"stream", "stream_options", "user", "metadata", "store", "service_tier",
-                      "prompt_cache_key", "safety_identifier",
-                      "prompt_cache_retention"}) == NOT_OUTPUT_AFFECTING
+    assert (
+        frozenset(
+            {
+                "stream",
+                "stream_options",
+                "user",
+                "metadata",
+                "store",
+                "service_tier",
+                "prompt_cache_key",
+                "safety_identifier",
+                "prompt_cache_retention",
+            }
+        )
+        == NOT_OUTPUT_AFFECTING
+    )
     base = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
     assert request_hash("chat", {**base, "brand_new_param": 1}) != request_hash("chat", base)
     assert request_hash("chat", {**base, "stream": True}) == request_hash("chat", base)
 
 
-def test_high_temperature_is_not_cached_unless_feature_opts_in(make_gateway: GatewayFactory) -> None:
+def test_high_temperature_is_not_cached_unless_feature_opts_in(
+    make_gateway: GatewayFactory,
+) -> None:
     gw = make_gateway(cache={"exact": {"features": {"poems": {"cache_any_temperature": True}}}})
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
         _ask(c, temperature=0.9)
         assert _ask(c, temperature=0.9).headers["x-skinflint-cache"] == "bypass"
         _ask(c, "no temperature given", temperature=openai.NOT_GIVEN)
-        assert _ask(c, "no temperature given",
-                    temperature=openai.NOT_GIVEN).headers["x-skinflint-cache"] == "bypass"
+        assert (
+            _ask(c, "no temperature given", temperature=openai.NOT_GIVEN).headers[
+                "x-skinflint-cache"
+            ]
+            == "bypass"
+        )
         poems = {"extra_headers": {"x-skinflint-feature": "poems"}, "temperature": 1.2}
         _ask(c, "a poem", **poems)
         assert _ask(c, "a poem", **poems).headers["x-skinflint-cache"] == "hit-exact"
@@ -120,11 +148,20 @@ def test_truncated_answers_are_not_cached(client: openai.OpenAI) -> None:
 
 def test_stream_hit_is_a_proper_sse_stream(client: openai.OpenAI, fake: FakeUpstream) -> None:
     msg = [{"role": "user", "content": "stream and cache"}]
-    first = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="gpt-4o-mini", messages=msg, temperature=0, stream=True) if c.choices)
+    first = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="gpt-4o-mini", messages=msg, temperature=0, stream=True
+        )
+        if c.choices
+    )
     raw = client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=msg, temperature=0, stream=True,
-        stream_options={"include_usage": True})
+        model="gpt-4o-mini",
+        messages=msg,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     assert raw.headers["x-skinflint-cache"] == "hit-exact"
     assert raw.headers["content-type"].startswith("text/event-stream")
     chunks = list(raw.parse())
@@ -150,8 +187,10 @@ KEYS = [{"tenant": "acme", "key": "gw-key-acme"}, {"tenant": "globex", "key": "g
 
 def test_cache_never_crosses_tenants(make_gateway: GatewayFactory, tmp_path: Path) -> None:
     gw = make_gateway(keys=KEYS)
-    with openai.OpenAI(base_url=gw.base_url, api_key="gw-key-acme", max_retries=0) as acme, \
-            openai.OpenAI(base_url=gw.base_url, api_key="gw-key-globex", max_retries=0) as globex:
+    with (
+        openai.OpenAI(base_url=gw.base_url, api_key="gw-key-acme", max_retries=0) as acme,
+        openai.OpenAI(base_url=gw.base_url, api_key="gw-key-globex", max_retries=0) as globex,
+    ):
         _ask(acme)
         assert _ask(globex).headers["x-skinflint-cache"] == "miss"
         assert _ask(acme).headers["x-skinflint-cache"] == "hit-exact"
@@ -170,8 +209,10 @@ def test_gateway_keys_are_required_when_configured(make_gateway: GatewayFactory)
 
 def test_shared_and_user_scopes(make_gateway: GatewayFactory) -> None:
     gw = make_gateway(keys=KEYS, cache={"exact": {"scope": "shared"}})
-    with openai.OpenAI(base_url=gw.base_url, api_key="gw-key-acme", max_retries=0) as acme, \
-            openai.OpenAI(base_url=gw.base_url, api_key="gw-key-globex", max_retries=0) as globex:
+    with (
+        openai.OpenAI(base_url=gw.base_url, api_key="gw-key-acme", max_retries=0) as acme,
+        openai.OpenAI(base_url=gw.base_url, api_key="gw-key-globex", max_retries=0) as globex,
+    ):
         _ask(acme)
         assert _ask(globex).headers["x-skinflint-cache"] == "hit-exact"
 
@@ -180,8 +221,13 @@ def test_user_scope(make_gateway: GatewayFactory) -> None:
     gw = make_gateway(cache={"exact": {"scope": "user"}})
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
         _ask(c, extra_headers={"x-skinflint-user": "u1"})
-        assert _ask(c, extra_headers={"x-skinflint-user": "u2"}).headers["x-skinflint-cache"] == "miss"
-        assert _ask(c, extra_headers={"x-skinflint-user": "u1"}).headers["x-skinflint-cache"] == "hit-exact"
+        assert (
+            _ask(c, extra_headers={"x-skinflint-user": "u2"}).headers["x-skinflint-cache"] == "miss"
+        )
+        assert (
+            _ask(c, extra_headers={"x-skinflint-user": "u1"}).headers["x-skinflint-cache"]
+            == "hit-exact"
+        )
 
 
 def test_invalidate_by_tag_over_http(client: openai.OpenAI, gateway: Any) -> None:

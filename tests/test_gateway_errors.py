@@ -10,17 +10,20 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from tests.fake_upstream import FakeUpstream
 
 from skinflint.server.run import BackgroundServer
 from tests.conftest import GatewayFactory, ledger_rows
-from tests.fake_upstream import FakeUpstream
 
 MSG = [{"role": "user", "content": "hello"}]
 
 
 def _post(gw: BackgroundServer, body: bytes, **headers: str) -> httpx.Response:
-    return httpx.post(gw.base_url + "/chat/completions", content=body,
-                      headers={"content-type": "application/json", **headers})
+    return httpx.post(
+        gw.base_url + "/chat/completions",
+        content=body,
+        headers={"content-type": "application/json", **headers},
+    )
 
 
 def _assert_openai_error(resp: httpx.Response, status: int) -> dict[str, str]:
@@ -39,7 +42,7 @@ def test_malformed_json(gateway: BackgroundServer, fake: FakeUpstream) -> None:
 def test_missing_fields(gateway: BackgroundServer) -> None:
     _assert_openai_error(_post(gateway, b'{"messages": []}'), 400)
     _assert_openai_error(_post(gateway, b'{"model": "gpt-4o", "messages": []}'), 400)
-    _assert_openai_error(_post(gateway, b'[1, 2]'), 400)
+    _assert_openai_error(_post(gateway, b"[1, 2]"), 400)
 
 
 def test_unknown_route(gateway: BackgroundServer) -> None:
@@ -47,7 +50,11 @@ def test_unknown_route(gateway: BackgroundServer) -> None:
 
 
 def test_oversized_body(gateway: BackgroundServer, fake: FakeUpstream) -> None:
-    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "' + b"x" * (9 << 20) + b'"}]}'
+    body = (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "'
+        + b"x" * (9 << 20)
+        + b'"}]}'
+    )
     err = _assert_openai_error(_post(gateway, body), 413)
     assert err["code"] == "request_too_large"
     assert fake.requests == []
@@ -56,11 +63,14 @@ def test_oversized_body(gateway: BackgroundServer, fake: FakeUpstream) -> None:
 def test_unknown_model_without_default_provider(make_gateway: GatewayFactory) -> None:
     gw = make_gateway(default_provider=None)
     err = _assert_openai_error(
-        _post(gw, b'{"model": "mystery", "messages": [{"role": "user", "content": "x"}]}'), 404)
+        _post(gw, b'{"model": "mystery", "messages": [{"role": "user", "content": "x"}]}'), 404
+    )
     assert err["code"] == "model_not_found" and "mystery" in err["message"]
 
 
-def test_retries_5xx_then_succeeds(client: openai.OpenAI, fake: FakeUpstream, tmp_path: Path) -> None:
+def test_retries_5xx_then_succeeds(
+    client: openai.OpenAI, fake: FakeUpstream, tmp_path: Path
+) -> None:
     fake.fail_next("status", times=2, status=503)
     done = client.chat.completions.create(model="gpt-4o-mini", messages=MSG, temperature=0)
     assert done.choices[0].message.content == "echo: hello"
@@ -76,8 +86,9 @@ def test_429_retry_after_is_honoured(client: openai.OpenAI, fake: FakeUpstream) 
     assert len(fake.requests) == 2
 
 
-def test_retries_exhausted_relays_status(client: openai.OpenAI, fake: FakeUpstream,
-                                         tmp_path: Path) -> None:
+def test_retries_exhausted_relays_status(
+    client: openai.OpenAI, fake: FakeUpstream, tmp_path: Path
+) -> None:
     fake.fail_next("status", times=3, status=429)
     with pytest.raises(openai.RateLimitError) as info:
         client.chat.completions.create(model="gpt-4o-mini", messages=MSG, temperature=0)
@@ -99,7 +110,8 @@ def test_errors_are_not_cached(client: openai.OpenAI, fake: FakeUpstream) -> Non
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="gpt-4o-mini", messages=MSG, temperature=0)
     raw = client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=MSG, temperature=0)
+        model="gpt-4o-mini", messages=MSG, temperature=0
+    )
     assert raw.headers["x-skinflint-cache"] == "miss"
     assert raw.parse().choices[0].message.content == "echo: hello"
 
@@ -108,16 +120,20 @@ def test_upstream_timeout(make_gateway: GatewayFactory, fake: FakeUpstream, tmp_
     gw = make_gateway(fake_opts={"timeout": 0.3, "max_retries": 0})
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
         with pytest.raises(openai.APIStatusError) as info:
-            c.chat.completions.create(model="gpt-4o-mini", temperature=0,
-                                      messages=[{"role": "user", "content": "[[fault:delay=2]]"}])
+            c.chat.completions.create(
+                model="gpt-4o-mini",
+                temperature=0,
+                messages=[{"role": "user", "content": "[[fault:delay=2]]"}],
+            )
     assert info.value.status_code == 504
     assert ledger_rows(tmp_path / "skinflint.db", expect=1)[-1]["status"] == 504
 
 
 def test_fallback_to_next_model(client: openai.OpenAI, fake: FakeUpstream, tmp_path: Path) -> None:
     fake.fail_next("status", times=3, status=503)
-    raw = client.chat.completions.with_raw_response.create(model="primary", messages=MSG,
-                                                           temperature=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="primary", messages=MSG, temperature=0
+    )
     assert raw.headers["x-skinflint-model"] == "claude-3-5-haiku-latest"
     assert raw.parse().choices[0].message.content == "echo: hello"
     assert fake.requests[-1].path == "/v1/messages"
@@ -132,31 +148,43 @@ def test_malformed_upstream_body(client: openai.OpenAI, fake: FakeUpstream) -> N
     assert info.value.status_code == 502
 
 
-def test_cut_stream_is_an_error_and_not_cached(client: openai.OpenAI, fake: FakeUpstream,
-                                               tmp_path: Path) -> None:
+def test_cut_stream_is_an_error_and_not_cached(
+    client: openai.OpenAI, fake: FakeUpstream, tmp_path: Path
+) -> None:
     msg = [{"role": "user", "content": "a long answer [[fault:cut=2]]"}]
     with pytest.raises(openai.APIError):
-        for _ in client.chat.completions.create(model="gpt-4o-mini", messages=msg,
-                                                temperature=0, stream=True):
+        for _ in client.chat.completions.create(
+            model="gpt-4o-mini", messages=msg, temperature=0, stream=True
+        ):
             pass
     rows = ledger_rows(tmp_path / "skinflint.db", expect=1)
     assert rows[-1]["status"] >= 500
     fake.reset()
     # the same request again must reach the upstream: nothing was cached
     with pytest.raises(openai.APIError):
-        list(client.chat.completions.create(model="gpt-4o-mini", messages=msg, temperature=0,
-                                            stream=True))
+        list(
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=msg, temperature=0, stream=True
+            )
+        )
     assert len(fake.requests) == 1
 
 
-def test_client_disconnect_cancels_upstream(gateway: BackgroundServer, fake: FakeUpstream,
-                                            tmp_path: Path) -> None:
-    body = (b'{"model": "gpt-4o-mini", "temperature": 0, "messages": '
-            b'[{"role": "user", "content": "slow [[fault:delay=3]]"}]}')
+def test_client_disconnect_cancels_upstream(
+    gateway: BackgroundServer, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    body = (
+        b'{"model": "gpt-4o-mini", "temperature": 0, "messages": '
+        b'[{"role": "user", "content": "slow [[fault:delay=3]]"}]}'
+    )
     with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
-                     b"content-type: application/json\r\ncontent-length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         deadline = time.monotonic() + 3
         while not fake.requests and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -29,16 +29,22 @@ def stats(path: str) -> dict[str, Any]:
             n, size, expired = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0),"
                 " COALESCE(SUM(expires_at > 0 AND expires_at <= ?), 0) FROM cache_entries",
-                (now,)).fetchone()
+                (now,),
+            ).fetchone()
             out.update(entries=n, bytes=size, expired=expired)
             out["tags"] = conn.execute("SELECT COUNT(DISTINCT tag) FROM cache_tags").fetchone()[0]
         if "ledger" in tables:
             total, hits, saved = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
                 " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
-                " FROM ledger WHERE endpoint IN ('chat', 'embeddings')").fetchone()
-            out.update(requests=total, hits=hits, hit_rate=hits / total if total else 0.0,
-                       saved_usd=float(saved))
+                " FROM ledger WHERE endpoint IN ('chat', 'embeddings')"
+            ).fetchone()
+            out.update(
+                requests=total,
+                hits=hits,
+                hit_rate=hits / total if total else 0.0,
+                saved_usd=float(saved),
+            )
         return out
     finally:
         conn.close()
@@ -46,9 +52,12 @@ def stats(path: str) -> dict[str, Any]:
 
 def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | None:
     """Ask a running gateway to invalidate (it also drops its in-memory copies)."""
-    req = urllib.request.Request(url.rstrip("/") + "/api/cache/invalidate",
-                                 data=json.dumps({"tags": tags}).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url.rstrip("/") + "/api/cache/invalidate",
+        data=json.dumps({"tags": tags}).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
     if admin_key:
         req.add_header("authorization", f"Bearer {admin_key}")
     try:
@@ -58,8 +67,9 @@ def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | Non
         return None
 
 
-def invalidate(path: str, tags: list[str], *, url: str | None,
-               admin_key: str | None = None) -> dict[str, Any]:
+def invalidate(
+    path: str, tags: list[str], *, url: str | None, admin_key: str | None = None
+) -> dict[str, Any]:
     if url:
         n = _tell_gateway(url, tags, admin_key)
         if n is not None:
@@ -70,8 +80,12 @@ def invalidate(path: str, tags: list[str], *, url: str | None,
             return {"invalidated": 0, "where": path}
         marks = ", ".join("?" for _ in tags)
         with conn:
-            keys = [r[0] for r in conn.execute(
-                f"SELECT DISTINCT key FROM cache_tags WHERE tag IN ({marks})", tags)]
+            keys = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT DISTINCT key FROM cache_tags WHERE tag IN ({marks})", tags
+                )
+            ]
             for key in keys:
                 conn.execute("DELETE FROM cache_entries WHERE key = ?", (key,))
                 conn.execute("DELETE FROM cache_tags WHERE key = ?", (key,))

@@ -69,8 +69,12 @@ class Report:
     groups: list[Group]
 
     def to_json(self) -> dict[str, Any]:
-        return {"by": self.by, "since": self.since, "total": self.total.summary(),
-                "groups": [g.summary() for g in self.groups]}
+        return {
+            "by": self.by,
+            "since": self.since,
+            "total": self.total.summary(),
+            "groups": [g.summary() for g in self.groups],
+        }
 
 
 def _key(record: LedgerRecord, by: str) -> str:
@@ -79,7 +83,9 @@ def _key(record: LedgerRecord, by: str) -> str:
     return str(getattr(record, by)) or "(none)"
 
 
-def build_report(records: Iterable[LedgerRecord], *, by: str = "feature", since: float = 0.0) -> Report:
+def build_report(
+    records: Iterable[LedgerRecord], *, by: str = "feature", since: float = 0.0
+) -> Report:
     if by not in GROUPINGS:
         raise ValueError(f"--by must be one of {', '.join(GROUPINGS)}")
     total, groups = Group("total"), dict[str, Group]()

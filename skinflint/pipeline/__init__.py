@@ -15,20 +15,26 @@ from skinflint.pipeline.slots import BudgetTokens, Compress, Guard, Rules, Seman
 __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 
 
-def build_stages(*, attribute: Attribute, exact_cache: ExactCache, route: Route,
-                 call_provider: CallProvider, account: Account) -> list[Stage]:
+def build_stages(
+    *,
+    attribute: Attribute,
+    exact_cache: ExactCache,
+    route: Route,
+    call_provider: CallProvider,
+    account: Account,
+) -> list[Stage]:
     """The pipeline, in the order a request meets it."""
     return [
-        attribute,       # 1  request id, hash, tenant/feature/user/tags
-        Guard(),         # 2  budgets and rate limits
-        Rules(),         # 3  deterministic answers
-        exact_cache,     # 4  exact cache lookup
-        SemanticCache(), # 5  semantic cache lookup
-        Compress(),      # 6  prompt compression
-        route,           # 7  model / cascade choice
+        attribute,  # 1  request id, hash, tenant/feature/user/tags
+        Guard(),  # 2  budgets and rate limits
+        Rules(),  # 3  deterministic answers
+        exact_cache,  # 4  exact cache lookup
+        SemanticCache(),  # 5  semantic cache lookup
+        Compress(),  # 6  prompt compression
+        route,  # 7  model / cascade choice
         BudgetTokens(),  # 8  output-token caps
-        call_provider,   # 9  the upstream call (terminal)
-        account,         # 10 usage, cost, ledger, cache writes
+        call_provider,  # 9  the upstream call (terminal)
+        account,  # 10 usage, cost, ledger, cache writes
     ]
 
 
@@ -57,4 +63,5 @@ async def _end(ctx: RequestContext) -> Reply:
 def _bind(stage: Stage, next: Next) -> Next:
     async def run(ctx: RequestContext) -> Reply:
         return await stage(ctx, next)
+
     return run

@@ -31,9 +31,17 @@ class Account:
     name = "account"
     enabled = True
 
-    def __init__(self, *, catalog: PriceCatalog, tokens: TokenCounter, ledger: Ledger,
-                 metrics: Metrics, cache: ExactCache, price_name: Callable[[str], str],
-                 baseline_model: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        catalog: PriceCatalog,
+        tokens: TokenCounter,
+        ledger: Ledger,
+        metrics: Metrics,
+        cache: ExactCache,
+        price_name: Callable[[str], str],
+        baseline_model: str | None,
+    ) -> None:
         self._catalog = catalog
         self._tokens = tokens
         self._ledger = ledger
@@ -51,6 +59,7 @@ class Account:
         if reply.chunks is not None:
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
+        ctx.model = reply.body.get("model") or ctx.model
         if ctx.usage is None:
             ctx.usage = self._usage(ctx, reply.body)
         if ctx.cache_status != "hit-exact":
@@ -72,8 +81,9 @@ class Account:
         else:
             ctx.status, ctx.error_type = 500, type(exc).__name__
 
-    async def _observe(self, ctx: RequestContext,
-                       chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    async def _observe(
+        self, ctx: RequestContext, chunks: AsyncIterator[StreamChunk]
+    ) -> AsyncIterator[StreamChunk]:
         """Relay the stream, rebuilding the completion; account once it ends, however it ends."""
         assembler = StreamAssembler()
         started, failure = time.perf_counter(), None
@@ -87,6 +97,7 @@ class Account:
             raise
         finally:
             hit = ctx.cache_status == "hit-exact"
+            ctx.model = assembler.model or ctx.model
             if not hit:
                 ctx.upstream_ms += (time.perf_counter() - started) * 1000
                 ctx.usage = self._usage(ctx, assembler.completion())
@@ -108,8 +119,11 @@ class Account:
             n = sum(self._tokens.count_text(model, t) for t in texts if isinstance(t, str))
             return Usage(input_tokens=n, counted=True)
         messages = ctx.body.get("messages") or []
-        return Usage(input_tokens=self._tokens.count_messages(model, messages),
-                     output_tokens=self._tokens.count_completion(model, body), counted=True)
+        return Usage(
+            input_tokens=self._tokens.count_messages(model, messages),
+            output_tokens=self._tokens.count_completion(model, body),
+            counted=True,
+        )
 
     def _price(self, ctx: RequestContext) -> None:
         usage = ctx.usage or Usage()
@@ -130,19 +144,33 @@ class Account:
     def _finish(self, ctx: RequestContext) -> None:
         self._price(ctx)
         usage = ctx.usage or Usage()
-        self._ledger.record(LedgerRecord(
-            request_id=ctx.request_id, ts=ctx.ts, request_hash=ctx.request_hash,
-            tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
-            requested_model=ctx.requested_model, model=ctx.model, provider=ctx.provider,
-            endpoint=ctx.endpoint, input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
-            cost_usd=ctx.cost_usd, baseline_cost_usd=ctx.baseline_cost_usd,
-            saved_usd=ctx.saved_usd, cache_status=ctx.cache_status,
-            strategy="exact_cache" if ctx.cache_status == "hit-exact" else "",
-            latency_ms=(time.perf_counter() - ctx.started) * 1000,
-            upstream_latency_ms=ctx.upstream_ms, status=ctx.status, error_type=ctx.error_type,
-            route=ctx.route,
-        ))
+        self._ledger.record(
+            LedgerRecord(
+                request_id=ctx.request_id,
+                ts=ctx.ts,
+                request_hash=ctx.request_hash,
+                tenant=ctx.tenant,
+                feature=ctx.feature,
+                user=ctx.user,
+                requested_model=ctx.requested_model,
+                model=ctx.model,
+                provider=ctx.provider,
+                endpoint=ctx.endpoint,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+                cost_usd=ctx.cost_usd,
+                baseline_cost_usd=ctx.baseline_cost_usd,
+                saved_usd=ctx.saved_usd,
+                cache_status=ctx.cache_status,
+                strategy="exact_cache" if ctx.cache_status == "hit-exact" else "",
+                latency_ms=(time.perf_counter() - ctx.started) * 1000,
+                upstream_latency_ms=ctx.upstream_ms,
+                status=ctx.status,
+                error_type=ctx.error_type,
+                route=ctx.route,
+            )
+        )
         self._observe_metrics(ctx, usage)
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:

@@ -20,7 +20,9 @@ def _parse(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise RequestError(f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
+        raise RequestError(
+            f"request body is not valid JSON: {exc.msg}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", code="invalid_json")
     return body
@@ -35,8 +37,9 @@ def _validate(endpoint: str, body: dict[str, Any]) -> str:
         if not isinstance(messages, list) or not messages:
             raise RequestError("'messages' must be a non-empty array", code="invalid_messages")
         if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise RequestError("each message must be an object with a 'role'",
-                               code="invalid_messages")
+            raise RequestError(
+                "each message must be an object with a 'role'", code="invalid_messages"
+            )
     elif "input" not in body:
         raise RequestError("'input' is required", code="missing_input")
     return model
@@ -65,7 +68,8 @@ class Attribute:
         ctx.body = body = _parse(ctx.raw_body)
         ctx.requested_model = _validate(ctx.endpoint, body)
         h = ctx.headers
-        meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+        meta = body.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
         ctx.feature = h.get("x-skinflint-feature") or str(meta.get("feature", ""))
         user = body.get("user")
         ctx.user = h.get("x-skinflint-user") or (user if isinstance(user, str) else "")
@@ -73,8 +77,9 @@ class Attribute:
         ctx.tags = tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ()
         mode = h.get("x-skinflint-cache", "default").strip().lower()
         if mode not in _CACHE_MODES:
-            raise RequestError(f"x-skinflint-cache must be one of {sorted(_CACHE_MODES)}",
-                               code="invalid_header")
+            raise RequestError(
+                f"x-skinflint-cache must be one of {sorted(_CACHE_MODES)}", code="invalid_header"
+            )
         ctx.cache_mode = mode
         ctx.task = h.get("x-skinflint-task", "")
         ctx.stream = body.get("stream") is True

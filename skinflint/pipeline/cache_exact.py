@@ -64,8 +64,9 @@ class ExactCache:
         try:
             return self._policies[feature, model]
         except KeyError:
-            found = _merge(self.config, self.config.routes.get(model),
-                           self.config.features.get(feature))
+            found = _merge(
+                self.config, self.config.routes.get(model), self.config.features.get(feature)
+            )
             self._policies[feature, model] = found
             return found
 
@@ -92,7 +93,9 @@ class ExactCache:
         if not self._eligible(ctx, policy):
             ctx.cache_status = "bypass"
             return await next(ctx)
-        digest = request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
+        digest = (
+            request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
+        )
         ctx.cache_key = scoped_key(self._scope(ctx), digest)
         ctx.cache_writable, ctx.cache_ttl = True, policy.ttl_seconds
         if ctx.cache_mode != "refresh":

@@ -42,11 +42,14 @@ class RetryPolicy:
 
 
 def _falls_back(error: UpstreamError) -> bool:
-    return error.retryable or (isinstance(error, UpstreamStatusError)
-                               and error.status in _FALLBACK_STATUSES)
+    return error.retryable or (
+        isinstance(error, UpstreamStatusError) and error.status in _FALLBACK_STATUSES
+    )
 
 
-async def _prepend(first: StreamChunk, rest: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+async def _prepend(
+    first: StreamChunk, rest: AsyncIterator[StreamChunk]
+) -> AsyncIterator[StreamChunk]:
     yield first
     async for chunk in rest:
         yield chunk
@@ -56,8 +59,12 @@ class CallProvider:
     name = "call_provider"
     enabled = True
 
-    def __init__(self, providers: Mapping[str, Provider], policies: Mapping[str, RetryPolicy],
-                 metrics: Metrics) -> None:
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        policies: Mapping[str, RetryPolicy],
+        metrics: Metrics,
+    ) -> None:
         self._providers = providers
         self._policies = policies
         self._metrics = metrics
@@ -77,8 +84,10 @@ class CallProvider:
         body = {**ctx.body, "model": target.provider_model}
         if ctx.stream:  # ask for usage even if the client did not: the ledger needs it
             opts = body.get("stream_options")
-            body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
-                                      "include_usage": True}
+            body["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
         return UpstreamRequest(target.provider_model, body, timeout)
 
     async def _try_target(self, ctx: RequestContext, target: Target) -> Reply:
@@ -93,8 +102,11 @@ class CallProvider:
                 return await self._send(ctx, provider, request)
             except UpstreamError as exc:
                 self._metrics.upstream_errors.labels(provider.name, exc.error_type).inc()
-                wait = policy.delay(attempt, getattr(exc, "retry_after", None)) \
-                    if exc.retryable else None
+                wait = (
+                    policy.delay(attempt, getattr(exc, "retry_after", None))
+                    if exc.retryable
+                    else None
+                )
                 if wait is None:
                     raise
                 ctx.errors.append(exc)
@@ -104,7 +116,9 @@ class CallProvider:
             await asyncio.sleep(wait)
             attempt += 1
 
-    async def _send(self, ctx: RequestContext, provider: Provider, request: UpstreamRequest) -> Reply:
+    async def _send(
+        self, ctx: RequestContext, provider: Provider, request: UpstreamRequest
+    ) -> Reply:
         if ctx.endpoint == "embeddings":
             done = await provider.embed(request)
             return Reply(body=done.body, raw=done.raw)
@@ -115,6 +129,7 @@ class CallProvider:
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
-            raise UpstreamProtocolError(f"{provider.name}: empty stream",
-                                        provider=provider.name) from None
+            raise UpstreamProtocolError(
+                f"{provider.name}: empty stream", provider=provider.name
+            ) from None
         return Reply(chunks=_prepend(first, chunks))

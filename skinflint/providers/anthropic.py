@@ -13,7 +13,7 @@ object. OpenAI sampling knobs Anthropic lacks (``seed``, penalties, ``logit_bias
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -64,7 +64,8 @@ def to_anthropic(body: JSON, model: str, default_max_tokens: int) -> JSON:
     """The Messages API body for the OpenAI chat-completions ``body``; ``body`` is not modified.
 
     Raises :class:`UpstreamStatusError` (400) for anything Anthropic cannot express."""
-    if (body.get("n") or 1) > 1:
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
         raise _invalid("n > 1 is not supported", code="unsupported_parameter")
     system, messages = _messages(body.get("messages") or [])
     system = "\n\n".join(s for s in (system, _format_instruction(body.get("response_format"))) if s)
@@ -116,7 +117,7 @@ def _tooling(body: JSON) -> JSON:
     out: JSON = {"tools": [_tool(t) for t in tools]}
     choice = _tool_choice(body.get("tool_choice"))
     if body.get("parallel_tool_calls") is False and choice.get("type") != "none":
-        choice["disable_parallel_tool_use"] = True
+        choice = {"type": "auto", **choice, "disable_parallel_tool_use": True}
     if choice:
         out["tool_choice"] = choice
     return out
@@ -255,7 +256,8 @@ def usage_from_anthropic(usage: JSON | None) -> JSON:
     OpenAI's ``prompt_tokens`` includes both."""
     u = usage or {}
     cached = int(u.get("cache_read_input_tokens") or 0)
-    prompt = int(u.get("input_tokens") or 0) + cached + int(u.get("cache_creation_input_tokens") or 0)
+    written = int(u.get("cache_creation_input_tokens") or 0)
+    prompt = int(u.get("input_tokens") or 0) + cached + written
     completion = int(u.get("output_tokens") or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
@@ -367,7 +369,7 @@ class _StreamTranslator:
 
 
 async def chunks_from_sse(lines: AsyncIterable[bytes], model: str, *,
-                          provider: str = "anthropic") -> AsyncIterator[StreamChunk]:
+                          provider: str = "anthropic") -> AsyncGenerator[StreamChunk, None]:
     """Translate Anthropic SSE ``lines`` into OpenAI chunks, ending with one usage chunk
     (``choices: []``). Stops reading at ``message_stop``; raises
     :class:`UpstreamProtocolError` if the lines end before it or carry unreadable JSON, and

@@ -3,7 +3,6 @@ reading of vendor error responses."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,10 +23,15 @@ __all__ = ["new_session", "retry_after_seconds", "status_error", "translate_erro
 
 def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:
     """The pooled client every HTTP provider shares (keep-alive, no per-host cap)."""
-    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300,
-                                     enable_cleanup_closed=True)
-    return aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode(),
-                                 auto_decompress=True, trust_env=False)
+    connector = aiohttp.TCPConnector(
+        limit=limit, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        json_serialize=lambda o: orjson.dumps(o).decode(),
+        auto_decompress=True,
+        trust_env=False,
+    )
 
 
 @contextmanager
@@ -37,17 +41,20 @@ def translate_errors(provider: str) -> Iterator[None]:
         yield
     except UpstreamError:
         raise
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+    except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeoutError(f"{provider}: upstream timed out", provider=provider) from None
     except aiohttp.ClientPayloadError:
-        raise UpstreamProtocolError(f"{provider}: upstream cut the response short",
-                                    provider=provider, code="upstream_cut") from None
+        raise UpstreamProtocolError(
+            f"{provider}: upstream cut the response short", provider=provider, code="upstream_cut"
+        ) from None
     except (aiohttp.ClientConnectionError, OSError) as exc:
         raise UpstreamConnectionError(
             f"{provider}: cannot reach upstream ({type(exc).__name__})", provider=provider
         ) from None
     except aiohttp.ClientError as exc:
-        raise UpstreamProtocolError(f"{provider}: {type(exc).__name__}", provider=provider) from None
+        raise UpstreamProtocolError(
+            f"{provider}: {type(exc).__name__}", provider=provider
+        ) from None
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -59,7 +66,9 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None  # an HTTP date: rare from LLM APIs, and backoff applies anyway
 
 
-def status_error(provider: str, status: int, raw: bytes, retry_after: str | None) -> UpstreamStatusError:
+def status_error(
+    provider: str, status: int, raw: bytes, retry_after: str | None
+) -> UpstreamStatusError:
     """An error status from the vendor, with the vendor's message when it sent one."""
     message, etype, code = f"upstream returned HTTP {status}", None, None
     try:
@@ -73,6 +82,11 @@ def status_error(provider: str, status: int, raw: bytes, retry_after: str | None
             message = err
     except orjson.JSONDecodeError:
         pass
-    return UpstreamStatusError(status, f"{provider}: {message}", provider=provider,
-                               error_type=etype, code=code,
-                               retry_after=retry_after_seconds(retry_after))
+    return UpstreamStatusError(
+        status,
+        f"{provider}: {message}",
+        provider=provider,
+        error_type=etype,
+        code=code,
+        retry_after=retry_after_seconds(retry_after),
+    )

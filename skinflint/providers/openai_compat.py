@@ -16,8 +16,16 @@ __all__ = ["OpenAICompatProvider"]
 
 
 class OpenAICompatProvider:
-    def __init__(self, name: str, *, base_url: str, api_key: str, session: aiohttp.ClientSession,
-                 headers: dict[str, str] | None = None, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str,
+        session: aiohttp.ClientSession,
+        headers: dict[str, str] | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
         self.name = name
         self._base = base_url.rstrip("/")
         self._session = session
@@ -34,7 +42,8 @@ class OpenAICompatProvider:
     async def _post(self, path: str, request: UpstreamRequest) -> Completion:
         with translate_errors(self.name):
             async with self._session.post(
-                self._base + path, data=orjson.dumps(request.body),
+                self._base + path,
+                data=orjson.dumps(request.body),
                 headers={**self._headers, **request.headers} if request.headers else self._headers,
                 timeout=self._timeout(request, streaming=False),
             ) as resp:
@@ -44,11 +53,17 @@ class OpenAICompatProvider:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(f"{self.name}: upstream sent invalid JSON",
-                                        provider=self.name, code="upstream_bad_json") from None
+            raise UpstreamProtocolError(
+                f"{self.name}: upstream sent invalid JSON",
+                provider=self.name,
+                code="upstream_bad_json",
+            ) from None
         if not isinstance(body, dict):
-            raise UpstreamProtocolError(f"{self.name}: upstream sent a non-object",
-                                        provider=self.name, code="upstream_bad_json")
+            raise UpstreamProtocolError(
+                f"{self.name}: upstream sent a non-object",
+                provider=self.name,
+                code="upstream_bad_json",
+            )
         return Completion(body=body, raw=raw)
 
     async def complete(self, request: UpstreamRequest) -> Completion:
@@ -60,8 +75,10 @@ class OpenAICompatProvider:
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamChunk]:
         with translate_errors(self.name):
             async with self._session.post(
-                self._base + "/chat/completions", data=orjson.dumps(request.body),
-                headers=self._headers, timeout=self._timeout(request, streaming=True),
+                self._base + "/chat/completions",
+                data=orjson.dumps(request.body),
+                headers=self._headers,
+                timeout=self._timeout(request, streaming=True),
             ) as resp:
                 if resp.status >= 400:
                     raw = await resp.read()
@@ -73,19 +90,26 @@ class OpenAICompatProvider:
                     if payload == b"[DONE]":
                         return
                     yield self._chunk(payload)
-        raise UpstreamProtocolError(f"{self.name}: stream ended before [DONE]",
-                                    provider=self.name, code="upstream_cut")
+        raise UpstreamProtocolError(
+            f"{self.name}: stream ended before [DONE]", provider=self.name, code="upstream_cut"
+        )
 
     def _chunk(self, payload: bytes) -> StreamChunk:
         try:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(f"{self.name}: upstream sent an invalid stream chunk",
-                                        provider=self.name, code="upstream_bad_json") from None
+            raise UpstreamProtocolError(
+                f"{self.name}: upstream sent an invalid stream chunk",
+                provider=self.name,
+                code="upstream_bad_json",
+            ) from None
         if isinstance(data, dict) and "error" in data and "choices" not in data:
             err = data["error"] if isinstance(data["error"], dict) else {"message": data["error"]}
-            raise UpstreamProtocolError(f"{self.name}: {err.get('message', 'stream error')}",
-                                        provider=self.name, code="upstream_stream_error")
+            raise UpstreamProtocolError(
+                f"{self.name}: {err.get('message', 'stream error')}",
+                provider=self.name,
+                code="upstream_stream_error",
+            )
         return StreamChunk(data=data, raw=payload)
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from skinflint.config import Settings, hash_key
 from skinflint.errors import AuthenticationError, BodyTooLargeError, RequestError, SkinflintError
 from skinflint.gateway import Gateway
 from skinflint.pipeline import Reply, RequestContext
-from skinflint.server.responses import Responder, error_body, skinflint_headers
+from skinflint.server.responses import Responder, skinflint_headers
 
 __all__ = ["App"]
 
@@ -87,8 +87,10 @@ class App:
         out = Responder(send)
         if handler is None:
             status = 405 if any(p == scope["path"] for _, p in _ROUTES) else 404
-            await out.error(RequestError(f"no route for {scope['method']} {scope['path']}",
-                                         code="not_found"), status=status)
+            await out.error(
+                RequestError(f"no route for {scope['method']} {scope['path']}", code="not_found"),
+                status=status,
+            )
             return
         task = asyncio.current_task()
         assert task is not None
@@ -134,7 +136,9 @@ class App:
     async def embeddings(self, scope: Scope, receive: Receive, out: Responder) -> None:
         await self._pipeline("embeddings", scope, receive, out)
 
-    async def _pipeline(self, endpoint: str, scope: Scope, receive: Receive, out: Responder) -> None:
+    async def _pipeline(
+        self, endpoint: str, scope: Scope, receive: Receive, out: Responder
+    ) -> None:
         assert self.gateway is not None
         headers = _headers(scope)
         limit = self.settings.server.max_body_bytes
@@ -170,8 +174,11 @@ class App:
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None
         self._require_admin(_headers(scope))
-        await out.send_bytes(self.gateway.metrics.render(), 200,
-                             [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        await out.send_bytes(
+            self.gateway.metrics.render(),
+            200,
+            [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+        )
 
     async def invalidate(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None

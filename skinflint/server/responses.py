@@ -16,8 +16,11 @@ __all__ = ["Responder", "error_body", "skinflint_headers"]
 
 Headers = list[tuple[bytes, bytes]]
 _JSON = (b"content-type", b"application/json")
-_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-        (b"x-accel-buffering", b"no")]
+_SSE = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 def _usd(value: float | None) -> bytes:
@@ -54,18 +57,24 @@ class Responder:
         self.body_read = asyncio.Event()
         self.request_id = ""
 
-    async def send_bytes(self, body: bytes, status: int = 200, headers: Headers | None = None) -> None:
+    async def send_bytes(
+        self, body: bytes, status: int = 200, headers: Headers | None = None
+    ) -> None:
         self.started = True
-        await self._send({"type": "http.response.start", "status": status,
-                          "headers": headers or [_JSON]})
+        await self._send(
+            {"type": "http.response.start", "status": status, "headers": headers or [_JSON]}
+        )
         self.finished = True
         await self._send({"type": "http.response.body", "body": body})
 
     async def json(self, body: bytes, status: int = 200, headers: Headers | None = None) -> None:
-        await self.send_bytes(body, status, [_JSON, *(headers or ())])
+        await self.send_bytes(
+            body, status, [_JSON, (b"content-length", str(len(body)).encode()), *(headers or ())]
+        )
 
-    async def error(self, exc: SkinflintError, *, status: int | None = None,
-                    headers: Headers | None = None) -> None:
+    async def error(
+        self, exc: SkinflintError, *, status: int | None = None, headers: Headers | None = None
+    ) -> None:
         if self.started:
             return  # the stream's error event has been written already
         extra = list(headers or ())
@@ -82,8 +91,13 @@ class Responder:
         try:
             async for chunk in chunks:
                 payload = chunk.raw if chunk.raw is not None else orjson.dumps(chunk.data)
-                await send({"type": "http.response.body", "body": b"data: " + payload + b"\n\n",
-                            "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + payload + b"\n\n",
+                        "more_body": True,
+                    }
+                )
             tail = b"data: [DONE]\n\n"
         except SkinflintError as exc:
             tail = b"data: " + error_body(exc) + b"\n\n"

@@ -19,10 +19,20 @@ def create_app() -> App:
 def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None:
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    common: dict[str, object] = dict(host=host, port=port, loop="uvloop", http="httptools",
-                                     lifespan="on", access_log=False, log_level="warning",
-                                     timeout_graceful_shutdown=30, server_header=False)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    common: dict[str, object] = dict(
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
     if workers > 1:
         uvicorn.run("skinflint.server.run:create_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
     else:
@@ -47,11 +57,21 @@ class BackgroundServer:
         self.port: int = self._sock.getsockname()[1]
         self.root_url = f"http://{host}:{self.port}"
         self.base_url = self.root_url + "/v1"
-        config = uvicorn.Config(self.app, loop="uvloop", http="httptools", lifespan="on",
-                                access_log=False, log_level="warning")
+        config = uvicorn.Config(
+            self.app,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="skinflint-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name="skinflint-server",
+            daemon=True,
+        )
 
     def __enter__(self) -> BackgroundServer:
         import time

@@ -8,6 +8,7 @@ thread, so the event loop never touches the disk.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import sqlite3
 import threading
@@ -101,8 +102,14 @@ class TieredCacheStore:
 
     ``max_entries`` bounds the disk table (oldest writes evicted first)."""
 
-    def __init__(self, path: str, *, memory_entries: int = 10_000, max_entries: int = 200_000,
-                 flush_interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        memory_entries: int = 10_000,
+        max_entries: int = 200_000,
+        flush_interval: float = 0.1,
+    ) -> None:
         self.path = path
         self.memory = MemoryCacheStore(memory_entries)
         self.max_entries = max_entries
@@ -154,24 +161,32 @@ class TieredCacheStore:
         self._on_disk.difference_update(keys)
         return max(dropped, len(keys))
 
-    def _drop_tags_on_disk(self, tags: list[str]) -> set[str]:
+    def _drop_tags_on_disk(self, tags: list[str]) -> builtins.set[str]:
         self.flush()
         marks = ", ".join("?" for _ in tags)
         with self._lock, self._conn:
-            keys = {r[0] for r in self._conn.execute(
-                f"SELECT key FROM cache_tags WHERE tag IN ({marks})", tags)}
+            keys = {
+                r[0]
+                for r in self._conn.execute(
+                    f"SELECT key FROM cache_tags WHERE tag IN ({marks})", tags
+                )
+            }
             self._delete(keys)
         return keys
 
-    def _delete(self, keys: set[str]) -> None:
+    def _delete(self, keys: builtins.set[str]) -> None:
         for key in keys:
             self._conn.execute("DELETE FROM cache_entries WHERE key = ?", (key,))
             self._conn.execute("DELETE FROM cache_tags WHERE key = ?", (key,))
 
     async def stats(self) -> dict[str, int]:
         mem = await self.memory.stats()
-        return {"entries": len(self._on_disk), "memory_entries": mem["entries"],
-                "evictions": mem["evictions"], "disk_reads": self.disk_reads}
+        return {
+            "entries": len(self._on_disk),
+            "memory_entries": mem["entries"],
+            "evictions": mem["evictions"],
+            "disk_reads": self.disk_reads,
+        }
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -194,13 +209,19 @@ class TieredCacheStore:
         for e in batch:
             self._conn.execute(
                 "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?, ?, strftime('%s','now'))",
-                (e.key, e.value, e.expires_at, "\n".join(e.tags)))
-            self._conn.executemany("INSERT OR IGNORE INTO cache_tags VALUES (?, ?)",
-                                   [(t, e.key) for t in e.tags])
+                (e.key, e.value, e.expires_at, "\n".join(e.tags)),
+            )
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO cache_tags VALUES (?, ?)", [(t, e.key) for t in e.tags]
+            )
         excess = len(self._on_disk) - self.max_entries
         if excess > 0:
-            old = {r[0] for r in self._conn.execute(
-                "SELECT key FROM cache_entries ORDER BY written_at, rowid LIMIT ?", (excess,))}
+            old = {
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT key FROM cache_entries ORDER BY written_at, rowid LIMIT ?", (excess,)
+                )
+            }
             self._delete(old)
             self._on_disk.difference_update(old)
 
