@@ -304,6 +304,13 @@ def system_busy_seconds() -> float:
     return (sum(values) - idle) / CLK_TCK
 
 
+def background_cpu_pct(seconds: float = 1.0) -> float:
+    """Busy CPU of the whole machine over a short idle interval, in % of one core."""
+    before = system_busy_seconds()
+    time.sleep(seconds)
+    return (system_busy_seconds() - before) * 100.0 / seconds
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -780,6 +787,7 @@ def machine_info(wrk: str) -> dict[str, Any]:
         "mem_gb": round(mem_gb, 1),
         "python": platform.python_version(),
         "load_generator": wrk_version,
+        "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
     }
 
 
@@ -907,6 +915,7 @@ def print_report(
         "CPU ms/req",
         "upstream/req",
         "errors",
+        "other CPU %",
     ]
     rows = [
         [
@@ -920,6 +929,7 @@ def print_report(
             _fmt(p.cpu_ms_per_req, 3),
             _fmt(p.upstream_calls_per_req, 2),
             str(p.errors),
+            f"{p.background_cpu_pct:.0f}",
         ]
         for p in phases
     ]
@@ -1058,6 +1068,12 @@ def run(args: argparse.Namespace) -> int:
         f"targets {['direct', *[t for t in args.targets if t != 'direct']]}, "
         f"hard limit {hard_limit} s"
     )
+    idle_check = background_cpu_pct()
+    if idle_check > 25.0:
+        log(
+            f"warning: other processes use {idle_check:.0f}% of a core before the run; "
+            "figures will be noisy (see the 'other CPU %' column)"
+        )
     work = Path(tempfile.mkdtemp(prefix="skinflint-bench-"))
     log_dir = work / "logs"
     log_dir.mkdir()
@@ -1144,7 +1160,7 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     if child:
                         stop(child)
-    except HardTimeout as exc:
+    except (HardTimeout, BenchError) as exc:
         errors.append(str(exc))
         log(f"error: {exc}; reporting what was measured")
     finally:
@@ -1177,6 +1193,7 @@ def run(args: argparse.Namespace) -> int:
             "upstream": "bench/mock_upstream.py (uvicorn + uvloop + httptools, 640-byte answer)",
             "delay_run": {"upstream_delay_ms": DELAY_MS, "concurrency": DELAY_CONCURRENCY},
         },
+        "other_cpu_pct_before_run": round(idle_check, 1),
         "start_to_healthy_s": start_s,
         "rss_mb_after_load": rss,
         "answer_checks": checks,

@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -638,151 +639,200 @@ def _f(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def _cols(rows: list[dict[str, Any]], columns: list[Column]) -> str:
+    return _table([c[0] for c in columns], [[fmt(r) for _, fmt in columns] for r in rows])
+
+
+def _num(key: str, digits: int = 0) -> Callable[[dict[str, Any]], str]:
+    return lambda r: _f(r[key], digits)
+
+
+def _txt(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: str(r[key])
+
+
 def report(result: dict[str, Any]) -> str:
-    parts = [
-        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
-        f"load: {result['load_generator']}; {result['duration_s']:g} s per server run",
-        "",
-        "ASGI server, minimal raw app (1 KB JSON POST in, ~600 B JSON out):",
-        _table(
-            ["server", "conc", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU %", "errors"],
-            [
-                [
-                    r["server"],
-                    str(r["conc"]),
-                    _f(r["rps"]),
-                    _f(r["p50_ms"], 3),
-                    _f(r["p99_ms"], 3),
-                    _f(r["cpu_us_per_req"], 1),
-                    _f(r["cpu_pct"]),
-                    str(r["errors"]),
-                ]
-                for r in result["servers"]
-            ],
-        ),
-        "",
-        "Upstream client under uvloop -> uvicorn+httptools (best of "
-        f"{result['client_rounds']} rounds by CPU):",
-        _table(
-            [
-                "client",
-                "conc",
-                "requests",
-                "req/s",
-                "client CPU µs/req",
-                "p50 ms",
-                "p99 ms",
-                "errors",
-            ],
-            [
-                [
-                    r["client"],
-                    str(r["conc"]),
-                    str(r["requests"]),
-                    _f(r["rps"]),
-                    _f(r["cpu_us_per_req"], 1),
-                    _f(r["p50_ms"], 3),
-                    _f(r["p99_ms"], 3),
-                    str(r["errors"]),
-                ]
-                for r in result["clients"]
-            ],
-        ),
-        "",
-        f"JSON, µs per op (request {len(REQUEST_BODY)} B, response {len(RESPONSE_BODY)} B, "
-        "dumps to bytes):",
-        _table(
-            ["library", "req loads", "req dumps", "resp loads", "resp dumps", "sum"],
-            [
-                [
-                    r["library"],
-                    _f(r["request_loads_us"], 2),
-                    _f(r["request_dumps_us"], 2),
-                    _f(r["response_loads_us"], 2),
-                    _f(r["response_dumps_us"], 2),
-                    _f(r["total_us"], 2),
-                ]
-                for r in result["json"]
-            ],
-        ),
+    rounds = result["rounds"]
+    server_cols: list[Column] = [
+        ("server", _txt("server")),
+        ("conc", _txt("conc")),
+        ("req/s", _num("rps")),
+        ("p50 ms", _num("p50_ms", 3)),
+        ("p99 ms", _num("p99_ms", 3)),
+        ("CPU µs/req", _num("cpu_us_per_req", 1)),
+        ("(median)", _num("cpu_us_per_req_median", 1)),
+        ("server CPU %", _num("cpu_pct")),
+        ("other load %", _num("other_cpu_pct")),
+        ("errors", _txt("errors")),
     ]
-    return "\n".join(parts)
+    client_cols: list[Column] = [
+        ("client", _txt("client")),
+        ("conc", _txt("conc")),
+        ("requests", _txt("requests")),
+        ("req/s", _num("rps")),
+        ("client CPU µs/req", _num("cpu_us_per_req", 1)),
+        ("(median)", _num("cpu_us_per_req_median", 1)),
+        ("p50 ms", _num("p50_ms", 3)),
+        ("p99 ms", _num("p99_ms", 3)),
+        ("other load %", _num("other_cpu_pct")),
+        ("errors", _txt("errors")),
+    ]
+    json_cols: list[Column] = [
+        ("library", _txt("library")),
+        ("req loads", _num("request_loads_us", 2)),
+        ("req dumps", _num("request_dumps_us", 2)),
+        ("resp loads", _num("response_loads_us", 2)),
+        ("resp dumps", _num("response_dumps_us", 2)),
+        ("sum", _num("total_us", 2)),
+    ]
+    return "\n".join(
+        [
+            f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
+            f"load generator: {result['load_generator']}; {result['duration_s']:g} s per run; "
+            f"best of {rounds} rounds by CPU/req (median beside it)",
+            "",
+            f"ASGI servers, raw app ({result['request_bytes']} B JSON POST in, "
+            f"{result['response_bytes']} B JSON out), CPU = server process tree:",
+            _cols(result["servers"], server_cols),
+            "",
+            "Upstream clients under uvloop -> uvicorn+httptools, CPU = client process:",
+            _cols(result["clients"], client_cols),
+            "",
+            "JSON, µs per op (timeit, best of 5; dumps produce bytes):",
+            _cols(result["json"], json_cols),
+        ]
+    )
+
+
+def _system_busy_seconds() -> float:
+    """CPU time spent busy by the whole machine (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLK_TCK
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_server(
+    kind: str, pid: int, port: int, conc: int, duration: float, script: Path | None
+) -> dict[str, Any]:
+    """One measured load run against a running server (after a 1 s unmeasured warm-up)."""
+    if script is not None:
+        run_wrk(port, conc, 1, script)
+    busy0, load0, cpu0 = _system_busy_seconds(), _children_cpu_seconds(), tree_cpu_seconds(pid)
+    if script is not None:
+        load = run_wrk(port, conc, duration, script)
+    else:
+        load = run_python_load(port, conc, duration)
+    cpu = tree_cpu_seconds(pid) - cpu0
+    loadgen = _children_cpu_seconds() - load0
+    other = max(0.0, _system_busy_seconds() - busy0 - cpu - loadgen)
+    return {
+        "server": kind,
+        "conc": conc,
+        "rps": load["requests"] / load["wall_s"],
+        "requests": load["requests"],
+        "p50_ms": load["p50_ms"],
+        "p99_ms": load["p99_ms"],
+        "errors": load["errors"],
+        "cpu_s": cpu,
+        "cpu_us_per_req": cpu / load["requests"] * 1e6,
+        "cpu_pct": cpu / load["wall_s"] * 100,
+        "loadgen_cpu_pct": loadgen / load["wall_s"] * 100,
+        "other_cpu_pct": other / load["wall_s"] * 100,
+    }
+
+
+def measure_client(kind: str, srv_pid: int, port: int, conc: int, n: int, seconds: float) -> Any:
+    busy0, cli0, srv0 = _system_busy_seconds(), _children_cpu_seconds(), tree_cpu_seconds(srv_pid)
+    wall0 = time.perf_counter()
+    res = run_client(kind, port, conc, n, seconds)
+    wall = time.perf_counter() - wall0
+    srv = tree_cpu_seconds(srv_pid) - srv0
+    cli = _children_cpu_seconds() - cli0  # whole client process, start-up included
+    res["other_cpu_pct"] = max(0.0, _system_busy_seconds() - busy0 - srv - cli) / wall * 100
+    return res
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the lowest CPU per request, plus the median over all rounds."""
+    best = dict(min(runs, key=lambda r: r["cpu_us_per_req"]))
+    best["cpu_us_per_req_median"] = statistics.median(r["cpu_us_per_req"] for r in runs)
+    best["rounds"] = len(runs)
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per server run")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every measurement")
     parser.add_argument(
         "--client-requests",
         type=int,
         default=10_000,
         help="requests per client run at concurrency 32 (1/3 of it at 1)",
     )
-    parser.add_argument("--client-seconds", type=float, default=5.0, help="time cap per client run")
-    parser.add_argument("--client-rounds", type=int, default=2)
+    parser.add_argument("--client-seconds", type=float, default=4.0, help="time cap per client run")
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--no-write", action="store_true", help="do not append to results")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    loadavg_start = os.getloadavg()
+    kinds = args.servers.split(",")
+    concs = (1, 32)
 
     use_wrk = shutil.which("wrk") is not None
     script = _wrk_script() if use_wrk else None
-    servers: list[dict[str, Any]] = []
+    server_runs: list[dict[str, Any]] = []
     try:
-        for kind in args.servers.split(","):
-            with running_server(kind) as (pid, port):
-                for conc in (1, 32):
-                    # warm-up (not measured): JIT-free, but fills pools, caches and buffers
-                    if script is not None:
-                        run_wrk(port, conc, 1, script)
-                    cpu0 = tree_cpu_seconds(pid)
-                    if script is not None:
-                        load = run_wrk(port, conc, args.duration, script)
-                    else:
-                        load = run_python_load(port, conc, args.duration)
-                    cpu = tree_cpu_seconds(pid) - cpu0
-                    row = {
-                        "server": kind,
-                        "conc": conc,
-                        "rps": load["requests"] / load["wall_s"],
-                        "requests": load["requests"],
-                        "p50_ms": load["p50_ms"],
-                        "p99_ms": load["p99_ms"],
-                        "errors": load["errors"],
-                        "cpu_s": cpu,
-                        "cpu_us_per_req": cpu / load["requests"] * 1e6,
-                        "cpu_pct": cpu / load["wall_s"] * 100,
-                    }
-                    servers.append(row)
-                    print(
-                        f"  server {kind:18} c={conc:<3} {row['rps']:8.0f} req/s "
-                        f"{row['cpu_us_per_req']:7.1f} CPU µs/req",
-                        file=sys.stderr,
-                    )
+        for rnd in range(args.rounds):
+            # rotate the order so that no server always runs first or last
+            for kind in kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]:
+                with running_server(kind) as (pid, port):
+                    for conc in concs:
+                        row = measure_server(kind, pid, port, conc, args.duration, script)
+                        server_runs.append({**row, "round": rnd})
+                        print(
+                            f"  round {rnd} server {kind:18} c={conc:<3} {row['rps']:8.0f} req/s"
+                            f" {row['cpu_us_per_req']:7.1f} CPU µs/req"
+                            f" (other load {row['other_cpu_pct']:.0f}%)",
+                            file=sys.stderr,
+                        )
     finally:
         if script is not None:
             script.unlink()
+    servers = [
+        _best([r for r in server_runs if r["server"] == kind and r["conc"] == conc])
+        for kind in kinds
+        for conc in concs
+    ]
 
+    client_kinds = ("aiohttp", "httpx")
     client_runs: list[dict[str, Any]] = []
-    with running_server("uvicorn-httptools") as (_, port):
-        for rnd in range(args.client_rounds):
-            for conc in (1, 32):
-                for kind in ("aiohttp", "httpx"):
+    with running_server("uvicorn-httptools") as (srv_pid, port):
+        for rnd in range(args.rounds):
+            for conc in concs:
+                for kind in client_kinds if rnd % 2 == 0 else client_kinds[::-1]:
                     n = args.client_requests if conc > 1 else args.client_requests // 3
-                    res = run_client(kind, port, conc, n, args.client_seconds)
+                    res = measure_client(kind, srv_pid, port, conc, n, args.client_seconds)
                     client_runs.append({"client": kind, "conc": conc, "round": rnd, **res})
                     print(
-                        f"  client {kind:8} c={conc:<3} round {rnd} {res['rps']:8.0f} req/s "
-                        f"{res['cpu_us_per_req']:7.1f} CPU µs/req",
+                        f"  round {rnd} client {kind:8} c={conc:<3} {res['rps']:8.0f} req/s"
+                        f" {res['cpu_us_per_req']:7.1f} CPU µs/req"
+                        f" (other load {res['other_cpu_pct']:.0f}%)",
                         file=sys.stderr,
                     )
-    clients = []
-    for conc in (1, 32):
-        for kind in ("aiohttp", "httpx"):
-            runs = [r for r in client_runs if r["client"] == kind and r["conc"] == conc]
-            best = dict(min(runs, key=lambda r: r["cpu_us_per_req"]))
-            best["cpu_us_per_req_median"] = statistics.median(r["cpu_us_per_req"] for r in runs)
-            clients.append(best)
+    clients = [
+        _best([r for r in client_runs if r["client"] == kind and r["conc"] == conc])
+        for conc in concs
+        for kind in client_kinds
+    ]
 
     json_rows = bench_json()
 
@@ -792,13 +842,15 @@ def main(argv: list[str] | None = None) -> None:
         "versions": _versions(),
         "load_generator": "wrk -t1 (lua POST)" if use_wrk else "python aiohttp loop",
         "duration_s": args.duration,
-        "client_rounds": args.client_rounds,
+        "rounds": args.rounds,
+        "loadavg_start": loadavg_start,
         "request_bytes": len(REQUEST_BODY),
         "response_bytes": len(RESPONSE_BODY),
         "servers": servers,
         "clients": clients,
-        "client_runs": client_runs,
         "json": json_rows,
+        "server_runs": server_runs,
+        "client_runs": client_runs,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(report(result))

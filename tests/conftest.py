@@ -11,10 +11,10 @@ from typing import Any
 
 import openai
 import pytest
-from tests.fake_upstream import FakeUpstream
 
 from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
+from tests.fake_upstream import FakeUpstream
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -125,3 +125,4 @@ def ledger_rows(db: Path, *, expect: int | None = None, wait: float = 3.0) -> li
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NO_COLOR", "1")
+    os.environ["COLUMNS"] = "200"

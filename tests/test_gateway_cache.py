@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from tests.fake_upstream import FakeUpstream
 
 from skinflint.cachekey import NOT_OUTPUT_AFFECTING, request_hash
 from tests.conftest import GatewayFactory, ledger_rows
+from tests.fake_upstream import FakeUpstream
 
 
 def _ask(c: openai.OpenAI, content: str = "what is skinflint?", **kw: Any) -> Any:

@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from tests.fake_upstream import FakeUpstream
 
 from skinflint.server.run import BackgroundServer
 from tests.conftest import GatewayFactory, ledger_rows
+from tests.fake_upstream import FakeUpstream
 
 MSG = [{"role": "user", "content": "hello"}]
 

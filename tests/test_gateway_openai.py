@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from tests.fake_upstream import FakeUpstream
 
 from skinflint.pricing import PriceCatalog
 from skinflint.server.run import BackgroundServer
 from tests.conftest import ledger_rows
+from tests.fake_upstream import FakeUpstream
 
 HEADERS = (
     "x-skinflint-request-id",
