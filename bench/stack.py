@@ -719,12 +719,42 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+class QuietWaiter:
+    """Before a measured run, wait (bounded) for the rest of the machine to go quiet.
+
+    The machine may be shared; the wait samples whole-machine busy time in 0.5 s windows
+    and returns as soon as it is below ``threshold`` cores, after ``per_call`` seconds,
+    or once the total ``budget`` is spent. Residual foreign load is recorded per run.
+    """
+
+    def __init__(self, budget: float, per_call: float = 4.0, threshold: float = 0.35) -> None:
+        self.budget, self.per_call, self.threshold = budget, per_call, threshold
+        self.waited = 0.0
+
+    def __call__(self) -> None:
+        t0 = time.monotonic()
+        while self.waited < self.budget and time.monotonic() - t0 < self.per_call:
+            busy0, w0 = _system_busy_seconds(), time.monotonic()
+            time.sleep(0.5)
+            cores_busy = (_system_busy_seconds() - busy0) / (time.monotonic() - w0)
+            self.waited += time.monotonic() - w0
+            if cores_busy < self.threshold:
+                return
+
+
 def measure_server(
-    kind: str, pid: int, port: int, conc: int, duration: float, script: Path | None
+    kind: str,
+    pid: int,
+    port: int,
+    conc: int,
+    duration: float,
+    script: Path | None,
+    quiet: Callable[[], None],
 ) -> dict[str, Any]:
     """One measured load run against a running server (after a 1 s unmeasured warm-up)."""
     if script is not None:
         run_wrk(port, conc, 1, script)
+    quiet()
     busy0, load0, cpu0 = _system_busy_seconds(), _children_cpu_seconds(), tree_cpu_seconds(pid)
     if script is not None:
         load = run_wrk(port, conc, duration, script)
@@ -749,7 +779,10 @@ def measure_server(
     }
 
 
-def measure_client(kind: str, srv_pid: int, port: int, conc: int, n: int, seconds: float) -> Any:
+def measure_client(
+    kind: str, srv_pid: int, port: int, conc: int, n: int, seconds: float, quiet: Callable[[], None]
+) -> Any:
+    quiet()
     busy0, cli0, srv0 = _system_busy_seconds(), _children_cpu_seconds(), tree_cpu_seconds(srv_pid)
     wall0 = time.perf_counter()
     res = run_client(kind, port, conc, n, seconds)
@@ -780,6 +813,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--client-seconds", type=float, default=4.0, help="time cap per client run")
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="total seconds the script may wait for a quiet machine before runs",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to results")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -787,6 +826,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = args.servers.split(",")
     concs = (1, 32)
 
+    quiet = QuietWaiter(args.quiet_wait)
     use_wrk = shutil.which("wrk") is not None
     script = _wrk_script() if use_wrk else None
     server_runs: list[dict[str, Any]] = []
@@ -796,7 +836,7 @@ def main(argv: list[str] | None = None) -> None:
             for kind in kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]:
                 with running_server(kind) as (pid, port):
                     for conc in concs:
-                        row = measure_server(kind, pid, port, conc, args.duration, script)
+                        row = measure_server(kind, pid, port, conc, args.duration, script, quiet)
                         server_runs.append({**row, "round": rnd})
                         print(
                             f"  round {rnd} server {kind:18} c={conc:<3} {row['rps']:8.0f} req/s"
@@ -820,7 +860,7 @@ def main(argv: list[str] | None = None) -> None:
             for conc in concs:
                 for kind in client_kinds if rnd % 2 == 0 else client_kinds[::-1]:
                     n = args.client_requests if conc > 1 else args.client_requests // 3
-                    res = measure_client(kind, srv_pid, port, conc, n, args.client_seconds)
+                    res = measure_client(kind, srv_pid, port, conc, n, args.client_seconds, quiet)
                     client_runs.append({"client": kind, "conc": conc, "round": rnd, **res})
                     print(
                         f"  round {rnd} client {kind:8} c={conc:<3} {res['rps']:8.0f} req/s"
@@ -844,6 +884,7 @@ def main(argv: list[str] | None = None) -> None:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "loadavg_start": loadavg_start,
+        "quiet_wait_s": round(quiet.waited, 1),
         "request_bytes": len(REQUEST_BODY),
         "response_bytes": len(RESPONSE_BODY),
         "servers": servers,
