@@ -473,7 +473,6 @@ class Target:
     path: str
     auth: str
     child: Child | None  # None for the direct upstream (then the mock is measured)
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

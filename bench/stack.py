@@ -550,7 +550,7 @@ def _per_op_us(fn: Callable[[], object], repeat: int) -> float:
     return min(timer.repeat(repeat=repeat, number=number)) / number * 1e6
 
 
-def bench_json(repeat: int = 5) -> list[dict[str, Any]]:
+def bench_json(repeat: int = 9) -> list[dict[str, Any]]:
     import msgspec
 
     def std_dumps(obj: object) -> bytes:
@@ -701,7 +701,7 @@ def report(result: dict[str, Any]) -> str:
             "Upstream clients under uvloop -> uvicorn+httptools, CPU = client process:",
             _cols(result["clients"], client_cols),
             "",
-            "JSON, µs per op (timeit, best of 5; dumps produce bytes):",
+            "JSON, µs per op (timeit, best of 9 repeats; dumps produce bytes):",
             _cols(result["json"], json_cols),
         ]
     )

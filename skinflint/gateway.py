@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +139,7 @@ class Gateway:
 
     def context(self, endpoint: str, raw_body: bytes, headers: dict[str, str]) -> RequestContext:
         return RequestContext(
-            request_id=uuid.uuid4().hex,
+            request_id=os.urandom(16).hex(),
             ts=time.time(),
             started=time.perf_counter(),
             endpoint=endpoint,

@@ -92,14 +92,13 @@ class App:
                 status=status,
             )
             return
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.ensure_future(self._watch_disconnect(receive, out, task))
         try:
             await handler(self, scope, receive, out)
         except asyncio.CancelledError:
             if not out.client_gone:
                 raise
+            task = asyncio.current_task()
+            assert task is not None
             task.uncancel()  # we cancelled ourselves because the client left
         except _ClientGone:
             pass
@@ -108,13 +107,10 @@ class App:
         except Exception:  # the one outer handler: a bug must still answer the client
             log.exception("unhandled error")
             await out.error(SkinflintError("internal error"))
-        finally:
-            watcher.cancel()
 
     @staticmethod
     async def _watch_disconnect(receive: Receive, out: Responder, task: asyncio.Task[Any]) -> None:
         """Cancel the request when its client disconnects, which cancels the upstream call."""
-        await out.body_read.wait()
         message = await receive()
         if message["type"] == "http.disconnect" and not out.finished:
             out.client_gone = True
@@ -146,15 +142,18 @@ class App:
         if declared.isdigit() and int(declared) > limit:
             raise BodyTooLargeError(f"request body exceeds {limit} bytes")
         raw = await _read_body(receive, limit)
-        out.body_read.set()
         ctx = self.gateway.context(endpoint, raw, headers)
         out.request_id = ctx.request_id
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive, out, task))
         try:
             reply = await self.gateway.pipeline.handle(ctx)
+            await self._reply(ctx, reply, out)
         except SkinflintError as exc:
             await out.error(exc, headers=skinflint_headers(ctx))
-            return
-        await self._reply(ctx, reply, out)
+        finally:
+            watcher.cancel()
 
     async def _reply(self, ctx: RequestContext, reply: Reply, out: Responder) -> None:
         if reply.chunks is None:
@@ -184,7 +183,6 @@ class App:
         assert self.gateway is not None
         self._require_admin(_headers(scope))
         raw = await _read_body(receive, self.settings.server.max_body_bytes)
-        out.body_read.set()
         try:
             tags = orjson.loads(raw).get("tags")
         except (orjson.JSONDecodeError, AttributeError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -54,7 +53,6 @@ class Responder:
         self.started = False
         self.finished = False
         self.client_gone = False
-        self.body_read = asyncio.Event()
         self.request_id = ""
 
     async def send_bytes(

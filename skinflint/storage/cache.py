@@ -12,6 +12,7 @@ import builtins
 import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
@@ -206,22 +207,17 @@ class TieredCacheStore:
             log.exception("cache: failed to write %d entries to %s", len(batch), self.path)
 
     def _write(self, batch: list[CacheEntry]) -> None:
-        for e in batch:
-            self._conn.execute(
-                "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?, ?, strftime('%s','now'))",
-                (e.key, e.value, e.expires_at, "\n".join(e.tags)),
-            )
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO cache_tags VALUES (?, ?)", [(t, e.key) for t in e.tags]
-            )
+        now = time.time()
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?, ?, ?)",
+            [(e.key, e.value, e.expires_at, "\n".join(e.tags), now) for e in batch])
+        tagged = [(t, e.key) for e in batch for t in e.tags]
+        if tagged:
+            self._conn.executemany("INSERT OR IGNORE INTO cache_tags VALUES (?, ?)", tagged)
         excess = len(self._on_disk) - self.max_entries
         if excess > 0:
-            old = {
-                r[0]
-                for r in self._conn.execute(
-                    "SELECT key FROM cache_entries ORDER BY written_at, rowid LIMIT ?", (excess,)
-                )
-            }
+            old = {r[0] for r in self._conn.execute(
+                "SELECT key FROM cache_entries ORDER BY written_at, rowid LIMIT ?", (excess,))}
             self._delete(old)
             self._on_disk.difference_update(old)
 
