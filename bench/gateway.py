@@ -1193,6 +1193,7 @@ def run(args: argparse.Namespace) -> int:
             "delay_run": {"upstream_delay_ms": DELAY_MS, "concurrency": DELAY_CONCURRENCY},
         },
         "other_cpu_pct_before_run": round(idle_check, 1),
+        "other_cpu_pct_max_phase": max((p.background_cpu_pct for p in phases), default=None),
         "start_to_healthy_s": start_s,
         "rss_mb_after_load": rss,
         "answer_checks": checks,
@@ -1206,6 +1207,12 @@ def run(args: argparse.Namespace) -> int:
         with RESULTS.open("a") as out:
             out.write(json.dumps(record, separators=(",", ":")) + "\n")
         log(f"appended to {RESULTS.relative_to(ROOT)}")
+    noisy = [p for p in phases if p.background_cpu_pct > 50.0]
+    if noisy:
+        log(
+            f"warning: in {len(noisy)} of {len(phases)} phases other processes used more than "
+            "half a core; rerun on an idle machine for figures to quote"
+        )
     for error in errors:
         log(f"error: {error.splitlines()[0]}")
     return 1 if errors else 0

@@ -17,9 +17,15 @@ Three measurements, all on loopback, every load loop bounded in count and in tim
 3. JSON: orjson vs msgspec.json vs stdlib json, loads + dumps (to bytes) of a typical
    request and response, microseconds per operation (timeit, best of several repeats).
 
-Usage: ``python bench/stack.py [--duration 5] [--no-write]``. Prints markdown tables and
-appends one JSON line (figures, versions, timestamp) to ``bench/results/stack.jsonl``.
-Linux only (reads ``/proc``).
+Every measurement runs ``--rounds`` times (default 2, server order rotated); the tables
+show the round with the lowest CPU per request and the median beside it. Before each
+measured run the script waits (bounded by ``--quiet-wait`` seconds in all) for the rest
+of the machine to be idle, and it records the CPU that other processes used during each
+run ("other load", 100 % = one core), so figures taken on a busy machine show as such.
+
+Usage: ``python bench/stack.py [--duration 5] [--rounds 2] [--no-write]``. Prints
+markdown tables and appends one JSON line (figures, versions, machine, timestamp) to
+``bench/results/stack.jsonl``. Linux only (reads ``/proc``); about 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -223,10 +229,16 @@ def _serve(kind: str, port: int) -> None:
     )
 
 
+GRANIAN_FLAGS = (
+    "--interface asgi --workers 1 --runtime-threads 1 --http 1 --loop uvloop"
+    " --no-ws --no-access-log --log-level warning"
+)
+
+
 SERVERS: dict[str, str] = {
     "uvicorn-httptools": "uvicorn, --loop uvloop --http httptools",
     "uvicorn-h11": "uvicorn, --loop asyncio --http h11",
-    "granian": "granian --interface asgi --workers 1 --runtime-threads 1 --http 1 --loop uvloop",
+    "granian": "granian " + GRANIAN_FLAGS,
     "aiohttp": "aiohttp.web (uvloop), reference",
 }
 
@@ -234,30 +246,8 @@ SERVERS: dict[str, str] = {
 def _server_command(kind: str, port: int) -> list[str]:
     if kind == "granian":
         return [
-            sys.executable,
-            "-m",
-            "granian",
-            "--interface",
-            "asgi",
-            "--workers",
-            "1",
-            "--runtime-threads",
-            "1",
-            "--http",
-            "1",
-            "--loop",
-            "uvloop",
-            "--no-ws",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--working-dir",
-            str(HERE),
-            "stack:app",
+            *(sys.executable, "-m", "granian", *GRANIAN_FLAGS.split()),
+            *("--host", HOST, "--port", str(port), "--working-dir", str(HERE), "stack:app"),
         ]
     return [sys.executable, str(Path(__file__).resolve()), "serve", kind, str(port)]
 
@@ -302,6 +292,41 @@ def tree_cpu_seconds(root: int) -> float:
             total += stats[pid][1]
         todo.extend(children.get(pid, []))
     return total / _CLK_TCK
+
+
+def _system_busy_seconds() -> float:
+    """CPU time spent busy by the whole machine (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLK_TCK
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class QuietWaiter:
+    """Before a measured run, wait (bounded) for the rest of the machine to go quiet.
+
+    The machine may be shared; the wait samples whole-machine busy time in 0.5 s windows
+    and returns as soon as it is below ``threshold`` cores, after ``per_call`` seconds,
+    or once the total ``budget`` is spent. Residual foreign load is recorded per run.
+    """
+
+    def __init__(self, budget: float, per_call: float = 4.0, threshold: float = 0.35) -> None:
+        self.budget, self.per_call, self.threshold = budget, per_call, threshold
+        self.waited = 0.0
+
+    def __call__(self) -> None:
+        t0 = time.monotonic()
+        while self.waited < self.budget and time.monotonic() - t0 < self.per_call:
+            busy0, w0 = _system_busy_seconds(), time.monotonic()
+            time.sleep(0.5)
+            cores_busy = (_system_busy_seconds() - busy0) / (time.monotonic() - w0)
+            self.waited += time.monotonic() - w0
+            if cores_busy < self.threshold:
+                return
 
 
 def _post_once(port: int) -> int:
@@ -707,41 +732,6 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
-def _system_busy_seconds() -> float:
-    """CPU time spent busy by the whole machine (all cores), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / _CLK_TCK
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-class QuietWaiter:
-    """Before a measured run, wait (bounded) for the rest of the machine to go quiet.
-
-    The machine may be shared; the wait samples whole-machine busy time in 0.5 s windows
-    and returns as soon as it is below ``threshold`` cores, after ``per_call`` seconds,
-    or once the total ``budget`` is spent. Residual foreign load is recorded per run.
-    """
-
-    def __init__(self, budget: float, per_call: float = 4.0, threshold: float = 0.35) -> None:
-        self.budget, self.per_call, self.threshold = budget, per_call, threshold
-        self.waited = 0.0
-
-    def __call__(self) -> None:
-        t0 = time.monotonic()
-        while self.waited < self.budget and time.monotonic() - t0 < self.per_call:
-            busy0, w0 = _system_busy_seconds(), time.monotonic()
-            time.sleep(0.5)
-            cores_busy = (_system_busy_seconds() - busy0) / (time.monotonic() - w0)
-            self.waited += time.monotonic() - w0
-            if cores_busy < self.threshold:
-                return
-
-
 def measure_server(
     kind: str,
     pid: int,
@@ -881,6 +871,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": _machine(),
         "versions": _versions(),
         "load_generator": "wrk -t1 (lua POST)" if use_wrk else "python aiohttp loop",
+        "server_configs": SERVERS,
         "duration_s": args.duration,
         "rounds": args.rounds,
         "loadavg_start": loadavg_start,

@@ -18,8 +18,6 @@ the token counts, and prints the least-squares price fit per model.
 from __future__ import annotations
 
 import argparse
-import ast
-import csv
 import gzip
 import json
 import sys
@@ -27,62 +25,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from skinflint.recorded import read_samples
+
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("arc_challenge_train.csv", "mbpp_train.csv", "winograde_train.csv")
 MAX_BYTES = 2 * 1024 * 1024
-Row = dict[str, str]
 Sample = dict[str, Any]
-
-
-def parse_cell(cell: str) -> list[str]:
-    """A cell holding a Python list literal of strings; an empty cell is an empty list."""
-    if not cell:
-        return []
-    value = ast.literal_eval(cell)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"not a list of strings: {cell[:60]!r}")
-    return value
-
-
-def model_names(header: list[str]) -> list[str]:
-    """The recorded models, in the order of their ``|total_cost`` columns."""
-    return [h.split("|")[0] for h in header if h.endswith("|total_cost")]
-
-
-def to_sample(row: Row, models: list[str]) -> Sample | None:
-    """One extract record, or None for a row whose prompt is not exactly one string."""
-    prompt = parse_cell(row["prompt"])
-    if len(prompt) != 1:
-        return None
-    recorded: dict[str, dict[str, Any]] = {}
-    for model in models:
-        response = parse_cell(row[f"{model}|model_response"])
-        label = row[model]
-        recorded[model] = {
-            "response": response[0] if response else "",
-            "correct": None if label == "" else int(float(label)),
-            "cost": float(row[f"{model}|total_cost"]),
-        }
-    return {"id": row["sample_id"], "eval": row["eval_name"], "prompt": prompt[0],
-            "models": recorded, "oracle": row["oracle_model_to_route_to"]}
-
-
-def read_samples(source: Path) -> tuple[list[Sample], int]:
-    """All clean samples in file order, and how many rows were dropped."""
-    csv.field_size_limit(sys.maxsize)
-    samples: list[Sample] = []
-    dropped = 0
-    for name in FILES:
-        with (source / name).open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            models = model_names(list(reader.fieldnames or []))
-            for row in reader:
-                sample = to_sample(row, models)
-                if sample is None:
-                    dropped += 1
-                else:
-                    samples.append(sample)
-    return samples, dropped
 
 
 def check_unique(samples: list[Sample]) -> None:

@@ -21,11 +21,16 @@ from skinflint.errors import ConfigError
 __all__ = [
     "CachePolicy",
     "ExactCacheConfig",
+    "GateConfig",
     "KeyConfig",
     "ModelConfig",
     "PriceOverride",
     "ProviderConfig",
+    "RouteConfig",
+    "RuleConfig",
     "Settings",
+    "TaskConfig",
+    "TierConfig",
     "hash_key",
     "load_settings",
 ]
@@ -103,6 +108,77 @@ class CacheConfig(_Frozen):
     exact: ExactCacheConfig = Field(default_factory=ExactCacheConfig)
 
 
+class GateConfig(_Frozen):
+    """When a cascade tier's answer is accepted. Structural checks always apply."""
+
+    format: Literal["choice", "json", "json_schema", "code"] | None = None
+    choices: str = "ABCD"
+    agree_with: tuple[int, ...] = ()  # earlier tiers (0-based) whose answer must match
+    scorer: float | None = Field(default=None, ge=0, le=1)  # min learned P(correct)
+
+
+class TierConfig(_Frozen):
+    model: str
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class TaskConfig(_Frozen):
+    """A task is answered by one model, or by a cheap-first cascade of tiers."""
+
+    model: str | None = None
+    cascade: tuple[TierConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_plan(self) -> TaskConfig:
+        if (self.model is None) == (not self.cascade):
+            raise ValueError("give either model or cascade")
+        return self
+
+
+class RuleConfig(_Frozen):
+    """A deterministic classification rule; every condition given must hold."""
+
+    task: str
+    keywords: tuple[str, ...] = ()  # any of them, case-insensitive
+    regex: str | None = None
+    min_chars: int | None = None
+    max_chars: int | None = None
+    feature: str | None = None
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RuleConfig:
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return self
+
+
+class RouteConfig(_Frozen):
+    baseline: str | None = None  # model savings are measured against
+    rules: tuple[RuleConfig, ...] = ()
+    classifier: str | None = None  # path to a trained router, or "default" for the shipped one
+    scorer: str | None = None  # path to a trained correctness scorer, or "default"
+    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    default_task: str = "default"
+    tasks: dict[str, TaskConfig]
+    pins: dict[str, str] = Field(default_factory=dict)  # feature -> model, always
+
+    @model_validator(mode="after")
+    def _tasks_exist(self) -> RouteConfig:
+        named = {r.task for r in self.rules} | {self.default_task}
+        missing = sorted(named - set(self.tasks))
+        if missing:
+            raise ValueError(f"tasks missing from tasks: {', '.join(missing)}")
+        for name, task in self.tasks.items():
+            for i, tier in enumerate(task.cascade):
+                if any(j >= i for j in tier.gate.agree_with):
+                    raise ValueError(f"tasks.{name}.cascade[{i}].gate.agree_with must name "
+                                     "earlier tiers")
+        return self
+
+
 class StorageConfig(_Frozen):
     sqlite_path: str = "./skinflint.db"
     ledger_flush_interval: float = Field(default=0.2, gt=0)
@@ -138,6 +214,7 @@ class Settings(_Frozen):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     default_provider: str | None = None
     baseline_model: str | None = None
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     keys: tuple[KeyConfig, ...] = ()

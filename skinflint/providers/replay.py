@@ -41,6 +41,7 @@ import orjson
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
+from skinflint.recorded import read_samples
 
 __all__ = [
     "REPLAY_LATENCY",
@@ -175,8 +176,13 @@ def _sample_from(record: JSON) -> ReplaySample:
 
 
 def _read_extract(source: Traversable) -> _Extract:
-    with source.open("rb") as raw, gzip.open(raw, "rb") as fh:
-        samples = tuple(_sample_from(orjson.loads(line)) for line in fh if line.strip())
+    """The packaged ``.jsonl.gz`` extract, a RouterBench CSV, or a directory of them."""
+    if isinstance(source, Path) and (source.is_dir() or source.suffix == ".csv"):
+        records, _ = read_samples(source)
+        samples = tuple(_sample_from(r) for r in records)
+    else:
+        with source.open("rb") as raw, gzip.open(raw, "rb") as fh:
+            samples = tuple(_sample_from(orjson.loads(line)) for line in fh if line.strip())
     models = tuple(samples[0].responses) if samples else ()
     return _Extract(samples, {s.prompt.strip(): s for s in samples}, models)
 
