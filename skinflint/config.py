@@ -232,6 +232,9 @@ class Settings(_Frozen):
             for fb in model.fallbacks:
                 if fb not in self.models:
                     raise ValueError(f"models.{alias}.fallbacks: unknown model {fb!r}")
+        clash = sorted(set(self.routes) & set(self.models))
+        if clash:
+            raise ValueError(f"routes: {', '.join(clash)} is also a model alias")
         if self.default_provider and self.default_provider not in self.providers:
             raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
         return self

@@ -7,12 +7,15 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import aiohttp
 
 from skinflint.config import ProviderConfig, Settings
+from skinflint.errors import ConfigError
 from skinflint.interfaces import Ledger, Provider
 from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
@@ -26,6 +29,8 @@ from skinflint.providers.anthropic import AnthropicProvider
 from skinflint.providers.http import new_session
 from skinflint.providers.openai_compat import OpenAICompatProvider
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
+from skinflint.routing.classifier import TaskClassifier
+from skinflint.routing.scorer import CorrectnessScorer
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.ledger import SQLiteLedger
 from skinflint.tokens import TokenCounter
@@ -58,6 +63,34 @@ def price_overrides(settings: Settings) -> dict[str, tuple[float, float, float |
         if model.price is not None:
             overrides[alias] = (model.price.input, model.price.output, model.price.cached_input)
     return overrides
+
+
+def _artifact(path: str) -> bytes:
+    """A trained model: ``default`` is the one shipped in the package."""
+    if path == "default":
+        return (resources.files("skinflint") / "data" / "router.npz").read_bytes()
+    return Path(path).read_bytes()
+
+
+def _classifiers(settings: Settings) -> dict[str, TaskClassifier | None]:
+    return {name: TaskClassifier.from_bytes(_artifact(r.classifier)) if r.classifier else None
+            for name, r in settings.routes.items()}
+
+
+def _scorer(settings: Settings) -> CorrectnessScorer | None:
+    paths = {r.scorer for r in settings.routes.values() if r.scorer}
+    if len(paths) > 1:
+        raise ConfigError("routes: all routes must share one scorer")
+    return CorrectnessScorer.from_bytes(_artifact(paths.pop())) if paths else None
+
+
+def _baseline_for(settings: Settings) -> Callable[[str], str]:
+    routes = {n: r.baseline for n, r in settings.routes.items() if r.baseline}
+
+    def baseline(requested: str) -> str:
+        return routes.get(requested) or settings.baseline_model or requested
+
+    return baseline
 
 
 @dataclass
@@ -103,7 +136,8 @@ class Gateway:
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             exact_cache=exact,
-            route=Route(settings),
+            route=Route(settings, classifiers=_classifiers(settings), scorer=_scorer(settings),
+                        metrics=metrics),
             call_provider=CallProvider(providers, policies, metrics),
             account=Account(
                 catalog=catalog,
@@ -112,7 +146,7 @@ class Gateway:
                 metrics=metrics,
                 cache=exact,
                 price_name=price_name,
-                baseline_model=settings.baseline_model,
+                baseline_for=_baseline_for(settings),
             ),
         )
         gw = cls(

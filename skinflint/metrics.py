@@ -59,6 +59,11 @@ class Metrics:
             ["provider", "type"],
             registry=r,
         )
+        self.route_decisions = Counter("skinflint_route_decisions", "Tasks chosen by routes",
+                                       ["route", "task", "how"], registry=r)
+        self.cascade_escalations = Counter("skinflint_cascade_escalations",
+                                           "Cascade tiers whose answer was not accepted",
+                                           ["model", "reason"], registry=r)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

@@ -40,7 +40,7 @@ class Account:
         metrics: Metrics,
         cache: ExactCache,
         price_name: Callable[[str], str],
-        baseline_model: str | None,
+        baseline_for: Callable[[str], str],
     ) -> None:
         self._catalog = catalog
         self._tokens = tokens
@@ -48,7 +48,7 @@ class Account:
         self._metrics = metrics
         self._cache = cache
         self._price_name = price_name
-        self._baseline = baseline_model
+        self._baseline_for = baseline_for
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         try:
@@ -125,52 +125,61 @@ class Account:
             counted=True,
         )
 
-    def _price(self, ctx: RequestContext) -> None:
-        usage = ctx.usage or Usage()
-        baseline_name = self._baseline or ctx.requested_model
-        ctx.baseline_model = baseline_name
-        ctx.baseline_cost_usd = self._catalog.cost(self._price_name(baseline_name), usage)
-        if ctx.cache_status.startswith("hit"):
-            ctx.cost_usd = 0.0
-        elif ctx.answered is not None:
-            ctx.cost_usd = self._catalog.cost(self._price_name(ctx.answered.name), usage)
-            if ctx.cost_usd is None:
-                self._metrics.unknown_price.labels(ctx.model).inc()
+    def _cost(self, name: str, usage: Usage | None) -> float | None:
+        cost = self._catalog.cost(self._price_name(name), usage or Usage())
+        if cost is None:
+            self._metrics.unknown_price.labels(name).inc()
+        return cost
+
+    def _price(self, ctx: RequestContext) -> float | None:
+        """Sets the request's total cost, baseline and saving; returns the answering call's
+        own cost (the total less the cascade tiers that did not answer)."""
+        ctx.baseline_model = self._baseline_for(ctx.requested_model)
+        ctx.baseline_cost_usd = self._catalog.cost(self._price_name(ctx.baseline_model),
+                                                   ctx.usage or Usage())
+        if ctx.cache_status.startswith("hit") or ctx.answered is None:
+            own: float | None = 0.0  # served without a provider, or never reached one
         else:
-            ctx.cost_usd = 0.0  # never reached a provider
+            own = self._cost(ctx.answered.name, ctx.usage)
+        tiers = [self._cost(a.target.name, a.usage) for a in ctx.attempts]
+        known = own is not None and all(c is not None for c in tiers)
+        ctx.cost_usd = (own or 0.0) + sum(c or 0.0 for c in tiers) if known else None
         if ctx.cost_usd is not None and ctx.baseline_cost_usd is not None:
-            ctx.saved_usd = max(ctx.baseline_cost_usd - ctx.cost_usd, 0.0)
+            ctx.saved_usd = ctx.baseline_cost_usd - ctx.cost_usd
+        return own
 
     def _finish(self, ctx: RequestContext) -> None:
-        self._price(ctx)
+        own = self._price(ctx)
         usage = ctx.usage or Usage()
-        self._ledger.record(
-            LedgerRecord(
-                request_id=ctx.request_id,
-                ts=ctx.ts,
-                request_hash=ctx.request_hash,
-                tenant=ctx.tenant,
-                feature=ctx.feature,
-                user=ctx.user,
-                requested_model=ctx.requested_model,
-                model=ctx.model,
-                provider=ctx.provider,
-                endpoint=ctx.endpoint,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cached_tokens=usage.cached_tokens,
-                cost_usd=ctx.cost_usd,
-                baseline_cost_usd=ctx.baseline_cost_usd,
-                saved_usd=ctx.saved_usd,
-                cache_status=ctx.cache_status,
-                strategy="exact_cache" if ctx.cache_status == "hit-exact" else "",
-                latency_ms=(time.perf_counter() - ctx.started) * 1000,
-                upstream_latency_ms=ctx.upstream_ms,
-                status=ctx.status,
-                error_type=ctx.error_type,
-                route=ctx.route,
-            )
-        )
+        strategy = "exact_cache" if ctx.cache_status == "hit-exact" else (
+            "cascade" if ctx.attempts else ("route" if ctx.route != ctx.requested_model else ""))
+        record = self._ledger.record
+        for a in ctx.attempts:
+            u = a.usage or Usage()
+            record(LedgerRecord(
+                request_id=f"{ctx.request_id}.{a.tier + 1}", ts=ctx.ts,
+                request_hash=ctx.request_hash, tenant=ctx.tenant, feature=ctx.feature,
+                user=ctx.user, requested_model=ctx.requested_model,
+                model=a.target.provider_model, provider=a.target.provider,
+                endpoint=ctx.endpoint, input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens, cached_tokens=u.cached_tokens,
+                cost_usd=self._catalog.cost(self._price_name(a.target.name), u),
+                baseline_cost_usd=0.0, saved_usd=0.0, cache_status="miss",
+                strategy="cascade_escalated", upstream_latency_ms=a.upstream_ms,
+                status=a.status, error_type=a.error_type or a.reason, route=ctx.route))
+            self._metrics.cascade_escalations.labels(a.target.name, a.reason or a.error_type).inc()
+        record(LedgerRecord(
+            request_id=ctx.request_id, ts=ctx.ts, request_hash=ctx.request_hash,
+            tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
+            requested_model=ctx.requested_model, model=ctx.model, provider=ctx.provider,
+            endpoint=ctx.endpoint, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
+            cost_usd=own, baseline_cost_usd=ctx.baseline_cost_usd,
+            saved_usd=ctx.saved_usd, cache_status=ctx.cache_status, strategy=strategy,
+            latency_ms=(time.perf_counter() - ctx.started) * 1000,
+            upstream_latency_ms=ctx.upstream_ms, status=ctx.status, error_type=ctx.error_type,
+            route=ctx.route,
+        ))
         self._observe_metrics(ctx, usage)
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
@@ -179,7 +188,7 @@ class Account:
         m.latency.labels(ctx.endpoint).observe(time.perf_counter() - ctx.started)
         if ctx.cost_usd:
             m.cost.labels(ctx.model).inc(ctx.cost_usd)
-        if ctx.saved_usd:
+        if ctx.saved_usd is not None and ctx.saved_usd > 0:  # a fallback can cost more
             m.saved.labels(ctx.cache_status).inc(ctx.saved_usd)
         if usage.input_tokens:
             m.tokens.labels(ctx.model, "input").inc(usage.input_tokens)

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from skinflint.models import StreamChunk, Usage
 
-__all__ = ["Next", "Reply", "RequestContext", "Stage", "Target"]
+__all__ = ["Attempt", "Next", "Reply", "RequestContext", "Stage", "Target"]
 
 JSON = dict[str, Any]
 
@@ -20,6 +20,20 @@ class Target:
     name: str  # the alias or model name the client (or router) chose
     provider: str
     provider_model: str
+
+
+@dataclass(slots=True)
+class Attempt:
+    """A cascade tier that was called and did not answer the request (escalated or failed).
+    Its cost counts: the account stage writes a ledger row for it."""
+
+    tier: int
+    target: Target
+    usage: Usage | None
+    upstream_ms: float
+    status: int = 200
+    error_type: str = ""
+    reason: str = ""  # why the gate escalated
 
 
 @dataclass(slots=True)
@@ -59,6 +73,7 @@ class RequestContext:
     cache_ttl: float = 0.0
     targets: tuple[Target, ...] = ()
     route: str = ""
+    attempts: list[Attempt] = field(default_factory=list)
     baseline_model: str = ""
     answered: Target | None = None  # the target whose provider answered
     model: str = ""

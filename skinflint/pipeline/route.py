@@ -1,30 +1,92 @@
-"""Stage 7, route: resolve the requested name to concrete targets (the model and its ordered
-fallbacks). Task classification and cascades plug in here."""
+"""Stage 7, route: resolve the requested name to what answers it.
+
+A concrete model or alias resolves to its target and ordered fallbacks. A route name (e.g.
+``auto``) first picks a task, in this order: a feature pinned to a model, the
+``x-skinflint-task`` header, the route's deterministic rules, its trained classifier, its
+default task; the task then names one model or a cheap-first cascade.
+"""
 
 from __future__ import annotations
 
-from skinflint.config import Settings
-from skinflint.errors import UnknownModelError
-from skinflint.pipeline.context import Next, Reply, RequestContext, Target
+import re
+from collections.abc import Mapping
 
-__all__ = ["Route"]
+from skinflint.config import RouteConfig, RuleConfig, Settings
+from skinflint.errors import UnknownModelError
+from skinflint.metrics import Metrics
+from skinflint.pipeline.cascade import Cascade, Scorer
+from skinflint.pipeline.context import Next, Reply, RequestContext, Target
+from skinflint.routing.classifier import TaskClassifier
+from skinflint.routing.text import last_user_text
+
+__all__ = ["Route", "RoutePlan"]
+
+
+def _rule_matches(rule: RuleConfig, pattern: re.Pattern[str] | None, text: str,
+                  feature: str) -> bool:
+    if rule.feature is not None and rule.feature != feature:
+        return False
+    if rule.min_chars is not None and len(text) < rule.min_chars:
+        return False
+    if rule.max_chars is not None and len(text) > rule.max_chars:
+        return False
+    if rule.keywords:
+        lowered = text.lower()
+        if not any(k.lower() in lowered for k in rule.keywords):
+            return False
+    return pattern is None or pattern.search(text) is not None
+
+
+class RoutePlan:
+    """One configured route: how it classifies, and what answers each task."""
+
+    def __init__(self, name: str, config: RouteConfig, classifier: TaskClassifier | None,
+                 cascades: Mapping[str, Cascade]) -> None:
+        self.name = name
+        self.config = config
+        self.classifier = classifier
+        self.cascades = cascades
+        self._rules = [(r, re.compile(r.regex) if r.regex else None) for r in config.rules]
+
+    def classify(self, ctx: RequestContext) -> tuple[str, str]:
+        """(task, how it was chosen)."""
+        tasks = self.config.tasks
+        if ctx.task and ctx.task in tasks:
+            return ctx.task, "header"
+        text = last_user_text(ctx.body.get("messages"))
+        for rule, pattern in self._rules:
+            if _rule_matches(rule, pattern, text, ctx.feature):
+                return rule.task, "rule"
+        if self.classifier is not None:
+            task, confidence = self.classifier.classify(text)
+            if task in tasks and confidence >= self.config.min_confidence:
+                return task, "classifier"
+        return self.config.default_task, "default"
 
 
 class Route:
     name = "route"
     enabled = True
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, classifiers: Mapping[str, TaskClassifier | None],
+                 scorer: Scorer | None, metrics: Metrics) -> None:
         self._models = settings.models
         self._default_provider = settings.default_provider
         self._memo: dict[str, tuple[Target, ...]] = {}
+        self._metrics = metrics
+        self.plans = {
+            name: RoutePlan(name, cfg, classifiers.get(name), {
+                task: Cascade(tc.cascade, self.resolve, scorer)
+                for task, tc in cfg.tasks.items() if tc.cascade})
+            for name, cfg in settings.routes.items()
+        }
 
     def _target(self, name: str) -> Target:
         model = self._models.get(name)
         if model is not None:
             return Target(name, model.provider, model.model or name)
         if self._default_provider is None:
-            known = ", ".join(sorted(self._models)) or "none"
+            known = ", ".join(sorted([*self._models, *self.plans])) or "none"
             raise UnknownModelError(f"model {name!r} is not configured (known: {known})")
         return Target(name, self._default_provider, name)
 
@@ -41,6 +103,24 @@ class Route:
         return targets
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
-        ctx.targets = self.resolve(ctx.requested_model)
-        ctx.route = ctx.targets[0].name
+        plan = self.plans.get(ctx.requested_model)
+        if plan is None:
+            ctx.targets = self.resolve(ctx.requested_model)
+            ctx.route = ctx.targets[0].name
+            return await next(ctx)
+        pinned = plan.config.pins.get(ctx.feature) if ctx.feature else None
+        if pinned is not None:
+            ctx.targets = self.resolve(pinned)
+            ctx.route = f"{plan.name};pin={ctx.feature}"
+            return await next(ctx)
+        task, how = plan.classify(ctx)
+        self._metrics.route_decisions.labels(plan.name, task, how).inc()
+        label = f"{plan.name};task={task}"
+        cascade = plan.cascades.get(task)
+        if cascade is not None:
+            return await cascade.run(ctx, next, label)
+        model = plan.config.tasks[task].model
+        assert model is not None
+        ctx.targets = self.resolve(model)
+        ctx.route = label
         return await next(ctx)
