@@ -1030,6 +1030,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-install", action="store_true", help="never install LiteLLM")
     parser.add_argument("--no-save", action="store_true", help=f"do not append to {RESULTS}")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="wait up to S seconds for other processes to go quiet before starting",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary run folder")
     args = parser.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
@@ -1068,6 +1075,13 @@ def run(args: argparse.Namespace) -> int:
         f"hard limit {hard_limit} s"
     )
     idle_check = background_cpu_pct()
+    waited = 0.0
+    while idle_check > 25.0 and waited < args.wait_idle:
+        time.sleep(4.0)
+        waited += 5.0
+        idle_check = background_cpu_pct()
+    if waited:
+        log(f"waited {waited:.0f} s for the machine to become idle")
     if idle_check > 25.0:
         log(
             f"warning: other processes use {idle_check:.0f}% of a core before the run; "

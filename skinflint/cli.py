@@ -209,25 +209,131 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# ---- replay (evaluation harness)
+
+
+def format_replay_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    base = result["baseline"]
+
+    def row(label: str, cost: float, quality: float) -> tuple[str, str, str, str]:
+        share = cost / base["cost_usd"] if base["cost_usd"] else 0.0
+        q = quality / base["quality"] if base["quality"] else 0.0
+        return label, f"${cost:,.4f} ({share:.1%})", f"{quality:.1%}", f"{q:.1%}"
+
+    rows = [
+        row(
+            f"skinflint route {result['route']}",
+            result["skinflint"]["cost_usd"],
+            result["skinflint"]["quality"],
+        ),
+        row(f"always {base['model']} (baseline)", base["cost_usd"], base["quality"]),
+    ]
+    for key, label in (("cheapest", "cheapest"), ("best_single", "best single model")):
+        r = result[key]
+        rows.append(row(f"{label}: {r['model']}", r["cost_usd"], r["quality"]))
+    for point in result.get("curve", ()):
+        rows.append(
+            row(f"  scorer threshold {point['threshold']:.2f}", point["cost_usd"], point["quality"])
+        )
+    return rows
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    import yaml
+    from rich.progress import Progress
+
+    from skinflint.analytics.evaluation import evaluate
+
+    raw = None
+    if args.config:
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    curve = [float(t) for t in args.curve.split(",")] if args.curve else []
+    with Progress(console=_console(), transient=True, disable=args.json) as progress:
+        task = progress.add_task("replaying", total=None)
+        result = evaluate(
+            Path(args.dataset),
+            raw,
+            model=args.route,
+            curve=curve,
+            on_progress=lambda d, t: progress.update(task, completed=d, total=t),
+        )
+    if args.json:
+        _print_json(result)
+        return 0
+    table = Table(title=f"Replay of {result['requests']} recorded requests")
+    for col in ("configuration", "cost (share of baseline)", "quality", "quality retained"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for r in format_replay_rows(result):
+        table.add_row(*r)
+    console = _console()
+    console.print(table)
+    traffic = Table(title="Traffic per model and tier")
+    traffic.add_column("answered by")
+    traffic.add_column("share", justify="right")
+    for name, share in result["traffic"].items():
+        traffic.add_row(name, f"{share:.1%}")
+    console.print(traffic)
+    return 0
+
+
+# ---- train-router
+
+
+def cmd_train_router(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from skinflint.analytics.training import train_router
+
+    summary = train_router(Path(args.dataset), Path(args.out))
+    if args.json:
+        _print_json(summary)
+    else:
+        _console().print(
+            f"trained on {summary['samples']} samples: task classifier "
+            f"({', '.join(summary['tasks'])}, cross-validated accuracy "
+            f"{summary['classifier_cv_accuracy']:.1%})"
+            + (
+                f", correctness scorer (AUC {summary['scorer_auc']:.3f})"
+                if "scorer_auc" in summary
+                else ""
+            )
+            + f" -> {args.out}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="skinflint", description="LLM gateway that cuts the bill.")
-    p.add_argument("--config", help="YAML configuration (default: $SKINFLINT_CONFIG or none)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="YAML configuration (default: $SKINFLINT_CONFIG or none)",
+    )
+    p = argparse.ArgumentParser(
+        prog="skinflint", description="LLM gateway that cuts the bill.", parents=[common]
+    )
+    p.set_defaults(config=None)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the gateway")
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    s = add("serve", help="run the gateway")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--workers", type=int, default=0)
     s.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="replay recorded traffic through the gateway, offline")
+    d = add("demo", help="replay recorded traffic through the gateway, offline")
     d.add_argument("--requests", type=int, default=400)
     d.add_argument("--concurrency", type=int, default=16)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("report", help="spend, tokens and savings from the ledger")
+    r = add("report", help="spend, tokens and savings from the ledger")
     r.add_argument("--db", help="SQLite ledger path (default: storage.sqlite_path)")
     r.add_argument("--since", help="only requests newer than this, e.g. 7d, 12h")
     r.add_argument(
@@ -236,12 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
 
-    pr = sub.add_parser("prices", help="the price the gateway charges for a model")
+    pr = add("prices", help="the price the gateway charges for a model")
     pr.add_argument("model", nargs="?")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_prices)
 
-    c = sub.add_parser("cache", help="cache figures and invalidation")
+    rp = add("replay", help="evaluate a configuration on a recorded dataset")
+    rp.add_argument("dataset", help="RouterBench CSV file or directory, or a replay extract")
+    rp.add_argument("--route", default="auto", help="route (or model) to evaluate")
+    rp.add_argument(
+        "--curve",
+        default="0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+        help="scorer thresholds for the cost-quality curve ('' for none)",
+    )
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_replay)
+
+    tr = add("train-router", help="train the task classifier and correctness scorer")
+    tr.add_argument("dataset", help="RouterBench CSV(s), or JSONL of {prompt, task}")
+    tr.add_argument("--out", default="router", help="directory for classifier.npz, scorer.npz")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=cmd_train_router)
+
+    c = add("cache", help="cache figures and invalidation")
     csub = c.add_subparsers(dest="cache_command", required=True)
     cs = csub.add_parser("stats")
     cs.add_argument("--db")

@@ -58,6 +58,7 @@ class ProviderConfig(_Frozen):
     backoff_max: float = Field(default=8.0, ge=0)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
     latency_scale: float = Field(default=1.0, ge=0)  # replay only
+    data_path: str | None = None  # replay only: RouterBench CSV(s) or extract; default shipped
 
     @model_validator(mode="after")
     def _needs_url(self) -> ProviderConfig:

@@ -44,7 +44,8 @@ def _provider(name: str, cfg: ProviderConfig, session: aiohttp.ClientSession) ->
     if cfg.kind == "anthropic":
         return AnthropicProvider(name, base_url=cfg.base_url, api_key=cfg.api_key, session=session)
     if cfg.kind == "replay":
-        return ReplayProvider(name, latency_scale=cfg.latency_scale)
+        data = Path(cfg.data_path) if cfg.data_path else None
+        return ReplayProvider(name, latency_scale=cfg.latency_scale, data_path=data)
     return OpenAICompatProvider(
         name,
         base_url=cfg.base_url,
@@ -65,23 +66,27 @@ def price_overrides(settings: Settings) -> dict[str, tuple[float, float, float |
     return overrides
 
 
-def _artifact(path: str) -> bytes:
+def _artifact(path: str, shipped: str) -> bytes:
     """A trained model: ``default`` is the one shipped in the package."""
     if path == "default":
-        return (resources.files("skinflint") / "data" / "router.npz").read_bytes()
+        return (resources.files("skinflint") / "data" / shipped).read_bytes()
     return Path(path).read_bytes()
 
 
 def _classifiers(settings: Settings) -> dict[str, TaskClassifier | None]:
-    return {name: TaskClassifier.from_bytes(_artifact(r.classifier)) if r.classifier else None
-            for name, r in settings.routes.items()}
+    return {
+        name: TaskClassifier.from_bytes(_artifact(r.classifier, "classifier.npz"))
+        if r.classifier
+        else None
+        for name, r in settings.routes.items()
+    }
 
 
 def _scorer(settings: Settings) -> CorrectnessScorer | None:
     paths = {r.scorer for r in settings.routes.values() if r.scorer}
     if len(paths) > 1:
         raise ConfigError("routes: all routes must share one scorer")
-    return CorrectnessScorer.from_bytes(_artifact(paths.pop())) if paths else None
+    return CorrectnessScorer.from_bytes(_artifact(paths.pop(), "scorer.npz")) if paths else None
 
 
 def _baseline_for(settings: Settings) -> Callable[[str], str]:
@@ -136,8 +141,12 @@ class Gateway:
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             exact_cache=exact,
-            route=Route(settings, classifiers=_classifiers(settings), scorer=_scorer(settings),
-                        metrics=metrics),
+            route=Route(
+                settings,
+                classifiers=_classifiers(settings),
+                scorer=_scorer(settings),
+                metrics=metrics,
+            ),
             call_provider=CallProvider(providers, policies, metrics),
             account=Account(
                 catalog=catalog,

@@ -1,0 +1,1090 @@
+"""Offline search for the routing + cheap-first-cascade policy, on RouterBench recordings.
+
+Usage: ``python scripts/explore_routing.py [--csv ROUTERBENCH_DIR] [--seed N] [--quick]``
+
+Reads the 2,217 recorded samples (the packaged extract by default, or the three RouterBench
+CSVs with ``--csv``), each answered by 11 models with a 0/1 label and the USD paid, and
+simulates request-time policies: a task is recognised from the prompt, then a cascade calls
+cheap tiers in order, checks each answer with a gate, and escalates (finally to
+gpt-4-1106-preview) when the gate refuses. A cascade pays for every tier it calls. Quality is
+the mean label of the answer finally returned; both quality and spend are reported as % of
+"always gpt-4-1106-preview" on the same samples.
+
+Families searched, per task:
+
+* ``vote``: up to 3 cheap tiers (ordered, any of the 10 non-GPT-4 models), a gate per tier, then
+  a fallback (GPT-4, or none: return the best cheap answer). Multiple choice gates: "the
+  plurality answer of the tiers called so far has >= v votes" (v = 1 is the structural check
+  alone, v = 2 at tier 2 is "equals tier 1's answer"), or "never accept" (the tier is called in
+  parallel with the next). Code gates: structural (Python that parses and defines a function),
+  or structural + token-Jaccard agreement >= tau with an earlier tier.
+* ``scorer``: the same tier sequences (a shortlist) gated by a learned correctness scorer
+  P(correct | answer, answers of earlier tiers) (FrugalGPT's method): numpy logistic regression
+  over agreement/format features; the answer returned is the candidate with the highest score;
+  one threshold per tier.
+
+Everything learned or selected is estimated by nested 5-fold cross-validation (stratified by
+task): thresholds, the tier sequence shortlist and the operating point are chosen on 4 folds
+(scorer inputs there are inner out-of-fold predictions) and scored on the 5th. "train" numbers
+select and score on all samples. Also measured: a prompt-only learned router, and the task
+classifier (rules, and hashed n-gram logistic regression).
+
+numpy + standard library only (plus skinflint's packaged extract when ``--csv`` is not given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import itertools
+import re
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT4 = "gpt-4-1106-preview"
+TASKS = ("arc-challenge", "winogrande", "mbpp")
+CHOICE_TASKS = ("arc-challenge", "winogrande")
+K_FOLDS = 5
+MAX_TIERS = 3
+THETAS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+JACCARD_TAUS = (0.3, 0.5, 0.7)
+TARGETS = (0.98, 0.95)
+SPEND_GOALS = {0.98: 0.45, 0.95: 0.20}
+
+Array = np.ndarray[Any, Any]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    id: str
+    eval: str
+    prompt: str
+    responses: dict[str, str]
+    correct: dict[str, int | None]
+    cost: dict[str, float]
+
+
+def _one_string(cell: str) -> str | None:
+    if not cell:
+        return ""
+    try:
+        value = ast.literal_eval(cell)
+    except (ValueError, SyntaxError):
+        return cell
+    if isinstance(value, list):
+        return str(value[0]) if len(value) == 1 else None
+    return str(value)
+
+
+def load_csv(directory: Path) -> list[Sample]:
+    """The RouterBench CSVs; rows whose prompt cell holds != 1 string are dropped (merge
+    artefacts of the source, as in the packaged extract)."""
+    csv.field_size_limit(sys.maxsize)
+    out: list[Sample] = []
+    for name in ("arc_challenge_train", "mbpp_train", "winograde_train"):
+        with (directory / f"{name}.csv").open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                prompt = _one_string(row["prompt"])
+                if prompt is None:
+                    continue
+                models = [k.split("|")[0] for k in row if k.endswith("|model_response")]
+                out.append(Sample(
+                    id=row["sample_id"], eval=row["eval_name"], prompt=prompt,
+                    responses={m: _one_string(row[f"{m}|model_response"]) or "" for m in models},
+                    correct={m: None if row[m] in ("", None) else int(float(row[m]))
+                             for m in models},
+                    cost={m: float(row[f"{m}|total_cost"] or 0.0) for m in models},
+                ))
+    return out
+
+
+def load_extract() -> list[Sample]:
+    sys.path.insert(0, str(ROOT))
+    from skinflint.providers.replay import ReplayProvider
+
+    return [Sample(s.id, s.eval, s.prompt, dict(s.responses), dict(s.correct), dict(s.cost))
+            for s in ReplayProvider().samples()]
+
+
+# --------------------------------------------------------------- answer normalisation
+
+# Multiple choice: the allowed letters come from the prompt's LAST instruction
+# 'Print only a single choice from "A" or "B" ...'; the answer is the leading capital letter of
+# the reply (leading whitespace skipped) when it is not followed by another letter ("A", "A)",
+# "A.", "A\n", "A questioning ..." -> A; "Based on ...", "I do not ..." -> none), and it is
+# valid only if it is one of the allowed letters. This is exactly RouterBench's grading rule.
+_LEAD = re.compile(r"\s*([A-Z])(?![A-Za-z])")
+_OPTIONS = re.compile(r'Print only a single choice\s+from\s+((?:"[A-Z]"(?:\s+or\s+)?)+)')
+
+
+def allowed_choices(prompt: str) -> list[str]:
+    found = _OPTIONS.findall(prompt)
+    return re.findall(r'"([A-Z])"', found[-1]) if found else []
+
+
+def choice_answer(reply: str, allowed: Sequence[str]) -> str | None:
+    match = _LEAD.match(reply)
+    return match.group(1) if match and match.group(1) in allowed else None
+
+
+# Code: blocks are ```python / ```py / ```python3 / unlabelled ``` fences (an unclosed fence runs
+# to the end), then code-llama's [PYTHON]...[/PYTHON]; with none, the text from the first line
+# starting with def/import/from/class. A block whose whole text does not parse is cut to its
+# longest prefix of lines that does. The answer is valid when a block parses (ast.parse) and
+# defines a top-level function; its signature is (name of the first def, number of arguments),
+# and its token set (identifiers, numbers, single punctuation marks) feeds Jaccard agreement.
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+#.-]*)[^\n]*\n(.*?)(?:```|$)", re.S)
+_PYTAG = re.compile(r"\[PYTHON\](.*?)(?:\[/PYTHON\]|$)", re.S)
+_CODE_START = re.compile(r"^(?:def |import |from |class )", re.M)
+_CODE_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|\S")
+_PY_LANGS = ("python", "py", "python3", "")
+
+
+def _parse_longest_prefix(code: str) -> ast.Module | None:
+    try:
+        return ast.parse(code)
+    except SyntaxError:
+        pass
+    lines = code.split("\n")
+    for k in range(len(lines) - 1, 0, -1):
+        try:
+            return ast.parse("\n".join(lines[:k]))
+        except SyntaxError:
+            continue
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CodeAnswer:
+    signature: tuple[str, int]
+    tokens: frozenset[str]
+    code_chars: int
+
+
+def code_answer(reply: str) -> CodeAnswer | None:
+    text = reply.replace("\r\n", "\n")
+    blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() in _PY_LANGS]
+    blocks += _PYTAG.findall(text)
+    if not blocks:
+        start = _CODE_START.search(text)
+        if start:
+            blocks = [text[start.start():]]
+    for block in blocks:
+        tree = _parse_longest_prefix(block)
+        if tree is None:
+            continue
+        defs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        if defs:
+            return CodeAnswer((defs[0].name, len(defs[0].args.args)),
+                              frozenset(_CODE_TOKEN.findall(block)), len(block))
+    return None
+
+
+def jaccard(a: CodeAnswer | None, b: CodeAnswer | None) -> float:
+    if a is None or b is None:
+        return 0.0
+    return len(a.tokens & b.tokens) / max(1, len(a.tokens | b.tokens))
+
+
+# ------------------------------------------------------------------------ task recognition
+
+def rule_task(prompt: str) -> str:
+    """Deterministic recognition: the last 'Print only a single choice from ...' instruction
+    names the letters: A/B -> winogrande (2-way), 3+ letters -> arc-challenge (4-way); no such
+    instruction -> the open-ended/code route (mbpp)."""
+    letters = allowed_choices(prompt)
+    if letters == ["A", "B"]:
+        return "winogrande"
+    if len(letters) >= 3:
+        return "arc-challenge"
+    return "mbpp"
+
+
+# ------------------------------------------------------------------ numpy logistic models
+
+_WORD = re.compile(r"[a-z0-9_]+")
+
+
+def hashed_ngrams(texts: Sequence[str], dim: int, chars: bool = False) -> Array:
+    """log1p counts of crc32-hashed word unigrams+bigrams (and char 4-grams), L2-normalised."""
+    x = np.zeros((len(texts), dim))
+    for i, text in enumerate(texts):
+        words = _WORD.findall(text.lower())
+        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+        if chars:
+            joined = " ".join(words)
+            grams += ["#" + joined[k:k + 4] for k in range(len(joined) - 3)]
+        for g in grams:
+            x[i, zlib.crc32(g.encode()) % dim] += 1.0
+    x = np.log1p(x)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def logreg_fit(x: Array, y: Array, l2: float = 1.0, iters: int = 30) -> Array:
+    """Binary logistic regression, L2 on the weights (not the bias), Newton iterations."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(xb.shape[1])
+    reg = np.eye(xb.shape[1]) * l2
+    reg[-1, -1] = 1e-6
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ w, -30, 30)))
+        grad = xb.T @ (p - y) + reg @ w
+        hess = (xb * (p * (1 - p))[:, None]).T @ xb + reg
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-7:
+            break
+    return w
+
+
+def logreg_predict(w: Array, x: Array) -> Array:
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(x @ w[:-1] + w[-1], -30, 30))))
+
+
+def multi_logreg(x: Array, y: Array, x_new: Array, l2: float = 1e-2, iters: int = 400,
+                 lr: float = 4.0) -> Array:
+    """Independent binary logistic regressions, one per column of y, by gradient descent with
+    Nesterov momentum (rows of x are L2-normalised, so a fixed step is stable)."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros((xb.shape[1], y.shape[1]))
+    v = w.copy()
+    for _ in range(iters):
+        look = w + 0.9 * v
+        p = 1.0 / (1.0 + np.exp(-np.clip(xb @ look, -30, 30)))
+        grad = xb.T @ (p - y) / len(x) + l2 * np.vstack([look[:-1], np.zeros((1, y.shape[1]))])
+        v = 0.9 * v - lr * grad
+        w = w + v
+    xn = np.hstack([x_new, np.ones((len(x_new), 1))])
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(xn @ w, -30, 30))))
+
+
+def softmax_fit(x: Array, y: Array, classes: int, l2: float = 1e-3, iters: int = 300,
+                lr: float = 2.0) -> Array:
+    """Multinomial logistic regression by full-batch gradient descent."""
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros((xb.shape[1], classes))
+    onehot = np.eye(classes)[y]
+    for _ in range(iters):
+        z = xb @ w
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        w -= lr * (xb.T @ (p - onehot) / len(x) + l2 * w)
+    return w
+
+
+def auc(score: Array, y: Array) -> float:
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    ranks[order] = np.arange(1, len(score) + 1)
+    _, inv, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(inv, ranks) / counts)[inv]
+    pos = y.sum()
+    neg = len(y) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+# ------------------------------------------------------------------------- task tables
+
+
+@dataclass
+class Task:
+    name: str
+    samples: list[Sample]
+    models: list[str]
+    answer: Array  # (n, m) int answer id, -1 invalid
+    correct: Array  # (n, m) 0/1, missing label = 0
+    cost: Array  # (n, m) USD
+    fold: Array  # (n,) outer fold
+    reply_chars: Array  # (n, m)
+    code: list[list[CodeAnswer | None]] = field(default_factory=list)
+    prefix_cache: dict[tuple[int, ...], tuple[Array, Array]] = field(default_factory=dict)
+
+    @property
+    def is_choice(self) -> bool:
+        return self.name in CHOICE_TASKS
+
+    @property
+    def g4(self) -> int:
+        return self.models.index(GPT4)
+
+
+def build_task(name: str, samples: list[Sample], models: list[str], seed: int) -> Task:
+    n, m = len(samples), len(models)
+    answer = np.full((n, m), -1)
+    correct = np.zeros((n, m))
+    cost = np.zeros((n, m))
+    chars = np.zeros((n, m))
+    code: list[list[CodeAnswer | None]] = []
+    signatures: dict[tuple[str, int], int] = {}
+    for i, s in enumerate(samples):
+        allowed = allowed_choices(s.prompt)
+        row: list[CodeAnswer | None] = []
+        for j, model in enumerate(models):
+            correct[i, j] = s.correct.get(model) or 0
+            cost[i, j] = s.cost.get(model, 0.0)
+            reply = s.responses.get(model, "")
+            chars[i, j] = len(reply)
+            if name in CHOICE_TASKS:
+                letter = choice_answer(reply, allowed)
+                answer[i, j] = -1 if letter is None else ord(letter) - 65
+            else:
+                parsed = code_answer(reply)
+                row.append(parsed)
+                if parsed is not None:
+                    answer[i, j] = signatures.setdefault(parsed.signature, len(signatures))
+        code.append(row)
+    fold = np.arange(n) % K_FOLDS
+    np.random.default_rng(seed + zlib.crc32(name.encode())).shuffle(fold)
+    return Task(name, samples, models, answer, correct, cost, fold, chars,
+                code if name not in CHOICE_TASKS else [])
+
+
+# ------------------------------------------------------------------- cascade simulation
+
+
+@dataclass
+class Stage:
+    """One tier as the simulator sees it: what it costs, the correctness of the answer the
+    cascade returns if it stops here, and one acceptance column per gate option."""
+
+    cost: Array  # (n,)
+    corr: Array  # (n,)
+    accept: Array  # (n, g) bool
+    labels: list[str]
+
+
+def simulate(stages: Sequence[Stage], fb_cost: Array | None,
+             fb_corr: Array | None) -> tuple[Array, Array]:
+    """Every combination of gate options at once (combos ordered like itertools.product of
+    the stages' labels). Returns per-sample cost and correctness, shape (n, combos)."""
+    n = len(stages[0].cost)
+    pending = np.ones((n, 1), bool)
+    cost = np.zeros((n, 1))
+    corr = np.zeros((n, 1))
+    for st in stages:
+        g = st.accept.shape[1]
+        cost = (cost + pending * st.cost[:, None])[:, :, None].repeat(g, 2).reshape(n, -1)
+        newly = pending[:, :, None] & st.accept[:, None, :]
+        corr = (corr[:, :, None] + newly * st.corr[:, None, None]).reshape(n, -1)
+        pending = (pending[:, :, None] & ~st.accept[:, None, :]).reshape(n, -1)
+    if fb_cost is not None and fb_corr is not None:
+        cost = cost + pending * fb_cost[:, None]
+        corr = corr + pending * fb_corr[:, None]
+    return cost, corr
+
+
+def plurality(task: Task, prefix: tuple[int, ...]) -> tuple[Array, Array]:
+    """Votes for, and correctness of, the plurality valid answer among the prefix tiers
+    (ties: the earliest tier's answer)."""
+    if prefix in task.prefix_cache:
+        return task.prefix_cache[prefix]
+    sub = task.answer[:, list(prefix)]
+    n = len(sub)
+    best_votes = np.zeros(n, int)
+    best_corr = task.correct[:, prefix[-1]].copy()
+    for j, model in enumerate(prefix):
+        a = sub[:, j]
+        votes = ((sub == a[:, None]) & (a[:, None] >= 0)).sum(1)
+        better = votes > best_votes
+        best_votes = np.where(better, votes, best_votes)
+        best_corr = np.where(better, task.correct[:, model], best_corr)
+    task.prefix_cache[prefix] = (best_votes, best_corr)
+    return best_votes, best_corr
+
+
+_JACC_CACHE: dict[tuple[str, int, int], Array] = {}
+
+
+def pair_jaccard(task: Task, a: int, b: int) -> Array:
+    key = (task.name, min(a, b), max(a, b))
+    if key not in _JACC_CACHE:
+        _JACC_CACHE[key] = np.array([jaccard(row[a], row[b]) for row in task.code])
+    return _JACC_CACHE[key]
+
+
+def vote_stages(task: Task, tiers: tuple[int, ...], with_fallback: bool) -> list[Stage]:
+    """Gate options of the ``vote`` family for each tier."""
+    stages: list[Stage] = []
+    last = len(tiers) - 1
+    for k, model in enumerate(tiers):
+        forced = k == last and not with_fallback
+        if task.is_choice:
+            votes, corr = plurality(task, tiers[: k + 1])
+            options = [(f"votes>={v}", votes >= v) for v in range(1, k + 2)]
+            if forced:  # no fallback: return the plurality answer (or the last reply)
+                options = [("return plurality", np.ones(len(votes), bool))]
+        else:
+            valid = task.answer[:, model] >= 0
+            corr = task.correct[:, model]
+            options = [("valid python", valid)]
+            for tau in JACCARD_TAUS if k else ():
+                jac = np.max([pair_jaccard(task, model, t) for t in tiers[:k]], axis=0)
+                options.append((f"valid & jaccard>={tau} w/ earlier", valid & (jac >= tau)))
+            if forced:
+                options = [("return", np.ones(len(valid), bool))]
+        if not forced:
+            options.append(("never (parallel)", np.zeros(len(task.answer), bool)))
+        stages.append(Stage(task.cost[:, model], corr,
+                            np.column_stack([o[1] for o in options]), [o[0] for o in options]))
+    return stages
+
+
+# ----------------------------------------------------------------------- learned scorer
+
+
+def candidate_features(task: Task, tiers: tuple[int, ...], k: int) -> tuple[Array, Array, Array]:
+    """Features of each candidate answer after tier k (one candidate per tier called so far),
+    the candidate's correctness, and a mask of candidates that count (valid, first of their
+    kind). Shapes (n, k+1, f), (n, k+1), (n, k+1)."""
+    n = len(task.samples)
+    prefix = tiers[: k + 1]
+    sub = task.answer[:, list(prefix)]
+    valid = sub >= 0
+    cols = len(prefix)
+    if task.is_choice:
+        letters = 4 if task.name == "arc-challenge" else 2
+        feats = []
+        for p in range(cols):
+            agree = (sub == sub[:, [p]]) & valid & valid[:, [p]]  # (n, cols)
+            letter = np.eye(letters)[np.clip(sub[:, p], 0, letters - 1)][:, 1:]
+            distinct = np.array([len(set(r[r >= 0].tolist())) for r in sub])[:, None]
+            feats.append(np.hstack([agree, letter, distinct / 3.0]))
+        x = np.stack(feats, 1)
+        first = np.ones((n, cols), bool)
+        for p in range(cols):
+            for q in range(p):
+                first[:, p] &= ~((sub[:, q] == sub[:, p]) & valid[:, q])
+        mask = valid & first
+    else:
+        feats = []
+        for p, model in enumerate(prefix):
+            others = [pair_jaccard(task, model, t) for t in prefix if t != model]
+            jac = np.column_stack(others) if others else np.zeros((n, 1))
+            own = np.zeros((n, cols))
+            own[:, p] = 1.0
+            code_chars = np.array([c[model].code_chars if c[model] else 0 for c in task.code])
+            feats.append(np.hstack([
+                own, np.log1p(task.reply_chars[:, [model]]) / 8.0,
+                np.log1p(code_chars)[:, None] / 8.0, jac.max(1, keepdims=True),
+                jac.mean(1, keepdims=True), valid.sum(1, keepdims=True) / 3.0]))
+        x = np.stack(feats, 1)
+        mask = valid
+    return x, task.correct[:, list(prefix)], mask
+
+
+def scorer_names(task: Task, tiers: tuple[int, ...], k: int) -> list[str]:
+    short = [short_name(task.models[t]) for t in tiers[: k + 1]]
+    if task.is_choice:
+        letters = "BCD" if task.name == "arc-challenge" else "B"
+        return ([f"agrees:{s}" for s in short] + [f"letter={c}" for c in letters]
+                + ["distinct/3"])
+    return ([f"from:{s}" for s in short] + ["log1p(reply chars)/8", "log1p(code chars)/8",
+            "max jaccard other tiers", "mean jaccard other tiers", "valid tiers/3"])
+
+
+def fit_scorer(x: Array, y: Array, mask: Array, rows: Array) -> Array:
+    sel = mask & rows[:, None]
+    return logreg_fit(x[sel], y[sel], l2=1.0)
+
+
+def score_candidates(w: Array, x: Array, mask: Array) -> Array:
+    n, c, f = x.shape
+    p = logreg_predict(w, x.reshape(n * c, f)).reshape(n, c)
+    return np.where(mask, p, -1.0)
+
+
+def scorer_scores(task: Task, tiers: tuple[int, ...], k: int) -> dict[str, Array]:
+    """Candidate scores under each regime: 'train' (fit on all samples) and, for each outer
+    fold f, 'f<f>': inner out-of-fold scores on the other folds, outer-fit scores on fold f."""
+    x, y, mask = candidate_features(task, tiers, k)
+    fold = task.fold
+    out = {"train": score_candidates(fit_scorer(x, y, mask, np.ones(len(fold), bool)), x, mask)}
+    for f in range(K_FOLDS):
+        s = np.zeros(mask.shape)
+        rows = fold != f
+        s[~rows] = score_candidates(fit_scorer(x, y, mask, rows), x, mask)[~rows]
+        for g in range(K_FOLDS):
+            if g == f:
+                continue
+            inner = rows & (fold != g)
+            s[fold == g] = score_candidates(fit_scorer(x, y, mask, inner), x, mask)[fold == g]
+        out[f"f{f}"] = s
+    return out
+
+
+def scorer_stages(task: Task, tiers: tuple[int, ...], with_fallback: bool,
+                  scores: list[Array]) -> list[Stage]:
+    stages = []
+    last = len(tiers) - 1
+    for k, model in enumerate(tiers):
+        s = scores[k]
+        best = s.argmax(1)
+        top = s[np.arange(len(s)), best]
+        corr = task.correct[np.arange(len(s)), np.array(tiers)[best]]
+        if k == last and not with_fallback:
+            options = [("return best-scored", np.ones(len(s), bool))]
+        else:
+            options = [(f"score>={t}", top >= t) for t in THETAS]
+            options.append(("never (parallel)", np.zeros(len(s), bool)))
+        stages.append(Stage(task.cost[:, model], corr,
+                            np.column_stack([o[1] for o in options]), [o[0] for o in options]))
+    return stages
+
+
+# --------------------------------------------------------------------------- candidates
+
+REGIMES = ("train",) + tuple(f"f{f}" for f in range(K_FOLDS))
+
+
+@dataclass
+class Group:
+    """Policies sharing a tier sequence: one per combination of gate options. ``sums`` maps a
+    regime to fold sums (combos, folds) of cost and correct; vote groups use one entry for all
+    regimes. ``allowed`` lists the regimes whose selection may use this group."""
+
+    family: str
+    tiers: tuple[int, ...]
+    fallback: bool
+    labels: list[list[str]]
+    sums: dict[str, tuple[Array, Array]]
+    allowed: frozenset[str]
+    stages: dict[str, list[Stage]] | None = None
+
+    def get(self, regime: str) -> tuple[Array, Array]:
+        return self.sums.get(regime, self.sums["train"])
+
+    def combo(self, i: int) -> tuple[str, ...]:
+        return next(itertools.islice(itertools.product(*self.labels), i, None))
+
+    def per_sample(self, task: Task, regime: str, i: int) -> tuple[Array, Array]:
+        stages = self.stages[regime] if self.stages else vote_stages(task, self.tiers,
+                                                                     self.fallback)
+        cost, corr = simulate(stages, *fallback_arrays(task, self.fallback))
+        return cost[:, i], corr[:, i]
+
+
+def fallback_arrays(task: Task, fallback: bool) -> tuple[Array | None, Array | None]:
+    if not fallback:
+        return None, None
+    return task.cost[:, task.g4], task.correct[:, task.g4]
+
+
+def fold_sums(task: Task, cost: Array, corr: Array) -> tuple[Array, Array]:
+    onehot = (task.fold[None, :] == np.arange(K_FOLDS)[:, None]).astype(float)
+    return (onehot @ cost).T, (onehot @ corr).T
+
+
+def vote_groups(task: Task, max_tiers: int) -> list[Group]:
+    cheap = [j for j in range(len(task.models)) if j != task.g4]
+    groups = []
+    for length in range(1, max_tiers + 1):
+        for tiers in itertools.permutations(cheap, length):
+            for fallback in (True, False):
+                stages = vote_stages(task, tiers, fallback)
+                cost, corr = simulate(stages, *fallback_arrays(task, fallback))
+                groups.append(Group("vote", tiers, fallback, [st.labels for st in stages],
+                                    {"train": fold_sums(task, cost, corr)}, frozenset(REGIMES)))
+    return groups
+
+
+def train_rows(regime: str) -> Array:
+    """Which folds a regime selects on (all for 'train', the other four for 'f<k>')."""
+    rows = np.ones(K_FOLDS, bool)
+    if regime != "train":
+        rows[int(regime[1:])] = False
+    return rows
+
+
+def shortlist(task: Task, groups: list[Group], regime: str, size: int) -> list[tuple[int, ...]]:
+    """Tier sequences of the vote frontier (selection-side sums only), cheapest first,
+    restricted to points of >= 85% of GPT-4 quality on the task."""
+    rows = train_rows(regime)
+    cost = np.concatenate([g.get(regime)[0][:, rows].sum(1) for g in groups])
+    corr = np.concatenate([g.get(regime)[1][:, rows].sum(1) for g in groups])
+    owner = np.concatenate([[k] * len(g.get(regime)[0]) for k, g in enumerate(groups)])
+    base = task.correct[:, task.g4][np.isin(task.fold, np.flatnonzero(rows))].sum()
+    out: list[tuple[int, ...]] = []
+    for i in pareto(cost, corr):
+        tiers = groups[owner[i]].tiers
+        if corr[i] >= 0.85 * base and tiers not in out and len(tiers) > 1:
+            out.append(tiers)
+    return out[:size]
+
+
+def scorer_groups(task: Task, lists: dict[str, list[tuple[int, ...]]]) -> list[Group]:
+    wanted: list[tuple[int, ...]] = []
+    for seqs in lists.values():
+        wanted += [s for s in seqs if s not in wanted]
+    cache: dict[tuple[int, ...], dict[str, Array]] = {}
+    groups = []
+    for tiers in wanted:
+        scores = []
+        for k in range(len(tiers)):
+            key = tiers[: k + 1]
+            if key not in cache:
+                cache[key] = scorer_scores(task, tiers, k)
+            scores.append(cache[key])
+        allowed = frozenset(r for r, seqs in lists.items() if tiers in seqs)
+        for fallback in (True, False):
+            sums, stages_by = {}, {}
+            for regime in REGIMES:
+                stages = scorer_stages(task, tiers, fallback, [s[regime] for s in scores])
+                cost, corr = simulate(stages, *fallback_arrays(task, fallback))
+                sums[regime] = fold_sums(task, cost, corr)
+                stages_by[regime] = stages
+            groups.append(Group("scorer", tiers, fallback, [st.labels for st in stages],
+                                sums, allowed, stages_by))
+    return groups
+
+
+def describe(task: Task, group: Group, combo: tuple[str, ...]) -> str:
+    parts = [f"{short_name(task.models[t])} [{g}]"
+             for t, g in zip(group.tiers, combo, strict=True)]
+    tail = " -> gpt-4-1106 [always]" if group.fallback else ""
+    return f"{group.family}: " + " -> ".join(parts) + tail
+
+
+def short_name(model: str) -> str:
+    return model.split("/")[-1].replace("-chat", "").replace("-instruct", "")
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def pareto(cost: Array, corr: Array) -> Array:
+    """Indices of the Pareto frontier (lower cost, more correct), sorted by cost."""
+    order = np.lexsort((-corr, cost))
+    q = corr[order]
+    prev = np.concatenate([[-np.inf], np.maximum.accumulate(q)[:-1]])
+    return np.asarray(order[q > prev + 1e-9])
+
+
+def combine(fronts: list[tuple[Array, Array]]) -> tuple[Array, Array, Array]:
+    """Pareto frontier of the sum over tasks of one point each: cost, correct, and the index
+    chosen in each task's front."""
+    cost, corr = fronts[0]
+    idx = np.arange(len(cost))[:, None]
+    for c2, q2 in fronts[1:]:
+        cc = (cost[:, None] + c2[None, :]).ravel()
+        qq = (corr[:, None] + q2[None, :]).ravel()
+        ii = np.hstack([np.repeat(idx, len(c2), 0),
+                        np.tile(np.arange(len(c2)), len(idx))[:, None]])
+        keep = pareto(cc, qq)
+        cost, corr, idx = cc[keep], qq[keep], ii[keep]
+    return cost, corr, idx
+
+
+@dataclass
+class Choice:
+    """A selected policy per task, with selection-side and evaluation-side sums."""
+
+    picks: dict[str, tuple[Group, int]]
+    train: dict[str, tuple[float, float]]  # task -> (cost, correct) on the selection folds
+    test: dict[str, tuple[float, float]]  # task -> (cost, correct) on the evaluation folds
+    base_train: dict[str, tuple[float, float]]
+    base_test: dict[str, tuple[float, float]]
+
+
+class Selector:
+    """Per regime: each task's frontier on the selection folds, and their pooled frontier."""
+
+    def __init__(self, tasks: dict[str, Task], groups: dict[str, list[Group]], regime: str,
+                 families: frozenset[str]) -> None:
+        self.tasks, self.regime = tasks, regime
+        rows = train_rows(regime)
+        self.test_rows = rows if regime == "train" else ~rows
+        self.fronts: dict[str, tuple[Array, Array, Array, Array, list[tuple[Group, int]]]] = {}
+        for t, task in tasks.items():
+            use = [g for g in groups[t] if g.family in families and regime in g.allowed]
+            cost = np.vstack([g.get(regime)[0] for g in use])
+            corr = np.vstack([g.get(regime)[1] for g in use])
+            refs = [(g, i) for g in use for i in range(len(g.get(regime)[0]))]
+            ctr, qtr = cost[:, rows].sum(1), corr[:, rows].sum(1)
+            keep = pareto(ctr, qtr)
+            self.fronts[t] = (ctr[keep], qtr[keep], cost[keep][:, self.test_rows].sum(1),
+                              corr[keep][:, self.test_rows].sum(1), [refs[i] for i in keep])
+        self.base_train = {t: self._base(task, rows) for t, task in tasks.items()}
+        self.base_test = {t: self._base(task, self.test_rows) for t, task in tasks.items()}
+        self.pooled = combine([(f[0], f[1]) for f in self.fronts.values()])
+
+    @staticmethod
+    def _base(task: Task, rows: Array) -> tuple[float, float]:
+        sel = np.isin(task.fold, np.flatnonzero(rows))
+        return float(task.cost[sel, task.g4].sum()), float(task.correct[sel, task.g4].sum())
+
+    def _choice(self, idx: dict[str, int]) -> Choice:
+        fr = self.fronts
+        return Choice({t: fr[t][4][i] for t, i in idx.items()},
+                      {t: (float(fr[t][0][i]), float(fr[t][1][i])) for t, i in idx.items()},
+                      {t: (float(fr[t][2][i]), float(fr[t][3][i])) for t, i in idx.items()},
+                      {t: self.base_train[t] for t in idx}, {t: self.base_test[t] for t in idx})
+
+    def pick_pooled(self, quality: float) -> Choice | None:
+        need = quality * sum(b[1] for b in self.base_train.values())
+        cost, corr, idx = self.pooled
+        ok = np.flatnonzero(corr >= need - 1e-9)
+        if not len(ok):
+            return None
+        best = ok[np.argmin(cost[ok])]
+        return self._choice(dict(zip(self.fronts, idx[best].tolist(), strict=True)))
+
+    def pick_each(self, quality: float) -> Choice | None:
+        """Every task on its own at >= quality of GPT-4 on that task."""
+        idx = {}
+        for t, f in self.fronts.items():
+            ok = np.flatnonzero(f[1] >= quality * self.base_train[t][1] - 1e-9)
+            if not len(ok):
+                return None
+            idx[t] = int(ok[np.argmin(f[0][ok])])
+        return self._choice(idx)
+
+
+def ratios(choice: Choice, side: str, tasks: Sequence[str] | None = None) -> tuple[float, float]:
+    """(spend, quality) as fractions of always-GPT-4, pooled over ``tasks``."""
+    sums = choice.train if side == "train" else choice.test
+    base = choice.base_train if side == "train" else choice.base_test
+    names = list(tasks or sums)
+    return (sum(sums[t][0] for t in names) / sum(base[t][0] for t in names),
+            sum(sums[t][1] for t in names) / sum(base[t][1] for t in names))
+
+
+def cross_validate(selectors: list[Selector], quality: float, margin: float,
+                   mode: str = "pooled") -> tuple[float, float, float, list[Choice]]:
+    """Nested CV: select on 4 folds at quality + margin, score on the 5th; returns pooled
+    spend and quality ratios over all held-out folds, the worst fold's quality, the choices."""
+    cost = corr = base_c = base_q = 0.0
+    worst = np.inf
+    choices = []
+    for sel in selectors:
+        ch = sel.pick_pooled(quality + margin) if mode == "pooled" else sel.pick_each(
+            quality + margin)
+        if ch is None:
+            return np.nan, np.nan, np.nan, []
+        choices.append(ch)
+        cost += sum(v[0] for v in ch.test.values())
+        corr += sum(v[1] for v in ch.test.values())
+        base_c += sum(v[0] for v in ch.base_test.values())
+        base_q += sum(v[1] for v in ch.base_test.values())
+        worst = min(worst, ratios(ch, "test")[1])
+    return cost / base_c, corr / base_q, worst, choices
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    body = ["  ".join(str(c).rjust(w) if j else str(c).ljust(w)
+                      for j, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    return "\n".join([line, "-" * len(line), *body])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--csv", type=Path, help="RouterBench CSV folder instead of the extract")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="2-tier search only (faster)")
+    args = ap.parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    samples = load_csv(args.csv) if args.csv else load_extract()
+    models = list(samples[0].responses)
+    tasks = {t: build_task(t, [s for s in samples if s.eval == t], models, args.seed)
+             for t in TASKS}
+    print(f"{len(samples)} samples ({', '.join(f'{t} {len(tasks[t].samples)}' for t in TASKS)})"
+          f", {len(models)} models; loaded in {time.time() - t0:.1f}s")
+    report_models(tasks)
+    report_task_classifier(samples)
+    report_router(tasks)
+
+    max_tiers = 2 if args.quick else MAX_TIERS
+    groups = {t: vote_groups(task, max_tiers) for t, task in tasks.items()}
+    n_vote = sum(len(g.labels[0]) and int(np.prod([len(x) for x in g.labels]))
+                 for gs in groups.values() for g in gs)
+    print(f"\nvote family: {n_vote} policies simulated ({time.time() - t0:.0f}s)")
+    for t, task in tasks.items():
+        lists = {r: shortlist(task, groups[t], r, size=10) for r in REGIMES}
+        groups[t] += scorer_groups(task, lists)
+    n_scorer = sum(int(np.prod([len(x) for x in g.labels])) for gs in groups.values()
+                   for g in gs if g.family == "scorer")
+    print(f"scorer family: {n_scorer} policies per regime ({time.time() - t0:.0f}s)")
+    families = {"vote": frozenset({"vote"}), "vote+scorer": frozenset({"vote", "scorer"})}
+    selectors = {name: {r: Selector(tasks, groups, r, fam) for r in REGIMES}
+                 for name, fam in families.items()}
+    report_static(tasks)
+    report_per_task(tasks, selectors["vote+scorer"])
+    report_curve(selectors)
+    margins = report_margins(selectors)
+    report_policies(tasks, selectors, margins)
+    print(f"\ndone in {time.time() - t0:.0f}s")
+    return 0
+
+
+def folds_of(selectors: dict[str, Selector]) -> list[Selector]:
+    return [selectors[r] for r in REGIMES if r != "train"]
+
+
+def pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}"
+
+
+def report_static(tasks: dict[str, Task]) -> None:
+    """Reference: the best single model per task (no cascade), in-sample."""
+    print("\n== Reference: best single model per task, pooled (train) ==")
+    best: dict[float, str] = {}
+    choices = {t: [(task.cost[:, j].sum(), task.correct[:, j].sum(), j)
+                   for j in range(len(task.models))] for t, task in tasks.items()}
+    base_c = sum(task.cost[:, task.g4].sum() for task in tasks.values())
+    base_q = sum(task.correct[:, task.g4].sum() for task in tasks.values())
+    for combo in itertools.product(*choices.values()):
+        c = sum(x[0] for x in combo) / base_c
+        q = sum(x[1] for x in combo) / base_q
+        for tgt in TARGETS:
+            if q >= tgt and c < float(best.get(tgt, "inf").split()[0]):
+                names = ", ".join(f"{t}={short_name(tasks[t].models[x[2]])}"
+                                  for t, x in zip(tasks, combo, strict=True))
+                best[tgt] = f"{c} {names}"
+    for tgt in TARGETS:
+        c, names = best[tgt].split(" ", 1)
+        print(f"  >= {100 * tgt:.0f}% quality: spend {100 * float(c):.1f}%  ({names})")
+
+
+def report_per_task(tasks: dict[str, Task], selectors: dict[str, Selector]) -> None:
+    print("\n== Per-task frontier (vote + scorer families; each task on its own) ==")
+    print("cheapest policy with task quality >= q x GPT-4's; train = select and score on all;"
+          " CV = nested 5-fold")
+    rows = []
+    for q in (0.90, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0):
+        tr = selectors["train"].pick_each(q)
+        _, _, _, cv = cross_validate(folds_of(selectors), q, 0.0, mode="each")
+        row = [f"{100 * q:.0f}%"]
+        for t in tasks:
+            if tr is None:
+                row += ["n/a"] * 3
+                continue
+            row.append(pct(ratios(tr, "train", [t])[0]))
+            if cv:
+                c = sum(ch.test[t][0] for ch in cv) / sum(ch.base_test[t][0] for ch in cv)
+                k = sum(ch.test[t][1] for ch in cv) / sum(ch.base_test[t][1] for ch in cv)
+                row += [pct(c), pct(k)]
+            else:
+                row += ["n/a", "n/a"]
+        rows.append(row)
+    header = ["q"]
+    for t in tasks:
+        header += [f"{t[:4]} $% train", f"{t[:4]} $% CV", f"{t[:4]} Q% CV"]
+    print(table(rows, header))
+    tr = selectors["train"]
+    for t in tasks:
+        for q in (0.95, 0.98):
+            ch = tr.pick_each(q)
+            if ch:
+                g, i = ch.picks[t]
+                c, k = ratios(ch, "train", [t])
+                print(f"  {t} @{100 * q:.0f}%: {pct(c)}% spend, {pct(k)}% quality: "
+                      f"{describe(tasks[t], g, g.combo(i))}")
+
+
+def report_curve(selectors: dict[str, dict[str, Selector]]) -> None:
+    print("\n== Pooled cost-quality curve (all 2,217 samples pooled, as the evaluation does) ==")
+    print("target q: cheapest policy set (one policy per task) with pooled quality >= q;"
+          " spend and quality in % of always-GPT-4")
+    rows = []
+    for q in (0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0):
+        row = [f"{100 * q:.0f}%"]
+        for name in ("vote", "vote+scorer"):
+            tr = selectors[name]["train"].pick_pooled(q)
+            cv_c, cv_q, worst, _ = cross_validate(folds_of(selectors[name]), q, 0.0)
+            row += [pct(ratios(tr, "train")[0]) if tr else "n/a", pct(cv_c), pct(cv_q),
+                    pct(worst)]
+        rows.append(row)
+    header = ["q"]
+    for name in ("vote", "vote+scorer"):
+        header += [f"{name} $% train", "$% CV", "Q% CV", "worst fold Q%"]
+    print(table(rows, header))
+
+
+def report_margins(selectors: dict[str, dict[str, Selector]]) -> dict[float, float]:
+    print("\n== Robustness: select at target + margin on 4 folds, score the 5th ==")
+    rows = []
+    chosen: dict[float, float] = {}
+    for tgt in TARGETS:
+        for margin in (0.0, 0.005, 0.01, 0.015, 0.02, 0.03):
+            row = [f"{100 * tgt:.0f}%", f"+{100 * margin:.1f}"]
+            for name in ("vote", "vote+scorer"):
+                c, q, worst, _ = cross_validate(folds_of(selectors[name]), tgt, margin)
+                row += [pct(c), pct(q), pct(worst)]
+                if name == "vote+scorer" and tgt not in chosen and q >= tgt and worst >= tgt - 0.01:
+                    chosen[tgt] = margin
+            rows.append(row)
+    print(table(rows, ["target", "margin pts", "vote $% CV", "Q% CV", "worst fold Q%",
+                       "v+s $% CV", "Q% CV", "worst fold Q%"]))
+    return chosen
+
+
+def bootstrap(tasks: dict[str, Task], choice: Choice, regime: str, draws: int = 2000,
+              seed: int = 0) -> tuple[float, float, float]:
+    """Sampling s.d. of quality and spend ratios on a fresh set of the same size and mix, and
+    P(quality ratio < target) implied by the normal approximation is left to the reader."""
+    cost, corr, g4c, g4q = [], [], [], []
+    for t, task in tasks.items():
+        g, i = choice.picks[t]
+        c, k = g.per_sample(task, regime, i)
+        cost.append(c)
+        corr.append(k)
+        g4c.append(task.cost[:, task.g4])
+        g4q.append(task.correct[:, task.g4])
+    cost_a, corr_a, g4c_a, g4q_a = (np.concatenate(x) for x in (cost, corr, g4c, g4q))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(cost_a), (draws, len(cost_a)))
+    q = corr_a[idx].sum(1) / g4q_a[idx].sum(1)
+    c = cost_a[idx].sum(1) / g4c_a[idx].sum(1)
+    return float(q.std()), float(c.std()), float(corr_a.sum() / g4q_a.sum())
+
+
+def report_policies(tasks: dict[str, Task], selectors: dict[str, dict[str, Selector]],
+                    margins: dict[float, float]) -> None:
+    print("\n== Recommended operating points (selected on all samples at target + margin) ==")
+    for tgt in TARGETS:
+        for name in ("vote", "vote+scorer"):
+            margin = margins.get(tgt, 0.01)
+            ch = selectors[name]["train"].pick_pooled(tgt + margin)
+            if ch is None:
+                print(f"{name} @{100 * tgt:.0f}%: infeasible")
+                continue
+            tr_c, tr_q = ratios(ch, "train")
+            cv_c, cv_q, worst, _ = cross_validate(folds_of(selectors[name]), tgt, margin)
+            sd_q, sd_c, _ = bootstrap(tasks, ch, "train")
+            print(f"\n[{name}] target >= {100 * tgt:.0f}% quality, spend goal <= "
+                  f"{100 * SPEND_GOALS[tgt]:.0f}%; margin +{100 * margin:.1f} pts")
+            print(f"  train: spend {pct(tr_c)}%, quality {pct(tr_q)}%   |   nested CV: spend "
+                  f"{pct(cv_c)}%, quality {pct(cv_q)}% (worst fold {pct(worst)}%)   |   "
+                  f"sampling s.d. at n=2,217: quality {100 * sd_q:.2f} pts, spend "
+                  f"{100 * sd_c:.2f} pts")
+            for t, task in tasks.items():
+                g, i = ch.picks[t]
+                c, k = ratios(ch, "train", [t])
+                print(f"  {t:13s} spend {pct(c):>5}%  quality {pct(k):>5}%  "
+                      f"{describe(task, g, g.combo(i))}")
+                if g.family == "scorer":
+                    print_scorer(task, g)
+
+
+def print_scorer(task: Task, group: Group) -> None:
+    for k in range(len(group.tiers)):
+        x, y, mask = candidate_features(task, group.tiers, k)
+        w = fit_scorer(x, y, mask, np.ones(len(task.samples), bool))
+        names = scorer_names(task, group.tiers, k)
+        terms = ", ".join(f"{n} {v:+.2f}" for n, v in zip(names, w[:-1], strict=True))
+        print(f"      scorer after tier {k + 1}: logit = {w[-1]:+.2f} + {terms}")
+
+
+def report_models(tasks: dict[str, Task]) -> None:
+    print("\n== Per-model accuracy and spend (spend as % of always-GPT-4 on that task) ==")
+    models = next(iter(tasks.values())).models
+    header = ["model"] + [f"{t} acc" for t in TASKS] + [f"{t} $%" for t in TASKS] + ["pooled acc",
+                                                                                    "pooled $%"]
+    rows = []
+    g4c = {t: tasks[t].cost[:, tasks[t].g4].sum() for t in TASKS}
+    for j, m in enumerate(models):
+        acc = [tasks[t].correct[:, j].mean() for t in TASKS]
+        spend = [tasks[t].cost[:, j].sum() / g4c[t] for t in TASKS]
+        n_all = sum(len(tasks[t].samples) for t in TASKS)
+        pooled_acc = sum(tasks[t].correct[:, j].sum() for t in TASKS) / n_all
+        pooled_spend = sum(tasks[t].cost[:, j].sum() for t in TASKS) / sum(g4c.values())
+        rows.append([short_name(m)] + [f"{a:.3f}" for a in acc]
+                    + [f"{100 * s:.1f}" for s in spend] + [f"{pooled_acc:.3f}",
+                                                           f"{100 * pooled_spend:.1f}"])
+    oracle = [tasks[t].correct.max(1).mean() for t in TASKS]
+    rows.append(["(oracle: any correct)"] + [f"{a:.3f}" for a in oracle] + ["", "", "", "", ""])
+    print(table(rows, header))
+    for t in TASKS:
+        task = tasks[t]
+        valid = (task.answer >= 0).mean(0)
+        print(f"  {t}: structurally valid answers per model: "
+              + ", ".join(f"{short_name(m)} {100 * v:.0f}%" for m, v in zip(models, valid,
+                                                                           strict=True)))
+
+
+def report_task_classifier(samples: list[Sample]) -> None:
+    print("\n== Task recognition ==")
+    truth = [s.eval for s in samples]
+    rule = [rule_task(s.prompt) for s in samples]
+    print(f"rules: {sum(a == b for a, b in zip(rule, truth, strict=True))}/{len(truth)} correct")
+    labels = np.array([TASKS.index(t) for t in truth])
+    x = hashed_ngrams([s.prompt[-1500:] for s in samples], 1024, chars=True)
+    fold = np.arange(len(samples)) % K_FOLDS
+    np.random.default_rng(1).shuffle(fold)
+    pred = np.zeros(len(samples), int)
+    for f in range(K_FOLDS):
+        w = softmax_fit(x[fold != f], labels[fold != f], len(TASKS))
+        xb = np.hstack([x[fold == f], np.ones(((fold == f).sum(), 1))])
+        pred[fold == f] = (xb @ w).argmax(1)
+    conf = Counter(zip(labels.tolist(), pred.tolist(), strict=True))
+    print(f"hashed word+char n-gram softmax (1024 dims, last 1,500 chars), 5-fold CV: "
+          f"{(pred == labels).mean():.4f}; confusions: "
+          + (", ".join(f"{TASKS[a]}->{TASKS[b]}: {n}" for (a, b), n in conf.items() if a != b)
+             or "none"))
+
+
+def report_router(tasks: dict[str, Task]) -> None:
+    """Prompt-only router: P(model correct | prompt) from hashed n-grams of the question."""
+    print("\n== Learned prompt-only router (hashed n-grams of the question, 256 dims, L2 LR) ==")
+    rows = []
+    for t in TASKS:
+        task = tasks[t]
+        q = [s.prompt if t == "mbpp" else s.prompt.rstrip().split("\n\n")[-1]
+             for s in task.samples]
+        x = hashed_ngrams(q, 256)
+        cheap = [j for j in range(len(task.models)) if task.models[j] != GPT4]
+        y = task.correct[:, cheap]
+        oof = np.zeros((len(q), len(task.models)))
+        for f in range(K_FOLDS):
+            tr = task.fold != f
+            oof[~tr][:, cheap] = 0.0
+            oof[np.ix_(~tr, cheap)] = multi_logreg(x[tr], y[tr], x[~tr])
+        ins = multi_logreg(x, y, x)
+        aucs_cv = [auc(oof[:, j], y[:, k]) for k, j in enumerate(cheap)]
+        aucs_tr = [auc(ins[:, k], y[:, k]) for k in range(len(cheap))]
+        # routing: best predicted cheap model; escalate to GPT-4 below a threshold
+        pick = np.array(cheap)[oof[:, cheap].argmax(1)]
+        top = oof[np.arange(len(q)), pick]
+        g4 = task.g4
+        base_c, base_q = task.cost[:, g4].sum(), task.correct[:, g4].sum()
+        best = {}
+        for th in np.unique(np.quantile(top, np.linspace(0, 1, 41))):
+            esc = top < th
+            c = (task.cost[np.arange(len(q)), pick] * ~esc + task.cost[:, g4] * esc).sum()
+            ok = (task.correct[np.arange(len(q)), pick] * ~esc + task.correct[:, g4] * esc).sum()
+            for tgt in TARGETS:
+                if ok >= tgt * base_q and c < best.get(tgt, np.inf):
+                    best[tgt] = c
+        rows.append([t, f"{np.mean(aucs_tr):.2f}", f"{np.mean(aucs_cv):.2f}",
+                     f"{min(aucs_cv):.2f}-{max(aucs_cv):.2f}"]
+                    + [f"{100 * best.get(tgt, np.nan) / base_c:.0f}%" for tgt in TARGETS])
+    print(table(rows, ["task", "train AUC", "CV AUC (mean)", "CV AUC range",
+                       "$% at 98% (OOF)", "$% at 95% (OOF)"]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

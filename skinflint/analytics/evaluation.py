@@ -1,0 +1,166 @@
+"""The evaluation harness behind ``skinflint replay``: a recorded dataset through the real
+pipeline (the gateway's own stages, classifier, cascades, gates and ledger) against the replay
+provider, scored with the recorded correctness of the answer that was finally returned."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from skinflint.config import Settings, settings_from_dict
+from skinflint.gateway import Gateway
+from skinflint.providers.replay import ReplayProvider, ReplaySample
+from skinflint.storage.ledger import MemoryLedger
+
+__all__ = ["DEFAULT_ROUTE", "Outcome", "default_replay_config", "evaluate", "run_dataset"]
+
+DEFAULT_ROUTE = "auto"
+Progress = Callable[[int, int], None]
+
+
+def default_replay_config() -> dict[str, Any]:
+    """The shipped replay configuration: route ``auto`` over the recorded models."""
+    text = (resources.files("skinflint") / "data" / "replay.yaml").read_text()
+    loaded: dict[str, Any] = yaml.safe_load(text)
+    return loaded
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    sample: ReplaySample
+    model: str  # the recorded model whose answer was returned
+    tier: str
+    cost_usd: float
+    correct: int
+
+
+def _replay_settings(raw: dict[str, Any], dataset: Path, db: Path) -> Settings:
+    raw = dict(raw)
+    providers = {n: dict(p) for n, p in (raw.get("providers") or {}).items()}
+    for p in providers.values():
+        if p.get("kind") == "replay":
+            p["data_path"], p["latency_scale"] = str(dataset), 0.0
+    raw["providers"] = providers
+    raw["storage"] = {"sqlite_path": str(db)}
+    raw["cache"] = {"exact": {"enabled": False}}  # every sample is asked once, on its merits
+    return settings_from_dict(raw, env={})
+
+
+async def _ask(gw: Gateway, replay: ReplayProvider, sample: ReplaySample, model: str) -> Outcome:
+    body = {"model": model, "temperature": 0,
+            "messages": [{"role": "user", "content": sample.prompt}]}
+    ctx = gw.context("chat", orjson.dumps(body), {})
+    await gw.pipeline.handle(ctx)
+    assert ctx.answered is not None and ctx.cost_usd is not None
+    answered = ctx.answered.name
+    tier = ctx.route.split("tier=")[-1].split("/")[0] if "tier=" in ctx.route else "1"
+    return Outcome(sample, answered, f"{answered} (tier {tier})", ctx.cost_usd,
+                   replay.correctness(sample.prompt, answered) or 0)
+
+
+async def _run(settings: Settings, model: str, on_progress: Progress | None,
+               concurrency: int) -> list[Outcome]:
+    gw = await Gateway.open(settings, ledger=MemoryLedger())
+    try:
+        replay = next(p for p in gw.providers.values() if isinstance(p, ReplayProvider))
+        await asyncio.to_thread(replay.load)
+        samples = replay.samples()
+        gate = asyncio.Semaphore(concurrency)
+        done: list[Outcome] = []
+
+        async def one(sample: ReplaySample) -> Outcome:
+            async with gate:
+                outcome = await _ask(gw, replay, sample, model)
+            done.append(outcome)
+            if on_progress:
+                on_progress(len(done), len(samples))
+            return outcome
+
+        return list(await asyncio.gather(*(one(s) for s in samples)))
+    finally:
+        await gw.close()
+
+
+def run_dataset(raw_config: dict[str, Any], dataset: Path, *, model: str = DEFAULT_ROUTE,
+                on_progress: Progress | None = None, concurrency: int = 32) -> list[Outcome]:
+    with tempfile.TemporaryDirectory(prefix="skinflint-replay-") as tmp:
+        settings = _replay_settings(raw_config, dataset, Path(tmp) / "replay.db")
+        return asyncio.run(_run(settings, model, on_progress, concurrency))
+
+
+def _summary(outcomes: Sequence[Outcome]) -> dict[str, float]:
+    return {"cost_usd": sum(o.cost_usd for o in outcomes),
+            "quality": statistics.fmean(o.correct for o in outcomes) if outcomes else 0.0}
+
+
+def _single_models(samples: Sequence[ReplaySample]) -> dict[str, dict[str, float]]:
+    """Each recorded model alone, from its recorded cost and correctness (the replay provider
+    charges exactly the recorded cost, so this equals running it through the gateway)."""
+    models = list(samples[0].cost) if samples else []
+    return {m: {"cost_usd": sum(s.cost[m] for s in samples),
+                "quality": statistics.fmean(s.correct[m] or 0 for s in samples)} for m in models}
+
+
+def _with_thresholds(raw: dict[str, Any], threshold: float) -> dict[str, Any]:
+    """The configuration with every scorer gate set to ``threshold``."""
+    copy: dict[str, Any] = orjson.loads(orjson.dumps(raw))
+    for route in (copy.get("routes") or {}).values():
+        for task in (route.get("tasks") or {}).values():
+            for tier in task.get("cascade") or ():
+                gate = tier.setdefault("gate", {})
+                if "scorer" in gate:
+                    gate["scorer"] = threshold
+    return copy
+
+
+def evaluate(dataset: Path, raw_config: dict[str, Any] | None = None, *,
+             model: str = DEFAULT_ROUTE, curve: Sequence[float] = (),
+             on_progress: Progress | None = None) -> dict[str, Any]:
+    """The report ``skinflint replay --json`` prints."""
+    raw = raw_config if raw_config is not None else default_replay_config()
+    outcomes = run_dataset(raw, dataset, model=model, on_progress=on_progress)
+    samples = [o.sample for o in outcomes]
+    singles = _single_models(samples)
+    route = (raw.get("routes") or {}).get(model) or {}
+    premium = route.get("baseline") or raw.get("baseline_model") or max(
+        singles, key=lambda m: singles[m]["cost_usd"])
+    cheapest = min(singles, key=lambda m: singles[m]["cost_usd"])
+    best = max(singles, key=lambda m: (singles[m]["quality"], -singles[m]["cost_usd"]))
+    mine = _summary(outcomes)
+    base = singles[premium]
+    report: dict[str, Any] = {
+        "requests": len(outcomes),
+        "route": model,
+        "baseline": {"model": premium, **base},
+        "skinflint": {**mine,
+                      "cost_share": mine["cost_usd"] / base["cost_usd"] if base["cost_usd"] else 0,
+                      "quality_share": mine["quality"] / base["quality"] if base["quality"] else 0},
+        "cheapest": {"model": cheapest, **singles[cheapest]},
+        "best_single": {"model": best, **singles[best]},
+        "traffic": _shares(Counter(o.tier for o in outcomes), len(outcomes)),
+        "models": singles,
+    }
+    if curve:
+        report["curve"] = [_curve_point(raw, dataset, model, t, base) for t in curve]
+    return report
+
+
+def _shares(counts: Counter[str], total: int) -> dict[str, float]:
+    return {k: n / total for k, n in counts.most_common()}
+
+
+def _curve_point(raw: dict[str, Any], dataset: Path, model: str, threshold: float,
+                 base: dict[str, float]) -> dict[str, float]:
+    s = _summary(run_dataset(_with_thresholds(raw, threshold), dataset, model=model))
+    return {"threshold": threshold, **s, "cost_share": s["cost_usd"] / base["cost_usd"],
+            "quality_share": s["quality"] / base["quality"]}
