@@ -60,6 +60,7 @@ THETAS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 JACCARD_TAUS = (0.3, 0.5, 0.7)
 TARGETS = (0.98, 0.95)
 SPEND_GOALS = {0.98: 0.45, 0.95: 0.20}
+SCORER_LETTERS = True  # multiple-choice scorer: include the candidate's letter (position bias)
 
 Array = np.ndarray[Any, Any]
 
@@ -464,7 +465,8 @@ def candidate_features(task: Task, tiers: tuple[int, ...], k: int) -> tuple[Arra
             agree = (sub == sub[:, [p]]) & valid & valid[:, [p]]  # (n, cols)
             letter = np.eye(letters)[np.clip(sub[:, p], 0, letters - 1)][:, 1:]
             distinct = np.array([len(set(r[r >= 0].tolist())) for r in sub])[:, None]
-            feats.append(np.hstack([agree, letter, distinct / 3.0]))
+            parts = [agree, letter, distinct / 3.0] if SCORER_LETTERS else [agree, distinct / 3.0]
+            feats.append(np.hstack(parts))
         x = np.stack(feats, 1)
         first = np.ones((n, cols), bool)
         for p in range(cols):
@@ -491,7 +493,7 @@ def candidate_features(task: Task, tiers: tuple[int, ...], k: int) -> tuple[Arra
 def scorer_names(task: Task, tiers: tuple[int, ...], k: int) -> list[str]:
     short = [short_name(task.models[t]) for t in tiers[: k + 1]]
     if task.is_choice:
-        letters = "BCD" if task.name == "arc-challenge" else "B"
+        letters = ("BCD" if task.name == "arc-challenge" else "B") if SCORER_LETTERS else ""
         return ([f"agrees:{s}" for s in short] + [f"letter={c}" for c in letters]
                 + ["distinct/3"])
     return ([f"from:{s}" for s in short] + ["log1p(reply chars)/8", "log1p(code chars)/8",

@@ -126,7 +126,7 @@ class Gateway:
         ledger = ledger or SQLiteLedger(db, flush_interval=settings.storage.ledger_flush_interval)
         ex = settings.cache.exact
         store = TieredCacheStore(db, memory_entries=ex.memory_entries, max_entries=ex.max_entries)
-        exact = ExactCache(ex, store)
+        exact = ExactCache(ex, store, frozenset(settings.routes))
         policies = {
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
             for n, c in settings.providers.items()

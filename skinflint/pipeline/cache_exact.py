@@ -54,8 +54,11 @@ async def _replay(chunks: list[dict[str, Any]]) -> AsyncIterator[StreamChunk]:
 class ExactCache:
     name = "exact_cache"
 
-    def __init__(self, config: ExactCacheConfig, store: CacheStore) -> None:
+    def __init__(self, config: ExactCacheConfig, store: CacheStore,
+                 routes: frozenset[str] = frozenset()) -> None:
+        """``routes``: names whose answer also depends on the task header and the feature."""
         self.config = config
+        self._routes = routes
         self.store = store
         self.enabled = config.enabled or bool(config.features) or bool(config.routes)
         self._policies: dict[tuple[str, str], Policy] = {}
@@ -96,6 +99,8 @@ class ExactCache:
         digest = (
             request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
         )
+        if ctx.requested_model in self._routes:
+            digest = scoped_key(f"route\0{ctx.task}\0{ctx.feature}", digest)
         ctx.cache_key = scoped_key(self._scope(ctx), digest)
         ctx.cache_writable, ctx.cache_ttl = True, policy.ttl_seconds
         if ctx.cache_mode != "refresh":

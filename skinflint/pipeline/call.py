@@ -88,6 +88,9 @@ class CallProvider:
                 **(opts if isinstance(opts, dict) else {}),
                 "include_usage": True,
             }
+        elif body.get("stream"):  # a cascade tier of a streamed request: its gate needs it whole
+            body["stream"] = False
+            body.pop("stream_options", None)
         return UpstreamRequest(target.provider_model, body, timeout)
 
     async def _try_target(self, ctx: RequestContext, target: Target) -> Reply:
