@@ -16,8 +16,11 @@ concurrency 50, the time from launch to healthy, and RSS after load.
 Prints tables and skinflint/LiteLLM ratios and appends one JSON object per run to
 ``bench/results/gateway.jsonl``.
 
-    python bench/gateway.py            # ~5 s per phase, about 4-5 minutes
-    python bench/gateway.py --quick    # ~2 s per phase, about 2 minutes
+    python bench/gateway.py                  # 5 s per phase, about 3.5 minutes
+    python bench/gateway.py --quick          # 2 s per phase, under 2 minutes
+    python bench/gateway.py --wait-idle 300  # first wait for other processes to go quiet
+
+The first run also installs LiteLLM (about a minute) and, as root, Debian's wrk if missing.
 """
 
 from __future__ import annotations

@@ -314,7 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="skinflint", description="LLM gateway that cuts the bill.", parents=[common]
     )
-    p.set_defaults(config=None)
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kw: Any) -> argparse.ArgumentParser:
@@ -382,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        args.config = getattr(args, "config", None)
         settings = load_settings(args.config)
         result: int = args.func(args, settings)
         return result

@@ -99,6 +99,7 @@ class ExactCacheConfig(_Frozen):
     normalization: Literal["conservative", "loose"] = "conservative"
     max_temperature: float = Field(default=0.7, ge=0)
     memory_entries: int = Field(default=10_000, ge=0)
+    memory_bytes: int = Field(default=64 << 20, ge=0)
     max_entries: int = Field(default=200_000, ge=1)
     max_entry_bytes: int = Field(default=1 << 20, ge=1)
     features: dict[str, CachePolicy] = Field(default_factory=dict)

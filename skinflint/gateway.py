@@ -125,7 +125,12 @@ class Gateway:
         catalog = PriceCatalog(price_overrides(settings))
         ledger = ledger or SQLiteLedger(db, flush_interval=settings.storage.ledger_flush_interval)
         ex = settings.cache.exact
-        store = TieredCacheStore(db, memory_entries=ex.memory_entries, max_entries=ex.max_entries)
+        store = TieredCacheStore(
+            db,
+            memory_entries=ex.memory_entries,
+            memory_bytes=ex.memory_bytes,
+            max_entries=ex.max_entries,
+        )
         exact = ExactCache(ex, store, frozenset(settings.routes))
         policies = {
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
@@ -175,7 +180,6 @@ class Gateway:
 
     def _warm(self) -> None:
         self.catalog.warm(list(self.settings.models) or None)
-        self.tokens.warm()
         for provider in self.providers.values():
             if isinstance(provider, ReplayProvider):
                 provider.load()

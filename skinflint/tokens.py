@@ -120,6 +120,14 @@ class TokenCounter:
         for model in ("gpt-4", "gpt-4o"):
             self._encoding(model)
 
+    def ready(self, model: str) -> bool:
+        """True when counting for ``model`` needs no loading (so it will not block)."""
+        return self.encoding_for(model) in self._encodings
+
+    def prepare(self, model: str) -> None:
+        """Load the encoding ``model`` uses (blocking: call it from a worker thread)."""
+        self._encoding(model)
+
     def encoding_for(self, model: str) -> str:
         """Name the encoding that counts ``model``: ``"o200k_base"`` or ``"cl100k_base"``.
 

@@ -61,7 +61,7 @@ class Account:
         assert reply.body is not None
         ctx.model = reply.body.get("model") or ctx.model
         if ctx.usage is None:
-            ctx.usage = self._usage(ctx, reply.body)
+            ctx.usage = await self._usage(ctx, reply.body)
         if ctx.cache_status != "hit-exact":
             await self._cache.save(ctx, reply.body, reply.raw)
         self._finish(ctx)
@@ -100,19 +100,21 @@ class Account:
             ctx.model = assembler.model or ctx.model
             if not hit:
                 ctx.upstream_ms += (time.perf_counter() - started) * 1000
-                ctx.usage = self._usage(ctx, assembler.completion())
+                ctx.usage = await self._usage(ctx, assembler.completion())
             if failure is not None:
                 self._mark_failure(ctx, failure)
             elif not hit:
                 await self._cache.save(ctx, assembler.completion(), None)
             self._finish(ctx)
 
-    def _usage(self, ctx: RequestContext, body: dict[str, Any]) -> Usage:
+    async def _usage(self, ctx: RequestContext, body: dict[str, Any]) -> Usage:
         usage = Usage.from_openai(body.get("usage"))
         if usage is not None:
             return usage
         model = ctx.model or ctx.requested_model
         self._metrics.counted_usage.labels(model).inc()
+        if not self._tokens.ready(model):  # the tokenizer loads once, off the event loop
+            await asyncio.to_thread(self._tokens.prepare, model)
         if ctx.endpoint == "embeddings":
             inputs = ctx.body.get("input")
             texts = inputs if isinstance(inputs, list) else [inputs]

@@ -27,8 +27,10 @@ log = logging.getLogger("skinflint.cache")
 class MemoryCacheStore:
     """LRU with expiry and a tag index. Not thread-safe: used from the event loop only."""
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 64 << 20) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._by_tag: dict[str, set[str]] = {}
         self.evictions = 0
@@ -53,9 +55,10 @@ class MemoryCacheStore:
         if entry.key in self._entries:
             self._drop(entry.key)
         self._entries[entry.key] = entry
+        self.bytes += len(entry.value)
         for tag in entry.tags:
             self._by_tag.setdefault(tag, set()).add(entry.key)
-        while len(self._entries) > self.max_entries:
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
             self.evictions += 1
 
@@ -66,6 +69,7 @@ class MemoryCacheStore:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
+        self.bytes -= len(entry.value)
         for tag in entry.tags:
             keys = self._by_tag.get(tag)
             if keys is not None:
@@ -83,7 +87,7 @@ class MemoryCacheStore:
         return self.drop_tags(tags)
 
     async def stats(self) -> dict[str, int]:
-        return {"entries": len(self._entries), "evictions": self.evictions}
+        return {"entries": len(self._entries), "bytes": self.bytes, "evictions": self.evictions}
 
     async def close(self) -> None:
         self._entries.clear()
@@ -109,10 +113,11 @@ class TieredCacheStore:
         *,
         memory_entries: int = 10_000,
         max_entries: int = 200_000,
+        memory_bytes: int = 64 << 20,
         flush_interval: float = 0.1,
     ) -> None:
         self.path = path
-        self.memory = MemoryCacheStore(memory_entries)
+        self.memory = MemoryCacheStore(memory_entries, memory_bytes)
         self.max_entries = max_entries
         self._conn = open_sqlite(path)
         for stmt in _SCHEMA:
