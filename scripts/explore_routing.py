@@ -542,12 +542,15 @@ def candidate_features(task: Task, tiers: tuple[int, ...], k: int) -> tuple[Arra
     return np.stack(feats, 1), task.correct[:, list(prefix)], valid
 
 
-def decision_table(task: Task, group: Group, combo: tuple[str, ...]) -> list[str]:
+def decision_table(
+    task: Task, group: Group, combo: tuple[str, ...]
+) -> tuple[list[str], list[list[str]]]:
     """A multiple-choice scorer policy as explicit rules: per tier, the answer tuples of the
     tiers called so far (letters, '-' = invalid) on which the cascade stops, and the letter
     it returns."""
     letters = n_letters(task)
-    lines = []
+    lines: list[str] = []
+    tables: list[list[str]] = []
     for k, gate in enumerate(combo):
         tuples = np.array(list(itertools.product(range(-1, letters), repeat=k + 1)))
         x, mask = choice_features(tuples, letters)
@@ -581,7 +584,8 @@ def decision_table(task: Task, group: Group, combo: tuple[str, ...]) -> list[str
         lines.append(
             f"tier {k + 1} ({gate}) stops on [{names}]: " + (" ".join(rules) if rules else "never")
         )
-    return lines
+        tables.append(rules)
+    return lines, tables
 
 
 def scorer_names(task: Task, tiers: tuple[int, ...], k: int) -> list[str]:
@@ -1108,6 +1112,7 @@ def run(args: argparse.Namespace) -> int:
     report_curve(selectors, cv)
     margins = report_margins(cv, spread)
     report_policies(tasks, selectors, cv, margins, args.json)
+    report_rules(tasks)
     print(f"\ndone in {time.time() - t0:.0f}s")
     return 0
 
@@ -1195,14 +1200,14 @@ def report_curve(selectors: dict[str, dict[str, Selector]], cv: Stats) -> None:
     print(table(rows, header))
 
 
-def report_margins(cv: Stats, spread: Stats) -> dict[float, tuple[str, float]]:
-    """Select at target + margin; the recommendation is the family and smallest margin whose
-    CV quality meets the target, cheapest CV spend first."""
+def report_margins(cv: Stats, spread: Stats) -> dict[float, dict[str, float]]:
+    """Select at target + margin; per family, the smallest margin whose CV quality meets the
+    target (when none does, the largest tried)."""
     print("\n== Robustness: select at target + margin (nested CV; +- = s.d. over repeats) ==")
     rows = []
-    chosen: dict[float, tuple[str, float]] = {}
+    chosen: dict[float, dict[str, float]] = {}
     for tgt in TARGETS:
-        feasible = []
+        chosen[tgt] = {}
         for margin in MARGINS:
             row = [f"{100 * tgt:.0f}%", f"+{100 * margin:.2f}"]
             for name in FAMILIES:
@@ -1210,20 +1215,19 @@ def report_margins(cv: Stats, spread: Stats) -> dict[float, tuple[str, float]]:
                 c, q = cv[key]
                 sc, sq = spread[key]
                 row += [f"{pct(c)} +-{100 * sc:.1f}", f"{pct(q)} +-{100 * sq:.1f}"]
-                if q >= tgt:
-                    feasible.append((c, margin, name))
+                if q >= tgt and name not in chosen[tgt]:
+                    chosen[tgt][name] = margin
             rows.append(row)
-        if feasible:
-            c, margin, name = min(feasible)
-            chosen[tgt] = (name, margin)
+        for name in FAMILIES:
+            chosen[tgt].setdefault(name, MARGINS[-1])
     header = ["target", "margin pts"]
     for name in FAMILIES:
         header += [f"{name}: $% CV", "Q% CV"]
     print(table(rows, header))
-    for tgt, (name, margin) in chosen.items():
+    for tgt, per in chosen.items():
         print(
-            f"  >= {100 * tgt:.0f}%: cheapest CV-feasible: {name} selected at "
-            f"+{100 * margin:.2f} pts"
+            f"  >= {100 * tgt:.0f}%: smallest margin with CV quality >= target: "
+            + ", ".join(f"{n} +{100 * m:.2f}" for n, m in per.items())
         )
     return chosen
 
@@ -1265,6 +1269,9 @@ def policy_json(task: Task, group: Group, combo: tuple[str, ...]) -> dict[str, A
                 },
             }
         tiers.append(tier)
+    if task.is_choice:
+        for tier, rules in zip(tiers, decision_table(task, group, combo)[1], strict=True):
+            tier["stops_on"] = rules
     return {"family": group.family, "tiers": tiers, "fallback": GPT4 if group.fallback else None}
 
 
@@ -1272,14 +1279,14 @@ def report_policies(
     tasks: dict[str, Task],
     selectors: dict[str, dict[str, Selector]],
     cv: Stats,
-    chosen: dict[float, tuple[str, float]],
+    chosen: dict[float, dict[str, float]],
     json_path: Path | None,
 ) -> None:
     print("\n== Operating points (policy selected on all samples at target + margin) ==")
     export: dict[str, Any] = {}
     for tgt in TARGETS:
         for name in FAMILIES:
-            margin = chosen.get(tgt, ("", 0.005))[1]
+            margin = chosen[tgt][name]
             ch = selectors[name]["train"].pick_pooled(round(tgt + margin, 4))
             if ch is None:
                 print(f"[{name}] >= {100 * tgt:.0f}%: infeasible")
@@ -1287,7 +1294,7 @@ def report_policies(
             tr_c, tr_q = ratios(ch, "train")
             cv_c, cv_q = cv[("pooled", name, round(tgt + margin, 4))]
             sd_q, sd_c = bootstrap(tasks, ch)
-            star = " <- recommended" if chosen.get(tgt, ("",))[0] == name else ""
+            star = " <- recommended (fixed tiers, simplest to run)" if name == "core" else ""
             print(
                 f"\n[{name}] >= {100 * tgt:.0f}% quality (spend goal <= "
                 f"{100 * SPEND_GOALS[tgt]:.0f}%), selected at +{100 * margin:.2f} pts{star}"
@@ -1314,7 +1321,7 @@ def report_policies(
                 if g.family == "scorer":
                     print_scorer(task, g)
                 if task.is_choice:
-                    for line in decision_table(task, g, g.combo(i)):
+                    for line in decision_table(task, g, g.combo(i))[0]:
                         print(f"      {line}")
                 entry["tasks"][t] = {"spend": c, "quality": k, **policy_json(task, g, g.combo(i))}
             export[f"{name}@{tgt}"] = entry
@@ -1323,6 +1330,78 @@ def report_policies(
 
         json_path.write_text(json.dumps(export, indent=1))
         print(f"\npolicies written to {json_path}")
+
+
+# Hand-written rule versions of the recommended operating points (what the decision tables of
+# the core family reduce to): mixtral and Yi are called in parallel on multiple choice, and
+# ``stop(mixtral letter, Yi letter)`` says whether Yi's letter is returned (else GPT-4).
+RULES: dict[str, dict[str, tuple[str, ...]]] = {
+    ">=98%": {
+        "arc-challenge": ("agree",),
+        "winogrande": ("agree-on-B",),
+        "mbpp": ("gpt-3.5-turbo-1106", "mistralai/mixtral-8x7b-chat"),
+    },
+    ">=95%": {
+        "arc-challenge": ("agree", "yi-says-B-or-D"),
+        "winogrande": ("agree", "yi-says-B"),
+        "mbpp": ("gpt-3.5-turbo-1106", "mistralai/mixtral-8x7b-chat"),
+    },
+}
+
+
+def rule_policy(task: Task, rule: tuple[str, ...]) -> tuple[Array, Array]:
+    """Per-sample cost and correctness of a hand-written rule (see ``RULES``)."""
+    g4 = task.g4
+    if not task.is_choice:  # structural cascade: first valid python, else GPT-4
+        cost, corr = np.zeros(len(task.samples)), np.zeros(len(task.samples))
+        done = np.zeros(len(cost), bool)
+        for model in (task.models.index(m) for m in rule):
+            cost[~done] += task.cost[~done, model]
+            ok = ~done & (task.answer[:, model] >= 0)
+            corr[ok] = task.correct[ok, model]
+            done |= ok
+        cost[~done] += task.cost[~done, g4]
+        corr[~done] = task.correct[~done, g4]
+        return cost, corr
+    mx = task.models.index("mistralai/mixtral-8x7b-chat")
+    yi = task.models.index("zero-one-ai/Yi-34B-Chat")
+    a, b = task.answer[:, mx], task.answer[:, yi]
+    agree = (a == b) & (b >= 0)
+    stop = np.zeros(len(a), bool)
+    for part in rule:
+        stop |= {
+            "agree": agree,
+            "agree-on-B": agree & (b == 1),
+            "yi-says-B": b == 1,
+            "yi-says-B-or-D": (b == 1) | (b == 3),
+        }[part]
+    cost = task.cost[:, mx] + task.cost[:, yi] + ~stop * task.cost[:, g4]
+    corr = np.where(stop, task.correct[:, yi], task.correct[:, g4])
+    return cost, corr
+
+
+def report_rules(tasks: dict[str, Task]) -> None:
+    print("\n== Hand-written rule versions (no learned weights; train = all samples) ==")
+    print("multiple choice: mixtral-8x7b and Yi-34B called in parallel, Yi's letter returned when")
+    print("the rule holds, else gpt-4-1106; mbpp: first tier whose reply holds valid python, else")
+    print("gpt-4-1106. The rules were read off the core family's decision tables, so expect the")
+    print("train->CV loss that the nested CV above shows for that family.")
+    for name, rules in RULES.items():
+        cost, corr, g4c, g4q, parts = [], [], [], [], []
+        for t, task in tasks.items():
+            c, k = rule_policy(task, rules[t])
+            cost.append(c)
+            corr.append(k)
+            g4c.append(task.cost[:, task.g4])
+            g4q.append(task.correct[:, task.g4])
+            parts.append(
+                f"{t} {' + '.join(short_name(r) for r in rules[t])}: "
+                f"{pct(c.sum() / g4c[-1].sum())}% / {pct(k.sum() / g4q[-1].sum())}%"
+            )
+        ca, qa, gc, gq = (np.concatenate(x) for x in (cost, corr, g4c, g4q))
+        print(f"  {name}: spend {pct(ca.sum() / gc.sum())}%, quality {pct(qa.sum() / gq.sum())}%")
+        for line in parts:
+            print(f"      {line}")
 
 
 def print_scorer(task: Task, group: Group) -> None:

@@ -4,6 +4,7 @@ around as one explicit bundle."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -111,6 +112,9 @@ class Gateway:
     providers: dict[str, Provider]
     session: aiohttp.ClientSession
     warmed: asyncio.Future[None] | None = field(default=None)
+    # unique per process start, then a counter: cheaper than 16 random bytes per request
+    _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @classmethod
     async def open(cls, settings: Settings, *, ledger: Ledger | None = None) -> Gateway:
@@ -186,7 +190,7 @@ class Gateway:
 
     def context(self, endpoint: str, raw_body: bytes, headers: dict[str, str]) -> RequestContext:
         return RequestContext(
-            request_id=os.urandom(16).hex(),
+            request_id=f"{self._id_prefix}{next(self._ids):010x}",
             ts=time.time(),
             started=time.perf_counter(),
             endpoint=endpoint,

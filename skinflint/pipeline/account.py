@@ -112,7 +112,7 @@ class Account:
         if usage is not None:
             return usage
         model = ctx.model or ctx.requested_model
-        self._metrics.counted_usage.labels(model).inc()
+        self._metrics.child(self._metrics.counted_usage, model).inc()
         if not self._tokens.ready(model):  # the tokenizer loads once, off the event loop
             await asyncio.to_thread(self._tokens.prepare, model)
         if ctx.endpoint == "embeddings":
@@ -130,15 +130,16 @@ class Account:
     def _cost(self, name: str, usage: Usage | None) -> float | None:
         cost = self._catalog.cost(self._price_name(name), usage or Usage())
         if cost is None:
-            self._metrics.unknown_price.labels(name).inc()
+            self._metrics.child(self._metrics.unknown_price, name).inc()
         return cost
 
     def _price(self, ctx: RequestContext) -> float | None:
         """Sets the request's total cost, baseline and saving; returns the answering call's
         own cost (the total less the cascade tiers that did not answer)."""
         ctx.baseline_model = self._baseline_for(ctx.requested_model)
-        ctx.baseline_cost_usd = self._catalog.cost(self._price_name(ctx.baseline_model),
-                                                   ctx.usage or Usage())
+        ctx.baseline_cost_usd = self._catalog.cost(
+            self._price_name(ctx.baseline_model), ctx.usage or Usage()
+        )
         if ctx.cache_status.startswith("hit") or ctx.answered is None:
             own: float | None = 0.0  # served without a provider, or never reached one
         else:
@@ -153,46 +154,83 @@ class Account:
     def _finish(self, ctx: RequestContext) -> None:
         own = self._price(ctx)
         usage = ctx.usage or Usage()
-        strategy = "exact_cache" if ctx.cache_status == "hit-exact" else (
-            "cascade" if ctx.attempts else ("route" if ctx.route != ctx.requested_model else ""))
+        strategy = (
+            "exact_cache"
+            if ctx.cache_status == "hit-exact"
+            else (
+                "cascade" if ctx.attempts else ("route" if ctx.route != ctx.requested_model else "")
+            )
+        )
         record = self._ledger.record
         for a in ctx.attempts:
             u = a.usage or Usage()
-            record(LedgerRecord(
-                request_id=f"{ctx.request_id}.{a.tier + 1}", ts=ctx.ts,
-                request_hash=ctx.request_hash, tenant=ctx.tenant, feature=ctx.feature,
-                user=ctx.user, requested_model=ctx.requested_model,
-                model=a.target.provider_model, provider=a.target.provider,
-                endpoint=ctx.endpoint, input_tokens=u.input_tokens,
-                output_tokens=u.output_tokens, cached_tokens=u.cached_tokens,
-                cost_usd=self._catalog.cost(self._price_name(a.target.name), u),
-                baseline_cost_usd=0.0, saved_usd=0.0, cache_status="miss",
-                strategy="cascade_escalated", upstream_latency_ms=a.upstream_ms,
-                status=a.status, error_type=a.error_type or a.reason, route=ctx.route))
-            self._metrics.cascade_escalations.labels(a.target.name, a.reason or a.error_type).inc()
-        record(LedgerRecord(
-            request_id=ctx.request_id, ts=ctx.ts, request_hash=ctx.request_hash,
-            tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
-            requested_model=ctx.requested_model, model=ctx.model, provider=ctx.provider,
-            endpoint=ctx.endpoint, input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
-            cost_usd=own, baseline_cost_usd=ctx.baseline_cost_usd,
-            saved_usd=ctx.saved_usd, cache_status=ctx.cache_status, strategy=strategy,
-            latency_ms=(time.perf_counter() - ctx.started) * 1000,
-            upstream_latency_ms=ctx.upstream_ms, status=ctx.status, error_type=ctx.error_type,
-            route=ctx.route,
-        ))
+            record(
+                LedgerRecord(
+                    request_id=f"{ctx.request_id}.{a.tier + 1}",
+                    ts=ctx.ts,
+                    request_hash=ctx.request_hash,
+                    tenant=ctx.tenant,
+                    feature=ctx.feature,
+                    user=ctx.user,
+                    requested_model=ctx.requested_model,
+                    model=a.target.provider_model,
+                    provider=a.target.provider,
+                    endpoint=ctx.endpoint,
+                    input_tokens=u.input_tokens,
+                    output_tokens=u.output_tokens,
+                    cached_tokens=u.cached_tokens,
+                    cost_usd=self._catalog.cost(self._price_name(a.target.name), u),
+                    baseline_cost_usd=0.0,
+                    saved_usd=0.0,
+                    cache_status="miss",
+                    strategy="cascade_escalated",
+                    upstream_latency_ms=a.upstream_ms,
+                    status=a.status,
+                    error_type=a.error_type or a.reason,
+                    route=ctx.route,
+                )
+            )
+            self._metrics.child(
+                self._metrics.cascade_escalations, a.target.name, a.reason or a.error_type
+            ).inc()
+        record(
+            LedgerRecord(
+                request_id=ctx.request_id,
+                ts=ctx.ts,
+                request_hash=ctx.request_hash,
+                tenant=ctx.tenant,
+                feature=ctx.feature,
+                user=ctx.user,
+                requested_model=ctx.requested_model,
+                model=ctx.model,
+                provider=ctx.provider,
+                endpoint=ctx.endpoint,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cached_tokens=usage.cached_tokens,
+                cost_usd=own,
+                baseline_cost_usd=ctx.baseline_cost_usd,
+                saved_usd=ctx.saved_usd,
+                cache_status=ctx.cache_status,
+                strategy=strategy,
+                latency_ms=(time.perf_counter() - ctx.started) * 1000,
+                upstream_latency_ms=ctx.upstream_ms,
+                status=ctx.status,
+                error_type=ctx.error_type,
+                route=ctx.route,
+            )
+        )
         self._observe_metrics(ctx, usage)
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
         m = self._metrics
-        m.requests.labels(ctx.endpoint, ctx.model, ctx.cache_status, str(ctx.status)).inc()
-        m.latency.labels(ctx.endpoint).observe(time.perf_counter() - ctx.started)
+        m.child(m.requests, ctx.endpoint, ctx.model, ctx.cache_status, str(ctx.status)).inc()
+        m.child(m.latency, ctx.endpoint).observe(time.perf_counter() - ctx.started)
         if ctx.cost_usd:
-            m.cost.labels(ctx.model).inc(ctx.cost_usd)
+            m.child(m.cost, ctx.model).inc(ctx.cost_usd)
         if ctx.saved_usd is not None and ctx.saved_usd > 0:  # a fallback can cost more
-            m.saved.labels(ctx.cache_status).inc(ctx.saved_usd)
+            m.child(m.saved, ctx.cache_status).inc(ctx.saved_usd)
         if usage.input_tokens:
-            m.tokens.labels(ctx.model, "input").inc(usage.input_tokens)
+            m.child(m.tokens, ctx.model, "input").inc(usage.input_tokens)
         if usage.output_tokens:
-            m.tokens.labels(ctx.model, "output").inc(usage.output_tokens)
+            m.child(m.tokens, ctx.model, "output").inc(usage.output_tokens)

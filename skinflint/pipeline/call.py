@@ -104,7 +104,9 @@ class CallProvider:
             try:
                 return await self._send(ctx, provider, request)
             except UpstreamError as exc:
-                self._metrics.upstream_errors.labels(provider.name, exc.error_type).inc()
+                self._metrics.child(
+                    self._metrics.upstream_errors, provider.name, exc.error_type
+                ).inc()
                 wait = (
                     policy.delay(attempt, getattr(exc, "retry_after", None))
                     if exc.retryable
@@ -113,7 +115,7 @@ class CallProvider:
                 if wait is None:
                     raise
                 ctx.errors.append(exc)
-                self._metrics.retries.labels(provider.name).inc()
+                self._metrics.child(self._metrics.retries, provider.name).inc()
             finally:
                 ctx.upstream_ms += (time.perf_counter() - started) * 1000
             await asyncio.sleep(wait)

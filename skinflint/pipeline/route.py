@@ -22,8 +22,9 @@ from skinflint.routing.text import last_user_text
 __all__ = ["Route", "RoutePlan"]
 
 
-def _rule_matches(rule: RuleConfig, pattern: re.Pattern[str] | None, text: str,
-                  feature: str) -> bool:
+def _rule_matches(
+    rule: RuleConfig, pattern: re.Pattern[str] | None, text: str, feature: str
+) -> bool:
     if rule.feature is not None and rule.feature != feature:
         return False
     if rule.min_chars is not None and len(text) < rule.min_chars:
@@ -40,8 +41,13 @@ def _rule_matches(rule: RuleConfig, pattern: re.Pattern[str] | None, text: str,
 class RoutePlan:
     """One configured route: how it classifies, and what answers each task."""
 
-    def __init__(self, name: str, config: RouteConfig, classifier: TaskClassifier | None,
-                 cascades: Mapping[str, Cascade]) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: RouteConfig,
+        classifier: TaskClassifier | None,
+        cascades: Mapping[str, Cascade],
+    ) -> None:
         self.name = name
         self.config = config
         self.classifier = classifier
@@ -68,16 +74,29 @@ class Route:
     name = "route"
     enabled = True
 
-    def __init__(self, settings: Settings, *, classifiers: Mapping[str, TaskClassifier | None],
-                 scorer: Scorer | None, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        classifiers: Mapping[str, TaskClassifier | None],
+        scorer: Scorer | None,
+        metrics: Metrics,
+    ) -> None:
         self._models = settings.models
         self._default_provider = settings.default_provider
         self._memo: dict[str, tuple[Target, ...]] = {}
         self._metrics = metrics
         self.plans = {
-            name: RoutePlan(name, cfg, classifiers.get(name), {
-                task: Cascade(tc.cascade, self.resolve, scorer)
-                for task, tc in cfg.tasks.items() if tc.cascade})
+            name: RoutePlan(
+                name,
+                cfg,
+                classifiers.get(name),
+                {
+                    task: Cascade(tc.cascade, self.resolve, scorer)
+                    for task, tc in cfg.tasks.items()
+                    if tc.cascade
+                },
+            )
             for name, cfg in settings.routes.items()
         }
 
@@ -114,7 +133,7 @@ class Route:
             ctx.route = f"{plan.name};pin={ctx.feature}"
             return await next(ctx)
         task, how = plan.classify(ctx)
-        self._metrics.route_decisions.labels(plan.name, task, how).inc()
+        self._metrics.child(self._metrics.route_decisions, plan.name, task, how).inc()
         label = f"{plan.name};task={task}"
         cascade = plan.cascades.get(task)
         if cascade is not None:

@@ -22,7 +22,7 @@ import orjson
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
-from skinflint.providers.http import retry_after_seconds, translate_errors
+from skinflint.providers.http import client_timeout, retry_after_seconds, translate_errors
 
 __all__ = [
     "AnthropicProvider",
@@ -446,13 +446,6 @@ def _messages_url(base_url: str) -> str:
     return base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
 
 
-def _timeout(request: UpstreamRequest, *, stream: bool) -> aiohttp.ClientTimeout:
-    if stream:  # a long answer is fine as long as it keeps moving
-        return aiohttp.ClientTimeout(total=None, sock_connect=request.timeout,
-                                     sock_read=request.timeout)
-    return aiohttp.ClientTimeout(total=request.timeout)
-
-
 class AnthropicProvider:
     """A :class:`skinflint.interfaces.Provider` for ``POST {base_url}/v1/messages``.
 
@@ -481,7 +474,8 @@ class AnthropicProvider:
             body["stream"] = True
         async with self._session.post(self._url, data=orjson.dumps(body),
                                       headers={**self._headers, **request.headers},
-                                      timeout=_timeout(request, stream=stream)) as resp:
+                                      timeout=client_timeout(request.timeout, streaming=stream,
+                                                             connect=request.timeout)) as resp:
             if not 200 <= resp.status < 300:
                 raise _status_error(resp.status, await resp.read(),
                                     resp.headers.get("retry-after"), self.name)

@@ -3,6 +3,7 @@ reading of vendor error responses."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +19,22 @@ from skinflint.errors import (
     UpstreamTimeoutError,
 )
 
-__all__ = ["new_session", "retry_after_seconds", "status_error", "translate_errors"]
+__all__ = [
+    "client_timeout",
+    "new_session",
+    "retry_after_seconds",
+    "status_error",
+    "translate_errors",
+]
+
+
+@functools.lru_cache(maxsize=64)
+def client_timeout(seconds: float, *, streaming: bool, connect: float) -> aiohttp.ClientTimeout:
+    """A whole call must finish in ``seconds``; a stream may run longer as long as it never
+    goes ``seconds`` without data. Memoised: one object per setting, not one per request."""
+    if streaming:
+        return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=seconds)
+    return aiohttp.ClientTimeout(total=seconds, connect=connect)
 
 
 def new_session(*, limit: int = 1000) -> aiohttp.ClientSession:

@@ -10,7 +10,7 @@ import orjson
 
 from skinflint.errors import UpstreamProtocolError
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
-from skinflint.providers.http import status_error, translate_errors
+from skinflint.providers.http import client_timeout, status_error, translate_errors
 
 __all__ = ["OpenAICompatProvider"]
 
@@ -34,18 +34,17 @@ class OpenAICompatProvider:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._connect_timeout = connect_timeout
 
-    def _timeout(self, request: UpstreamRequest, *, streaming: bool) -> aiohttp.ClientTimeout:
-        if streaming:  # a long stream is fine as long as it keeps moving
-            return aiohttp.ClientTimeout(connect=self._connect_timeout, sock_read=request.timeout)
-        return aiohttp.ClientTimeout(total=request.timeout, connect=self._connect_timeout)
+    def _headers_for(self, request: UpstreamRequest) -> dict[str, str]:
+        return {**self._headers, **request.headers} if request.headers else self._headers
 
     async def _post(self, path: str, request: UpstreamRequest) -> Completion:
         with translate_errors(self.name):
             async with self._session.post(
                 self._base + path,
                 data=orjson.dumps(request.body),
-                headers={**self._headers, **request.headers} if request.headers else self._headers,
-                timeout=self._timeout(request, streaming=False),
+                headers=self._headers_for(request),
+                timeout=client_timeout(request.timeout, streaming=False,
+                                       connect=self._connect_timeout),
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
@@ -77,8 +76,9 @@ class OpenAICompatProvider:
             async with self._session.post(
                 self._base + "/chat/completions",
                 data=orjson.dumps(request.body),
-                headers=self._headers,
-                timeout=self._timeout(request, streaming=True),
+                headers=self._headers_for(request),
+                timeout=client_timeout(request.timeout, streaming=True,
+                                       connect=self._connect_timeout),
             ) as resp:
                 if resp.status >= 400:
                     raw = await resp.read()
