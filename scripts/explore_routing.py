@@ -1,6 +1,7 @@
 """Offline search for the routing + cheap-first-cascade policy, on RouterBench recordings.
 
-Usage: ``python scripts/explore_routing.py [--csv ROUTERBENCH_DIR] [--seed N] [--quick]``
+Usage: ``python scripts/explore_routing.py [--csv ROUTERBENCH_DIR] [--seed N] [--repeats R]
+[--quick] [--json OUT.json] [--code-jaccard-gates]`` (about 1 minute, one process).
 
 Reads the 2,217 recorded samples (the packaged extract by default, or the three RouterBench
 CSVs with ``--csv``), each answered by 11 models with a 0/1 label and the USD paid, and

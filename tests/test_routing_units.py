@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from skinflint.routing.classifier import TaskClassifier
-from skinflint.routing.gates import answer_key, extract_choice, extract_code, structural_check
+from skinflint.routing.gates import (
+    answer_key,
+    choices_in_prompt,
+    extract_choice,
+    extract_code,
+    structural_check,
+)
 from skinflint.routing.scorer import CorrectnessScorer, Example
 
 
@@ -18,18 +24,31 @@ def _body(content: str | None, finish: str = "stop", **message: object) -> dict[
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("A", "A"), ("(B) wet palms", "B"), ("C) palms", "C"), ("Answer: D", "D"),
-    ("The answer is B.", "B"), ("I think the answer is C", "C"), ("b", "B"),
+    ("A", "A"), ("C) palms", "C"), (" B\n", "B"), ("D. because", "D"), ("b", "B"),
+    ("A questioning mind", "A"),
+    # anything that does not lead with the option is no choice: the gate escalates it
+    ("The answer is B.", None), ("Based on the text", None), ("(B) wet", None),
     ("none of these", None), ("E", None), ("", None),
 ])
 def test_extract_choice(text: str, expected: str | None) -> None:
     assert extract_choice(text, "ABCD") == expected
 
 
+def test_choices_come_from_the_last_instruction() -> None:
+    prompt = ('Q1\nPrint only a single choice  from "A" or "B" or "C" or "D" without '
+              'explanation.\nAnswer:\nB\n\nQ2\nPrint only a single choice  from "A" or "B" '
+              "without explanation. Answer:")
+    assert choices_in_prompt(prompt) == "AB"
+    assert choices_in_prompt("no instruction here") == "ABCD"
+
+
 def test_extract_code() -> None:
     fenced = "Here you go:\n```python\ndef f(x):\n    return x\n```\nDone."
-    assert extract_code(fenced) == "def f(x):\n    return x\n"
+    assert extract_code(fenced) == "def f(x):\n    return x"
     assert extract_code("Sure.\ndef g():\n    pass") == "def g():\n    pass"
+    assert extract_code("[PYTHON]\ndef h():\n    pass\n[/PYTHON]") == "def h():\n    pass"
+    assert extract_code("def k():\n    return 1\nThis explains: it returns one.") == (
+        "def k():\n    return 1")
     assert extract_code("no code at all") is None
 
 
@@ -66,7 +85,7 @@ def test_structural_check_accepts(body: dict[str, object], kw: dict[str, object]
 
 
 def test_answer_key_agreement() -> None:
-    assert answer_key("B) the second", fmt="choice") == answer_key("Answer: B", fmt="choice")
+    assert answer_key("B) the second", fmt="choice") == answer_key("B", fmt="choice") == "B"
     assert answer_key("Hello  World", fmt=None) == answer_key("hello world", fmt=None)
 
 

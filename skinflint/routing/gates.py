@@ -14,7 +14,16 @@ from typing import Any
 
 import orjson
 
-__all__ = ["REFUSAL", "answer_key", "extract_choice", "extract_code", "structural_check"]
+__all__ = [
+    "REFUSAL",
+    "Verdict",
+    "answer_key",
+    "choices_in_prompt",
+    "content_of",
+    "extract_choice",
+    "extract_code",
+    "structural_check",
+]
 
 JSON = dict[str, Any]
 
@@ -22,43 +31,65 @@ REFUSAL = re.compile(
     r"^\s*(i'?m sorry|i am sorry|i apologi[sz]e|i cannot|i can'?t|i am unable|i'?m unable|"
     r"as an ai\b|unfortunately,? i (cannot|can'?t|am unable))", re.IGNORECASE)
 _ERROR = re.compile(r"^\s*(error:|an error occurred|internal server error)", re.IGNORECASE)
-_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL | re.IGNORECASE)
+
+
+_LEAD = re.compile(r"^\s*([A-Za-z0-9])(?![A-Za-z0-9])")
+_PRINTED = re.compile(r"single choice\s+from\s+((?:\"[^\"]+\"(?:\s+or\s+)?)+)", re.IGNORECASE)
+_FENCED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL | re.IGNORECASE)
+_TAGGED = re.compile(r"\[PYTHON\](.*?)(?:\[/PYTHON\]|$)", re.DOTALL)
+_CODE_START = re.compile(r"^(?:def |import |from |class |@)", re.MULTILINE)
 
 
 def extract_choice(text: str, choices: str) -> str | None:
-    """The option an answer picks (``choices`` like ``"ABCD"`` or ``"12"``), or None.
+    """The option an answer picks, read strictly: its first character, standing alone
+    ("B", "B)", "B. because"), must be one of ``choices`` (e.g. "ABCD"). Anything else
+    ("The answer is B", "Based on...") is no choice: a gate escalates it rather than guess."""
+    lead = _LEAD.match(text)
+    if lead is None:
+        return None
+    letter = lead.group(1).upper()
+    return letter if letter in choices.upper() else None
 
-    Reads, in order: a leading option ("B", "(B)", "B)", "B.", "Answer: B"), then an explicit
-    "answer is B" anywhere; an answer naming no single option is None."""
-    opts = re.escape(choices)
-    text = text.strip()
-    lead = re.match(rf"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)?\s*(?:is)?\s*[:\-]?\s*"
-                    rf"[\(\[]?([{opts}])(?:[\)\]\.:,]|\s|$)", text, re.IGNORECASE)
-    if lead and lead.group(1).upper() in choices.upper():
-        return lead.group(1).upper()
-    said = re.search(rf"answer\s+(?:is|would be|:)\s*[:\-]?\s*[\(\[]?([{opts}])\b", text,
-                     re.IGNORECASE)
-    return said.group(1).upper() if said else None
+
+def choices_in_prompt(prompt: str, default: str = "ABCD") -> str:
+    """The options the prompt's last 'single choice from "A" or "B" ...' instruction allows."""
+    found = _PRINTED.findall(prompt)
+    if not found:
+        return default
+    return "".join(re.findall(r'"([^"]+)"', found[-1]))
+
+
+def _parsable_prefix(code: str) -> str | None:
+    """The longest prefix of whole lines that parses (answers often trail off into prose)."""
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        candidate = "\n".join(lines[:end])
+        try:
+            ast.parse(candidate)
+        except (SyntaxError, ValueError):
+            continue
+        return candidate if candidate.strip() else None
+    return None
 
 
 def extract_code(text: str) -> str | None:
-    """The Python code in an answer: fenced blocks, else the text from the first ``def``."""
-    blocks = _FENCE.findall(text)
-    if blocks:
-        return "\n".join(b for b in blocks if b.strip()) or None
-    start = re.search(r"^(?:def |import |from |class )", text, re.MULTILINE)
-    return text[start.start():] if start else None
+    """The Python code in an answer: fenced blocks, else ``[PYTHON]`` blocks, else the text
+    from the first line that starts like code; each cut to its longest parsable prefix."""
+    blocks = _FENCED.findall(text) or _TAGGED.findall(text)
+    if not blocks:
+        start = _CODE_START.search(text)
+        blocks = [text[start.start():]] if start else []
+    parsed = [p for p in (_parsable_prefix(b) for b in blocks if b.strip()) if p]
+    return "\n\n".join(p.strip("\n") for p in parsed) or None
 
 
-def _code_parses(text: str) -> bool:
+def _defines_function(text: str) -> bool:
     code = extract_code(text)
     if not code:
         return False
-    try:
-        ast.parse(code)
-    except (SyntaxError, ValueError):
-        return False
-    return True
+    tree = ast.parse(code)
+    return any(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+               for n in tree.body)
 
 
 def _json_ok(text: str, schema: JSON | None) -> bool:
@@ -111,7 +142,7 @@ def structural_check(body: JSON, *, fmt: str | None = None, choices: str = "ABCD
         return Verdict(False, "refusal")
     if fmt == "choice" and extract_choice(text, choices) is None:
         return Verdict(False, "format")
-    if fmt == "code" and not _code_parses(text):
+    if fmt == "code" and not _defines_function(text):
         return Verdict(False, "format")
     if fmt in ("json", "json_schema") and not _json_ok(text, schema):
         return Verdict(False, "format")
