@@ -232,9 +232,7 @@ def format_replay_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]
         r = result[key]
         rows.append(row(f"{label}: {r['model']}", r["cost_usd"], r["quality"]))
     for point in result.get("curve", ()):
-        rows.append(
-            row(f"  scorer threshold {point['threshold']:.2f}", point["cost_usd"], point["quality"])
-        )
+        rows.append(row(f"  curve: route {point['route']}", point["cost_usd"], point["quality"]))
     return rows
 
 
@@ -249,14 +247,13 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     raw = None
     if args.config:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    curve = [float(t) for t in args.curve.split(",")] if args.curve else []
     with Progress(console=_console(), transient=True, disable=args.json) as progress:
         task = progress.add_task("replaying", total=None)
         result = evaluate(
             Path(args.dataset),
             raw,
             model=args.route,
-            curve=curve,
+            curve=not args.no_curve,
             on_progress=lambda d, t: progress.update(task, completed=d, total=t),
         )
     if args.json:
@@ -349,11 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = add("replay", help="evaluate a configuration on a recorded dataset")
     rp.add_argument("dataset", help="RouterBench CSV file or directory, or a replay extract")
     rp.add_argument("--route", default="auto", help="route (or model) to evaluate")
-    rp.add_argument(
-        "--curve",
-        default="0.3,0.4,0.5,0.6,0.7,0.8,0.9",
-        help="scorer thresholds for the cost-quality curve ('' for none)",
-    )
+    rp.add_argument("--no-curve", action="store_true",
+                    help="skip the cost-quality points of the configuration's other routes")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_replay)
 

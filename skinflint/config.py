@@ -111,17 +111,45 @@ class CacheConfig(_Frozen):
 
 
 class GateConfig(_Frozen):
-    """When a cascade tier's answer is accepted. Structural checks always apply."""
+    """When a cascade tier's answer is accepted. Structural checks (empty, refusal, cut off,
+    ``format``) always apply; the other conditions apply when given.
+
+    Every valid answer so far, from this tier and earlier ones, is a vote for its normalised
+    form (the option picked, for ``format: choice``). With ``min_votes``, the most voted answer
+    is accepted once it has that many votes (``min_votes_for`` sets the count per answer).
+    ``accept`` limits which answers this tier may accept at all; ``accept_alone`` lists answers
+    the tier's own answer is accepted with, votes or not."""
 
     format: Literal["choice", "json", "json_schema", "code"] | None = None
-    choices: str = "ABCD"
+    choices: str = "ABCD"  # or "prompt": the options the prompt's instruction allows
     agree_with: tuple[int, ...] = ()  # earlier tiers (0-based) whose answer must match
+    min_votes: int | None = Field(default=None, ge=1)
+    min_votes_for: dict[str, int] = Field(default_factory=dict)
+    accept: tuple[str, ...] = ()
+    accept_alone: tuple[str, ...] = ()
+    continue_only_if: tuple[str, ...] = ()  # else an escalation skips to the last tier
     scorer: float | None = Field(default=None, ge=0, le=1)  # min learned P(correct)
 
 
 class TierConfig(_Frozen):
-    model: str
+    """One model, or several called at once (``models``) whose answers vote together."""
+
+    model: str | None = None
+    models: tuple[str, ...] = ()
+    answer_from: int = -1  # which of ``models`` speaks for the tier
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TierConfig:
+        if (self.model is None) == (not self.models):
+            raise ValueError("give either model or models")
+        if self.models and not -len(self.models) <= self.answer_from < len(self.models):
+            raise ValueError("answer_from must index models")
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.model,) if self.model is not None else self.models
 
 
 class TaskConfig(_Frozen):
@@ -163,6 +191,7 @@ class RouteConfig(_Frozen):
     classifier: str | None = None  # path to a trained router, or "default" for the shipped one
     scorer: str | None = None  # path to a trained correctness scorer, or "default"
     min_confidence: float = Field(default=0.0, ge=0, le=1)
+    task_map: dict[str, str] = Field(default_factory=dict)  # classifier label -> task
     default_task: str = "default"
     tasks: dict[str, TaskConfig]
     pins: dict[str, str] = Field(default_factory=dict)  # feature -> model, always

@@ -32,7 +32,7 @@ ROUTES: dict[str, Any] = {
                 {"model": "gpt-4o"},
             ]},
             "agree": {"cascade": [
-                {"model": "gpt-4o-mini", "gate": {"format": "json"}},
+                {"model": "gpt-4o-mini", "gate": {"accept": ["only this exact answer"]}},
                 {"model": "cheap", "gate": {"agree_with": [0]}},
                 {"model": "gpt-4o"},
             ]},

@@ -111,22 +111,11 @@ def _single_models(samples: Sequence[ReplaySample]) -> dict[str, dict[str, float
                 "quality": statistics.fmean(s.correct[m] or 0 for s in samples)} for m in models}
 
 
-def _with_thresholds(raw: dict[str, Any], threshold: float) -> dict[str, Any]:
-    """The configuration with every scorer gate set to ``threshold``."""
-    copy: dict[str, Any] = orjson.loads(orjson.dumps(raw))
-    for route in (copy.get("routes") or {}).values():
-        for task in (route.get("tasks") or {}).values():
-            for tier in task.get("cascade") or ():
-                gate = tier.setdefault("gate", {})
-                if "scorer" in gate:
-                    gate["scorer"] = threshold
-    return copy
-
-
 def evaluate(dataset: Path, raw_config: dict[str, Any] | None = None, *,
-             model: str = DEFAULT_ROUTE, curve: Sequence[float] = (),
+             model: str = DEFAULT_ROUTE, curve: bool = True,
              on_progress: Progress | None = None) -> dict[str, Any]:
-    """The report ``skinflint replay --json`` prints."""
+    """The report ``skinflint replay --json`` prints. ``curve`` adds the cost-quality point of
+    every other route in the configuration (the shipped one has a 98% and a 95% route)."""
     raw = raw_config if raw_config is not None else default_replay_config()
     outcomes = run_dataset(raw, dataset, model=model, on_progress=on_progress)
     samples = [o.sample for o in outcomes]
@@ -151,7 +140,10 @@ def evaluate(dataset: Path, raw_config: dict[str, Any] | None = None, *,
         "models": singles,
     }
     if curve:
-        report["curve"] = [_curve_point(raw, dataset, model, t, base) for t in curve]
+        report["curve"] = sorted(
+            [{"route": model, **report["skinflint"]}]
+            + [_curve_point(raw, dataset, r, base) for r in raw.get("routes") or {} if r != model],
+            key=lambda p: p["cost_usd"])
     return report
 
 
@@ -159,8 +151,8 @@ def _shares(counts: Counter[str], total: int) -> dict[str, float]:
     return {k: n / total for k, n in counts.most_common()}
 
 
-def _curve_point(raw: dict[str, Any], dataset: Path, model: str, threshold: float,
-                 base: dict[str, float]) -> dict[str, float]:
-    s = _summary(run_dataset(_with_thresholds(raw, threshold), dataset, model=model))
-    return {"threshold": threshold, **s, "cost_share": s["cost_usd"] / base["cost_usd"],
+def _curve_point(raw: dict[str, Any], dataset: Path, route: str,
+                 base: dict[str, float]) -> dict[str, Any]:
+    s = _summary(run_dataset(raw, dataset, model=route))
+    return {"route": route, **s, "cost_share": s["cost_usd"] / base["cost_usd"],
             "quality_share": s["quality"] / base["quality"]}

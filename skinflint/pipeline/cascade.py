@@ -1,21 +1,26 @@
 """Cheap-first cascades: call each tier in order, accept the first answer its quality gate
 passes, escalate otherwise. The last tier's answer is accepted as it is.
 
-Tiers are called through the rest of the pipeline (token budget, provider call), so retries
-and fallbacks apply per tier. Every tier that did not answer is kept on the context as an
-:class:`Attempt`; the account stage writes a ledger row for each, so its cost counts.
+A tier is one model or several called at once. Tiers are called through the rest of the
+pipeline (token budget, provider call), so retries and fallbacks apply per call. Every call
+whose answer is not the one returned is kept on the context as an :class:`Attempt`; the account
+stage writes a ledger row for each, so its cost counts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from skinflint.config import GateConfig, TierConfig
 from skinflint.errors import UpstreamError
 from skinflint.models import StreamChunk, Usage
 from skinflint.pipeline.context import Attempt, Next, Reply, RequestContext, Target
-from skinflint.routing.gates import Verdict, answer_key, content_of, structural_check
+from skinflint.routing.gates import answer_key, choices_in_prompt, content_of, structural_check
 from skinflint.routing.text import last_user_text
 from skinflint.streaming import chunks_from_completion
 
@@ -28,6 +33,16 @@ class Scorer(Protocol):
     """Estimates P(answer is correct); see :mod:`skinflint.routing.scorer`."""
 
     def score(self, prompt: str, answer: str, model: str, *, agreement: float | None) -> float: ...
+
+
+@dataclass(slots=True)
+class _Call:
+    tier: int
+    ctx: RequestContext  # the call's own copy of the request context
+    reply: Reply | None
+    error: UpstreamError | None
+    key: str = ""  # the normalised answer; "" when invalid
+    reason: str = ""  # why the structural check failed
 
 
 async def _as_stream(body: JSON) -> AsyncIterator[StreamChunk]:
@@ -51,57 +66,122 @@ class Cascade:
         self._resolve = resolve
         self._scorer = scorer
 
-    def _gate(self, ctx: RequestContext, gate: GateConfig, body: JSON,
-              keys: dict[int, str]) -> tuple[Verdict, str]:
-        verdict = structural_check(body, fmt=gate.format, choices=gate.choices,
+    async def _call(self, ctx: RequestContext, next: Next, tier: int, model: str) -> _Call:
+        own = copy.copy(ctx)
+        own.attempts, own.errors, own.upstream_ms = [], [], 0.0
+        own.targets = self._resolve(model)
+        try:
+            return _Call(tier, own, await next(own), None)
+        except UpstreamError as exc:
+            return _Call(tier, own, None, exc)
+
+    def _read(self, ctx: RequestContext, gate: GateConfig, call: _Call) -> None:
+        """Structural check and normalised answer of one call."""
+        if call.reply is None or call.reply.body is None:
+            call.reason = call.error.error_type if call.error else "error"
+            return
+        choices = gate.choices
+        if choices == "prompt":
+            choices = choices_in_prompt(last_user_text(ctx.body.get("messages")))
+        verdict = structural_check(call.reply.body, fmt=gate.format, choices=choices,
                                    schema=_schema(ctx.body))
-        key = answer_key(content_of(body), fmt=gate.format, choices=gate.choices)
-        if not verdict.passed:
-            return verdict, key
-        agree = [keys.get(j) == key for j in gate.agree_with if j in keys]
-        if gate.agree_with and (len(agree) < len(gate.agree_with) or not all(agree)):
-            return Verdict(False, "disagree"), key
+        if verdict.passed:
+            key = answer_key(content_of(call.reply.body), fmt=gate.format, choices=choices)
+            call.key = key or ("-" if gate.format is None else "")
+            call.reason = "" if call.key else "format"
+        else:
+            call.reason = verdict.reason
+
+    def _decide(self, ctx: RequestContext, gate: GateConfig, own: _Call,
+                calls: list[_Call]) -> tuple[str, str]:
+        """(accepted answer, "") or ("", why not)."""
+        if not own.key:
+            return "", own.reason or "invalid"
+        if own.key in gate.accept_alone:
+            return own.key, ""
+        votes = Counter(c.key for c in calls if c.key)
+        candidate = own.key
+        if gate.min_votes is not None:
+            candidate = votes.most_common(1)[0][0]
+            if votes[candidate] < gate.min_votes_for.get(candidate, gate.min_votes):
+                return "", "votes"
+        earlier = {c.tier: c.key for c in calls if c.tier != own.tier}
+        if any(earlier.get(j) != candidate for j in gate.agree_with):
+            return "", "disagree"
+        if gate.accept and candidate not in gate.accept:
+            return "", "not accepted"
         if gate.scorer is not None and self._scorer is not None:
-            agreement = None
-            if keys:
-                agreement = sum(k == key for k in keys.values()) / len(keys)
-            p = self._scorer.score(last_user_text(ctx.body.get("messages")), content_of(body),
-                                   ctx.model, agreement=agreement)
+            p = self._score(ctx, own, votes, len([c for c in calls if c.reply is not None]))
             if p < gate.scorer:
-                return Verdict(False, f"score {p:.2f}"), key
-        return Verdict(True), key
+                return "", f"score {p:.2f}"
+        return candidate, ""
+
+    def _score(self, ctx: RequestContext, own: _Call, votes: Counter[str], answered: int) -> float:
+        assert self._scorer is not None and own.reply is not None and own.reply.body is not None
+        agreement = (votes[own.key] - 1) / (answered - 1) if answered > 1 else None
+        return self._scorer.score(last_user_text(ctx.body.get("messages")),
+                                  content_of(own.reply.body), own.ctx.model,
+                                  agreement=agreement)
 
     async def run(self, ctx: RequestContext, next: Next, label: str) -> Reply:
         streaming, ctx.stream = ctx.stream, False  # a gate needs the whole answer
-        keys: dict[int, str] = {}
+        calls: list[_Call] = []
         last = len(self.tiers) - 1
+        chosen: _Call | None = None
+        skip_to_last = False
         for i, tier in enumerate(self.tiers):
-            ctx.targets = self._resolve(tier.model)
-            ctx.route = f"{label};tier={i + 1}/{last + 1}"
-            started_ms = ctx.upstream_ms
-            try:
-                reply = await next(ctx)
-            except UpstreamError as exc:
-                if i == last:
-                    raise
-                self._escalate(ctx, i, started_ms, None, exc.status, exc.error_type)
+            if skip_to_last and i != last:
                 continue
-            assert reply.body is not None
-            verdict, keys[i] = self._gate(ctx, tier.gate, reply.body, keys)
-            if verdict.passed or i == last:
+            ctx.route = f"{label};tier={i + 1}/{last + 1}"
+            batch = await asyncio.gather(*(self._call(ctx, next, i, m) for m in tier.names))
+            for call in batch:
+                self._read(ctx, tier.gate, call)
+            calls.extend(batch)
+            own = _own(batch, tier.answer_from)
+            accepted, reason = self._decide(ctx, tier.gate, own, calls)
+            if accepted or i == last:
+                chosen = _holder(batch, calls, accepted) if accepted else own
                 break
-            usage = Usage.from_openai(reply.body.get("usage"))
-            self._escalate(ctx, i, started_ms, usage, 200, "", verdict.reason)
-        ctx.stream = streaming
-        if streaming:
-            assert reply.body is not None
-            return Reply(chunks=_as_stream(reply.body))
-        return reply
+            for call in batch:
+                call.reason = call.reason or reason
+            skip_to_last = bool(tier.gate.continue_only_if) and (
+                own.key not in tier.gate.continue_only_if)
+        assert chosen is not None
+        return self._finish(ctx, calls, chosen, streaming)
 
-    @staticmethod
-    def _escalate(ctx: RequestContext, tier: int, started_ms: float, usage: Usage | None,
-                  status: int, error_type: str, reason: str = "") -> None:
-        assert ctx.answered is not None
-        ctx.attempts.append(Attempt(tier, ctx.answered, usage, ctx.upstream_ms - started_ms,
-                                    status, error_type, reason))
-        ctx.answered = None
+    def _finish(self, ctx: RequestContext, calls: list[_Call], chosen: _Call,
+                streaming: bool) -> Reply:
+        ctx.stream = streaming
+        for call in calls:
+            ctx.upstream_ms += call.ctx.upstream_ms
+            if call is not chosen and call.ctx.answered is not None:
+                body = call.reply.body if call.reply and call.reply.body else {}
+                status = call.error.status if call.error else 200
+                ctx.attempts.append(Attempt(
+                    call.tier, call.ctx.answered, Usage.from_openai(body.get("usage")),
+                    call.ctx.upstream_ms, status, call.error.error_type if call.error else "",
+                    call.reason or "not chosen"))
+        if chosen.error is not None or chosen.reply is None:
+            raise chosen.error or UpstreamError("cascade: no tier answered")
+        ctx.answered, ctx.model, ctx.provider = (chosen.ctx.answered, chosen.ctx.model,
+                                                 chosen.ctx.provider)
+        if streaming:
+            assert chosen.reply.body is not None
+            return Reply(chunks=_as_stream(chosen.reply.body))
+        return chosen.reply
+
+
+def _own(batch: list[_Call], answer_from: int) -> _Call:
+    """The call that speaks for a tier: ``answer_from``, else its first valid answer."""
+    first = batch[answer_from]
+    if first.key:
+        return first
+    return next((c for c in batch if c.key), next((c for c in batch if c.reply), first))
+
+
+def _holder(batch: list[_Call], calls: list[_Call], key: str) -> _Call:
+    """A call that gave ``key``: from this tier first, else the latest earlier one."""
+    for call in [*batch, *reversed(calls)]:
+        if call.key == key:
+            return call
+    raise AssertionError("accepted answer has no call")

@@ -64,7 +64,8 @@ class RoutePlan:
             if _rule_matches(rule, pattern, text, ctx.feature):
                 return rule.task, "rule"
         if self.classifier is not None:
-            task, confidence = self.classifier.classify(text)
+            label, confidence = self.classifier.classify(text)
+            task = self.config.task_map.get(label, label)
             if task in tasks and confidence >= self.config.min_confidence:
                 return task, "classifier"
         return self.config.default_task, "default"
