@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     d = add("demo", help="replay recorded traffic through the gateway, offline")
-    d.add_argument("--requests", type=int, default=400)
+    d.add_argument("--requests", type=int, default=1000)
     d.add_argument("--concurrency", type=int, default=16)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")

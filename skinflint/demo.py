@@ -1,8 +1,9 @@
 """``skinflint demo``: recorded real model outputs replayed through the real gateway.
 
-The gateway runs in-process on the replay provider; the official ``openai`` SDK sends a mixed
-workload over loopback HTTP. Every figure in the report comes from the gateway's own ledger
-(spend, baseline) or from the recorded correctness labels of the answers it returned.
+The gateway runs in-process on the replay provider with the shipped route ``auto`` (task
+classification, cheap-first cascades) and the exact cache; the official ``openai`` SDK sends a
+mixed workload over loopback HTTP. Spend comes from the gateway's own ledger; quality is the
+recorded correctness of the answers it returned.
 """
 
 from __future__ import annotations
@@ -12,23 +13,37 @@ import random
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from skinflint.analytics.evaluation import default_replay_config
 from skinflint.config import settings_from_dict
+from skinflint.models import LedgerRecord
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.server.run import BackgroundServer
 from skinflint.storage.ledger import SQLiteLedger
 
-__all__ = ["PREMIUM_MODEL", "build_workload", "format_demo_rows", "run_demo"]
+__all__ = ["PREMIUM_MODEL", "ROUTE", "build_workload", "format_demo_rows", "run_demo"]
 
 PREMIUM_MODEL = "gpt-4-1106-preview"
+ROUTE = "auto"
 LATENCY_SCALE = 0.05  # recorded-model latencies are replayed at 1/20th so the demo takes seconds
 REPEAT_SHARE = 0.3  # share of requests that repeat an earlier question, as FAQ traffic does
 STREAM_SHARE = 0.2
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    sample: ReplaySample
+    model: str  # x-skinflint-model: the recorded model whose answer came back
+    cache: str
+    route: str
+    ms: float
 
 
 def build_workload(
@@ -46,32 +61,29 @@ def build_workload(
         pool.extend(rng.sample(group, min(len(group), unique // len(by_eval) + 1)))
     rng.shuffle(pool)
     pool = pool[:unique]
-    weights = [1 / (rank + 1) for rank in range(len(pool))]  # Zipf: a few FAQs dominate
-    repeats = rng.choices(pool, weights=weights, k=n - len(pool))
-    order = pool + repeats
+    weights = [(rank + 1) ** -0.8 for rank in range(len(pool))]  # Zipf-like: a few FAQs lead
+    order = pool + rng.choices(pool, weights=weights, k=n - len(pool))
     rng.shuffle(order)
     return [(s, rng.random() < STREAM_SHARE) for s in order]
 
 
-async def _send(client: Any, sample: ReplaySample, stream: bool) -> tuple[str, str, str, float]:
+async def _send(client: Any, sample: ReplaySample, stream: bool) -> Answered:
     started = time.perf_counter()
     messages = [{"role": "user", "content": sample.prompt}]
+    raw = await client.chat.completions.with_raw_response.create(
+        model=ROUTE, messages=messages, temperature=0, stream=stream
+    )
     if stream:
-        raw = await client.chat.completions.with_raw_response.create(
-            model=PREMIUM_MODEL, messages=messages, temperature=0, stream=True
-        )
-        text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
+        _ = [c async for c in raw.parse()]
     else:
-        raw = await client.chat.completions.with_raw_response.create(
-            model=PREMIUM_MODEL, messages=messages, temperature=0
-        )
-        text = raw.parse().choices[0].message.content or ""
-    elapsed = (time.perf_counter() - started) * 1000
-    return (
-        text,
-        raw.headers.get("x-skinflint-model", ""),
-        raw.headers.get("x-skinflint-cache", ""),
-        elapsed,
+        raw.parse()
+    h = raw.headers
+    return Answered(
+        sample,
+        h.get("x-skinflint-model", ""),
+        h.get("x-skinflint-cache", ""),
+        h.get("x-skinflint-route", ""),
+        (time.perf_counter() - started) * 1000,
     )
 
 
@@ -80,17 +92,16 @@ async def _drive(
     workload: list[tuple[ReplaySample, bool]],
     concurrency: int,
     on_progress: Progress | None,
-) -> list[tuple[ReplaySample, str, str, float]]:
+) -> list[Answered]:
     from openai import AsyncOpenAI
 
-    results: list[tuple[ReplaySample, str, str, float]] = []
+    results: list[Answered] = []
     gate = asyncio.Semaphore(concurrency)
     async with AsyncOpenAI(base_url=base_url, api_key="demo", max_retries=0, timeout=60) as client:
 
         async def one(sample: ReplaySample, stream: bool) -> None:
             async with gate:
-                _, model, cache, ms = await _send(client, sample, stream)
-            results.append((sample, model, cache, ms))
+                results.append(await _send(client, sample, stream))
             if on_progress:
                 on_progress(len(results), len(workload))
 
@@ -105,24 +116,18 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_demo(
     *,
-    requests: int = 400,
+    requests: int = 1000,
     concurrency: int = 16,
     seed: int = 7,
     on_progress: Progress | None = None,
 ) -> dict[str, Any]:
     replay = ReplayProvider(latency_scale=LATENCY_SCALE)
     workload = build_workload(replay.samples(), requests, seed)
+    raw = default_replay_config()
+    raw["providers"]["replay"]["latency_scale"] = LATENCY_SCALE
     with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
         db = str(Path(tmp) / "skinflint.db")
-        settings = settings_from_dict(
-            {
-                "providers": {"replay": {"kind": "replay", "latency_scale": LATENCY_SCALE}},
-                "default_provider": "replay",
-                "baseline_model": PREMIUM_MODEL,
-                "storage": {"sqlite_path": db},
-            },
-            env={},
-        )
+        settings = settings_from_dict({**raw, "storage": {"sqlite_path": db}}, env={})
         started = time.perf_counter()
         with BackgroundServer(settings) as server:
             results = asyncio.run(_drive(server.base_url, workload, concurrency, on_progress))
@@ -133,33 +138,47 @@ def run_demo(
     return _summarise(replay, results, rows, wall)
 
 
+def _tier(route: str) -> str:
+    return route.split("tier=")[-1] if "tier=" in route else "cache"
+
+
 def _summarise(
-    replay: ReplayProvider,
-    results: list[tuple[ReplaySample, str, str, float]],
-    rows: list[Any],
-    wall: float,
+    replay: ReplayProvider, results: list[Answered], rows: list[LedgerRecord], wall: float
 ) -> dict[str, Any]:
     baseline_quality = statistics.fmean(
-        replay.correctness(s.prompt, PREMIUM_MODEL) or 0 for s, *_ in results
+        replay.correctness(a.sample.prompt, PREMIUM_MODEL) or 0 for a in results
     )
-    quality = statistics.fmean(replay.correctness(s.prompt, m) or 0 for s, m, *_ in results)
-    baseline = sum(r.baseline_cost_usd or 0.0 for r in rows)
+    quality = statistics.fmean(replay.correctness(a.sample.prompt, a.model) or 0 for a in results)
+    answered = [r for r in rows if r.strategy != "cascade_escalated"]
+    baseline = sum(r.baseline_cost_usd or 0.0 for r in answered)
+    # what the same traffic costs with the exact cache alone: every miss at the premium price
+    cache_only = sum(r.baseline_cost_usd or 0.0 for r in answered if r.cache_status == "miss")
     spend = sum(r.cost_usd or 0.0 for r in rows)
-    hits = sum(1 for *_, cache, _ in results if cache == "hit-exact")
-    latencies = [ms for *_, ms in results]
+    hits = sum(1 for a in results if a.cache == "hit-exact")
+    misses = [a for a in results if a.cache != "hit-exact"]
+    latencies = [a.ms for a in results]
     return {
         "requests": len(results),
-        "unique_prompts": len({s.id for s, *_ in results}),
+        "unique_prompts": len({a.sample.id for a in results}),
         "ledger_rows": len(rows),
         "baseline": {"model": PREMIUM_MODEL, "cost_usd": baseline, "quality": baseline_quality},
         "strategies": [
             {
                 "name": "exact cache",
-                "cost_usd": spend,
+                "cost_usd": cache_only,
                 "hits": hits,
+                "cut": 1 - cache_only / baseline if baseline else 0.0,
+            },
+            {
+                "name": "exact cache + routing and cascades",
+                "cost_usd": spend,
                 "cut": 1 - spend / baseline if baseline else 0.0,
-            }
+            },
         ],
+        "tiers": {
+            k: n / len(misses)
+            for k, n in Counter(f"tier {_tier(a.route)}: {a.model}" for a in misses).most_common()
+        },
         "skinflint": {"cost_usd": spend, "quality": quality},
         "cut": 1 - spend / baseline if baseline else 0.0,
         "quality_retained": quality / baseline_quality if baseline_quality else 1.0,
@@ -179,9 +198,8 @@ def format_demo_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ),
     ]
     for s in result["strategies"]:
-        rows.append(
-            (f"with {s['name']} ({s['hits']} hits)", f"${s['cost_usd']:.4f}  cut {s['cut']:.1%}")
-        )
+        hits = f" ({s['hits']} hits)" if "hits" in s else ""
+        rows.append((f"with {s['name']}{hits}", f"${s['cost_usd']:.4f}  cut {s['cut']:.1%}"))
     rows += [
         ("total cut", f"{result['cut']:.1%}"),
         (
@@ -195,5 +213,9 @@ def format_demo_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
             f"(recorded latencies x{result['latency_scale']:g})",
         ),
         ("wall time", f"{result['wall_seconds']:.1f} s"),
+    ]
+    rows += [
+        (f"  answered by {name}", f"{share:.1%} of misses")
+        for name, share in result["tiers"].items()
     ]
     return rows

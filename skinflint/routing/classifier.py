@@ -23,8 +23,8 @@ class TaskClassifier:
         return self.model.classes
 
     @classmethod
-    def train(cls, texts: Sequence[str], tasks: Sequence[str], *, vocab_size: int = 3000,
-              epochs: int = 300) -> TaskClassifier:
+    def train(cls, texts: Sequence[str], tasks: Sequence[str], *, vocab_size: int = 2000,
+              epochs: int = 200) -> TaskClassifier:
         if len(set(tasks)) < 2:
             raise ValueError("a task classifier needs examples of at least two tasks")
         vocabulary = Vocabulary.fit(texts, size=vocab_size)

@@ -56,8 +56,8 @@ class CorrectnessScorer:
         return float(p[self.model.classes.index("1")]) if "1" in self.model.classes else 0.0
 
     @classmethod
-    def train(cls, examples: Sequence[Example], *, vocab_size: int = 2000,
-              epochs: int = 300, l2: float = 1e-3) -> CorrectnessScorer:
+    def train(cls, examples: Sequence[Example], *, vocab_size: int = 500,
+              epochs: int = 150, l2: float = 1e-3) -> CorrectnessScorer:
         if len({e.correct for e in examples}) < 2:
             raise ValueError("a scorer needs both correct and incorrect examples")
         prompts = Vocabulary.fit((e.prompt for e in examples), size=vocab_size)
