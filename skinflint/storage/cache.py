@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import logging
-import sqlite3
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from skinflint.interfaces import CacheEntry
 from skinflint.storage.ledger import open_sqlite
+from skinflint.storage.writer import BatchWriter
 
 __all__ = ["MemoryCacheStore", "TieredCacheStore"]
 
-log = logging.getLogger("skinflint.cache")
 
 
 class MemoryCacheStore:
@@ -126,11 +124,7 @@ class TieredCacheStore:
             row[0] for row in self._conn.execute("SELECT key FROM cache_entries")
         }
         self._lock = threading.Lock()
-        self._pending: deque[CacheEntry] = deque()
-        self._stop = threading.Event()
-        self._interval = flush_interval
-        self._thread = threading.Thread(target=self._run, name="skinflint-cache", daemon=True)
-        self._thread.start()
+        self._writer = BatchWriter(self._write_locked, interval=flush_interval, name="cache")
         self.disk_reads = 0
 
     async def get(self, key: str, now: float) -> bytes | None:
@@ -159,7 +153,7 @@ class TieredCacheStore:
     async def set(self, entry: CacheEntry) -> None:
         self.memory.put(entry)
         self._on_disk.add(entry.key)
-        self._pending.append(entry)
+        self._writer.append(entry)
 
     async def invalidate_tags(self, tags: Sequence[str]) -> int:
         dropped = self.memory.drop_tags(tags)
@@ -194,22 +188,13 @@ class TieredCacheStore:
             "disk_reads": self.disk_reads,
         }
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.flush()
-
     def flush(self) -> None:
-        """Write pending entries (runs on the writer thread, or at close)."""
-        batch: list[CacheEntry] = []
-        while self._pending:
-            batch.append(self._pending.popleft())
-        if not batch:
-            return
-        try:
-            with self._lock, self._conn:
-                self._write(batch)
-        except sqlite3.Error:
-            log.exception("cache: failed to write %d entries to %s", len(batch), self.path)
+        """Write pending entries now (blocking)."""
+        self._writer.flush()
+
+    def _write_locked(self, batch: list[CacheEntry]) -> None:
+        with self._lock, self._conn:
+            self._write(batch)
 
     def _write(self, batch: list[CacheEntry]) -> None:
         now = time.time()
@@ -227,7 +212,5 @@ class TieredCacheStore:
             self._on_disk.difference_update(old)
 
     async def close(self) -> None:
-        self._stop.set()
-        await asyncio.to_thread(self._thread.join, 5)
-        self.flush()
+        await asyncio.to_thread(self._writer.close)
         self._conn.close()

@@ -7,19 +7,16 @@ left, so a graceful shutdown (SIGTERM) loses nothing.
 
 from __future__ import annotations
 
-import logging
 import operator
 import sqlite3
-import threading
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import fields
 
 from skinflint.models import LedgerRecord
+from skinflint.storage.writer import BatchWriter
 
 __all__ = ["MemoryLedger", "SQLiteLedger", "open_sqlite"]
 
-log = logging.getLogger("skinflint.ledger")
 
 _COLUMNS = [f.name for f in fields(LedgerRecord)]
 _SQL_TYPES = {"str": "TEXT", "float": "REAL", "int": "INTEGER", "float | None": "REAL"}
@@ -63,35 +60,20 @@ class MemoryLedger:
 class SQLiteLedger:
     def __init__(self, path: str, *, flush_interval: float = 0.2) -> None:
         self.path = path
-        self._pending: deque[LedgerRecord] = deque()
-        self._write_lock = threading.Lock()
         self._conn = open_sqlite(path)
         self._conn.execute(_SCHEMA)
         self._conn.execute("CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)")
-        self._stop = threading.Event()
-        self._interval = flush_interval
-        self._thread = threading.Thread(target=self._run, name="skinflint-ledger", daemon=True)
-        self._thread.start()
+        self._writer = BatchWriter(self._write, interval=flush_interval, name="ledger")
 
     def record(self, record: LedgerRecord) -> None:
-        self._pending.append(record)
+        self._writer.append(record)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.flush()
+    def _write(self, batch: list[LedgerRecord]) -> None:
+        with self._conn:
+            self._conn.executemany(_INSERT, [_AS_ROW(r) for r in batch])
 
     def flush(self) -> None:
-        with self._write_lock:
-            batch: list[tuple[object, ...]] = []
-            while self._pending:
-                batch.append(_AS_ROW(self._pending.popleft()))
-            if not batch:
-                return
-            try:
-                with self._conn:
-                    self._conn.executemany(_INSERT, batch)
-            except Exception:  # the writer must survive a bad batch; it logs what it lost
-                log.exception("ledger: failed to write %d records to %s", len(batch), self.path)
+        self._writer.flush()
 
     def query(self, since: float = 0.0) -> Iterable[LedgerRecord]:
         self.flush()
@@ -105,7 +87,5 @@ class SQLiteLedger:
         return [LedgerRecord(*row) for row in rows]
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.flush()
+        self._writer.close()
         self._conn.close()
