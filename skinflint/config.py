@@ -28,6 +28,7 @@ __all__ = [
     "ProviderConfig",
     "RouteConfig",
     "RuleConfig",
+    "SemanticCacheConfig",
     "Settings",
     "TaskConfig",
     "TierConfig",
@@ -106,8 +107,29 @@ class ExactCacheConfig(_Frozen):
     routes: dict[str, CachePolicy] = Field(default_factory=dict)
 
 
+class SemanticPolicy(_Frozen):
+    enabled: bool | None = None
+    threshold: float | None = Field(default=None, ge=0, le=1)
+
+
+class SemanticCacheConfig(_Frozen):
+    """Answers for similar earlier questions. Off unless enabled here or by
+    ``SKINFLINT_SEMANTIC_CACHE=1``; only requests the exact cache may store are considered, and
+    an entry lives as long as its exact-cache entry (same TTL, tags, invalidation)."""
+
+    enabled: bool = False
+    embedder: str = "local"
+    threshold: float | None = Field(default=None, ge=0, le=1)  # None: the calibrated default
+    verifier: bool | None = None  # None: as calibrated
+    top_k: int = Field(default=4, ge=1, le=64)
+    max_entries: int = Field(default=100_000, ge=1)
+    features: dict[str, SemanticPolicy] = Field(default_factory=dict)
+    routes: dict[str, SemanticPolicy] = Field(default_factory=dict)
+
+
 class CacheConfig(_Frozen):
     exact: ExactCacheConfig = Field(default_factory=ExactCacheConfig)
+    semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig)
 
 
 class GateConfig(_Frozen):
@@ -316,6 +338,10 @@ def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
     """Validate an already-parsed configuration mapping."""
     env = os.environ if env is None else env
     data = _interpolate(dict(raw), env, "")
+    if env.get("SKINFLINT_SEMANTIC_CACHE", "").lower() in ("1", "true", "yes", "on"):
+        cache = dict(data.get("cache") or {})
+        cache["semantic"] = {**(cache.get("semantic") or {}), "enabled": True}
+        data["cache"] = cache
     if not data.get("providers"):
         data = {**_zero_config(env), **{k: v for k, v in data.items() if k != "providers"}}
     try:

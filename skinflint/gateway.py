@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import time
@@ -12,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from skinflint.config import ProviderConfig, Settings
+from skinflint.embed import load_embedder
 from skinflint.errors import ConfigError
 from skinflint.interfaces import Ledger, Provider
 from skinflint.metrics import Metrics
@@ -23,6 +26,7 @@ from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
 from skinflint.pipeline.cache_exact import ExactCache
+from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.route import Route
 from skinflint.pricing import PriceCatalog
@@ -34,6 +38,7 @@ from skinflint.routing.classifier import TaskClassifier
 from skinflint.routing.scorer import CorrectnessScorer
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.ledger import SQLiteLedger
+from skinflint.storage.semantic import SemanticStore
 from skinflint.tokens import TokenCounter
 
 __all__ = ["Gateway", "price_overrides"]
@@ -99,6 +104,23 @@ def _baseline_for(settings: Settings) -> Callable[[str], str]:
     return baseline
 
 
+def semantic_defaults() -> dict[str, Any]:
+    """The calibrated default: embedder, threshold and verifier setting, with the precision and
+    recall they reached on labelled pairs (see ``skinflint cache calibrate``)."""
+    text = (resources.files("skinflint") / "data" / "semantic_default.json").read_text()
+    found: dict[str, Any] = json.loads(text)
+    return found
+
+
+def _semantic_cache(settings: Settings, exact: ExactCache, metrics: Metrics) -> SemanticCache:
+    cfg = settings.cache.semantic
+    defaults = semantic_defaults()
+    threshold = cfg.threshold if cfg.threshold is not None else float(defaults["threshold"])
+    verifier = cfg.verifier if cfg.verifier is not None else bool(defaults["verifier"])
+    store = SemanticStore(settings.storage.sqlite_path, cfg.embedder)
+    return SemanticCache(cfg, exact, store, metrics, threshold=threshold, verifier=verifier)
+
+
 @dataclass
 class Gateway:
     settings: Settings
@@ -106,6 +128,7 @@ class Gateway:
     ledger: Ledger
     cache: TieredCacheStore
     exact_cache: ExactCache
+    semantic_cache: SemanticCache
     metrics: Metrics
     catalog: PriceCatalog
     tokens: TokenCounter
@@ -136,6 +159,7 @@ class Gateway:
             max_entries=ex.max_entries,
         )
         exact = ExactCache(ex, store, frozenset(settings.routes))
+        semantic = _semantic_cache(settings, exact, metrics)
         policies = {
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
             for n, c in settings.providers.items()
@@ -150,6 +174,7 @@ class Gateway:
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             exact_cache=exact,
+            semantic_cache=semantic,
             route=Route(
                 settings,
                 classifiers=_classifiers(settings),
@@ -163,6 +188,7 @@ class Gateway:
                 ledger=ledger,
                 metrics=metrics,
                 cache=exact,
+                semantic=semantic,
                 price_name=price_name,
                 baseline_for=_baseline_for(settings),
             ),
@@ -173,6 +199,7 @@ class Gateway:
             ledger,
             store,
             exact,
+            semantic,
             metrics,
             catalog,
             tokens,
@@ -184,6 +211,8 @@ class Gateway:
 
     def _warm(self) -> None:
         self.catalog.warm(list(self.settings.models) or None)
+        if self.semantic_cache.enabled:
+            self.semantic_cache.load(load_embedder(self.settings.cache.semantic.embedder))
         for provider in self.providers.values():
             if isinstance(provider, ReplayProvider):
                 provider.load()
@@ -206,4 +235,5 @@ class Gateway:
             await provider.close()
         await self.session.close()
         await self.cache.close()
+        await asyncio.to_thread(self.semantic_cache.close)
         await asyncio.to_thread(self.ledger.close)

@@ -67,6 +67,9 @@ class Metrics:
         self.cascade_escalations = Counter("skinflint_cascade_escalations",
                                            "Cascade tiers whose answer was not accepted",
                                            ["model", "reason"], registry=r)
+        self.semantic_rejected = Counter("skinflint_semantic_rejected",
+                                         "Similar entries the verifier refused to serve",
+                                         ["reason"], registry=r)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

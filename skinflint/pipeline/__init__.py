@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
 from skinflint.pipeline.cache_exact import ExactCache
+from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider
 from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
 from skinflint.pipeline.route import Route
-from skinflint.pipeline.slots import BudgetTokens, Compress, Guard, Rules, SemanticCache
+from skinflint.pipeline.slots import BudgetTokens, Compress, Guard, Rules
 
 __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 
@@ -19,6 +20,7 @@ def build_stages(
     *,
     attribute: Attribute,
     exact_cache: ExactCache,
+    semantic_cache: SemanticCache,
     route: Route,
     call_provider: CallProvider,
     account: Account,
@@ -29,7 +31,7 @@ def build_stages(
         Guard(),  # 2  budgets and rate limits
         Rules(),  # 3  deterministic answers
         exact_cache,  # 4  exact cache lookup
-        SemanticCache(),  # 5  semantic cache lookup
+        semantic_cache,  # 5  semantic cache lookup
         Compress(),  # 6  prompt compression
         route,  # 7  model / cascade choice
         BudgetTokens(),  # 8  output-token caps

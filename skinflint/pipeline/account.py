@@ -17,6 +17,7 @@ from skinflint.interfaces import Ledger
 from skinflint.metrics import Metrics
 from skinflint.models import LedgerRecord, StreamChunk, Usage
 from skinflint.pipeline.cache_exact import ExactCache
+from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.context import Next, Reply, RequestContext
 from skinflint.pricing import PriceCatalog
 from skinflint.streaming import StreamAssembler
@@ -25,6 +26,7 @@ from skinflint.tokens import TokenCounter
 __all__ = ["Account"]
 
 CLIENT_CLOSED = 499
+_CACHE_STRATEGY = {"hit-exact": "exact_cache", "hit-semantic": "semantic_cache"}
 
 
 class Account:
@@ -39,6 +41,7 @@ class Account:
         ledger: Ledger,
         metrics: Metrics,
         cache: ExactCache,
+        semantic: SemanticCache,
         price_name: Callable[[str], str],
         baseline_for: Callable[[str], str],
     ) -> None:
@@ -47,6 +50,7 @@ class Account:
         self._ledger = ledger
         self._metrics = metrics
         self._cache = cache
+        self._semantic = semantic
         self._price_name = price_name
         self._baseline_for = baseline_for
 
@@ -62,8 +66,8 @@ class Account:
         ctx.model = reply.body.get("model") or ctx.model
         if ctx.usage is None:
             ctx.usage = await self._usage(ctx, reply.body)
-        if ctx.cache_status != "hit-exact":
-            await self._cache.save(ctx, reply.body, reply.raw)
+        if not ctx.cache_status.startswith("hit"):
+            await self._store(ctx, reply.body, reply.raw)
         self._finish(ctx)
         return reply
 
@@ -96,7 +100,7 @@ class Account:
             failure = exc
             raise
         finally:
-            hit = ctx.cache_status == "hit-exact"
+            hit = ctx.cache_status.startswith("hit")
             ctx.model = assembler.model or ctx.model
             if not hit:
                 ctx.upstream_ms += (time.perf_counter() - started) * 1000
@@ -104,8 +108,12 @@ class Account:
             if failure is not None:
                 self._mark_failure(ctx, failure)
             elif not hit:
-                await self._cache.save(ctx, assembler.completion(), None)
+                await self._store(ctx, assembler.completion(), None)
             self._finish(ctx)
+
+    async def _store(self, ctx: RequestContext, body: dict[str, Any], raw: bytes | None) -> None:
+        if await self._cache.save(ctx, body, raw):
+            self._semantic.save(ctx)
 
     async def _usage(self, ctx: RequestContext, body: dict[str, Any]) -> Usage:
         usage = Usage.from_openai(body.get("usage"))
@@ -151,31 +159,49 @@ class Account:
             ctx.saved_usd = ctx.baseline_cost_usd - ctx.cost_usd
         return own
 
+    @staticmethod
+    def _row(ctx: RequestContext, **fields: Any) -> LedgerRecord:
+        """A ledger row for ``ctx``; ``fields`` set what differs from the request's own row."""
+        usage = ctx.usage or Usage()
+        row: dict[str, Any] = dict(
+            request_id=ctx.request_id,
+            ts=ctx.ts,
+            request_hash=ctx.request_hash,
+            tenant=ctx.tenant,
+            feature=ctx.feature,
+            user=ctx.user,
+            requested_model=ctx.requested_model,
+            model=ctx.model,
+            provider=ctx.provider,
+            endpoint=ctx.endpoint,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=usage.cached_tokens,
+            baseline_cost_usd=ctx.baseline_cost_usd,
+            saved_usd=ctx.saved_usd,
+            cache_status=ctx.cache_status,
+            upstream_latency_ms=ctx.upstream_ms,
+            status=ctx.status,
+            error_type=ctx.error_type,
+            route=ctx.route,
+            similarity=ctx.similarity,
+        )
+        row.update(fields)
+        return LedgerRecord(**row)
+
     def _finish(self, ctx: RequestContext) -> None:
         own = self._price(ctx)
-        usage = ctx.usage or Usage()
-        strategy = (
-            "exact_cache"
-            if ctx.cache_status == "hit-exact"
-            else (
-                "cascade" if ctx.attempts else ("route" if ctx.route != ctx.requested_model else "")
-            )
+        strategy = _CACHE_STRATEGY.get(ctx.cache_status) or (
+            "cascade" if ctx.attempts else ("route" if ctx.route != ctx.requested_model else "")
         )
-        record = self._ledger.record
-        for a in ctx.attempts:
+        for a in ctx.attempts:  # cascade calls whose answer was not returned: their cost counts
             u = a.usage or Usage()
-            record(
-                LedgerRecord(
+            self._ledger.record(
+                self._row(
+                    ctx,
                     request_id=f"{ctx.request_id}.{a.tier + 1}",
-                    ts=ctx.ts,
-                    request_hash=ctx.request_hash,
-                    tenant=ctx.tenant,
-                    feature=ctx.feature,
-                    user=ctx.user,
-                    requested_model=ctx.requested_model,
                     model=a.target.provider_model,
                     provider=a.target.provider,
-                    endpoint=ctx.endpoint,
                     input_tokens=u.input_tokens,
                     output_tokens=u.output_tokens,
                     cached_tokens=u.cached_tokens,
@@ -187,40 +213,20 @@ class Account:
                     upstream_latency_ms=a.upstream_ms,
                     status=a.status,
                     error_type=a.error_type or a.reason,
-                    route=ctx.route,
+                    similarity=None,
                 )
             )
-            self._metrics.child(
-                self._metrics.cascade_escalations, a.target.name, a.reason or a.error_type
-            ).inc()
-        record(
-            LedgerRecord(
-                request_id=ctx.request_id,
-                ts=ctx.ts,
-                request_hash=ctx.request_hash,
-                tenant=ctx.tenant,
-                feature=ctx.feature,
-                user=ctx.user,
-                requested_model=ctx.requested_model,
-                model=ctx.model,
-                provider=ctx.provider,
-                endpoint=ctx.endpoint,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cached_tokens=usage.cached_tokens,
+            reason = (a.reason or a.error_type).split(" ")[0]  # "score 0.42" -> "score"
+            self._metrics.child(self._metrics.cascade_escalations, a.target.name, reason).inc()
+        self._ledger.record(
+            self._row(
+                ctx,
                 cost_usd=own,
-                baseline_cost_usd=ctx.baseline_cost_usd,
-                saved_usd=ctx.saved_usd,
-                cache_status=ctx.cache_status,
                 strategy=strategy,
                 latency_ms=(time.perf_counter() - ctx.started) * 1000,
-                upstream_latency_ms=ctx.upstream_ms,
-                status=ctx.status,
-                error_type=ctx.error_type,
-                route=ctx.route,
             )
         )
-        self._observe_metrics(ctx, usage)
+        self._observe_metrics(ctx, ctx.usage or Usage())
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
         m = self._metrics

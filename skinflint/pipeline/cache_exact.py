@@ -81,6 +81,12 @@ class ExactCache:
             return f"u:{ctx.tenant}:{ctx.user}"
         return f"t:{ctx.tenant}"
 
+    def key_for(self, ctx: RequestContext, digest: str) -> str:
+        """``digest`` within the request's scope (and, for a route, its task and feature)."""
+        if ctx.requested_model in self._routes:
+            digest = scoped_key(f"route\0{ctx.task}\0{ctx.feature}", digest)
+        return scoped_key(self._scope(ctx), digest)
+
     def _eligible(self, ctx: RequestContext, policy: Policy) -> bool:
         if not policy.enabled or ctx.cache_mode == "bypass":
             return False
@@ -99,19 +105,18 @@ class ExactCache:
         digest = (
             request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
         )
-        if ctx.requested_model in self._routes:
-            digest = scoped_key(f"route\0{ctx.task}\0{ctx.feature}", digest)
-        ctx.cache_key = scoped_key(self._scope(ctx), digest)
+        ctx.cache_key = self.key_for(ctx, digest)
         ctx.cache_writable, ctx.cache_ttl = True, policy.ttl_seconds
         if ctx.cache_mode != "refresh":
             raw = await self.store.get(ctx.cache_key, time.time())
             if raw is not None:
-                return self._hit(ctx, raw)
+                return self.serve(ctx, raw, "hit-exact")
         return await next(ctx)
 
-    def _hit(self, ctx: RequestContext, raw: bytes) -> Reply:
+    def serve(self, ctx: RequestContext, raw: bytes, status: str) -> Reply:
+        """Answer ``ctx`` with a stored response (``status``: hit-exact or hit-semantic)."""
         body = orjson.loads(raw)
-        ctx.cache_status, ctx.cache_writable = "hit-exact", False
+        ctx.cache_status, ctx.cache_writable = status, False
         ctx.model = body.get("model") or ctx.requested_model
         ctx.provider = "cache"
         ctx.usage = Usage.from_openai(body.get("usage")) or Usage()

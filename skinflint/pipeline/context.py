@@ -71,6 +71,8 @@ class RequestContext:
     cache_status: str = "miss"
     cache_writable: bool = False
     cache_ttl: float = 0.0
+    semantic: tuple[str, str, Any] | None = None  # (partition, question, embedding) once computed
+    similarity: float | None = None
     targets: tuple[Target, ...] = ()
     route: str = ""
     attempts: list[Attempt] = field(default_factory=list)

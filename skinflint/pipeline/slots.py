@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from skinflint.pipeline.context import Next, Reply, RequestContext
 
-__all__ = ["BudgetTokens", "Compress", "Guard", "Rules", "SemanticCache"]
+__all__ = ["BudgetTokens", "Compress", "Guard", "Rules"]
 
 
 class _Slot:
@@ -26,12 +26,6 @@ class Rules(_Slot):
     """Stage 3: deterministic answers that need no LLM."""
 
     name = "rules"
-
-
-class SemanticCache(_Slot):
-    """Stage 5: answers from similar earlier requests."""
-
-    name = "semantic_cache"
 
 
 class Compress(_Slot):

@@ -1,0 +1,225 @@
+"""In-process vector indexes for the semantic cache, partitioned by scope.
+
+A *scope* string (for example ``"tenant:7|model:gpt-4o|feature:faq"``) isolates entries: a search
+only ever sees vectors added under the same scope, so one user's or one context's answers are
+never served to another. Keys are unique across scopes; adding a key again replaces its vector.
+
+Vectors must be unit length (as :class:`skinflint.embed.Embedder` returns them), so the inner
+product is the cosine. :class:`NumpyIndex` searches exactly; :class:`HnswIndex` (``hnswlib``)
+searches approximately in logarithmic time, for partitions too big for a linear scan within the
+lookup budget. Both are safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from skinflint.errors import ConfigError
+
+__all__ = ["HnswIndex", "NumpyIndex", "VectorIndex"]
+
+Vector = npt.NDArray[np.float32]
+
+
+class VectorIndex(Protocol):
+    """Nearest-neighbour search over unit vectors, partitioned by scope."""
+
+    def add(self, scope: str, key: str, vector: Vector) -> None:
+        """Store ``vector`` under ``key`` in ``scope``, replacing any earlier entry for ``key``."""
+        ...
+
+    def search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]]:
+        """Up to ``k`` ``(key, cosine)`` pairs from ``scope``, best first; [] for an empty scope."""
+        ...
+
+    def remove(self, key: str) -> bool:
+        """Forget ``key``; False when it was not there."""
+        ...
+
+    def __len__(self) -> int:
+        """The number of entries, over all scopes."""
+        ...
+
+
+class _Partition:
+    """One scope's vectors as rows of a matrix that grows by doubling; removal moves the last
+    row into the hole, so rows stay contiguous and a search is one matrix-vector product."""
+
+    def __init__(self, dim: int) -> None:
+        self.rows: Vector = np.empty((16, dim), dtype=np.float32)
+        self.keys: list[str] = []
+        self.where: dict[str, int] = {}
+
+    def add(self, key: str, vector: Vector) -> None:
+        n = len(self.keys)
+        if n == len(self.rows):
+            self.rows = np.concatenate([self.rows, np.empty_like(self.rows)])
+        self.rows[n] = vector
+        self.keys.append(key)
+        self.where[key] = n
+
+    def remove(self, key: str) -> None:
+        row = self.where.pop(key)
+        last = self.keys.pop()
+        if last != key:
+            self.rows[row] = self.rows[len(self.keys)]
+            self.keys[row] = last
+            self.where[last] = row
+
+    def search(self, vector: Vector, k: int) -> list[tuple[str, float]]:
+        n = len(self.keys)
+        if n == 0 or k <= 0:
+            return []
+        scores = self.rows[:n] @ vector
+        if k < n:
+            top = np.argpartition(scores, n - k)[n - k:]
+        else:
+            top = np.arange(n)
+        best = top[np.argsort(-scores[top], kind="stable")]
+        return [(self.keys[i], float(scores[i])) for i in best]
+
+
+def _checked(vector: Vector, dim: int) -> Vector:
+    out = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if out.shape != (dim,):
+        raise ValueError(f"expected a vector of {dim} dimensions, got shape {np.shape(vector)}")
+    return out
+
+
+class NumpyIndex:
+    """Exact search: a linear scan of the scope's rows (float32, ``4 * dim`` bytes a vector).
+
+    A scan reads the whole partition, so its cost grows with the partition's size: see the
+    figures in ``bench/semantic_cache.py`` before letting one scope grow past ~50k vectors.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._parts: dict[str, _Partition] = {}
+        self._scope_of: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, scope: str, key: str, vector: Vector) -> None:
+        """See :meth:`VectorIndex.add`. Raises ValueError for a vector of the wrong size."""
+        row = _checked(vector, self.dim)
+        with self._lock:
+            self._forget(key)
+            self._parts.setdefault(scope, _Partition(self.dim)).add(key, row)
+            self._scope_of[key] = scope
+
+    def search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]]:
+        """See :meth:`VectorIndex.search`."""
+        query = _checked(vector, self.dim)
+        with self._lock:
+            part = self._parts.get(scope)
+            return part.search(query, k) if part is not None else []
+
+    def remove(self, key: str) -> bool:
+        """See :meth:`VectorIndex.remove`."""
+        with self._lock:
+            return self._forget(key)
+
+    def __len__(self) -> int:
+        return len(self._scope_of)
+
+    def _forget(self, key: str) -> bool:
+        scope = self._scope_of.pop(key, None)
+        if scope is None:
+            return False
+        part = self._parts[scope]
+        part.remove(key)
+        if not part.keys:
+            del self._parts[scope]
+        return True
+
+
+class HnswIndex:
+    """Approximate search with one ``hnswlib`` graph per scope (``pip install hnswlib``).
+
+    ``ef`` trades recall for time at query; ``m`` and ``ef_construction`` at insertion. Removed
+    entries are marked deleted and their labels reused by later additions. Each graph uses one
+    thread. A missed neighbour only costs a cache miss, never a wrong hit.
+    """
+
+    def __init__(self, dim: int, *, m: int = 16, ef_construction: int = 100, ef: int = 64) -> None:
+        try:
+            self._hnswlib: Any = importlib.import_module("hnswlib")
+        except ImportError as exc:
+            raise ConfigError("hnswlib is not installed: pip install hnswlib") from exc
+        self.dim = dim
+        self._m, self._ef_construction, self._ef = m, ef_construction, ef
+        self._graphs: dict[str, Any] = {}
+        self._labels: dict[str, tuple[str, int]] = {}  # key -> (scope, label)
+        self._keys: dict[tuple[str, int], str] = {}
+        self._free: dict[str, list[int]] = {}
+        self._next: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, scope: str, key: str, vector: Vector) -> None:
+        """See :meth:`VectorIndex.add`. Raises ValueError for a vector of the wrong size."""
+        row = _checked(vector, self.dim)
+        with self._lock:
+            self._forget(key)
+            graph = self._graph(scope)
+            free = self._free.setdefault(scope, [])
+            label = free.pop() if free else self._take_label(scope, graph)
+            # Re-adding a label that was marked deleted revives it with the new vector.
+            graph.add_items(row[None, :], np.asarray([label]))
+            self._labels[key] = (scope, label)
+            self._keys[scope, label] = key
+
+    def search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]]:
+        """See :meth:`VectorIndex.search`."""
+        query = _checked(vector, self.dim)
+        with self._lock:
+            graph = self._graphs.get(scope)
+            live = graph.get_current_count() - len(self._free.get(scope, [])) if graph else 0
+            if graph is None or live <= 0 or k <= 0:
+                return []
+            k = min(k, live)
+            graph.set_ef(max(self._ef, k))
+            labels, distances = graph.knn_query(query[None, :], k=k)
+            return [
+                (self._keys[scope, int(label)], 1.0 - float(dist))
+                for label, dist in zip(labels[0], distances[0], strict=True)
+            ]
+
+    def remove(self, key: str) -> bool:
+        """See :meth:`VectorIndex.remove`."""
+        with self._lock:
+            return self._forget(key)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def _graph(self, scope: str) -> Any:
+        graph = self._graphs.get(scope)
+        if graph is None:
+            graph = self._hnswlib.Index(space="ip", dim=self.dim)
+            graph.init_index(max_elements=1024, ef_construction=self._ef_construction, M=self._m)
+            graph.set_ef(self._ef)
+            graph.set_num_threads(1)
+            self._graphs[scope] = graph
+        return graph
+
+    def _take_label(self, scope: str, graph: Any) -> int:
+        label = self._next.get(scope, 0)
+        self._next[scope] = label + 1
+        if label >= graph.get_max_elements():
+            graph.resize_index(2 * graph.get_max_elements())
+        return label
+
+    def _forget(self, key: str) -> bool:
+        found = self._labels.pop(key, None)
+        if found is None:
+            return False
+        scope, label = found
+        del self._keys[scope, label]
+        self._graphs[scope].mark_deleted(label)
+        self._free.setdefault(scope, []).append(label)
+        return True
