@@ -104,6 +104,11 @@ def _baseline_for(settings: Settings) -> Callable[[str], str]:
     return baseline
 
 
+def _report_warm_failure(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("background loading failed; the semantic cache stays off: %s", done.exception())
+
+
 def semantic_defaults() -> dict[str, Any]:
     """The calibrated default: embedder, threshold and verifier setting, with the precision and
     recall they reached on labelled pairs (see ``skinflint cache calibrate``)."""
@@ -207,6 +212,7 @@ class Gateway:
             session,
         )
         gw.warmed = asyncio.ensure_future(asyncio.to_thread(gw._warm))
+        gw.warmed.add_done_callback(_report_warm_failure)
         return gw
 
     def _warm(self) -> None:

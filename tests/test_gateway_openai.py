@@ -146,7 +146,7 @@ def test_embeddings_and_cache(client: openai.OpenAI, fake: FakeUpstream) -> None
 def test_models_and_health(gateway: BackgroundServer, client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
     assert {"gpt-4o-mini", "cheap", "claude-sonnet"} <= ids
-    assert httpx.get(gateway.root_url + "/health").json() == {"status": "ok"}
+    assert httpx.get(gateway.root_url + "/health").json() == {"status": "ok", "ready": True}
 
 
 def test_ledger_cost_is_catalog_price_times_tokens(client: openai.OpenAI, tmp_path: Path) -> None:

@@ -167,8 +167,14 @@ class App:
         data = [{"id": n, "object": "model", "created": 0, "owned_by": p} for n, p in owned.items()]
         await out.json(orjson.dumps({"object": "list", "data": data}))
 
+    @property
+    def ready(self) -> bool:
+        """True once background loading (price catalog, embedder, recorded data) is done."""
+        warmed = self.gateway.warmed if self.gateway is not None else None
+        return warmed is not None and warmed.done()
+
     async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
-        await out.json(b'{"status":"ok"}')
+        await out.json(orjson.dumps({"status": "ok", "ready": self.ready}))
 
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None

@@ -40,7 +40,8 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None
 
 
 class BackgroundServer:
-    """The gateway on a loopback port in a thread of this process, for the demo and tests.
+    """The gateway on a loopback port in a thread of this process, for the demo and tests;
+    entering waits until background loading (prices, embedder, recorded data) is done.
 
     ``with BackgroundServer(settings) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
 
@@ -78,7 +79,7 @@ class BackgroundServer:
 
         self._thread.start()
         deadline = time.monotonic() + 30
-        while not self._server.started:
+        while not (self._server.started and self.app.ready):
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the gateway did not start")
             time.sleep(0.01)

@@ -1,0 +1,161 @@
+"""The semantic cache through the real HTTP path (hashing embedder: fast and deterministic;
+one test uses the shipped local model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from skinflint.config import settings_from_dict
+from tests.conftest import GatewayFactory, ledger_rows
+from tests.fake_upstream import FakeUpstream
+
+SEMANTIC = {"exact": {}, "semantic": {"enabled": True, "embedder": "hashing", "threshold": 0.75}}
+KEYS = [{"tenant": "acme", "key": "gw-key-acme"}, {"tenant": "globex", "key": "gw-key-globex"}]
+
+
+def _ask(c: openai.OpenAI, text: str, *, system: str | None = None, **kw: Any) -> Any:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}]
+    kw.setdefault("temperature", 0)
+    return c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=messages,
+                                                      **kw)
+
+
+def _calls(fake: FakeUpstream) -> int:
+    return sum(1 for r in fake.requests if r.path.endswith("/chat/completions"))
+
+
+@pytest.fixture
+def semantic(make_gateway: GatewayFactory) -> Any:
+    gw = make_gateway(cache=SEMANTIC)
+    return gw, openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0)
+
+
+def test_paraphrase_is_a_semantic_hit(semantic: Any, fake: FakeUpstream, tmp_path: Path) -> None:
+    _, c = semantic
+    first = _ask(c, "Show me my recent invoices")
+    again = _ask(c, "show me my recent invoices please")
+    assert first.headers["x-skinflint-cache"] == "miss"
+    assert again.headers["x-skinflint-cache"] == "hit-semantic"
+    assert again.parse().choices[0].message.content == "echo: Show me my recent invoices"
+    assert float(again.headers["x-skinflint-cost-usd"]) == 0
+    assert float(again.headers["x-skinflint-saved-usd"]) > 0
+    assert _calls(fake) == 1
+    rows = ledger_rows(tmp_path / "skinflint.db", expect=2)
+    assert rows[1]["cache_status"] == "hit-semantic" and rows[1]["strategy"] == "semantic_cache"
+    assert 0.75 <= rows[1]["similarity"] <= 1.0
+
+
+def test_different_question_misses(semantic: Any, fake: FakeUpstream) -> None:
+    _, c = semantic
+    _ask(c, "Show me my recent invoices")
+    assert _ask(c, "What is the weather in Paris").headers["x-skinflint-cache"] == "miss"
+
+
+def test_verifier_rejects_reversed_and_changed_numbers(make_gateway: GatewayFactory,
+                                                      fake: FakeUpstream) -> None:
+    cache = {"semantic": {"enabled": True, "embedder": "hashing", "threshold": 0.3,
+                          "verifier": True}}
+    gw = make_gateway(cache=cache)
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        _ask(c, "How do I convert a string to an int in Python")
+        assert _ask(c, "How do I convert an int to a string in Python").headers[
+            "x-skinflint-cache"] == "miss"
+        _ask(c, "Flights from Paris to London on Monday")
+        assert _ask(c, "Flights from London to Paris on Monday").headers[
+            "x-skinflint-cache"] == "miss"
+        _ask(c, "What is 15% of 200")
+        assert _ask(c, "What is 15% of 300").headers["x-skinflint-cache"] == "miss"
+        _ask(c, "Is it safe to eat raw eggs")
+        assert _ask(c, "Is it not safe to eat raw eggs").headers["x-skinflint-cache"] == "miss"
+    metrics = httpx.get(gw.root_url + "/metrics").text
+    assert "skinflint_semantic_rejected_total" in metrics
+
+
+def test_never_across_tenants(make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    gw = make_gateway(cache=SEMANTIC, keys=KEYS)
+    with openai.OpenAI(base_url=gw.base_url, api_key="gw-key-acme", max_retries=0) as acme, \
+            openai.OpenAI(base_url=gw.base_url, api_key="gw-key-globex", max_retries=0) as globex:
+        _ask(acme, "Show me my recent invoices")
+        assert _ask(globex, "show me my recent invoices please").headers[
+            "x-skinflint-cache"] == "miss"
+        assert _ask(acme, "show me my recent invoices please").headers[
+            "x-skinflint-cache"] == "hit-semantic"
+
+
+def test_never_across_contexts(semantic: Any, fake: FakeUpstream) -> None:
+    _, c = semantic
+    _ask(c, "Show me my recent invoices", system="You are the billing assistant.")
+    assert _ask(c, "show me my recent invoices please", system="You are a pirate.").headers[
+        "x-skinflint-cache"] == "miss"
+    assert _ask(c, "show me my recent invoices please").headers["x-skinflint-cache"] == "miss"
+    earlier = [{"role": "user", "content": "I am customer 42"},
+               {"role": "assistant", "content": "Hello customer 42"},
+               {"role": "user", "content": "Show me my recent invoices"}]
+    other = [{"role": "user", "content": "I am customer 43"},
+             {"role": "assistant", "content": "Hello customer 43"},
+             {"role": "user", "content": "show me my recent invoices please"}]
+    c.chat.completions.create(model="gpt-4o-mini", temperature=0, messages=earlier)
+    raw = c.chat.completions.with_raw_response.create(model="gpt-4o-mini", temperature=0,
+                                                      messages=other)
+    assert raw.headers["x-skinflint-cache"] == "miss"
+    assert _ask(c, "show me my recent invoices please", temperature=0.2).headers[
+        "x-skinflint-cache"] == "miss"  # other parameters, other partition
+
+
+def test_invalidated_by_tag(semantic: Any, fake: FakeUpstream) -> None:
+    gw, c = semantic
+    _ask(c, "Show me my recent invoices", extra_headers={"x-skinflint-tags": "invoices:v7"})
+    httpx.post(gw.root_url + "/api/cache/invalidate", json={"tags": ["invoices:v7"]})
+    assert _ask(c, "show me my recent invoices please").headers["x-skinflint-cache"] == "miss"
+
+
+def test_not_stored_when_exact_cache_would_not(semantic: Any, fake: FakeUpstream) -> None:
+    _, c = semantic
+    _ask(c, "Show me my recent invoices", temperature=0.9)
+    assert _ask(c, "show me my recent invoices please").headers["x-skinflint-cache"] == "miss"
+    _ask(c, "Show me my open tickets", extra_headers={"x-skinflint-cache": "bypass"})
+    assert _ask(c, "show me my open tickets please").headers["x-skinflint-cache"] == "miss"
+
+
+def test_streamed_semantic_hit(semantic: Any, fake: FakeUpstream) -> None:
+    _, c = semantic
+    _ask(c, "Show me my recent invoices")
+    raw = c.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", temperature=0, stream=True,
+        messages=[{"role": "user", "content": "show me my recent invoices please"}])
+    assert raw.headers["x-skinflint-cache"] == "hit-semantic"
+    text = "".join(ch.choices[0].delta.content or "" for ch in raw.parse() if ch.choices)
+    assert text == "echo: Show me my recent invoices"
+
+
+def test_survives_restart(make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    gw = make_gateway(cache=SEMANTIC)
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        _ask(c, "Show me my recent invoices")
+    gw.__exit__(None, None, None)
+    gw2 = make_gateway(cache=SEMANTIC)
+    with openai.OpenAI(base_url=gw2.base_url, api_key="k", max_retries=0) as c:
+        assert _ask(c, "show me my recent invoices please").headers[
+            "x-skinflint-cache"] == "hit-semantic"
+    assert _calls(fake) == 1
+
+
+def test_off_by_default_and_on_by_environment() -> None:
+    base = {"providers": {"p": {"base_url": "http://127.0.0.1:1/v1"}}}
+    assert not settings_from_dict(base, env={}).cache.semantic.enabled
+    assert settings_from_dict(base, env={"SKINFLINT_SEMANTIC_CACHE": "1"}).cache.semantic.enabled
+
+
+def test_local_embedder_end_to_end(make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    gw = make_gateway(cache={"semantic": {"enabled": True}})
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        _ask(c, "How can I reset my account password?")
+        hit = _ask(c, "How do I reset the password of my account?")
+        assert hit.headers["x-skinflint-cache"] == "hit-semantic", "paraphrase should hit"
+        assert _ask(c, "How do I delete my account?").headers["x-skinflint-cache"] == "miss"
