@@ -38,7 +38,7 @@ from skinflint.routing.classifier import TaskClassifier
 from skinflint.routing.scorer import CorrectnessScorer
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.ledger import SQLiteLedger
-from skinflint.storage.semantic import SemanticStore
+from skinflint.storage.semantic import LocalSemanticIndex
 from skinflint.tokens import TokenCounter
 
 __all__ = ["Gateway", "price_overrides"]
@@ -122,8 +122,7 @@ def _semantic_cache(settings: Settings, exact: ExactCache, metrics: Metrics) -> 
     defaults = semantic_defaults()
     threshold = cfg.threshold if cfg.threshold is not None else float(defaults["threshold"])
     verifier = cfg.verifier if cfg.verifier is not None else bool(defaults["verifier"])
-    store = SemanticStore(settings.storage.sqlite_path, cfg.embedder)
-    return SemanticCache(cfg, exact, store, metrics, threshold=threshold, verifier=verifier)
+    return SemanticCache(cfg, exact, metrics, threshold=threshold, verifier=verifier)
 
 
 @dataclass
@@ -218,7 +217,15 @@ class Gateway:
     def _warm(self) -> None:
         self.catalog.warm(list(self.settings.models) or None)
         if self.semantic_cache.enabled:
-            self.semantic_cache.load(load_embedder(self.settings.cache.semantic.embedder))
+            cfg = self.settings.cache.semantic
+            embedder = load_embedder(cfg.embedder)
+            index = LocalSemanticIndex(
+                self.settings.storage.sqlite_path,
+                embedder.name,
+                embedder.dim,
+                max_entries=cfg.max_entries,
+            )
+            self.semantic_cache.open(embedder, index)
         for provider in self.providers.values():
             if isinstance(provider, ReplayProvider):
                 provider.load()
@@ -241,5 +248,5 @@ class Gateway:
             await provider.close()
         await self.session.close()
         await self.cache.close()
-        await asyncio.to_thread(self.semantic_cache.close)
+        await self.semantic_cache.close()
         await asyncio.to_thread(self.ledger.close)

@@ -10,9 +10,14 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from skinflint.models import Completion, LedgerRecord, StreamChunk, UpstreamRequest
 
-__all__ = ["CacheEntry", "CacheStore", "Ledger", "Provider"]
+__all__ = ["CacheEntry", "CacheStore", "Ledger", "Provider", "SemanticIndex", "Vector"]
+
+Vector = npt.NDArray[np.float32]
 
 
 class Provider(Protocol):
@@ -73,3 +78,25 @@ class Ledger(Protocol):
     def query(self, since: float = 0.0) -> Iterable[LedgerRecord]: ...
 
     def close(self) -> None: ...
+
+
+class SemanticIndex(Protocol):
+    """Questions and their embeddings, searched within one partition (scope, model, parameters
+    and preceding context). ``key`` is the exact-cache key of the stored answer. Embedded
+    (numpy + SQLite) and PostgreSQL (pgvector) implementations."""
+
+    async def search(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float, str]]:
+        """Up to ``k`` (key, cosine similarity, question) triples, most similar first."""
+        ...
+
+    async def add(self, partition: str, key: str, text: str, vector: Vector) -> None: ...
+
+    async def touch(self, key: str) -> None:
+        """Mark an entry used (capacity eviction drops the least recently used)."""
+        ...
+
+    async def remove(self, key: str) -> None: ...
+
+    async def count(self) -> int: ...
+
+    async def close(self) -> None: ...

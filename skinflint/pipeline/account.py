@@ -113,7 +113,7 @@ class Account:
 
     async def _store(self, ctx: RequestContext, body: dict[str, Any], raw: bytes | None) -> None:
         if await self._cache.save(ctx, body, raw):
-            self._semantic.save(ctx)
+            await self._semantic.save(ctx)
 
     async def _usage(self, ctx: RequestContext, body: dict[str, Any]) -> Usage:
         usage = Usage.from_openai(body.get("usage"))

@@ -14,29 +14,20 @@ exact cache would not store.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
-import numpy.typing as npt
 
 from skinflint.cachekey import request_hash
 from skinflint.config import SemanticCacheConfig
 from skinflint.embed import Embedder
+from skinflint.interfaces import SemanticIndex, Vector
 from skinflint.metrics import Metrics
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.context import Next, Reply, RequestContext
 from skinflint.routing.text import last_user_text
-from skinflint.semantic.index import NumpyIndex
 from skinflint.semantic.verifier import verify
-from skinflint.storage.semantic import SemanticRow, SemanticStore
 
 __all__ = ["SemanticCache"]
-
-log = logging.getLogger("skinflint.semantic")
-Vector = npt.NDArray[np.float32]
 
 
 def _context_digest(ctx: RequestContext) -> str:
@@ -56,7 +47,6 @@ class SemanticCache:
         self,
         config: SemanticCacheConfig,
         exact: ExactCache,
-        store: SemanticStore,
         metrics: Metrics,
         *,
         threshold: float,
@@ -65,22 +55,18 @@ class SemanticCache:
         self.config = config
         self.enabled = config.enabled
         self._exact = exact
-        self._store = store
         self._metrics = metrics
         self._threshold = threshold
         self._verifier = verifier
-        self._embedder: Embedder | None = None  # set by ``load`` once the model is in memory
-        self._index: NumpyIndex | None = None
-        self._texts: OrderedDict[str, str] = OrderedDict()  # key -> question, in LRU order
+        # both set by ``open`` once the embedder is in memory; until then requests pass through
+        self._embedder: Embedder | None = None
+        self._index: SemanticIndex | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skinflint-embed")
 
-    def load(self, embedder: Embedder) -> None:
-        """Rebuild the index from the store (blocking: call from a worker thread)."""
-        index = NumpyIndex(embedder.dim)
-        for row in self._store.rows():
-            index.add(row.partition, row.key, row.vector)
-            self._texts[row.key] = row.text
-        self._index, self._embedder = index, embedder
+    def open(self, embedder: Embedder, index: SemanticIndex) -> None:
+        """Start serving (called once loading is done, from the loading thread: the two
+        assignments are atomic, and requests treat a missing index as 'not yet')."""
+        self._embedder, self._index = embedder, index
 
     def threshold_for(self, ctx: RequestContext) -> float | None:
         """The similarity a match needs, or None when the cache is off for this request."""
@@ -110,7 +96,7 @@ class SemanticCache:
         vector = await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, text)
         ctx.semantic = (partition, text, vector)
         if ctx.cache_mode != "refresh":
-            reply = await self._lookup(ctx, partition, text, vector, threshold)
+            reply = await self._lookup(ctx, self._index, partition, vector, threshold)
             if reply is not None:
                 return reply
         return await next(ctx)
@@ -121,47 +107,39 @@ class SemanticCache:
         return vector
 
     async def _lookup(
-        self, ctx: RequestContext, partition: str, text: str, vector: Vector, threshold: float
+        self,
+        ctx: RequestContext,
+        index: SemanticIndex,
+        partition: str,
+        vector: Vector,
+        threshold: float,
     ) -> Reply | None:
-        assert self._index is not None
-        for key, similarity in self._index.search(partition, vector, self.config.top_k):
+        question = ctx.semantic[1] if ctx.semantic else ""
+        for key, similarity, text in await index.search(partition, vector, self.config.top_k):
             if similarity < threshold:
                 break
             if self._verifier:
-                ok, reason = verify(text, self._texts.get(key, ""))
+                ok, reason = verify(question, text)
                 if not ok:
                     self._metrics.child(self._metrics.semantic_rejected, reason.split(":")[0]).inc()
                     continue
             raw = await self._exact.store.get(key, time.time())
             if raw is None:  # expired or invalidated with its exact entry
-                self._forget(key)
+                await index.remove(key)
                 continue
-            self._texts.move_to_end(key)
+            await index.touch(key)
             ctx.similarity = similarity
             return self._exact.serve(ctx, raw, "hit-semantic")
         return None
 
-    def save(self, ctx: RequestContext) -> None:
+    async def save(self, ctx: RequestContext) -> None:
         """Index a question whose answer the exact cache just stored."""
         if ctx.semantic is None or self._index is None:
             return
         partition, text, vector = ctx.semantic
-        key = ctx.cache_key
-        self._index.add(partition, key, vector)
-        self._texts[key] = text
-        self._store.add(SemanticRow(key, partition, text, vector))
-        while len(self._texts) > self.config.max_entries:
-            self._forget(next(iter(self._texts)))
+        await self._index.add(partition, ctx.cache_key, text, vector)
 
-    def _forget(self, key: str) -> None:
-        if self._index is not None:
-            self._index.remove(key)
-        self._texts.pop(key, None)
-        self._store.remove(key)
-
-    def stats(self) -> dict[str, int]:
-        return {"entries": len(self._texts)}
-
-    def close(self) -> None:
+    async def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._store.close()
+        if self._index is not None:
+            await self._index.close()

@@ -1,58 +1,88 @@
-"""The persistent side of the semantic index: each entry's partition, question text and vector,
-in SQLite next to the exact cache, so the in-process index is rebuilt at start."""
+"""The embedded semantic index: exact search in process (numpy), persisted in SQLite next to the
+exact cache so the index is rebuilt at start. Capacity is bounded with least-recently-used
+eviction. PostgreSQL deployments use :mod:`skinflint.storage.postgres` instead."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
 
 import numpy as np
-import numpy.typing as npt
 
+from skinflint.interfaces import Vector
+from skinflint.semantic.index import NumpyIndex
 from skinflint.storage.ledger import open_sqlite
 from skinflint.storage.writer import BatchWriter
 
-__all__ = ["SemanticRow", "SemanticStore"]
+__all__ = ["LocalSemanticIndex"]
 
-_SCHEMA = ("CREATE TABLE IF NOT EXISTS semantic_entries (key TEXT PRIMARY KEY, space TEXT NOT NULL,"
-           " partition TEXT NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL)")
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS semantic_entries (key TEXT PRIMARY KEY, space TEXT NOT NULL,"
+    " partition TEXT NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL)"
+)
 
-
-@dataclass(frozen=True, slots=True)
-class SemanticRow:
-    key: str  # the exact-cache key of the stored answer
-    partition: str
-    text: str
-    vector: npt.NDArray[np.float32]
+_Row = tuple[str, str, str, bytes]  # key, partition, text, float32 bytes
 
 
-class SemanticStore:
-    """Rows per vector space (embedder name): vectors of different embedders never mix."""
+class LocalSemanticIndex:
+    """Entries of one vector space (embedder name): vectors of different embedders never mix.
 
-    def __init__(self, path: str, space: str, *, flush_interval: float = 0.2) -> None:
+    Not thread-safe: used from the event loop; disk writes go through a write-behind thread."""
+
+    def __init__(
+        self,
+        path: str,
+        space: str,
+        dim: int,
+        *,
+        max_entries: int = 100_000,
+        flush_interval: float = 0.2,
+    ) -> None:
         self.space = space
+        self.max_entries = max_entries
+        self._index = NumpyIndex(dim)
+        self._texts: OrderedDict[str, str] = OrderedDict()  # key -> question, in LRU order
         self._conn = open_sqlite(path)
         self._conn.execute(_SCHEMA)
         self._lock = threading.Lock()
-        self._writer: BatchWriter[tuple[str, SemanticRow | None]] = BatchWriter(
-            self._write, interval=flush_interval, name="semantic")
+        self._writer: BatchWriter[tuple[str, _Row | None]] = BatchWriter(
+            self._write, interval=flush_interval, name="semantic"
+        )
+        for key, partition, text, blob in self._conn.execute(
+            "SELECT key, partition, text, vector FROM semantic_entries WHERE space = ?", (space,)
+        ):
+            vector = np.frombuffer(blob, dtype=np.float32)
+            if vector.shape == (dim,):
+                self._index.add(partition, key, vector)
+                self._texts[key] = text
 
-    def rows(self) -> Iterator[SemanticRow]:
-        with self._lock:
-            found = self._conn.execute(
-                "SELECT key, partition, text, vector FROM semantic_entries WHERE space = ?",
-                (self.space,)).fetchall()
-        for key, partition, text, blob in found:
-            yield SemanticRow(key, partition, text, np.frombuffer(blob, dtype=np.float32))
+    async def search(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float, str]]:
+        return [
+            (key, sim, self._texts.get(key, ""))
+            for key, sim in self._index.search(partition, vector, k)
+        ]
 
-    def add(self, row: SemanticRow) -> None:
-        self._writer.append((row.key, row))
+    async def add(self, partition: str, key: str, text: str, vector: Vector) -> None:
+        self._index.add(partition, key, vector)
+        self._texts[key] = text
+        self._texts.move_to_end(key)
+        self._writer.append((key, (key, partition, text, vector.astype(np.float32).tobytes())))
+        while len(self._texts) > self.max_entries:
+            await self.remove(next(iter(self._texts)))
 
-    def remove(self, key: str) -> None:
+    async def touch(self, key: str) -> None:
+        if key in self._texts:
+            self._texts.move_to_end(key)
+
+    async def remove(self, key: str) -> None:
+        self._index.remove(key)
+        self._texts.pop(key, None)
         self._writer.append((key, None))
 
-    def _write(self, batch: list[tuple[str, SemanticRow | None]]) -> None:
+    async def count(self) -> int:
+        return len(self._texts)
+
+    def _write(self, batch: list[tuple[str, _Row | None]]) -> None:
         with self._lock, self._conn:
             for key, row in batch:
                 if row is None:
@@ -60,12 +90,12 @@ class SemanticStore:
                 else:
                     self._conn.execute(
                         "INSERT OR REPLACE INTO semantic_entries VALUES (?, ?, ?, ?, ?)",
-                        (key, self.space, row.partition, row.text,
-                         row.vector.astype(np.float32).tobytes()))
+                        (row[0], self.space, row[1], row[2], row[3]),
+                    )
 
     def flush(self) -> None:
         self._writer.flush()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._writer.close()
         self._conn.close()
