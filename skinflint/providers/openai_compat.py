@@ -4,6 +4,7 @@ Ollama, llama.cpp. Bodies pass through untouched and responses are relayed byte 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -43,26 +44,14 @@ class OpenAICompatProvider:
                 self._base + path,
                 data=orjson.dumps(request.body),
                 headers=self._headers_for(request),
-                timeout=client_timeout(request.timeout, streaming=False,
-                                       connect=self._connect_timeout),
+                timeout=client_timeout(
+                    request.timeout, streaming=False, connect=self._connect_timeout
+                ),
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise status_error(self.name, resp.status, raw, resp.headers.get("retry-after"))
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(
-                f"{self.name}: upstream sent invalid JSON",
-                provider=self.name,
-                code="upstream_bad_json",
-            ) from None
-        if not isinstance(body, dict):
-            raise UpstreamProtocolError(
-                f"{self.name}: upstream sent a non-object",
-                provider=self.name,
-                code="upstream_bad_json",
-            )
+        body = self._object(raw, "response")
         return Completion(body=body, raw=raw)
 
     async def complete(self, request: UpstreamRequest) -> Completion:
@@ -77,8 +66,9 @@ class OpenAICompatProvider:
                 self._base + "/chat/completions",
                 data=orjson.dumps(request.body),
                 headers=self._headers_for(request),
-                timeout=client_timeout(request.timeout, streaming=True,
-                                       connect=self._connect_timeout),
+                timeout=client_timeout(
+                    request.timeout, streaming=True, connect=self._connect_timeout
+                ),
             ) as resp:
                 if resp.status >= 400:
                     raw = await resp.read()
@@ -94,16 +84,23 @@ class OpenAICompatProvider:
             f"{self.name}: stream ended before [DONE]", provider=self.name, code="upstream_cut"
         )
 
-    def _chunk(self, payload: bytes) -> StreamChunk:
+    def _object(self, raw: bytes, what: str) -> dict[str, Any]:
+        """``raw`` parsed as a JSON object, else an upstream protocol error."""
         try:
-            data = orjson.loads(payload)
+            data = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
             raise UpstreamProtocolError(
-                f"{self.name}: upstream sent an invalid stream chunk",
+                f"{self.name}: upstream sent an invalid {what}",
                 provider=self.name,
                 code="upstream_bad_json",
-            ) from None
-        if isinstance(data, dict) and "error" in data and "choices" not in data:
+            )
+        return data
+
+    def _chunk(self, payload: bytes) -> StreamChunk:
+        data = self._object(payload, "stream chunk")
+        if "error" in data and "choices" not in data:
             err = data["error"] if isinstance(data["error"], dict) else {"message": data["error"]}
             raise UpstreamProtocolError(
                 f"{self.name}: {err.get('message', 'stream error')}",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from skinflint.routing.linear import LogisticModel, Vocabulary
+from skinflint.routing.linear import LogisticModel, Vocabulary, pack, unpack
 
 __all__ = ["TaskClassifier"]
 
@@ -23,8 +22,14 @@ class TaskClassifier:
         return self.model.classes
 
     @classmethod
-    def train(cls, texts: Sequence[str], tasks: Sequence[str], *, vocab_size: int = 2000,
-              epochs: int = 200) -> TaskClassifier:
+    def train(
+        cls,
+        texts: Sequence[str],
+        tasks: Sequence[str],
+        *,
+        vocab_size: int = 2000,
+        epochs: int = 200,
+    ) -> TaskClassifier:
         if len(set(tasks)) < 2:
             raise ValueError("a task classifier needs examples of at least two tasks")
         vocabulary = Vocabulary.fit(texts, size=vocab_size)
@@ -35,18 +40,12 @@ class TaskClassifier:
         return self.model.predict(self.vocabulary.vector(text))
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, terms=np.array(self.vocabulary.terms),
-                            classes=np.array(self.model.classes),
-                            weights=self.model.weights.astype(np.float16), bias=self.model.bias)
-        return buf.getvalue()
+        return pack(terms=np.array(self.vocabulary.terms), **self.model.arrays())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TaskClassifier:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            model = LogisticModel(z["weights"].astype(np.float32), z["bias"].astype(np.float32),
-                                  [str(c) for c in z["classes"]])
-            return cls(Vocabulary([str(t) for t in z["terms"]]), model)
+        arrays = unpack(data)
+        return cls(Vocabulary([str(t) for t in arrays["terms"]]), LogisticModel.from_arrays(arrays))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())

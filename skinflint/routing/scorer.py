@@ -7,7 +7,6 @@ cascade tiers gave the same answer. Trained from recorded (prompt, answer, label
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from skinflint.routing.linear import LogisticModel, Vocabulary
+from skinflint.routing.linear import LogisticModel, Vocabulary, pack, unpack
 
 __all__ = ["CorrectnessScorer", "Example"]
 
@@ -31,8 +30,9 @@ class Example:
 
 
 class CorrectnessScorer:
-    def __init__(self, prompts: Vocabulary, answers: Vocabulary, models: Sequence[str],
-                 model: LogisticModel) -> None:
+    def __init__(
+        self, prompts: Vocabulary, answers: Vocabulary, models: Sequence[str], model: LogisticModel
+    ) -> None:
         self.prompts = prompts
         self.answers = answers
         self.models = list(models)
@@ -43,49 +43,72 @@ class CorrectnessScorer:
         onehot = [0.0] * (len(self.models) + 1)
         onehot[self._model_index.get(model, len(self.models))] = 1.0
         has_agreement = 0.0 if agreement is None else 1.0
-        return [*onehot, math.log1p(len(answer)) / 8, has_agreement, agreement or 0.0,
-                (agreement or 0.0) * has_agreement]
+        return [
+            *onehot,
+            math.log1p(len(answer)) / 8,
+            has_agreement,
+            agreement or 0.0,
+            (agreement or 0.0) * has_agreement,
+        ]
 
-    def features(self, prompt: str, answer: str, model: str,
-                 agreement: float | None) -> npt.NDArray[np.float32]:
-        return np.concatenate([self.prompts.vector(prompt), self.answers.vector(answer),
-                               np.asarray(self._dense(answer, model, agreement), np.float32)])
+    def features(
+        self, prompt: str, answer: str, model: str, agreement: float | None
+    ) -> npt.NDArray[np.float32]:
+        return np.concatenate(
+            [
+                self.prompts.vector(prompt),
+                self.answers.vector(answer),
+                np.asarray(self._dense(answer, model, agreement), np.float32),
+            ]
+        )
 
     def score(self, prompt: str, answer: str, model: str, *, agreement: float | None) -> float:
         p = self.model.proba(self.features(prompt, answer, model, agreement))
         return float(p[self.model.classes.index("1")]) if "1" in self.model.classes else 0.0
 
     @classmethod
-    def train(cls, examples: Sequence[Example], *, vocab_size: int = 500,
-              epochs: int = 150, l2: float = 1e-3) -> CorrectnessScorer:
+    def train(
+        cls,
+        examples: Sequence[Example],
+        *,
+        vocab_size: int = 500,
+        epochs: int = 150,
+        l2: float = 1e-3,
+    ) -> CorrectnessScorer:
         if len({e.correct for e in examples}) < 2:
             raise ValueError("a scorer needs both correct and incorrect examples")
         prompts = Vocabulary.fit((e.prompt for e in examples), size=vocab_size)
         answers = Vocabulary.fit((e.answer for e in examples), size=vocab_size)
         models = sorted({e.model for e in examples})
-        untrained = cls(prompts, answers, models, LogisticModel(np.zeros((1, 1), np.float32),
-                                                                np.zeros(1, np.float32), ["1"]))
-        x = np.stack([untrained.features(e.prompt, e.answer, e.model, e.agreement)
-                      for e in examples])
+        untrained = cls(
+            prompts,
+            answers,
+            models,
+            LogisticModel(np.zeros((1, 1), np.float32), np.zeros(1, np.float32), ["1"]),
+        )
+        x = np.stack(
+            [untrained.features(e.prompt, e.answer, e.model, e.agreement) for e in examples]
+        )
         fitted = LogisticModel.fit(x, [str(e.correct) for e in examples], epochs=epochs, l2=l2)
         return cls(prompts, answers, models, fitted)
 
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez_compressed(buf, prompt_terms=np.array(self.prompts.terms),
-                            answer_terms=np.array(self.answers.terms),
-                            models=np.array(self.models), classes=np.array(self.model.classes),
-                            weights=self.model.weights.astype(np.float16), bias=self.model.bias)
-        return buf.getvalue()
+        return pack(
+            prompt_terms=np.array(self.prompts.terms),
+            answer_terms=np.array(self.answers.terms),
+            models=np.array(self.models),
+            **self.model.arrays(),
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CorrectnessScorer:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            model = LogisticModel(z["weights"].astype(np.float32), z["bias"].astype(np.float32),
-                                  [str(c) for c in z["classes"]])
-            return cls(Vocabulary([str(t) for t in z["prompt_terms"]]),
-                       Vocabulary([str(t) for t in z["answer_terms"]]),
-                       [str(m) for m in z["models"]], model)
+        a = unpack(data)
+        return cls(
+            Vocabulary([str(t) for t in a["prompt_terms"]]),
+            Vocabulary([str(t) for t in a["answer_terms"]]),
+            [str(m) for m in a["models"]],
+            LogisticModel.from_arrays(a),
+        )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
