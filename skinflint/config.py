@@ -150,6 +150,7 @@ class GateConfig(_Frozen):
     accept: tuple[str, ...] = ()
     accept_alone: tuple[str, ...] = ()
     continue_only_if: tuple[str, ...] = ()  # else an escalation skips to the last tier
+    min_logprob: float | None = Field(default=None, le=0)  # mean token logprob, when returned
     scorer: float | None = Field(default=None, ge=0, le=1)  # min learned P(correct)
 
 

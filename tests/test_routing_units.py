@@ -124,3 +124,12 @@ def test_scorer_learns_and_round_trips() -> None:
     assert good > 0.5 > bad
     again = CorrectnessScorer.from_bytes(scorer.to_bytes())
     assert again.score("q", "A", "small", agreement=1.0) == pytest.approx(good, abs=1e-2)
+
+
+def test_mean_logprob() -> None:
+    from skinflint.routing.gates import mean_logprob
+
+    body = {"choices": [{"logprobs": {"content": [{"token": "A", "logprob": -0.1},
+                                                  {"token": ".", "logprob": -0.3}]}}]}
+    assert mean_logprob(body) == pytest.approx(-0.2)
+    assert mean_logprob({"choices": [{"logprobs": None}]}) is None

@@ -20,7 +20,13 @@ from skinflint.config import GateConfig, TierConfig
 from skinflint.errors import UpstreamError
 from skinflint.models import StreamChunk, Usage
 from skinflint.pipeline.context import Attempt, Next, Reply, RequestContext, Target
-from skinflint.routing.gates import answer_key, choices_in_prompt, content_of, structural_check
+from skinflint.routing.gates import (
+    answer_key,
+    choices_in_prompt,
+    content_of,
+    mean_logprob,
+    structural_check,
+)
 from skinflint.routing.text import last_user_text
 from skinflint.streaming import chunks_from_completion
 
@@ -60,8 +66,12 @@ def _schema(body: JSON) -> JSON | None:
 
 
 class Cascade:
-    def __init__(self, tiers: Sequence[TierConfig], resolve: Callable[[str], tuple[Target, ...]],
-                 scorer: Scorer | None) -> None:
+    def __init__(
+        self,
+        tiers: Sequence[TierConfig],
+        resolve: Callable[[str], tuple[Target, ...]],
+        scorer: Scorer | None,
+    ) -> None:
         self.tiers = list(tiers)
         self._resolve = resolve
         self._scorer = scorer
@@ -83,8 +93,9 @@ class Cascade:
         choices = gate.choices
         if choices == "prompt":
             choices = choices_in_prompt(last_user_text(ctx.body.get("messages")))
-        verdict = structural_check(call.reply.body, fmt=gate.format, choices=choices,
-                                   schema=_schema(ctx.body))
+        verdict = structural_check(
+            call.reply.body, fmt=gate.format, choices=choices, schema=_schema(ctx.body)
+        )
         if verdict.passed:
             key = answer_key(content_of(call.reply.body), fmt=gate.format, choices=choices)
             call.key = key or ("-" if gate.format is None else "")
@@ -92,8 +103,9 @@ class Cascade:
         else:
             call.reason = verdict.reason
 
-    def _decide(self, ctx: RequestContext, gate: GateConfig, own: _Call,
-                calls: list[_Call]) -> tuple[str, str]:
+    def _decide(
+        self, ctx: RequestContext, gate: GateConfig, own: _Call, calls: list[_Call]
+    ) -> tuple[str, str]:
         """(accepted answer, "") or ("", why not)."""
         if not own.key:
             return "", own.reason or "invalid"
@@ -110,6 +122,10 @@ class Cascade:
             return "", "disagree"
         if gate.accept and candidate not in gate.accept:
             return "", "not accepted"
+        if gate.min_logprob is not None and own.reply is not None and own.reply.body:
+            confidence = mean_logprob(own.reply.body)
+            if confidence is not None and confidence < gate.min_logprob:
+                return "", "logprob"
         if gate.scorer is not None and self._scorer is not None:
             p = self._score(ctx, own, votes, len([c for c in calls if c.reply is not None]))
             if p < gate.scorer:
@@ -119,9 +135,12 @@ class Cascade:
     def _score(self, ctx: RequestContext, own: _Call, votes: Counter[str], answered: int) -> float:
         assert self._scorer is not None and own.reply is not None and own.reply.body is not None
         agreement = (votes[own.key] - 1) / (answered - 1) if answered > 1 else None
-        return self._scorer.score(last_user_text(ctx.body.get("messages")),
-                                  content_of(own.reply.body), own.ctx.model,
-                                  agreement=agreement)
+        return self._scorer.score(
+            last_user_text(ctx.body.get("messages")),
+            content_of(own.reply.body),
+            own.ctx.model,
+            agreement=agreement,
+        )
 
     async def run(self, ctx: RequestContext, next: Next, label: str) -> Reply:
         streaming, ctx.stream = ctx.stream, False  # a gate needs the whole answer
@@ -145,26 +164,38 @@ class Cascade:
             for call in batch:
                 call.reason = call.reason or reason
             skip_to_last = bool(tier.gate.continue_only_if) and (
-                own.key not in tier.gate.continue_only_if)
+                own.key not in tier.gate.continue_only_if
+            )
         assert chosen is not None
         return self._finish(ctx, calls, chosen, streaming)
 
-    def _finish(self, ctx: RequestContext, calls: list[_Call], chosen: _Call,
-                streaming: bool) -> Reply:
+    def _finish(
+        self, ctx: RequestContext, calls: list[_Call], chosen: _Call, streaming: bool
+    ) -> Reply:
         ctx.stream = streaming
         for call in calls:
             ctx.upstream_ms += call.ctx.upstream_ms
             if call is not chosen and call.ctx.answered is not None:
                 body = call.reply.body if call.reply and call.reply.body else {}
                 status = call.error.status if call.error else 200
-                ctx.attempts.append(Attempt(
-                    call.tier, call.ctx.answered, Usage.from_openai(body.get("usage")),
-                    call.ctx.upstream_ms, status, call.error.error_type if call.error else "",
-                    call.reason or "not chosen"))
+                ctx.attempts.append(
+                    Attempt(
+                        call.tier,
+                        call.ctx.answered,
+                        Usage.from_openai(body.get("usage")),
+                        call.ctx.upstream_ms,
+                        status,
+                        call.error.error_type if call.error else "",
+                        call.reason or "not chosen",
+                    )
+                )
         if chosen.error is not None or chosen.reply is None:
             raise chosen.error or UpstreamError("cascade: no tier answered")
-        ctx.answered, ctx.model, ctx.provider = (chosen.ctx.answered, chosen.ctx.model,
-                                                 chosen.ctx.provider)
+        ctx.answered, ctx.model, ctx.provider = (
+            chosen.ctx.answered,
+            chosen.ctx.model,
+            chosen.ctx.provider,
+        )
         if streaming:
             assert chosen.reply.body is not None
             return Reply(chunks=_as_stream(chosen.reply.body))

@@ -22,6 +22,7 @@ __all__ = [
     "content_of",
     "extract_choice",
     "extract_code",
+    "mean_logprob",
     "structural_check",
 ]
 
@@ -147,6 +148,16 @@ def structural_check(body: JSON, *, fmt: str | None = None, choices: str = "ABCD
     if fmt in ("json", "json_schema") and not _json_ok(text, schema):
         return Verdict(False, "format")
     return Verdict(True)
+
+
+def mean_logprob(body: JSON) -> float | None:
+    """The mean token log-probability of the first choice, when the provider returned them."""
+    choices = body.get("choices") or []
+    logprobs = choices[0].get("logprobs") if choices else None
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    values = [t["logprob"] for t in tokens or () if isinstance(t, dict)
+              and isinstance(t.get("logprob"), int | float)]
+    return sum(values) / len(values) if values else None
 
 
 def answer_key(text: str, *, fmt: str | None, choices: str = "ABCD") -> str:
