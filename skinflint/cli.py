@@ -179,6 +179,96 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _semantic_setting(settings: Settings, feature: str | None) -> tuple[float, bool]:
+    from skinflint.gateway import semantic_defaults
+
+    cfg = settings.cache.semantic
+    defaults = semantic_defaults()
+    threshold = cfg.threshold if cfg.threshold is not None else float(defaults["threshold"])
+    policy = cfg.features.get(feature) if feature else None
+    if policy is not None and policy.threshold is not None:
+        threshold = policy.threshold
+    verifier = cfg.verifier if cfg.verifier is not None else bool(defaults["verifier"])
+    return threshold, verifier
+
+
+def format_curve(points: list[dict[str, Any]], chosen: float) -> Table:
+    table = Table(title="Precision / recall by similarity threshold")
+    for col in ("threshold", "hits", "precision", "precision (95% lower)", "recall"):
+        table.add_column(col, justify="right")
+    step = max(1, len(points) // 20)
+    for p in points[::step]:
+        mark = " <" if abs(p["threshold"] - chosen) < 1e-9 else ""
+        table.add_row(
+            f"{p['threshold']:.3f}{mark}",
+            str(p["hits"]),
+            f"{p['precision']:.3f}",
+            f"{p['precision_lower']:.3f}",
+            f"{p['recall']:.3f}",
+        )
+    return table
+
+
+def cmd_cache_calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from skinflint.config import update_config_file
+    from skinflint.embed import load_embedder
+    from skinflint.semantic.calibrate import calibrate, load_pairs
+
+    pairs = load_pairs(Path(args.pairs), args.limit)
+    result = calibrate(
+        pairs, args.precision, embedder=load_embedder(settings.cache.semantic.embedder)
+    )
+    prefix = f"cache.semantic.features.{args.feature}" if args.feature else "cache.semantic"
+    target = args.config or "skinflint.yaml"
+    update_config_file(
+        target,
+        {
+            f"{prefix}.threshold": round(float(result["threshold"]), 4),
+            **({} if args.feature else {"cache.semantic.verifier": bool(result["verifier"])}),
+        },
+    )
+    if args.json:
+        _print_json({k: v for k, v in result.items() if k != "curve"} | {"written_to": target})
+        return 0
+    console = _console()
+    console.print(format_curve(result["curve"], float(result["threshold"])))
+    met = "meets" if result["met"] else "does NOT meet"
+    console.print(
+        f"threshold {result['threshold']:.4f} (verifier {'on' if result['verifier'] else 'off'}) "
+        f"{met} precision {args.precision} with 95% confidence on {len(pairs)} pairs: "
+        f"precision {result['precision']:.3f}, recall {result['recall']:.3f}; "
+        f"written to {target}"
+    )
+    return 0
+
+
+def cmd_cache_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from skinflint.embed import load_embedder
+    from skinflint.semantic.calibrate import evaluate, load_pairs
+
+    threshold, verifier = _semantic_setting(settings, args.feature)
+    result = evaluate(
+        load_pairs(Path(args.pairs), args.limit),
+        threshold,
+        verifier,
+        embedder=load_embedder(settings.cache.semantic.embedder),
+    )
+    if args.json:
+        _print_json(result)
+    else:
+        _console().print(
+            f"{result['pairs']} pairs at threshold {threshold:.4f} "
+            f"(verifier {'on' if verifier else 'off'}): precision "
+            f"{result['precision']:.3f}, recall {result['recall']:.3f}, "
+            f"false-hit rate {result['false_hit_rate']:.4f}"
+        )
+    return 0
+
+
 # ---- demo
 
 
@@ -346,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = add("replay", help="evaluate a configuration on a recorded dataset")
     rp.add_argument("dataset", help="RouterBench CSV file or directory, or a replay extract")
     rp.add_argument("--route", default="auto", help="route (or model) to evaluate")
-    rp.add_argument("--no-curve", action="store_true",
-                    help="skip the cost-quality points of the configuration's other routes")
+    rp.add_argument(
+        "--no-curve",
+        action="store_true",
+        help="skip the cost-quality points of the configuration's other routes",
+    )
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_replay)
 
@@ -359,16 +452,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = add("cache", help="cache figures and invalidation")
     csub = c.add_subparsers(dest="cache_command", required=True)
-    cs = csub.add_parser("stats")
+    cs = csub.add_parser("stats", parents=[common])
     cs.add_argument("--db")
     cs.add_argument("--json", action="store_true")
-    ci = csub.add_parser("invalidate")
+    ci = csub.add_parser("invalidate", parents=[common])
     ci.add_argument("--tag", action="append", required=True, help="tag to drop (repeatable)")
     ci.add_argument("--db")
     ci.add_argument("--url", help="running gateway to tell (default: the configured address)")
     ci.add_argument("--admin-key", default=None)
     ci.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cache)
+    for name, func, help_text in (
+        ("calibrate", cmd_cache_calibrate, "choose the similarity threshold from labelled pairs"),
+        ("eval", cmd_cache_eval, "precision and recall of the configured semantic cache"),
+    ):
+        sp = csub.add_parser(name, parents=[common], help=help_text)
+        sp.add_argument("pairs", help="JSONL of {text_a, text_b, label}")
+        sp.add_argument("--feature", help="a feature's own threshold")
+        sp.add_argument("--limit", type=int, help="read only the first N pairs")
+        sp.add_argument("--json", action="store_true")
+        sp.set_defaults(func=func)
+        if name == "calibrate":
+            sp.add_argument("--precision", type=float, default=0.95)
+            sp.set_defaults(creates_config=True)
     return p
 
 
@@ -376,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.config = getattr(args, "config", None)
-        settings = load_settings(args.config)
+        creating = getattr(args, "creates_config", False) and not (
+            args.config and os.path.exists(args.config))
+        settings = load_settings(None if creating else args.config)
         result: int = args.func(args, settings)
         return result
     except (ConfigError, ValueError, OSError) as exc:

@@ -34,6 +34,7 @@ __all__ = [
     "TierConfig",
     "hash_key",
     "load_settings",
+    "update_config_file",
 ]
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -228,8 +229,9 @@ class RouteConfig(_Frozen):
         for name, task in self.tasks.items():
             for i, tier in enumerate(task.cascade):
                 if any(j >= i for j in tier.gate.agree_with):
-                    raise ValueError(f"tasks.{name}.cascade[{i}].gate.agree_with must name "
-                                     "earlier tiers")
+                    raise ValueError(
+                        f"tasks.{name}.cascade[{i}].gate.agree_with must name earlier tiers"
+                    )
         return self
 
 
@@ -349,6 +351,31 @@ def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc)) from None
+
+
+class _AnyEnv(dict[str, str]):
+    """An environment in which every variable is set (to check a file's shape offline)."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> str:
+        return "placeholder"
+
+
+def update_config_file(path: str | Path, updates: dict[str, Any]) -> None:
+    """Set dotted keys (``cache.semantic.threshold``) in a YAML file, creating it if needed;
+    the result is validated before it is written. Comments in the file are not kept."""
+    path = Path(path)
+    raw: dict[str, Any] = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    for dotted, value in updates.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    settings_from_dict(raw, env=_AnyEnv())  # validate; ${VARS} need not be set to edit
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:

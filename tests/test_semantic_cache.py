@@ -159,3 +159,30 @@ def test_local_embedder_end_to_end(make_gateway: GatewayFactory, fake: FakeUpstr
         hit = _ask(c, "How do I reset the password of my account?")
         assert hit.headers["x-skinflint-cache"] == "hit-semantic", "paraphrase should hit"
         assert _ask(c, "How do I delete my account?").headers["x-skinflint-cache"] == "miss"
+
+
+PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "semantic_cache" / "qqp_pairs_dev.jsonl"
+
+
+@pytest.mark.skipif(not PAIRS.exists(), reason=f"labelled pairs not found at {PAIRS}")
+def test_calibrate_writes_config_and_eval_reads_it(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from skinflint.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(PAIRS.open().readlines()[:300]))
+    config = tmp_path / "skinflint.yaml"
+    assert main(["cache", "calibrate", str(pairs), "--precision", "0.8", "--config", str(config),
+                 "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    assert chosen["written_to"] == str(config) and chosen["pairs"] == 300
+    written = settings_from_dict(__import__("yaml").safe_load(config.read_text()), env={})
+    assert written.cache.semantic.threshold == pytest.approx(chosen["threshold"], abs=1e-4)
+    assert main(["cache", "eval", str(pairs), "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"pairs", "precision", "recall", "threshold"}
+    assert report["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)
+    if chosen["met"]:
+        assert report["precision"] >= 0.8  # the same pairs it was calibrated on
