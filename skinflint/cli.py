@@ -201,7 +201,7 @@ def format_curve(points: list[dict[str, Any]], chosen: float) -> Table:
         mark = " <" if abs(p["threshold"] - chosen) < 1e-9 else ""
         table.add_row(
             f"{p['threshold']:.3f}{mark}",
-            str(p["hits"]),
+            str(int(p["hits"])),
             f"{p['precision']:.3f}",
             f"{p['precision_lower']:.3f}",
             f"{p['recall']:.3f}",

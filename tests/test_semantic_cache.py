@@ -172,7 +172,8 @@ def test_calibrate_writes_config_and_eval_reads_it(tmp_path: Path,
     from skinflint.cli import main
 
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(PAIRS.open().readlines()[:300]))
+    with PAIRS.open() as fh:
+        pairs.write_text("".join(fh.readlines()[:300]))
     config = tmp_path / "skinflint.yaml"
     assert main(["cache", "calibrate", str(pairs), "--precision", "0.8", "--config", str(config),
                  "--json"]) == 0
