@@ -197,10 +197,13 @@ class TieredCacheStore:
             self._write(batch)
 
     def _write(self, batch: list[CacheEntry]) -> None:
+        batch = list({e.key: e for e in batch}.values())  # the last write of a key wins
         now = time.time()
         self._conn.executemany(
             "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?, ?, ?)",
             [(e.key, e.value, e.expires_at, "\n".join(e.tags), now) for e in batch])
+        # an overwritten entry keeps none of its old tags
+        self._conn.executemany("DELETE FROM cache_tags WHERE key = ?", [(e.key,) for e in batch])
         tagged = [(t, e.key) for e in batch for t in e.tags]
         if tagged:
             self._conn.executemany("INSERT OR IGNORE INTO cache_tags VALUES (?, ?)", tagged)

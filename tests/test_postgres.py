@@ -1,0 +1,357 @@
+"""PostgreSQL storage against a real server with pgvector (see :mod:`tests.pg`).
+
+The cache-store contract runs against the in-process store too, so both keep one behaviour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests import pg
+
+pg.import_or_skip("psycopg")
+pg.import_or_skip("psycopg_pool")
+pg.import_or_skip("pgvector")
+
+import psycopg  # noqa: E402
+from pgvector.psycopg import register_vector_async  # noqa: E402
+
+from skinflint.errors import ConfigError  # noqa: E402
+from skinflint.interfaces import CacheEntry, CacheStore, Vector  # noqa: E402
+from skinflint.models import LedgerRecord  # noqa: E402
+from skinflint.storage import postgres  # noqa: E402
+from skinflint.storage.cache import MemoryCacheStore, TieredCacheStore  # noqa: E402
+from skinflint.storage.postgres import PgSemanticIndex, PostgresCacheStore, PostgresLedger  # noqa: E402
+from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: E402, F401  (fixtures)
+
+DEAD_URL = "postgresql://postgres@127.0.0.1:1/postgres"
+DIM = 8
+
+# ---------------------------------------------------------------- the cache-store contract
+
+StoreFactory = Callable[[int], Awaitable[CacheStore]]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def make_store(request: pytest.FixtureRequest,
+                     tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Builds stores bounded to ``max_entries``; stores built in one test share their data, as
+    replicas do (an in-process store stands for every replica by being one object)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
+    memory = MemoryCacheStore()
+    made: list[CacheStore] = [memory]
+    tiered: list[TieredCacheStore] = []
+
+    async def make(max_entries: int = 1000) -> CacheStore:
+        if request.param == "sqlite":
+            if not tiered:
+                # a tiny memory tier, so reads exercise the disk
+                tiered.append(TieredCacheStore(str(tmp_path / "c.db"), memory_entries=1,
+                                               max_entries=max_entries, flush_interval=0.01))
+                made.append(tiered[0])
+            return tiered[0]
+        if not url:
+            memory.max_entries = max_entries
+            return memory
+        store = await PostgresCacheStore.create(
+            url, max_entries=max_entries, sweep_every=10_000, pool_size=2)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def settle(store: CacheStore) -> None:
+    """Let a store enforce its bound (the PostgreSQL store does so in occasional sweeps)."""
+    if isinstance(store, PostgresCacheStore):
+        await store.sweep(now=1.0)
+    if isinstance(store, TieredCacheStore):
+        store.flush()
+
+
+async def test_cache_set_get_round_trip(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    value = bytes(range(256)) * 3
+    await store.set(CacheEntry("k", value, 0.0))
+    assert await store.get("k", 1e12) == value  # 0 never expires
+    assert await store.get("absent", 1.0) is None
+    assert (await store.stats())["entries"] == 1
+
+
+async def test_cache_expiry(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    await store.set(CacheEntry("k", b"v", 100.0))
+    assert await store.get("k", 99.9) == b"v"
+    assert await store.get("k", 100.0) is None
+
+
+async def test_cache_tags_invalidate(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    await store.set(CacheEntry("a", b"1", 0.0, ("user:1", "faq:v1")))
+    await store.set(CacheEntry("b", b"2", 0.0, ("faq:v1",)))
+    await store.set(CacheEntry("c", b"3", 0.0))
+    assert await store.invalidate_tags([]) == 0
+    assert await store.invalidate_tags(["user:1"]) == 1
+    assert await store.get("a", 1.0) is None
+    assert await store.get("b", 1.0) == b"2"
+    assert await store.invalidate_tags(["faq:v1", "nothing"]) == 1
+    assert await store.get("b", 1.0) is None
+    assert await store.get("c", 1.0) == b"3"
+
+
+async def test_cache_overwrite_replaces_value_and_tags(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    await store.set(CacheEntry("k", b"old", 0.0, ("v1",)))
+    await store.set(CacheEntry("k", b"new", 0.0, ("v2",)))
+    assert await store.get("k", 1.0) == b"new"
+    assert await store.invalidate_tags(["v1"]) == 0
+    assert await store.invalidate_tags(["v2"]) == 1
+
+
+async def test_cache_evicts_oldest_writes_first(make_store: StoreFactory) -> None:
+    store = await make_store(3)
+    for i in range(5):
+        await store.set(CacheEntry(f"k{i}", b"v", 0.0))
+    await settle(store)
+    assert [await store.get(f"k{i}", 1.0) for i in range(5)] == [None, None, b"v", b"v", b"v"]
+    assert (await store.stats())["entries"] == 3
+
+
+async def test_cache_shared_between_replicas(make_store: StoreFactory) -> None:
+    one, two = await make_store(1000), await make_store(1000)
+    await one.set(CacheEntry("k", b"v", 0.0, ("t",)))
+    assert await two.get("k", 1.0) == b"v"
+    assert await two.invalidate_tags(["t"]) == 1
+    assert await one.get("k", 1.0) is None
+
+
+# ---------------------------------------------------------------- PostgreSQL cache specifics
+
+
+async def test_cache_sweep_drops_expired_rows(pg_url: str) -> None:
+    store = await PostgresCacheStore.create(pg_url, sweep_every=10_000)
+    try:
+        await store.set(CacheEntry("old", b"v", 50.0))
+        await store.set(CacheEntry("new", b"v", 500.0))
+        await store.set(CacheEntry("forever", b"v", 0.0))
+        assert await store.sweep(now=100.0) == 1
+        assert await store.stats() == {"entries": 2, "bytes": 2, "evictions": 0}
+    finally:
+        await store.close()
+
+
+async def test_cache_sweeps_in_the_background(pg_url: str) -> None:
+    store = await PostgresCacheStore.create(pg_url, max_entries=2, sweep_every=5)
+    for i in range(5):
+        await store.set(CacheEntry(f"k{i}", b"v", 0.0))
+    await store.close()  # waits for the sweep the fifth write started
+    store = await PostgresCacheStore.create(pg_url)
+    try:
+        assert (await store.stats())["entries"] == 2
+        assert await store.get("k4", 1.0) == b"v"
+    finally:
+        await store.close()
+
+
+async def test_cache_failure_is_a_miss(pg_url: str) -> None:
+    store = await PostgresCacheStore.create(pg_url)
+    await store.close()  # every later call finds the pool closed
+    assert await store.get("k", 1.0) is None
+    await store.set(CacheEntry("k", b"v", 0.0))
+    with pytest.raises(psycopg.OperationalError):
+        await store.invalidate_tags(["t"])
+
+
+async def test_unreachable_server_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1"):
+        await PostgresCacheStore.create(DEAD_URL, timeout=2.0)
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1"):
+        await PgSemanticIndex.create(DEAD_URL, space="e", dim=DIM, timeout=2.0)
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1"):
+        await PostgresLedger.create(DEAD_URL)
+
+
+# ---------------------------------------------------------------- the semantic index
+
+
+def unit(*values: float) -> Vector:
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[: len(values)] = values
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+IndexFactory = Callable[..., Awaitable[PgSemanticIndex]]
+
+
+@pytest.fixture
+async def make_index(pg_url: str) -> AsyncIterator[IndexFactory]:
+    made: list[PgSemanticIndex] = []
+
+    async def make(space: str = "local-minilm", **options: Any) -> PgSemanticIndex:
+        options.setdefault("evict_every", 10_000)
+        index = await PgSemanticIndex.create(pg_url, space=space, dim=DIM, pool_size=2, **options)
+        made.append(index)
+        return index
+
+    yield make
+    for index in made:
+        await index.close()
+
+
+async def test_semantic_top_k_most_similar_first(make_index: IndexFactory) -> None:
+    index = await make_index()
+    angles = [0.0, 0.3, 0.6, 0.9, 1.2]
+    for i, angle in enumerate(angles):
+        await index.add("p", f"k{i}", f"question {i}", unit(np.cos(angle), np.sin(angle)))
+    found = await index.search("p", unit(1.0), 3)
+    assert [(key, text) for key, _, text in found] == [
+        ("k0", "question 0"), ("k1", "question 1"), ("k2", "question 2")]
+    assert [score for _, score, _ in found] == pytest.approx(np.cos(angles[:3]), abs=1e-5)
+    assert await index.search("p", unit(1.0), 0) == []
+    assert await index.search("empty", unit(1.0), 3) == []
+
+
+async def test_semantic_partitions_are_isolated(make_index: IndexFactory) -> None:
+    index = await make_index()
+    await index.add("tenant:1", "a", "q", unit(1.0))
+    await index.add("tenant:2", "b", "q", unit(1.0))
+    assert [key for key, _, _ in await index.search("tenant:1", unit(1.0), 5)] == ["a"]
+    assert [key for key, _, _ in await index.search("tenant:2", unit(1.0), 5)] == ["b"]
+
+
+async def test_semantic_spaces_never_mix(make_index: IndexFactory) -> None:
+    one, two = await make_index("embedder-a"), await make_index("embedder-b")
+    await one.add("p", "k", "from a", unit(1.0))
+    assert await two.search("p", unit(1.0), 5) == []
+    assert await two.count() == 0
+    await two.add("p", "k", "from b", unit(0.0, 1.0))
+    await one.remove("k")
+    assert await one.count() == 0
+    assert [text for _, _, text in await two.search("p", unit(1.0), 5)] == ["from b"]
+
+
+async def test_semantic_add_replaces_and_remove_forgets(make_index: IndexFactory) -> None:
+    index = await make_index()
+    await index.add("p1", "k", "first", unit(1.0))
+    await index.add("p2", "k", "second", unit(1.0))
+    assert await index.count() == 1
+    assert await index.search("p1", unit(1.0), 5) == []
+    assert [text for _, _, text in await index.search("p2", unit(1.0), 5)] == ["second"]
+    await index.remove("k")
+    await index.remove("never-added")
+    assert await index.count() == 0
+    assert await index.search("p2", unit(1.0), 5) == []
+
+
+async def test_semantic_evicts_least_recently_used(make_index: IndexFactory) -> None:
+    index = await make_index(max_entries=3)
+    for key in "abcd":
+        await index.add("p", key, key, unit(1.0, len(key)))
+    await index.touch("a")
+    assert await index.evict() == 1
+    assert sorted(key for key, _, _ in await index.search("p", unit(1.0), 10)) == ["a", "c", "d"]
+    assert await index.evict() == 0
+
+
+async def test_semantic_evicts_in_the_background(make_index: IndexFactory) -> None:
+    index = await make_index(max_entries=1, evict_every=3)
+    for i in range(3):
+        await index.add("p", f"k{i}", "q", unit(1.0, float(i)))
+    await index.close()  # waits for the eviction the third addition started
+    assert await (await make_index()).count() == 1
+
+
+async def test_semantic_rejects_a_vector_of_the_wrong_size(make_index: IndexFactory) -> None:
+    index = await make_index()
+    with pytest.raises(ValueError, match="8 dimensions"):
+        await index.add("p", "k", "q", np.ones(DIM + 1, dtype=np.float32))
+    with pytest.raises(ConfigError, match="2000"):
+        await PgSemanticIndex.create(DEAD_URL, space="e", dim=4096)
+
+
+async def test_semantic_search_uses_the_hnsw_index(make_index: IndexFactory, pg_url: str) -> None:
+    index = await make_index()
+    rng = np.random.default_rng(7)
+    for i in range(40):
+        await index.add(f"p{i % 2}", f"k{i}", "q", unit(*rng.normal(size=DIM)))
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        await register_vector_async(conn)
+        # Too few rows for the planner to prefer the index on its own: price sorting out, so
+        # that only an index whose order serves ORDER BY ... LIMIT can win.
+        await conn.execute("SET enable_sort = off")
+        sql = postgres._SemanticSQL(f"skinflint_semantic_{DIM}").search
+        params = {"v": unit(1.0), "space": index.space, "partition": "p0", "k": 3}
+        plan = await (await conn.execute("EXPLAIN " + sql, params)).fetchall()
+        found = await (await conn.execute(sql, params)).fetchall()
+    assert "skinflint_semantic_8_hnsw" in "\n".join(row[0] for row in plan)
+    assert [key for key, _, _ in found] == [key for key, _, _ in await index.search(
+        "p0", unit(1.0), 3)]
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+def records(n: int, start: float = 1000.0) -> list[LedgerRecord]:
+    return [
+        LedgerRecord(f"req-{i}", start + i, feature="faq", user=f"u{i % 3}", model="gpt-4o-mini",
+                     input_tokens=i, cost_usd=None if i % 4 == 0 else i / 7,
+                     similarity=0.93 if i % 5 == 0 else None, status=200 + i % 2)
+        for i in range(n)
+    ]
+
+
+async def test_ledger_record_flush_query(pg_url: str) -> None:
+    ledger = await PostgresLedger.create(pg_url, flush_interval=60)
+    try:
+        written = records(300)
+        for record in written:
+            ledger.record(record)
+        await asyncio.to_thread(ledger.flush)
+        assert await asyncio.to_thread(ledger.query) == written
+        assert ledger.query(since=1250.0) == written[250:]
+    finally:
+        ledger.close()
+
+
+def test_ledger_close_loses_nothing(pg_url: str) -> None:
+    one, two = PostgresLedger(pg_url, flush_interval=60), PostgresLedger(pg_url, flush_interval=60)
+    for record in records(50):
+        one.record(record)
+    for record in records(50, start=2000.0):
+        two.record(record)
+    one.close()
+    two.close()
+    reader = PostgresLedger(pg_url)
+    try:
+        assert reader.query() == records(50) + records(50, start=2000.0)
+    finally:
+        reader.close()
+
+
+def test_ledger_keeps_records_through_failures(pg_url: str) -> None:
+    ledger = PostgresLedger(pg_url, flush_interval=60)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        admin.execute("ALTER TABLE skinflint_ledger RENAME TO away")
+        for record in records(10):
+            ledger.record(record)
+        ledger.flush()  # fails, logs and holds the records
+        admin.execute("ALTER TABLE away RENAME TO skinflint_ledger")
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        ledger.record(records(11)[10])
+        ledger.flush()  # the broken connection fails once more; the records stay held
+        ledger.flush()  # reconnects and writes them all
+        assert ledger.query() == records(11)
+    finally:
+        admin.close()
+        ledger.close()
