@@ -236,7 +236,11 @@ class RouteConfig(_Frozen):
 
 
 class StorageConfig(_Frozen):
+    """SQLite (one process) by default; with ``postgres_url``, the ledger, the cache and the
+    semantic index (pgvector) live in PostgreSQL, shared by every replica."""
+
     sqlite_path: str = "./skinflint.db"
+    postgres_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://", repr=False)
     ledger_flush_interval: float = Field(default=0.2, gt=0)
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 
 from skinflint.config import ProviderConfig, Settings
-from skinflint.embed import load_embedder
+from skinflint.embed import Embedder, load_embedder
 from skinflint.errors import ConfigError
-from skinflint.interfaces import Ledger, Provider
+from skinflint.interfaces import CacheStore, Ledger, Provider, SemanticIndex
 from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
@@ -104,6 +104,51 @@ def _baseline_for(settings: Settings) -> Callable[[str], str]:
     return baseline
 
 
+async def _open_ledger(settings: Settings) -> Ledger:
+    st = settings.storage
+    if st.postgres_url:
+        from skinflint.storage.postgres import PostgresLedger  # the optional postgres extra
+
+        return await PostgresLedger.create(st.postgres_url, flush_interval=st.ledger_flush_interval)
+    return SQLiteLedger(st.sqlite_path, flush_interval=st.ledger_flush_interval)
+
+
+async def _open_store(settings: Settings) -> CacheStore:
+    ex = settings.cache.exact
+    if settings.storage.postgres_url:  # shared: no in-process tier that replicas could not see
+        from skinflint.storage.postgres import PostgresCacheStore
+
+        return await PostgresCacheStore.create(
+            settings.storage.postgres_url, max_entries=ex.max_entries
+        )
+    return TieredCacheStore(
+        settings.storage.sqlite_path,
+        memory_entries=ex.memory_entries,
+        memory_bytes=ex.memory_bytes,
+        max_entries=ex.max_entries,
+    )
+
+
+async def _open_semantic_index(settings: Settings, embedder: Embedder) -> SemanticIndex:
+    cfg = settings.cache.semantic
+    if settings.storage.postgres_url:
+        from skinflint.storage.postgres import PgSemanticIndex
+
+        return await PgSemanticIndex.create(
+            settings.storage.postgres_url,
+            space=embedder.name,
+            dim=embedder.dim,
+            max_entries=cfg.max_entries,
+        )
+    return await asyncio.to_thread(
+        LocalSemanticIndex,
+        settings.storage.sqlite_path,
+        embedder.name,
+        embedder.dim,
+        max_entries=cfg.max_entries,
+    )
+
+
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("background loading failed; the semantic cache stays off: %s", done.exception())
@@ -130,7 +175,7 @@ class Gateway:
     settings: Settings
     pipeline: Pipeline
     ledger: Ledger
-    cache: TieredCacheStore
+    cache: CacheStore
     exact_cache: ExactCache
     semantic_cache: SemanticCache
     metrics: Metrics
@@ -154,14 +199,9 @@ class Gateway:
         providers = {n: _provider(n, c, session) for n, c in settings.providers.items()}
         metrics, tokens = Metrics(), TokenCounter()
         catalog = PriceCatalog(price_overrides(settings))
-        ledger = ledger or SQLiteLedger(db, flush_interval=settings.storage.ledger_flush_interval)
+        ledger = ledger or await _open_ledger(settings)
+        store = await _open_store(settings)
         ex = settings.cache.exact
-        store = TieredCacheStore(
-            db,
-            memory_entries=ex.memory_entries,
-            memory_bytes=ex.memory_bytes,
-            max_entries=ex.max_entries,
-        )
         exact = ExactCache(ex, store, frozenset(settings.routes))
         semantic = _semantic_cache(settings, exact, metrics)
         policies = {
@@ -210,22 +250,22 @@ class Gateway:
             providers,
             session,
         )
-        gw.warmed = asyncio.ensure_future(asyncio.to_thread(gw._warm))
+        gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
         return gw
 
-    def _warm(self) -> None:
-        self.catalog.warm(list(self.settings.models) or None)
+    async def _warm(self) -> None:
+        """Load what start-up need not wait for; requests arriving meanwhile are served, with
+        the semantic cache passing them through until its embedder is in memory."""
+        await asyncio.to_thread(self._load)
         if self.semantic_cache.enabled:
             cfg = self.settings.cache.semantic
-            embedder = load_embedder(cfg.embedder)
-            index = LocalSemanticIndex(
-                self.settings.storage.sqlite_path,
-                embedder.name,
-                embedder.dim,
-                max_entries=cfg.max_entries,
-            )
+            embedder = await asyncio.to_thread(load_embedder, cfg.embedder)
+            index = await _open_semantic_index(self.settings, embedder)
             self.semantic_cache.open(embedder, index)
+
+    def _load(self) -> None:
+        self.catalog.warm(list(self.settings.models) or None)
         for provider in self.providers.values():
             if isinstance(provider, ReplayProvider):
                 provider.load()

@@ -1,0 +1,56 @@
+"""Two gateway replicas on one PostgreSQL: they share the exact cache, the semantic index
+(pgvector) and the ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from skinflint.config import settings_from_dict
+from skinflint.server.run import BackgroundServer
+from skinflint.storage.postgres import PostgresLedger
+from tests.conftest import base_config
+from tests.fake_upstream import FakeUpstream
+from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def replicas(fake: FakeUpstream, pg_url: str, tmp_path: Path) -> Iterator[list[BackgroundServer]]:
+    servers = []
+    for i in range(2):
+        config = base_config(fake, tmp_path / f"unused-{i}.db",
+                             cache={"semantic": {"enabled": True, "embedder": "hashing",
+                                                 "threshold": 0.75}})
+        config["storage"]["postgres_url"] = pg_url
+        servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
+    yield servers
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def _ask(server: BackgroundServer, text: str) -> str:
+    with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0) as c:
+        raw = c.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", temperature=0, messages=[{"role": "user", "content": text}])
+        return raw.headers["x-skinflint-cache"]
+
+
+def test_replicas_share_caches_and_ledger(replicas: list[BackgroundServer], fake: FakeUpstream,
+                                          pg_url: str) -> None:
+    a, b = replicas
+    assert _ask(a, "Show me my recent invoices") == "miss"
+    assert _ask(b, "Show me my recent invoices") == "hit-exact"
+    assert _ask(b, "show me my recent invoices please") == "hit-semantic"
+    assert sum(1 for r in fake.requests if r.path.endswith("/chat/completions")) == 1
+    for server in replicas:
+        server.__exit__(None, None, None)  # flushes each replica's ledger
+    replicas.clear()
+    ledger = PostgresLedger(pg_url)
+    try:
+        rows = ledger.query()
+    finally:
+        ledger.close()
+    assert [r.cache_status for r in rows] == ["miss", "hit-exact", "hit-semantic"]
