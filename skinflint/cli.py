@@ -14,6 +14,7 @@ from rich.table import Table
 
 from skinflint.config import Settings, load_settings
 from skinflint.errors import ConfigError
+from skinflint.interfaces import Ledger
 
 __all__ = ["main"]
 
@@ -89,10 +90,16 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.storage.ledger import SQLiteLedger
 
     since = parse_since(args.since) if args.since else 0.0
-    path = args.db or settings.storage.sqlite_path
-    if not os.path.exists(path):
+    path = args.db or settings.storage.postgres_url or settings.storage.sqlite_path
+    ledger: Ledger
+    if path.startswith(("postgres://", "postgresql://")):
+        from skinflint.storage.postgres import PostgresLedger
+
+        ledger = PostgresLedger(path)
+    elif os.path.exists(path):
+        ledger = SQLiteLedger(path)
+    else:
         raise ConfigError(f"no ledger at {path}")
-    ledger = SQLiteLedger(path)
     try:
         report = build_report(ledger.query(since), by=args.by, since=since)
     finally:
@@ -420,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     r = add("report", help="spend, tokens and savings from the ledger")
-    r.add_argument("--db", help="SQLite ledger path (default: storage.sqlite_path)")
+    r.add_argument("--db", help="SQLite path or postgresql:// URL (default: storage settings)")
     r.add_argument("--since", help="only requests newer than this, e.g. 7d, 12h")
     r.add_argument(
         "--by", default="feature", choices=["feature", "model", "user", "strategy", "tenant"]

@@ -54,3 +54,17 @@ def test_replicas_share_caches_and_ledger(replicas: list[BackgroundServer], fake
     finally:
         ledger.close()
     assert [r.cache_status for r in rows] == ["miss", "hit-exact", "hit-semantic"]
+
+
+def test_report_reads_the_postgres_ledger(replicas: list[BackgroundServer], pg_url: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from skinflint.cli import main
+
+    _ask(replicas[0], "count me in the shared ledger")
+    for server in replicas:
+        server.__exit__(None, None, None)
+    replicas.clear()
+    assert main(["report", "--db", pg_url, "--by", "model", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["requests"] == 1
