@@ -186,19 +186,6 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _semantic_setting(settings: Settings, feature: str | None) -> tuple[float, bool]:
-    from skinflint.gateway import semantic_defaults
-
-    cfg = settings.cache.semantic
-    defaults = semantic_defaults()
-    threshold = cfg.threshold if cfg.threshold is not None else float(defaults["threshold"])
-    policy = cfg.features.get(feature) if feature else None
-    if policy is not None and policy.threshold is not None:
-        threshold = policy.threshold
-    verifier = cfg.verifier if cfg.verifier is not None else bool(defaults["verifier"])
-    return threshold, verifier
-
-
 def format_curve(points: list[dict[str, Any]], chosen: float) -> Table:
     table = Table(title="Precision / recall by similarity threshold")
     for col in ("threshold", "hits", "precision", "precision (95% lower)", "recall"):
@@ -255,9 +242,10 @@ def cmd_cache_eval(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
     from skinflint.embed import load_embedder
+    from skinflint.gateway import semantic_setting
     from skinflint.semantic.calibrate import evaluate, load_pairs
 
-    threshold, verifier = _semantic_setting(settings, args.feature)
+    threshold, verifier = semantic_setting(settings, args.feature or "")
     result = evaluate(
         load_pairs(Path(args.pairs), args.limit),
         threshold,
@@ -490,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.config = getattr(args, "config", None)
         creating = getattr(args, "creates_config", False) and not (
-            args.config and os.path.exists(args.config))
+            args.config and os.path.exists(args.config)
+        )
         settings = load_settings(None if creating else args.config)
         result: int = args.func(args, settings)
         return result

@@ -41,7 +41,7 @@ from skinflint.storage.ledger import SQLiteLedger
 from skinflint.storage.semantic import LocalSemanticIndex
 from skinflint.tokens import TokenCounter
 
-__all__ = ["Gateway", "price_overrides"]
+__all__ = ["Gateway", "price_overrides", "semantic_defaults", "semantic_setting"]
 
 log = logging.getLogger("skinflint")
 
@@ -162,12 +162,24 @@ def semantic_defaults() -> dict[str, Any]:
     return found
 
 
-def _semantic_cache(settings: Settings, exact: ExactCache, metrics: Metrics) -> SemanticCache:
+def semantic_setting(settings: Settings, feature: str = "") -> tuple[float, bool]:
+    """The similarity threshold (for ``feature``, if it has its own) and the verifier setting:
+    the configuration's, else the calibrated default."""
     cfg = settings.cache.semantic
     defaults = semantic_defaults()
     threshold = cfg.threshold if cfg.threshold is not None else float(defaults["threshold"])
+    policy = cfg.features.get(feature)
+    if policy is not None and policy.threshold is not None:
+        threshold = policy.threshold
     verifier = cfg.verifier if cfg.verifier is not None else bool(defaults["verifier"])
-    return SemanticCache(cfg, exact, metrics, threshold=threshold, verifier=verifier)
+    return threshold, verifier
+
+
+def _semantic_cache(settings: Settings, exact: ExactCache, metrics: Metrics) -> SemanticCache:
+    threshold, verifier = semantic_setting(settings)
+    return SemanticCache(
+        settings.cache.semantic, exact, metrics, threshold=threshold, verifier=verifier
+    )
 
 
 @dataclass
