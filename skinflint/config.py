@@ -123,6 +123,8 @@ class SemanticCacheConfig(_Frozen):
     threshold: float | None = Field(default=None, ge=0, le=1)  # None: the calibrated default
     verifier: bool | None = None  # None: as calibrated
     top_k: int = Field(default=4, ge=1, le=64)
+    # the local embedder reads 256 tokens: longer questions could differ where it does not look
+    max_question_chars: int = Field(default=1000, ge=1)
     max_entries: int = Field(default=100_000, ge=1)
     features: dict[str, SemanticPolicy] = Field(default_factory=dict)
     routes: dict[str, SemanticPolicy] = Field(default_factory=dict)

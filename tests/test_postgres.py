@@ -5,10 +5,9 @@ The cache-store contract runs against the in-process store too, so both keep one
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -153,7 +153,7 @@ def test_off_by_default_and_on_by_environment() -> None:
 
 
 def test_local_embedder_end_to_end(make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
-    gw = make_gateway(cache={"semantic": {"enabled": True}})
+    gw = make_gateway(cache={"semantic": {"enabled": True, "threshold": 0.95}})
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
         _ask(c, "How can I reset my account password?")
         hit = _ask(c, "How do I reset the password of my account?")

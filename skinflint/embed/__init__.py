@@ -14,6 +14,9 @@ Names understood by :func:`load_embedder`:
 ``hashing``                     character n-gram hashing, no model: tests and a last resort
 ``sentence-transformers:PATH``  any sentence-transformers model directory the user installed
 ==============================  ==============================================================
+
+:class:`skinflint.embed.openai_compat.OpenAIEmbedder` calls an OpenAI-compatible embeddings
+endpoint instead; it needs a URL and a key, so it is built from configuration, not by name.
 """
 
 from __future__ import annotations

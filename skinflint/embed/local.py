@@ -84,7 +84,7 @@ def minilm_files() -> tuple[Path, Path]:
         raise ConfigError(f"the local embedder's model files are not installed: {_INSTALL_HINT}")
     for path, expected in ((model, MODEL_SHA256), (tokenizer, TOKENIZER_SHA256)):
         if _sha256(path) != expected:
-            raise ConfigError(f"{path} does not match its pinned sha256; reinstall: {_INSTALL_HINT}")
+            raise ConfigError(f"{path} does not match its pinned sha256: {_INSTALL_HINT}")
     return model, tokenizer
 
 
@@ -120,7 +120,9 @@ def quantize_activations(model_bytes: bytes) -> bytes:
             continue
         new_node, scale, dead = fused
         nodes.append(new_node)
-        graph.initializer.append(scale)
+        if scale.name not in inits:  # a scale shared by several weights is added once
+            inits[scale.name] = scale
+            graph.initializer.append(scale)
         drop |= dead
     if not drop:
         raise ConfigError("the embedding model has no int8 MatMul weights to quantise")
@@ -243,7 +245,8 @@ class MiniLMEmbedder:
             feeds["token_type_ids"] = np.zeros_like(ids)
         hidden = self._session.run(None, feeds)[0]
         # Mean pooling over the tokens, as the model was trained; no padding, so no mask.
-        return _unit_rows(hidden.mean(axis=1))[0]
+        row: Vectors = _unit_rows(hidden.mean(axis=1))[0]
+        return row
 
 
 class WordLlamaEmbedder:

@@ -90,7 +90,7 @@ class SemanticCache:
         ):
             return await next(ctx)
         text = last_user_text(ctx.body.get("messages"))
-        if not text.strip():
+        if not text.strip() or len(text) > self.config.max_question_chars:
             return await next(ctx)
         partition = self._exact.key_for(ctx, _context_digest(ctx))
         vector = await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, text)

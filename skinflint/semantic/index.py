@@ -33,6 +33,10 @@ class VectorIndex(Protocol):
         """Store ``vector`` under ``key`` in ``scope``, replacing any earlier entry for ``key``."""
         ...
 
+    def add_many(self, scope: str, keys: list[str], vectors: Vector) -> None:
+        """:meth:`add` for each key and row of ``vectors`` (for loading a stored index)."""
+        ...
+
     def search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]]:
         """Up to ``k`` ``(key, cosine)`` pairs from ``scope``, best first; [] for an empty scope."""
         ...
@@ -76,10 +80,7 @@ class _Partition:
         if n == 0 or k <= 0:
             return []
         scores = self.rows[:n] @ vector
-        if k < n:
-            top = np.argpartition(scores, n - k)[n - k:]
-        else:
-            top = np.arange(n)
+        top = np.argpartition(scores, n - k)[n - k:] if k < n else np.arange(n)
         best = top[np.argsort(-scores[top], kind="stable")]
         return [(self.keys[i], float(scores[i])) for i in best]
 
@@ -111,6 +112,11 @@ class NumpyIndex:
             self._forget(key)
             self._parts.setdefault(scope, _Partition(self.dim)).add(key, row)
             self._scope_of[key] = scope
+
+    def add_many(self, scope: str, keys: list[str], vectors: Vector) -> None:
+        """See :meth:`VectorIndex.add_many`."""
+        for key, row in zip(keys, vectors, strict=True):
+            self.add(scope, key, row)
 
     def search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]]:
         """See :meth:`VectorIndex.search`."""
@@ -172,6 +178,22 @@ class HnswIndex:
             graph.add_items(row[None, :], np.asarray([label]))
             self._labels[key] = (scope, label)
             self._keys[scope, label] = key
+
+    def add_many(self, scope: str, keys: list[str], vectors: Vector) -> None:
+        """See :meth:`VectorIndex.add_many`; new keys are inserted in one call to the graph."""
+        rows = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
+        latest = dict(zip(keys, range(len(keys)), strict=True))  # a repeated key: its last row
+        keys, rows = list(latest), rows[list(latest.values())]
+        with self._lock:
+            for key in keys:
+                self._forget(key)
+            graph = self._graph(scope)
+            free = self._free.setdefault(scope, [])
+            labels = [free.pop() if free else self._take_label(scope, graph) for _ in keys]
+            graph.add_items(rows, np.asarray(labels))
+            for key, label in zip(keys, labels, strict=True):
+                self._labels[key] = (scope, label)
+                self._keys[scope, label] = key
 
     def search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]]:
         """See :meth:`VectorIndex.search`."""

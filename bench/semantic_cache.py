@@ -1,0 +1,207 @@
+"""Semantic cache benchmark: hit and false-hit rates per embedder, and lookup latency.
+
+Quality, on labelled Quora duplicate pairs (``shared/data/semantic_cache/qqp_pairs_dev.jsonl``),
+split 50/50 by hash as :func:`skinflint.semantic.calibrate.split` does: for each embedder (the
+local default, WordLlama when installed, character hashing), a threshold is calibrated on
+``--pairs`` pairs of the calibration half (for the local embedder, the shipped default is also
+measured) and applied, with and without the verifier, to ``--pairs`` pairs of the held-out half.
+*Hit rate* is the share of held-out pairs served from the cache, *false-hit rate* the share of
+non-duplicate pairs served (a wrong answer), precision the share of hits that were right.
+
+Latency: single-text embedding time by text length; index search alone and embedding plus
+search, p50/p99 over ``--queries`` queries, with 1k, 10k and 100k entries in one scope (the worst
+case: a scope's search scans only that scope). Entries are random unit vectors: search time does
+not depend on their content. HNSW is built at sizes up to ``--hnsw-max``.
+
+Each run appends one JSON object to ``bench/results/semantic_cache.jsonl`` and prints a summary.
+Runtime: about a minute with the defaults on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from skinflint.embed import Embedder, load_embedder
+from skinflint.semantic.calibrate import (
+    CosineCache,
+    Pair,
+    calibrate,
+    evaluate,
+    load_pairs,
+    sample,
+    split,
+)
+from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results" / "semantic_cache.jsonl"
+PAIRS = ROOT.parent / "shared" / "data" / "semantic_cache" / "qqp_pairs_dev.jsonl"
+DEFAULT = ROOT / "skinflint" / "data" / "semantic_default.json"
+SIZES = (1_000, 10_000, 100_000)
+
+
+def percentiles(samples_s: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(samples_s) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 4),
+            "p99_ms": round(float(np.percentile(ms, 99)), 4)}
+
+
+def timed(calls: Sequence[Callable[[], object]]) -> list[float]:
+    out = []
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def embedders() -> list[str]:
+    names = ["local"]
+    if importlib.util.find_spec("wordllama") is not None:
+        names.append("wordllama")
+    return [*names, "hashing"]
+
+
+def quality(name: str, cal: list[Pair], held: list[Pair], target: float,
+            shipped: dict[str, Any]) -> list[dict[str, Any]]:
+    """Held-out hit and false-hit rates at the embedder's own calibrated threshold (and, for the
+    shipped embedder, at the shipped threshold), with and without the verifier."""
+    cache = CosineCache(load_embedder(name))
+    chosen = calibrate(cal, target, cache=cache)
+    settings = [("calibrated", float(chosen["threshold"]))]
+    if name == shipped.get("embedder"):
+        settings.insert(0, ("shipped", float(shipped["threshold"])))
+    rows = []
+    for source, threshold in settings:
+        for verifier in (True, False):
+            result = evaluate(held, threshold, verifier, cache=cache)
+            rows.append({
+                "embedder": name, "model": cache.embedder.name, "threshold_source": source,
+                "threshold": threshold, "verifier": verifier, "pairs": result["pairs"],
+                "hit_rate": round(result["hits"] / max(result["pairs"], 1), 4),
+                "false_hit_rate": round(result["false_hit_rate"], 4),
+                "precision": round(result["precision"], 4),
+                "recall": round(result["recall"], 4),
+                "calibration_met": bool(chosen["met"]),
+            })
+    return rows
+
+
+def embed_latency(embedder: Embedder, texts: list[str]) -> dict[str, Any]:
+    """Single-text embedding time over real queries, and by length for a repeated sentence."""
+    embedder.embed(texts[:5])  # warm-up
+    out: dict[str, Any] = {"queries": percentiles(timed([partial(embedder.embed, [t])
+                                                         for t in texts]))}
+    sentence = "the quick brown fox jumps over the lazy dog and "
+    for words in (10, 50, 100, 200):
+        text = " ".join((sentence * 25).split()[:words])
+        out[f"{words}_words"] = percentiles(timed([partial(embedder.embed, [text])] * 30))
+    return out
+
+
+def _lookup(embedder: Embedder, index: VectorIndex, query: str) -> object:
+    return index.search("bench", embedder.embed([query])[0], 4)
+
+
+def lookup_latency(embedder: Embedder, queries: list[str], hnsw_max: int) -> list[dict[str, Any]]:
+    """Index-only and embed+search latency with one scope of each size."""
+    rng = np.random.default_rng(0)
+    query_vectors = embedder.embed(queries)
+    rows = []
+    makers: list[tuple[str, Callable[[int], VectorIndex]]] = [("numpy", NumpyIndex)]
+    if importlib.util.find_spec("hnswlib") is not None:
+        makers.append(("hnsw", HnswIndex))
+    for size in SIZES:
+        table = rng.standard_normal((size, embedder.dim)).astype(np.float32)
+        table /= np.linalg.norm(table, axis=1, keepdims=True)
+        keys = [f"k{i}" for i in range(size)]
+        for kind, make in makers:
+            if kind == "hnsw" and size > hnsw_max:
+                continue
+            index = make(embedder.dim)
+            start = time.perf_counter()
+            index.add_many("bench", keys, table)
+            build_s = time.perf_counter() - start
+            only = timed([partial(index.search, "bench", v, 4) for v in query_vectors])
+            both = timed([partial(_lookup, embedder, index, q) for q in queries])
+            rows.append({"index": kind, "entries": size, "build_s": round(build_s, 2),
+                         "search": percentiles(only), "embed_and_search": percentiles(both)})
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--pairs", type=int, default=2000,
+                        help="pairs from each half (calibration and held out)")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--hnsw-max", type=int, default=10_000,
+                        help="largest index size at which HNSW is built (100k takes ~1 min)")
+    parser.add_argument("--data", type=Path, default=PAIRS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def summary(record: dict[str, Any]) -> str:
+    lines = ["embedder   source      threshold verifier hit_rate false_hits precision recall"]
+    for r in record["quality"]:
+        lines.append(f"{r['embedder']:<10} {r['threshold_source']:<11} {r['threshold']:>9.4f} "
+                     f"{r['verifier']!s:<8} {r['hit_rate']:>8.3f} {r['false_hit_rate']:>10.4f} "
+                     f"{r['precision']:>9.3f} {r['recall']:>6.3f}")
+    lines.append("embedding (local), ms p50/p99: " + ", ".join(
+        f"{k} {v['p50_ms']:.2f}/{v['p99_ms']:.2f}" for k, v in record["embed_latency"].items()))
+    lines.append("index       entries  search p50/p99 ms  embed+search p50/p99 ms")
+    for r in record["lookup"]:
+        s, b = r["search"], r["embed_and_search"]
+        lines.append(f"{r['index']:<10} {r['entries']:>8}  {s['p50_ms']:>7.3f}/{s['p99_ms']:<8.3f}"
+                     f"  {b['p50_ms']:>7.3f}/{b['p99_ms']:.3f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.data.is_file():
+        print(f"labelled pairs not found at {args.data}", file=sys.stderr)
+        return 2
+    shipped = json.loads(DEFAULT.read_text())
+    cal, held = (sample(half, args.pairs) for half in split(load_pairs(args.data)))
+    target = float(shipped.get("target_precision", 0.95))
+    started = time.perf_counter()
+    local = load_embedder("local")
+    queries = [p.text_a for p in held[: args.queries]]
+    record: dict[str, Any] = {
+        "bench": "semantic_cache",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "processor": platform.processor()},
+        "pairs_per_half": args.pairs, "target_precision": target,
+        "quality": [row for name in embedders()
+                    for row in quality(name, cal, held, target, shipped)],
+        "embed_latency": embed_latency(local, queries),
+        "lookup": lookup_latency(local, queries, args.hnsw_max),
+    }
+    record["runtime_s"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(summary(record))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

