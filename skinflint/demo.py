@@ -1,9 +1,9 @@
 """``skinflint demo``: recorded real model outputs replayed through the real gateway.
 
 The gateway runs in-process on the replay provider with the shipped route ``auto`` (task
-classification, cheap-first cascades) and the exact cache; the official ``openai`` SDK sends a
-mixed workload over loopback HTTP. Spend comes from the gateway's own ledger; quality is the
-recorded correctness of the answers it returned.
+classification, cheap-first cascades), the exact cache and the semantic cache; the official
+``openai`` SDK sends a mixed workload over loopback HTTP. Spend comes from the gateway's own
+ledger; quality is the recorded correctness of the answers it returned.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def run_demo(
     workload = build_workload(replay.samples(), requests, seed)
     raw = default_replay_config()
     raw["providers"]["replay"]["latency_scale"] = LATENCY_SCALE
+    raw["cache"] = {"semantic": {"enabled": True}}
     with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
         db = str(Path(tmp) / "skinflint.db")
         settings = settings_from_dict({**raw, "storage": {"sqlite_path": db}}, env={})
@@ -151,11 +152,13 @@ def _summarise(
     quality = statistics.fmean(replay.correctness(a.sample.prompt, a.model) or 0 for a in results)
     answered = [r for r in rows if r.strategy != "cascade_escalated"]
     baseline = sum(r.baseline_cost_usd or 0.0 for r in answered)
-    # what the same traffic costs with the exact cache alone: every miss at the premium price
-    cache_only = sum(r.baseline_cost_usd or 0.0 for r in answered if r.cache_status == "miss")
+    # what the same traffic costs with the caches alone: every miss at the premium price
+    cache_only = sum(r.baseline_cost_usd or 0.0 for r in answered
+                     if not r.cache_status.startswith("hit"))
     spend = sum(r.cost_usd or 0.0 for r in rows)
     hits = sum(1 for a in results if a.cache == "hit-exact")
-    misses = [a for a in results if a.cache != "hit-exact"]
+    semantic_hits = sum(1 for a in results if a.cache == "hit-semantic")
+    misses = [a for a in results if not a.cache.startswith("hit")]
     latencies = [a.ms for a in results]
     return {
         "requests": len(results),
@@ -164,13 +167,14 @@ def _summarise(
         "baseline": {"model": PREMIUM_MODEL, "cost_usd": baseline, "quality": baseline_quality},
         "strategies": [
             {
-                "name": "exact cache",
+                "name": "exact and semantic cache",
                 "cost_usd": cache_only,
                 "hits": hits,
+                "semantic_hits": semantic_hits,
                 "cut": 1 - cache_only / baseline if baseline else 0.0,
             },
             {
-                "name": "exact cache + routing and cascades",
+                "name": "caches + routing and cascades",
                 "cost_usd": spend,
                 "cut": 1 - spend / baseline if baseline else 0.0,
             },
@@ -198,7 +202,8 @@ def format_demo_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ),
     ]
     for s in result["strategies"]:
-        hits = f" ({s['hits']} hits)" if "hits" in s else ""
+        hits = (f" ({s['hits']} exact, {s['semantic_hits']} semantic hits)"
+                if "hits" in s else "")
         rows.append((f"with {s['name']}{hits}", f"${s['cost_usd']:.4f}  cut {s['cut']:.1%}"))
     rows += [
         ("total cut", f"{result['cut']:.1%}"),
