@@ -119,7 +119,10 @@ class SemanticCacheConfig(_Frozen):
     an entry lives as long as its exact-cache entry (same TTL, tags, invalidation)."""
 
     enabled: bool = False
-    embedder: str = "local"
+    embedder: str = "local"  # or "openai-compatible": a provider's /embeddings endpoint
+    embedder_provider: str | None = None  # for openai-compatible: which provider
+    embedder_model: str = "text-embedding-3-small"
+    embedder_dim: int = Field(default=1536, ge=1)
     threshold: float | None = Field(default=None, ge=0, le=1)  # None: the calibrated default
     verifier: bool | None = None  # None: as calibrated
     top_k: int = Field(default=4, ge=1, le=64)
@@ -294,6 +297,9 @@ class Settings(_Frozen):
             for fb in model.fallbacks:
                 if fb not in self.models:
                     raise ValueError(f"models.{alias}.fallbacks: unknown model {fb!r}")
+        emb = self.cache.semantic
+        if emb.embedder == "openai-compatible" and emb.embedder_provider not in self.providers:
+            raise ValueError("cache.semantic.embedder_provider: name a configured provider")
         clash = sorted(set(self.routes) & set(self.models))
         if clash:
             raise ValueError(f"routes: {', '.join(clash)} is also a model alias")

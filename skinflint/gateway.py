@@ -104,6 +104,23 @@ def _baseline_for(settings: Settings) -> Callable[[str], str]:
     return baseline
 
 
+def _embedder(settings: Settings) -> Embedder:
+    cfg = settings.cache.semantic
+    if cfg.embedder != "openai-compatible":
+        return load_embedder(cfg.embedder)
+    from skinflint.embed.openai_compat import OpenAIEmbedder
+
+    assert cfg.embedder_provider is not None  # checked when the settings were validated
+    provider = settings.providers[cfg.embedder_provider]
+    return OpenAIEmbedder(
+        provider.base_url,
+        cfg.embedder_model,
+        cfg.embedder_dim,
+        api_key=provider.api_key or None,
+        timeout=provider.connect_timeout,
+    )
+
+
 async def _open_ledger(settings: Settings) -> Ledger:
     st = settings.storage
     if st.postgres_url:
@@ -271,8 +288,7 @@ class Gateway:
         the semantic cache passing them through until its embedder is in memory."""
         await asyncio.to_thread(self._load)
         if self.semantic_cache.enabled:
-            cfg = self.settings.cache.semantic
-            embedder = await asyncio.to_thread(load_embedder, cfg.embedder)
+            embedder = await asyncio.to_thread(_embedder, self.settings)
             index = await _open_semantic_index(self.settings, embedder)
             self.semantic_cache.open(embedder, index)
 

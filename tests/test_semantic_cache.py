@@ -187,3 +187,27 @@ def test_calibrate_writes_config_and_eval_reads_it(tmp_path: Path,
     assert report["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)
     if chosen["met"]:
         assert report["precision"] >= 0.8  # the same pairs it was calibrated on
+
+
+def test_openai_compatible_embedder(make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    """The embedder may be a configured provider's /embeddings endpoint (the fake returns
+    8-dimensional vectors)."""
+    gw = make_gateway(cache={"semantic": {
+        "enabled": True, "embedder": "openai-compatible", "embedder_provider": "fake",
+        "embedder_model": "text-embedding-3-small", "embedder_dim": 8, "threshold": 0.99}})
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        assert _ask(c, "Show me my recent invoices").headers["x-skinflint-cache"] == "miss"
+        assert _ask(c, "Anything else?").headers["x-skinflint-cache"] == "miss"
+    embedded = [r.body for r in fake.requests if r.path.endswith("/embeddings")]
+    assert embedded and all(b and b["model"] == "text-embedding-3-small" for b in embedded)
+    assert [b["input"] for b in embedded if b] == [["Show me my recent invoices"],
+                                                   ["Anything else?"]]
+    assert fake.requests[0].headers["authorization"] == "Bearer sk-upstream-secret-123"
+
+
+def test_openai_compatible_embedder_needs_a_provider() -> None:
+    from skinflint.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="embedder_provider"):
+        settings_from_dict({"providers": {"p": {"base_url": "http://x/v1"}},
+                            "cache": {"semantic": {"embedder": "openai-compatible"}}}, env={})
