@@ -309,7 +309,7 @@ class Gateway:
         )
 
     async def close(self) -> None:
-        """Flush the ledger and the cache, then close connections. Safe to call twice."""
+        """Flush the ledger and the caches, then close connections."""
         if self.warmed is not None:
             await asyncio.gather(self.warmed, return_exceptions=True)
         for provider in self.providers.values():
