@@ -22,7 +22,12 @@ import orjson
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
-from skinflint.providers.http import client_timeout, retry_after_seconds, translate_errors
+from skinflint.providers.http import (
+    client_timeout,
+    json_object,
+    retry_after_seconds,
+    translate_errors,
+)
 
 __all__ = [
     "AnthropicProvider",
@@ -389,13 +394,7 @@ async def chunks_from_sse(lines: AsyncIterable[bytes], model: str, *,
 
 
 def _event(payload: bytes, name: str, provider: str) -> JSON:
-    try:
-        event = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        event = None
-    if not isinstance(event, dict):
-        raise UpstreamProtocolError(_PREFIX + "unreadable stream event", provider=provider,
-                                    code="upstream_bad_json")
+    event = json_object(payload, provider=provider, what="stream event")
     event.setdefault("type", name)  # the data line names its type; the event line is a backup
     return event
 
@@ -429,14 +428,7 @@ def _status_error(status: int, raw: bytes, retry_after: str | None,
 
 
 def _decode(raw: bytes, provider: str) -> JSON:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict):
-        raise UpstreamProtocolError(_PREFIX + "upstream sent invalid JSON", provider=provider,
-                                    code="upstream_bad_json")
-    return body
+    return json_object(raw, provider=provider, what="response")
 
 
 # --- provider ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from skinflint.errors import (
 
 __all__ = [
     "client_timeout",
+    "json_object",
     "new_session",
     "retry_after_seconds",
     "status_error",
@@ -71,6 +72,21 @@ def translate_errors(provider: str) -> Iterator[None]:
         raise UpstreamProtocolError(
             f"{provider}: {type(exc).__name__}", provider=provider
         ) from None
+
+
+def json_object(raw: bytes, *, provider: str, what: str) -> dict[str, Any]:
+    """``raw`` parsed as a JSON object, else an :class:`UpstreamProtocolError` naming ``what``."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise UpstreamProtocolError(
+            f"{provider}: upstream sent an invalid {what}",
+            provider=provider,
+            code="upstream_bad_json",
+        )
+    return data
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -4,14 +4,13 @@ Ollama, llama.cpp. Bodies pass through untouched and responses are relayed byte 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import orjson
 
 from skinflint.errors import UpstreamProtocolError
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
-from skinflint.providers.http import client_timeout, status_error, translate_errors
+from skinflint.providers.http import client_timeout, json_object, status_error, translate_errors
 
 __all__ = ["OpenAICompatProvider"]
 
@@ -51,7 +50,7 @@ class OpenAICompatProvider:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise status_error(self.name, resp.status, raw, resp.headers.get("retry-after"))
-        body = self._object(raw, "response")
+        body = json_object(raw, provider=self.name, what="response")
         return Completion(body=body, raw=raw)
 
     async def complete(self, request: UpstreamRequest) -> Completion:
@@ -84,22 +83,8 @@ class OpenAICompatProvider:
             f"{self.name}: stream ended before [DONE]", provider=self.name, code="upstream_cut"
         )
 
-    def _object(self, raw: bytes, what: str) -> dict[str, Any]:
-        """``raw`` parsed as a JSON object, else an upstream protocol error."""
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
-            raise UpstreamProtocolError(
-                f"{self.name}: upstream sent an invalid {what}",
-                provider=self.name,
-                code="upstream_bad_json",
-            )
-        return data
-
     def _chunk(self, payload: bytes) -> StreamChunk:
-        data = self._object(payload, "stream chunk")
+        data = json_object(payload, provider=self.name, what="stream chunk")
         if "error" in data and "choices" not in data:
             err = data["error"] if isinstance(data["error"], dict) else {"message": data["error"]}
             raise UpstreamProtocolError(
