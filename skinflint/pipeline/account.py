@@ -104,11 +104,12 @@ class Account:
             ctx.model = assembler.model or ctx.model
             if not hit:
                 ctx.upstream_ms += (time.perf_counter() - started) * 1000
-                ctx.usage = await self._usage(ctx, assembler.completion())
+                completion = assembler.completion()
+                ctx.usage = await self._usage(ctx, completion)
+                if failure is None:
+                    await self._store(ctx, completion, None)
             if failure is not None:
                 self._mark_failure(ctx, failure)
-            elif not hit:
-                await self._store(ctx, assembler.completion(), None)
             self._finish(ctx)
 
     async def _store(self, ctx: RequestContext, body: dict[str, Any], raw: bytes | None) -> None:
