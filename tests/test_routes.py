@@ -121,6 +121,7 @@ def test_cascade_streams_the_accepted_answer(routed: openai.OpenAI) -> None:
 
 
 def test_route_is_listed_and_cached(routed: openai.OpenAI, fake: FakeUpstream) -> None:
+    assert {"smart", "gpt-4o-mini"} <= {m.id for m in routed.models.list()}
     _ask(routed, "cache my cascade")
     again = _ask(routed, "cache my cascade")
     assert again.headers["x-skinflint-cache"] == "hit-exact"

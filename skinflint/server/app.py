@@ -164,6 +164,7 @@ class App:
 
     async def models(self, scope: Scope, receive: Receive, out: Responder) -> None:
         owned = {n: m.provider for n, m in self.settings.models.items()}
+        owned.update({n: "skinflint-route" for n in self.settings.routes})
         data = [{"id": n, "object": "model", "created": 0, "owned_by": p} for n, p in owned.items()]
         await out.json(orjson.dumps({"object": "list", "data": data}))
 
