@@ -216,13 +216,19 @@ def cmd_cache_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     result = calibrate(
         pairs, args.precision, embedder=load_embedder(settings.cache.semantic.embedder)
     )
-    prefix = f"cache.semantic.features.{args.feature}" if args.feature else "cache.semantic"
+    prefix = "cache.semantic"
+    if args.feature or args.route:
+        prefix += f".features.{args.feature}" if args.feature else f".routes.{args.route}"
     target = args.config or "skinflint.yaml"
     update_config_file(
         target,
         {
             f"{prefix}.threshold": round(float(result["threshold"]), 4),
-            **({} if args.feature else {"cache.semantic.verifier": bool(result["verifier"])}),
+            **(
+                {}
+                if prefix != "cache.semantic"
+                else {"cache.semantic.verifier": bool(result["verifier"])}
+            ),
         },
     )
     if args.json:
@@ -247,7 +253,7 @@ def cmd_cache_eval(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.gateway import semantic_setting
     from skinflint.semantic.calibrate import evaluate, load_pairs
 
-    threshold, verifier = semantic_setting(settings, args.feature or "")
+    threshold, verifier = semantic_setting(settings, args.feature or "", args.route or "")
     result = evaluate(
         load_pairs(Path(args.pairs), args.limit),
         threshold,
@@ -466,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = csub.add_parser(name, parents=[common], help=help_text)
         sp.add_argument("pairs", help="JSONL of {text_a, text_b, label}")
         sp.add_argument("--feature", help="a feature's own threshold")
+        sp.add_argument("--route", help="a route's or model's own threshold")
         sp.add_argument("--limit", type=int, help="read only the first N pairs")
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(func=func)

@@ -179,15 +179,15 @@ def semantic_defaults() -> dict[str, Any]:
     return found
 
 
-def semantic_setting(settings: Settings, feature: str = "") -> tuple[float, bool]:
-    """The similarity threshold (for ``feature``, if it has its own) and the verifier setting:
-    the configuration's, else the calibrated default."""
+def semantic_setting(settings: Settings, feature: str = "", route: str = "") -> tuple[float, bool]:
+    """The similarity threshold (a route's, then a feature's own, as the semantic cache stage
+    applies them) and the verifier setting: the configuration's, else the calibrated default."""
     cfg = settings.cache.semantic
     defaults = semantic_defaults()
     threshold = cfg.threshold if cfg.threshold is not None else float(defaults["threshold"])
-    policy = cfg.features.get(feature)
-    if policy is not None and policy.threshold is not None:
-        threshold = policy.threshold
+    for policy in (cfg.routes.get(route), cfg.features.get(feature)):
+        if policy is not None and policy.threshold is not None:
+            threshold = policy.threshold
     verifier = cfg.verifier if cfg.verifier is not None else bool(defaults["verifier"])
     return threshold, verifier
 

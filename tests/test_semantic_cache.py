@@ -187,6 +187,15 @@ def test_calibrate_writes_config_and_eval_reads_it(tmp_path: Path,
     assert report["threshold"] == pytest.approx(chosen["threshold"], abs=1e-4)
     if chosen["met"]:
         assert report["precision"] >= 0.8  # the same pairs it was calibrated on
+    assert main(["cache", "calibrate", str(pairs), "--precision", "0.6", "--route", "auto",
+                 "--config", str(config), "--json"]) == 0
+    per_route = json.loads(capsys.readouterr().out)["threshold"]
+    written = settings_from_dict(__import__("yaml").safe_load(config.read_text()), env={})
+    assert written.cache.semantic.routes["auto"].threshold == pytest.approx(per_route, abs=1e-4)
+    assert written.cache.semantic.threshold == pytest.approx(chosen["threshold"], abs=1e-4)
+    assert main(["cache", "eval", str(pairs), "--route", "auto", "--config", str(config),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["threshold"] == pytest.approx(per_route, abs=1e-4)
 
 
 def test_openai_compatible_embedder(make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
