@@ -1,0 +1,35 @@
+"""The embedded semantic index: partitions, least-recently-used eviction, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from skinflint.storage.semantic import LocalSemanticIndex
+
+
+def _unit(*values: float) -> np.ndarray:  # type: ignore[type-arg]
+    v = np.asarray(values, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+async def test_partitions_eviction_and_reload(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    index = LocalSemanticIndex(db, "space-a", 3, max_entries=2, flush_interval=0.01)
+    await index.add("p1", "k1", "first question", _unit(1, 0, 0))
+    await index.add("p1", "k2", "second question", _unit(0, 1, 0))
+    assert await index.search("p2", _unit(1, 0, 0), 3) == []  # another partition sees nothing
+    await index.touch("k1")  # k2 is now the least recently used
+    await index.add("p1", "k3", "third question", _unit(0, 0, 1))
+    assert await index.count() == 2
+    found = await index.search("p1", _unit(1, 0.1, 0), 3)
+    assert [k for k, _, _ in found] == ["k1", "k3"]
+    assert found[0][2] == "first question" and found[0][1] > 0.99
+    await index.close()
+    again = LocalSemanticIndex(db, "space-a", 3, max_entries=2)
+    assert {k for k, _, _ in await again.search("p1", _unit(1, 0, 0), 3)} == {"k1", "k3"}
+    other_space = LocalSemanticIndex(db, "space-b", 3)
+    assert await other_space.count() == 0  # vectors of another embedder never mix
+    await again.close()
+    await other_space.close()
