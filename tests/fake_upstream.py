@@ -57,6 +57,7 @@ EMBEDDING_DIMENSIONS = 8
 
 _FAULT_MARKER = re.compile(r"\[\[fault:([^\]]*)\]\]")
 _CACHED_MARKER = re.compile(r"\[\[cached=(\d+)\]\]")
+_LOGPROB_MARKER = re.compile(r"\[\[logprob=(-?[\d.]+)\]\]")
 _WORD_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
 _OPENAI_ERRORS = {400: ("invalid_request_error", "invalid_request"),
                   401: ("invalid_request_error", "invalid_api_key"),
@@ -259,6 +260,17 @@ def _chat_completion(head: dict[str, Any], reply: _Reply, fault: Fault) -> dict[
     if not fault.no_usage:
         payload["usage"] = _openai_usage(reply)
     return payload
+
+
+def _add_logprobs(payload: dict[str, Any], prompt: str) -> None:
+    """Per-token logprobs when asked for: every token gets the marker's ``[[logprob=X]]``
+    value (default -0.01), so a test controls the answer's confidence."""
+    found = _LOGPROB_MARKER.search(prompt)
+    value = float(found.group(1)) if found else -0.01
+    for choice in payload["choices"]:
+        words = (choice["message"].get("content") or "").split()
+        choice["logprobs"] = {"content": [{"token": w, "logprob": value, "bytes": None,
+                                           "top_logprobs": []} for w in words]}
 
 
 def _openai_deltas(reply: _Reply, index: int) -> Iterator[dict[str, Any]]:
@@ -542,7 +554,10 @@ class FakeUpstream:
         head = {"id": f"chatcmpl-fake-{next(self._ids)}", "created": int(time.time()),
                 "model": body.get("model"), "system_fingerprint": "fp_fake"}
         if not stream:
-            return await _send_json(request, _chat_completion(head, reply, fault), fault)
+            payload = _chat_completion(head, reply, fault)
+            if body.get("logprobs"):
+                _add_logprobs(payload, _last_user_text(body["messages"]))
+            return await _send_json(request, payload, fault)
         usage = bool((body.get("stream_options") or {}).get("include_usage")) and not fault.no_usage
         events = [_sse(chunk) for chunk in _chat_chunks(head, reply, usage)]
         return await self._send_events(request, events, b"data: [DONE]\n\n", fault)

@@ -37,6 +37,8 @@ ROUTES: dict[str, Any] = {
                 {"model": "gpt-4o"},
             ]},
             "plain": {"cascade": [{"model": "gpt-4o-mini"}, {"model": "gpt-4o"}]},
+            "confident": {"cascade": [
+                {"model": "gpt-4o-mini", "gate": {"min_logprob": -0.5}}, {"model": "gpt-4o"}]},
         },
     }
 }
@@ -140,3 +142,13 @@ def test_route_config_is_validated() -> None:
     bad["routes"]["r"] = {"tasks": {"default": {"model": "a", "cascade": [{"model": "b"}]}}}
     with pytest.raises(ConfigError, match="either model or cascade"):
         settings_from_dict(bad, env={})
+
+
+def test_logprob_gate(routed: openai.OpenAI, fake: FakeUpstream, tmp_path: Path) -> None:
+    task = {"x-skinflint-task": "confident"}
+    sure = _ask(routed, "a confident answer", logprobs=True, extra_headers=task)
+    assert sure.headers["x-skinflint-route"] == "smart;task=confident;tier=1/2"
+    unsure = _ask(routed, "a shaky answer [[logprob=-2.0]]", logprobs=True, extra_headers=task)
+    assert unsure.headers["x-skinflint-route"] == "smart;task=confident;tier=2/2"
+    rows = ledger_rows(tmp_path / "skinflint.db", expect=3)
+    assert [r["error_type"] for r in rows if r["strategy"] == "cascade_escalated"] == ["logprob"]
