@@ -16,8 +16,18 @@ def create_app() -> App:
     return App(load_settings())
 
 
+#: Collect cyclic garbage less often. Requests create few cycles, while every full collection
+#: walks the whole cache: with the defaults, pass-through p99 at 16 clients was 57-65 ms; with
+#: these, 7-10 ms at the same throughput and CPU (measured with wrk on 2 cores).
+GC_THRESHOLDS = (50_000, 50, 100)
+
+
 def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> None:
+    import gc
+
     import uvicorn
+
+    gc.set_threshold(*GC_THRESHOLDS)
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
