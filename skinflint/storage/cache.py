@@ -97,6 +97,9 @@ _SCHEMA = [
     " expires_at REAL NOT NULL, tags TEXT NOT NULL, written_at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS cache_tags (tag TEXT NOT NULL, key TEXT NOT NULL,"
     " PRIMARY KEY (tag, key))",
+    # an overwrite or an eviction deletes a key's tags: without this, a scan of every tag
+    "CREATE INDEX IF NOT EXISTS cache_tags_key ON cache_tags (key)",
+    "CREATE INDEX IF NOT EXISTS cache_entries_written ON cache_entries (written_at)",
 ]
 
 
@@ -124,7 +127,8 @@ class TieredCacheStore:
             row[0] for row in self._conn.execute("SELECT key FROM cache_entries")
         }
         self._lock = threading.Lock()
-        self._writer = BatchWriter(self._write_locked, interval=flush_interval, name="cache")
+        self._writer: BatchWriter[tuple[CacheEntry, bool]] = BatchWriter(
+            self._write_locked, interval=flush_interval, name="cache")
         self.disk_reads = 0
 
     async def get(self, key: str, now: float) -> bytes | None:
@@ -152,8 +156,9 @@ class TieredCacheStore:
 
     async def set(self, entry: CacheEntry) -> None:
         self.memory.put(entry)
+        overwrite = entry.key in self._on_disk
         self._on_disk.add(entry.key)
-        self._writer.append(entry)
+        self._writer.append((entry, overwrite))
 
     async def invalidate_tags(self, tags: Sequence[str]) -> int:
         dropped = self.memory.drop_tags(tags)
@@ -192,18 +197,22 @@ class TieredCacheStore:
         """Write pending entries now (blocking)."""
         self._writer.flush()
 
-    def _write_locked(self, batch: list[CacheEntry]) -> None:
+    def _write_locked(self, batch: list[tuple[CacheEntry, bool]]) -> None:
         with self._lock, self._conn:
             self._write(batch)
 
-    def _write(self, batch: list[CacheEntry]) -> None:
-        batch = list({e.key: e for e in batch}.values())  # the last write of a key wins
+    def _write(self, writes: list[tuple[CacheEntry, bool]]) -> None:
+        """``writes``: (entry, whether it overwrites one already stored)."""
+        latest = {e.key: (e, overwrite) for e, overwrite in writes}  # the last write of a key wins
+        batch = [e for e, _ in latest.values()]
         now = time.time()
         self._conn.executemany(
             "INSERT OR REPLACE INTO cache_entries VALUES (?, ?, ?, ?, ?)",
             [(e.key, e.value, e.expires_at, "\n".join(e.tags), now) for e in batch])
         # an overwritten entry keeps none of its old tags
-        self._conn.executemany("DELETE FROM cache_tags WHERE key = ?", [(e.key,) for e in batch])
+        overwritten = [(key,) for key, (_, overwrite) in latest.items() if overwrite]
+        if overwritten:
+            self._conn.executemany("DELETE FROM cache_tags WHERE key = ?", overwritten)
         tagged = [(t, e.key) for e in batch for t in e.tags]
         if tagged:
             self._conn.executemany("INSERT OR IGNORE INTO cache_tags VALUES (?, ?)", tagged)
