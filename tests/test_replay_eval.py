@@ -109,3 +109,18 @@ def test_shipped_classifier_routes_recorded_prompts() -> None:
     clf = TaskClassifier.from_bytes(
         (resources.files("skinflint") / "data" / "classifier.npz").read_bytes())
     assert sum(clf.classify(s.prompt)[0] == s.eval for s in samples) / len(samples) > 0.95
+
+
+def test_a_missing_recording_is_a_failed_request_not_a_crash(subset: Path, tmp_path: Path) -> None:
+    src = next(subset.glob("mbpp*.csv"))
+    with src.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    header = rows[0]
+    gone = header.index("gpt-4-1106-preview|model_response")
+    rows[1][gone] = ""  # the premium model's answer to the first prompt was not recorded
+    with (tmp_path / src.name).open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    outcomes = run_dataset(default_replay_config(), tmp_path, model="gpt-4-1106-preview")
+    failed = [o for o in outcomes if o.tier == "error"]
+    assert len(failed) == 1 and failed[0].correct == 0
+    assert len(outcomes) == len(rows) - 1

@@ -18,6 +18,7 @@ import orjson
 import yaml
 
 from skinflint.config import Settings, settings_from_dict
+from skinflint.errors import SkinflintError
 from skinflint.gateway import Gateway
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.storage.ledger import MemoryLedger
@@ -60,7 +61,11 @@ async def _ask(gw: Gateway, replay: ReplayProvider, sample: ReplaySample, model:
     body = {"model": model, "temperature": 0,
             "messages": [{"role": "user", "content": sample.prompt}]}
     ctx = gw.context("chat", orjson.dumps(body), {})
-    await gw.pipeline.handle(ctx)
+    try:
+        await gw.pipeline.handle(ctx)
+    except SkinflintError as exc:  # e.g. a recording with no response: a failed request
+        return Outcome(sample, f"error ({exc.code or exc.error_type})", "error",
+                       ctx.cost_usd or 0.0, 0)
     assert ctx.answered is not None and ctx.cost_usd is not None
     answered = ctx.answered.name
     tier = ctx.route.split("tier=")[-1].split("/")[0] if "tier=" in ctx.route else "1"
