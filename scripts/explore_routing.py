@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import itertools
 import re
-import sys
 import time
 import zlib
 from collections import Counter
@@ -52,7 +50,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from skinflint.providers.replay import ReplayProvider
+from skinflint.providers.replay import ReplaySample as Sample
+
 GPT4 = "gpt-4-1106-preview"
 TASKS = ("arc-challenge", "winogrande", "mbpp")
 CHOICE_TASKS = ("arc-challenge", "winogrande")
@@ -70,65 +70,10 @@ Array = np.ndarray[Any, Any]
 # --------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    id: str
-    eval: str
-    prompt: str
-    responses: dict[str, str]
-    correct: dict[str, int | None]
-    cost: dict[str, float]
-
-
-def _one_string(cell: str) -> str | None:
-    if not cell:
-        return ""
-    try:
-        value = ast.literal_eval(cell)
-    except (ValueError, SyntaxError):
-        return cell
-    if isinstance(value, list):
-        return str(value[0]) if len(value) == 1 else None
-    return str(value)
-
-
-def load_csv(directory: Path) -> list[Sample]:
-    """The RouterBench CSVs; rows whose prompt cell holds != 1 string are dropped (merge
-    artefacts of the source, as in the packaged extract)."""
-    csv.field_size_limit(sys.maxsize)
-    out: list[Sample] = []
-    for name in ("arc_challenge_train", "mbpp_train", "winograde_train"):
-        with (directory / f"{name}.csv").open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                prompt = _one_string(row["prompt"])
-                if prompt is None:
-                    continue
-                models = [k.split("|")[0] for k in row if k.endswith("|model_response")]
-                out.append(
-                    Sample(
-                        id=row["sample_id"],
-                        eval=row["eval_name"],
-                        prompt=prompt,
-                        responses={
-                            m: _one_string(row[f"{m}|model_response"]) or "" for m in models
-                        },
-                        correct={
-                            m: None if row[m] in ("", None) else int(float(row[m])) for m in models
-                        },
-                        cost={m: float(row[f"{m}|total_cost"] or 0.0) for m in models},
-                    )
-                )
-    return out
-
-
-def load_extract() -> list[Sample]:
-    sys.path.insert(0, str(ROOT))
-    from skinflint.providers.replay import ReplayProvider
-
-    return [
-        Sample(s.id, s.eval, s.prompt, dict(s.responses), dict(s.correct), dict(s.cost))
-        for s in ReplayProvider().samples()
-    ]
+def load_samples(source: Path | None) -> list[Sample]:
+    """The RouterBench CSVs in ``source``, else the packaged extract (the replay provider
+    reads both, dropping the same malformed rows)."""
+    return ReplayProvider(data_path=source).samples()
 
 
 # --------------------------------------------------------------- answer normalisation
@@ -1056,7 +1001,7 @@ def run(args: argparse.Namespace) -> int:
     global JACCARD_TAUS
     if not args.code_jaccard_gates:
         JACCARD_TAUS = ()
-    samples = load_csv(args.csv) if args.csv else load_extract()
+    samples = load_samples(args.csv)
     models = list(samples[0].responses)
     split = {t: [s for s in samples if s.eval == t] for t in TASKS}
     tasks = {t: build_task(t, split[t], models, args.seed) for t in TASKS}
