@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from skinflint.analytics.evaluation import default_replay_config
+from skinflint.analytics.report import percentile
 from skinflint.config import settings_from_dict
 from skinflint.models import LedgerRecord
 from skinflint.providers.replay import ReplayProvider, ReplaySample
@@ -109,11 +110,6 @@ async def _drive(
     return results
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(int(len(ordered) * q), len(ordered) - 1)] if ordered else 0.0
-
-
 def run_demo(
     *,
     requests: int = 1000,
@@ -186,7 +182,7 @@ def _summarise(
         "skinflint": {"cost_usd": spend, "quality": quality},
         "cut": 1 - spend / baseline if baseline else 0.0,
         "quality_retained": quality / baseline_quality if baseline_quality else 1.0,
-        "latency_ms": {"p50": _percentile(latencies, 0.5), "p95": _percentile(latencies, 0.95)},
+        "latency_ms": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)},
         "latency_scale": LATENCY_SCALE,
         "wall_seconds": wall,
     }

@@ -10,10 +10,16 @@ from typing import Any
 
 from skinflint.models import LedgerRecord
 
-__all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since"]
+__all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since", "percentile"]
 
 GROUPINGS = ("feature", "model", "user", "strategy", "tenant")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values`` (0.0 when empty)."""
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * q), len(ordered) - 1)] if ordered else 0.0
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -54,9 +60,9 @@ class Group:
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
-        lat = sorted(out.pop("latency_ms"))
-        out["p50_latency_ms"] = lat[len(lat) // 2] if lat else 0.0
-        out["p95_latency_ms"] = lat[min(int(len(lat) * 0.95), len(lat) - 1)] if lat else 0.0
+        lat = out.pop("latency_ms")
+        out["p50_latency_ms"] = percentile(lat, 0.5)
+        out["p95_latency_ms"] = percentile(lat, 0.95)
         out["cache_hit_rate"] = self.cache_hits / self.requests if self.requests else 0.0
         return out
 
