@@ -21,10 +21,10 @@ from skinflint.cachekey import request_hash
 from skinflint.config import SemanticCacheConfig
 from skinflint.embed import Embedder
 from skinflint.interfaces import SemanticIndex, Vector
+from skinflint.messages import last_user_text
 from skinflint.metrics import Metrics
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.context import Next, Reply, RequestContext
-from skinflint.routing.text import last_user_text
 from skinflint.semantic.verifier import verify
 
 __all__ = ["SemanticCache"]

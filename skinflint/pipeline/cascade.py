@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from skinflint.config import GateConfig, TierConfig
 from skinflint.errors import UpstreamError
+from skinflint.messages import last_user_text
 from skinflint.models import StreamChunk, Usage
 from skinflint.pipeline.context import Attempt, Next, Reply, RequestContext, Target
 from skinflint.routing.gates import (
@@ -27,7 +28,6 @@ from skinflint.routing.gates import (
     mean_logprob,
     structural_check,
 )
-from skinflint.routing.text import last_user_text
 from skinflint.streaming import chunks_from_completion
 
 __all__ = ["Cascade", "Scorer"]

@@ -13,11 +13,11 @@ from collections.abc import Mapping
 
 from skinflint.config import RouteConfig, RuleConfig, Settings
 from skinflint.errors import UnknownModelError
+from skinflint.messages import last_user_text
 from skinflint.metrics import Metrics
 from skinflint.pipeline.cascade import Cascade, Scorer
 from skinflint.pipeline.context import Next, Reply, RequestContext, Target
 from skinflint.routing.classifier import TaskClassifier
-from skinflint.routing.text import last_user_text
 
 __all__ = ["Route", "RoutePlan"]
 

@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
+from skinflint.messages import content_text, last_user_text
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
 from skinflint.recorded import read_samples
 
@@ -187,24 +188,9 @@ def _read_extract(source: Traversable) -> _Extract:
     return _Extract(samples, {s.prompt.strip(): s for s in samples}, models)
 
 
-def _text(content: Any) -> str:
-    """The text of a message's ``content``: a string, or the text parts of a part list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content
-                         if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
 def _messages(body: JSON) -> list[JSON]:
     messages = body.get("messages")
     return [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-
-
-def _last_user_text(body: JSON) -> str:
-    users = [m for m in _messages(body) if m.get("role") == "user"]
-    return _text(users[-1].get("content")).strip() if users else ""
 
 
 def _max_tokens(body: JSON) -> int | None:
@@ -338,7 +324,7 @@ class ReplayProvider:
             raise UpstreamStatusError(
                 404, f"replay: model {model} was not recorded; recorded: "
                 f"{', '.join(extract.models)}", provider=self.name, code="model_not_found")
-        sample = extract.by_prompt.get(_last_user_text(request.body))
+        sample = extract.by_prompt.get(last_user_text(request.body.get("messages")).strip())
         if sample is None or not sample.responses.get(model):
             raise UpstreamStatusError(404, "replay: no recorded response for this prompt",
                                       provider=self.name, code="replay_prompt_unknown")
@@ -351,7 +337,8 @@ class ReplayProvider:
         limit = _max_tokens(request.body)
         if limit is not None and out_tokens > limit:
             content, out_tokens, finish = _truncate(content, limit), limit, "length"
-        in_tokens = sum(count_tokens(_text(m.get("content"))) for m in _messages(request.body))
+        in_tokens = sum(count_tokens(content_text(m.get("content")))
+                        for m in _messages(request.body))
         ttft, generation = self._timing(sample.prompt, model, out_tokens)
         return _Answer(
             id="chatcmpl-replay-" + _digest(self._seed, model, sample.prompt).hex(),
