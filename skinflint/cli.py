@@ -162,13 +162,13 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.analytics import cachestats
 
-    path = args.db or settings.storage.sqlite_path
+    path = args.db or settings.storage.postgres_url or settings.storage.sqlite_path
     if args.cache_command == "stats":
         stats = cachestats.stats(path)
         if args.json:
             _print_json(stats)
         else:
-            table = Table(title="Exact cache")
+            table = Table(title="Cache")
             table.add_column("figure")
             table.add_column("value", justify="right")
             for k, v in stats.items():

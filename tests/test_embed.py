@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from skinflint.embed import Embedder, load_embedder
-from skinflint.embed.local import HashingEmbedder, MiniLMEmbedder
+from skinflint.embed.local import HashingEmbedder, MiniLMEmbedder, lean_model
 from skinflint.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def _offline(name: str, texts: list[str]) -> dict[str, object]:
 def test_local_embedder_loads_offline_and_ranks_paraphrases_first() -> None:
     result = _offline("local", [*PARAPHRASE, UNRELATED])
     assert result["dim"] == 384
-    assert result["name"] == "minilm-l6-v2-int8-dq"
+    assert result["name"] == "minilm-l6-v2-int8-lean"
     assert np.allclose(result["norms"], 1.0, atol=1e-4)  # type: ignore[arg-type]
     cos = np.asarray(result["cosines"])
     assert cos[0, 1] > 0.6
@@ -98,12 +98,22 @@ def test_minilm_matches_the_protocol_and_is_batch_independent(minilm: MiniLMEmbe
     assert minilm.embed([]).shape == (0, 384)
 
 
-def test_minilm_int8_activations_stay_close_to_the_plain_model(minilm: MiniLMEmbedder) -> None:
-    plain = MiniLMEmbedder(int8_activations=False)
+def test_minilm_rebuilt_graph_stays_close_to_the_model_file(minilm: MiniLMEmbedder) -> None:
+    plain = MiniLMEmbedder(rebuild=False)
     assert plain.name != minilm.name  # different vector spaces never share a cache
     texts = [*PARAPHRASE, UNRELATED]
     agreement = (plain.embed(texts) * minilm.embed(texts)).sum(axis=1)
     assert agreement.min() > 0.98
+
+
+def test_the_rebuild_refuses_a_model_that_is_not_the_int8_minilm() -> None:
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other", [x], [y])
+    with pytest.raises(ConfigError, match="not the expected int8 MiniLM"):
+        lean_model(helper.make_model(graph).SerializeToString())
 
 
 def test_minilm_keeps_the_head_and_tail_of_long_texts(minilm: MiniLMEmbedder) -> None:

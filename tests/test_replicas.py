@@ -68,3 +68,31 @@ def test_report_reads_the_postgres_ledger(replicas: list[BackgroundServer], pg_u
     replicas.clear()
     assert main(["report", "--db", pg_url, "--by", "model", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"]["requests"] == 1
+
+
+def test_cache_cli_reads_and_invalidates_postgres(replicas: list[BackgroundServer], pg_url: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from skinflint.cli import main
+
+    with openai.OpenAI(base_url=replicas[0].base_url, api_key="k", max_retries=0) as c:
+        for tag in ("user:1", "user:2"):
+            for _ in range(2):
+                c.chat.completions.create(
+                    model="gpt-4o-mini", temperature=0, extra_headers={"x-skinflint-tags": tag},
+                    messages=[{"role": "user", "content": f"what do we know about {tag}"}])
+    for server in replicas:
+        server.__exit__(None, None, None)  # flushes the ledger
+    replicas.clear()
+
+    def cli(*args: str) -> dict[str, object]:
+        assert main(["cache", *args, "--db", pg_url, "--json"]) == 0
+        found: dict[str, object] = json.loads(capsys.readouterr().out)
+        return found
+
+    stats = cli("stats")
+    assert stats["entries"] == 2 and stats["requests"] == 4 and stats["hits"] == 2
+    dropped = cli("invalidate", "--tag", "user:1", "--url", "http://127.0.0.1:9")
+    assert dropped == {"invalidated": 1, "where": "postgres"}
+    assert cli("stats")["entries"] == 1

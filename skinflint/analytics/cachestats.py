@@ -1,7 +1,13 @@
-"""Cache figures and offline invalidation, for the CLI."""
+"""Cache figures and offline invalidation, for the CLI.
+
+``db`` is the SQLite path or a ``postgresql://`` URL, as for ``skinflint report``. Offline
+invalidation with PostgreSQL runs the same ``DELETE`` a gateway runs; with SQLite it edits the
+file (a running gateway keeps its in-memory copies until told, so the CLI tells it first).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -18,8 +24,14 @@ def _tables(conn: sqlite3.Connection) -> set[str]:
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
+def is_postgres(db: str) -> bool:
+    return db.startswith(("postgres://", "postgresql://"))
+
+
 def stats(path: str) -> dict[str, Any]:
     """Entries on disk and, from the ledger, hit rate and money saved by cache hits."""
+    if is_postgres(path):
+        return asyncio.run(_postgres_stats(path))
     conn = open_sqlite(path)
     try:
         tables = _tables(conn)
@@ -33,6 +45,9 @@ def stats(path: str) -> dict[str, Any]:
             ).fetchone()
             out.update(entries=n, bytes=size, expired=expired)
             out["tags"] = conn.execute("SELECT COUNT(DISTINCT tag) FROM cache_tags").fetchone()[0]
+        if "semantic_entries" in tables:
+            semantic = conn.execute("SELECT COUNT(*) FROM semantic_entries").fetchone()[0]
+            out["semantic_entries"] = semantic
         if "ledger" in tables:
             total, hits, saved = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
@@ -48,6 +63,41 @@ def stats(path: str) -> dict[str, Any]:
         return out
     finally:
         conn.close()
+
+
+async def _postgres_stats(url: str) -> dict[str, Any]:
+    from skinflint.storage.postgres import PostgresCacheStore, PostgresLedger
+
+    store = await PostgresCacheStore.create(url, pool_size=1)
+    try:
+        out: dict[str, Any] = await store.stats()
+    finally:
+        await store.close()
+    del out["evictions"]  # counted by a running store, always 0 here
+    ledger = await PostgresLedger.create(url)
+    try:
+        records = await asyncio.to_thread(ledger.query)
+    finally:
+        await asyncio.to_thread(ledger.close)
+    served = [r for r in records if r.endpoint in ("chat", "embeddings")]
+    hits = [r for r in served if r.cache_status.startswith("hit")]
+    out.update(
+        requests=len(served),
+        hits=len(hits),
+        hit_rate=len(hits) / len(served) if served else 0.0,
+        saved_usd=sum(r.saved_usd or 0.0 for r in hits),
+    )
+    return out
+
+
+async def _postgres_invalidate(url: str, tags: list[str]) -> int:
+    from skinflint.storage.postgres import PostgresCacheStore
+
+    store = await PostgresCacheStore.create(url, pool_size=1)
+    try:
+        return await store.invalidate_tags(tags)
+    finally:
+        await store.close()
 
 
 def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | None:
@@ -74,6 +124,8 @@ def invalidate(
         n = _tell_gateway(url, tags, admin_key)
         if n is not None:
             return {"invalidated": n, "where": f"gateway at {url}"}
+    if is_postgres(path):
+        return {"invalidated": asyncio.run(_postgres_invalidate(path, tags)), "where": "postgres"}
     conn = open_sqlite(path)
     try:
         if "cache_tags" not in _tables(conn):

@@ -7,11 +7,11 @@ against pinned SHA-256 digests, so the vector space behind the name cannot drift
 
 Why this model: on Quora duplicate pairs its cosine separates duplicates best of the offline
 options measured here (ROC-AUC 0.871, against 0.818 for WordLlama), and a false hit serves a
-wrong answer. Why it is rewritten at load: the file stores int8 weights that onnxruntime turns
-back into float32 matrices, which costs about 6 ms for a 20-token query on one thread. Feeding
-the same int8 weights and their per-column scales to ``DynamicQuantizeMatMul`` (int8 activations,
-int32 accumulation) cuts that to about 2.4 ms, and the cosines move by 0.001 on average (ROC-AUC
-0.871 either way). Each text is run on its own: dynamic quantisation picks one activation scale
+wrong answer. Why it is rebuilt at load (:func:`lean_model`): the file stores int8 weights that
+onnxruntime turns back into float32 matrices, which costs about 6 ms for a 20-token query on one
+thread. The same int8 weights and per-column scales, fed to fused operators with int8
+activations, take about 2 ms, and the vectors stay within 0.99 cosine of the file's own (ROC-AUC
+0.867 either way). Each text is run on its own: dynamic quantisation picks one activation scale
 per run, so batching would make a text's vector depend on its neighbours.
 
 Every session is pinned to one intra-op and one inter-op thread: on a two-core machine, a second
@@ -26,19 +26,23 @@ import importlib.util
 import re
 import threading
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from skinflint.embed import Vectors
 from skinflint.errors import ConfigError
 
 __all__ = [
     "HashingEmbedder",
+    "LeanModel",
     "MiniLMEmbedder",
     "SentenceTransformerEmbedder",
     "WordLlamaEmbedder",
+    "lean_model",
     "minilm_files",
 ]
 
@@ -96,73 +100,173 @@ def _import(module: str, hint: str) -> Any:
         raise ConfigError(f"{module} is not installed: {hint}") from exc
 
 
-def quantize_activations(model_bytes: bytes) -> bytes:
-    """Rewrite ``MatMul(x, Cast(W_int8) * scale)`` into ``DynamicQuantizeMatMul(x, W, scale)``.
+_HIDDEN = 384
+_HEADS = 12
+_LAYERS = 6
+_EPSILON = 1e-12
+_LAYER = "inner.encoder.layer.{}."
+_WORD_TABLE = "inner.embeddings.word_embeddings.weight"
+_POSITION_TABLE = "inner.embeddings.position_embeddings.weight"
+_TYPE_TABLE = "inner.embeddings.token_type_embeddings.weight"
 
-    The int8 weights and their per-column scales are used as they are; only the activations get
-    quantised, per run. Raises :class:`ConfigError` when the graph has no such pattern.
+
+@dataclass(frozen=True)
+class LeanModel:
+    """A MiniLM rewritten for one text per run: the encoder graph and the embedding tables.
+
+    ``graph`` takes ``x0``, the summed word, position and type embeddings ``(1, tokens, 384)``
+    (see :meth:`inputs`), and returns the mean of the last hidden states, ``(1, 384)``.
+    """
+
+    graph: bytes
+    words: npt.NDArray[np.int8]  # (vocabulary, 384), one scale per row
+    word_scales: npt.NDArray[np.float32]
+    positions: npt.NDArray[np.float32]  # (512, 384), type 0 added
+    max_positions: int
+
+    def inputs(self, ids: list[int]) -> dict[str, npt.NDArray[np.float32]]:
+        """The feed of one text's word-piece ids (at most ``max_positions`` of them)."""
+        rows = np.asarray(ids, dtype=np.intp)
+        x0 = self.words[rows] * self.word_scales[rows] + self.positions[: len(rows)]
+        return {"x0": x0[None].astype(np.float32, copy=False)}
+
+
+def lean_model(model_bytes: bytes) -> LeanModel:
+    """Rebuild the int8 MiniLM file as a graph of fused operators with int8 activations.
+
+    The file stores each weight as int8 with one scale per column, and onnxruntime would turn
+    them back into float32 matrices. Here the same int8 weights and scales feed
+    ``DynamicQuantizeMatMul`` (int8 activations, int32 accumulation, bias fused), the query,
+    key and value projections run as one matrix product, attention is one
+    ``MultiHeadAttention`` node, and the embedding lookup happens in numpy on the int8 table.
+    That is 68 nodes instead of 385, about 20% faster than the file rewritten node by node, and
+    35 MB less memory than a float32 word table. Raises :class:`ConfigError` when the file is
+    not the expected six-layer, 384-wide model.
     """
     onnx = _import("onnx", "pip install onnx")
     model = onnx.load_from_string(model_bytes)
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    drop: set[str] = set()
-    nodes: list[Any] = []
-    for node in graph.node:
-        fused = _fuse(onnx, node, inits, producer, consumers)
-        if fused is None:
-            nodes.append(node)
-            continue
-        new_node, scale, dead = fused
-        nodes.append(new_node)
-        if scale.name not in inits:  # a scale shared by several weights is added once
-            inits[scale.name] = scale
-            graph.initializer.append(scale)
-        drop |= dead
-    if not drop:
-        raise ConfigError("the embedding model has no int8 MatMul weights to quantise")
-    kept = [n for n in nodes if not drop.intersection(n.output)]
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {name for n in kept for name in n.input}
-    unused = [i for i in graph.initializer if i.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
-    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return bytes(model.SerializeToString())
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    matrices = [m for m in (_int8_matrix(n, producer, weights) for n in model.graph.node) if m]
+    shapes = [w.shape for w, _ in matrices]
+    h = _HIDDEN
+    if shapes != [(h, h), (h, h), (h, h), (h, h), (h, 4 * h), (4 * h, h)] * _LAYERS:
+        raise ConfigError("the embedding model is not the expected int8 MiniLM-L6 file")
+    builder = _GraphBuilder(onnx)
+    x = builder.layer_norm("x0", weights, "inner.embeddings.LayerNorm")
+    for layer in range(_LAYERS):
+        q, k, v, out, up, down = matrices[6 * layer : 6 * layer + 6]
+        x = builder.encoder_layer(x, layer, (q, k, v, out, up, down), weights)
+    graph = builder.finish(x)
+    positions = weights[f"{_POSITION_TABLE}_q"] * weights[f"{_POSITION_TABLE}_scale"]
+    positions = positions + weights[_TYPE_TABLE][0]  # every token is of type 0
+    return LeanModel(
+        graph=graph,
+        words=weights[f"{_WORD_TABLE}_q"],
+        word_scales=weights[f"{_WORD_TABLE}_scale"].astype(np.float32),
+        positions=positions.astype(np.float32),
+        max_positions=positions.shape[0],
+    )
 
 
-def _fuse(
-    onnx: Any, node: Any, inits: dict[str, Any], producer: dict[str, Any], consumers: dict[str, int]
-) -> tuple[Any, Any, set[str]] | None:
-    """The fused node, its 1-D scale initializer and the outputs of the nodes it replaces."""
+_Matrix = tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]
+
+
+def _int8_matrix(node: Any, producer: dict[str, Any], weights: dict[str, Any]) -> _Matrix | None:
+    """``(int8 weight, column scales)`` of a ``MatMul(x, Cast(W_int8) * scale)`` node."""
     if node.op_type != "MatMul":
         return None
     mul = producer.get(node.input[1])
-    if mul is None or mul.op_type != "Mul" or mul.input[1] not in inits:
+    if mul is None or mul.op_type != "Mul" or mul.input[1] not in weights:
         return None
     cast = producer.get(mul.input[0])
-    if cast is None or cast.op_type != "Cast" or cast.input[0] not in inits:
+    if cast is None or cast.op_type != "Cast" or cast.input[0] not in weights:
         return None
-    if inits[cast.input[0]].data_type != onnx.TensorProto.INT8:
+    weight = weights[cast.input[0]]
+    if weight.dtype != np.int8:
         return None
-    if consumers.get(mul.output[0]) != 1 or consumers.get(cast.output[0]) != 1:
-        return None
-    scale = onnx.numpy_helper.to_array(inits[mul.input[1]]).reshape(-1).astype(np.float32)
-    scale_name = f"{mul.input[1]}.columns"
-    fused = onnx.helper.make_node(
-        "DynamicQuantizeMatMul",
-        [node.input[0], cast.input[0], scale_name],
-        list(node.output),
-        name=f"{node.name}.int8",
-        domain="com.microsoft",
-    )
-    return fused, onnx.numpy_helper.from_array(scale, scale_name), {mul.output[0], cast.output[0]}
+    return weight, weights[mul.input[1]].reshape(-1).astype(np.float32)
+
+
+class _GraphBuilder:
+    """Nodes and initializers of the rebuilt encoder, named by layer."""
+
+    def __init__(self, onnx: Any) -> None:
+        self._onnx = onnx
+        self._nodes: list[Any] = []
+        self._inits: list[Any] = []
+
+    def encoder_layer(
+        self, x: str, layer: int, matrices: tuple[_Matrix, ...], weights: dict[str, Any]
+    ) -> str:
+        """One BERT layer: attention then feed-forward, each closed by residual + LayerNorm."""
+        (q, qs), (k, ks), (v, vs), out, up, down = matrices
+        name = _LAYER.format(layer)
+        bias = [weights[f"{name}attention.self.{p}.bias"] for p in ("query", "key", "value")]
+        qkv = self._matmul(
+            x, (np.hstack([q, k, v]), np.hstack([qs, ks, vs])), np.hstack(bias), f"l{layer}.qkv"
+        )
+        heads = [f"l{layer}.{p}" for p in "qkv"]
+        split = self._const(f"l{layer}.split", np.full(3, _HIDDEN, dtype=np.int64))
+        self._node("Split", [qkv, split], heads, axis=-1)
+        attention = f"l{layer}.attention"
+        self._node("MultiHeadAttention", heads, [attention], "com.microsoft", num_heads=_HEADS)
+        attended = self._matmul(
+            attention, out, weights[f"{name}attention.output.dense.bias"], f"l{layer}.out"
+        )
+        x = self._residual_norm(attended, x, weights, f"{name}attention.output.LayerNorm")
+        hidden = self._matmul(x, up, None, f"l{layer}.up")
+        gelu = f"l{layer}.gelu"
+        up_bias = self._const(f"l{layer}.up.bias", weights[f"{name}intermediate.dense.bias"])
+        self._node("BiasGelu", [hidden, up_bias], [gelu], "com.microsoft")
+        down_out = self._matmul(gelu, down, weights[f"{name}output.dense.bias"], f"l{layer}.down")
+        return self._residual_norm(down_out, x, weights, f"{name}output.LayerNorm")
+
+    def layer_norm(self, x: str, weights: dict[str, Any], prefix: str) -> str:
+        gamma = self._const(f"{prefix}.weight", weights[f"{prefix}.weight"])
+        beta = self._const(f"{prefix}.bias", weights[f"{prefix}.bias"])
+        out = f"{prefix}.out"
+        self._node("LayerNormalization", [x, gamma, beta], [out], axis=-1, epsilon=_EPSILON)
+        return out
+
+    def finish(self, x: str) -> bytes:
+        """The serialised model: mean of ``x`` over the tokens."""
+        helper, proto = self._onnx.helper, self._onnx.TensorProto
+        axes = self._const("pool.axes", np.array([1], dtype=np.int64))
+        self._node("ReduceMean", [x, axes], ["pooled"], keepdims=0)
+        graph = helper.make_graph(
+            self._nodes,
+            "minilm-lean",
+            [helper.make_tensor_value_info("x0", proto.FLOAT, [1, "tokens", _HIDDEN])],
+            [helper.make_tensor_value_info("pooled", proto.FLOAT, [1, _HIDDEN])],
+            self._inits,
+        )
+        opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+        return bytes(helper.make_model(graph, opset_imports=opsets).SerializeToString())
+
+    def _residual_norm(self, x: str, skip: str, weights: dict[str, Any], prefix: str) -> str:
+        # Add + LayerNormalization: onnxruntime's fused SkipLayerNormalization is slower on CPU.
+        total = f"{prefix}.sum"
+        self._node("Add", [x, skip], [total])
+        return self.layer_norm(total, weights, prefix)
+
+    def _matmul(self, x: str, matrix: _Matrix, bias: Any, name: str) -> str:
+        weight, scales = matrix
+        inputs = [x, self._const(f"{name}.w", weight), self._const(f"{name}.scale", scales), ""]
+        if bias is not None:
+            inputs.append(self._const(f"{name}.bias", bias))
+        self._node("DynamicQuantizeMatMul", inputs, [name], "com.microsoft")
+        return name
+
+    def _const(self, name: str, value: Any) -> str:
+        self._inits.append(self._onnx.numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def _node(
+        self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs: Any
+    ) -> None:
+        node = self._onnx.helper.make_node(op, inputs, outputs, domain=domain or None, **attrs)
+        self._nodes.append(node)
 
 
 def _session(model: bytes) -> Any:
@@ -191,17 +295,18 @@ class MiniLMEmbedder:
     question is usually at its end. Two long texts that differ only in their middle therefore
     get the same vector, so callers should not serve semantic hits for such texts without an
     exact comparison. ``model_path`` and ``tokenizer_path`` replace the installed files (no
-    checksum is applied to them); ``int8_activations=False`` runs the file as it is (slower).
+    checksum is applied to them); ``rebuild=False`` runs the file as it is (slower; the
+    reference the rebuilt graph is tested against).
     """
 
-    dim = 384
+    dim = _HIDDEN
 
     def __init__(
         self,
         *,
         model_path: Path | None = None,
         tokenizer_path: Path | None = None,
-        int8_activations: bool = True,
+        rebuild: bool = True,
         max_tokens: int = 256,
     ) -> None:
         from tokenizers import Tokenizer
@@ -210,14 +315,16 @@ class MiniLMEmbedder:
             found_model, found_tokenizer = minilm_files()
             model_path = model_path or found_model
             tokenizer_path = tokenizer_path or found_tokenizer
-        self.name = "minilm-l6-v2-int8" + ("-dq" if int8_activations else "")
-        self.max_tokens = max_tokens
+        self.name = "minilm-l6-v2-int8" + ("-lean" if rebuild else "")
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         model = model_path.read_bytes()
-        self._session = _session(quantize_activations(model) if int8_activations else model)
-        self._needs_types = "token_type_ids" in {i.name for i in self._session.get_inputs()}
+        self._lean = lean_model(model) if rebuild else None
+        if self._lean is not None:
+            max_tokens = min(max_tokens, self._lean.max_positions)
+        self.max_tokens = max_tokens
+        self._session = _session(self._lean.graph if self._lean is not None else model)
 
     def embed(self, texts: list[str]) -> Vectors:
         """Unit vectors, one row per text (each text runs alone; see the module docstring)."""
@@ -239,13 +346,16 @@ class MiniLMEmbedder:
         return [*ids[: head + 1], *ids[-(tail + 1):]]
 
     def _one(self, text: str) -> Vectors:
-        ids = np.asarray([self.token_ids(text)], dtype=np.int64)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        if self._needs_types:
-            feeds["token_type_ids"] = np.zeros_like(ids)
-        hidden = self._session.run(None, feeds)[0]
-        # Mean pooling over the tokens, as the model was trained; no padding, so no mask.
-        row: Vectors = _unit_rows(hidden.mean(axis=1))[0]
+        ids = self.token_ids(text)
+        if self._lean is not None:
+            pooled = self._session.run(None, self._lean.inputs(ids))[0]
+        else:
+            feed = np.asarray([ids], dtype=np.int64)
+            feeds = {"input_ids": feed, "attention_mask": np.ones_like(feed)}
+            feeds["token_type_ids"] = np.zeros_like(feed)
+            # Mean pooling over the tokens, as the model was trained; no padding, so no mask.
+            pooled = self._session.run(None, feeds)[0].mean(axis=1)
+        row: Vectors = _unit_rows(pooled)[0]
         return row
 
 
