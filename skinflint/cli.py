@@ -162,7 +162,8 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.analytics import cachestats
 
-    path = args.db or settings.storage.postgres_url or settings.storage.sqlite_path
+    st = settings.storage
+    path = args.db or st.redis_url or st.postgres_url or st.sqlite_path
     if args.cache_command == "stats":
         stats = cachestats.stats(path)
         if args.json:

@@ -242,10 +242,13 @@ class RouteConfig(_Frozen):
 
 class StorageConfig(_Frozen):
     """SQLite (one process) by default; with ``postgres_url``, the ledger, the cache and the
-    semantic index (pgvector) live in PostgreSQL, shared by every replica."""
+    semantic index (pgvector) live in PostgreSQL, shared by every replica; with ``redis_url``,
+    the exact cache lives in Redis (under ``redis_prefix``), whatever holds the rest."""
 
     sqlite_path: str = "./skinflint.db"
     postgres_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://", repr=False)
+    redis_url: str | None = Field(default=None, pattern=r"^(rediss?|unix)://", repr=False)
+    redis_prefix: str = Field(default="skinflint:", min_length=1)
     ledger_flush_interval: float = Field(default=0.2, gt=0)
 
 

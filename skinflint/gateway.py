@@ -132,7 +132,16 @@ async def _open_ledger(settings: Settings) -> Ledger:
 
 async def _open_store(settings: Settings) -> CacheStore:
     ex = settings.cache.exact
-    if settings.storage.postgres_url:  # shared: no in-process tier that replicas could not see
+    # Shared stores get no in-process tier: replicas could not see each other's invalidations.
+    if settings.storage.redis_url:
+        from skinflint.storage.redis_cache import RedisCacheStore  # the optional redis extra
+
+        return await RedisCacheStore.create(
+            settings.storage.redis_url,
+            prefix=settings.storage.redis_prefix,
+            max_entries=ex.max_entries,
+        )
+    if settings.storage.postgres_url:
         from skinflint.storage.postgres import PostgresCacheStore
 
         return await PostgresCacheStore.create(

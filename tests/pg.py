@@ -33,17 +33,19 @@ from urllib.parse import quote
 
 import pytest
 
-__all__ = ["PgServer", "import_or_skip", "pg_server_fixture", "pg_url_fixture", "unavailable"]
+__all__ = [
+    "PgServer", "free_port", "import_or_skip", "pg_server_fixture", "pg_url_fixture", "unavailable",
+]
 
 _TOOLS = ("initdb", "pg_ctl", "postgres")
 _schemas = itertools.count(1)
 
 
-def unavailable(reason: str) -> NoReturn:
+def unavailable(reason: str, server: str = "PostgreSQL") -> NoReturn:
     """Skip with ``reason``, or fail under CI, where a missing dependency is a broken build."""
     if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail(f"PostgreSQL tests cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(f"PostgreSQL tests skipped: {reason}", allow_module_level=True)
+        pytest.fail(f"{server} tests cannot run under CI: {reason}", pytrace=False)
+    pytest.skip(f"{server} tests skipped: {reason}", allow_module_level=True)
 
 
 def import_or_skip(name: str) -> ModuleType:
@@ -96,7 +98,7 @@ def _server_user() -> dict[str, Any]:
     unavailable("running as root and there is neither a 'postgres' nor a 'nobody' user")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -114,7 +116,7 @@ def _start(bindir: Path, root: Path, user: dict[str, Any]) -> int:
     data = root / "data"
     _run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
           "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"], user)
-    port = _free_port()
+    port = free_port()
     # Durability is pointless for a throwaway server and costs seconds of fsync.
     options = (f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
                " -c synchronous_commit=off -c full_page_writes=off")

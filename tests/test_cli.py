@@ -186,6 +186,9 @@ def test_bad_config_names_the_key(capsys: pytest.CaptureFixture[str], tmp_path: 
     config.write_text("providers: {p: {base_url: '${NOT_SET_ANYWHERE_VAR}'}}")
     code, _, err = _run(capsys, "--config", str(config), "prices")
     assert code == 2 and "NOT_SET_ANYWHERE_VAR" in err
+    config.write_text("storage: {redis_url: 'http://cache:6379'}")
+    code, _, err = _run(capsys, "--config", str(config), "prices")
+    assert code == 2 and "storage.redis_url" in err and "cache:6379" not in err
 
 
 def test_cache_stats_and_offline_invalidate(

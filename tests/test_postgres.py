@@ -1,13 +1,12 @@
 """PostgreSQL storage against a real server with pgvector (see :mod:`tests.pg`).
 
-The cache-store contract runs against the in-process store too, so both keep one behaviour.
+The cache-store contract all stores share is in :mod:`tests.test_cache_stores`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,115 +22,14 @@ import psycopg  # noqa: E402
 from pgvector.psycopg import register_vector_async  # noqa: E402
 
 from skinflint.errors import ConfigError  # noqa: E402
-from skinflint.interfaces import CacheEntry, CacheStore, Vector  # noqa: E402
+from skinflint.interfaces import CacheEntry, Vector  # noqa: E402
 from skinflint.models import LedgerRecord  # noqa: E402
 from skinflint.storage import postgres  # noqa: E402
-from skinflint.storage.cache import MemoryCacheStore, TieredCacheStore  # noqa: E402
 from skinflint.storage.postgres import PgSemanticIndex, PostgresCacheStore, PostgresLedger  # noqa: E402
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: E402, F401  (fixtures)
 
 DEAD_URL = "postgresql://postgres@127.0.0.1:1/postgres"
 DIM = 8
-
-# ---------------------------------------------------------------- the cache-store contract
-
-StoreFactory = Callable[[int], Awaitable[CacheStore]]
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def make_store(request: pytest.FixtureRequest,
-                     tmp_path: Path) -> AsyncIterator[StoreFactory]:
-    """Builds stores bounded to ``max_entries``; stores built in one test share their data, as
-    replicas do (an in-process store stands for every replica by being one object)."""
-    url = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
-    memory = MemoryCacheStore()
-    made: list[CacheStore] = [memory]
-    tiered: list[TieredCacheStore] = []
-
-    async def make(max_entries: int = 1000) -> CacheStore:
-        if request.param == "sqlite":
-            if not tiered:
-                # a tiny memory tier, so reads exercise the disk
-                tiered.append(TieredCacheStore(str(tmp_path / "c.db"), memory_entries=1,
-                                               max_entries=max_entries, flush_interval=0.01))
-                made.append(tiered[0])
-            return tiered[0]
-        if not url:
-            memory.max_entries = max_entries
-            return memory
-        store = await PostgresCacheStore.create(
-            url, max_entries=max_entries, sweep_every=10_000, pool_size=2)
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.close()
-
-
-async def settle(store: CacheStore) -> None:
-    """Let a store enforce its bound (the PostgreSQL store does so in occasional sweeps)."""
-    if isinstance(store, PostgresCacheStore):
-        await store.sweep(now=1.0)
-    if isinstance(store, TieredCacheStore):
-        store.flush()
-
-
-async def test_cache_set_get_round_trip(make_store: StoreFactory) -> None:
-    store = await make_store(1000)
-    value = bytes(range(256)) * 3
-    await store.set(CacheEntry("k", value, 0.0))
-    assert await store.get("k", 1e12) == value  # 0 never expires
-    assert await store.get("absent", 1.0) is None
-    assert (await store.stats())["entries"] == 1
-
-
-async def test_cache_expiry(make_store: StoreFactory) -> None:
-    store = await make_store(1000)
-    await store.set(CacheEntry("k", b"v", 100.0))
-    assert await store.get("k", 99.9) == b"v"
-    assert await store.get("k", 100.0) is None
-
-
-async def test_cache_tags_invalidate(make_store: StoreFactory) -> None:
-    store = await make_store(1000)
-    await store.set(CacheEntry("a", b"1", 0.0, ("user:1", "faq:v1")))
-    await store.set(CacheEntry("b", b"2", 0.0, ("faq:v1",)))
-    await store.set(CacheEntry("c", b"3", 0.0))
-    assert await store.invalidate_tags([]) == 0
-    assert await store.invalidate_tags(["user:1"]) == 1
-    assert await store.get("a", 1.0) is None
-    assert await store.get("b", 1.0) == b"2"
-    assert await store.invalidate_tags(["faq:v1", "nothing"]) == 1
-    assert await store.get("b", 1.0) is None
-    assert await store.get("c", 1.0) == b"3"
-
-
-async def test_cache_overwrite_replaces_value_and_tags(make_store: StoreFactory) -> None:
-    store = await make_store(1000)
-    await store.set(CacheEntry("k", b"old", 0.0, ("v1",)))
-    await store.set(CacheEntry("k", b"new", 0.0, ("v2",)))
-    assert await store.get("k", 1.0) == b"new"
-    assert await store.invalidate_tags(["v1"]) == 0
-    assert await store.invalidate_tags(["v2"]) == 1
-
-
-async def test_cache_evicts_oldest_writes_first(make_store: StoreFactory) -> None:
-    store = await make_store(3)
-    for i in range(5):
-        await store.set(CacheEntry(f"k{i}", b"v", 0.0))
-    await settle(store)
-    assert [await store.get(f"k{i}", 1.0) for i in range(5)] == [None, None, b"v", b"v", b"v"]
-    assert (await store.stats())["entries"] == 3
-
-
-async def test_cache_shared_between_replicas(make_store: StoreFactory) -> None:
-    one, two = await make_store(1000), await make_store(1000)
-    await one.set(CacheEntry("k", b"v", 0.0, ("t",)))
-    assert await two.get("k", 1.0) == b"v"
-    assert await two.invalidate_tags(["t"]) == 1
-    assert await one.get("k", 1.0) is None
-
 
 # ---------------------------------------------------------------- PostgreSQL cache specifics
 

@@ -1,11 +1,12 @@
 """Two gateway replicas on one PostgreSQL: they share the exact cache, the semantic index
-(pgvector) and the ledger."""
+(pgvector) and the ledger. Two replicas on one Redis: they share the exact cache."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -15,6 +16,7 @@ from skinflint.storage.postgres import PostgresLedger
 from tests.conftest import base_config
 from tests.fake_upstream import FakeUpstream
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -31,10 +33,25 @@ def replicas(fake: FakeUpstream, pg_url: str, tmp_path: Path) -> Iterator[list[B
         server.__exit__(None, None, None)
 
 
-def _ask(server: BackgroundServer, text: str) -> str:
+@pytest.fixture
+def redis_replicas(fake: FakeUpstream, redis_url: str,
+                   tmp_path: Path) -> Iterator[list[BackgroundServer]]:
+    servers = []
+    for i in range(2):
+        config = base_config(fake, tmp_path / f"ledger-{i}.db")
+        config["storage"]["redis_url"] = redis_url
+        servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
+    yield servers
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def _ask(server: BackgroundServer, text: str, tags: str = "") -> str:
+    headers = {"x-skinflint-tags": tags} if tags else {}
     with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0) as c:
         raw = c.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini", temperature=0, messages=[{"role": "user", "content": text}])
+            model="gpt-4o-mini", temperature=0, messages=[{"role": "user", "content": text}],
+            extra_headers=headers)
         return raw.headers["x-skinflint-cache"]
 
 
@@ -95,4 +112,32 @@ def test_cache_cli_reads_and_invalidates_postgres(replicas: list[BackgroundServe
     assert stats["entries"] == 2 and stats["requests"] == 4 and stats["hits"] == 2
     dropped = cli("invalidate", "--tag", "user:1", "--url", "http://127.0.0.1:9")
     assert dropped == {"invalidated": 1, "where": "postgres"}
+    assert cli("stats")["entries"] == 1
+
+
+def test_replicas_share_the_redis_cache_and_its_invalidation(
+    redis_replicas: list[BackgroundServer], fake: FakeUpstream, redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from skinflint.cli import main
+
+    a, b = redis_replicas
+    assert _ask(a, "What is on my invoice?", tags="user:7") == "miss"
+    assert _ask(b, "What is on my invoice?") == "hit-exact"
+    assert _ask(b, "Something else", tags="user:8") == "miss"
+    reply = httpx.post(f"{b.root_url}/api/cache/invalidate", json={"tags": ["user:7"]}, timeout=5)
+    assert reply.json() == {"invalidated": 1, "tags": ["user:7"]}
+    assert _ask(a, "What is on my invoice?") == "miss"  # no replica kept a private copy
+    assert sum(1 for r in fake.requests if r.path.endswith("/chat/completions")) == 3
+
+    def cli(*args: str) -> dict[str, object]:
+        assert main(["cache", *args, "--db", redis_url, "--json"]) == 0
+        found: dict[str, object] = json.loads(capsys.readouterr().out)
+        return found
+
+    assert cli("stats")["entries"] == 2
+    dropped = cli("invalidate", "--tag", "user:8", "--url", "http://127.0.0.1:9")
+    assert dropped == {"invalidated": 1, "where": "redis"}
     assert cli("stats")["entries"] == 1

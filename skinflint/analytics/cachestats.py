@@ -1,8 +1,9 @@
 """Cache figures and offline invalidation, for the CLI.
 
-``db`` is the SQLite path or a ``postgresql://`` URL, as for ``skinflint report``. Offline
-invalidation with PostgreSQL runs the same ``DELETE`` a gateway runs; with SQLite it edits the
-file (a running gateway keeps its in-memory copies until told, so the CLI tells it first).
+``db`` is the SQLite path, a ``postgresql://`` URL (as for ``skinflint report``) or a
+``redis://`` URL (cache figures only: the ledger lives elsewhere). Offline invalidation with a
+shared store runs what a gateway runs; with SQLite it edits the file (a running gateway keeps
+its in-memory copies until told, so the CLI tells it first).
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from skinflint.storage.ledger import open_sqlite
+
+if TYPE_CHECKING:
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+T = TypeVar("T")
 
 __all__ = ["invalidate", "stats"]
 
@@ -28,10 +35,16 @@ def is_postgres(db: str) -> bool:
     return db.startswith(("postgres://", "postgresql://"))
 
 
+def is_redis(db: str) -> bool:
+    return db.startswith(("redis://", "rediss://", "unix://"))
+
+
 def stats(path: str) -> dict[str, Any]:
     """Entries on disk and, from the ledger, hit rate and money saved by cache hits."""
     if is_postgres(path):
         return asyncio.run(_postgres_stats(path))
+    if is_redis(path):
+        return asyncio.run(_redis(path, lambda store: store.stats()))
     conn = open_sqlite(path)
     try:
         tables = _tables(conn)
@@ -90,6 +103,16 @@ async def _postgres_stats(url: str) -> dict[str, Any]:
     return out
 
 
+async def _redis(url: str, job: Callable[[RedisCacheStore], Awaitable[T]]) -> T:
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    store = await RedisCacheStore.create(url)
+    try:
+        return await job(store)
+    finally:
+        await store.close()
+
+
 async def _postgres_invalidate(url: str, tags: list[str]) -> int:
     from skinflint.storage.postgres import PostgresCacheStore
 
@@ -126,6 +149,9 @@ def invalidate(
             return {"invalidated": n, "where": f"gateway at {url}"}
     if is_postgres(path):
         return {"invalidated": asyncio.run(_postgres_invalidate(path, tags)), "where": "postgres"}
+    if is_redis(path):
+        dropped = asyncio.run(_redis(path, lambda store: store.invalidate_tags(tags)))
+        return {"invalidated": dropped, "where": "redis"}
     conn = open_sqlite(path)
     try:
         if "cache_tags" not in _tables(conn):

@@ -1,0 +1,158 @@
+"""A :class:`~skinflint.interfaces.CacheStore` in Redis, shared by every gateway replica.
+
+Layout under a key prefix (``skinflint:`` by default, so environments can share a server):
+
+* ``{prefix}c:{key}``: a hash with the value ``v``, the expiry ``e`` (unix seconds, 0 = never)
+  and the tags ``t`` (joined by the unit separator);
+* ``{prefix}t:{tag}``: the set of entry keys carrying the tag;
+* ``{prefix}written``: entry keys scored by a write counter (``{prefix}seq``), oldest first.
+
+A write, an invalidation and an eviction each run as one Lua script, so replicas never see an
+entry without its tags or a tag pointing at a half-written entry. ``max_entries`` is enforced on
+every write by dropping the oldest writes, and expiry is checked on read against the caller's
+clock (as every store does); expired entries keep their slot until evicted, like the other
+stores, so memory stays bounded by ``max_entries``. The scripts touch keys they derive from the
+entry's tags, so the store needs a single Redis server (or a primary with replicas), not Redis
+Cluster.
+
+Reads and writes turn Redis failures into misses (logged): the cache saves money and must not
+take the gateway down. Invalidation and stats raise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from skinflint.errors import ConfigError
+from skinflint.interfaces import CacheEntry
+
+__all__ = ["RedisCacheStore"]
+
+log = logging.getLogger("skinflint.storage")
+
+_SEPARATOR = "\x1f"
+# drop(entry): forget an entry and its tag memberships; 1 when it existed.
+_DROP = """
+local function drop(prefix, written, entry)
+  local tags = redis.call('HGET', entry, 't')
+  if tags then
+    for tag in string.gmatch(tags, '[^\\31]+') do
+      redis.call('SREM', prefix .. 't:' .. tag, entry)
+    end
+  end
+  redis.call('ZREM', written, entry)
+  return redis.call('DEL', entry)
+end
+"""
+# KEYS: entry, written, seq. ARGV: prefix, value, expires_at, max_entries, tags...
+_SET = _DROP + """
+local prefix, entry, written = ARGV[1], KEYS[1], KEYS[2]
+drop(prefix, written, entry)
+local tags = {}
+for i = 5, #ARGV do tags[#tags + 1] = ARGV[i] end
+redis.call('HSET', entry, 'v', ARGV[2], 'e', ARGV[3], 't', table.concat(tags, '\\31'))
+for _, tag in ipairs(tags) do redis.call('SADD', prefix .. 't:' .. tag, entry) end
+redis.call('ZADD', written, redis.call('INCR', KEYS[3]), entry)
+local evicted = 0
+local excess = redis.call('ZCARD', written) - tonumber(ARGV[4])
+if excess > 0 then
+  local oldest = redis.call('ZRANGE', written, 0, excess - 1)
+  for _, victim in ipairs(oldest) do evicted = evicted + drop(prefix, written, victim) end
+end
+return evicted
+"""
+# KEYS: written. ARGV: prefix, tags...
+_INVALIDATE = _DROP + """
+local prefix, written, dropped = ARGV[1], KEYS[1], 0
+for i = 2, #ARGV do
+  local tag_key = prefix .. 't:' .. ARGV[i]
+  for _, entry in ipairs(redis.call('SMEMBERS', tag_key)) do
+    dropped = dropped + drop(prefix, written, entry)
+  end
+  redis.call('DEL', tag_key)
+end
+return dropped
+"""
+
+
+@contextlib.contextmanager
+def _as_miss(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        log.warning("redis %s failed, treated as a miss: %s", what, exc)
+
+
+class RedisCacheStore:
+    """Entries in Redis; see the module docstring. Owns its connection pool."""
+
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str = "skinflint:", max_entries: int = 200_000
+    ) -> None:
+        self.max_entries = max_entries
+        self.evictions = 0
+        self._client = client
+        self._prefix = prefix
+        self._written = f"{prefix}written"
+        self._seq = f"{prefix}seq"
+        self._set = client.register_script(_SET)
+        self._invalidate = client.register_script(_INVALIDATE)
+
+    @classmethod
+    async def create(
+        cls, url: str, *, prefix: str = "skinflint:", max_entries: int = 200_000,
+        timeout: float = 5.0,
+    ) -> RedisCacheStore:
+        """Connect and check the server answers. Raises ConfigError when it does not."""
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            health_check_interval=30,
+        )
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            where = url.split("@")[-1]  # never echo a password
+            raise ConfigError(f"storage.redis_url: cannot reach redis at {where}: {exc}") from exc
+        return cls(client, prefix=prefix, max_entries=max_entries)
+
+    def _key(self, key: str) -> str:
+        return f"{self._prefix}c:{key}"
+
+    async def get(self, key: str, now: float) -> bytes | None:
+        """The live value under ``key``, or None (also when Redis fails)."""
+        with _as_miss("cache get"):
+            value, expires = await self._client.hmget(self._key(key), ["v", "e"])
+            if value is None or (expires is not None and 0 < float(expires) <= now):
+                return None
+            return value.encode() if isinstance(value, str) else bytes(value)
+        return None
+
+    async def set(self, entry: CacheEntry) -> None:
+        """Store ``entry``, replacing its value and tags; a Redis failure is logged only."""
+        if self.max_entries <= 0:
+            return
+        with _as_miss("cache set"):
+            args: list[Any] = [
+                self._prefix, entry.value, repr(entry.expires_at), self.max_entries, *entry.tags
+            ]
+            keys = [self._key(entry.key), self._written, self._seq]
+            self.evictions += int(await self._set(keys=keys, args=args))
+
+    async def invalidate_tags(self, tags: Sequence[str]) -> int:
+        if not tags:
+            return 0
+        return int(await self._invalidate(keys=[self._written], args=[self._prefix, *tags]))
+
+    async def stats(self) -> dict[str, int]:
+        entries = await self._client.zcard(self._written)
+        return {"entries": int(entries), "evictions": self.evictions}
+
+    async def close(self) -> None:
+        await self._client.aclose()

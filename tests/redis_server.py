@@ -1,0 +1,64 @@
+"""A throwaway Redis server for the tests, as pytest fixtures.
+
+``redis_server`` (session) starts ``redis-server`` on a free loopback port with persistence off;
+``redis_url`` (per test) gives its URL and empties the server afterwards. Without the binary or
+the ``redis`` package the fixtures skip, except under CI (``CI=true``), where they fail so that a
+missing install step cannot pass unnoticed (``apt-get install redis-server``).
+
+A test module imports ``redis_server_fixture`` and ``redis_url_fixture`` to use the fixtures.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pg import free_port, unavailable
+
+__all__ = ["redis_server_fixture", "redis_url_fixture"]
+
+
+def _client(url: str) -> object:
+    try:
+        import redis
+    except ImportError as exc:
+        unavailable(f"{exc} (pip install redis)", "Redis")
+    return redis.Redis.from_url(url, socket_timeout=2)
+
+
+@pytest.fixture(scope="session", name="redis_server")
+def redis_server_fixture() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        unavailable("no redis-server binary; apt-get install redis-server", "Redis")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = _client(url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()  # type: ignore[attr-defined]
+                break
+            except Exception as exc:  # any failure means: not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    unavailable(f"redis-server did not start: {exc}", "Redis")
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(name="redis_url")
+def redis_url_fixture(redis_server: str) -> Iterator[str]:
+    yield redis_server
+    _client(redis_server).flushall()  # type: ignore[attr-defined]

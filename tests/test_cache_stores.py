@@ -1,0 +1,202 @@
+"""The cache-store contract: every store (memory, SQLite behind memory, PostgreSQL, Redis)
+keeps one behaviour, tested against real servers; then what is particular to Redis."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from skinflint.errors import ConfigError
+from skinflint.interfaces import CacheEntry, CacheStore
+from skinflint.storage.cache import MemoryCacheStore, TieredCacheStore
+from tests import pg
+from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
+
+StoreFactory = Callable[[int], Awaitable[CacheStore]]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres", "redis"])
+async def make_store(request: pytest.FixtureRequest,
+                     tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Builds stores bounded to ``max_entries``; stores built in one test share their data, as
+    replicas do (an in-process store stands for every replica by being one object)."""
+    fixture = {"postgres": "pg_url", "redis": "redis_url"}.get(request.param)
+    url = request.getfixturevalue(fixture) if fixture else ""
+    memory = MemoryCacheStore()
+    made: list[CacheStore] = [memory]
+    tiered: list[TieredCacheStore] = []
+
+    async def make(max_entries: int = 1000) -> CacheStore:
+        if request.param == "sqlite":
+            if not tiered:
+                # a tiny memory tier, so reads exercise the disk
+                tiered.append(TieredCacheStore(str(tmp_path / "c.db"), memory_entries=1,
+                                               max_entries=max_entries, flush_interval=0.01))
+                made.append(tiered[0])
+            return tiered[0]
+        if not url:
+            memory.max_entries = max_entries
+            return memory
+        store: CacheStore
+        if request.param == "redis":
+            from skinflint.storage.redis_cache import RedisCacheStore
+
+            store = await RedisCacheStore.create(url, max_entries=max_entries)
+        else:
+            pg.import_or_skip("psycopg")
+            from skinflint.storage.postgres import PostgresCacheStore
+
+            store = await PostgresCacheStore.create(
+                url, max_entries=max_entries, sweep_every=10_000, pool_size=2)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def settle(store: CacheStore) -> None:
+    """Let a store enforce its bound (the PostgreSQL store does so in occasional sweeps)."""
+    if hasattr(store, "sweep"):  # PostgreSQL
+        await store.sweep(now=1.0)
+    if isinstance(store, TieredCacheStore):
+        store.flush()
+
+
+async def test_cache_set_get_round_trip(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    value = bytes(range(256)) * 3
+    await store.set(CacheEntry("k", value, 0.0))
+    assert await store.get("k", 1e12) == value  # 0 never expires
+    assert await store.get("absent", 1.0) is None
+    assert (await store.stats())["entries"] == 1
+
+
+async def test_cache_expiry(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    await store.set(CacheEntry("k", b"v", 100.0))
+    assert await store.get("k", 99.9) == b"v"
+    assert await store.get("k", 100.0) is None
+
+
+async def test_cache_tags_invalidate(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    await store.set(CacheEntry("a", b"1", 0.0, ("user:1", "faq:v1")))
+    await store.set(CacheEntry("b", b"2", 0.0, ("faq:v1",)))
+    await store.set(CacheEntry("c", b"3", 0.0))
+    assert await store.invalidate_tags([]) == 0
+    assert await store.invalidate_tags(["user:1"]) == 1
+    assert await store.get("a", 1.0) is None
+    assert await store.get("b", 1.0) == b"2"
+    assert await store.invalidate_tags(["faq:v1", "nothing"]) == 1
+    assert await store.get("b", 1.0) is None
+    assert await store.get("c", 1.0) == b"3"
+
+
+async def test_cache_overwrite_replaces_value_and_tags(make_store: StoreFactory) -> None:
+    store = await make_store(1000)
+    await store.set(CacheEntry("k", b"old", 0.0, ("v1",)))
+    await store.set(CacheEntry("k", b"new", 0.0, ("v2",)))
+    assert await store.get("k", 1.0) == b"new"
+    assert await store.invalidate_tags(["v1"]) == 0
+    assert await store.invalidate_tags(["v2"]) == 1
+
+
+async def test_cache_evicts_oldest_writes_first(make_store: StoreFactory) -> None:
+    store = await make_store(3)
+    for i in range(5):
+        await store.set(CacheEntry(f"k{i}", b"v", 0.0))
+    await settle(store)
+    assert [await store.get(f"k{i}", 1.0) for i in range(5)] == [None, None, b"v", b"v", b"v"]
+    assert (await store.stats())["entries"] == 3
+
+
+async def test_cache_shared_between_replicas(make_store: StoreFactory) -> None:
+    one, two = await make_store(1000), await make_store(1000)
+    await one.set(CacheEntry("k", b"v", 0.0, ("t",)))
+    assert await two.get("k", 1.0) == b"v"
+    assert await two.invalidate_tags(["t"]) == 1
+    assert await one.get("k", 1.0) is None
+
+
+# ---------------------------------------------------------------- Redis specifics
+
+
+async def test_redis_prefixes_keep_environments_apart(redis_url: str) -> None:
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    staging = await RedisCacheStore.create(redis_url, prefix="staging:")
+    prod = await RedisCacheStore.create(redis_url, prefix="prod:")
+    try:
+        await staging.set(CacheEntry("k", b"staging", 0.0, ("t",)))
+        assert await prod.get("k", 1.0) is None
+        await prod.set(CacheEntry("k", b"prod", 0.0, ("t",)))
+        assert await prod.invalidate_tags(["t"]) == 1
+        assert await staging.get("k", 1.0) == b"staging"
+    finally:
+        await staging.close()
+        await prod.close()
+
+
+async def test_redis_tag_sets_forget_evicted_entries(redis_url: str) -> None:
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    store = await RedisCacheStore.create(redis_url, max_entries=2)
+    try:
+        for i in range(4):
+            await store.set(CacheEntry(f"k{i}", b"v", 0.0, ("all",)))
+        assert store.evictions == 2
+        assert await store.invalidate_tags(["all"]) == 2  # only the live entries count
+        assert (await store.stats())["entries"] == 0
+    finally:
+        await store.close()
+
+
+async def test_unreachable_redis_is_a_config_error() -> None:
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    with pytest.raises(ConfigError, match=r"storage\.redis_url") as raised:
+        await RedisCacheStore.create("redis://:secret@127.0.0.1:1/0", timeout=1.0)
+    assert "secret" not in str(raised.value)
+
+
+async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:
+    """A server that goes away turns reads and writes into misses instead of errors."""
+    import shutil
+
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pg.unavailable("no redis-server binary; apt-get install redis-server", "Redis")
+    port = pg.free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = await _connect_when_up(RedisCacheStore, f"redis://127.0.0.1:{port}/0")
+        await store.set(CacheEntry("k", b"v", 0.0))
+        assert await store.get("k", 1.0) == b"v"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    try:
+        assert await store.get("k", 1.0) is None
+        await store.set(CacheEntry("k2", b"v", 0.0))  # logged, not raised
+    finally:
+        await store.close()
+
+
+async def _connect_when_up(cls: type, url: str) -> object:
+    import asyncio
+
+    for _ in range(100):
+        try:
+            return await cls.create(url, timeout=1.0)
+        except ConfigError:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"redis at {url} did not come up")
