@@ -73,6 +73,14 @@ def test_bypass_and_refresh(client: openai.OpenAI, fake: FakeUpstream) -> None:
     assert _ask(client).headers["x-skinflint-cache"] == "hit-exact"
 
 
+def test_bypass_is_reported_with_the_exact_cache_off(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(cache={"exact": {"enabled": False}})
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        assert _ask(c).headers["x-skinflint-cache"] == "miss"
+        bypass = _ask(c, extra_headers={"x-skinflint-cache": "bypass"})
+        assert bypass.headers["x-skinflint-cache"] == "bypass"
+
+
 def test_bypass_does_not_write(client: openai.OpenAI) -> None:
     _ask(client, "fresh question", extra_headers={"x-skinflint-cache": "bypass"})
     assert _ask(client, "fresh question").headers["x-skinflint-cache"] == "miss"

@@ -81,6 +81,8 @@ class Attribute:
                 f"x-skinflint-cache must be one of {sorted(_CACHE_MODES)}", code="invalid_header"
             )
         ctx.cache_mode = mode
+        if mode == "bypass":  # said even when no cache stage runs to say it
+            ctx.cache_status = "bypass"
         ctx.task = h.get("x-skinflint-task", "")
         ctx.stream = body.get("stream") is True
         opts = body.get("stream_options")
