@@ -13,11 +13,18 @@ time per request (utime + stime of its whole process tree from /proc, before and
 and how many requests reached the upstream. It also measures a 100 ms upstream-delay run at
 concurrency 50, the time from launch to healthy, and RSS after load.
 
+With ``--redis`` it also starts a throwaway ``redis-server`` (loopback, no persistence) and
+measures the cache-hit scenario for two more targets: skinflint with its exact cache in Redis
+(``storage.redis_url``) and LiteLLM with its Redis cache (``cache_params.type: redis``). For
+those it also records the redis-server's CPU time and commands per request (the gateway's CPU
+figure excludes Redis).
+
 Prints tables and skinflint/LiteLLM ratios and appends one JSON object per run to
 ``bench/results/gateway.jsonl``.
 
     python bench/gateway.py                  # 5 s per phase, about 3.5 minutes
     python bench/gateway.py --quick          # 2 s per phase, under 2 minutes
+    python bench/gateway.py --quick --redis  # also skinflint and LiteLLM caching in Redis
     python bench/gateway.py --wait-idle 300  # first wait for other processes to go quiet
 
 The first run also installs LiteLLM (about a minute) and, as root, Debian's wrk if missing.
@@ -71,7 +78,15 @@ CACHE_HIT_BODY = (
 )
 
 TARGETS = ("direct", "skinflint", "litellm")
+# Cache-hit only, against one throwaway redis-server (``--redis`` or named in ``--targets``).
+REDIS_TARGETS = ("skinflint-redis", "litellm-redis")
 SCENARIOS = ("pass-through", "cache-hit")
+# (ratio key, skinflint target, LiteLLM target, scenario) compared in the ratio table.
+RATIO_PAIRS = (
+    ("pass-through", "skinflint", "litellm", "pass-through"),
+    ("cache-hit", "skinflint", "litellm", "cache-hit"),
+    ("cache-hit-redis", "skinflint-redis", "litellm-redis", "cache-hit"),
+)
 DEFAULT_CONCURRENCY = (1, 10, 16, 50, 64)
 DELAY_MS = 100.0
 DELAY_CONCURRENCY = 50
@@ -378,6 +393,99 @@ def set_mock_delay(port: int, delay_ms: float) -> None:
         raise BenchError(f"mock upstream refused delay {delay_ms} ms")
 
 
+# ---------------------------------------------------------------- redis-server
+
+
+def redis_command(port: int, *args: str, timeout: float = 5.0) -> bytes:
+    """Send one command in RESP; return a status, integer or bulk reply's payload."""
+    request = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        raw = arg.encode()
+        request.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(b"".join(request))
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise OSError(f"redis closed the connection during {args[0]}")
+            data += chunk
+        head, rest = data.split(b"\r\n", 1)
+        kind, payload = head[:1], head[1:]
+        if kind in (b"+", b":"):
+            return payload
+        if kind == b"$":
+            size = int(payload)
+            if size < 0:  # nil
+                return b""
+            while len(rest) < size + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise OSError(f"redis closed the connection during {args[0]}")
+                rest += chunk
+            return rest[:size]
+        raise BenchError(f"redis {args[0]}: {head.decode(errors='replace')[:200]}")
+
+
+def redis_info(port: int) -> dict[str, str]:
+    text = redis_command(port, "INFO").decode(errors="replace")
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and line[:1] != "#")
+
+
+def redis_command_calls(port: int) -> dict[str, int]:
+    """Calls so far per command (``INFO commandstats``)."""
+    text = redis_command(port, "INFO", "commandstats").decode(errors="replace")
+    calls = {}
+    for line in text.splitlines():
+        if line.startswith("cmdstat_"):
+            name, stats = line[len("cmdstat_") :].split(":", 1)
+            calls[name] = int(stats.split(",", 1)[0].split("=", 1)[1])
+    return calls
+
+
+def redis_counters(port: int) -> tuple[int, int]:
+    """(commands processed, keyspace hits) so far; the INFO asking is counted by the next one."""
+    info = redis_info(port)
+    return int(info["total_commands_processed"]), int(info["keyspace_hits"])
+
+
+def start_redis(work: Path, log_dir: Path) -> tuple[Child, int, str]:
+    """A throwaway redis-server on a free loopback port, without persistence."""
+    server = shutil.which("redis-server")
+    if not server:
+        raise BenchError("redis-server is required for --redis: apt-get install -y redis-server")
+    port = free_port()
+    home = work / "redis"
+    home.mkdir(parents=True, exist_ok=True)
+    argv = [
+        server,
+        "--bind",
+        HOST,
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(home),
+        "--daemonize",
+        "no",
+    ]
+    child = spawn("redis-server", argv, env=dict(os.environ), cwd=home, log_dir=log_dir)
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise BenchError(
+                f"redis-server exited with code {child.proc.returncode}:\n{child.log_tail()}"
+            )
+        with contextlib.suppress(OSError, BenchError):
+            if redis_command(port, "PING", timeout=1.0) == b"PONG":
+                return child, port, redis_info(port).get("redis_version", "")
+        time.sleep(0.02)
+    raise BenchError(f"redis-server not answering PING after 15 s:\n{child.log_tail()}")
+
+
 # ---------------------------------------------------------------- setup: wrk, LiteLLM
 
 
@@ -443,7 +551,11 @@ def ensure_litellm(allow_install: bool) -> str:
     return version
 
 
-def render_litellm_config(mock_port: int, cache: bool, directory: Path) -> Path:
+def render_litellm_config(
+    mock_port: int, cache: bool, directory: Path, redis_port: int | None = None
+) -> Path:
+    """The template with the mock's port; ``cache``: LiteLLM's in-memory exact cache, or with
+    ``redis_port`` its Redis cache (which the proxy also borrows for its usage counters)."""
     import yaml
 
     config: dict[str, Any] = yaml.safe_load(
@@ -452,8 +564,11 @@ def render_litellm_config(mock_port: int, cache: bool, directory: Path) -> Path:
     if cache:
         settings = config.setdefault("litellm_settings", {})
         settings["cache"] = True
-        settings["cache_params"] = {"type": "local"}
-    path = directory / ("litellm_cache.yaml" if cache else "litellm.yaml")
+        settings["cache_params"] = (
+            {"type": "redis", "host": HOST, "port": redis_port} if redis_port else {"type": "local"}
+        )
+    name = "litellm_redis.yaml" if cache and redis_port else None
+    path = directory / (name or ("litellm_cache.yaml" if cache else "litellm.yaml"))
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     return path
 
@@ -476,6 +591,7 @@ class Target:
     path: str
     auth: str
     child: Child | None  # None for the direct upstream (then the mock is measured)
+    uses_redis: bool = False  # the Bench's redis-server is measured beside it
 
 
 @dataclass
@@ -501,6 +617,14 @@ class Phase:
     client_cpu_ms_per_req: float | None
     background_cpu_pct: float
     added_p50_ms: float | None = None
+    # Redis targets only: the redis-server's CPU time and commands, per successful request.
+    redis_cpu_ms_per_req: float | None = None
+    redis_commands_per_req: float | None = None
+
+
+def phase_record(phase: Phase) -> dict[str, Any]:
+    """The phase as saved: the Redis fields only where a redis-server was measured."""
+    return {k: v for k, v in vars(phase).items() if v is not None or not k.startswith("redis_")}
 
 
 @dataclass
@@ -514,6 +638,8 @@ class Bench:
     concurrency: tuple[int, ...]
     runs: int = 0
     phases: list[Phase] = field(default_factory=list)
+    redis: Child | None = None
+    redis_port: int = 0
 
     def wrk_run(
         self, target: Target, scenario: str, concurrency: int, duration_s: float
@@ -555,7 +681,13 @@ class Bench:
     ) -> Phase:
         self.check_alive(target)
         gateway_pid = target.child.pid if target.child else self.mock.pid
+        redis = self.redis if target.uses_redis else None
+        commands_before = commands_after = 0
+        redis_before = redis_after = 0.0
         up_before = mock_stats(self.mock_port)["chat_requests"]
+        if redis:
+            commands_before, _ = redis_counters(self.redis_port)
+            redis_before = cpu_seconds(redis.pid)
         cpu_before = cpu_seconds(gateway_pid)
         mock_before = cpu_seconds(self.mock.pid)
         client_before = children_cpu_seconds()
@@ -567,12 +699,17 @@ class Bench:
         client_after = children_cpu_seconds()
         cpu_after = cpu_seconds(gateway_pid)
         mock_after = cpu_seconds(self.mock.pid)
+        if redis:
+            redis_after = cpu_seconds(redis.pid)
+            commands_after, _ = redis_counters(self.redis_port)
         self.check_alive(target)
         up_after = mock_stats(self.mock_port)["chat_requests"]
         # CPU used by everything else on the machine meanwhile (a noisy-neighbour indicator).
         ours = (cpu_after - cpu_before) + (client_after - client_before)
         if target.child:
             ours += mock_after - mock_before
+        if redis:
+            ours += redis_after - redis_before
         background_pct = max(0.0, busy - ours) * 100.0 / wall if wall else 0.0
 
         requests = int(raw["requests"])
@@ -612,20 +749,31 @@ class Bench:
             client_cpu_ms_per_req=per_req(client_after - client_before),
             background_cpu_pct=round(background_pct, 1),
         )
+        if redis:
+            phase.redis_cpu_ms_per_req = per_req(redis_after - redis_before)
+            # The INFO that read commands_before is counted in commands_after.
+            commands = commands_after - commands_before - 1
+            phase.redis_commands_per_req = commands / ok if ok else None
         self.phases.append(phase)
         cpu = _fmt(phase.cpu_ms_per_req, 3)
         upstream = _fmt(phase.upstream_calls_per_req, 3)
+        in_redis = (
+            f"  redis cpu {_fmt(phase.redis_cpu_ms_per_req, 3)} ms/req"
+            f" cmds/req {_fmt(phase.redis_commands_per_req, 2)}"
+            if redis
+            else ""
+        )
         log(
             f"  {target.name:<9} {scenario:<12} c={concurrency:<3}"
             f"{' delay=' + format(delay_ms, 'g') + 'ms' if delay_ms else ''}"
             f"  {phase.rps:9.1f} req/s  p50 {phase.p50_ms:7.3f} ms  p99 {phase.p99_ms:8.3f} ms"
-            f"  cpu {cpu} ms/req  upstream/req {upstream}  errors {errors}"
+            f"  cpu {cpu} ms/req  upstream/req {upstream}  errors {errors}{in_redis}"
         )
         time.sleep(0.3)  # let closed connections drain
         return phase
 
     def check_alive(self, target: Target) -> None:
-        for child in (self.mock, target.child):
+        for child in (self.mock, target.child, self.redis if target.uses_redis else None):
             if child and child.proc.poll() is not None:
                 raise BenchError(
                     f"{child.name} exited with code {child.proc.returncode}:\n{child.log_tail()}"
@@ -675,12 +823,50 @@ def check_answers(target: Target, mock_port: int) -> dict[str, Any]:
     }
 
 
+def check_redis_cache(target: Target, mock_port: int, redis_port: int) -> dict[str, Any]:
+    """Once the first answer has had time to be stored (LiteLLM writes it in the background),
+    identical requests must all be answered from the cache (no upstream call) with entries in
+    Redis. The command mix shows how: skinflint's Redis store has no in-process tier (one HMGET
+    per hit); LiteLLM's Redis cache is a DualCache that answers from its own memory copy first,
+    and the proxy keeps its usage counters in the same server."""
+    repeats = 5
+    time.sleep(0.5)
+    up_before = mock_stats(mock_port)["chat_requests"]
+    calls_before = redis_command_calls(redis_port)
+    commands_before, hits_before = redis_counters(redis_port)
+    for _ in range(repeats):
+        status, _, data = probe_chat(target, CACHE_HIT_BODY)
+        if status != 200:
+            raise BenchError(f"{target.name}: repeat answered {status}: {data[:300]!r}")
+    commands_after, hits_after = redis_counters(redis_port)
+    calls_after = redis_command_calls(redis_port)
+    upstream = int(mock_stats(mock_port)["chat_requests"] - up_before)
+    hits = hits_after - hits_before
+    found = {
+        "repeats_after_store": repeats,
+        "upstream_calls_for_repeats": upstream,
+        "redis_key_hits_for_repeats": hits,
+        "redis_commands_for_repeats": commands_after - commands_before - 1,
+        "redis_command_mix_for_repeats": {
+            name: n - calls_before.get(name, 0)
+            for name, n in sorted(calls_after.items())
+            if name != "info" and n > calls_before.get(name, 0)
+        },
+        "redis_keys": int(redis_command(redis_port, "DBSIZE")),
+    }
+    if upstream or not found["redis_keys"]:
+        raise BenchError(f"{target.name}: repeats not served from the Redis cache: {found}")
+    return found
+
+
 # ---------------------------------------------------------------- targets
 
 
-def skinflint_argv(port: int) -> list[str]:
+def skinflint_argv(port: int, config: Path | None = None) -> list[str]:
     script = Path(sys.executable).parent / "skinflint"
     serve = ["serve", "--host", HOST, "--port", str(port)]
+    if config:
+        serve += ["--config", str(config)]
     if script.exists():
         return [str(script), *serve]
     found = shutil.which("skinflint")
@@ -689,29 +875,42 @@ def skinflint_argv(port: int) -> list[str]:
     return [sys.executable, "-c", "from skinflint.cli import main; main()", *serve]
 
 
-def start_skinflint(mock_port: int, work: Path, log_dir: Path) -> tuple[Child, Target, float]:
+def start_skinflint(
+    mock_port: int, work: Path, log_dir: Path, redis_url: str | None = None
+) -> tuple[Child, Target, float]:
+    """Zero-config skinflint; with ``redis_url``, a config of only ``storage.redis_url`` (the
+    exact cache in Redis, the rest zero-config) and the target named skinflint-redis."""
     port = free_port()
-    home = work / "skinflint"
+    name = "skinflint-redis" if redis_url else "skinflint"
+    home = work / name
     home.mkdir(parents=True, exist_ok=True)
+    config = None
+    if redis_url:
+        config = home / "skinflint.yaml"
+        config.write_text(json.dumps({"storage": {"redis_url": redis_url}}))  # JSON is YAML
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKINFLINT_")}
     env.update(
         OPENAI_BASE_URL=f"http://{HOST}:{mock_port}/v1",
         OPENAI_API_KEY=SKINFLINT_KEY,
         PYTHONUNBUFFERED="1",
     )
-    child = spawn("skinflint", skinflint_argv(port), env=env, cwd=home, log_dir=log_dir)
+    child = spawn(name, skinflint_argv(port, config), env=env, cwd=home, log_dir=log_dir)
     start_s = wait_healthy(child, port, "/health", timeout_s=30.0)
-    target = Target("skinflint", port, "/v1/chat/completions", SKINFLINT_KEY, child)
+    target = Target(name, port, "/v1/chat/completions", SKINFLINT_KEY, child, bool(redis_url))
     return child, target, start_s
 
 
 def start_litellm(
-    mock_port: int, cache: bool, work: Path, log_dir: Path
+    mock_port: int, cache: bool, work: Path, log_dir: Path, redis_port: int | None = None
 ) -> tuple[Child, Target, float]:
+    """LiteLLM, with its in-memory cache (``cache``) or its Redis cache (``redis_port`` too:
+    the target is then named litellm-redis)."""
     port = free_port()
-    home = work / ("litellm-cache" if cache else "litellm")
+    redis = cache and redis_port is not None
+    name = "litellm-redis" if redis else ("litellm-cache" if cache else "litellm")
+    home = work / name
     home.mkdir(parents=True, exist_ok=True)
-    config = render_litellm_config(mock_port, cache, home)
+    config = render_litellm_config(mock_port, cache, home, redis_port if redis else None)
     env = dict(os.environ)
     env.update(
         LITELLM_LOCAL_MODEL_COST_MAP="True",  # no network fetch of the price map at start
@@ -720,6 +919,9 @@ def start_litellm(
     )
     for key in ("OPENAI_BASE_URL", "OPENAI_API_BASE", "LITELLM_MASTER_KEY", "DATABASE_URL"):
         env.pop(key, None)
+    if redis:  # only the configured server: no REDIS_URL/REDIS_HOST/... fallbacks
+        for key in [k for k in env if k.startswith("REDIS_")]:
+            env.pop(key)
     argv = [
         str(VENV / "bin" / "litellm"),
         "--config",
@@ -731,10 +933,12 @@ def start_litellm(
         "--num_workers",
         "1",
     ]
-    name = "litellm-cache" if cache else "litellm"
     child = spawn(name, argv, env=env, cwd=home, log_dir=log_dir)
     start_s = wait_healthy(child, port, "/health/liveliness", timeout_s=120.0)
-    target = Target("litellm", port, "/v1/chat/completions", litellm_master_key(), child)
+    key = litellm_master_key()
+    target = Target(
+        "litellm-redis" if redis else "litellm", port, "/v1/chat/completions", key, child, redis
+    )
     return child, target, start_s
 
 
@@ -818,6 +1022,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _with_redis(p: Phase) -> float | None:
+    """Gateway plus redis-server CPU per request, for phases that measured a redis-server."""
+    if p.cpu_ms_per_req is None or p.redis_cpu_ms_per_req is None:
+        return None
+    return p.cpu_ms_per_req + p.redis_cpu_ms_per_req
+
+
 def add_latency_overhead(phases: list[Phase]) -> None:
     for p in phases:
         if p.target == "direct":
@@ -829,11 +1040,11 @@ def add_latency_overhead(phases: list[Phase]) -> None:
 
 def compute_ratios(phases: list[Phase], concurrency: Sequence[int]) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
-    for scenario in SCENARIOS:
+    for key, s_name, lt_name, scenario in RATIO_PAIRS:
         rows = {}
         for c in concurrency:
-            s = _find(phases, "skinflint", scenario, c)
-            lt = _find(phases, "litellm", scenario, c)
+            s = _find(phases, s_name, scenario, c)
+            lt = _find(phases, lt_name, scenario, c)
             if not s or not lt:
                 continue
             s_added = s.added_p50_ms
@@ -845,7 +1056,13 @@ def compute_ratios(phases: list[Phase], concurrency: Sequence[int]) -> dict[str,
                 if s_added is not None and s_added > 0.01
                 else None,
             }
-        ratios[scenario] = rows
+            s_total, lt_total = _with_redis(s), _with_redis(lt)
+            if s_total is not None and lt_total is not None:
+                rows[str(c)]["cpu_per_req_with_redis_litellm_over_skinflint"] = _ratio(
+                    lt_total, s_total
+                )
+        if rows or key in SCENARIOS:  # the Redis pair only where it was measured
+            ratios[key] = rows
     delay = {}
     direct = _find(phases, "direct", "pass-through", DELAY_CONCURRENCY, DELAY_MS)
     for name in ("skinflint", "litellm"):
@@ -936,7 +1153,7 @@ def print_report(
         for p in phases
     ]
     ratio_rows: list[list[str]] = []
-    for scenario in SCENARIOS:
+    for scenario, *_ in RATIO_PAIRS:
         for c, r in ratios.get(scenario, {}).items():
             ratio_rows.append(
                 [
@@ -957,9 +1174,41 @@ def print_report(
     extra_headers = ["gateway", "start to healthy s", "RSS MB"]
     extra = [
         [name, _fmt(start_s.get(name), 2), _fmt(rss.get(name), 1)]
-        for name in ("skinflint", "litellm")
+        for name in ("skinflint", "litellm", *REDIS_TARGETS, "redis-server")
         if name in start_s or name in rss
     ]
+    # Cache hits: in-process caches beside the Redis ones, when a redis-server was measured.
+    redis_headers = [
+        "target",
+        "conc",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/req",
+        "Redis CPU ms/req",
+        "Redis cmds/req",
+        "CPU+Redis ms/req",
+        "upstream/req",
+    ]
+    redis_rows = [
+        [
+            p.target + ("" if p.target in REDIS_TARGETS else " (in-process)"),
+            str(p.concurrency),
+            f"{p.rps:,.0f}",
+            _fmt(p.p50_ms, 3),
+            _fmt(p.p99_ms, 3),
+            _fmt(p.cpu_ms_per_req, 3),
+            _fmt(p.redis_cpu_ms_per_req, 3),
+            _fmt(p.redis_commands_per_req, 2),
+            _fmt(_with_redis(p), 3),
+            _fmt(p.upstream_calls_per_req, 2),
+        ]
+        for name in ("skinflint", *REDIS_TARGETS, "litellm")
+        for p in phases
+        if p.target == name and p.scenario == "cache-hit"
+    ]
+    if not any(p.target in REDIS_TARGETS for p in phases):
+        redis_rows = []
     delay = ratios.get(f"delay{DELAY_MS:g}ms_c{DELAY_CONCURRENCY}", {})
     goal_rows = [
         [k, _fmt(v["goal"], 2), _fmt(v["measured"], 3), _MET[v["met"]]]
@@ -972,16 +1221,21 @@ def print_report(
         _plain_table("Load phases", headers, rows)
         _plain_table("skinflint vs LiteLLM", ratio_headers, ratio_rows)
         _plain_table("Start and memory", extra_headers, extra)
+        if redis_rows:
+            _plain_table("Cache hits, in-process vs Redis", redis_headers, redis_rows)
         print(f"{DELAY_MS:g} ms upstream, c={DELAY_CONCURRENCY}, throughput vs direct: {delay}")
         _plain_table("skinflint objectives", ["objective", "goal", "measured", "met"], goal_rows)
         return
     console = Console(width=None if sys.stdout.isatty() else 150)
-    for title, hdr, body in (
+    tables = [
         ("Load phases (wrk, loopback)", headers, rows),
         ("skinflint vs LiteLLM", ratio_headers, ratio_rows),
         ("Start (zero-config) and memory after load", extra_headers, extra),
         ("skinflint objectives", ["objective", "goal", "measured", "met"], goal_rows),
-    ):
+    ]
+    if redis_rows:
+        tables.insert(2, ("Cache hits, in-process vs Redis", redis_headers, redis_rows))
+    for title, hdr, body in tables:
         table = Table(title=title)
         for i, h in enumerate(hdr):
             table.add_column(h, justify="left" if i < 2 else "right")
@@ -1024,7 +1278,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="comma-separated subset of direct,skinflint,litellm (direct is always run)",
+        help="comma-separated subset of direct,skinflint,litellm (direct is always run); "
+        "skinflint-redis and litellm-redis may be named too",
+    )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="also measure cache hits with the exact cache in a throwaway redis-server "
+        "(targets skinflint-redis and litellm-redis)",
     )
     parser.add_argument(
         "--concurrency",
@@ -1044,7 +1305,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.targets = [t for t in args.targets.split(",") if t]
-    unknown = set(args.targets) - set(TARGETS)
+    if args.redis:
+        args.targets += [t for t in REDIS_TARGETS if t not in args.targets]
+    unknown = set(args.targets) - set(TARGETS) - set(REDIS_TARGETS)
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     args.concurrency = tuple(int(c) for c in args.concurrency.split(",") if c)
@@ -1060,18 +1323,21 @@ def run(args: argparse.Namespace) -> int:
         "skinflint": package_version("skinflint"),
         "uvicorn": package_version("uvicorn"),
     }
-    if "litellm" in args.targets:
+    if "litellm" in args.targets or "litellm-redis" in args.targets:
         try:
             versions["litellm"] = ensure_litellm(allow_install=not args.no_install)
         except (BenchError, subprocess.SubprocessError, OSError) as exc:
             errors.append(f"litellm: {exc}")
             log(f"LiteLLM unavailable: {exc}")
-            args.targets = [t for t in args.targets if t != "litellm"]
+            args.targets = [t for t in args.targets if t not in ("litellm", "litellm-redis")]
     if versions.get("litellm") in LITELLM_FORBIDDEN:
         raise BenchError("refusing to run a compromised LiteLLM release")
 
     per_target = 2 * (len(args.concurrency) * (args.duration + 0.6) + 2) + args.duration + 1
-    hard_limit = int(len(TARGETS) * per_target + 240)
+    redis_targets = [t for t in args.targets if t in REDIS_TARGETS]
+    # One cache-hit scenario each, plus a start (LiteLLM: several seconds) and the probes.
+    per_redis_target = len(args.concurrency) * (args.duration + 0.6) + args.duration + 60
+    hard_limit = int(len(TARGETS) * per_target + 240 + len(redis_targets) * per_redis_target)
     log(
         f"phases of {args.duration:g} s, concurrency {list(args.concurrency)}, "
         f"targets {['direct', *[t for t in args.targets if t != 'direct']]}, "
@@ -1176,6 +1442,47 @@ def run(args: argparse.Namespace) -> int:
                 finally:
                     if child:
                         stop(child)
+
+            if redis_targets:
+                log("redis-server (throwaway: loopback, --save '' --appendonly no)")
+                try:
+                    bench.redis, bench.redis_port, versions["redis-server"] = start_redis(
+                        work, log_dir
+                    )
+                    versions["redis-py"] = package_version("redis")
+                except (BenchError, OSError, ValueError) as exc:
+                    errors.append(f"redis-server: {exc}")
+                    log(f"redis-server failed: {exc}")
+                    redis_targets = []
+            for name in redis_targets:
+                gateway: Child | None = None
+                try:
+                    redis_command(bench.redis_port, "FLUSHALL")  # each gateway starts empty
+                    if name == "skinflint-redis":
+                        url = f"redis://{HOST}:{bench.redis_port}/0"
+                        log(f"skinflint, exact cache in Redis (storage.redis_url: {url})")
+                        gateway, target, start_s[name] = start_skinflint(
+                            mock_port, work, log_dir, redis_url=url
+                        )
+                    else:
+                        log("LiteLLM with its Redis cache (cache_params.type: redis)")
+                        gateway, target, start_s[name] = start_litellm(
+                            mock_port, True, work, log_dir, redis_port=bench.redis_port
+                        )
+                    log(f"  healthy {start_s[name]:.2f} s after launch")
+                    checks[name] = check_answers(target, mock_port)
+                    checks[name].update(check_redis_cache(target, mock_port, bench.redis_port))
+                    bench.run_scenario(target, "cache-hit")
+                    rss[name] = rss_mb(gateway.pid)
+                except (BenchError, OSError, ValueError) as exc:
+                    errors.append(f"{name}: {exc}")
+                    log(f"{name} failed: {exc}")
+                finally:
+                    if gateway:
+                        stop(gateway)
+            if bench.redis:
+                rss["redis-server"] = rss_mb(bench.redis.pid)
+                stop(bench.redis)
     except (HardTimeout, BenchError) as exc:
         errors.append(str(exc))
         log(f"error: {exc}; reporting what was measured")
@@ -1214,11 +1521,19 @@ def run(args: argparse.Namespace) -> int:
         "start_to_healthy_s": start_s,
         "rss_mb_after_load": rss,
         "answer_checks": checks,
-        "phases": [vars(p) for p in phases],
+        "phases": [phase_record(p) for p in phases],
         "ratios": ratios,
         "objectives": objectives,
         "errors": errors,
     }
+    if any(t in REDIS_TARGETS for t in args.targets):
+        record["settings"]["redis"] = {
+            "server": "redis-server on loopback, --save '' --appendonly no, FLUSHALL before "
+            "each gateway; its CPU is not in the gateway's CPU figure",
+            "skinflint-redis": "skinflint serve --config with only storage.redis_url",
+            "litellm-redis": "litellm_settings: cache: true, cache_params: {type: redis, host, "
+            "port}",
+        }
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as out:
