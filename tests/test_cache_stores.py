@@ -3,6 +3,7 @@ keeps one behaviour, tested against real servers; then what is particular to Red
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -187,13 +188,23 @@ async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:
     try:
         assert await store.get("k", 1.0) is None
         await store.set(CacheEntry("k2", b"v", 0.0))  # logged, not raised
+        # a restarted (empty) server: the store reconnects and loads its scripts again
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            await store.set(CacheEntry("k3", b"back", 0.0, ("t",)))
+            if await store.get("k3", 1.0) == b"back":
+                break
+            await asyncio.sleep(0.05)
+        assert await store.get("k3", 1.0) == b"back"
+        assert await store.invalidate_tags(["t"]) == 1
     finally:
         await store.close()
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 async def _connect_when_up(cls: type, url: str) -> object:
-    import asyncio
-
     for _ in range(100):
         try:
             return await cls.create(url, timeout=1.0)

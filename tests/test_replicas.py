@@ -38,7 +38,9 @@ def redis_replicas(fake: FakeUpstream, redis_url: str,
                    tmp_path: Path) -> Iterator[list[BackgroundServer]]:
     servers = []
     for i in range(2):
-        config = base_config(fake, tmp_path / f"ledger-{i}.db")
+        config = base_config(fake, tmp_path / f"ledger-{i}.db",
+                             cache={"semantic": {"enabled": True, "embedder": "hashing",
+                                                 "threshold": 0.75}})
         config["storage"]["redis_url"] = redis_url
         servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
     yield servers
@@ -126,6 +128,8 @@ def test_replicas_share_the_redis_cache_and_its_invalidation(
     a, b = redis_replicas
     assert _ask(a, "What is on my invoice?", tags="user:7") == "miss"
     assert _ask(b, "What is on my invoice?") == "hit-exact"
+    # a replica's semantic index is its own (pgvector shares one), its answers are in Redis
+    assert _ask(a, "what is on my invoice please") == "hit-semantic"
     assert _ask(b, "Something else", tags="user:8") == "miss"
     reply = httpx.post(f"{b.root_url}/api/cache/invalidate", json={"tags": ["user:7"]}, timeout=5)
     assert reply.json() == {"invalidated": 1, "tags": ["user:7"]}
