@@ -49,6 +49,11 @@ def test_paraphrase_is_a_semantic_hit(semantic: Any, fake: FakeUpstream, tmp_pat
     rows = ledger_rows(tmp_path / "skinflint.db", expect=2)
     assert rows[1]["cache_status"] == "hit-semantic" and rows[1]["strategy"] == "semantic_cache"
     assert 0.75 <= rows[1]["similarity"] <= 1.0
+    from skinflint.analytics.cachestats import stats
+
+    figures = stats(str(tmp_path / "skinflint.db"))
+    assert figures["semantic_hits"] == 1 and figures["hits"] == 1 and figures["requests"] == 2
+    assert figures["saved_usd"] > 0
 
 
 def test_different_question_misses(semantic: Any, fake: FakeUpstream) -> None:

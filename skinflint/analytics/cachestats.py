@@ -62,17 +62,13 @@ def stats(path: str) -> dict[str, Any]:
             semantic = conn.execute("SELECT COUNT(*) FROM semantic_entries").fetchone()[0]
             out["semantic_entries"] = semantic
         if "ledger" in tables:
-            total, hits, saved = conn.execute(
+            total, hits, semantic_hits, saved = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
+                " COALESCE(SUM(cache_status = 'hit-semantic'), 0),"
                 " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
                 " FROM ledger WHERE endpoint IN ('chat', 'embeddings')"
             ).fetchone()
-            out.update(
-                requests=total,
-                hits=hits,
-                hit_rate=hits / total if total else 0.0,
-                saved_usd=float(saved),
-            )
+            out.update(_hit_figures(total, hits, semantic_hits, float(saved)))
         return out
     finally:
         conn.close()
@@ -94,13 +90,20 @@ async def _postgres_stats(url: str) -> dict[str, Any]:
         await asyncio.to_thread(ledger.close)
     served = [r for r in records if r.endpoint in ("chat", "embeddings")]
     hits = [r for r in served if r.cache_status.startswith("hit")]
-    out.update(
-        requests=len(served),
-        hits=len(hits),
-        hit_rate=len(hits) / len(served) if served else 0.0,
-        saved_usd=sum(r.saved_usd or 0.0 for r in hits),
-    )
+    semantic_hits = sum(r.cache_status == "hit-semantic" for r in hits)
+    saved = sum(r.saved_usd or 0.0 for r in hits)
+    out.update(_hit_figures(len(served), len(hits), semantic_hits, saved))
     return out
+
+
+def _hit_figures(requests: int, hits: int, semantic_hits: int, saved: float) -> dict[str, Any]:
+    return {
+        "requests": requests,
+        "hits": hits,
+        "semantic_hits": semantic_hits,
+        "hit_rate": hits / requests if requests else 0.0,
+        "saved_usd": saved,
+    }
 
 
 async def _redis(url: str, job: Callable[[RedisCacheStore], Awaitable[T]]) -> T:
