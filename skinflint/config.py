@@ -126,7 +126,8 @@ class SemanticCacheConfig(_Frozen):
     threshold: float | None = Field(default=None, ge=0, le=1)  # None: the calibrated default
     verifier: bool | None = None  # None: as calibrated
     top_k: int = Field(default=4, ge=1, le=64)
-    # the local embedder reads 256 tokens: longer questions could differ where it does not look
+    # the local embedder reads 256 tokens: a longer message is compared by its last paragraph,
+    # the rest must match exactly
     max_question_chars: int = Field(default=1000, ge=1)
     max_entries: int = Field(default=100_000, ge=1)
     features: dict[str, SemanticPolicy] = Field(default_factory=dict)

@@ -56,6 +56,23 @@ def test_paraphrase_is_a_semantic_hit(semantic: Any, fake: FakeUpstream, tmp_pat
     assert figures["saved_usd"] > 0
 
 
+def test_long_message_matches_by_its_last_paragraph(semantic: Any, fake: FakeUpstream) -> None:
+    _, c = semantic
+    doc = "Invoice ledger export. " + " ".join(f"line {i}: amount {i * 7} EUR." for i in range(90))
+    other = doc.replace("amount 14 EUR", "amount 15 EUR")
+    assert len(doc) > 1000
+    assert _ask(c, f"{doc}\n\nShow me my recent invoices").headers["x-skinflint-cache"] == "miss"
+    reworded = _ask(c, f"{doc}\n\nshow me my recent invoices please")
+    assert reworded.headers["x-skinflint-cache"] == "hit-semantic"
+    # the document is compared exactly: one changed figure is another request
+    changed = _ask(c, f"{other}\n\nshow me my recent invoices please")
+    assert changed.headers["x-skinflint-cache"] == "miss"
+    # without a paragraph to compare by, a long message is left to the exact cache
+    assert _ask(c, f"{doc} show me my recent invoices please").headers[
+        "x-skinflint-cache"] == "miss"
+    assert _calls(fake) == 3
+
+
 def test_different_question_misses(semantic: Any, fake: FakeUpstream) -> None:
     _, c = semantic
     _ask(c, "Show me my recent invoices")

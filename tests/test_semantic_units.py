@@ -249,3 +249,18 @@ def test_shipped_default_is_complete() -> None:
                 "pairs"):
         assert key in default
     assert 0.5 < default["threshold"] <= 1.0 and isinstance(default["verifier"], bool)
+
+
+# --- long messages ----------------------------------------------------------------------------
+
+
+def test_split_question_keeps_short_text_whole_and_splits_long_text() -> None:
+    from skinflint.pipeline.cache_semantic import split_question
+
+    assert split_question("What is my balance?", 100) == ("", "What is my balance?")
+    doc = "x" * 150
+    assert split_question(f"{doc}\n\nWhat is my balance?\n", 100) == (doc, "What is my balance?")
+    assert split_question(f"{doc}\nline two\n" + "y" * 150 + "\nWhat now?", 100) == (
+        f"{doc}\nline two\n" + "y" * 150, "What now?")
+    assert split_question(doc + " What is my balance?", 100) is None
+    assert split_question(f"{doc}\n\n" + "z" * 150, 100) is None

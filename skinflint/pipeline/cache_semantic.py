@@ -3,8 +3,11 @@
 What is compared is the last user message, and only against entries with the same partition:
 the same scope (tenant, user or shared), model or route, output-affecting parameters and
 preceding context (system prompt, tools, earlier turns), so one conversation never matches
-another. Similarity above the threshold is necessary, not sufficient: a word-level verifier
-rejects candidates whose numbers, dates, names, negations or order differ.
+another. A message longer than ``max_question_chars`` (the embedder reads 256 word pieces)
+is compared by its last paragraph, and the text before it joins the partition, so it must match
+exactly: "<document>\n\nQuestion: ..." matches the same document with a reworded question.
+Similarity above the threshold is necessary, not sufficient: a word-level verifier rejects
+candidates whose numbers, dates, names, negations or order differ.
 
 Entries point at exact-cache entries: a semantic hit serves the stored answer of the matched
 question, which shares that entry's TTL, tags and invalidation, and nothing is stored that the
@@ -27,15 +30,32 @@ from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.context import Next, Reply, RequestContext
 from skinflint.semantic.verifier import verify
 
-__all__ = ["SemanticCache"]
+__all__ = ["SemanticCache", "split_question"]
 
 
-def _context_digest(ctx: RequestContext) -> str:
-    """The request hash with the last user message blanked: everything but the question."""
+def split_question(text: str, limit: int) -> tuple[str, str] | None:
+    """``(context, question)``: the whole text when it is at most ``limit`` characters, else its
+    last paragraph (or line) as the question and what precedes it as context that must match
+    exactly, as in "<document>\n\nQuestion: ...". None when no last part is short enough."""
+    if len(text) <= limit:
+        return "", text
+    for separator in ("\n\n", "\n"):
+        cut = text.rstrip().rfind(separator)
+        if cut < 0:
+            continue
+        question = text[cut:].strip()
+        if question and len(question) <= limit:
+            return text[:cut], question
+    return None
+
+
+def _context_digest(ctx: RequestContext, context: str) -> str:
+    """The request hash with the last user message replaced by the part of it that must match
+    exactly: everything but the question."""
     messages = list(ctx.body.get("messages") or [])
     for i in range(len(messages) - 1, -1, -1):
         if isinstance(messages[i], dict) and messages[i].get("role") == "user":
-            messages[i] = {**messages[i], "content": ""}
+            messages[i] = {**messages[i], "content": context}
             break
     return request_hash("semantic", {**ctx.body, "messages": messages})
 
@@ -89,10 +109,12 @@ class SemanticCache:
             or ctx.endpoint != "chat"
         ):
             return await next(ctx)
-        text = last_user_text(ctx.body.get("messages"))
-        if not text.strip() or len(text) > self.config.max_question_chars:
+        split = split_question(last_user_text(ctx.body.get("messages")),
+                               self.config.max_question_chars)
+        if split is None or not split[1].strip():
             return await next(ctx)
-        partition = self._exact.key_for(ctx, _context_digest(ctx))
+        context, text = split
+        partition = self._exact.key_for(ctx, _context_digest(ctx, context))
         vector = await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, text)
         ctx.semantic = (partition, text, vector)
         if ctx.cache_mode != "refresh":
