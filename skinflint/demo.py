@@ -45,6 +45,7 @@ class Answered:
     cache: str
     route: str
     ms: float
+    content: str  # the answer text served
 
 
 def build_workload(
@@ -75,9 +76,11 @@ async def _send(client: Any, sample: ReplaySample, stream: bool) -> Answered:
         model=ROUTE, messages=messages, temperature=0, stream=stream
     )
     if stream:
-        _ = [c async for c in raw.parse()]
+        content = "".join([
+            c.choices[0].delta.content or "" async for c in raw.parse() if c.choices
+        ])
     else:
-        raw.parse()
+        content = raw.parse().choices[0].message.content or ""
     h = raw.headers
     return Answered(
         sample,
@@ -85,6 +88,7 @@ async def _send(client: Any, sample: ReplaySample, stream: bool) -> Answered:
         h.get("x-skinflint-cache", ""),
         h.get("x-skinflint-route", ""),
         (time.perf_counter() - started) * 1000,
+        content,
     )
 
 
@@ -135,6 +139,17 @@ def run_demo(
     return _summarise(replay, results, rows, wall)
 
 
+def _correct(replay: ReplayProvider, answered: Answered) -> int:
+    """1 when the answer served is right for the question asked. A semantic hit serves the
+    answer recorded for another prompt: it is graded as an answer to this one (an identical
+    recorded response's label, or the letter of a multiple-choice answer), and counts as wrong
+    when it cannot be graded."""
+    prompt, model = answered.sample.prompt, answered.model
+    if answered.cache == "hit-semantic":
+        return replay.correctness(prompt, model, answered.content) or 0
+    return replay.correctness(prompt, model) or 0
+
+
 def _tier(route: str) -> str:
     return route.split("tier=")[-1] if "tier=" in route else "cache"
 
@@ -145,7 +160,7 @@ def _summarise(
     baseline_quality = statistics.fmean(
         replay.correctness(a.sample.prompt, PREMIUM_MODEL) or 0 for a in results
     )
-    quality = statistics.fmean(replay.correctness(a.sample.prompt, a.model) or 0 for a in results)
+    quality = statistics.fmean(_correct(replay, a) for a in results)
     answered = [r for r in rows if r.strategy != "cascade_escalated"]
     baseline = sum(r.baseline_cost_usd or 0.0 for r in answered)
     # what the same traffic costs with the caches alone: every miss at the premium price
