@@ -158,6 +158,23 @@ async def test_redis_tag_sets_forget_evicted_entries(redis_url: str) -> None:
         await store.close()
 
 
+async def test_redis_connections_are_bounded(redis_url: str) -> None:
+    import redis
+
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    with redis.Redis.from_url(redis_url) as admin:
+        before = len(admin.client_list())
+        store = await RedisCacheStore.create(redis_url, pool_size=2)
+        try:
+            await asyncio.gather(*(store.set(CacheEntry(f"k{i}", b"v", 0.0)) for i in range(50)))
+            got = await asyncio.gather(*(store.get(f"k{i}", 1.0) for i in range(50)))
+            assert got == [b"v"] * 50
+            assert len(admin.client_list()) - before <= 2
+        finally:
+            await store.close()
+
+
 async def test_unreachable_redis_is_a_config_error() -> None:
     from skinflint.storage.redis_cache import RedisCacheStore
 

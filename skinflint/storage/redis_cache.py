@@ -107,13 +107,17 @@ class RedisCacheStore:
     @classmethod
     async def create(
         cls, url: str, *, prefix: str = "skinflint:", max_entries: int = 200_000,
-        timeout: float = 5.0,
+        timeout: float = 5.0, pool_size: int = 32,
     ) -> RedisCacheStore:
-        """Connect and check the server answers. Raises ConfigError when it does not."""
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=30,
+        """Connect and check the server answers. Raises ConfigError when it does not.
+
+        At most ``pool_size`` connections are opened; a request that finds them all busy waits
+        up to ``timeout`` for one rather than opening another."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, health_check_interval=30,
         )
+        client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
