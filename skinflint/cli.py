@@ -165,7 +165,7 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     st = settings.storage
     path = args.db or st.redis_url or st.postgres_url or st.sqlite_path
     if args.cache_command == "stats":
-        stats = cachestats.stats(path)
+        stats = cachestats.stats(path, redis_prefix=st.redis_prefix)
         if args.json:
             _print_json(stats)
         else:
@@ -178,7 +178,9 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
             _console().print(table)
         return 0
     url = args.url or f"http://{settings.server.host}:{settings.server.port}"
-    result = cachestats.invalidate(path, args.tag, url=url, admin_key=args.admin_key)
+    result = cachestats.invalidate(
+        path, args.tag, url=url, admin_key=args.admin_key, redis_prefix=st.redis_prefix
+    )
     if args.json:
         _print_json(result)
     else:

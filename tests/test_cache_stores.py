@@ -175,12 +175,79 @@ async def test_redis_connections_are_bounded(redis_url: str) -> None:
             await store.close()
 
 
-async def test_unreachable_redis_is_a_config_error() -> None:
+@pytest.mark.parametrize("url", ["redis://:secret@127.0.0.1:1/0",
+                                 "redis://127.0.0.1:1/0?password=secret"])
+async def test_unreachable_redis_is_a_config_error(url: str) -> None:
     from skinflint.storage.redis_cache import RedisCacheStore
 
     with pytest.raises(ConfigError, match=r"storage\.redis_url") as raised:
-        await RedisCacheStore.create("redis://:secret@127.0.0.1:1/0", timeout=1.0)
-    assert "secret" not in str(raised.value)
+        await RedisCacheStore.create(url, timeout=1.0)
+    assert "secret" not in str(raised.value) and "127.0.0.1:1/0" in str(raised.value)
+
+
+async def test_redis_tags_may_hold_any_character(redis_url: str) -> None:
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    store = await RedisCacheStore.create(redis_url)
+    try:
+        odd = ("a\x1fb", "", "ünï:cödé", '"quoted" \\ tag')
+        await store.set(CacheEntry("k", b"v", 0.0, odd))
+        await store.set(CacheEntry("k", b"w", 0.0, ("c",)))  # rewritten: the old tags let go
+        assert await store.invalidate_tags(list(odd)) == 0
+        assert await store.get("k", 1.0) == b"w"
+        await store.set(CacheEntry("j", b"v", 0.0, odd))
+        assert await store.invalidate_tags(["a\x1fb"]) == 1
+        import redis
+
+        with redis.Redis.from_url(redis_url) as admin:
+            assert not [k for k in admin.keys("skinflint:t:*") if k != b"skinflint:t:c"]
+    finally:
+        await store.close()
+
+
+async def test_redis_warns_when_the_server_may_evict_any_key(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis
+
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            store = await RedisCacheStore.create(redis_url)
+            await store.close()
+        finally:
+            admin.config_set("maxmemory-policy", "noeviction")
+    assert "allkeys-lru" in caplog.text
+
+
+def test_cli_invalidates_under_the_configured_prefix(
+    redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import json
+
+    import yaml
+
+    from skinflint.cli import main
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    async def seed() -> None:
+        store = await RedisCacheStore.create(redis_url, prefix="prod:")
+        await store.set(CacheEntry("k", b"v", 0.0, ("user:42",)))
+        await store.close()
+
+    asyncio.run(seed())
+    config = tmp_path / "skinflint.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"redis_url": redis_url,
+                                                  "redis_prefix": "prod:"}}))
+    base = ["--config", str(config), "cache"]
+    assert main([*base, "stats", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"entries": 1}
+    assert main([*base, "invalidate", "--tag", "user:42", "--url", "http://127.0.0.1:9",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"invalidated": 1, "where": "redis"}
 
 
 async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:

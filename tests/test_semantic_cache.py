@@ -73,6 +73,22 @@ def test_long_message_matches_by_its_last_paragraph(semantic: Any, fake: FakeUps
     assert _calls(fake) == 3
 
 
+def test_never_across_attachments(semantic: Any, fake: FakeUpstream) -> None:
+    _, c = semantic
+
+    def ask(image: str, text: str) -> str:
+        content = [{"type": "text", "text": text},
+                   {"type": "image_url", "image_url": {"url": f"https://example.com/{image}"}}]
+        raw = c.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", temperature=0, messages=[{"role": "user", "content": content}])
+        return str(raw.headers["x-skinflint-cache"])
+
+    assert ask("cat.png", "What is in this picture?") == "miss"
+    assert ask("invoice.png", "What is in this picture?") == "miss"
+    assert ask("invoice.png", "what is in this picture please") == "hit-semantic"
+    assert _calls(fake) == 2
+
+
 def test_different_question_misses(semantic: Any, fake: FakeUpstream) -> None:
     _, c = semantic
     _ask(c, "Show me my recent invoices")

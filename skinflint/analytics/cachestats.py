@@ -39,12 +39,12 @@ def is_redis(db: str) -> bool:
     return db.startswith(("redis://", "rediss://", "unix://"))
 
 
-def stats(path: str) -> dict[str, Any]:
+def stats(path: str, *, redis_prefix: str = "skinflint:") -> dict[str, Any]:
     """Entries on disk and, from the ledger, hit rate and money saved by cache hits."""
     if is_postgres(path):
         return asyncio.run(_postgres_stats(path))
     if is_redis(path):
-        return asyncio.run(_redis(path, lambda store: store.stats()))
+        return asyncio.run(_redis(path, redis_prefix, _redis_stats))
     conn = open_sqlite(path)
     try:
         tables = _tables(conn)
@@ -106,14 +106,20 @@ def _hit_figures(requests: int, hits: int, semantic_hits: int, saved: float) -> 
     }
 
 
-async def _redis(url: str, job: Callable[[RedisCacheStore], Awaitable[T]]) -> T:
+async def _redis(url: str, prefix: str, job: Callable[[RedisCacheStore], Awaitable[T]]) -> T:
     from skinflint.storage.redis_cache import RedisCacheStore
 
-    store = await RedisCacheStore.create(url)
+    store = await RedisCacheStore.create(url, prefix=prefix)
     try:
         return await job(store)
     finally:
         await store.close()
+
+
+async def _redis_stats(store: RedisCacheStore) -> dict[str, Any]:
+    out: dict[str, Any] = await store.stats()
+    del out["evictions"]  # counted by a running store, always 0 here
+    return out
 
 
 async def _postgres_invalidate(url: str, tags: list[str]) -> int:
@@ -144,7 +150,8 @@ def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | Non
 
 
 def invalidate(
-    path: str, tags: list[str], *, url: str | None, admin_key: str | None = None
+    path: str, tags: list[str], *, url: str | None, admin_key: str | None = None,
+    redis_prefix: str = "skinflint:",
 ) -> dict[str, Any]:
     if url:
         n = _tell_gateway(url, tags, admin_key)
@@ -153,7 +160,7 @@ def invalidate(
     if is_postgres(path):
         return {"invalidated": asyncio.run(_postgres_invalidate(path, tags)), "where": "postgres"}
     if is_redis(path):
-        dropped = asyncio.run(_redis(path, lambda store: store.invalidate_tags(tags)))
+        dropped = asyncio.run(_redis(path, redis_prefix, lambda store: store.invalidate_tags(tags)))
         return {"invalidated": dropped, "where": "redis"}
     conn = open_sqlite(path)
     try:

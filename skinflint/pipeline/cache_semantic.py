@@ -55,7 +55,12 @@ def _context_digest(ctx: RequestContext, context: str) -> str:
     messages = list(ctx.body.get("messages") or [])
     for i in range(len(messages) - 1, -1, -1):
         if isinstance(messages[i], dict) and messages[i].get("role") == "user":
-            messages[i] = {**messages[i], "content": context}
+            content = messages[i].get("content")
+            if isinstance(content, list):  # images, audio and files stay part of the context
+                others = [p for p in content if not isinstance(p, dict) or p.get("type") != "text"]
+                messages[i] = {**messages[i], "content": [*others, context]}
+            else:
+                messages[i] = {**messages[i], "content": context}
             break
     return request_hash("semantic", {**ctx.body, "messages": messages})
 

@@ -3,7 +3,7 @@
 Layout under a key prefix (``skinflint:`` by default, so environments can share a server):
 
 * ``{prefix}c:{key}``: a hash with the value ``v``, the expiry ``e`` (unix seconds, 0 = never)
-  and the tags ``t`` (joined by the unit separator);
+  and the tags ``t`` (a JSON list);
 * ``{prefix}t:{tag}``: the set of entry keys carrying the tag;
 * ``{prefix}written``: entry keys scored by a write counter (``{prefix}seq``), oldest first.
 
@@ -13,7 +13,9 @@ every write by dropping the oldest writes, and expiry is checked on read against
 clock (as every store does); expired entries keep their slot until evicted, like the other
 stores, so memory stays bounded by ``max_entries``. The scripts touch keys they derive from the
 entry's tags, so the store needs a single Redis server (or a primary with replicas), not Redis
-Cluster.
+Cluster. The server must not evict keys on its own (``maxmemory-policy`` ``noeviction`` or a
+``volatile-*`` policy; nothing here has a TTL): an ``allkeys-*`` policy could drop a tag's set
+and leave its entries out of reach of invalidation, so :meth:`RedisCacheStore.create` warns.
 
 Reads and writes turn Redis failures into misses (logged): the cache saves money and must not
 take the gateway down. Invalidation and stats raise.
@@ -25,6 +27,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -36,13 +39,12 @@ __all__ = ["RedisCacheStore"]
 
 log = logging.getLogger("skinflint.storage")
 
-_SEPARATOR = "\x1f"
 # drop(entry): forget an entry and its tag memberships; 1 when it existed.
 _DROP = """
 local function drop(prefix, written, entry)
   local tags = redis.call('HGET', entry, 't')
   if tags then
-    for tag in string.gmatch(tags, '[^\\31]+') do
+    for _, tag in ipairs(cjson.decode(tags)) do
       redis.call('SREM', prefix .. 't:' .. tag, entry)
     end
   end
@@ -56,7 +58,7 @@ local prefix, entry, written = ARGV[1], KEYS[1], KEYS[2]
 drop(prefix, written, entry)
 local tags = {}
 for i = 5, #ARGV do tags[#tags + 1] = ARGV[i] end
-redis.call('HSET', entry, 'v', ARGV[2], 'e', ARGV[3], 't', table.concat(tags, '\\31'))
+redis.call('HSET', entry, 'v', ARGV[2], 'e', ARGV[3], 't', cjson.encode(tags))
 for _, tag in ipairs(tags) do redis.call('SADD', prefix .. 't:' .. tag, entry) end
 redis.call('ZADD', written, redis.call('INCR', KEYS[3]), entry)
 local evicted = 0
@@ -79,6 +81,30 @@ for i = 2, #ARGV do
 end
 return dropped
 """
+
+
+def _where(url: str) -> str:
+    """Host, port and database of a Redis URL, without user or password (in either place)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.hostname or ''}{port}{parts.path}"
+
+
+async def _check_eviction_policy(client: aioredis.Redis, url: str) -> None:
+    try:
+        found = await client.config_get("maxmemory-policy")
+    except (RedisError, OSError):  # managed servers may refuse CONFIG
+        return
+    policy = " ".join(str(v) for v in dict(found).values())  # str or bytes, by client version
+    if "allkeys" in policy:
+        log.warning(
+            "redis at %s evicts any key (maxmemory-policy %s): it may drop the sets that "
+            "invalidation reads; use noeviction or a volatile-* policy", _where(url), policy)
 
 
 @contextlib.contextmanager
@@ -107,14 +133,15 @@ class RedisCacheStore:
     @classmethod
     async def create(
         cls, url: str, *, prefix: str = "skinflint:", max_entries: int = 200_000,
-        timeout: float = 5.0, pool_size: int = 32,
+        timeout: float = 5.0, op_timeout: float = 1.0, pool_size: int = 32,
     ) -> RedisCacheStore:
         """Connect and check the server answers. Raises ConfigError when it does not.
 
         At most ``pool_size`` connections are opened; a request that finds them all busy waits
-        up to ``timeout`` for one rather than opening another."""
+        for one rather than opening another. A command that takes longer than ``op_timeout``
+        fails (a read becomes a miss): a hung server must not hold every request for long."""
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=timeout, socket_timeout=timeout,
+            url, max_connections=pool_size, timeout=op_timeout, socket_timeout=op_timeout,
             socket_connect_timeout=timeout, health_check_interval=30,
         )
         client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
@@ -122,8 +149,9 @@ class RedisCacheStore:
             await client.ping()
         except (RedisError, OSError) as exc:
             await client.aclose()
-            where = url.split("@")[-1]  # never echo a password
-            raise ConfigError(f"storage.redis_url: cannot reach redis at {where}: {exc}") from exc
+            raise ConfigError(
+                f"storage.redis_url: cannot reach redis at {_where(url)}: {exc}") from exc
+        await _check_eviction_policy(client, url)
         return cls(client, prefix=prefix, max_entries=max_entries)
 
     def _key(self, key: str) -> str:
