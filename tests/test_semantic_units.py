@@ -42,6 +42,8 @@ SAME = [
     ("What is the difference between a virus and bacteria?",
      "What is the difference between bacteria and a virus?"),
     ("What happened in the 1990s?", "what happened in the 1990s"),
+    ("Which is the best dancing academy in town?", "Which is the best dance academy in town?"),
+    ("What if my dog tried to bite me?", "What if my dog tries to bite me?"),
 ]
 DIFFERENT = [
     ("convert string to int", "convert int to string", "order"),
@@ -61,6 +63,8 @@ DIFFERENT = [
     ("She watered the rose, the soil of the _ was already wet.",
      "She watered the rose, the soil of the _ was already dry.", "one word replaced"),
     ("Should I increase the dose slowly?", "Should I reduce the dose slowly?", "one word replaced"),
+    ("How do I restart the server?", "How do I restore the server?", "one word replaced"),
+    ("Why does my laptop overclock?", "Why does my laptop overheat?", "one word replaced"),
     ("Compare the HP LaserJet M604n", "Compare the HP LaserJet M604dn", "entities"),
     ("What does ~ mean in C++?", "What does % mean in C++?", "symbols"),
     ("Where was Mike Shinoda born?", "When was Mike Shinoda born?", "question"),

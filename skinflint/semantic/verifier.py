@@ -280,7 +280,8 @@ def _is_entity(token: str, sentence_start: bool) -> bool:
 
 def _replaced(left: list[str], right: list[str]) -> tuple[str, str] | None:
     """The two content words at the one position where otherwise identical texts differ, unless
-    they look like forms of one word (a shared start of four letters: "dance" / "dancing").
+    they are forms of one word: the same start followed by endings such as -s, -ed, -ing, -y /
+    -ies ("dance" / "dancing", "tried" / "tries"), not "restart" / "restore".
 
     Texts that differ in a single word are where opposites hide that no list names ("the soil
     was already wet" / "... dry", "can never be" / "can always be"); on Quora pairs this check
@@ -294,10 +295,20 @@ def _replaced(left: list[str], right: list[str]) -> tuple[str, str] | None:
     x, y = differing[0]
     if x in STOPWORDS or y in STOPWORDS or _number(x) or _number(y):
         return None
-    start = min(4, len(x), len(y))
-    if x[:start] == y[:start]:
+    if _inflections(x, y):
         return None
     return x, y
+
+
+_ENDINGS = _words("s es ses ed d ing e er ers est ly y ies ied") | {""}
+
+
+def _inflections(x: str, y: str) -> bool:
+    """Whether ``x`` and ``y`` share a start of three letters or more and end in inflections."""
+    start = 0
+    while start < min(len(x), len(y)) and x[start] == y[start]:
+        start += 1
+    return start >= 3 and x[start:] in _ENDINGS and y[start:] in _ENDINGS
 
 
 def _swap(left: list[str], right: list[str]) -> tuple[str, str, str] | None:
