@@ -19,33 +19,29 @@ from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 
-@pytest.fixture
-def replicas(fake: FakeUpstream, pg_url: str, tmp_path: Path) -> Iterator[list[BackgroundServer]]:
-    servers = []
-    for i in range(2):
-        config = base_config(fake, tmp_path / f"unused-{i}.db",
-                             cache={"semantic": {"enabled": True, "embedder": "hashing",
-                                                 "threshold": 0.75}})
-        config["storage"]["postgres_url"] = pg_url
-        servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
-    yield servers
-    for server in servers:
-        server.__exit__(None, None, None)
-
-
-@pytest.fixture
-def redis_replicas(fake: FakeUpstream, redis_url: str,
-                   tmp_path: Path) -> Iterator[list[BackgroundServer]]:
+def _replicas(fake: FakeUpstream, tmp_path: Path,
+              storage: dict[str, str]) -> Iterator[list[BackgroundServer]]:
     servers = []
     for i in range(2):
         config = base_config(fake, tmp_path / f"ledger-{i}.db",
                              cache={"semantic": {"enabled": True, "embedder": "hashing",
                                                  "threshold": 0.75}})
-        config["storage"]["redis_url"] = redis_url
+        config["storage"].update(storage)
         servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
     yield servers
     for server in servers:
         server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def replicas(fake: FakeUpstream, pg_url: str, tmp_path: Path) -> Iterator[list[BackgroundServer]]:
+    yield from _replicas(fake, tmp_path, {"postgres_url": pg_url})
+
+
+@pytest.fixture
+def redis_replicas(fake: FakeUpstream, redis_url: str,
+                   tmp_path: Path) -> Iterator[list[BackgroundServer]]:
+    yield from _replicas(fake, tmp_path, {"redis_url": redis_url})
 
 
 def _ask(server: BackgroundServer, text: str, tags: str = "") -> str:
