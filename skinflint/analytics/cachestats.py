@@ -15,12 +15,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from skinflint.interfaces import CacheStore
 from skinflint.storage.ledger import open_sqlite
-
-if TYPE_CHECKING:
-    from skinflint.storage.redis_cache import RedisCacheStore
 
 T = TypeVar("T")
 
@@ -41,10 +39,9 @@ def is_redis(db: str) -> bool:
 
 def stats(path: str, *, redis_prefix: str = "skinflint:") -> dict[str, Any]:
     """Entries on disk and, from the ledger, hit rate and money saved by cache hits."""
-    if is_postgres(path):
-        return asyncio.run(_postgres_stats(path))
-    if is_redis(path):
-        return asyncio.run(_redis(path, redis_prefix, _redis_stats))
+    if is_postgres(path) or is_redis(path):
+        entries = asyncio.run(_with_store(path, redis_prefix, _entries))
+        return {**entries, **_postgres_hits(path)} if is_postgres(path) else entries
     conn = open_sqlite(path)
     try:
         tables = _tables(conn)
@@ -74,26 +71,42 @@ def stats(path: str, *, redis_prefix: str = "skinflint:") -> dict[str, Any]:
         conn.close()
 
 
-async def _postgres_stats(url: str) -> dict[str, Any]:
-    from skinflint.storage.postgres import PostgresCacheStore, PostgresLedger
+async def _with_store(db: str, redis_prefix: str, job: Callable[[CacheStore], Awaitable[T]]) -> T:
+    """Run ``job`` on the shared store behind ``db`` (PostgreSQL or Redis), then close it."""
+    store: CacheStore
+    if is_postgres(db):
+        from skinflint.storage.postgres import PostgresCacheStore
 
-    store = await PostgresCacheStore.create(url, pool_size=1)
+        store = await PostgresCacheStore.create(db, pool_size=1)
+    else:
+        from skinflint.storage.redis_cache import RedisCacheStore
+
+        store = await RedisCacheStore.create(db, prefix=redis_prefix)
     try:
-        out: dict[str, Any] = await store.stats()
+        return await job(store)
     finally:
         await store.close()
-    del out["evictions"]  # counted by a running store, always 0 here
-    ledger = await PostgresLedger.create(url)
+
+
+async def _entries(store: CacheStore) -> dict[str, Any]:
+    out: dict[str, Any] = await store.stats()
+    out.pop("evictions", None)  # counted by a running store, always 0 here
+    return out
+
+
+def _postgres_hits(url: str) -> dict[str, Any]:
+    from skinflint.storage.postgres import PostgresLedger
+
+    ledger = PostgresLedger(url)
     try:
-        records = await asyncio.to_thread(ledger.query)
+        records = list(ledger.query())
     finally:
-        await asyncio.to_thread(ledger.close)
+        ledger.close()
     served = [r for r in records if r.endpoint in ("chat", "embeddings")]
     hits = [r for r in served if r.cache_status.startswith("hit")]
     semantic_hits = sum(r.cache_status == "hit-semantic" for r in hits)
     saved = sum(r.saved_usd or 0.0 for r in hits)
-    out.update(_hit_figures(len(served), len(hits), semantic_hits, saved))
-    return out
+    return _hit_figures(len(served), len(hits), semantic_hits, saved)
 
 
 def _hit_figures(requests: int, hits: int, semantic_hits: int, saved: float) -> dict[str, Any]:
@@ -104,32 +117,6 @@ def _hit_figures(requests: int, hits: int, semantic_hits: int, saved: float) -> 
         "hit_rate": hits / requests if requests else 0.0,
         "saved_usd": saved,
     }
-
-
-async def _redis(url: str, prefix: str, job: Callable[[RedisCacheStore], Awaitable[T]]) -> T:
-    from skinflint.storage.redis_cache import RedisCacheStore
-
-    store = await RedisCacheStore.create(url, prefix=prefix)
-    try:
-        return await job(store)
-    finally:
-        await store.close()
-
-
-async def _redis_stats(store: RedisCacheStore) -> dict[str, Any]:
-    out: dict[str, Any] = await store.stats()
-    del out["evictions"]  # counted by a running store, always 0 here
-    return out
-
-
-async def _postgres_invalidate(url: str, tags: list[str]) -> int:
-    from skinflint.storage.postgres import PostgresCacheStore
-
-    store = await PostgresCacheStore.create(url, pool_size=1)
-    try:
-        return await store.invalidate_tags(tags)
-    finally:
-        await store.close()
 
 
 def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | None:
@@ -157,11 +144,9 @@ def invalidate(
         n = _tell_gateway(url, tags, admin_key)
         if n is not None:
             return {"invalidated": n, "where": f"gateway at {url}"}
-    if is_postgres(path):
-        return {"invalidated": asyncio.run(_postgres_invalidate(path, tags)), "where": "postgres"}
-    if is_redis(path):
-        dropped = asyncio.run(_redis(path, redis_prefix, lambda store: store.invalidate_tags(tags)))
-        return {"invalidated": dropped, "where": "redis"}
+    if is_postgres(path) or is_redis(path):
+        dropped = asyncio.run(_with_store(path, redis_prefix, lambda s: s.invalidate_tags(tags)))
+        return {"invalidated": dropped, "where": "postgres" if is_postgres(path) else "redis"}
     conn = open_sqlite(path)
     try:
         if "cache_tags" not in _tables(conn):
