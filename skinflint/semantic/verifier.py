@@ -284,7 +284,7 @@ def _replaced(left: list[str], right: list[str]) -> tuple[str, str] | None:
     -ies ("dance" / "dancing", "tried" / "tries"), not "restart" / "restore".
 
     Texts that differ in a single word are where opposites hide that no list names ("the soil
-    was already wet" / "... dry", "can never be" / "can always be"); on Quora pairs this check
+    was already wet" / "... dry", "partially" / "fully responsible"); on Quora pairs this check
     also turns away some synonyms ("big" / "huge"), about 2% of hits at the shipped threshold.
     """
     if len(left) != len(right):
