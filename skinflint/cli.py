@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 from rich.console import Console
@@ -397,14 +397,21 @@ def cmd_train_router(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line on stderr, as every other error does, and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         default=argparse.SUPPRESS,
         help="YAML configuration (default: $SKINFLINT_CONFIG or none)",
     )
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="skinflint", description="LLM gateway that cuts the bill.", parents=[common]
     )
     sub = p.add_subparsers(dest="command", required=True)

@@ -145,6 +145,16 @@ def test_report_groups_and_json(
     assert code == 0 and "gpt-4o-mini" in out and "Spend by model" in out
 
 
+@pytest.mark.parametrize("argv", [["serve", "--port", "abc"], ["bogus"], ["cache"],
+                                  ["report", "--by", "colour"]])
+def test_bad_arguments_are_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith("skinflint") and err.count("\n") == 1 and "usage:" not in err
+
+
 def test_report_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, err = _run(capsys, "report", "--db", str(tmp_path / "none.db"))
     assert code == 2 and err.count("\n") == 1 and "no ledger" in err
