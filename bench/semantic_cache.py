@@ -12,7 +12,9 @@ Latency: single-text embedding time by text length; index search alone and embed
 search, p50/p99 over ``--queries`` queries, with 1k, 10k and 100k entries in one scope (the worst
 case: a scope's search scans only that scope). Entries are random unit vectors: search time does
 not depend on their content. HNSW is built at sizes up to ``--hnsw-max``. Latency is measured
-with the garbage-collector thresholds ``skinflint serve`` sets, as the gateway runs.
+as the gateway runs: with the garbage-collector thresholds ``skinflint serve`` sets and one BLAS
+thread (the ``skinflint`` command sets ``OPENBLAS_NUM_THREADS=1`` and its siblings unless they
+are set; so does this script, before numpy loads).
 
 Each run appends one JSON object to ``bench/results/semantic_cache.jsonl`` and prints a summary.
 Runtime: about a minute with the defaults on 2 cores.
@@ -33,10 +35,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+# As the skinflint command does, before numpy loads: one BLAS thread unless told otherwise.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from skinflint.embed import Embedder, load_embedder
-from skinflint.semantic.calibrate import (
+import numpy as np  # noqa: E402
+
+from skinflint.embed import Embedder, load_embedder  # noqa: E402
+from skinflint.semantic.calibrate import (  # noqa: E402
     CosineCache,
     Pair,
     calibrate,
@@ -45,8 +51,8 @@ from skinflint.semantic.calibrate import (
     sample,
     split,
 )
-from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex
-from skinflint.server.run import GC_THRESHOLDS
+from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex  # noqa: E402
+from skinflint.server.run import GC_THRESHOLDS  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -193,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         "quality": [] if args.latency_only else [
             row for name in embedders() for row in quality(name, cal, held, target, shipped)],
         "gc_thresholds": GC_THRESHOLDS,
+        "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
     }
     gc.set_threshold(*GC_THRESHOLDS)
     record["embed_latency"] = embed_latency(local, queries)
