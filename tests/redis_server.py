@@ -19,7 +19,7 @@ import pytest
 
 from tests.pg import free_port, unavailable
 
-__all__ = ["redis_server_fixture", "redis_url_fixture"]
+__all__ = ["redis_server_fixture", "redis_url_fixture", "spawn_redis"]
 
 
 def _client(url: str) -> object:
@@ -30,16 +30,21 @@ def _client(url: str) -> object:
     return redis.Redis.from_url(url, socket_timeout=2)
 
 
-@pytest.fixture(scope="session", name="redis_server")
-def redis_server_fixture() -> Iterator[str]:
+def spawn_redis(port: int) -> subprocess.Popen[bytes]:
+    """A ``redis-server`` on ``127.0.0.1:port`` with persistence off (not yet answering)."""
     binary = shutil.which("redis-server")
     if binary is None:
         unavailable("no redis-server binary; apt-get install redis-server", "Redis")
-    port = free_port()
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+@pytest.fixture(scope="session", name="redis_server")
+def redis_server_fixture() -> Iterator[str]:
+    port = free_port()
+    proc = spawn_redis(port)
     url = f"redis://127.0.0.1:{port}/0"
     client = _client(url)
     try:

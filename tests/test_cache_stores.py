@@ -4,7 +4,6 @@ keeps one behaviour, tested against real servers; then what is particular to Red
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,7 +14,11 @@ from skinflint.interfaces import CacheEntry, CacheStore
 from skinflint.storage.cache import MemoryCacheStore, TieredCacheStore
 from tests import pg
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
-from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
+from tests.redis_server import (  # noqa: F401  (fixtures)
+    redis_server_fixture,
+    redis_url_fixture,
+    spawn_redis,
+)
 
 StoreFactory = Callable[[int], Awaitable[CacheStore]]
 
@@ -252,16 +255,10 @@ def test_cli_invalidates_under_the_configured_prefix(
 
 async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:
     """A server that goes away turns reads and writes into misses instead of errors."""
-    import shutil
-
     from skinflint.storage.redis_cache import RedisCacheStore
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pg.unavailable("no redis-server binary; apt-get install redis-server", "Redis")
     port = pg.free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn_redis(port)
     try:
         store = await _connect_when_up(RedisCacheStore, f"redis://127.0.0.1:{port}/0")
         await store.set(CacheEntry("k", b"v", 0.0))
@@ -273,8 +270,7 @@ async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:
         assert await store.get("k", 1.0) is None
         await store.set(CacheEntry("k2", b"v", 0.0))  # logged, not raised
         # a restarted (empty) server: the store reconnects and loads its scripts again
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = spawn_redis(port)
         for _ in range(100):
             await store.set(CacheEntry("k3", b"back", 0.0, ("t",)))
             if await store.get("k3", 1.0) == b"back":
