@@ -1,10 +1,11 @@
 """Semantic cache benchmark: hit and false-hit rates per embedder, and lookup latency.
 
 Quality, on labelled Quora duplicate pairs (``shared/data/semantic_cache/qqp_pairs_dev.jsonl``),
-split 50/50 by hash as :func:`skinflint.semantic.calibrate.split` does: for each embedder (the
-local default, WordLlama when installed, character hashing), a threshold is calibrated on
-``--pairs`` pairs of the calibration half (for the local embedder, the shipped default is also
-measured) and applied, with and without the verifier, to ``--pairs`` pairs of the held-out half.
+split by hash as :func:`skinflint.semantic.calibrate.thirds` does (half 0 trained the
+``minilm-questions`` encoder and is not used here): for each embedder (the local default,
+``minilm-questions``, WordLlama when installed, character hashing), a threshold is calibrated on
+``--pairs`` pairs of the calibration quarter (for the local embedder, the shipped default is also
+measured) and applied, with and without the verifier, to ``--pairs`` pairs of the held-out quarter.
 *Hit rate* is the share of held-out pairs served from the cache, *false-hit rate* the share of
 non-duplicate pairs served (a wrong answer), precision the share of hits that were right.
 
@@ -49,7 +50,7 @@ from skinflint.semantic.calibrate import (  # noqa: E402
     evaluate,
     load_pairs,
     sample,
-    split,
+    thirds,
 )
 from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex  # noqa: E402
 from skinflint.server.run import GC_THRESHOLDS  # noqa: E402
@@ -78,7 +79,7 @@ def timed(calls: Sequence[Callable[[], object]]) -> list[float]:
 
 
 def embedders() -> list[str]:
-    names = ["local"]
+    names = ["local", "minilm-questions"]
     if importlib.util.find_spec("wordllama") is not None:
         names.append("wordllama")
     return [*names, "hashing"]
@@ -154,7 +155,7 @@ def lookup_latency(embedder: Embedder, queries: list[str], hnsw_max: int) -> lis
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pairs", type=int, default=2000,
-                        help="pairs from each half (calibration and held out)")
+                        help="pairs from each quarter (calibration and held out)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--hnsw-max", type=int, default=10_000,
                         help="largest index size at which HNSW is built (100k takes ~1 min)")
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"labelled pairs not found at {args.data}", file=sys.stderr)
         return 2
     shipped = json.loads(DEFAULT.read_text())
-    cal, held = (sample(half, args.pairs) for half in split(load_pairs(args.data)))
+    _, cal, held = (sample(part, args.pairs) for part in thirds(load_pairs(args.data)))
     target = float(shipped.get("target_precision", 0.95))
     started = time.perf_counter()
     local = load_embedder("local")

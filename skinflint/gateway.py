@@ -193,6 +193,14 @@ def semantic_setting(settings: Settings, feature: str = "", route: str = "") -> 
     applies them) and the verifier setting: the configuration's, else the calibrated default."""
     cfg = settings.cache.semantic
     defaults = semantic_defaults()
+    policies = (*cfg.features.values(), *cfg.routes.values())
+    enabled = cfg.enabled or any(policy.enabled for policy in policies)
+    if enabled and cfg.threshold is None and cfg.embedder not in (defaults["embedder"], "minilm"):
+        # a threshold is a property of one vector space: another embedder's would be a guess
+        raise ConfigError(
+            f"cache.semantic.threshold: the calibrated default is for the {defaults['embedder']!r}"
+            f" embedder; choose one for {cfg.embedder!r} with `skinflint cache calibrate PAIRS`"
+        )
     threshold = cfg.threshold if cfg.threshold is not None else float(defaults["threshold"])
     for policy in (cfg.routes.get(route), cfg.features.get(feature)):
         if policy is not None and policy.threshold is not None:

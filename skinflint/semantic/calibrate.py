@@ -11,7 +11,8 @@ target *with 95% confidence* (the one-sided Wilson lower bound, z = 1.645), not 
 sample. Picking the lowest threshold that passes favours thresholds whose sample precision is
 luckily high, and the hit count near a high threshold is small (a few hundred pairs), so the
 sample precision alone overstates what held-out pairs will show. :func:`split` gives a
-deterministic 50/50 split to check the chosen threshold on pairs it was not chosen on.
+deterministic 50/50 split to check the chosen threshold on pairs it was not chosen on, and
+:func:`thirds` one for an encoder fine-tuned on pairs: train, calibrate, check.
 
 Run ``python -m skinflint.semantic.calibrate PAIRS.jsonl --out FILE`` to calibrate on one half,
 evaluate on the other and write the result (the shipped ``skinflint/data/semantic_default.json``).
@@ -44,6 +45,7 @@ __all__ = [
     "load_pairs",
     "sample",
     "split",
+    "thirds",
 ]
 
 Z_95 = 1.645  # one-sided 95%
@@ -84,6 +86,16 @@ def split(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
     for pair in pairs:
         halves[pair.digest % 2].append(pair)
     return halves
+
+
+def thirds(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """``(training, calibration, held out)``: hash half 0, and half 1 cut in two by the hash's
+    next bit. The ``minilm-questions`` encoder is fine-tuned on the first, so its thresholds are
+    chosen on the second and checked on the third, neither of which it has seen."""
+    parts: tuple[list[Pair], list[Pair], list[Pair]] = ([], [], [])
+    for pair in pairs:
+        parts[0 if pair.digest % 2 == 0 else 1 + (pair.digest >> 1) % 2].append(pair)
+    return parts
 
 
 def sample(pairs: Sequence[Pair], n: int) -> list[Pair]:

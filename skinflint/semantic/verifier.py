@@ -19,7 +19,8 @@ the texts differ in any of
 Each check errs towards rejecting: a wrong rejection costs one upstream call, a wrong hit serves
 a wrong answer. (Logistic and gradient-boosted models over these differences, token overlap,
 the cosine and the two embeddings were tried on Quora pairs: none raised held-out recall at 95%
-precision, so none is shipped.)
+precision, so none is shipped. Fine-tuning the embedder itself on labelled pairs,
+``minilm-questions``, raises recall at 85-93% precision, not at 95%.)
 """
 
 from __future__ import annotations
