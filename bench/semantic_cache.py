@@ -4,8 +4,9 @@ Quality, on labelled Quora duplicate pairs (``shared/data/semantic_cache/qqp_pai
 split by hash as :func:`skinflint.semantic.calibrate.thirds` does (half 0 trained the
 ``minilm-questions`` encoder and is not used here): for each embedder (the local default,
 ``minilm-questions``, WordLlama when installed, character hashing), a threshold is calibrated on
-``--pairs`` pairs of the calibration quarter (for the local embedder, the shipped default is also
-measured) and applied, with and without the verifier, to ``--pairs`` pairs of the held-out quarter.
+``--pairs`` pairs of the calibration quarter for each ``--targets`` precision (for the local
+embedder, the shipped default is also measured) and applied, with and without the verifier, to
+``--pairs`` pairs of the held-out quarter.
 *Hit rate* is the share of held-out pairs served from the cache, *false-hit rate* the share of
 non-duplicate pairs served (a wrong answer), precision the share of hits that were right.
 
@@ -85,27 +86,32 @@ def embedders() -> list[str]:
     return [*names, "hashing"]
 
 
-def quality(name: str, cal: list[Pair], held: list[Pair], target: float,
+def quality(name: str, cal: list[Pair], held: list[Pair], targets: Sequence[float],
             shipped: dict[str, Any]) -> list[dict[str, Any]]:
-    """Held-out hit and false-hit rates at the embedder's own calibrated threshold (and, for the
-    shipped embedder, at the shipped threshold), with and without the verifier."""
+    """Held-out hit and false-hit rates at the embedder's own threshold calibrated for each
+    target precision (and, for the shipped embedder, at the shipped threshold), with and
+    without the verifier."""
     cache = CosineCache(load_embedder(name))
-    chosen = calibrate(cal, target, cache=cache)
-    settings = [("calibrated", float(chosen["threshold"]))]
+    settings: list[tuple[str, float, float, bool | None]] = []
     if name == shipped.get("embedder"):
-        settings.insert(0, ("shipped", float(shipped["threshold"])))
+        settings.append(("shipped", float(shipped["target_precision"]),
+                         float(shipped["threshold"]), None))
+    for target in targets:
+        chosen = calibrate(cal, target, cache=cache)
+        settings.append(("calibrated", target, float(chosen["threshold"]), bool(chosen["met"])))
     rows = []
-    for source, threshold in settings:
+    for source, target, threshold, met in settings:
         for verifier in (True, False):
             result = evaluate(held, threshold, verifier, cache=cache)
             rows.append({
                 "embedder": name, "model": cache.embedder.name, "threshold_source": source,
-                "threshold": threshold, "verifier": verifier, "pairs": result["pairs"],
+                "target": target, "threshold": threshold, "verifier": verifier,
+                "pairs": result["pairs"],
                 "hit_rate": round(result["hits"] / max(result["pairs"], 1), 4),
                 "false_hit_rate": round(result["false_hit_rate"], 4),
                 "precision": round(result["precision"], 4),
                 "recall": round(result["recall"], 4),
-                "calibration_met": bool(chosen["met"]),
+                "calibration_met": met,
             })
     return rows
 
@@ -156,6 +162,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pairs", type=int, default=2000,
                         help="pairs from each quarter (calibration and held out)")
+    parser.add_argument("--targets", type=float, nargs="+", default=None,
+                        help="precisions to calibrate for (default: the shipped default's)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--hnsw-max", type=int, default=10_000,
                         help="largest index size at which HNSW is built (100k takes ~1 min)")
@@ -166,9 +174,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def summary(record: dict[str, Any]) -> str:
-    lines = ["embedder   source      threshold verifier hit_rate false_hits precision recall"]
+    lines = ["embedder         source     target threshold verifier hit_rate false_hits precision "
+             "recall"]
     for r in record["quality"]:
-        lines.append(f"{r['embedder']:<10} {r['threshold_source']:<11} {r['threshold']:>9.4f} "
+        lines.append(f"{r['embedder']:<16} {r['threshold_source']:<10} {r['target']:>6.2f} "
+                     f"{r['threshold']:>9.4f} "
                      f"{r['verifier']!s:<8} {r['hit_rate']:>8.3f} {r['false_hit_rate']:>10.4f} "
                      f"{r['precision']:>9.3f} {r['recall']:>6.3f}")
     lines.append("embedding (local), ms p50/p99: " + ", ".join(
@@ -187,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     shipped = json.loads(DEFAULT.read_text())
     _, cal, held = (sample(part, args.pairs) for part in thirds(load_pairs(args.data)))
-    target = float(shipped.get("target_precision", 0.95))
+    targets = args.targets or [float(shipped.get("target_precision", 0.95))]
     started = time.perf_counter()
     local = load_embedder("local")
     queries = [p.text_a for p in held[: args.queries]]
@@ -196,9 +206,9 @@ def run(args: argparse.Namespace) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "processor": platform.processor()},
-        "pairs_per_half": args.pairs, "target_precision": target,
+        "pairs_per_quarter": args.pairs, "target_precisions": targets,
         "quality": [] if args.latency_only else [
-            row for name in embedders() for row in quality(name, cal, held, target, shipped)],
+            row for name in embedders() for row in quality(name, cal, held, targets, shipped)],
         "gc_thresholds": GC_THRESHOLDS,
         "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
     }
