@@ -4,6 +4,7 @@ keeps one behaviour, tested against real servers; then what is particular to Red
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -260,7 +261,8 @@ async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:
     port = pg.free_port()
     proc = spawn_redis(port)
     try:
-        store = await _connect_when_up(RedisCacheStore, f"redis://127.0.0.1:{port}/0")
+        store = await _connect_when_up(RedisCacheStore, f"redis://127.0.0.1:{port}/0",
+                                       cooldown=0.02)
         await store.set(CacheEntry("k", b"v", 0.0))
         assert await store.get("k", 1.0) == b"v"
     finally:
@@ -284,10 +286,52 @@ async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:
         proc.wait(timeout=10)
 
 
-async def _connect_when_up(cls: type, url: str) -> object:
+async def test_redis_that_hangs_is_skipped_until_a_probe_finds_it_back() -> None:
+    """A stopped (not closed) server times every command out; after three failures in a row the
+    store stops asking it, and after the cooldown one call finds it answering again."""
+    import redis as sync_redis
+
+    from skinflint.storage.redis_cache import RedisCacheStore
+
+    port = pg.free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = spawn_redis(port)
+    now = [0.0]
+    try:
+        store = await _connect_when_up(RedisCacheStore, url, op_timeout=0.2, cooldown=5.0,
+                                       clock=lambda: now[0])
+        await store.set(CacheEntry("k", b"v", 0.0))
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert await store.get("k", 1.0) is None  # timed out
+            await store.set(CacheEntry("late", b"v", 0.0))  # timed out, logged
+            assert await store.get("k", 1.0) is None  # the third failure opens the breaker
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        direct = sync_redis.Redis.from_url(url, socket_timeout=2)
+        direct.ping()
+        # the server answers again, but within the cooldown the store does not ask it
+        assert await store.get("k", 1.0) is None
+        await store.set(CacheEntry("skipped", b"v", 0.0))
+        now[0] += 4.9
+        assert await store.get("k", 1.0) is None
+        now[0] += 0.2  # past the cooldown: this call probes, succeeds and closes the breaker
+        assert await store.get("k", 1.0) == b"v"
+        await store.set(CacheEntry("after", b"w", 0.0))
+        assert await store.get("after", 1.0) == b"w"
+        assert not direct.exists("skinflint:c:skipped")  # never sent
+        direct.close()
+        await store.close()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def _connect_when_up(cls: type, url: str, **options: object) -> object:
     for _ in range(100):
         try:
-            return await cls.create(url, timeout=1.0)
+            return await cls.create(url, timeout=1.0, **options)
         except ConfigError:
             await asyncio.sleep(0.05)
     raise AssertionError(f"redis at {url} did not come up")

@@ -18,14 +18,17 @@ Cluster. The server must not evict keys on its own (``maxmemory-policy`` ``noevi
 and leave its entries out of reach of invalidation, so :meth:`RedisCacheStore.create` warns.
 
 Reads and writes turn Redis failures into misses (logged): the cache saves money and must not
-take the gateway down. Invalidation and stats raise.
+take the gateway down. After ``failures_to_open`` failures in a row (a hung server costs
+``op_timeout`` each) reads and writes skip Redis for ``cooldown`` seconds, then one call probes
+it and a success resumes normal service. Invalidation and stats always go to Redis, and raise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,21 +110,53 @@ async def _check_eviction_policy(client: aioredis.Redis, url: str) -> None:
             "invalidation reads; use noeviction or a volatile-* policy", _where(url), policy)
 
 
-@contextlib.contextmanager
-def _as_miss(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        log.warning("redis %s failed, treated as a miss: %s", what, exc)
+class _Breaker:
+    """Stops calls to a failing server for ``cooldown`` seconds after ``limit`` failures in a
+    row, then lets one call at a time through to probe it."""
+
+    def __init__(self, limit: int, cooldown: float, clock: Callable[[], float]) -> None:
+        self._limit, self._cooldown, self._clock = limit, cooldown, clock
+        self._failures = 0
+        self._closed_at = 0.0  # clock time before which no call is let through
+
+    def allows(self) -> bool:
+        if self._failures < self._limit:
+            return True
+        now = self._clock()
+        if now < self._closed_at:
+            return False
+        self._closed_at = now + self._cooldown  # this call is the probe
+        return True
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Record the outcome of one call; a Redis failure is logged, not raised."""
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            self._failures += 1
+            log.warning("redis %s failed, treated as a miss: %s", what, exc)
+            if self._failures >= self._limit:
+                self._closed_at = self._clock() + self._cooldown
+                if self._failures == self._limit:
+                    log.warning("redis failed %d times in a row: the cache skips it, probing "
+                                "every %.0f s", self._limit, self._cooldown)
+        else:
+            if self._failures >= self._limit:
+                log.warning("redis answers again: the cache uses it")
+            self._failures = 0
 
 
 class RedisCacheStore:
     """Entries in Redis; see the module docstring. Owns its connection pool."""
 
     def __init__(
-        self, client: aioredis.Redis, *, prefix: str = "skinflint:", max_entries: int = 200_000
+        self, client: aioredis.Redis, *, prefix: str = "skinflint:", max_entries: int = 200_000,
+        failures_to_open: int = 3, cooldown: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_entries = max_entries
+        self._breaker = _Breaker(failures_to_open, cooldown, clock)
         self.evictions = 0
         self._client = client
         self._prefix = prefix
@@ -133,13 +168,14 @@ class RedisCacheStore:
     @classmethod
     async def create(
         cls, url: str, *, prefix: str = "skinflint:", max_entries: int = 200_000,
-        timeout: float = 5.0, op_timeout: float = 1.0, pool_size: int = 32,
+        timeout: float = 5.0, op_timeout: float = 1.0, pool_size: int = 32, **breaker: Any,
     ) -> RedisCacheStore:
         """Connect and check the server answers. Raises ConfigError when it does not.
 
         At most ``pool_size`` connections are opened; a request that finds them all busy waits
         for one rather than opening another. A command that takes longer than ``op_timeout``
-        fails (a read becomes a miss): a hung server must not hold every request for long."""
+        fails (a read becomes a miss): a hung server must not hold every request for long.
+        ``breaker`` passes ``failures_to_open``, ``cooldown`` and ``clock`` on to the store."""
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=pool_size, timeout=op_timeout, socket_timeout=op_timeout,
             socket_connect_timeout=timeout, health_check_interval=30,
@@ -152,14 +188,16 @@ class RedisCacheStore:
             raise ConfigError(
                 f"storage.redis_url: cannot reach redis at {_where(url)}: {exc}") from exc
         await _check_eviction_policy(client, url)
-        return cls(client, prefix=prefix, max_entries=max_entries)
+        return cls(client, prefix=prefix, max_entries=max_entries, **breaker)
 
     def _key(self, key: str) -> str:
         return f"{self._prefix}c:{key}"
 
     async def get(self, key: str, now: float) -> bytes | None:
-        """The live value under ``key``, or None (also when Redis fails)."""
-        with _as_miss("cache get"):
+        """The live value under ``key``, or None (also when Redis fails or is skipped)."""
+        if not self._breaker.allows():
+            return None
+        with self._breaker.guard("cache get"):
             value, expires = await self._client.hmget(self._key(key), ["v", "e"])
             if value is None or (expires is not None and 0 < float(expires) <= now):
                 return None
@@ -168,9 +206,9 @@ class RedisCacheStore:
 
     async def set(self, entry: CacheEntry) -> None:
         """Store ``entry``, replacing its value and tags; a Redis failure is logged only."""
-        if self.max_entries <= 0:
+        if self.max_entries <= 0 or not self._breaker.allows():
             return
-        with _as_miss("cache set"):
+        with self._breaker.guard("cache set"):
             args: list[Any] = [
                 self._prefix, entry.value, repr(entry.expires_at), self.max_entries, *entry.tags
             ]
