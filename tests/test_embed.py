@@ -145,6 +145,12 @@ def test_tuned_weights_replace_the_encoder_and_name_their_vector_space(
     agreement = (other.embed(texts) * minilm.embed(texts)).sum(axis=1)
     assert agreement.max() < 0.9999 and agreement.min() > 0.5
     assert other.name != same.name
+    first_four = {k: v for k, v in encoder.items()
+                  if not k.startswith("matrix.") or int(k.split(".")[1]) < 24}
+    np.savez(tmp_path / "four.npz", **first_four)  # a model that drops its last two layers
+    shorter = MiniLMEmbedder(tuned=tmp_path / "four.npz").embed(texts)
+    assert np.allclose(np.linalg.norm(shorter, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(shorter, minilm.embed(texts), atol=1e-3)
     np.savez(tmp_path / "wrong.npz", **{**encoder, "matrix.7.w": encoder["matrix.7.w"][:, :10]})
     with pytest.raises(ConfigError, match="not the expected int8 MiniLM"):
         MiniLMEmbedder(tuned=tmp_path / "wrong.npz")

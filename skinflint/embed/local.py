@@ -161,14 +161,15 @@ def lean_model(model_bytes: bytes, tuned: Tuned | None = None) -> LeanModel:
 
     ``tuned`` replaces the encoder's weights with fine-tuned ones, keeping the file's embedding
     tables: ``matrix.N.w`` (int8) and ``matrix.N.scale`` for the N-th matrix (query, key, value,
-    output, up, down: six per layer, for as many layers as it keeps), and
-    any other weight by its name in the file.
+    output, up, down: six per layer, for as many layers as it keeps, so a model may drop its
+    last layers), and any other weight by its name in the file.
     """
     onnx = _import("onnx", "pip install onnx")
     weights = encoder_weights(model_bytes)
     source = weights if tuned is None else tuned
-    names = [f"matrix.{n}" for n in range(sum(k.startswith("matrix.") for k in source) // 2)]
-    missing = [f"{name}.w" for name in names if f"{name}.w" not in source]
+    count = sum(k.startswith("matrix.") and k.endswith(".w") for k in source)
+    names = [f"matrix.{n}" for n in range(count)]
+    missing = [f"{n}.{x}" for n in names for x in ("w", "scale") if f"{n}.{x}" not in source]
     if missing:
         raise ConfigError(f"the fine-tuned weights lack {', '.join(missing)}")
     matrices = [(source[f"{name}.w"], source[f"{name}.scale"]) for name in names]
