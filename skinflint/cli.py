@@ -165,7 +165,9 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     st = settings.storage
     path = args.db or st.redis_url or st.postgres_url or st.sqlite_path
     if args.cache_command == "stats":
-        stats = cachestats.stats(path, redis_prefix=st.redis_prefix)
+        # Redis keeps no ledger: hit figures come from where the gateway writes it
+        ledger = (st.postgres_url or st.sqlite_path) if args.db is None else None
+        stats = cachestats.stats(path, redis_prefix=st.redis_prefix, ledger=ledger)
         if args.json:
             _print_json(stats)
         else:

@@ -12,7 +12,9 @@ import pytest
 
 from skinflint.errors import ConfigError
 from skinflint.interfaces import CacheEntry, CacheStore
+from skinflint.models import LedgerRecord
 from skinflint.storage.cache import MemoryCacheStore, TieredCacheStore
+from skinflint.storage.ledger import SQLiteLedger
 from tests import pg
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 from tests.redis_server import (  # noqa: F401  (fixtures)
@@ -244,11 +246,20 @@ def test_cli_invalidates_under_the_configured_prefix(
 
     asyncio.run(seed())
     config = tmp_path / "skinflint.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"redis_url": redis_url,
-                                                  "redis_prefix": "prod:"}}))
+    ledger_path = tmp_path / "ledger.db"
+    config.write_text(yaml.safe_dump({"storage": {"redis_url": redis_url, "redis_prefix": "prod:",
+                                                  "sqlite_path": str(ledger_path)}}))
     base = ["--config", str(config), "cache"]
     assert main([*base, "stats", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"entries": 1}
+    assert json.loads(capsys.readouterr().out) == {"entries": 1}  # no ledger written yet
+    ledger = SQLiteLedger(str(ledger_path))
+    for n, status in enumerate(("miss", "hit-exact", "hit-semantic", "miss")):
+        ledger.record(LedgerRecord(f"r{n}", 1.0, cache_status=status, saved_usd=0.5))
+    ledger.close()
+    assert main([*base, "stats", "--json"]) == 0  # entries from Redis, hits from the ledger
+    assert json.loads(capsys.readouterr().out) == {
+        "entries": 1, "requests": 4, "hits": 2, "semantic_hits": 1, "hit_rate": 0.5,
+        "saved_usd": 1.0}
     assert main([*base, "invalidate", "--tag", "user:42", "--url", "http://127.0.0.1:9",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"invalidated": 1, "where": "redis"}

@@ -108,6 +108,7 @@ def test_cache_cli_reads_and_invalidates_postgres(replicas: list[BackgroundServe
 
     stats = cli("stats")
     assert stats["entries"] == 2 and stats["requests"] == 4 and stats["hits"] == 2
+    assert stats["semantic_hits"] == 0 and float(stats["saved_usd"]) > 0  # type: ignore[arg-type]
     dropped = cli("invalidate", "--tag", "user:1", "--url", "http://127.0.0.1:9")
     assert dropped == {"invalidated": 1, "where": "postgres"}
     assert cli("stats")["entries"] == 1

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from skinflint.interfaces import CacheStore
@@ -37,11 +38,16 @@ def is_redis(db: str) -> bool:
     return db.startswith(("redis://", "rediss://", "unix://"))
 
 
-def stats(path: str, *, redis_prefix: str = "skinflint:") -> dict[str, Any]:
-    """Entries on disk and, from the ledger, hit rate and money saved by cache hits."""
+def stats(
+    path: str, *, redis_prefix: str = "skinflint:", ledger: str | None = None
+) -> dict[str, Any]:
+    """Entries in the cache store at ``path`` and, from the ledger, hit rate and money saved by
+    cache hits. The ledger is at ``path`` too, except for Redis, which keeps no ledger: then it
+    is at ``ledger`` (the gateway's PostgreSQL URL or SQLite file), when given."""
     if is_postgres(path) or is_redis(path):
         entries = asyncio.run(_with_store(path, redis_prefix, _entries))
-        return {**entries, **_postgres_hits(path)} if is_postgres(path) else entries
+        source = path if is_postgres(path) else ledger
+        return {**entries, **_ledger_hits(source)} if source else entries
     conn = open_sqlite(path)
     try:
         tables = _tables(conn)
@@ -58,17 +64,39 @@ def stats(path: str, *, redis_prefix: str = "skinflint:") -> dict[str, Any]:
         if "semantic_entries" in tables:
             semantic = conn.execute("SELECT COUNT(*) FROM semantic_entries").fetchone()[0]
             out["semantic_entries"] = semantic
-        if "ledger" in tables:
-            total, hits, semantic_hits, saved = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
-                " COALESCE(SUM(cache_status = 'hit-semantic'), 0),"
-                " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
-                " FROM ledger WHERE endpoint IN ('chat', 'embeddings')"
-            ).fetchone()
-            out.update(_hit_figures(total, hits, semantic_hits, float(saved)))
-        return out
+        return {**out, **_sqlite_hits(conn, tables)}
     finally:
         conn.close()
+
+
+def _ledger_hits(source: str) -> dict[str, Any]:
+    if is_postgres(source):
+        from skinflint.storage.postgres import PostgresLedger
+
+        ledger = PostgresLedger(source)
+        try:
+            return _hit_figures(*ledger.hit_counts())
+        finally:
+            ledger.close()
+    if not Path(source).is_file():
+        return {}
+    conn = open_sqlite(source)
+    try:
+        return _sqlite_hits(conn, _tables(conn))
+    finally:
+        conn.close()
+
+
+def _sqlite_hits(conn: sqlite3.Connection, tables: set[str]) -> dict[str, Any]:
+    if "ledger" not in tables:
+        return {}
+    total, hits, semantic_hits, saved = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
+        " COALESCE(SUM(cache_status = 'hit-semantic'), 0),"
+        " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
+        " FROM ledger WHERE endpoint IN ('chat', 'embeddings')"
+    ).fetchone()
+    return _hit_figures(total, hits, semantic_hits, float(saved))
 
 
 async def _with_store(db: str, redis_prefix: str, job: Callable[[CacheStore], Awaitable[T]]) -> T:
@@ -92,21 +120,6 @@ async def _entries(store: CacheStore) -> dict[str, Any]:
     out: dict[str, Any] = await store.stats()
     out.pop("evictions", None)  # counted by a running store, always 0 here
     return out
-
-
-def _postgres_hits(url: str) -> dict[str, Any]:
-    from skinflint.storage.postgres import PostgresLedger
-
-    ledger = PostgresLedger(url)
-    try:
-        records = list(ledger.query())
-    finally:
-        ledger.close()
-    served = [r for r in records if r.endpoint in ("chat", "embeddings")]
-    hits = [r for r in served if r.cache_status.startswith("hit")]
-    semantic_hits = sum(r.cache_status == "hit-semantic" for r in hits)
-    saved = sum(r.saved_usd or 0.0 for r in hits)
-    return _hit_figures(len(served), len(hits), semantic_hits, saved)
 
 
 def _hit_figures(requests: int, hits: int, semantic_hits: int, saved: float) -> dict[str, Any]:

@@ -489,6 +489,20 @@ class PostgresLedger:
                 f"SELECT {_QUOTED} FROM skinflint_ledger WHERE ts >= %s ORDER BY ts", (since,))
             return [LedgerRecord(*row) for row in cur.fetchall()]
 
+    def hit_counts(self) -> tuple[int, int, int, float]:
+        """``(requests, hits, semantic hits, USD saved by hits)`` over chat and embeddings
+        calls, counted by the database after writing what is pending."""
+        self.flush()
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE cache_status LIKE 'hit%'),"
+                " COUNT(*) FILTER (WHERE cache_status = 'hit-semantic'),"
+                " COALESCE(SUM(saved_usd) FILTER (WHERE cache_status LIKE 'hit%'), 0)"
+                " FROM skinflint_ledger WHERE endpoint IN ('chat', 'embeddings')"
+            ).fetchone()
+        assert row is not None  # an aggregate always returns one row
+        return int(row[0]), int(row[1]), int(row[2]), float(row[3])
+
     def close(self) -> None:
         self._writer.close()
         if self._held:
