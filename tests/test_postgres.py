@@ -68,6 +68,58 @@ async def test_cache_failure_is_a_miss(pg_url: str) -> None:
         await store.invalidate_tags(["t"])
 
 
+async def _lock(url: str, *tables: str) -> psycopg.AsyncConnection[Any]:
+    """A connection holding an exclusive lock on ``tables`` until it rolls back."""
+    conn = await psycopg.AsyncConnection.connect(url)
+    await conn.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+    return conn
+
+
+async def test_a_locked_cache_costs_misses_then_is_skipped_until_a_probe(pg_url: str) -> None:
+    """Reads and writes wait at most ``op_timeout`` for a lock; after three failures in a row
+    the store stops asking, and after the cooldown one call finds the database back. Sweeps
+    and invalidation are maintenance: they wait for the lock instead of failing."""
+    now = [0.0]
+    store = await PostgresCacheStore.create(pg_url, op_timeout=0.2, cooldown=5.0,
+                                            clock=lambda: now[0])
+    try:
+        await store.set(CacheEntry("k", b"v", 0.0, ("t",)))
+        locker = await _lock(pg_url, "skinflint_cache")
+        try:
+            assert await asyncio.wait_for(store.get("k", 1.0), 5) is None  # statement timeout
+            await asyncio.wait_for(store.set(CacheEntry("k2", b"v", 0.0)), 5)  # logged
+            sweep = asyncio.create_task(store.sweep(now=1.0))
+            assert await asyncio.wait_for(store.get("k", 1.0), 5) is None  # breaker opens
+            await asyncio.sleep(0.5)
+            assert not sweep.done()  # still waiting for the lock, past op_timeout
+        finally:
+            await locker.rollback()
+            await locker.close()
+        assert await asyncio.wait_for(sweep, 5) == 0
+        assert await store.get("k", 1.0) is None  # skipped within the cooldown
+        now[0] += 5.1
+        assert await store.get("k", 1.0) == b"v"  # the probe succeeds
+        await store.set(CacheEntry("k3", b"w", 0.0))
+        assert await store.get("k3", 1.0) == b"w"
+        assert await store.invalidate_tags(["t"]) == 1
+    finally:
+        await store.close()
+
+
+async def test_a_locked_semantic_table_costs_an_empty_search(make_index: IndexFactory,
+                                                              pg_url: str) -> None:
+    index = await make_index(op_timeout=0.2)
+    await index.add("p", "k", "question", unit(1.0))
+    locker = await _lock(pg_url, f"skinflint_semantic_{DIM}", f"skinflint_semantic_{DIM}_used")
+    try:
+        assert await asyncio.wait_for(index.search("p", unit(1.0), 1), 5) == []
+        await asyncio.wait_for(index.touch("k"), 5)  # logged, not raised
+    finally:
+        await locker.rollback()
+        await locker.close()
+    assert [key for key, _, _ in await index.search("p", unit(1.0), 1)] == ["k"]
+
+
 async def test_unreachable_server_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"127\.0\.0\.1:1"):
         await PostgresCacheStore.create(DEAD_URL, timeout=2.0)

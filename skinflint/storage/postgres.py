@@ -19,7 +19,11 @@ idempotent and serialised by an advisory lock, so replicas may start together. T
 unqualified: add ``options=-csearch_path=NAME,public`` to the URL to keep them in a schema.
 
 Cache and semantic reads and writes turn database failures into misses (logged): the cache
-saves money and must not take the gateway down. Invalidation, stats and counts raise.
+saves money and must not take the gateway down. Each of them is cut off by the server after
+``op_timeout`` seconds (``statement_timeout``), so a table locked by a long transaction costs a
+miss, not a stalled request, and after three failures in a row they skip the database for a
+few seconds (:class:`~skinflint.storage.breaker.Breaker`). Sweeps, evictions, invalidation,
+stats and counts run without that limit; invalidation, stats and counts raise.
 
 psycopg 3 is the driver: it is fully typed, and the same library serves the async pools and the
 ledger's synchronous COPY.
@@ -47,6 +51,7 @@ from psycopg_pool import AsyncConnectionPool
 from skinflint.errors import ConfigError
 from skinflint.interfaces import CacheEntry, Vector
 from skinflint.models import LedgerRecord
+from skinflint.storage.breaker import Breaker
 from skinflint.storage.writer import BatchWriter
 
 __all__ = ["PgSemanticIndex", "PostgresCacheStore", "PostgresLedger"]
@@ -93,19 +98,33 @@ async def _setup(url: str, statements: Sequence[str]) -> str:
 
 
 async def _open_pool(
-    url: str, *, size: int, timeout: float,
+    url: str, *, size: int, timeout: float, op_timeout: float,
     configure: Callable[[AsyncConn], Awaitable[None]] | None = None,
 ) -> Pool:
-    """An opened pool of autocommit connections (each statement is its own transaction)."""
+    """An opened pool of autocommit connections (each statement is its own transaction) whose
+    statements the server cancels after ``op_timeout`` seconds (see :func:`_unbounded`)."""
+    options = conninfo_to_dict(url).get("options") or ""  # keep the URL's own, if any
+    limit = f"-c statement_timeout={max(1, round(op_timeout * 1000))}"
+    kwargs = {"autocommit": True, "connect_timeout": _CONNECT_TIMEOUT,
+              "options": f"{options} {limit}".strip()}
     pool: Pool = AsyncConnectionPool(
         url, min_size=1, max_size=size, open=False, timeout=timeout, configure=configure,
-        kwargs={"autocommit": True, "connect_timeout": _CONNECT_TIMEOUT}, name="skinflint")
+        kwargs=kwargs, name="skinflint")
     try:
         await pool.open(wait=True, timeout=timeout)
     except psycopg.Error as exc:
         await pool.close()
         raise _config_error(url, exc) from exc
     return pool
+
+
+async def _unbounded(pool: Pool, statement: str, params: Any) -> tuple[int, list[Any]]:
+    """``(rowcount, rows)`` of one maintenance statement run without the pool's statement
+    timeout: sweeping or invalidating many rows may take longer than a cache read may."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        cur = await conn.execute(statement, params)
+        return cur.rowcount, (await cur.fetchall() if cur.description else [])
 
 
 @contextlib.contextmanager
@@ -171,25 +190,34 @@ class PostgresCacheStore:
     ``max_entries`` is enforced by :meth:`sweep`, so the table may overshoot it by up to
     ``sweep_every`` writes per replica between sweeps."""
 
-    def __init__(self, pool: Pool, *, max_entries: int = 200_000, sweep_every: int = 1000) -> None:
+    def __init__(
+        self, pool: Pool, *, max_entries: int = 200_000, sweep_every: int = 1000,
+        **breaker: Any,
+    ) -> None:
         self.max_entries = max_entries
         self.evictions = 0
         self._pool = pool
         self._sweeper = _Every(sweep_every, self.sweep, "cache sweep")
+        self._breaker = Breaker("postgres", (psycopg.Error,), **breaker)
 
     @classmethod
     async def create(
         cls, url: str, *, max_entries: int = 200_000, sweep_every: int = 1000,
-        pool_size: int = 4, timeout: float = 5.0,
+        pool_size: int = 4, timeout: float = 5.0, op_timeout: float = 1.0, **breaker: Any,
     ) -> PostgresCacheStore:
-        """Create the tables if needed and connect. Raises ConfigError when that fails."""
+        """Create the tables if needed and connect. Raises ConfigError when that fails.
+        ``breaker`` passes ``limit``, ``cooldown`` and ``clock`` on to the store's
+        :class:`~skinflint.storage.breaker.Breaker`."""
         await _setup(url, _CACHE_SCHEMA)
-        pool = await _open_pool(url, size=pool_size, timeout=timeout)
-        return cls(pool, max_entries=max_entries, sweep_every=sweep_every)
+        pool = await _open_pool(url, size=pool_size, timeout=timeout, op_timeout=op_timeout)
+        return cls(pool, max_entries=max_entries, sweep_every=sweep_every, **breaker)
 
     async def get(self, key: str, now: float) -> bytes | None:
-        """The live value under ``key``, or None (also when the database fails)."""
-        with _as_miss("cache get"):
+        """The live value under ``key``, or None (also when the database fails or is
+        skipped)."""
+        if not self._breaker.allows():
+            return None
+        with self._breaker.guard("cache get"):
             async with self._pool.connection() as conn:
                 row = await (await conn.execute(_CACHE_GET, (key, now))).fetchone()
             return None if row is None else bytes(row[0])
@@ -197,9 +225,9 @@ class PostgresCacheStore:
 
     async def set(self, entry: CacheEntry) -> None:
         """Store ``entry``, replacing its value and tags; a database failure is logged only."""
-        if self.max_entries <= 0:
+        if self.max_entries <= 0 or not self._breaker.allows():
             return
-        with _as_miss("cache set"):
+        with self._breaker.guard("cache set"):
             async with self._pool.connection() as conn:
                 await conn.execute(
                     _CACHE_SET, (entry.key, entry.value, entry.expires_at, list(entry.tags)))
@@ -208,27 +236,24 @@ class PostgresCacheStore:
     async def invalidate_tags(self, tags: Sequence[str]) -> int:
         if not tags:
             return 0
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "DELETE FROM skinflint_cache WHERE tags && %s::text[]", (list(tags),))
-            return cur.rowcount
+        dropped, _ = await _unbounded(
+            self._pool, "DELETE FROM skinflint_cache WHERE tags && %s::text[]", (list(tags),))
+        return dropped
 
     async def sweep(self, now: float | None = None) -> int:
         """Delete expired rows, then the oldest writes past ``max_entries``; returns how many
         rows went. Safe to run from several replicas at once."""
         now = time.time() if now is None else now
-        async with self._pool.connection() as conn:
-            expired = (await conn.execute(_CACHE_EXPIRE, (now,))).rowcount
-            trimmed = (await conn.execute(_CACHE_TRIM, (max(self.max_entries, 0),))).rowcount
+        expired, _ = await _unbounded(self._pool, _CACHE_EXPIRE, (now,))
+        trimmed, _ = await _unbounded(self._pool, _CACHE_TRIM, (max(self.max_entries, 0),))
         self.evictions += trimmed
         return expired + trimmed
 
     async def stats(self) -> dict[str, int]:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT count(*), coalesce(sum(octet_length(value)), 0) FROM skinflint_cache")
-            row = await cur.fetchone()
-        entries, size = row if row else (0, 0)
+        _, rows = await _unbounded(
+            self._pool, "SELECT count(*), coalesce(sum(octet_length(value)), 0)"
+            " FROM skinflint_cache", None)
+        entries, size = rows[0]
         return {"entries": int(entries), "bytes": int(size), "evictions": self.evictions}
 
     async def close(self) -> None:
@@ -305,7 +330,7 @@ class PgSemanticIndex:
 
     def __init__(
         self, pool: Pool, *, space: str, dim: int, max_entries: int = 100_000,
-        evict_every: int = 500,
+        evict_every: int = 500, **breaker: Any,
     ) -> None:
         self.space = space
         self.dim = dim
@@ -314,21 +339,26 @@ class PgSemanticIndex:
         self._pool = pool
         self._sql = _SemanticSQL(f"skinflint_semantic_{int(dim)}")
         self._evictor = _Every(evict_every, self.evict, "semantic eviction")
+        self._breaker = Breaker("postgres", (psycopg.Error,), **breaker)
 
     @classmethod
     async def create(
         cls, url: str, *, space: str, dim: int, max_entries: int = 100_000,
         evict_every: int = 500, pool_size: int = 4, timeout: float = 5.0,
+        op_timeout: float = 1.0, **breaker: Any,
     ) -> PgSemanticIndex:
         """Create the extension and tables if needed and connect. Raises ConfigError when that
-        fails, or for a ``dim`` outside 1..2000 (the widest vector HNSW indexes)."""
+        fails, or for a ``dim`` outside 1..2000 (the widest vector HNSW indexes). ``breaker``
+        is passed on as for :meth:`PostgresCacheStore.create`."""
         if not 0 < dim <= _HNSW_MAX_DIM:
             raise ConfigError(f"storage: a pgvector index takes 1 to {_HNSW_MAX_DIM} dimensions,"
                               f" not {dim}")
         version = await _setup(url, _semantic_schema(f"skinflint_semantic_{int(dim)}", dim))
         configure = partial(_configure_vectors, iterative=_version(version) >= (0, 8))
-        pool = await _open_pool(url, size=pool_size, timeout=timeout, configure=configure)
-        return cls(pool, space=space, dim=dim, max_entries=max_entries, evict_every=evict_every)
+        pool = await _open_pool(
+            url, size=pool_size, timeout=timeout, op_timeout=op_timeout, configure=configure)
+        return cls(pool, space=space, dim=dim, max_entries=max_entries, evict_every=evict_every,
+                   **breaker)
 
     def _vector(self, vector: Vector) -> Vector:
         out = np.asarray(vector, dtype=np.float32).reshape(-1)
@@ -341,9 +371,9 @@ class PgSemanticIndex:
         """Up to ``k`` (key, cosine similarity, question) triples from ``partition``, most
         similar first; [] when the database fails."""
         params = {"v": self._vector(vector), "space": self.space, "partition": partition, "k": k}
-        if k <= 0:
+        if k <= 0 or not self._breaker.allows():
             return []
-        with _as_miss("semantic search"):
+        with self._breaker.guard("semantic search"):
             async with self._pool.connection() as conn:
                 rows = await (await conn.execute(self._sql.search, params)).fetchall()
             return [(str(key), float(score), str(text)) for key, score, text in rows]
@@ -353,28 +383,31 @@ class PgSemanticIndex:
         """Store or replace ``key`` (a database failure is logged only)."""
         params = {"v": self._vector(vector), "space": self.space, "partition": partition,
                   "key": key, "text": text}
-        with _as_miss("semantic add"):
-            await self._run(self._sql.add, params)
-            self._evictor.tick()
+        if self._breaker.allows():
+            with self._breaker.guard("semantic add"):
+                await self._run(self._sql.add, params)
+                self._evictor.tick()
 
     async def touch(self, key: str) -> None:
-        with _as_miss("semantic touch"):
-            await self._run(self._sql.touch, {"space": self.space, "key": key})
+        if self._breaker.allows():
+            with self._breaker.guard("semantic touch"):
+                await self._run(self._sql.touch, {"space": self.space, "key": key})
 
     async def remove(self, key: str) -> None:
-        with _as_miss("semantic remove"):
-            await self._run(self._sql.remove, {"space": self.space, "key": key})
+        if self._breaker.allows():
+            with self._breaker.guard("semantic remove"):
+                await self._run(self._sql.remove, {"space": self.space, "key": key})
 
     async def count(self) -> int:
-        async with self._pool.connection() as conn:
-            row = await (await conn.execute(self._sql.count, {"space": self.space})).fetchone()
-        return int(row[0]) if row else 0
+        _, rows = await _unbounded(self._pool, self._sql.count, {"space": self.space})
+        return int(rows[0][0])
 
     async def evict(self) -> int:
         """Delete this space's least recently used rows past ``max_entries``; returns how many.
         Safe to run from several replicas at once."""
         keep = max(self.max_entries, 0)
-        dropped = await self._run(self._sql.evict, {"space": self.space, "keep": keep})
+        dropped, _ = await _unbounded(
+            self._pool, self._sql.evict, {"space": self.space, "keep": keep})
         self.evictions += dropped
         return dropped
 

@@ -25,10 +25,9 @@ it and a success resumes normal service. Invalidation and stats always go to Red
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,6 +36,7 @@ from redis.exceptions import RedisError
 
 from skinflint.errors import ConfigError
 from skinflint.interfaces import CacheEntry
+from skinflint.storage.breaker import Breaker
 
 __all__ = ["RedisCacheStore"]
 
@@ -110,43 +110,6 @@ async def _check_eviction_policy(client: aioredis.Redis, url: str) -> None:
             "invalidation reads; use noeviction or a volatile-* policy", _where(url), policy)
 
 
-class _Breaker:
-    """Stops calls to a failing server for ``cooldown`` seconds after ``limit`` failures in a
-    row, then lets one call at a time through to probe it."""
-
-    def __init__(self, limit: int, cooldown: float, clock: Callable[[], float]) -> None:
-        self._limit, self._cooldown, self._clock = limit, cooldown, clock
-        self._failures = 0
-        self._closed_at = 0.0  # clock time before which no call is let through
-
-    def allows(self) -> bool:
-        if self._failures < self._limit:
-            return True
-        now = self._clock()
-        if now < self._closed_at:
-            return False
-        self._closed_at = now + self._cooldown  # this call is the probe
-        return True
-
-    @contextlib.contextmanager
-    def guard(self, what: str) -> Iterator[None]:
-        """Record the outcome of one call; a Redis failure is logged, not raised."""
-        try:
-            yield
-        except (RedisError, OSError) as exc:
-            self._failures += 1
-            log.warning("redis %s failed, treated as a miss: %s", what, exc)
-            if self._failures >= self._limit:
-                self._closed_at = self._clock() + self._cooldown
-                if self._failures == self._limit:
-                    log.warning("redis failed %d times in a row: the cache skips it, probing "
-                                "every %.0f s", self._limit, self._cooldown)
-        else:
-            if self._failures >= self._limit:
-                log.warning("redis answers again: the cache uses it")
-            self._failures = 0
-
-
 class RedisCacheStore:
     """Entries in Redis; see the module docstring. Owns its connection pool."""
 
@@ -156,7 +119,8 @@ class RedisCacheStore:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_entries = max_entries
-        self._breaker = _Breaker(failures_to_open, cooldown, clock)
+        self._breaker = Breaker("redis", (RedisError, OSError), limit=failures_to_open,
+                                cooldown=cooldown, clock=clock)
         self.evictions = 0
         self._client = client
         self._prefix = prefix
