@@ -18,16 +18,16 @@ Cluster. The server must not evict keys on its own (``maxmemory-policy`` ``noevi
 and leave its entries out of reach of invalidation, so :meth:`RedisCacheStore.create` warns.
 
 Reads and writes turn Redis failures into misses (logged): the cache saves money and must not
-take the gateway down. After ``failures_to_open`` failures in a row (a hung server costs
-``op_timeout`` each) reads and writes skip Redis for ``cooldown`` seconds, then one call probes
-it and a success resumes normal service. Invalidation and stats always go to Redis, and raise.
+take the gateway down. After three failures in a row (a hung server costs ``op_timeout``
+each) reads and writes skip Redis for a few seconds, then one call probes it and a success
+resumes normal service (:class:`~skinflint.storage.breaker.Breaker`). Invalidation and stats
+always go to Redis, and raise.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -115,12 +115,10 @@ class RedisCacheStore:
 
     def __init__(
         self, client: aioredis.Redis, *, prefix: str = "skinflint:", max_entries: int = 200_000,
-        failures_to_open: int = 3, cooldown: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
+        **breaker: Any,
     ) -> None:
         self.max_entries = max_entries
-        self._breaker = Breaker("redis", (RedisError, OSError), limit=failures_to_open,
-                                cooldown=cooldown, clock=clock)
+        self._breaker = Breaker("redis", (RedisError, OSError), **breaker)
         self.evictions = 0
         self._client = client
         self._prefix = prefix
@@ -139,7 +137,8 @@ class RedisCacheStore:
         At most ``pool_size`` connections are opened; a request that finds them all busy waits
         for one rather than opening another. A command that takes longer than ``op_timeout``
         fails (a read becomes a miss): a hung server must not hold every request for long.
-        ``breaker`` passes ``failures_to_open``, ``cooldown`` and ``clock`` on to the store."""
+        ``breaker`` passes ``limit``, ``cooldown`` and ``clock`` on to the store's
+        :class:`~skinflint.storage.breaker.Breaker`."""
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=pool_size, timeout=op_timeout, socket_timeout=op_timeout,
             socket_connect_timeout=timeout, health_check_interval=30,
