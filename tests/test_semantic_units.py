@@ -231,7 +231,7 @@ def test_split_is_deterministic_and_order_free() -> None:
 def test_thirds_keep_training_pairs_out_of_calibration_and_evaluation() -> None:
     pairs = [Pair(f"a{i}", f"b{i}", i % 2 == 0) for i in range(400)]
     training, calibration, held_out = thirds(pairs)
-    assert training == split(pairs)[0]  # the half the shipped encoder was trained on
+    assert training == split(pairs)[0]  # the half minilm-questions was trained on
     assert sorted(calibration + held_out, key=pairs.index) == split(pairs)[1]
     assert 50 < len(calibration) < 150 and 50 < len(held_out) < 150
     assert thirds(list(reversed(pairs)))[1] == list(reversed(calibration))
