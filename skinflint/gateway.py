@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from skinflint.config import ProviderConfig, Settings
-from skinflint.embed import Embedder, load_embedder
+from skinflint.embed import Embedder, canonical_name, load_embedder
 from skinflint.errors import ConfigError
 from skinflint.interfaces import CacheStore, Ledger, Provider, SemanticIndex
 from skinflint.metrics import Metrics
@@ -195,7 +195,8 @@ def semantic_setting(settings: Settings, feature: str = "", route: str = "") -> 
     defaults = semantic_defaults()
     policies = (*cfg.features.values(), *cfg.routes.values())
     enabled = cfg.enabled or any(policy.enabled for policy in policies)
-    if enabled and cfg.threshold is None and cfg.embedder not in (defaults["embedder"], "minilm"):
+    calibrated_for = canonical_name(defaults["embedder"])
+    if enabled and cfg.threshold is None and canonical_name(cfg.embedder) != calibrated_for:
         # a threshold is a property of one vector space: another embedder's would be a guess
         raise ConfigError(
             f"cache.semantic.threshold: the calibrated default is for the {defaults['embedder']!r}"

@@ -293,6 +293,7 @@ def test_another_embedder_needs_its_own_threshold() -> None:
 
     shipped = json.loads(DEFAULT.read_text())
     assert setting({"enabled": True})[0] == shipped["threshold"]
+    assert setting({"enabled": True, "embedder": "minilm"})[0] == shipped["threshold"]  # alias
     assert setting({"enabled": True, "embedder": "minilm-questions", "threshold": 0.97})[0] == 0.97
     assert setting({"embedder": "hashing"})[0] == shipped["threshold"]  # off: nothing to guess
     for semantic in ({"enabled": True, "embedder": "minilm-questions"},

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from skinflint.errors import ConfigError
 
-__all__ = ["Embedder", "Vectors", "load_embedder"]
+__all__ = ["Embedder", "Vectors", "canonical_name", "load_embedder"]
 
 Vectors = npt.NDArray[np.float32]
 
@@ -51,6 +51,12 @@ class Embedder(Protocol):
     def embed(self, texts: list[str]) -> Vectors: ...
 
 
+def canonical_name(name: str) -> str:
+    """The name an embedder is configured by, with aliases resolved (``minilm`` is ``local``):
+    two names are the same embedder exactly when their canonical names are equal."""
+    return "local" if name == "minilm" else name
+
+
 def load_embedder(name: str) -> Embedder:
     """Build the embedder called ``name`` (see the module docstring for the names).
 
@@ -59,7 +65,7 @@ def load_embedder(name: str) -> Embedder:
     """
     from skinflint.embed import local  # deferred: keeps importing this package cheap
 
-    if name in ("local", "minilm"):
+    if canonical_name(name) == "local":
         return local.MiniLMEmbedder()
     if name == "minilm-questions":
         return local.MiniLMEmbedder(tuned=local.tuned_weights())
