@@ -8,7 +8,10 @@ split by hash as :func:`skinflint.semantic.calibrate.thirds` does (half 0 traine
 embedder, the shipped default is also measured) and applied, with and without the verifier, to
 ``--pairs`` pairs of the held-out quarter.
 *Hit rate* is the share of held-out pairs served from the cache, *false-hit rate* the share of
-non-duplicate pairs served (a wrong answer), precision the share of hits that were right.
+non-duplicate pairs served (a wrong answer), precision the share of hits that were right. For
+each embedder the run also reports the best precision any threshold reaches while serving
+``--recall`` of the held-out duplicates, and, over all pairs, how many pairs have the same text
+but for case, spaces and punctuation yet are labelled "not duplicate" (the labels' own noise).
 
 Latency: single-text embedding time by text length; index search alone and embedding plus
 search, p50/p99 over ``--queries`` queries, with 1k, 10k and 100k entries in one scope (the worst
@@ -30,6 +33,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,6 +55,7 @@ from skinflint.semantic.calibrate import (  # noqa: E402
     evaluate,
     load_pairs,
     sample,
+    scored,
     thirds,
 )
 from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex  # noqa: E402
@@ -86,12 +91,11 @@ def embedders() -> list[str]:
     return [*names, "hashing"]
 
 
-def quality(name: str, cal: list[Pair], held: list[Pair], targets: Sequence[float],
-            shipped: dict[str, Any]) -> list[dict[str, Any]]:
+def quality(name: str, cache: CosineCache, cal: list[Pair], held: list[Pair],
+            targets: Sequence[float], shipped: dict[str, Any]) -> list[dict[str, Any]]:
     """Held-out hit and false-hit rates at the embedder's own threshold calibrated for each
     target precision (and, for the shipped embedder, at the shipped threshold), with and
     without the verifier."""
-    cache = CosineCache(load_embedder(name))
     settings: list[tuple[str, float, float, bool | None]] = []
     if name == shipped.get("embedder"):
         settings.append(("shipped", float(shipped["target_precision"]),
@@ -114,6 +118,33 @@ def quality(name: str, cal: list[Pair], held: list[Pair], targets: Sequence[floa
                 "calibration_met": met,
             })
     return rows
+
+
+def frontier(cache: CosineCache, held: list[Pair], recall: float) -> list[dict[str, Any]]:
+    """The best precision any threshold of this embedder reaches on the held-out pairs while
+    serving at least ``recall`` of the duplicates, with and without the verifier."""
+    cosines, labels, passed = scored(held, cache)
+    rows = []
+    for verifier in (True, False):
+        mask = passed if verifier else np.ones_like(passed)
+        ranked = labels[mask][np.argsort(-cosines[mask], kind="stable")]
+        true = np.cumsum(ranked)
+        reach = np.flatnonzero(true >= recall * labels.sum())
+        precision = float(true[reach[0]] / (reach[0] + 1)) if len(reach) else None
+        rows.append({"embedder": cache.embedder.name, "verifier": verifier, "recall": recall,
+                     "best_precision": None if precision is None else round(precision, 4)})
+    return rows
+
+
+def label_check(pairs: list[Pair]) -> dict[str, int]:
+    """Pairs whose two texts are the same but for case, spaces and sentence punctuation, and
+    how many of them are labelled "not duplicate": hits that no cache can avoid counting as
+    false on these labels."""
+    def bare(text: str) -> str:
+        return re.sub(r"[\s.,;:!?]+", "", text.lower())
+    same = [p for p in pairs if bare(p.text_a) == bare(p.text_b)]
+    return {"pairs": len(pairs), "same_text": len(same),
+            "same_text_labelled_different": sum(not p.label for p in same)}
 
 
 def embed_latency(embedder: Embedder, texts: list[str]) -> dict[str, Any]:
@@ -164,6 +195,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="pairs from each quarter (calibration and held out)")
     parser.add_argument("--targets", type=float, nargs="+", default=None,
                         help="precisions to calibrate for (default: the shipped default's)")
+    parser.add_argument("--recall", type=float, default=0.40,
+                        help="recall at which each embedder's best precision is reported")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--hnsw-max", type=int, default=10_000,
                         help="largest index size at which HNSW is built (100k takes ~1 min)")
@@ -181,6 +214,16 @@ def summary(record: dict[str, Any]) -> str:
                      f"{r['threshold']:>9.4f} "
                      f"{r['verifier']!s:<8} {r['hit_rate']:>8.3f} {r['false_hit_rate']:>10.4f} "
                      f"{r['precision']:>9.3f} {r['recall']:>6.3f}")
+    for r in record["frontier"]:
+        best = r["best_precision"]
+        lines.append(f"best precision at recall {r['recall']:.2f}: {r['embedder']}, verifier "
+                     f"{'on' if r['verifier'] else 'off'}: "
+                     + ("out of reach" if best is None else f"{best:.3f}"))
+    if "labels" in record:
+        labels = record["labels"]
+        lines.append(f"labels: {labels['same_text']} of {labels['pairs']} pairs have the same "
+                     f"text but for case, spaces and punctuation; "
+                     f"{labels['same_text_labelled_different']} of those are labelled different")
     lines.append("embedding (local), ms p50/p99: " + ", ".join(
         f"{k} {v['p50_ms']:.2f}/{v['p99_ms']:.2f}" for k, v in record["embed_latency"].items()))
     lines.append("index       entries  search p50/p99 ms  embed+search p50/p99 ms")
@@ -196,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"labelled pairs not found at {args.data}", file=sys.stderr)
         return 2
     shipped = json.loads(DEFAULT.read_text())
-    _, cal, held = (sample(part, args.pairs) for part in thirds(load_pairs(args.data)))
+    pairs = load_pairs(args.data)
+    _, cal, held = (sample(part, args.pairs) for part in thirds(pairs))
     targets = args.targets or [float(shipped.get("target_precision", 0.95))]
     started = time.perf_counter()
     local = load_embedder("local")
@@ -207,11 +251,16 @@ def run(args: argparse.Namespace) -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "processor": platform.processor()},
         "pairs_per_quarter": args.pairs, "target_precisions": targets,
-        "quality": [] if args.latency_only else [
-            row for name in embedders() for row in quality(name, cal, held, targets, shipped)],
+        "quality": [], "frontier": [],
         "gc_thresholds": GC_THRESHOLDS,
         "blas_threads": os.environ["OPENBLAS_NUM_THREADS"],
     }
+    if not args.latency_only:
+        record["labels"] = label_check(pairs)
+        for name in embedders():
+            cache = CosineCache(load_embedder(name))
+            record["quality"] += quality(name, cache, cal, held, targets, shipped)
+            record["frontier"] += frontier(cache, held, args.recall)
     gc.set_threshold(*GC_THRESHOLDS)
     record["embed_latency"] = embed_latency(local, queries)
     record["lookup"] = lookup_latency(local, queries, args.hnsw_max)

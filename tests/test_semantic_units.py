@@ -6,6 +6,7 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from skinflint.semantic.calibrate import (
     evaluate,
     load_pairs,
     sample,
+    scored,
     split,
     thirds,
     wilson_lower,
@@ -217,6 +219,42 @@ def test_curve_and_wilson_bound() -> None:
     assert points[2]["precision"] == 1.0
     assert 0.0 < wilson_lower(9, 10) < wilson_lower(900, 1000) < 0.9
     assert wilson_lower(0, 0) == 0.0
+
+
+def test_scored_pairs_carry_cosine_label_and_verdict() -> None:
+    pairs, embedder = _pairs_with_cosines([(0.99, True), (0.5, False)])
+    pairs.append(Pair("convert string to int", "convert int to string", False))
+    embedder.angles.update({"convert string to int": 0.0, "convert int to string": 0.0})
+    cosines, labels, passed = scored(pairs, CosineCache(embedder))
+    assert cosines == pytest.approx([0.99, 0.5, 1.0], abs=1e-6)
+    assert labels.tolist() == [True, False, False]
+    assert passed.tolist() == [True, True, False]  # the verifier sees the swapped order
+
+
+def _semantic_bench() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "bench" / "semantic_cache.py"
+    spec = importlib.util.spec_from_file_location("semantic_cache_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_reports_the_best_precision_at_a_recall_and_the_labels_noise() -> None:
+    bench = _semantic_bench()
+    rows = [(0.99, True)] * 40 + [(0.98, False)] * 10 + [(0.9, True)] * 60 + [(0.5, False)] * 10
+    pairs, embedder = _pairs_with_cosines(rows)
+    cache = CosineCache(embedder)
+    off = next(r for r in bench.frontier(cache, pairs, 0.4) if not r["verifier"])
+    assert off["best_precision"] == 1.0  # the 40 pairs at 0.99 are all duplicates
+    off = next(r for r in bench.frontier(cache, pairs, 0.5) if not r["verifier"])
+    assert off["best_precision"] == pytest.approx(50 / 60, abs=1e-4)  # past the ten at 0.98
+    labels = bench.label_check([
+        Pair("How do I overcome fear ?", "how do I overcome fear?", False),
+        Pair("What is C++?", "What is C?", False),
+        Pair("Why is the sky blue?", "Why is the sky blue", True),
+    ])
+    assert labels == {"pairs": 3, "same_text": 2, "same_text_labelled_different": 1}
 
 
 def test_split_is_deterministic_and_order_free() -> None:

@@ -164,9 +164,10 @@ def curve(
     return out
 
 
-def _arrays(
+def scored(
     pairs: Sequence[Pair], cache: CosineCache
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Per pair: the cosine, the label, and whether the verifier accepts it."""
     cosines = cache.cosines(pairs)
     labels = np.asarray([p.label for p in pairs], dtype=bool)
     passed = np.asarray([verify(p.text_a, p.text_b)[0] for p in pairs], dtype=bool)
@@ -191,7 +192,7 @@ def calibrate(
     reuse embeddings across calls, else ``embedder``.
     """
     cache = _cache(embedder, cache)
-    cosines, labels, passed = _arrays(pairs, cache)
+    cosines, labels, passed = scored(pairs, cache)
     everything = np.ones_like(passed)
     best: dict[str, Any] | None = None
     for use_verifier, mask in ((False, everything), (True, passed)):
@@ -235,7 +236,7 @@ def evaluate(
     the share of non-duplicate pairs that hit.
     """
     cache = _cache(embedder, cache)
-    cosines, labels, passed = _arrays(pairs, cache)
+    cosines, labels, passed = scored(pairs, cache)
     hit = (cosines >= threshold) & (passed if verifier else True)
     hits, true = int(hit.sum()), int((hit & labels).sum())
     positives = int(labels.sum())

@@ -27,9 +27,10 @@ _SCHEMA = (
 
 _Row = tuple[str, str, str, bytes]  # key, partition, text, float32 bytes
 
-#: Exact numpy search meets the lookup budget up to about this many entries per scope
-#: (measured: 0.6 ms p99 at 10k, 8-13 ms at 100k on 2 cores; bench/semantic_cache.py).
-EXACT_SEARCH_LIMIT = 20_000
+#: Exact numpy search stays well inside the lookup budget up to about this many entries per
+#: scope. A scan reads every vector (1.5 KB each): 0.4 / 0.8 ms p50 / p99 at 10k entries, 13 / 14
+#: ms at 100k, against 0.1 / 0.15 and 0.2 / 0.4 ms for HNSW (bench/semantic_cache.py, 2 cores).
+EXACT_SEARCH_LIMIT = 5_000
 
 
 def _vector_index(dim: int, max_entries: int) -> VectorIndex:
