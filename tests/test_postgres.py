@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from skinflint.models import LedgerRecord  # noqa: E402
 from skinflint.storage import postgres  # noqa: E402
 from skinflint.storage.postgres import PgSemanticIndex, PostgresCacheStore, PostgresLedger  # noqa: E402
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: E402, F401  (fixtures)
+from tests.proxy import FreezingProxy  # noqa: E402
 
 DEAD_URL = "postgresql://postgres@127.0.0.1:1/postgres"
 DIM = 8
@@ -118,6 +120,57 @@ async def test_a_locked_semantic_table_costs_an_empty_search(make_index: IndexFa
         await locker.rollback()
         await locker.close()
     assert [key for key, _, _ in await index.search("p", unit(1.0), 1)] == ["k"]
+
+
+@pytest.fixture
+async def frozen_url(pg_url: str) -> AsyncIterator[tuple[str, FreezingProxy]]:
+    """``pg_url`` through a :class:`~tests.proxy.FreezingProxy`, and the proxy."""
+    parts = urlsplit(pg_url)
+    assert parts.hostname is not None and parts.port is not None
+    proxy = FreezingProxy(parts.hostname, parts.port)
+    port = await proxy.start()
+    yield urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}")), proxy
+    await proxy.close()
+
+
+async def test_a_server_that_stops_answering_is_given_up_on_then_skipped(
+    frozen_url: tuple[str, FreezingProxy],
+) -> None:
+    """A hung server or a silent network answers nothing, so the statement timeout never fires
+    and the driver's own cancellation would wait ten seconds: the store gives up after its
+    deadline (op_timeout + 0.5 s) instead, skips the server after three such calls, and uses it
+    again once a probe after the cooldown gets an answer."""
+    url, proxy = frozen_url
+    now = [0.0]
+    store = await PostgresCacheStore.create(url, op_timeout=0.2, cooldown=5.0,
+                                            clock=lambda: now[0])
+    try:
+        await store.set(CacheEntry("k", b"v", 0.0))
+        proxy.freeze()
+        assert await asyncio.wait_for(store.get("k", 1.0), 5) is None
+        await asyncio.wait_for(store.set(CacheEntry("k2", b"w", 0.0)), 5)  # logged
+        assert await asyncio.wait_for(store.get("k", 1.0), 5) is None  # the breaker opens
+        assert await asyncio.wait_for(store.get("k", 1.0), 0.1) is None  # skipped: no wait
+        proxy.thaw()
+        now[0] += 5.1
+        assert await asyncio.wait_for(store.get("k", 1.0), 5) == b"v"  # the probe succeeds
+    finally:
+        await store.close()
+
+
+async def test_a_semantic_index_whose_server_stops_answering_returns_nothing(
+    frozen_url: tuple[str, FreezingProxy],
+) -> None:
+    url, proxy = frozen_url
+    index = await PgSemanticIndex.create(url, space="s", dim=DIM, pool_size=2, op_timeout=0.2)
+    try:
+        await index.add("p", "k", "question", unit(1.0))
+        proxy.freeze()
+        assert await asyncio.wait_for(index.search("p", unit(1.0), 1), 5) == []
+        await asyncio.wait_for(index.add("p", "k2", "other", unit(0.0, 1.0)), 5)  # logged
+        proxy.thaw()
+    finally:
+        await index.close()
 
 
 async def test_unreachable_server_is_a_config_error() -> None:

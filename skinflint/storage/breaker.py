@@ -1,21 +1,30 @@
 """A circuit breaker for the shared stores' reads and writes.
 
 A shared cache (Redis, PostgreSQL) saves money; it must not slow every request when it fails.
-Each store bounds one operation by a timeout, and :class:`Breaker` bounds how often that timeout
-is paid: after ``limit`` failures in a row the store stops calling the server for ``cooldown``
-seconds, then lets one call through to probe it, and a success resumes normal service.
+Each operation is bounded in time, and :class:`Breaker` bounds how often that time is paid:
+after ``limit`` failures in a row the store stops calling the server for ``cooldown`` seconds,
+then lets one call through to probe it, and a success resumes normal service.
+
+A store whose client bounds each call itself (Redis's socket timeout) wraps it in
+:meth:`Breaker.guard`. One whose client can wait forever on a server that stopped answering (a
+PostgreSQL backend that hangs, a network partition that drops packets silently) runs it through
+:meth:`Breaker.call`, which gives up after ``deadline`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 __all__ = ["Breaker"]
 
 log = logging.getLogger("skinflint.storage")
+
+T = TypeVar("T")
 
 
 class Breaker:
@@ -24,12 +33,14 @@ class Breaker:
 
     def __init__(
         self, server: str, errors: tuple[type[Exception], ...], *, limit: int = 3,
-        cooldown: float = 5.0, clock: Callable[[], float] = time.monotonic,
+        cooldown: float = 5.0, deadline: float = 5.0, clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._server, self._errors = server, errors
-        self._limit, self._cooldown, self._clock = limit, cooldown, clock
+        self._server = server
+        self._errors: tuple[type[Exception], ...] = (*errors, TimeoutError)
+        self._limit, self._cooldown, self._deadline, self._clock = limit, cooldown, deadline, clock
         self._failures = 0
         self._closed_until = 0.0  # clock time before which no call is let through
+        self._abandoned: set[asyncio.Task[object]] = set()
 
     def allows(self) -> bool:
         """Whether to call the server now (False while it is skipped)."""
@@ -58,3 +69,36 @@ class Breaker:
             if self._failures >= self._limit:
                 log.warning("%s answers again: the cache uses it", self._server)
             self._failures = 0
+
+    async def call(self, what: str, operation: Callable[[], Awaitable[T]], default: T) -> T:
+        """``operation()``'s result; ``default`` when the server is skipped, when the operation
+        fails, or when it has no answer within ``deadline`` seconds.
+
+        The operation runs as its own task, and one that misses the deadline is cancelled
+        without waiting for it: a driver may take seconds to cancel a query on a server that
+        no longer answers (psycopg tries for up to ten), and the request must not wait for that.
+        """
+        if not self.allows():
+            return default
+        task: asyncio.Task[T] = asyncio.ensure_future(operation())
+        try:
+            await asyncio.wait((task,), timeout=self._deadline)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        with self.guard(what):
+            if not task.done():
+                self._abandon(task)
+                raise TimeoutError(f"no answer within {self._deadline:g} s")
+            return task.result()
+        return default
+
+    def _abandon(self, task: asyncio.Task[T]) -> None:
+        task.cancel()
+        self._abandoned.add(task)  # a reference until it ends, so it is not collected midway
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[object]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("%s: an abandoned call ended with %r", self._server, exc)

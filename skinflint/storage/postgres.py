@@ -21,9 +21,10 @@ unqualified: add ``options=-csearch_path=NAME,public`` to the URL to keep them i
 Cache and semantic reads and writes turn database failures into misses (logged): the cache
 saves money and must not take the gateway down. Each of them is cut off by the server after
 ``op_timeout`` seconds (``statement_timeout``), so a table locked by a long transaction costs a
-miss, not a stalled request, and after three failures in a row they skip the database for a
-few seconds (:class:`~skinflint.storage.breaker.Breaker`). Sweeps, evictions, invalidation,
-stats and counts run without that limit; invalidation, stats and counts raise.
+miss, not a stalled request; the client gives up half a second later still, for a server that
+hangs or a network that drops packets silently. After three failures in a row they skip the
+database for a few seconds (:class:`~skinflint.storage.breaker.Breaker`). Sweeps, evictions,
+invalidation, stats and counts run without those limits; invalidation, stats and counts raise.
 
 psycopg 3 is the driver: it is fully typed, and the same library serves the async pools and the
 ledger's synchronous COPY.
@@ -62,6 +63,7 @@ AsyncConn = psycopg.AsyncConnection[tuple[Any, ...]]
 Pool = AsyncConnectionPool[AsyncConn]
 
 _CONNECT_TIMEOUT = 10  # seconds, libpq's connect_timeout
+_DEADLINE_GRACE = 0.5  # seconds past op_timeout before a cache or semantic call is abandoned
 _SCHEMA_LOCK = 0x5B1F_0001  # advisory lock key held while creating tables
 _HNSW_MAX_DIM = 2000  # pgvector cannot index wider ``vector`` columns with HNSW
 
@@ -116,6 +118,12 @@ async def _open_pool(
         await pool.close()
         raise _config_error(url, exc) from exc
     return pool
+
+
+def _bounded(breaker: dict[str, Any], op_timeout: float) -> dict[str, Any]:
+    """The breaker's settings, with a client-side deadline a little past the server's
+    statement timeout: it ends a call that a hung server or a silent network never answers."""
+    return {"deadline": op_timeout + _DEADLINE_GRACE, **breaker}
 
 
 async def _unbounded(pool: Pool, statement: str, params: Any) -> tuple[int, list[Any]]:
@@ -210,28 +218,29 @@ class PostgresCacheStore:
         :class:`~skinflint.storage.breaker.Breaker`."""
         await _setup(url, _CACHE_SCHEMA)
         pool = await _open_pool(url, size=pool_size, timeout=timeout, op_timeout=op_timeout)
-        return cls(pool, max_entries=max_entries, sweep_every=sweep_every, **breaker)
+        return cls(pool, max_entries=max_entries, sweep_every=sweep_every,
+                   **_bounded(breaker, op_timeout))
 
     async def get(self, key: str, now: float) -> bytes | None:
-        """The live value under ``key``, or None (also when the database fails or is
-        skipped)."""
-        if not self._breaker.allows():
-            return None
-        with self._breaker.guard("cache get"):
-            async with self._pool.connection() as conn:
-                row = await (await conn.execute(_CACHE_GET, (key, now))).fetchone()
-            return None if row is None else bytes(row[0])
-        return None
+        """The live value under ``key``, or None (also when the database fails, is skipped or
+        does not answer in time)."""
+        return await self._breaker.call("cache get", partial(self._get, key, now), None)
+
+    async def _get(self, key: str, now: float) -> bytes | None:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(_CACHE_GET, (key, now))).fetchone()
+        return None if row is None else bytes(row[0])
 
     async def set(self, entry: CacheEntry) -> None:
         """Store ``entry``, replacing its value and tags; a database failure is logged only."""
-        if self.max_entries <= 0 or not self._breaker.allows():
-            return
-        with self._breaker.guard("cache set"):
-            async with self._pool.connection() as conn:
-                await conn.execute(
-                    _CACHE_SET, (entry.key, entry.value, entry.expires_at, list(entry.tags)))
-            self._sweeper.tick()
+        if self.max_entries > 0:
+            await self._breaker.call("cache set", partial(self._set, entry), None)
+
+    async def _set(self, entry: CacheEntry) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                _CACHE_SET, (entry.key, entry.value, entry.expires_at, list(entry.tags)))
+        self._sweeper.tick()
 
     async def invalidate_tags(self, tags: Sequence[str]) -> int:
         if not tags:
@@ -358,7 +367,7 @@ class PgSemanticIndex:
         pool = await _open_pool(
             url, size=pool_size, timeout=timeout, op_timeout=op_timeout, configure=configure)
         return cls(pool, space=space, dim=dim, max_entries=max_entries, evict_every=evict_every,
-                   **breaker)
+                   **_bounded(breaker, op_timeout))
 
     def _vector(self, vector: Vector) -> Vector:
         out = np.asarray(vector, dtype=np.float32).reshape(-1)
@@ -371,32 +380,32 @@ class PgSemanticIndex:
         """Up to ``k`` (key, cosine similarity, question) triples from ``partition``, most
         similar first; [] when the database fails."""
         params = {"v": self._vector(vector), "space": self.space, "partition": partition, "k": k}
-        if k <= 0 or not self._breaker.allows():
+        if k <= 0:
             return []
-        with self._breaker.guard("semantic search"):
-            async with self._pool.connection() as conn:
-                rows = await (await conn.execute(self._sql.search, params)).fetchall()
-            return [(str(key), float(score), str(text)) for key, score, text in rows]
-        return []
+        return await self._breaker.call("semantic search", partial(self._search, params), [])
+
+    async def _search(self, params: dict[str, Any]) -> list[tuple[str, float, str]]:
+        async with self._pool.connection() as conn:
+            rows = await (await conn.execute(self._sql.search, params)).fetchall()
+        return [(str(key), float(score), str(text)) for key, score, text in rows]
 
     async def add(self, partition: str, key: str, text: str, vector: Vector) -> None:
         """Store or replace ``key`` (a database failure is logged only)."""
         params = {"v": self._vector(vector), "space": self.space, "partition": partition,
                   "key": key, "text": text}
-        if self._breaker.allows():
-            with self._breaker.guard("semantic add"):
-                await self._run(self._sql.add, params)
-                self._evictor.tick()
+        await self._breaker.call("semantic add", partial(self._add, params), None)
+
+    async def _add(self, params: dict[str, Any]) -> None:
+        await self._run(self._sql.add, params)
+        self._evictor.tick()
 
     async def touch(self, key: str) -> None:
-        if self._breaker.allows():
-            with self._breaker.guard("semantic touch"):
-                await self._run(self._sql.touch, {"space": self.space, "key": key})
+        params = {"space": self.space, "key": key}
+        await self._breaker.call("semantic touch", partial(self._run, self._sql.touch, params), 0)
 
     async def remove(self, key: str) -> None:
-        if self._breaker.allows():
-            with self._breaker.guard("semantic remove"):
-                await self._run(self._sql.remove, {"space": self.space, "key": key})
+        params = {"space": self.space, "key": key}
+        await self._breaker.call("semantic remove", partial(self._run, self._sql.remove, params), 0)
 
     async def count(self) -> int:
         _, rows = await _unbounded(self._pool, self._sql.count, {"space": self.space})
