@@ -357,3 +357,30 @@ def test_ledger_keeps_records_through_failures(pg_url: str) -> None:
     finally:
         admin.close()
         ledger.close()
+
+
+async def test_ledger_writes_to_a_server_that_stops_answering_are_cut_off_and_held(
+    frozen_url: tuple[str, FreezingProxy],
+) -> None:
+    """A COPY that gets no answer is cut off after ``write_timeout``, its records held, and
+    written once the server answers again; closing never waits on a silent server."""
+    url, proxy = frozen_url
+    ledger = await PostgresLedger.create(url, flush_interval=60, write_timeout=0.5)
+    try:
+        first, later = records(3), records(4, start=2000.0)
+        for record in first:
+            ledger.record(record)
+        await asyncio.to_thread(ledger.flush)
+        proxy.freeze()
+        for record in later:
+            ledger.record(record)
+        await asyncio.wait_for(asyncio.to_thread(ledger.flush), 10)  # cut off, held
+        proxy.thaw()
+        await asyncio.wait_for(asyncio.to_thread(ledger.flush), 10)
+        assert await asyncio.to_thread(ledger.query) == first + later
+        proxy.freeze()
+        ledger.record(records(1, start=3000.0)[0])
+    finally:
+        await asyncio.wait_for(asyncio.to_thread(ledger.close), 30)
+        proxy.thaw()
+

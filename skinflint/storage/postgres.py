@@ -36,6 +36,8 @@ import asyncio
 import contextlib
 import logging
 import operator
+import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -437,6 +439,29 @@ _AS_ROW = operator.attrgetter(*_COLUMNS)
 _COPY = f"COPY skinflint_ledger ({_QUOTED}) FROM STDIN"
 
 
+@contextlib.contextmanager
+def _cut_off_after(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    """Shut the connection's socket down if the block is still running after ``seconds``: a
+    blocking call to a server that stopped answering would otherwise wait forever. The call
+    then fails with an OperationalError and the connection is replaced on next use."""
+    fd = conn.pgconn.socket
+
+    def cut() -> None:
+        if conn.closed or conn.pgconn.socket != fd:
+            return
+        log.warning("postgres ledger: no answer in %g s, dropping the connection", seconds)
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _ledger_schema() -> list[str]:
     """The ledger table, one column per :class:`LedgerRecord` field. Fields added later become
     new columns of an existing table. Raises TypeError for a field type with no mapping."""
@@ -459,12 +484,18 @@ class PostgresLedger:
     ``record`` only appends to a deque. A writer thread COPYs what is pending every
     ``flush_interval`` seconds over its own connection, reconnecting after a failure; a batch
     that could not be written is kept (up to ``max_held`` records, oldest dropped first, logged)
-    and written first next time. ``close`` writes what is left. The constructor connects and
-    creates the table (blocking); raises ConfigError when that fails."""
+    and written first next time. A write with no answer after ``write_timeout`` seconds (a hung
+    server, a silent network) is cut off and counts as a failure, so neither the writer nor
+    ``close`` waits forever. ``close`` writes what is left. The constructor connects and creates
+    the table (blocking); raises ConfigError when that fails."""
 
-    def __init__(self, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000) -> None:
+    def __init__(
+        self, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000,
+        write_timeout: float = 10.0,
+    ) -> None:
         self.url = url
         self.max_held = max_held
+        self.write_timeout = write_timeout
         self._held: list[LedgerRecord] = []
         self._lock = threading.Lock()  # the connection runs one statement at a time
         self._conn = self._connect()
@@ -480,15 +511,19 @@ class PostgresLedger:
 
     @classmethod
     async def create(
-        cls, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000
+        cls, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000,
+        write_timeout: float = 10.0,
     ) -> PostgresLedger:
         """The constructor, run in a worker thread so the event loop never waits for it."""
         return await asyncio.to_thread(
-            cls, url, flush_interval=flush_interval, max_held=max_held)
+            cls, url, flush_interval=flush_interval, max_held=max_held,
+            write_timeout=write_timeout)
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        # libpq takes whole seconds, at least 2
+        timeout = max(2, min(_CONNECT_TIMEOUT, round(self.write_timeout)))
         try:
-            return psycopg.connect(self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT)
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=timeout)
         except psycopg.Error as exc:
             raise _config_error(self.url, exc) from exc
 
@@ -505,7 +540,9 @@ class PostgresLedger:
         with self._lock:
             rows, self._held = self._held + batch, []
             try:
-                with self._connection().cursor() as cur, cur.copy(_COPY) as copy:
+                conn = self._connection()
+                with _cut_off_after(conn, self.write_timeout), conn.cursor() as cur, \
+                        cur.copy(_COPY) as copy:
                     for record in rows:
                         copy.write_row(_AS_ROW(record))
             except (psycopg.Error, ConfigError) as exc:
@@ -519,8 +556,7 @@ class PostgresLedger:
             log.error("postgres ledger: dropped the %d oldest held records", lost)
 
     def flush(self) -> None:
-        self._writer.flush()
-        if self._held:  # the writer only calls back when something new is pending
+        if not self._writer.flush() and self._held:  # it calls back only with new records
             self._write([])
 
     def query(self, since: float = 0.0) -> list[LedgerRecord]:
@@ -546,8 +582,7 @@ class PostgresLedger:
         return int(row[0]), int(row[1]), int(row[2]), float(row[3])
 
     def close(self) -> None:
-        self._writer.close()
-        if self._held:
+        if not self._writer.close() and self._held:
             self._write([])
         if self._held:
             log.error("postgres ledger: %d records could not be written", len(self._held))

@@ -35,21 +35,22 @@ class BatchWriter(Generic[T]):
         while not self._stop.wait(self._interval):
             self.flush()
 
-    def flush(self) -> None:
-        """Write everything pending now (blocking)."""
+    def flush(self) -> bool:
+        """Write everything pending now (blocking); False when nothing was pending."""
         with self._lock:
             batch: list[T] = []
             while self._pending:
                 batch.append(self._pending.popleft())
             if not batch:
-                return
+                return False
             try:
                 self._write(batch)
             except Exception:  # the writer must survive a bad batch; it logs what it lost
                 log.exception("%s: failed to write %d items", self._name, len(batch))
+            return True
 
-    def close(self) -> None:
-        """Stop the thread and write what is left."""
+    def close(self) -> bool:
+        """Stop the thread and write what is left; False when nothing was left."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self.flush()
+        return self.flush()
