@@ -126,7 +126,10 @@ async def _open_ledger(settings: Settings) -> Ledger:
     if st.postgres_url:
         from skinflint.storage.postgres import PostgresLedger  # the optional postgres extra
 
-        return await PostgresLedger.create(st.postgres_url, flush_interval=st.ledger_flush_interval)
+        # What the server cannot take at shutdown waits on local disk for the next start.
+        spill = Path(st.sqlite_path).parent / "skinflint-ledger-spill.jsonl"
+        return await PostgresLedger.create(
+            st.postgres_url, flush_interval=st.ledger_flush_interval, spill=spill)
     return SQLiteLedger(st.sqlite_path, flush_interval=st.ledger_flush_interval)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -360,12 +361,15 @@ def test_ledger_keeps_records_through_failures(pg_url: str) -> None:
 
 
 async def test_ledger_writes_to_a_server_that_stops_answering_are_cut_off_and_held(
-    frozen_url: tuple[str, FreezingProxy],
+    frozen_url: tuple[str, FreezingProxy], tmp_path: Path,
 ) -> None:
     """A COPY that gets no answer is cut off after ``write_timeout``, its records held, and
-    written once the server answers again; closing never waits on a silent server."""
+    written once the server answers again. Closing never waits on a silent server: what it
+    could not write is saved to the spill file, and the next ledger writes it first."""
     url, proxy = frozen_url
-    ledger = await PostgresLedger.create(url, flush_interval=60, write_timeout=0.5)
+    spill = tmp_path / "spill.jsonl"
+    ledger = await PostgresLedger.create(url, flush_interval=60, write_timeout=0.5, spill=spill)
+    last = records(1, start=3000.0)
     try:
         first, later = records(3), records(4, start=2000.0)
         for record in first:
@@ -379,8 +383,15 @@ async def test_ledger_writes_to_a_server_that_stops_answering_are_cut_off_and_he
         await asyncio.wait_for(asyncio.to_thread(ledger.flush), 10)
         assert await asyncio.to_thread(ledger.query) == first + later
         proxy.freeze()
-        ledger.record(records(1, start=3000.0)[0])
+        ledger.record(last[0])
     finally:
         await asyncio.wait_for(asyncio.to_thread(ledger.close), 30)
         proxy.thaw()
+    assert spill.is_file()
+    reader = await PostgresLedger.create(url, spill=spill)
+    try:
+        assert await asyncio.to_thread(reader.query) == first + later + last
+        assert list(tmp_path.iterdir()) == []  # written, so the claim is gone
+    finally:
+        await asyncio.to_thread(reader.close)
 

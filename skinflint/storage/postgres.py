@@ -43,6 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import fields
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ from skinflint.errors import ConfigError
 from skinflint.interfaces import CacheEntry, Vector
 from skinflint.models import LedgerRecord
 from skinflint.storage.breaker import Breaker
+from skinflint.storage.spill import LedgerSpill
 from skinflint.storage.writer import BatchWriter
 
 __all__ = ["PgSemanticIndex", "PostgresCacheStore", "PostgresLedger"]
@@ -486,17 +488,21 @@ class PostgresLedger:
     that could not be written is kept (up to ``max_held`` records, oldest dropped first, logged)
     and written first next time. A write with no answer after ``write_timeout`` seconds (a hung
     server, a silent network) is cut off and counts as a failure, so neither the writer nor
-    ``close`` waits forever. ``close`` writes what is left. The constructor connects and creates
-    the table (blocking); raises ConfigError when that fails."""
+    ``close`` waits forever. ``close`` writes what is left; what the server still does not take
+    is saved to the ``spill`` file when one is given
+    (:class:`~skinflint.storage.spill.LedgerSpill`), and the next ledger started with it writes
+    those records first. The constructor connects and creates the table (blocking); raises
+    ConfigError when that fails."""
 
     def __init__(
         self, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000,
-        write_timeout: float = 10.0,
+        write_timeout: float = 10.0, spill: str | Path | None = None,
     ) -> None:
         self.url = url
         self.max_held = max_held
         self.write_timeout = write_timeout
         self._held: list[LedgerRecord] = []
+        self._spill = LedgerSpill(spill) if spill is not None else None
         self._lock = threading.Lock()  # the connection runs one statement at a time
         self._conn = self._connect()
         try:
@@ -507,17 +513,19 @@ class PostgresLedger:
         except psycopg.Error as exc:
             self._conn.close()
             raise _config_error(url, exc) from exc
+        if self._spill is not None:
+            self._held = self._spill.load()
         self._writer = BatchWriter(self._write, interval=flush_interval, name="pg-ledger")
 
     @classmethod
     async def create(
         cls, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000,
-        write_timeout: float = 10.0,
+        write_timeout: float = 10.0, spill: str | Path | None = None,
     ) -> PostgresLedger:
         """The constructor, run in a worker thread so the event loop never waits for it."""
         return await asyncio.to_thread(
             cls, url, flush_interval=flush_interval, max_held=max_held,
-            write_timeout=write_timeout)
+            write_timeout=write_timeout, spill=spill)
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         # libpq takes whole seconds, at least 2
@@ -547,6 +555,9 @@ class PostgresLedger:
                         copy.write_row(_AS_ROW(record))
             except (psycopg.Error, ConfigError) as exc:
                 self._hold(rows, exc)
+            else:
+                if self._spill is not None:
+                    self._spill.written()
 
     def _hold(self, rows: list[LedgerRecord], exc: Exception) -> None:
         lost = max(0, len(rows) - self.max_held)
@@ -584,6 +595,9 @@ class PostgresLedger:
     def close(self) -> None:
         if not self._writer.close() and self._held:
             self._write([])
+        if self._held and self._spill is not None:
+            self._spill.save(self._held)
+            self._held = []
         if self._held:
             log.error("postgres ledger: %d records could not be written", len(self._held))
         with self._lock:
