@@ -95,7 +95,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     path = args.db or settings.storage.postgres_url or settings.storage.sqlite_path
     ledger: Ledger
     if path.startswith(("postgres://", "postgresql://")):
-        from skinflint.storage.postgres import PostgresLedger
+        from skinflint.storage.pg_ledger import PostgresLedger
 
         ledger = PostgresLedger(path)
     elif os.path.exists(path):

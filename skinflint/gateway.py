@@ -124,7 +124,7 @@ def _embedder(settings: Settings) -> Embedder:
 async def _open_ledger(settings: Settings) -> Ledger:
     st = settings.storage
     if st.postgres_url:
-        from skinflint.storage.postgres import PostgresLedger  # the optional postgres extra
+        from skinflint.storage.pg_ledger import PostgresLedger  # the optional postgres extra
 
         # What the server cannot take at shutdown waits on local disk for the next start.
         spill = Path(st.sqlite_path).parent / "skinflint-ledger-spill.jsonl"
@@ -161,7 +161,7 @@ async def _open_store(settings: Settings) -> CacheStore:
 async def _open_semantic_index(settings: Settings, embedder: Embedder) -> SemanticIndex:
     cfg = settings.cache.semantic
     if settings.storage.postgres_url:
-        from skinflint.storage.postgres import PgSemanticIndex
+        from skinflint.storage.pg_semantic import PgSemanticIndex
 
         return await PgSemanticIndex.create(
             settings.storage.postgres_url,

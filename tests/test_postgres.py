@@ -26,7 +26,7 @@ from pgvector.psycopg import register_vector_async  # noqa: E402
 from skinflint.errors import ConfigError  # noqa: E402
 from skinflint.interfaces import CacheEntry, Vector  # noqa: E402
 from skinflint.models import LedgerRecord  # noqa: E402
-from skinflint.storage import postgres  # noqa: E402
+from skinflint.storage import pg_semantic  # noqa: E402
 from skinflint.storage.postgres import PgSemanticIndex, PostgresCacheStore, PostgresLedger  # noqa: E402
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: E402, F401  (fixtures)
 from tests.proxy import FreezingProxy  # noqa: E402
@@ -291,7 +291,7 @@ async def test_semantic_search_uses_the_hnsw_index(make_index: IndexFactory, pg_
         # Too few rows for the planner to prefer the index on its own: price sorting out, so
         # that only an index whose order serves ORDER BY ... LIMIT can win.
         await conn.execute("SET enable_sort = off")
-        sql = postgres._SemanticSQL(f"skinflint_semantic_{DIM}").search
+        sql = pg_semantic._SemanticSQL(f"skinflint_semantic_{DIM}").search
         params = {"v": unit(1.0), "space": index.space, "partition": "p0", "k": 3}
         plan = await (await conn.execute("EXPLAIN " + sql, params)).fetchall()
         found = await (await conn.execute(sql, params)).fetchall()

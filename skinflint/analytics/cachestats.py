@@ -71,7 +71,7 @@ def stats(
 
 def _ledger_hits(source: str) -> dict[str, Any]:
     if is_postgres(source):
-        from skinflint.storage.postgres import PostgresLedger
+        from skinflint.storage.pg_ledger import PostgresLedger
 
         ledger = PostgresLedger(source)
         try:

@@ -1,0 +1,198 @@
+"""The ledger in PostgreSQL, shared by every replica (see :mod:`skinflint.storage.postgres`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import operator
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from skinflint.errors import ConfigError
+from skinflint.models import LedgerRecord
+from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
+from skinflint.storage.spill import LedgerSpill
+from skinflint.storage.writer import BatchWriter
+
+__all__ = ["PostgresLedger"]
+
+log = logging.getLogger("skinflint.storage")
+
+
+_PG_TYPES = {"str": "TEXT", "float": "DOUBLE PRECISION", "int": "BIGINT",
+             "float | None": "DOUBLE PRECISION"}
+_COLUMNS = [f.name for f in fields(LedgerRecord)]
+_QUOTED = ", ".join(f'"{name}"' for name in _COLUMNS)  # "user" is a reserved word
+_AS_ROW = operator.attrgetter(*_COLUMNS)
+_COPY = f"COPY skinflint_ledger ({_QUOTED}) FROM STDIN"
+
+
+@contextlib.contextmanager
+def _cut_off_after(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    """Shut the connection's socket down if the block is still running after ``seconds``: a
+    blocking call to a server that stopped answering would otherwise wait forever. The call
+    then fails with an OperationalError and the connection is replaced on next use."""
+    fd = conn.pgconn.socket
+
+    def cut() -> None:
+        if conn.closed or conn.pgconn.socket != fd:
+            return
+        log.warning("postgres ledger: no answer in %g s, dropping the connection", seconds)
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _ledger_schema() -> list[str]:
+    """The ledger table, one column per :class:`LedgerRecord` field. Fields added later become
+    new columns of an existing table. Raises TypeError for a field type with no mapping."""
+    columns = []
+    for f in fields(LedgerRecord):
+        sql_type = _PG_TYPES.get(str(f.type))
+        if sql_type is None:
+            raise TypeError(f"LedgerRecord.{f.name}: no PostgreSQL type for {f.type}")
+        columns.append(f'"{f.name}" {sql_type}')
+    return [
+        f"CREATE TABLE IF NOT EXISTS skinflint_ledger ({', '.join(columns)})",
+        *(f"ALTER TABLE skinflint_ledger ADD COLUMN IF NOT EXISTS {c}" for c in columns),
+        "CREATE INDEX IF NOT EXISTS skinflint_ledger_ts ON skinflint_ledger (ts)",
+    ]
+
+
+class PostgresLedger:
+    """A :class:`~skinflint.interfaces.Ledger` in PostgreSQL, shared by every replica.
+
+    ``record`` only appends to a deque. A writer thread COPYs what is pending every
+    ``flush_interval`` seconds over its own connection, reconnecting after a failure; a batch
+    that could not be written is kept (up to ``max_held`` records, oldest dropped first, logged)
+    and written first next time. A write with no answer after ``write_timeout`` seconds (a hung
+    server, a silent network) is cut off and counts as a failure, so neither the writer nor
+    ``close`` waits forever. ``close`` writes what is left; what the server still does not take
+    is saved to the ``spill`` file when one is given
+    (:class:`~skinflint.storage.spill.LedgerSpill`), and the next ledger started with it writes
+    those records first. The constructor connects and creates the table (blocking); raises
+    ConfigError when that fails."""
+
+    def __init__(
+        self, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000,
+        write_timeout: float = 10.0, spill: str | Path | None = None,
+    ) -> None:
+        self.url = url
+        self.max_held = max_held
+        self.write_timeout = write_timeout
+        self._held: list[LedgerRecord] = []
+        self._spill = LedgerSpill(spill) if spill is not None else None
+        self._lock = threading.Lock()  # the connection runs one statement at a time
+        self._conn = self._connect()
+        try:
+            with self._conn.transaction():
+                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                for statement in _ledger_schema():
+                    self._conn.execute(statement)
+        except psycopg.Error as exc:
+            self._conn.close()
+            raise config_error(url, exc) from exc
+        if self._spill is not None:
+            self._held = self._spill.load()
+        self._writer = BatchWriter(self._write, interval=flush_interval, name="pg-ledger")
+
+    @classmethod
+    async def create(
+        cls, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000,
+        write_timeout: float = 10.0, spill: str | Path | None = None,
+    ) -> PostgresLedger:
+        """The constructor, run in a worker thread so the event loop never waits for it."""
+        return await asyncio.to_thread(
+            cls, url, flush_interval=flush_interval, max_held=max_held,
+            write_timeout=write_timeout, spill=spill)
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        # libpq takes whole seconds, at least 2
+        timeout = max(2, min(CONNECT_TIMEOUT, round(self.write_timeout)))
+        try:
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=timeout)
+        except psycopg.Error as exc:
+            raise config_error(self.url, exc) from exc
+
+    def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
+        if self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def record(self, record: LedgerRecord) -> None:
+        self._writer.append(record)
+
+    def _write(self, batch: list[LedgerRecord]) -> None:
+        """Write the held records, then ``batch``, in one COPY (all or nothing)."""
+        with self._lock:
+            rows, self._held = self._held + batch, []
+            try:
+                conn = self._connection()
+                with _cut_off_after(conn, self.write_timeout), conn.cursor() as cur, \
+                        cur.copy(_COPY) as copy:
+                    for record in rows:
+                        copy.write_row(_AS_ROW(record))
+            except (psycopg.Error, ConfigError) as exc:
+                self._hold(rows, exc)
+            else:
+                if self._spill is not None:
+                    self._spill.written()
+
+    def _hold(self, rows: list[LedgerRecord], exc: Exception) -> None:
+        lost = max(0, len(rows) - self.max_held)
+        self._held = rows[lost:]
+        log.warning("postgres ledger: %d records held for the next write: %s", len(rows), exc)
+        if lost:
+            log.error("postgres ledger: dropped the %d oldest held records", lost)
+
+    def flush(self) -> None:
+        if not self._writer.flush() and self._held:  # it calls back only with new records
+            self._write([])
+
+    def query(self, since: float = 0.0) -> list[LedgerRecord]:
+        """Every record with ``ts >= since``, oldest first, after writing what is pending."""
+        self.flush()
+        with self._lock:
+            cur = self._connection().execute(
+                f"SELECT {_QUOTED} FROM skinflint_ledger WHERE ts >= %s ORDER BY ts", (since,))
+            return [LedgerRecord(*row) for row in cur.fetchall()]
+
+    def hit_counts(self) -> tuple[int, int, int, float]:
+        """``(requests, hits, semantic hits, USD saved by hits)`` over chat and embeddings
+        calls, counted by the database after writing what is pending."""
+        self.flush()
+        with self._lock:
+            row = self._connection().execute(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE cache_status LIKE 'hit%'),"
+                " COUNT(*) FILTER (WHERE cache_status = 'hit-semantic'),"
+                " COALESCE(SUM(saved_usd) FILTER (WHERE cache_status LIKE 'hit%'), 0)"
+                " FROM skinflint_ledger WHERE endpoint IN ('chat', 'embeddings')"
+            ).fetchone()
+        assert row is not None  # an aggregate always returns one row
+        return int(row[0]), int(row[1]), int(row[2]), float(row[3])
+
+    def close(self) -> None:
+        if not self._writer.close() and self._held:
+            self._write([])
+        if self._held and self._spill is not None:
+            self._spill.save(self._held)
+            self._held = []
+        if self._held:
+            log.error("postgres ledger: %d records could not be written", len(self._held))
+        with self._lock:
+            self._conn.close()
