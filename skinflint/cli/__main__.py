@@ -1,0 +1,7 @@
+"""``python -m skinflint.cli``."""
+
+import sys
+
+from skinflint.cli import main
+
+sys.exit(main())

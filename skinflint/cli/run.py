@@ -1,0 +1,54 @@
+"""``skinflint serve`` and ``skinflint demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from rich.table import Table
+
+from skinflint.cli.output import new_console, print_json
+from skinflint.config import Settings
+
+__all__ = ["cmd_demo", "cmd_serve"]
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from skinflint.server.run import serve
+
+    if args.config and args.workers > 1:
+        os.environ["SKINFLINT_CONFIG"] = args.config  # workers load it themselves
+    serve(
+        settings,
+        host=args.host or settings.server.host,
+        port=args.port or settings.server.port,
+        workers=args.workers or settings.server.workers,
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.progress import Progress
+
+    from skinflint.demo import format_demo_rows, run_demo
+
+    console = new_console()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("replaying recorded traffic", total=None)
+
+        def tick(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = run_demo(
+            requests=args.requests, concurrency=args.concurrency, seed=args.seed, on_progress=tick
+        )
+    if args.json:
+        print_json(result)
+        return 0
+    table = Table(title="skinflint demo: recorded real model outputs, replayed through the gateway")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for label, value in format_demo_rows(result):
+        table.add_row(label, value)
+    console.print(table)
+    return 0
