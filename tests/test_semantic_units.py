@@ -104,10 +104,18 @@ def _unit(seed: int, n: int, dim: int = 8) -> Vectors:
     return np.asarray(rows / np.linalg.norm(rows, axis=1, keepdims=True), dtype=np.float32)
 
 
+def _graph_only(dim: int) -> VectorIndex:
+    return HnswIndex(dim, exact_up_to=0)
+
+
+def _promoting(dim: int) -> VectorIndex:
+    return HnswIndex(dim, exact_up_to=10)  # the tests' scopes outgrow the exact scan
+
+
 def _indexes() -> list[Callable[[int], VectorIndex]]:
     makers: list[Callable[[int], VectorIndex]] = [NumpyIndex]
     if importlib.util.find_spec("hnswlib") is not None:
-        makers.append(HnswIndex)
+        makers += [HnswIndex, _graph_only, _promoting]
     return makers
 
 
@@ -115,6 +123,31 @@ def _indexes() -> list[Callable[[int], VectorIndex]]:
 def index(request: pytest.FixtureRequest) -> VectorIndex:
     make: Callable[[int], VectorIndex] = request.param
     return make(8)
+
+
+needs_hnswlib = pytest.mark.skipif(importlib.util.find_spec("hnswlib") is None,
+                                   reason="hnswlib is not installed")
+
+
+@needs_hnswlib
+def test_hnsw_index_keeps_small_scopes_exact_and_frees_empty_graphs() -> None:
+    """An hnswlib graph costs megabytes however few entries it holds: only a scope that
+    outgrows the exact scan gets one, and it goes when the scope empties."""
+    index = HnswIndex(8, exact_up_to=10)
+    vectors = _unit(5, 12)
+    for scope in range(50):  # many small scopes, as conversations make
+        index.add(f"c{scope}", f"c{scope}-k", vectors[0])
+    assert index.graphs() == 0 and len(index) == 50
+    for i, v in enumerate(vectors):
+        index.add("big", f"k{i}", v)
+    assert index.graphs() == 1 and len(index) == 62
+    assert index.search("big", vectors[3], k=1)[0][0] == "k3"
+    assert index.search("c7", vectors[0], k=2) == [("c7-k", pytest.approx(1.0, abs=1e-5))]
+    for i in range(12):
+        index.remove(f"k{i}")
+    assert index.graphs() == 0 and index.search("big", vectors[3], k=1) == []
+    index.add("big", "again", vectors[1])  # an emptied scope starts over, scanned
+    assert index.graphs() == 0 and index.search("big", vectors[1], k=1)[0][0] == "again"
 
 
 def test_index_finds_the_nearest_vector_first(index: VectorIndex) -> None:

@@ -133,6 +133,21 @@ class NumpyIndex:
     def __len__(self) -> int:
         return len(self._scope_of)
 
+    def size(self, scope: str) -> int:
+        """The number of entries in ``scope``."""
+        part = self._parts.get(scope)
+        return len(part.keys) if part is not None else 0
+
+    def pop_scope(self, scope: str) -> tuple[list[str], Vector]:
+        """Remove every entry of ``scope`` and return their keys and vectors."""
+        with self._lock:
+            part = self._parts.pop(scope, None)
+            if part is None:
+                return [], np.empty((0, self.dim), dtype=np.float32)
+            for key in part.keys:
+                del self._scope_of[key]
+            return list(part.keys), part.rows[: len(part.keys)].copy()
+
     def _forget(self, key: str) -> bool:
         scope = self._scope_of.pop(key, None)
         if scope is None:
@@ -145,7 +160,14 @@ class NumpyIndex:
 
 
 class HnswIndex:
-    """Approximate search with one ``hnswlib`` graph per scope (``pip install hnswlib``).
+    """Approximate search with ``hnswlib`` for scopes too big to scan (``pip install hnswlib``).
+
+    A scope is scanned exactly, as :class:`NumpyIndex` does, until it holds more than
+    ``exact_up_to`` entries; then its vectors move into an HNSW graph of their own. Most scopes
+    stay small (a scope is one tenant, model, parameter set and conversation context), and an
+    hnswlib graph costs about 2.6 MB however few entries it holds (it allocates 65,536 locks),
+    so a graph per scope would make memory grow with the number of scopes, not of entries. A
+    graph is dropped when its scope empties.
 
     ``ef`` trades recall for time at query; ``m`` and ``ef_construction`` at insertion. Removed
     entries are marked deleted and their labels reused by later additions. Each graph uses one
@@ -154,15 +176,20 @@ class HnswIndex:
     cosine 0.9 or more (the only ones that can hit), at about half the time of ``ef=64``.
     """
 
-    def __init__(self, dim: int, *, m: int = 16, ef_construction: int = 100, ef: int = 32) -> None:
+    def __init__(
+        self, dim: int, *, exact_up_to: int = 4096, m: int = 16, ef_construction: int = 100,
+        ef: int = 32,
+    ) -> None:
         try:
             self._hnswlib: Any = importlib.import_module("hnswlib")
         except ImportError as exc:
             raise ConfigError("hnswlib is not installed: pip install hnswlib") from exc
         self.dim = dim
+        self.exact_up_to = exact_up_to
         self._m, self._ef_construction, self._ef = m, ef_construction, ef
+        self._small = NumpyIndex(dim)  # scopes of up to exact_up_to entries
         self._graphs: dict[str, Any] = {}
-        self._labels: dict[str, tuple[str, int]] = {}  # key -> (scope, label)
+        self._labels: dict[str, tuple[str, int]] = {}  # key -> (scope, label), for graph scopes
         self._keys: dict[tuple[str, int], str] = {}
         self._free: dict[str, list[int]] = {}
         self._next: dict[str, int] = {}
@@ -170,28 +197,29 @@ class HnswIndex:
 
     def add(self, scope: str, key: str, vector: Vector) -> None:
         """See :meth:`VectorIndex.add`. Raises ValueError for a vector of the wrong size."""
-        row = _checked(vector, self.dim)
-        with self._lock:
-            self._forget(key)
-            graph = self._graph(scope)
-            free = self._free.setdefault(scope, [])
-            label = free.pop() if free else self._take_label(scope, graph)
-            # Re-adding a label that was marked deleted revives it with the new vector.
-            graph.add_items(row[None, :], np.asarray([label]))
-            self._labels[key] = (scope, label)
-            self._keys[scope, label] = key
+        self.add_many(scope, [key], _checked(vector, self.dim)[None, :])
 
     def add_many(self, scope: str, keys: list[str], vectors: Vector) -> None:
         """See :meth:`VectorIndex.add_many`; new keys are inserted in one call to the graph."""
-        rows = np.asarray(vectors, dtype=np.float32).reshape(len(keys), self.dim)
+        rows = np.asarray(vectors, dtype=np.float32)
+        if rows.size != len(keys) * self.dim:
+            raise ValueError(f"expected {len(keys)} vectors of {self.dim} dimensions, got shape "
+                             f"{np.shape(vectors)}")
+        rows = rows.reshape(len(keys), self.dim)
         latest = dict(zip(keys, range(len(keys)), strict=True))  # a repeated key: its last row
         keys, rows = list(latest), rows[list(latest.values())]
         with self._lock:
             for key in keys:
                 self._forget(key)
-            graph = self._graph(scope)
+            if scope not in self._graphs:
+                self._small.add_many(scope, keys, rows)
+                if self._small.size(scope) <= self.exact_up_to:
+                    return
+                keys, rows = self._small.pop_scope(scope)  # too big to scan: a graph of its own
+            graph = self._graph(scope, len(keys))
             free = self._free.setdefault(scope, [])
             labels = [free.pop() if free else self._take_label(scope, graph) for _ in keys]
+            # Re-adding a label that was marked deleted revives it with the new vector.
             graph.add_items(rows, np.asarray(labels))
             for key, label in zip(keys, labels, strict=True):
                 self._labels[key] = (scope, label)
@@ -202,8 +230,10 @@ class HnswIndex:
         query = _checked(vector, self.dim)
         with self._lock:
             graph = self._graphs.get(scope)
-            live = graph.get_current_count() - len(self._free.get(scope, [])) if graph else 0
-            if graph is None or live <= 0 or k <= 0:
+            if graph is None:
+                return self._small.search(scope, query, k)
+            live = graph.get_current_count() - len(self._free[scope])
+            if live <= 0 or k <= 0:
                 return []
             k = min(k, live)
             graph.set_ef(max(self._ef, k))
@@ -219,20 +249,26 @@ class HnswIndex:
             return self._forget(key)
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._labels) + len(self._small)
 
-    def _graph(self, scope: str) -> Any:
+    def graphs(self) -> int:
+        """How many scopes have an HNSW graph (the others are scanned)."""
+        return len(self._graphs)
+
+    def _graph(self, scope: str, entries: int) -> Any:
         graph = self._graphs.get(scope)
         if graph is None:
             graph = self._hnswlib.Index(space="ip", dim=self.dim)
-            graph.init_index(max_elements=1024, ef_construction=self._ef_construction, M=self._m)
+            graph.init_index(max_elements=max(1024, 2 * entries),
+                             ef_construction=self._ef_construction, M=self._m)
             graph.set_ef(self._ef)
             graph.set_num_threads(1)
             self._graphs[scope] = graph
+            self._free[scope], self._next[scope] = [], 0
         return graph
 
     def _take_label(self, scope: str, graph: Any) -> int:
-        label = self._next.get(scope, 0)
+        label = self._next[scope]
         self._next[scope] = label + 1
         if label >= graph.get_max_elements():
             graph.resize_index(2 * graph.get_max_elements())
@@ -241,9 +277,13 @@ class HnswIndex:
     def _forget(self, key: str) -> bool:
         found = self._labels.pop(key, None)
         if found is None:
-            return False
+            return self._small.remove(key)
         scope, label = found
         del self._keys[scope, label]
-        self._graphs[scope].mark_deleted(label)
-        self._free.setdefault(scope, []).append(label)
+        graph, free = self._graphs[scope], self._free[scope]
+        free.append(label)
+        if len(free) == self._next[scope]:  # every label is free: the scope is empty
+            del self._graphs[scope], self._free[scope], self._next[scope]
+        else:
+            graph.mark_deleted(label)
         return True

@@ -34,11 +34,12 @@ EXACT_SEARCH_LIMIT = 5_000
 
 
 def _vector_index(dim: int, max_entries: int) -> VectorIndex:
-    """Exact search while the index stays small, an HNSW graph when it may grow past that and
-    hnswlib is installed (``skinflint[ann]``)."""
+    """Exact search while the index stays small; when it may grow past that and hnswlib is
+    installed (``skinflint[ann]``), an index that gives a scope an HNSW graph once the scope
+    outgrows the exact scan."""
     if max_entries > EXACT_SEARCH_LIMIT:
         try:
-            return HnswIndex(dim)
+            return HnswIndex(dim, exact_up_to=EXACT_SEARCH_LIMIT)
         except ConfigError:
             log.warning("hnswlib is not installed: exact search over up to %d entries "
                         "(pip install 'skinflint[ann]' for approximate search)", max_entries)
