@@ -134,6 +134,29 @@ async def test_cache_shared_between_replicas(make_store: StoreFactory) -> None:
 # ---------------------------------------------------------------- Redis specifics
 
 
+async def test_tiered_lookup_during_an_invalidation_never_revives_the_entry(
+    tmp_path: Path,
+) -> None:
+    """After a restart the entry is on disk only; a lookup while its tag is being invalidated
+    must not read it back into memory, where it would outlive the invalidation."""
+    path = str(tmp_path / "cache.db")
+    for trial in range(5):
+        store = TieredCacheStore(path)
+        await store.set(CacheEntry(f"k{trial}", b"stale", 0.0, ("doc:1",)))
+        await store.close()
+        store = TieredCacheStore(path, flush_interval=60)  # memory empty, the key on disk
+        try:
+            for i in range(2000):  # pending writes the invalidation flushes first
+                await store.set(CacheEntry(f"other{trial}-{i}", b"x" * 200, 0.0))
+            invalidation = asyncio.ensure_future(store.invalidate_tags(["doc:1"]))
+            await asyncio.sleep(0)
+            assert await store.get(f"k{trial}", 1.0) is None
+            assert await invalidation == 1
+            assert await store.get(f"k{trial}", 1.0) is None
+        finally:
+            await store.close()
+
+
 async def test_redis_prefixes_keep_environments_apart(redis_url: str) -> None:
     from skinflint.storage.redis_cache import RedisCacheStore
 

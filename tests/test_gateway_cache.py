@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,68 @@ def test_invalidate_by_tag_over_http(client: openai.OpenAI, gateway: Any) -> Non
     assert _ask(client, "profile?").headers["x-skinflint-cache"] == "hit-exact"
     bad = httpx.post(gateway.root_url + "/api/cache/invalidate", json={"tags": "nope"})
     assert bad.status_code == 400
+
+
+def test_an_answer_in_flight_during_an_invalidation_is_not_stored(
+    client: openai.OpenAI, gateway: Any, fake: FakeUpstream
+) -> None:
+    """A request that looked the cache up before a tag invalidation may carry an answer built
+    on the data the tag stood for: it is answered, not stored."""
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_ask, client, "balance? [[fault:delay=1]]",
+                           extra_headers={"x-skinflint-tags": "account:7"})
+        deadline = time.monotonic() + 5
+        while not _calls(fake) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the request has reached the upstream
+        resp = httpx.post(gateway.root_url + "/api/cache/invalidate", json={"tags": ["account:7"]})
+        assert resp.status_code == 200
+        assert slow.result(timeout=10).headers["x-skinflint-cache"] == "miss"
+    again = _ask(client, "balance? [[fault:delay=1]]", extra_headers={"x-skinflint-tags": "account:7"})
+    assert again.headers["x-skinflint-cache"] == "miss"  # not stored the first time
+    assert _ask(client, "balance? [[fault:delay=1]]").headers["x-skinflint-cache"] == "hit-exact"
+
+
+def test_user_scope_keeps_tenants_apart_whatever_the_names(make_gateway: GatewayFactory) -> None:
+    """Tenant "acme" with user "eu:bob" is not tenant "acme:eu" with user "bob"."""
+    gw = make_gateway(
+        cache={"exact": {"scope": "user"}},
+        keys=[{"key": "k-acme", "tenant": "acme"}, {"key": "k-acme-eu", "tenant": "acme:eu"}],
+    )
+    with (
+        openai.OpenAI(base_url=gw.base_url, api_key="k-acme", max_retries=0) as acme,
+        openai.OpenAI(base_url=gw.base_url, api_key="k-acme-eu", max_retries=0) as acme_eu,
+    ):
+        _ask(acme, extra_headers={"x-skinflint-user": "eu:bob"})
+        assert _ask(acme_eu, extra_headers={"x-skinflint-user": "bob"}).headers[
+            "x-skinflint-cache"] == "miss"
+
+
+def test_a_feature_with_its_own_ttl_is_never_served_another_features_answer(
+    make_gateway: GatewayFactory,
+) -> None:
+    gw = make_gateway(cache={"exact": {"features": {"news": {"ttl_seconds": 300}}}})
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        _ask(c, "headlines?", extra_headers={"x-skinflint-feature": "faq"})  # default TTL
+        news = {"extra_headers": {"x-skinflint-feature": "news"}}
+        assert _ask(c, "headlines?", **news).headers["x-skinflint-cache"] == "miss"
+        assert _ask(c, "headlines?", **news).headers["x-skinflint-cache"] == "hit-exact"
+        other = {"extra_headers": {"x-skinflint-feature": "blog"}}  # no policy: shares faq's
+        assert _ask(c, "headlines?", **other).headers["x-skinflint-cache"] == "hit-exact"
+
+
+def test_the_policy_memo_holds_configured_names_only() -> None:
+    """Feature and model names come from the client; remembering each would let any client
+    grow the gateway's memory without bound."""
+    from skinflint.config import ExactCacheConfig
+    from skinflint.pipeline.cache_exact import ExactCache
+    from skinflint.storage.cache import MemoryCacheStore
+
+    config = ExactCacheConfig(features={"news": {"ttl_seconds": 300}})
+    stage = ExactCache(config, MemoryCacheStore())
+    for i in range(1000):
+        assert stage.policy(f"feature-{i}", f"model-{i}").ttl_seconds == config.ttl_seconds
+    assert stage.policy("news", "model-1").ttl_seconds == 300
+    assert len(stage._policies) == 2
 
 
 def test_cache_survives_restart(make_gateway: GatewayFactory, fake: FakeUpstream) -> None:

@@ -62,8 +62,14 @@ class ExactCache:
         self.store = store
         self.enabled = config.enabled or bool(config.features) or bool(config.routes)
         self._policies: dict[tuple[str, str], Policy] = {}
+        # Tag invalidations through this stage: started so far, and running now.
+        self.invalidations = 0
+        self._invalidating = 0
 
     def policy(self, feature: str, model: str) -> Policy:
+        # Memoised by configured names only: feature and model come from the client.
+        feature = feature if feature in self.config.features else ""
+        model = model if model in self.config.routes else ""
         try:
             return self._policies[feature, model]
         except KeyError:
@@ -77,15 +83,29 @@ class ExactCache:
         scope = self.config.scope
         if scope == "shared":
             return "shared"
-        if scope == "user":
-            return f"u:{ctx.tenant}:{ctx.user}"
+        if scope == "user":  # the tenant's length keeps ("a:b", "c") apart from ("a", "b:c")
+            return f"u:{len(ctx.tenant)}:{ctx.tenant}:{ctx.user}"
         return f"t:{ctx.tenant}"
 
     def key_for(self, ctx: RequestContext, digest: str) -> str:
-        """``digest`` within the request's scope (and, for a route, its task and feature)."""
+        """``digest`` within the request's scope; for a route, also within its task and
+        feature, and for a feature with a policy of its own (a TTL, say), within that feature,
+        so that no request is served an answer stored under another feature's policy."""
         if ctx.requested_model in self._routes:
             digest = scoped_key(f"route\0{ctx.task}\0{ctx.feature}", digest)
+        elif ctx.feature in self.config.features:
+            digest = scoped_key(f"feature\0{ctx.feature}", digest)
         return scoped_key(self._scope(ctx), digest)
+
+    async def invalidate_tags(self, tags: list[str]) -> int:
+        """Drop the entries tagged with any of ``tags``; an answer to a request already in
+        flight is then not stored (it may rest on the data the tags stood for)."""
+        self.invalidations += 1
+        self._invalidating += 1
+        try:
+            return await self.store.invalidate_tags(tags)
+        finally:
+            self._invalidating -= 1
 
     def _eligible(self, ctx: RequestContext, policy: Policy) -> bool:
         if not policy.enabled or ctx.cache_mode == "bypass":
@@ -107,6 +127,7 @@ class ExactCache:
         )
         ctx.cache_key = self.key_for(ctx, digest)
         ctx.cache_writable, ctx.cache_ttl = True, policy.ttl_seconds
+        ctx.cache_epoch = self.invalidations
         if ctx.cache_mode != "refresh":
             raw = await self.store.get(ctx.cache_key, time.time())
             if raw is not None:
@@ -129,6 +150,8 @@ class ExactCache:
         """Store a finished response if the request allows it and the answer is complete."""
         if not ctx.cache_writable or ctx.status != 200:
             return False
+        if self._invalidating or ctx.cache_epoch != self.invalidations:
+            return False  # an invalidation ran since the lookup: the answer may be stale
         if ctx.endpoint == "chat" and not is_complete(body):
             return False
         value = raw if raw is not None else orjson.dumps(body)

@@ -71,6 +71,7 @@ class RequestContext:
     cache_status: str = "miss"
     cache_writable: bool = False
     cache_ttl: float = 0.0
+    cache_epoch: int = 0  # the exact cache's invalidation count when the request looked it up
     semantic: tuple[str, str, Any] | None = None  # (partition, question, embedding) once computed
     similarity: float | None = None
     targets: tuple[Target, ...] = ()

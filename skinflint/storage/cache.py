@@ -130,16 +130,23 @@ class TieredCacheStore:
         self._writer: BatchWriter[tuple[CacheEntry, bool]] = BatchWriter(
             self._write_locked, interval=flush_interval, name="cache")
         self.disk_reads = 0
+        self._invalidating = 0  # tag invalidations running now
+        self._invalidated = 0  # tag invalidations started so far
 
     async def get(self, key: str, now: float) -> bytes | None:
         entry = self.memory.get_entry(key, now)
         if entry is not None:
             return entry.value
-        if key not in self._on_disk:
-            return None
+        if key not in self._on_disk or self._invalidating:
+            return None  # while tags are invalidated, the row may be one about to go
+        before = self._invalidated
         entry = await asyncio.to_thread(self._read, key)
         self.disk_reads += 1
         if entry is None or (entry.expires_at and entry.expires_at <= now):
+            return None
+        if before != self._invalidated:
+            # An invalidation started during the read: the row may be one it deletes, so it
+            # is neither served nor brought back into memory.
             return None
         self.memory.put(entry)
         return entry.value
@@ -161,9 +168,14 @@ class TieredCacheStore:
         self._writer.append((entry, overwrite))
 
     async def invalidate_tags(self, tags: Sequence[str]) -> int:
-        dropped = self.memory.drop_tags(tags)
-        keys = await asyncio.to_thread(self._drop_tags_on_disk, list(tags))
-        self._on_disk.difference_update(keys)
+        self._invalidating += 1
+        self._invalidated += 1
+        try:
+            dropped = self.memory.drop_tags(tags)
+            keys = await asyncio.to_thread(self._drop_tags_on_disk, list(tags))
+            self._on_disk.difference_update(keys)
+        finally:
+            self._invalidating -= 1
         return max(dropped, len(keys))
 
     def _drop_tags_on_disk(self, tags: list[str]) -> builtins.set[str]:
