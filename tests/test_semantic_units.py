@@ -48,12 +48,20 @@ SAME = [
     ("What happened in the 1990s?", "what happened in the 1990s"),
     ("Which is the best dancing academy in town?", "Which is the best dance academy in town?"),
     ("What if my dog tried to bite me?", "What if my dog tries to bite me?"),
+    ("How do I move to Canada from India?", "How can I move from India to Canada?"),
+    ("How do I get from the airport to the city?", "How do I get to the city from the airport?"),
 ]
 DIFFERENT = [
     ("convert string to int", "convert int to string", "order"),
     ("How do I convert 5 F to C?", "How do I convert 5 C to F?", "order"),
     ("Flights from Paris to London", "flights from London to Paris", "order"),
     ("Is Apple better than Samsung?", "Is Samsung better than Apple?", "order"),
+    # "to" twice: the pointing word repeats
+    ("how to go from paris to london by train", "how to go from london to paris by train",
+     "order"),
+    ("how to convert kilometers to miles", "how to convert miles to kilometers", "order"),
+    ("How to copy files from the server to my laptop",
+     "How to copy files from my laptop to the server", "order"),
     ("What is 2 + 3?", "What is 2 + 4?", "numbers"),
     ("I found a few thousand dollars", "I found a few hundred dollars", "numbers"),
     ("Show sales for 2016", "Show sales for 2017", "numbers"),

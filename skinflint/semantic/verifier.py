@@ -106,6 +106,10 @@ _OPPOSITES = tuple(
 _QUESTION_WORDS = frozenset({"where", "when", "why", "who", "whom", "whose"})
 # Words that may stand between two swapped words without changing the meaning.
 _SYMMETRIC = frozenset({"and", "or", "vs", "versus", "&", "between", "with"})
+# Words that point from one side to the other: "kilometers to miles" is not "miles to kilometers".
+_DIRECTED = frozenset({"to", "into", "onto", "from", "than", "over", "under", "above", "below",
+                       "before", "after", "per", "towards", "toward"})
+_REACH = 3  # how far from the pointing word its two sides may be, stopwords skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +176,7 @@ def compare(a: str, b: str) -> Evidence:
         else (frozenset(), frozenset()),
         negation=left.negated != right.negated,
         opposites=_opposites(left.stems, right.stems),
-        order=_swap(left.words, right.words),
+        order=_swap(left.words, right.words) or _flipped(left.words, right.words),
         replaced=_replaced(left.words, right.words),
     )
 
@@ -342,3 +346,29 @@ def _swap(left: list[str], right: list[str]) -> tuple[str, str, str] | None:
             high = (pos, word)
     return None
 
+
+def _flipped(left: list[str], right: list[str]) -> tuple[str, str, str] | None:
+    """Content words ``u`` and ``v`` on either side of a pointing word ``p`` ("to", "from",
+    "than", ...) as ``u p v`` in ``left`` and ``v p u`` in ``right``: "how to convert
+    kilometers to miles" against "... miles to kilometers". Unlike :func:`_swap`, ``p`` may
+    occur more than once, as "to" does in "how to go from paris to london". Linear."""
+    flips = {(v, p, u) for u, p, v in _around_pointers(right)}
+    for u, p, v in _around_pointers(left):
+        if (u, p, v) in flips and u != v:
+            return u, p, v
+    return None
+
+
+def _around_pointers(words: list[str]) -> list[tuple[str, str, str]]:
+    """``(u, p, v)`` for each pointing word ``p`` with a content word ``u`` shortly before it
+    and ``v`` shortly after it."""
+    out = []
+    for i, p in enumerate(words):
+        if p not in _DIRECTED:
+            continue
+        before = next((w for w in reversed(words[max(0, i - _REACH):i]) if w not in STOPWORDS),
+                      None)
+        after = next((w for w in words[i + 1:i + 1 + _REACH] if w not in STOPWORDS), None)
+        if before is not None and after is not None:
+            out.append((before, p, after))
+    return out
