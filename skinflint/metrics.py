@@ -70,6 +70,9 @@ class Metrics:
         self.semantic_rejected = Counter("skinflint_semantic_rejected",
                                          "Similar entries the verifier refused to serve",
                                          ["reason"], registry=r)
+        self.semantic_skipped = Counter("skinflint_semantic_skipped",
+                                        "Requests the semantic cache let pass without a lookup",
+                                        ["reason"], registry=r)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

@@ -258,3 +258,36 @@ def test_openai_compatible_embedder_needs_a_provider() -> None:
     with pytest.raises(ConfigError, match="embedder_provider"):
         settings_from_dict({"providers": {"p": {"base_url": "http://x/v1"}},
                             "cache": {"semantic": {"embedder": "openai-compatible"}}}, env={})
+
+
+def _embedder_gateway(make_gateway: GatewayFactory, dim: int) -> Any:
+    return make_gateway(cache={"semantic": {
+        "enabled": True, "embedder": "openai-compatible", "embedder_provider": "fake",
+        "embedder_model": "text-embedding-3-small", "embedder_dim": dim, "threshold": 0.99}})
+
+
+def test_an_embedder_that_fails_lets_the_request_through(make_gateway: GatewayFactory,
+                                                         fake: FakeUpstream) -> None:
+    """Vectors of the wrong size (the fake's are 8-dimensional): the request goes to the model
+    without a lookup, and the skip is counted."""
+    gw = _embedder_gateway(make_gateway, dim=16)
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        reply = _ask(c, "Show me my recent invoices")
+    assert reply.http_response.status_code == 200 and reply.headers["x-skinflint-cache"] == "miss"
+    assert _calls(fake) == 1
+    metrics = httpx.get(gw.root_url + "/metrics").text
+    assert 'skinflint_semantic_skipped_total{reason="embedder_error"} 1.0' in metrics
+
+
+def test_a_slow_embedder_lets_the_request_through(make_gateway: GatewayFactory,
+                                                  fake: FakeUpstream,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from skinflint.pipeline import cache_semantic
+
+    monkeypatch.setattr(cache_semantic, "EMBED_TIMEOUT", 0.2)
+    gw = _embedder_gateway(make_gateway, dim=8)
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        reply = _ask(c, "Show me my invoices [[fault:delay=0.6]]")  # embeddings wait too
+    assert reply.headers["x-skinflint-cache"] == "miss" and _calls(fake) == 1
+    metrics = httpx.get(gw.root_url + "/metrics").text
+    assert 'skinflint_semantic_skipped_total{reason="embedder_timeout"} 1.0' in metrics

@@ -12,11 +12,16 @@ candidates whose numbers, dates, names, negations or order differ.
 Entries point at exact-cache entries: a semantic hit serves the stored answer of the matched
 question, which shares that entry's TTL, tags and invalidation, and nothing is stored that the
 exact cache would not store.
+
+The cache saves money and must never cost a request: an embedder that fails, takes longer than
+``EMBED_TIMEOUT`` seconds, or already has ``MAX_QUEUED`` texts waiting lets the request pass to
+the model without a lookup (counted by ``skinflint_semantic_skipped``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +35,12 @@ from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.context import Next, Reply, RequestContext
 from skinflint.semantic.verifier import verify
 
-__all__ = ["SemanticCache", "split_question"]
+__all__ = ["EMBED_TIMEOUT", "MAX_QUEUED", "SemanticCache", "split_question"]
+
+log = logging.getLogger("skinflint.semantic")
+
+EMBED_TIMEOUT = 2.0  # seconds; the local embedder takes 1-25 ms a text
+MAX_QUEUED = 64  # texts waiting for the embedder's one thread before requests skip the lookup
 
 
 def split_question(text: str, limit: int) -> tuple[str, str] | None:
@@ -87,6 +97,7 @@ class SemanticCache:
         self._embedder: Embedder | None = None
         self._index: SemanticIndex | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skinflint-embed")
+        self._queued = 0  # texts handed to the pool and not yet embedded or dropped
 
     def open(self, embedder: Embedder, index: SemanticIndex) -> None:
         """Start serving (called once loading is done, from the loading thread: the two
@@ -120,13 +131,44 @@ class SemanticCache:
             return await next(ctx)
         context, text = split
         partition = self._exact.key_for(ctx, _context_digest(ctx, context))
-        vector = await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, text)
+        vector = await self._vector(text)
+        if vector is None:
+            return await next(ctx)
         ctx.semantic = (partition, text, vector)
         if ctx.cache_mode != "refresh":
-            reply = await self._lookup(ctx, self._index, partition, vector, threshold)
+            try:
+                reply = await self._lookup(ctx, self._index, partition, vector, threshold)
+            except Exception as exc:  # a broken index costs a lookup, not the request
+                self._failed("lookup", exc)
+                reply = None
             if reply is not None:
                 return reply
         return await next(ctx)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._metrics.child(self._metrics.semantic_skipped, f"index_{what}_error").inc()
+        log.warning("semantic cache: %s failed, request passed on: %r", what, exc)
+
+    async def _vector(self, text: str) -> Vector | None:
+        """The text's embedding, or None when the embedder is busy, slow or failing."""
+        if self._queued >= MAX_QUEUED:
+            self._metrics.child(self._metrics.semantic_skipped, "embedder_busy").inc()
+            return None
+        self._queued += 1
+        job = asyncio.get_running_loop().run_in_executor(self._pool, self._embed, text)
+        job.add_done_callback(self._dequeued)
+        try:
+            return await asyncio.wait_for(job, EMBED_TIMEOUT)
+        except TimeoutError:
+            reason = "embedder_timeout"
+        except Exception as exc:  # any embedder failure: the request goes on without the cache
+            reason = "embedder_error"
+            log.warning("semantic cache: embedding failed, request passed on: %r", exc)
+        self._metrics.child(self._metrics.semantic_skipped, reason).inc()
+        return None
+
+    def _dequeued(self, job: asyncio.Future[Vector]) -> None:
+        self._queued -= 1
 
     def _embed(self, text: str) -> Vector:
         assert self._embedder is not None
@@ -164,7 +206,10 @@ class SemanticCache:
         if ctx.semantic is None or self._index is None:
             return
         partition, text, vector = ctx.semantic
-        await self._index.add(partition, ctx.cache_key, text, vector)
+        try:
+            await self._index.add(partition, ctx.cache_key, text, vector)
+        except Exception as exc:  # the answer is already served; only the index misses it
+            self._failed("add", exc)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
