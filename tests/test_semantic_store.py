@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from skinflint.interfaces import Vector
+from skinflint.semantic.index import NumpyIndex
 from skinflint.storage.semantic import LocalSemanticIndex
 
 
@@ -33,3 +36,36 @@ async def test_partitions_eviction_and_reload(tmp_path: Path) -> None:
     assert await other_space.count() == 0  # vectors of another embedder never mix
     await again.close()
     await other_space.close()
+
+
+class _ThreadRecorder(NumpyIndex):
+    """The real exact index, noting the thread each call runs on."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.threads: set[int] = set()
+
+    def add(self, scope: str, key: str, vector: Vector) -> None:
+        self.threads.add(threading.get_ident())
+        super().add(scope, key, vector)
+
+    def search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]]:
+        self.threads.add(threading.get_ident())
+        return super().search(scope, vector, k)
+
+    def remove(self, key: str) -> bool:
+        self.threads.add(threading.get_ident())
+        return super().remove(key)
+
+
+async def test_index_work_stays_off_the_event_loop(tmp_path: Path) -> None:
+    """Moving a large scope into an HNSW graph takes a while: no index call may run on the
+    event loop's thread."""
+    index = LocalSemanticIndex(str(tmp_path / "s.db"), "space", 3, max_entries=1)
+    recorder = _ThreadRecorder(3)
+    index._index = recorder
+    await index.add("p", "k1", "q1", _unit(1, 0, 0))
+    await index.add("p", "k2", "q2", _unit(0, 1, 0))  # evicts k1
+    assert [k for k, _, _ in await index.search("p", _unit(0, 1, 0), 2)] == ["k2"]
+    assert recorder.threads and threading.get_ident() not in recorder.threads
+    await index.close()

@@ -4,6 +4,7 @@ eviction. PostgreSQL deployments use :mod:`skinflint.storage.postgres` instead."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import OrderedDict
@@ -49,7 +50,9 @@ def _vector_index(dim: int, max_entries: int) -> VectorIndex:
 class LocalSemanticIndex:
     """Entries of one vector space (embedder name): vectors of different embedders never mix.
 
-    Not thread-safe: used from the event loop; disk writes go through a write-behind thread."""
+    Not thread-safe: used from the event loop. Searches and changes of the vector index run in
+    worker threads (the index has its own lock; moving a large scope into an HNSW graph takes a
+    while), and disk writes go through a write-behind thread."""
 
     def __init__(
         self,
@@ -79,13 +82,11 @@ class LocalSemanticIndex:
                 self._texts[key] = text
 
     async def search(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float, str]]:
-        return [
-            (key, sim, self._texts.get(key, ""))
-            for key, sim in self._index.search(partition, vector, k)
-        ]
+        found = await asyncio.to_thread(self._index.search, partition, vector, k)
+        return [(key, sim, self._texts.get(key, "")) for key, sim in found]
 
     async def add(self, partition: str, key: str, text: str, vector: Vector) -> None:
-        self._index.add(partition, key, vector)
+        await asyncio.to_thread(self._index.add, partition, key, vector)
         self._texts[key] = text
         self._texts.move_to_end(key)
         self._writer.append((key, (key, partition, text, vector.astype(np.float32).tobytes())))
@@ -97,8 +98,8 @@ class LocalSemanticIndex:
             self._texts.move_to_end(key)
 
     async def remove(self, key: str) -> None:
-        self._index.remove(key)
         self._texts.pop(key, None)
+        await asyncio.to_thread(self._index.remove, key)
         self._writer.append((key, None))
 
     async def count(self) -> int:
