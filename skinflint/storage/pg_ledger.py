@@ -189,8 +189,8 @@ class PostgresLedger:
     def close(self) -> None:
         if not self._writer.close() and self._held:
             self._write([])
-        if self._held and self._spill is not None:
-            self._spill.save(self._held)
+        if self._spill is not None:
+            self._spill.save(self._held)  # also drops the claims of records loaded at start
             self._held = []
         if self._held:
             log.error("postgres ledger: %d records could not be written", len(self._held))

@@ -2,18 +2,26 @@
 
 A PostgreSQL ledger that is down when the gateway stops would otherwise lose what it held. It
 :meth:`~LedgerSpill.save`\\ s those records to a JSON-lines file, and the next ledger started
-with the same path :meth:`~LedgerSpill.load`\\ s them and writes them first. Loading claims the
-file by renaming it (``<path>.<pid>.claimed``), so two processes never load the same records;
-the claim is deleted once its records are written (:meth:`~LedgerSpill.written`), and a claim
-left by a process that died is loaded again.
+with the same path :meth:`~LedgerSpill.load`\\ s them and writes them first.
+
+Several processes may share the path (``skinflint serve --workers N``), so every file is taken
+by an atomic rename before it is read: loading renames the file, and any claim left by a process
+of this host that is gone, to a claim of this process (``<path>.<host>.<pid>.<token>.claimed``),
+and only the process whose rename succeeded reads it. A claim is deleted once its records are in
+the ledger (:meth:`~LedgerSpill.written`) or saved again with the records still held
+(:meth:`~LedgerSpill.save`), so no record is written twice. Claims of other hosts are left
+alone: whether their process still runs cannot be told from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
+import secrets
+import socket
 from pathlib import Path
 
 import orjson
@@ -25,7 +33,8 @@ __all__ = ["LedgerSpill"]
 log = logging.getLogger("skinflint.storage")
 
 _FIELDS = {f.name for f in dataclasses.fields(LedgerRecord)}
-_claimed: set[Path] = set()  # claims this process holds, not yet written
+_HOST = socket.gethostname().replace(".", "-")
+_held: set[Path] = set()  # claims this process holds, not yet written or saved again
 
 
 class LedgerSpill:
@@ -34,33 +43,39 @@ class LedgerSpill:
         self._claims: list[Path] = []
 
     def save(self, records: list[LedgerRecord]) -> None:
-        """Append ``records`` to the file and sync it to disk."""
-        if not records:
-            return
-        lines = b"".join(orjson.dumps(dataclasses.asdict(r)) + b"\n" for r in records)
-        with self.path.open("ab") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        log.warning("ledger: %d records the server could not take are saved in %s; the next "
-                    "start writes them", len(records), self.path)
+        """Append ``records`` (every record still held, loaded ones included) to the file,
+        sync it to disk, and drop this process's claims, whose records are now in the file."""
+        if records:
+            lines = b"".join(orjson.dumps(dataclasses.asdict(r)) + b"\n" for r in records)
+            with self.path.open("ab") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # other workers may save at the same moment
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            log.warning("ledger: %d records the server could not take are saved in %s; the next "
+                        "start writes them", len(records), self.path)
+        self.written()
 
     def load(self) -> list[LedgerRecord]:
-        """Claim the saved records (and those of claims whose process is gone) and return
-        them, oldest first; they stay on disk until :meth:`written`."""
-        claim = self.path.with_name(f"{self.path.name}.{os.getpid()}.claimed")
-        with contextlib.suppress(FileNotFoundError):
-            self.path.rename(claim)
-        orphans = (p for p in self.path.parent.glob(f"{self.path.name}.*.claimed")
-                   if p not in _claimed and not _alive(p))
+        """Claim the saved records (and those of this host's claims whose process is gone) and
+        return them, oldest first; their files stay on disk until :meth:`written` or
+        :meth:`save`. A line that cannot be read is skipped and logged; loading never fails."""
+        sources = [self.path]
+        with contextlib.suppress(OSError):
+            sources += sorted(p for p in self.path.parent.glob(f"{self.path.name}.*.claimed")
+                              if _orphaned(p))
         records: list[LedgerRecord] = []
-        for path in sorted(orphans, key=lambda p: p.stat().st_mtime):
-            for line in path.read_bytes().splitlines():
-                if line.strip():
-                    row = orjson.loads(line)
-                    records.append(LedgerRecord(**{k: v for k, v in row.items() if k in _FIELDS}))
-            self._claims.append(path)
-            _claimed.add(path)
+        for source in sources:
+            claim = self.path.with_name(
+                f"{self.path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.claimed")
+            try:
+                source.rename(claim)  # atomic: of several processes, one gets the file
+                data = claim.read_bytes()
+            except OSError:
+                continue
+            self._claims.append(claim)
+            _held.add(claim)
+            records += _parse(data, claim)
         if records:
             log.warning("ledger: %d records saved at an earlier shutdown are written first",
                         len(records))
@@ -70,22 +85,38 @@ class LedgerSpill:
         """The loaded records are in the ledger: delete their claims."""
         for path in self._claims:
             path.unlink(missing_ok=True)
-            _claimed.discard(path)
+            _held.discard(path)
         self._claims.clear()
 
 
-def _alive(claim: Path) -> bool:
-    """Whether the process that made ``claim`` (``<name>.<pid>.claimed``) still runs."""
-    try:
-        pid = int(claim.name.rsplit(".", 2)[-2])
-    except ValueError:
+def _parse(data: bytes, path: Path) -> list[LedgerRecord]:
+    records, bad = [], 0
+    for line in data.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+            records.append(LedgerRecord(**{k: v for k, v in row.items() if k in _FIELDS}))
+        except (orjson.JSONDecodeError, TypeError, AttributeError):
+            bad += 1  # a line cut short by a crash or a full disk
+    if bad:
+        log.error("ledger: %d unreadable lines in %s skipped", bad, path)
+    return records
+
+
+def _orphaned(claim: Path) -> bool:
+    """Whether ``claim`` (``<name>.<host>.<pid>.<token>.claimed``) was made on this host by a
+    process that no longer runs."""
+    parts = claim.name.rsplit(".", 4)
+    if len(parts) != 5 or parts[1] != _HOST or not parts[2].isdigit() or claim in _held:
         return False
+    pid = int(parts[2])
     if pid == os.getpid():
-        return False  # left by an earlier process that had this pid
+        return True  # not one this process holds: an earlier process had the same pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
