@@ -64,11 +64,13 @@ class Account:
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
         ctx.model = reply.body.get("model") or ctx.model
-        if ctx.usage is None:
-            ctx.usage = await self._usage(ctx, reply.body)
-        if not ctx.cache_status.startswith("hit"):
-            await self._store(ctx, reply.body, reply.raw)
-        self._finish(ctx)
+        try:  # the client may leave (cancelling this task) while usage is counted or stored
+            if ctx.usage is None:
+                ctx.usage = await self._usage(ctx, reply.body)
+            if not ctx.cache_status.startswith("hit"):
+                await self._store(ctx, reply.body, reply.raw)
+        finally:
+            self._finish(ctx)
         return reply
 
     def _failed(self, ctx: RequestContext, exc: BaseException) -> None:
@@ -100,17 +102,18 @@ class Account:
             failure = exc
             raise
         finally:
-            hit = ctx.cache_status.startswith("hit")
             ctx.model = assembler.model or ctx.model
-            if not hit:
-                ctx.upstream_ms += (time.perf_counter() - started) * 1000
-                completion = assembler.completion()
-                ctx.usage = await self._usage(ctx, completion)
-                if failure is None:
-                    await self._store(ctx, completion, None)
-            if failure is not None:
-                self._mark_failure(ctx, failure)
-            self._finish(ctx)
+            try:
+                if not ctx.cache_status.startswith("hit"):
+                    ctx.upstream_ms += (time.perf_counter() - started) * 1000
+                    completion = assembler.completion()
+                    ctx.usage = await self._usage(ctx, completion)
+                    if failure is None:
+                        await self._store(ctx, completion, None)
+            finally:  # the row is written even if this is cancelled in turn
+                if failure is not None:
+                    self._mark_failure(ctx, failure)
+                self._finish(ctx)
 
     async def _store(self, ctx: RequestContext, body: dict[str, Any], raw: bytes | None) -> None:
         if await self._cache.save(ctx, body, raw):

@@ -8,6 +8,10 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,6 +24,8 @@ from skinflint.storage.writer import BatchWriter
 __all__ = ["EXACT_SEARCH_LIMIT", "LocalSemanticIndex"]
 
 log = logging.getLogger("skinflint.semantic")
+
+T = TypeVar("T")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS semantic_entries (key TEXT PRIMARY KEY, space TEXT NOT NULL,"
@@ -50,9 +56,9 @@ def _vector_index(dim: int, max_entries: int) -> VectorIndex:
 class LocalSemanticIndex:
     """Entries of one vector space (embedder name): vectors of different embedders never mix.
 
-    Not thread-safe: used from the event loop. Searches and changes of the vector index run in
-    worker threads (the index has its own lock; moving a large scope into an HNSW graph takes a
-    while), and disk writes go through a write-behind thread."""
+    Not thread-safe: used from the event loop. Searches and changes of the vector index run on
+    a worker thread of its own (moving a large scope into an HNSW graph takes a while), and
+    disk writes go through a write-behind thread."""
 
     def __init__(
         self,
@@ -70,6 +76,7 @@ class LocalSemanticIndex:
         self._conn = open_sqlite(path)
         self._conn.execute(_SCHEMA)
         self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skinflint-semantic")
         self._writer: BatchWriter[tuple[str, _Row | None]] = BatchWriter(
             self._write, interval=flush_interval, name="semantic"
         )
@@ -82,16 +89,30 @@ class LocalSemanticIndex:
                 self._texts[key] = text
 
     async def search(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float, str]]:
-        found = await asyncio.to_thread(self._index.search, partition, vector, k)
+        found = await self._in_worker(self._index.search, partition, vector, k)
         return [(key, sim, self._texts.get(key, "")) for key, sim in found]
 
     async def add(self, partition: str, key: str, text: str, vector: Vector) -> None:
-        await asyncio.to_thread(self._index.add, partition, key, vector)
         self._texts[key] = text
         self._texts.move_to_end(key)
         self._writer.append((key, (key, partition, text, vector.astype(np.float32).tobytes())))
+        evicted = []
         while len(self._texts) > self.max_entries:
-            await self.remove(next(iter(self._texts)))
+            evicted.append(self._texts.popitem(last=False)[0])
+            self._writer.append((evicted[-1], None))
+        await self._in_worker(self._change, partition, key, vector, evicted)
+
+    def _change(self, partition: str, key: str, vector: Vector, evicted: list[str]) -> None:
+        self._index.add(partition, key, vector)
+        for old in evicted:
+            self._index.remove(old)
+
+    async def _in_worker(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` on the index's worker thread. One thread runs the calls in the order
+        they were made, and a request cancelled meanwhile does not cancel its call, so the
+        index always agrees with the key table, which changes on the event loop before."""
+        job = asyncio.get_running_loop().run_in_executor(self._worker, partial(call, *args))
+        return await asyncio.shield(job)
 
     async def touch(self, key: str) -> None:
         if key in self._texts:
@@ -99,8 +120,8 @@ class LocalSemanticIndex:
 
     async def remove(self, key: str) -> None:
         self._texts.pop(key, None)
-        await asyncio.to_thread(self._index.remove, key)
         self._writer.append((key, None))
+        await self._in_worker(self._index.remove, key)
 
     async def count(self) -> int:
         return len(self._texts)
@@ -120,5 +141,6 @@ class LocalSemanticIndex:
         self._writer.flush()
 
     async def close(self) -> None:
+        await asyncio.to_thread(self._worker.shutdown, wait=True)
         self._writer.close()
         self._conn.close()
