@@ -268,15 +268,18 @@ def _embedder_gateway(make_gateway: GatewayFactory, dim: int) -> Any:
 
 def test_an_embedder_that_fails_lets_the_request_through(make_gateway: GatewayFactory,
                                                          fake: FakeUpstream) -> None:
-    """Vectors of the wrong size (the fake's are 8-dimensional): the request goes to the model
-    without a lookup, and the skip is counted."""
+    """Vectors of the wrong size (the fake's are 8-dimensional): each request goes to the model
+    without a lookup, and after three failures in a row the embedder is not even asked."""
     gw = _embedder_gateway(make_gateway, dim=16)
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
-        reply = _ask(c, "Show me my recent invoices")
-    assert reply.http_response.status_code == 200 and reply.headers["x-skinflint-cache"] == "miss"
-    assert _calls(fake) == 1
+        replies = [_ask(c, f"Show me my recent invoices, page {n}") for n in range(4)]
+    assert all(r.http_response.status_code == 200 for r in replies)
+    assert {r.headers["x-skinflint-cache"] for r in replies} == {"miss"}
+    assert _calls(fake) == 4
+    assert sum(1 for r in fake.requests if r.path.endswith("/embeddings")) == 3
     metrics = httpx.get(gw.root_url + "/metrics").text
-    assert 'skinflint_semantic_skipped_total{reason="embedder_error"} 1.0' in metrics
+    assert 'skinflint_semantic_skipped_total{reason="embedder_error"} 3.0' in metrics
+    assert 'skinflint_semantic_skipped_total{reason="embedder_down"} 1.0' in metrics
 
 
 def test_a_slow_embedder_lets_the_request_through(make_gateway: GatewayFactory,

@@ -15,7 +15,8 @@ exact cache would not store.
 
 The cache saves money and must never cost a request: an embedder that fails, takes longer than
 ``EMBED_TIMEOUT`` seconds, or already has ``MAX_QUEUED`` texts waiting lets the request pass to
-the model without a lookup (counted by ``skinflint_semantic_skipped``).
+the model without a lookup (counted by ``skinflint_semantic_skipped``), and after three such
+failures in a row requests skip the embedder for ten seconds, then one probes it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from skinflint.metrics import Metrics
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.context import Next, Reply, RequestContext
 from skinflint.semantic.verifier import verify
+from skinflint.storage.breaker import Breaker
 
 __all__ = ["EMBED_TIMEOUT", "MAX_QUEUED", "SemanticCache", "split_question"]
 
@@ -98,6 +100,7 @@ class SemanticCache:
         self._index: SemanticIndex | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skinflint-embed")
         self._queued = 0  # texts handed to the pool and not yet embedded or dropped
+        self._breaker = Breaker("embedder", (Exception,), limit=3, cooldown=10.0)
 
     def open(self, embedder: Embedder, index: SemanticIndex) -> None:
         """Start serving (called once loading is done, from the loading thread: the two
@@ -151,19 +154,21 @@ class SemanticCache:
 
     async def _vector(self, text: str) -> Vector | None:
         """The text's embedding, or None when the embedder is busy, slow or failing."""
-        if self._queued >= MAX_QUEUED:
-            self._metrics.child(self._metrics.semantic_skipped, "embedder_busy").inc()
+        if self._queued >= MAX_QUEUED or not self._breaker.allows():
+            busy = self._queued >= MAX_QUEUED
+            self._metrics.child(self._metrics.semantic_skipped,
+                                "embedder_busy" if busy else "embedder_down").inc()
             return None
         self._queued += 1
         job = asyncio.get_running_loop().run_in_executor(self._pool, self._embed, text)
         job.add_done_callback(self._dequeued)
-        try:
-            return await asyncio.wait_for(job, EMBED_TIMEOUT)
-        except TimeoutError:
-            reason = "embedder_timeout"
-        except Exception as exc:  # any embedder failure: the request goes on without the cache
-            reason = "embedder_error"
-            log.warning("semantic cache: embedding failed, request passed on: %r", exc)
+        reason = "embedder_error"
+        with self._breaker.guard("embedding"):  # logs and counts any embedder failure
+            try:
+                return await asyncio.wait_for(job, EMBED_TIMEOUT)
+            except TimeoutError:
+                reason = "embedder_timeout"
+                raise
         self._metrics.child(self._metrics.semantic_skipped, reason).inc()
         return None
 
