@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -113,11 +114,11 @@ def _unit(seed: int, n: int, dim: int = 8) -> Vectors:
 
 
 def _graph_only(dim: int) -> VectorIndex:
-    return HnswIndex(dim, exact_up_to=0)
+    return HnswIndex(dim, exact_up_to=0, background=False)
 
 
 def _promoting(dim: int) -> VectorIndex:
-    return HnswIndex(dim, exact_up_to=10)  # the tests' scopes outgrow the exact scan
+    return HnswIndex(dim, exact_up_to=10, background=False)  # the tests' scopes outgrow it
 
 
 def _indexes() -> list[Callable[[int], VectorIndex]]:
@@ -141,7 +142,7 @@ needs_hnswlib = pytest.mark.skipif(importlib.util.find_spec("hnswlib") is None,
 def test_hnsw_index_keeps_small_scopes_exact_and_frees_empty_graphs() -> None:
     """An hnswlib graph costs megabytes however few entries it holds: only a scope that
     outgrows the exact scan gets one, and it goes when the scope empties."""
-    index = HnswIndex(8, exact_up_to=10)
+    index = HnswIndex(8, exact_up_to=10, background=False)
     vectors = _unit(5, 12)
     for scope in range(50):  # many small scopes, as conversations make
         index.add(f"c{scope}", f"c{scope}-k", vectors[0])
@@ -209,6 +210,27 @@ def test_index_add_many_matches_add(index: VectorIndex) -> None:
 def test_index_rejects_vectors_of_the_wrong_size(index: VectorIndex) -> None:
     with pytest.raises(ValueError):
         index.add("s", "k", np.ones(3, dtype=np.float32))
+
+
+@needs_hnswlib
+def test_hnsw_graph_built_in_the_background_keeps_changes_made_meanwhile() -> None:
+    """The scope is scanned while its graph is built; additions, replacements and removals
+    made meanwhile are all in the graph once it is swapped in."""
+    index = HnswIndex(8, exact_up_to=200)
+    vectors = _unit(6, 400)
+    index.add_many("s", [f"k{i}" for i in range(201)], vectors[:201])  # starts the build
+    index.add("s", "late", vectors[300])
+    index.add("s", "k5", vectors[301])  # replaced
+    index.remove("k7")
+    assert index.search("s", vectors[300], k=1)[0][0] == "late"  # scanned or graph: found
+    deadline = time.monotonic() + 30
+    while index.graphs() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert index.graphs() == 1 and len(index) == 201
+    assert index.search("s", vectors[300], k=1)[0][0] == "late"
+    assert index.search("s", vectors[301], k=1)[0][0] == "k5"
+    assert all(key != "k7" for key, _ in index.search("s", vectors[7], k=5))
+    assert index.search("s", vectors[9], k=1)[0][0] == "k9"
 
 
 # --- calibration ------------------------------------------------------------------------------
