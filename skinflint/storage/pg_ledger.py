@@ -41,13 +41,15 @@ def _cut_off_after(conn: psycopg.Connection[Any], seconds: float) -> Iterator[No
     blocking call to a server that stopped answering would otherwise wait forever. The call
     then fails with an OperationalError and the connection is replaced on next use."""
     fd = conn.pgconn.socket
+    lock, ended = threading.Lock(), [False]
 
     def cut() -> None:
-        if conn.closed or conn.pgconn.socket != fd:
-            return
-        log.warning("postgres ledger: no answer in %g s, dropping the connection", seconds)
-        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
+        with lock:  # never once the block has ended: the connection may be healthy again
+            if ended[0] or conn.closed or conn.pgconn.socket != fd:
+                return
+            log.warning("postgres ledger: no answer in %g s, dropping the connection", seconds)
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
 
     timer = threading.Timer(seconds, cut)
     timer.daemon = True
@@ -55,6 +57,8 @@ def _cut_off_after(conn: psycopg.Connection[Any], seconds: float) -> Iterator[No
     try:
         yield
     finally:
+        with lock:
+            ended[0] = True
         timer.cancel()
 
 
