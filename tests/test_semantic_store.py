@@ -9,7 +9,7 @@ import numpy as np
 
 from skinflint.interfaces import Vector
 from skinflint.semantic.index import NumpyIndex
-from skinflint.storage.semantic import LocalSemanticIndex
+from skinflint.storage.semantic import EXACT_SEARCH_LIMIT, LocalSemanticIndex
 
 
 def _unit(*values: float) -> np.ndarray:  # type: ignore[type-arg]
@@ -58,14 +58,16 @@ class _ThreadRecorder(NumpyIndex):
         return super().remove(key)
 
 
-async def test_index_work_stays_off_the_event_loop(tmp_path: Path) -> None:
-    """Moving a large scope into an HNSW graph takes a while: no index call may run on the
-    event loop's thread."""
-    index = LocalSemanticIndex(str(tmp_path / "s.db"), "space", 3, max_entries=1)
+async def test_slow_index_work_stays_off_the_event_loop(tmp_path: Path) -> None:
+    """Changes may move a scope into an HNSW graph, and an exact index big enough to need one
+    (hnswlib missing) takes milliseconds to scan: neither may run on the event loop's thread."""
+    index = LocalSemanticIndex(str(tmp_path / "s.db"), "space", 3,
+                               max_entries=EXACT_SEARCH_LIMIT + 1)
     recorder = _ThreadRecorder(3)
     index._index = recorder
     await index.add("p", "k1", "q1", _unit(1, 0, 0))
-    await index.add("p", "k2", "q2", _unit(0, 1, 0))  # evicts k1
+    await index.add("p", "k2", "q2", _unit(0, 1, 0))
+    await index.remove("k1")
     assert [k for k, _, _ in await index.search("p", _unit(0, 1, 0), 2)] == ["k2"]
     assert recorder.threads and threading.get_ident() not in recorder.threads
     await index.close()
