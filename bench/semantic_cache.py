@@ -15,7 +15,8 @@ but for case, spaces and punctuation yet are labelled "not duplicate" (the label
 
 Latency: single-text embedding time by text length; index search alone and embedding plus
 search, p50/p99 over ``--queries`` queries, with 1k, 10k and 100k entries in one scope (the worst
-case: a scope's search scans only that scope). Entries are random unit vectors: search time does
+case: a scope's search scans only that scope), and through the gateway's embedded store filled
+with ``--store-entries`` additions. Entries are random unit vectors: search time does
 not depend on their content. HNSW is built at sizes up to ``--hnsw-max``, as a graph even at
 1k entries (the gateway's index scans a scope exactly until it holds 5k). Latency is measured
 as the gateway runs: with the garbage-collector thresholds ``skinflint serve`` sets and one BLAS
@@ -29,6 +30,7 @@ Runtime: about a minute with the defaults on 2 cores.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import importlib.util
 import json
@@ -36,6 +38,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -61,6 +64,7 @@ from skinflint.semantic.calibrate import (  # noqa: E402
 )
 from skinflint.semantic.index import HnswIndex, NumpyIndex, VectorIndex  # noqa: E402
 from skinflint.server.run import GC_THRESHOLDS  # noqa: E402
+from skinflint.storage.semantic import LocalSemanticIndex  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -191,6 +195,37 @@ def lookup_latency(embedder: Embedder, queries: list[str], hnsw_max: int) -> lis
     return rows
 
 
+def store_latency(embedder: Embedder, queries: list[str], entries: int) -> dict[str, Any]:
+    """Search and embed+search through the gateway's embedded store (``LocalSemanticIndex``:
+    SQLite behind, the default capacity, so a scope past 5k entries gets its HNSW graph),
+    filled by ``entries`` additions as the gateway makes them."""
+    async def measure() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as folder:
+            store = LocalSemanticIndex(str(Path(folder) / "s.db"), embedder.name, embedder.dim)
+            rng = np.random.default_rng(1)
+            table = rng.standard_normal((entries, embedder.dim)).astype(np.float32)
+            table /= np.linalg.norm(table, axis=1, keepdims=True)
+            start = time.perf_counter()
+            for i in range(entries):
+                await store.add("bench", f"k{i}", "q", table[i])
+            while getattr(store._index, "_building", None):  # the graph, built in background
+                await asyncio.sleep(0.05)
+            fill_s = time.perf_counter() - start
+            vectors = embedder.embed(queries)
+            only, both = [], []
+            for query, vector in zip(queries, vectors, strict=True):
+                t0 = time.perf_counter()
+                await store.search("bench", vector, 4)
+                t1 = time.perf_counter()
+                await store.search("bench", embedder.embed([query])[0], 4)
+                both.append(time.perf_counter() - t1)
+                only.append(t1 - t0)
+            await store.close()
+        return {"index": "store", "entries": entries, "build_s": round(fill_s, 2),
+                "search": percentiles(only), "embed_and_search": percentiles(both)}
+    return asyncio.run(measure())
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pairs", type=int, default=2000,
@@ -203,6 +238,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hnsw-max", type=int, default=10_000,
                         help="largest index size at which HNSW is built (100k takes ~1 min)")
     parser.add_argument("--latency-only", action="store_true", help="skip hit and false-hit rates")
+    parser.add_argument("--store-entries", type=int, default=10_000,
+                        help="entries added through the gateway's embedded store (0: skip)")
     parser.add_argument("--data", type=Path, default=PAIRS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -266,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     record["embed_latency"] = embed_latency(local, queries)
     record["lookup"] = lookup_latency(local, queries, args.hnsw_max)
+    if args.store_entries:
+        record["lookup"].append(store_latency(local, queries, args.store_entries))
     record["runtime_s"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a", encoding="utf-8") as f:
