@@ -253,20 +253,24 @@ def test_invalidate_by_tag_over_http(client: openai.OpenAI, gateway: Any) -> Non
 def test_an_answer_in_flight_during_an_invalidation_is_not_stored(
     client: openai.OpenAI, gateway: Any, fake: FakeUpstream
 ) -> None:
-    """A request that looked the cache up before a tag invalidation may carry an answer built
-    on the data the tag stood for: it is answered, not stored."""
-    with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(_ask, client, "balance? [[fault:delay=1]]",
-                           extra_headers={"x-skinflint-tags": "account:7"})
+    """A request that looked the cache up before its tag was invalidated may carry an answer
+    built on the data the tag stood for: it is answered, not stored. A request in flight with
+    other tags is stored as usual."""
+    def ask(account: int) -> Any:
+        return _ask(client, f"balance of {account}? [[fault:delay=1]]",
+                    extra_headers={"x-skinflint-tags": f"account:{account}"})
+
+    with ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(ask, 7), pool.submit(ask, 8)]
         deadline = time.monotonic() + 5
-        while not _calls(fake) and time.monotonic() < deadline:
-            time.sleep(0.01)  # until the request has reached the upstream
+        while _calls(fake) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until both requests have reached the upstream
         resp = httpx.post(gateway.root_url + "/api/cache/invalidate", json={"tags": ["account:7"]})
         assert resp.status_code == 200
-        assert slow.result(timeout=10).headers["x-skinflint-cache"] == "miss"
-    again = _ask(client, "balance? [[fault:delay=1]]", extra_headers={"x-skinflint-tags": "account:7"})
-    assert again.headers["x-skinflint-cache"] == "miss"  # not stored the first time
-    assert _ask(client, "balance? [[fault:delay=1]]").headers["x-skinflint-cache"] == "hit-exact"
+        assert [f.result(timeout=10).headers["x-skinflint-cache"] for f in slow] == ["miss"] * 2
+    assert ask(7).headers["x-skinflint-cache"] == "miss"  # not stored the first time
+    assert ask(7).headers["x-skinflint-cache"] == "hit-exact"
+    assert ask(8).headers["x-skinflint-cache"] == "hit-exact"  # another tag: stored
 
 
 def test_user_scope_keeps_tenants_apart_whatever_the_names(make_gateway: GatewayFactory) -> None:
@@ -321,3 +325,44 @@ def test_cache_survives_restart(make_gateway: GatewayFactory, fake: FakeUpstream
     with openai.OpenAI(base_url=gw2.base_url, api_key="k", max_retries=0) as c:
         assert _ask(c, "remember me").headers["x-skinflint-cache"] == "hit-exact"
     assert _calls(fake) == 1
+
+
+async def test_an_invalidation_during_the_cache_write_drops_the_entry_written() -> None:
+    """With a shared store the write itself awaits, and an invalidation of the answer's tag may
+    run meanwhile and miss the entry: the stage then drops it after writing."""
+    import asyncio
+
+    from skinflint.config import ExactCacheConfig
+    from skinflint.pipeline.cache_exact import ExactCache
+    from skinflint.pipeline.context import RequestContext
+    from skinflint.storage.cache import MemoryCacheStore
+
+    class SlowWrites(MemoryCacheStore):
+        """The in-process store, its writes held until ``go`` is set, as a network write is."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.go = asyncio.Event()
+
+        async def set(self, entry: Any) -> None:
+            await self.go.wait()
+            await super().set(entry)
+
+    store = SlowWrites()
+    stage = ExactCache(ExactCacheConfig(), store)
+    body = {"model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": "42"}}]}
+
+    def request(tags: tuple[str, ...], key: str) -> RequestContext:
+        ctx = RequestContext("r", 0.0, 0.0, "chat", b"", {}, tags=tags, cache_key=key,
+                             cache_writable=True)
+        ctx.cache_epoch = stage.invalidations
+        return ctx
+
+    stale, other = request(("doc:1",), "k1"), request(("doc:2",), "k2")
+    writes = [asyncio.ensure_future(stage.save(ctx, body, None)) for ctx in (stale, other)]
+    await asyncio.sleep(0)  # both writes are waiting
+    await stage.invalidate_tags(["doc:1"])  # finds nothing yet
+    store.go.set()
+    assert await asyncio.gather(*writes) == [False, True]
+    assert await store.get("k1", 1.0) is None and await store.get("k2", 1.0) is not None

@@ -4,6 +4,7 @@ the store. Writing happens in the account stage, once a response is known to be 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from skinflint.pipeline.context import Next, Reply, RequestContext
 from skinflint.streaming import chunks_from_completion, is_complete
 
 __all__ = ["ExactCache", "Policy"]
+
+_TAG_HISTORY = 1024  # invalidations remembered, to tell which in-flight answers they concern
 
 #: What providers use when a request sets no temperature.
 DEFAULT_TEMPERATURE = 1.0
@@ -62,9 +65,10 @@ class ExactCache:
         self.store = store
         self.enabled = config.enabled or bool(config.features) or bool(config.routes)
         self._policies: dict[tuple[str, str], Policy] = {}
-        # Tag invalidations through this stage: started so far, and running now.
+        # Tag invalidations through this stage: how many have started, and the tags of the
+        # latest (by the count when each started).
         self.invalidations = 0
-        self._invalidating = 0
+        self._invalidated: deque[tuple[int, frozenset[str]]] = deque(maxlen=_TAG_HISTORY)
 
     def policy(self, feature: str, model: str) -> Policy:
         # Memoised by configured names only: feature and model come from the client.
@@ -98,14 +102,21 @@ class ExactCache:
         return scoped_key(self._scope(ctx), digest)
 
     async def invalidate_tags(self, tags: list[str]) -> int:
-        """Drop the entries tagged with any of ``tags``; an answer to a request already in
-        flight is then not stored (it may rest on the data the tags stood for)."""
+        """Drop the entries tagged with any of ``tags``. An answer with one of those tags to a
+        request already in flight is then not stored: it may rest on the data the tag stood
+        for (see :meth:`save`)."""
         self.invalidations += 1
-        self._invalidating += 1
-        try:
-            return await self.store.invalidate_tags(tags)
-        finally:
-            self._invalidating -= 1
+        self._invalidated.append((self.invalidations, frozenset(tags)))
+        return await self.store.invalidate_tags(tags)
+
+    def _invalidated_since(self, ctx: RequestContext) -> frozenset[str]:
+        """The request's tags invalidated since it looked the cache up."""
+        if ctx.cache_epoch == self.invalidations or not ctx.tags:
+            return frozenset()
+        if self._invalidated[0][0] > ctx.cache_epoch + 1:  # too long ago to tell: all of them
+            return frozenset(ctx.tags)
+        return frozenset(t for epoch, tags in self._invalidated if epoch > ctx.cache_epoch
+                         for t in tags if t in ctx.tags)
 
     def _eligible(self, ctx: RequestContext, policy: Policy) -> bool:
         if not policy.enabled or ctx.cache_mode == "bypass":
@@ -150,8 +161,8 @@ class ExactCache:
         """Store a finished response if the request allows it and the answer is complete."""
         if not ctx.cache_writable or ctx.status != 200:
             return False
-        if self._invalidating or ctx.cache_epoch != self.invalidations:
-            return False  # an invalidation ran since the lookup: the answer may be stale
+        if self._invalidated_since(ctx):
+            return False  # its data changed since the lookup: the answer may be stale
         if ctx.endpoint == "chat" and not is_complete(body):
             return False
         value = raw if raw is not None else orjson.dumps(body)
@@ -159,4 +170,7 @@ class ExactCache:
             return False
         expires = time.time() + ctx.cache_ttl if ctx.cache_ttl > 0 else 0.0
         await self.store.set(CacheEntry(ctx.cache_key, value, expires, ctx.tags))
+        if stale := self._invalidated_since(ctx):  # one ran during the write and may miss it
+            await self.store.invalidate_tags(sorted(stale))
+            return False
         return True
