@@ -76,8 +76,10 @@ def test_workers_starting_together_load_each_record_once(tmp_path: Path) -> None
     LedgerSpill(path).save(_records(50, 1.0))
     dead = _claim(tmp_path, spill_module._HOST, _dead_pid())
     dead.write_bytes(b'{"request_id": "orphan", "ts": 0.5}\n')
+    # Each worker writes what it loaded (here: drops its claim) before it exits; a worker that
+    # died without writing would leave its claim to be loaded again, as it should.
     code = ("import sys; from skinflint.storage.spill import LedgerSpill; "
-            "print(len(LedgerSpill(sys.argv[1]).load()))")
+            "s = LedgerSpill(sys.argv[1]); print(len(s.load())); s.written()")
     workers = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
                                 text=True) for _ in range(4)]
     loaded = [int(w.communicate(timeout=60)[0]) for w in workers]
