@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -231,6 +232,29 @@ def test_hnsw_graph_built_in_the_background_keeps_changes_made_meanwhile() -> No
     assert index.search("s", vectors[301], k=1)[0][0] == "k5"
     assert all(key != "k7" for key, _ in index.search("s", vectors[7], k=5))
     assert index.search("s", vectors[9], k=1)[0][0] == "k9"
+
+
+@needs_hnswlib
+def test_hnsw_try_search_never_waits_for_the_index() -> None:
+    index = HnswIndex(8, exact_up_to=0, background=False)
+    vectors = _unit(7, 3)
+    index.add_many("s", ["a", "b", "c"], vectors)
+    assert index.try_search("s", vectors[1], k=1) == index.search("s", vectors[1], k=1)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with index._lock:  # as a graph growing on another thread holds it
+            held.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        assert index.try_search("s", vectors[1], k=1) is None
+    finally:
+        release.set()
+        holder.join()
 
 
 # --- calibration ------------------------------------------------------------------------------

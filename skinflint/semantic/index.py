@@ -287,19 +287,33 @@ class HnswIndex:
         """See :meth:`VectorIndex.search`."""
         query = _checked(vector, self.dim)
         with self._lock:
-            graph = self._graphs.get(scope)
-            if graph is None:
-                return self._small.search(scope, query, k)
-            live = graph.get_current_count() - len(self._free[scope])
-            if live <= 0 or k <= 0:
-                return []
-            k = min(k, live)
-            graph.set_ef(max(self._ef, k))
-            labels, distances = graph.knn_query(query[None, :], k=k)
-            return [
-                (self._keys[scope, int(label)], 1.0 - float(dist))
-                for label, dist in zip(labels[0], distances[0], strict=True)
-            ]
+            return self._search(scope, query, k)
+
+    def try_search(self, scope: str, vector: Vector, k: int = 1) -> list[tuple[str, float]] | None:
+        """:meth:`search`, or None at once when another thread holds the index (a graph
+        growing copies itself, which takes milliseconds at 100k entries)."""
+        query = _checked(vector, self.dim)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._search(scope, query, k)
+        finally:
+            self._lock.release()
+
+    def _search(self, scope: str, query: Vector, k: int) -> list[tuple[str, float]]:
+        graph = self._graphs.get(scope)
+        if graph is None:
+            return self._small.search(scope, query, k)
+        live = graph.get_current_count() - len(self._free[scope])
+        if live <= 0 or k <= 0:
+            return []
+        k = min(k, live)
+        graph.set_ef(max(self._ef, k))
+        labels, distances = graph.knn_query(query[None, :], k=k)
+        return [
+            (self._keys[scope, int(label)], 1.0 - float(dist))
+            for label, dist in zip(labels[0], distances[0], strict=True)
+        ]
 
     def remove(self, key: str) -> bool:
         """See :meth:`VectorIndex.remove`."""

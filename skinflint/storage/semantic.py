@@ -57,9 +57,8 @@ class LocalSemanticIndex:
     """Entries of one vector space (embedder name): vectors of different embedders never mix.
 
     Not thread-safe: used from the event loop. Changes of the vector index run on a worker
-    thread of its own, as do searches that may scan a large index; other searches run inline
-    (the index has its own lock, held only briefly: a scope's graph is built without it). Disk
-    writes go through a write-behind thread."""
+    thread of its own, as do searches that would scan a large index or wait for the index's
+    lock; other searches run inline. Disk writes go through a write-behind thread."""
 
     def __init__(
         self,
@@ -90,11 +89,15 @@ class LocalSemanticIndex:
                 self._texts[key] = text
 
     async def search(self, partition: str, vector: Vector, k: int) -> list[tuple[str, float, str]]:
-        # A search takes well under a millisecond unless it must scan a large index (without
-        # hnswlib): only then is it worth the hop to the worker thread (0.1-0.6 ms).
-        if isinstance(self._index, HnswIndex) or self.max_entries <= EXACT_SEARCH_LIMIT:
+        # A search takes well under a millisecond, so it runs inline, sparing the hop to the
+        # worker thread (0.1-0.6 ms), unless it must scan a large index (no hnswlib) or the
+        # graph is busy growing on the worker: then it waits there, not on the event loop.
+        found: list[tuple[str, float]] | None = None
+        if isinstance(self._index, HnswIndex):
+            found = self._index.try_search(partition, vector, k)
+        elif self.max_entries <= EXACT_SEARCH_LIMIT:
             found = self._index.search(partition, vector, k)
-        else:
+        if found is None:
             found = await self._in_worker(self._index.search, partition, vector, k)
         return [(key, sim, self._texts.get(key, "")) for key, sim in found]
 
