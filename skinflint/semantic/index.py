@@ -144,20 +144,20 @@ class NumpyIndex:
     def snapshot(self, scope: str) -> tuple[list[str], Vector]:
         """The keys and a copy of the vectors of ``scope``."""
         with self._lock:
-            part = self._parts.get(scope)
-            if part is None:
-                return [], np.empty((0, self.dim), dtype=np.float32)
-            return list(part.keys), part.rows[: len(part.keys)].copy()
+            return self._contents(self._parts.get(scope))
 
     def pop_scope(self, scope: str) -> tuple[list[str], Vector]:
         """Remove every entry of ``scope`` and return their keys and vectors."""
         with self._lock:
             part = self._parts.pop(scope, None)
-            if part is None:
-                return [], np.empty((0, self.dim), dtype=np.float32)
-            for key in part.keys:
+            for key in part.keys if part is not None else ():
                 del self._scope_of[key]
-            return list(part.keys), part.rows[: len(part.keys)].copy()
+            return self._contents(part)
+
+    def _contents(self, part: _Partition | None) -> tuple[list[str], Vector]:
+        if part is None:
+            return [], np.empty((0, self.dim), dtype=np.float32)
+        return list(part.keys), part.rows[: len(part.keys)].copy()
 
     def _forget(self, key: str) -> bool:
         scope = self._scope_of.pop(key, None)
