@@ -55,9 +55,7 @@ def test_only_claims_of_gone_processes_of_this_host_are_taken(tmp_path: Path) ->
     dead, live = _claim(tmp_path, host, _dead_pid()), _claim(tmp_path, host, os.getppid())
     elsewhere = _claim(tmp_path, "another-host", _dead_pid())
     for i, claim in enumerate((dead, live, elsewhere)):
-        claim.write_bytes(b"".join(
-            spill_module.orjson.dumps(spill_module.dataclasses.asdict(r)) + b"\n"
-            for r in _records(1, float(i))))
+        LedgerSpill(claim).save(_records(1, float(i)))  # written as a spill file is
     spill = LedgerSpill(tmp_path / "spill.jsonl")
     assert spill.load() == _records(1, 0.0)
     spill.written()
