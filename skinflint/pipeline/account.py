@@ -61,6 +61,8 @@ class Account:
             self._failed(ctx, exc)
             raise
         if reply.chunks is not None:
+            if ctx.cache_status.startswith("hit"):  # priced already: its headers can say so
+                self._price(ctx)
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
         ctx.model = reply.body.get("model") or ctx.model
