@@ -70,10 +70,11 @@ class ProviderConfig(_Frozen):
 
 
 class PriceOverride(_Frozen):
-    """USD per million tokens."""
+    """USD per million tokens. Without ``output`` (an embedding model), a call that produces
+    output tokens has an unknown cost."""
 
     input: float = Field(ge=0)
-    output: float = Field(ge=0)
+    output: float | None = Field(default=None, ge=0)
     cached_input: float | None = Field(default=None, ge=0)
 
 

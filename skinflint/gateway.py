@@ -62,8 +62,8 @@ def _provider(name: str, cfg: ProviderConfig, session: aiohttp.ClientSession) ->
     )
 
 
-def price_overrides(settings: Settings) -> dict[str, tuple[float, float, float | None]]:
-    overrides: dict[str, tuple[float, float, float | None]] = {}
+def price_overrides(settings: Settings) -> dict[str, tuple[float, float | None, float | None]]:
+    overrides: dict[str, tuple[float, float | None, float | None]] = {}
     if any(p.kind == "replay" for p in settings.providers.values()):
         overrides.update({m: (i, o, None) for m, (i, o) in REPLAY_PRICES.items()})
     for alias, model in settings.models.items():

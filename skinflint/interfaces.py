@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +37,10 @@ class Provider(Protocol):
 
     async def embed(self, request: UpstreamRequest) -> Completion:
         """An embeddings call, returned in the OpenAI format."""
+        ...
+
+    async def list_models(self, timeout: float) -> list[dict[str, Any]]:
+        """The models the upstream offers, as OpenAI ``model`` objects (each has an ``id``)."""
         ...
 
     async def close(self) -> None: ...

@@ -3,6 +3,10 @@
 A model's rates are resolved once and kept as floats, because computing a cost is on the hot
 path and the catalog's own calculation costs tens of microseconds. An unknown price is not an
 error: the cost is recorded as unknown (``None``).
+
+A model the catalog lists without an output price (an embedding model: only its input is
+billed) costs its input; its cost is unknown only for a call that produced output tokens, so a
+chat model missing a price is never charged a guess.
 """
 
 from __future__ import annotations
@@ -24,21 +28,24 @@ class ModelPrice:
 
     model: str
     input: float
-    output: float
+    output: float | None  # None: no output price listed (outputs not billed)
     cached_input: float
     source: str
     input_tiers: tuple[tuple[int, float], ...] = ()
     output_tiers: tuple[tuple[int, float], ...] = ()
     cached_tiers: tuple[tuple[int, float], ...] = ()
 
-    def cost(self, usage: Usage) -> float:
+    def cost(self, usage: Usage) -> float | None:
+        """USD for ``usage``, or ``None`` when it has output tokens and no output price."""
         n = usage.input_tokens
         uncached = max(n - usage.cached_tokens, 0)
-        return _PER_TOKEN * (
-            uncached * _tiered(self.input, self.input_tiers, n)
-            + usage.cached_tokens * _tiered(self.cached_input, self.cached_tiers, n)
-            + usage.output_tokens * _tiered(self.output, self.output_tiers, n)
-        )
+        spent = uncached * _tiered(self.input, self.input_tiers, n)
+        spent += usage.cached_tokens * _tiered(self.cached_input, self.cached_tiers, n)
+        if usage.output_tokens:
+            if self.output is None:
+                return None
+            spent += usage.output_tokens * _tiered(self.output, self.output_tiers, n)
+        return _PER_TOKEN * spent
 
 
 def _tiered(base: float, tiers: tuple[tuple[int, float], ...], input_tokens: int) -> float:
@@ -60,19 +67,39 @@ def _rate(value: Any) -> tuple[float | None, tuple[tuple[int, float], ...]]:
     return float(base), tiers
 
 
-def _from_catalog(model: str) -> ModelPrice | None:
+#: Where a name the catalog cannot attribute to a provider is looked up: the API the gateway
+#: speaks (whose catalog entry falls back to Anthropic, DeepSeek, xAI and Moonshot). The
+#: catalog matches OpenAI by ``gpt-``/``o1``-style names only, so ``text-embedding-3-small``
+#: is found here and nowhere else.
+_FALLBACK_PROVIDER = "openai"
+
+
+def _catalog_entry(model: str) -> Any | None:
+    """The catalog's price calculation for ``model``, or ``None`` if it does not list it."""
     from genai_prices import Usage as CatalogUsage
     from genai_prices import calc_price
 
-    try:
-        found = calc_price(CatalogUsage(input_tokens=1, output_tokens=1), model_ref=model)
-    except LookupError:
+    for provider_id in (None, _FALLBACK_PROVIDER):  # the provider its name implies, then ours
+        try:
+            return calc_price(
+                CatalogUsage(input_tokens=1, output_tokens=1),
+                model_ref=model,
+                provider_id=provider_id,
+            )
+        except LookupError:
+            continue
+    return None
+
+
+def _from_catalog(model: str) -> ModelPrice | None:
+    found = _catalog_entry(model)
+    if found is None:
         return None
     mp = found.model_price
     inp, inp_t = _rate(mp.input_mtok)
     out, out_t = _rate(mp.output_mtok)
     cached, cached_t = _rate(mp.cache_read_mtok)
-    if inp is None or out is None:
+    if inp is None:
         return None
     return ModelPrice(
         model=model,
@@ -89,10 +116,13 @@ def _from_catalog(model: str) -> ModelPrice | None:
 class PriceCatalog:
     """Looks prices up by the name a model answered under; results are memoised.
 
-    ``overrides`` map a model name to ``(input, output, cached_input | None)`` USD per million.
+    ``overrides`` map a model name to ``(input, output | None, cached_input | None)`` USD per
+    million; a ``None`` output means outputs are not billed, as for a catalog entry.
     """
 
-    def __init__(self, overrides: dict[str, tuple[float, float, float | None]] | None = None):
+    def __init__(
+        self, overrides: dict[str, tuple[float, float | None, float | None]] | None = None
+    ) -> None:
         self.overrides = dict(overrides or {})
         self._memo: dict[str, ModelPrice | None] = {}
         self._lock = threading.Lock()

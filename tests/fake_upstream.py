@@ -13,7 +13,7 @@ of an Anthropic ``system``), completion = words of the answer (10 per tool call)
 ``tools`` whose last message is a user turn mentioning "weather" gets a call of the first tool
 with arguments ``{"city": "Paris"}``.
 
-Faults come from the queue (``fail_next``, chat and messages requests only, first in first out)
+Faults come from the queue (``fail_next``: chat, messages and model-list requests, first in first out)
 or else from markers in the last user message, combinable: ``[[fault:status=429,retry_after=1]]``,
 ``[[fault:delay=0.5]]``, ``[[fault:cut=3]]``, ``[[fault:chunk_delay=0.2]]``,
 ``[[fault:no_usage]]``, ``[[fault:length]]``, ``[[fault:malformed]]``. A marker ``[[cached=K]]``
@@ -466,7 +466,7 @@ class FakeUpstream:
             self.disconnects = 0
 
     def fail_next(self, fault: Fault | str, times: int = 1, **params: Any) -> None:
-        """Break the next ``times`` chat or messages requests with ``fault``.
+        """Break the next ``times`` chat, messages or model-list requests with ``fault``.
 
         A string is a marker body such as ``"status=429,retry_after=1"`` or ``"no_usage"``;
         ``params`` set or override fields, e.g. ``fail_next("status", status=503)``.
@@ -599,6 +599,19 @@ class FakeUpstream:
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's model list, or Anthropic's (the claude models) for a request that sends
+        ``anthropic-version``."""
+        anthropic = "anthropic-version" in request.headers
+        early = await _prelude(self._take_fault(""),
+                               _anthropic_error if anthropic else _openai_error, False)
+        if early is not None:
+            return early
+        if anthropic:
+            names = [name for name in MODELS if name.startswith("claude")]
+            return web.json_response({
+                "data": [{"type": "model", "id": name, "display_name": name,
+                          "created_at": "2024-10-22T00:00:00Z"} for name in names],
+                "has_more": False, "first_id": names[0], "last_id": names[-1]})
         data = [{"id": name, "object": "model", "created": 1700000000, "owned_by": "fake"}
                 for name in MODELS]
         return web.json_response({"object": "list", "data": data})

@@ -184,6 +184,16 @@ def test_prices(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert code == 2 and "no price known" in err
 
 
+def test_prices_of_an_embedding_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "prices", "text-embedding-3-small", "--json")
+    assert code == 0
+    row = json.loads(out)[0]
+    assert row["input_per_mtok"] == 0.02 and row["output_per_mtok"] is None  # not billed
+    assert row["source"] == "genai-prices (openai/text-embedding-3-small)"
+    code, out, _ = _run(capsys, "prices", "text-embedding-3-small")
+    assert code == 0 and "0.02" in out
+
+
 def test_bad_config_names_the_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

@@ -181,6 +181,30 @@ def test_stream_hit_is_a_proper_sse_stream(client: openai.OpenAI, fake: FakeUpst
     assert _calls(fake) == 1
 
 
+def test_stream_hit_headers_carry_cost_and_saving(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A streamed hit costs nothing and its saving is known before the first chunk, so its
+    headers carry both; they agree with its ledger row."""
+    gw = make_gateway(baseline_model="gpt-4o")
+    msg = [{"role": "user", "content": "stream, cache and price"}]
+    heads = []
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        for _ in range(2):
+            raw = c.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=msg, temperature=0, stream=True
+            )
+            assert list(raw.parse())  # read to its end: the answer is stored
+            heads.append(raw.headers)
+    assert heads[0]["x-skinflint-cache"] == "miss" and "x-skinflint-cost-usd" not in heads[0]
+    assert heads[1]["x-skinflint-cache"] == "hit-exact"
+    miss, hit = ledger_rows(tmp_path / "skinflint.db", expect=2)
+    assert float(heads[1]["x-skinflint-cost-usd"]) == 0 == hit["cost_usd"]
+    saved = float(heads[1]["x-skinflint-saved-usd"])
+    assert saved == pytest.approx(hit["saved_usd"], abs=1e-8)
+    assert saved == pytest.approx(miss["baseline_cost_usd"], abs=1e-8) and saved > miss["cost_usd"]
+
+
 def test_ttl_per_feature(make_gateway: GatewayFactory) -> None:
     gw = make_gateway(cache={"exact": {"features": {"news": {"ttl_seconds": 0.3}}}})
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:

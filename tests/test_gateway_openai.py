@@ -11,7 +11,7 @@ import pytest
 
 from skinflint.pricing import PriceCatalog
 from skinflint.server.run import BackgroundServer
-from tests.conftest import ledger_rows
+from tests.conftest import GatewayFactory, ledger_rows
 from tests.fake_upstream import FakeUpstream
 
 HEADERS = (
@@ -141,6 +141,34 @@ def test_embeddings_and_cache(client: openai.OpenAI, fake: FakeUpstream) -> None
     assert again.headers["x-skinflint-cache"] == "hit-exact"
     assert again.parse().data[0].embedding == first.parse().data[0].embedding
     assert sum(1 for r in fake.requests if r.path.endswith("/embeddings")) == 1
+
+
+def test_embeddings_are_priced_and_their_hits_save(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """An embedding model has an input price only; a call costs its input, measured against
+    the model asked for (a chat baseline would invent a saving), and a hit saves that cost."""
+    price = PriceCatalog().price("text-embedding-3-small")
+    assert price is not None and price.input > 0 and price.source.startswith("genai-prices")
+    gw = make_gateway(baseline_model="gpt-4o")
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        first, again = (
+            c.embeddings.with_raw_response.create(
+                model="text-embedding-3-small", input=["a cat sat", "on the mat"]
+            )
+            for _ in range(2)
+        )
+    usage = first.parse().usage
+    cost = usage.prompt_tokens * price.input / 1e6
+    assert cost > 0 and again.headers["x-skinflint-cache"] == "hit-exact"
+    assert float(first.headers["x-skinflint-cost-usd"]) == pytest.approx(cost, abs=1e-12)
+    assert float(first.headers["x-skinflint-saved-usd"]) == 0
+    assert float(again.headers["x-skinflint-cost-usd"]) == 0
+    assert float(again.headers["x-skinflint-saved-usd"]) == pytest.approx(cost, abs=1e-12)
+    miss, hit = ledger_rows(tmp_path / "skinflint.db", expect=2)
+    assert miss["cost_usd"] == pytest.approx(cost) and miss["saved_usd"] == 0
+    assert miss["baseline_cost_usd"] == pytest.approx(cost)
+    assert hit["cost_usd"] == 0 and hit["saved_usd"] == pytest.approx(cost)
 
 
 def test_models_and_health(gateway: BackgroundServer, client: openai.OpenAI) -> None:

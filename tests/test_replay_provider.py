@@ -173,6 +173,12 @@ async def test_embeddings_are_refused(provider: ReplayProvider) -> None:
     await provider.close()
 
 
+async def test_the_model_list_is_the_recorded_models(provider: ReplayProvider) -> None:
+    listed = await provider.list_models(1.0)
+    assert [m["id"] for m in listed] == provider.models() and GPT4 in provider.models()
+    assert {m["object"] for m in listed} == {"model"}
+
+
 @pytest.mark.skipif(token_counter() != "cl100k_base", reason="cl100k_base files not installed")
 def test_prices_reproduce_every_recorded_cost(provider: ReplayProvider) -> None:
     worst = 0.0

@@ -127,7 +127,7 @@ def test_route_is_listed_and_cached(routed: openai.OpenAI, fake: FakeUpstream) -
     _ask(routed, "cache my cascade")
     again = _ask(routed, "cache my cascade")
     assert again.headers["x-skinflint-cache"] == "hit-exact"
-    assert len(fake.requests) == 2  # both tiers once, then nothing
+    assert len(fake.calls()) == 2  # both tiers once, then nothing
 
 
 def test_route_config_is_validated() -> None:

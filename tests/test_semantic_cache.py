@@ -56,6 +56,24 @@ def test_paraphrase_is_a_semantic_hit(semantic: Any, fake: FakeUpstream, tmp_pat
     assert figures["saved_usd"] > 0
 
 
+def test_streamed_semantic_hit_headers_carry_cost_and_saving(
+    semantic: Any, tmp_path: Path
+) -> None:
+    _, c = semantic
+    _ask(c, "Show me my recent invoices")
+    raw = c.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", temperature=0, stream=True,
+        messages=[{"role": "user", "content": "show me my recent invoices please"}])
+    assert "".join(ch.choices[0].delta.content or "" for ch in raw.parse() if ch.choices) \
+        == "echo: Show me my recent invoices"
+    assert raw.headers["x-skinflint-cache"] == "hit-semantic"
+    miss, hit = ledger_rows(tmp_path / "skinflint.db", expect=2)
+    assert float(raw.headers["x-skinflint-cost-usd"]) == 0 == hit["cost_usd"]
+    saved = float(raw.headers["x-skinflint-saved-usd"])
+    assert saved == pytest.approx(hit["saved_usd"], abs=1e-8)
+    assert saved == pytest.approx(miss["cost_usd"], abs=1e-8) and saved > 0
+
+
 def test_long_message_matches_by_its_last_paragraph(semantic: Any, fake: FakeUpstream) -> None:
     _, c = semantic
     doc = "Invoice ledger export. " + " ".join(f"line {i}: amount {i * 7} EUR." for i in range(90))

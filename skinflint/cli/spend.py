@@ -113,7 +113,7 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
         table.add_row(
             str(r["model"]),
             f"{r['input_per_mtok']:g}",
-            f"{r['output_per_mtok']:g}",
+            "-" if r["output_per_mtok"] is None else f"{r['output_per_mtok']:g}",  # not billed
             f"{r['cached_input_per_mtok']:g}",
             str(r["source"]),
         )

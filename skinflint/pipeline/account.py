@@ -61,6 +61,8 @@ class Account:
             self._failed(ctx, exc)
             raise
         if reply.chunks is not None:
+            if ctx.cache_status.startswith("hit"):  # priced already: its headers can say so
+                self._price(ctx)
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
         ctx.model = reply.body.get("model") or ctx.model
@@ -148,7 +150,12 @@ class Account:
     def _price(self, ctx: RequestContext) -> float | None:
         """Sets the request's total cost, baseline and saving; returns the answering call's
         own cost (the total less the cascade tiers that did not answer)."""
-        ctx.baseline_model = self._baseline_for(ctx.requested_model)
+        # An embedding is never routed to another model: its baseline is the model asked for.
+        ctx.baseline_model = (
+            ctx.requested_model
+            if ctx.endpoint == "embeddings"
+            else self._baseline_for(ctx.requested_model)
+        )
         ctx.baseline_cost_usd = self._catalog.cost(
             self._price_name(ctx.baseline_model), ctx.usage or Usage()
         )

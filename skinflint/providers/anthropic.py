@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from datetime import datetime
+from typing import Any
 
 import aiohttp
 import orjson
@@ -28,6 +30,7 @@ from skinflint.providers.anthropic_format import (
 from skinflint.providers.http import (
     client_timeout,
     json_object,
+    model_objects,
     retry_after_seconds,
     translate_errors,
 )
@@ -193,8 +196,17 @@ def _decode(raw: bytes, provider: str) -> JSON:
 # --- provider ----------------------------------------------------------------------------
 
 
-def _messages_url(base_url: str) -> str:
-    return base_url.rstrip("/").removesuffix("/v1") + "/v1/messages"
+def _api_url(base_url: str, path: str) -> str:
+    return base_url.rstrip("/").removesuffix("/v1") + "/v1/" + path
+
+
+def _openai_model(model: JSON) -> JSON:
+    """An Anthropic model object (``id``, ``created_at``, ``display_name``) in OpenAI's shape."""
+    try:
+        created = int(datetime.fromisoformat(str(model.get("created_at"))).timestamp())
+    except ValueError:
+        created = 0
+    return {"id": model["id"], "object": "model", "created": created, "owned_by": "anthropic"}
 
 
 class AnthropicProvider:
@@ -206,7 +218,8 @@ class AnthropicProvider:
                  session: aiohttp.ClientSession, default_max_tokens: int = 4096,
                  version: str = "2023-06-01") -> None:
         self.name = name
-        self._url = _messages_url(base_url)
+        self._url = _api_url(base_url, "messages")
+        self._models_url = _api_url(base_url, "models?limit=1000")  # the API's largest page
         self._session = session
         self._headers = {"x-api-key": api_key, "anthropic-version": version,
                          "content-type": "application/json"}
@@ -245,6 +258,18 @@ class AnthropicProvider:
                                     provider=self.name)) as chunks:
                 async for chunk in chunks:
                     yield chunk
+
+    async def list_models(self, timeout: float) -> list[dict[str, Any]]:
+        """``GET /v1/models``, translated to OpenAI model objects."""
+        with translate_errors(self.name):
+            async with self._session.get(
+                    self._models_url, headers=self._headers,
+                    timeout=client_timeout(timeout, streaming=False, connect=timeout)) as resp:
+                raw = await resp.read()
+                if not 200 <= resp.status < 300:
+                    raise _status_error(resp.status, raw, resp.headers.get("retry-after"),
+                                        self.name)
+        return [_openai_model(m) for m in model_objects(raw, provider=self.name)]
 
     async def embed(self, request: UpstreamRequest) -> Completion:
         raise UpstreamStatusError(400, PREFIX + "embeddings are not supported",

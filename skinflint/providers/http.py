@@ -22,6 +22,7 @@ from skinflint.errors import (
 __all__ = [
     "client_timeout",
     "json_object",
+    "model_objects",
     "new_session",
     "retry_after_seconds",
     "status_error",
@@ -87,6 +88,19 @@ def json_object(raw: bytes, *, provider: str, what: str) -> dict[str, Any]:
             code="upstream_bad_json",
         )
     return data
+
+
+def model_objects(raw: bytes, *, provider: str) -> list[dict[str, Any]]:
+    """The entries of a model list (``{"data": [{"id": ...}, ...]}``, OpenAI's shape and
+    Anthropic's) that have a string ``id``; an answer without such a list is a protocol error."""
+    data = json_object(raw, provider=provider, what="model list").get("data")
+    if not isinstance(data, list):
+        raise UpstreamProtocolError(
+            f"{provider}: upstream sent a model list without data",
+            provider=provider,
+            code="upstream_bad_json",
+        )
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -4,13 +4,20 @@ Ollama, llama.cpp. Bodies pass through untouched and responses are relayed byte 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
 
 from skinflint.errors import UpstreamProtocolError
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
-from skinflint.providers.http import client_timeout, json_object, status_error, translate_errors
+from skinflint.providers.http import (
+    client_timeout,
+    json_object,
+    model_objects,
+    status_error,
+    translate_errors,
+)
 
 __all__ = ["OpenAICompatProvider"]
 
@@ -58,6 +65,19 @@ class OpenAICompatProvider:
 
     async def embed(self, request: UpstreamRequest) -> Completion:
         return await self._post("/embeddings", request)
+
+    async def list_models(self, timeout: float) -> list[dict[str, Any]]:
+        """``GET /models``, relayed as the upstream sent it."""
+        with translate_errors(self.name):
+            async with self._session.get(
+                self._base + "/models",
+                headers=self._headers,
+                timeout=client_timeout(timeout, streaming=False, connect=self._connect_timeout),
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise status_error(self.name, resp.status, raw, resp.headers.get("retry-after"))
+        return model_objects(raw, provider=self.name)
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamChunk]:
         with translate_errors(self.name):

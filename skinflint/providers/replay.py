@@ -388,5 +388,10 @@ class ReplayProvider:
         raise UpstreamStatusError(400, "replay: embeddings are not supported",
                                   provider=self.name, code="unsupported_endpoint")
 
+    async def list_models(self, timeout: float) -> list[JSON]:
+        """The recorded models."""
+        return [{"id": m, "object": "model", "created": 0, "owned_by": self.name}
+                for m in (await self._extract_async()).models]
+
     async def close(self) -> None:
         return None

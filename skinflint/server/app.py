@@ -17,6 +17,7 @@ from skinflint.config import Settings, hash_key
 from skinflint.errors import AuthenticationError, BodyTooLargeError, RequestError, SkinflintError
 from skinflint.gateway import Gateway
 from skinflint.pipeline import Reply, RequestContext
+from skinflint.server.model_list import ModelList
 from skinflint.server.responses import Responder, skinflint_headers
 
 __all__ = ["App"]
@@ -54,6 +55,11 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
+def _bearer(headers: dict[str, str]) -> str:
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+
 class App:
     """``App(settings)`` is an ASGI 3 application; services open in the lifespan startup."""
 
@@ -62,6 +68,8 @@ class App:
         self.gateway: Gateway | None = gateway
         self._owns_gateway = gateway is None
         self._admin_hash = settings.admin_key_sha256
+        self._key_hashes = frozenset(k.key_sha256 for k in settings.keys)
+        self._model_list: ModelList | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -119,10 +127,17 @@ class App:
     def _require_admin(self, headers: dict[str, str]) -> None:
         if not self._admin_hash:
             return
-        auth = headers.get("authorization", "")
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        token = _bearer(headers)
         if not token or hash_key(token) != self._admin_hash:
             raise AuthenticationError("admin key required")
+
+    def _require_gateway_key(self, headers: dict[str, str]) -> None:
+        """What the attribute stage checks on the pipeline's routes, for the others."""
+        if not self._key_hashes:
+            return
+        token = _bearer(headers)
+        if not token or hash_key(token) not in self._key_hashes:
+            raise AuthenticationError("invalid or missing gateway key")
 
     # ---- routes
 
@@ -163,9 +178,11 @@ class App:
             await out.sse(reply.chunks, skinflint_headers(ctx, streaming=True))
 
     async def models(self, scope: Scope, receive: Receive, out: Responder) -> None:
-        owned = {n: m.provider for n, m in self.settings.models.items()}
-        owned.update({n: "skinflint-route" for n in self.settings.routes})
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": p} for n, p in owned.items()]
+        assert self.gateway is not None
+        self._require_gateway_key(_headers(scope))
+        if self._model_list is None:
+            self._model_list = ModelList(self.settings, self.gateway.providers)
+        data = await self._model_list.data()
         await out.json(orjson.dumps({"object": "list", "data": data}))
 
     @property
