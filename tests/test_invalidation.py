@@ -4,6 +4,7 @@ storage, whatever port it listens on, and the command says what it did."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -62,6 +63,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("gateway did not become ready")
 
 
+@contextlib.contextmanager
 def _serve(cwd: Path, fake: FakeUpstream, *extra: str) -> Iterator[str]:
     """``skinflint serve --port P`` as the README starts it, in ``cwd``; yields its URL."""
     port = _free_port()
@@ -78,7 +80,8 @@ def _serve(cwd: Path, fake: FakeUpstream, *extra: str) -> Iterator[str]:
 
 @pytest.fixture
 def served(fake: FakeUpstream, tmp_path: Path) -> Iterator[str]:
-    yield from _serve(tmp_path, fake)
+    with _serve(tmp_path, fake) as url:
+        yield url
 
 
 def _ask(url: str, tags: str = "docs:v1") -> httpx.Response:
@@ -111,7 +114,7 @@ def test_cli_invalidate_reaches_a_gateway_on_another_port(
 
 
 def test_cli_says_when_no_gateway_runs(fake: FakeUpstream, tmp_path: Path) -> None:
-    for url in _serve(tmp_path, fake):
+    with _serve(tmp_path, fake) as url:
         _ask(url)
     # the gateway has stopped (and said so in the file): nothing but the file to edit
     done = _cli(tmp_path, fake, "cache", "invalidate", "--tag", "docs:v1")
@@ -129,7 +132,7 @@ def test_workers_follow_each_others_invalidations(fake: FakeUpstream, tmp_path: 
     """With `serve --workers 2` each worker keeps its own copies in memory: an invalidation
     through one worker's admin API, or by the command, reaches both. Each upstream answer has
     an id of its own, so a stale copy would show its old id."""
-    for url in _serve(tmp_path, fake, "--workers", "2"):
+    with _serve(tmp_path, fake, "--workers", "2") as url:
 
         def answers(n: int) -> tuple[set[str], set[str]]:
             """The answers' ids, and the workers that answered (a request id starts with its

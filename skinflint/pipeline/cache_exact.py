@@ -125,15 +125,23 @@ class ExactCache:
     async def follow(self, feed: InvalidationFeed) -> None:
         """Apply the invalidations other processes make in the shared storage, as if they
         had come through :meth:`invalidate_tags`, until cancelled."""
+        failing = False
         while True:
             try:
                 found = await feed.invalidations()
-                for tags in [None] if found is None else found:
+                if found != []:
+                    tags = None if found is None else sorted({t for ts in found for t in ts})
                     self._note(tags)
                     await feed.forget_tags(tags)
                 await feed.applied()
+                if failing:
+                    log.warning("exact cache: reading the shared invalidations again")
+                failing = False
             except Exception:  # must never stop: a locked or damaged file is tried again
-                log.exception("exact cache: could not read the shared invalidations")
+                if not failing:
+                    log.exception("exact cache: cannot read the shared invalidations; "
+                                  "retrying every %g s", feed.poll_seconds)
+                failing = True
             await asyncio.sleep(feed.poll_seconds)
 
     def _invalidated_since(self, ctx: RequestContext) -> frozenset[str]:

@@ -303,10 +303,9 @@ class TieredCacheStore:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.close)
-        if self._reported is not None:
-            await asyncio.to_thread(self._unregister)
-        self._conn.close()
+        await asyncio.to_thread(self._unregister)
 
     def _unregister(self) -> None:
-        with self._lock:
+        with self._lock:  # a poll may still be running in a worker thread
             shared.unregister(self._conn, self._gateway)
+            self._conn.close()
