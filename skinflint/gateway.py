@@ -20,7 +20,7 @@ import aiohttp
 from skinflint.config import ProviderConfig, Settings
 from skinflint.embed import Embedder, canonical_name, load_embedder
 from skinflint.errors import ConfigError
-from skinflint.interfaces import CacheStore, Ledger, Provider, SemanticIndex
+from skinflint.interfaces import CacheStore, InvalidationFeed, Ledger, Provider, SemanticIndex
 from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
@@ -234,6 +234,7 @@ class Gateway:
     providers: dict[str, Provider]
     session: aiohttp.ClientSession
     warmed: asyncio.Future[None] | None = field(default=None)
+    following: asyncio.Future[None] | None = field(default=None)  # others' invalidations
     # unique per process start, then a counter: cheaper than 16 random bytes per request
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -302,6 +303,8 @@ class Gateway:
         )
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
+        if isinstance(store, InvalidationFeed):
+            gw.following = asyncio.ensure_future(exact.follow(store))
         return gw
 
     async def _warm(self) -> None:
@@ -333,6 +336,9 @@ class Gateway:
         """Flush the ledger and the caches, then close connections."""
         if self.warmed is not None:
             await asyncio.gather(self.warmed, return_exceptions=True)
+        if self.following is not None:
+            self.following.cancel()
+            await asyncio.gather(self.following, return_exceptions=True)
         for provider in self.providers.values():
             await provider.close()
         await self.session.close()

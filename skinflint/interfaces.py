@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from skinflint.models import Completion, LedgerRecord, StreamChunk, UpstreamRequest
 
-__all__ = ["CacheEntry", "CacheStore", "Ledger", "Provider", "SemanticIndex", "Vector"]
+__all__ = [
+    "CacheEntry",
+    "CacheStore",
+    "InvalidationFeed",
+    "Ledger",
+    "Provider",
+    "SemanticIndex",
+    "Vector",
+]
 
 Vector = npt.NDArray[np.float32]
 
@@ -68,6 +76,28 @@ class CacheStore(Protocol):
     async def stats(self) -> dict[str, int]: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class InvalidationFeed(Protocol):
+    """A cache store that keeps entries in this process's memory in front of storage other
+    processes share (``serve --workers``, the CLI): their invalidations reach this process
+    through the storage. The exact-cache stage follows it every ``poll_seconds``."""
+
+    poll_seconds: float
+
+    async def invalidations(self) -> list[tuple[str, ...]] | None:
+        """The tags other processes invalidated since the last call; None when some could not
+        be told, so that everything held in memory must go."""
+        ...
+
+    async def forget_tags(self, tags: Sequence[str] | None) -> None:
+        """Apply one of those invalidations here (``None``: drop everything in memory)."""
+        ...
+
+    async def applied(self) -> None:
+        """Record, for the others to see, that everything returned so far has been applied."""
+        ...
 
 
 class Ledger(Protocol):

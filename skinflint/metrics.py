@@ -73,6 +73,9 @@ class Metrics:
         self.semantic_skipped = Counter("skinflint_semantic_skipped",
                                         "Requests the semantic cache let pass without a lookup",
                                         ["reason"], registry=r)
+        self.cache_bypassed = Counter("skinflint_cache_bypassed",
+                                      "Requests neither served from nor stored in the cache",
+                                      ["reason"], registry=r)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

@@ -8,9 +8,11 @@ through fields it does not know.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "CacheBypass",
     "Completion",
     "LedgerRecord",
     "StreamChunk",
@@ -19,6 +21,17 @@ __all__ = [
 ]
 
 JSON = dict[str, Any]
+
+
+class CacheBypass(StrEnum):
+    """Why a request was neither answered from the cache nor stored in it: the
+    ``x-skinflint-cache-reason`` response header, the ledger's ``cache_reason`` column and the
+    ``reason`` label of ``skinflint_cache_bypassed_total``."""
+
+    CLIENT = "client-bypass"  # the request said x-skinflint-cache: bypass
+    DISABLED = "cache-disabled"  # the configuration turns the cache off for its feature or route
+    TEMPERATURE_UNSET = "temperature-unset"  # no temperature: providers then sample at 1
+    TEMPERATURE_ABOVE_MAX = "temperature-above-max"  # above cache.exact.max_temperature
 
 
 @dataclass(slots=True)
@@ -98,3 +111,4 @@ class LedgerRecord:
     error_type: str = ""
     route: str = ""
     similarity: float | None = None
+    cache_reason: str = ""  # a CacheBypass value when cache_status is "bypass"

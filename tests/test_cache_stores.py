@@ -282,10 +282,14 @@ def test_cli_invalidates_under_the_configured_prefix(
     assert main([*base, "stats", "--json"]) == 0  # entries from Redis, hits from the ledger
     assert json.loads(capsys.readouterr().out) == {
         "entries": 1, "requests": 4, "hits": 2, "semantic_hits": 1, "hit_rate": 0.5,
-        "saved_usd": 1.0}
+        "saved_usd": 1.0, "bypassed": {"client-bypass": 0, "cache-disabled": 0,
+                                       "temperature-unset": 0, "temperature-above-max": 0}}
     assert main([*base, "invalidate", "--tag", "user:42", "--url", "http://127.0.0.1:9",
                  "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"invalidated": 1, "where": "redis"}
+    result = json.loads(capsys.readouterr().out)
+    assert result["invalidated"] == 1 and result["where"] == "redis"
+    assert result["running"] is None  # replicas read Redis directly: none to wait for
+    assert "http://127.0.0.1:9" in result["gateway_error"]
 
 
 async def test_redis_failure_is_a_miss(tmp_path: Path) -> None:

@@ -97,6 +97,8 @@ def test_cache_cli_reads_and_invalidates_postgres(replicas: list[BackgroundServe
                 c.chat.completions.create(
                     model="gpt-4o-mini", temperature=0, extra_headers={"x-skinflint-tags": tag},
                     messages=[{"role": "user", "content": f"what do we know about {tag}"}])
+        c.chat.completions.create(  # no temperature: not cached, and counted as such
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "tell me a story"}])
     for server in replicas:
         server.__exit__(None, None, None)  # flushes the ledger
     replicas.clear()
@@ -107,10 +109,13 @@ def test_cache_cli_reads_and_invalidates_postgres(replicas: list[BackgroundServe
         return found
 
     stats = cli("stats")
-    assert stats["entries"] == 2 and stats["requests"] == 4 and stats["hits"] == 2
+    assert stats["entries"] == 2 and stats["requests"] == 5 and stats["hits"] == 2
     assert stats["semantic_hits"] == 0 and float(stats["saved_usd"]) > 0  # type: ignore[arg-type]
+    assert stats["bypassed"] == {"temperature-unset": 1, "client-bypass": 0,
+                                 "cache-disabled": 0, "temperature-above-max": 0}
     dropped = cli("invalidate", "--tag", "user:1", "--url", "http://127.0.0.1:9")
-    assert dropped == {"invalidated": 1, "where": "postgres"}
+    assert dropped["invalidated"] == 1 and dropped["where"] == "postgres"
+    assert dropped["running"] is None  # replicas read PostgreSQL directly: none to wait for
     assert cli("stats")["entries"] == 1
 
 
@@ -140,5 +145,5 @@ def test_replicas_share_the_redis_cache_and_its_invalidation(
 
     assert cli("stats")["entries"] == 2
     dropped = cli("invalidate", "--tag", "user:8", "--url", "http://127.0.0.1:9")
-    assert dropped == {"invalidated": 1, "where": "redis"}
+    assert dropped["invalidated"] == 1 and dropped["where"] == "redis"
     assert cli("stats")["entries"] == 1

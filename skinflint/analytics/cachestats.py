@@ -1,29 +1,26 @@
-"""Cache figures and offline invalidation, for the CLI.
+"""Cache figures, for the CLI.
 
 ``db`` is the SQLite path, a ``postgresql://`` URL (as for ``skinflint report``) or a
-``redis://`` URL (cache figures only: the ledger lives elsewhere). Offline invalidation with a
-shared store runs what a gateway runs; with SQLite it edits the file (a running gateway keeps
-its in-memory copies until told, so the CLI tells it first).
+``redis://`` URL (cache figures only: the ledger lives elsewhere). Invalidation is in
+:mod:`skinflint.analytics.invalidation`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from skinflint.interfaces import CacheStore
+from skinflint.models import CacheBypass
 from skinflint.storage.ledger import open_sqlite
 
 T = TypeVar("T")
 
-__all__ = ["invalidate", "stats"]
+__all__ = ["bypassed", "is_postgres", "is_redis", "stats", "with_store"]
 
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
@@ -45,7 +42,7 @@ def stats(
     cache hits. The ledger is at ``path`` too, except for Redis, which keeps no ledger: then it
     is at ``ledger`` (the gateway's PostgreSQL URL or SQLite file), when given."""
     if is_postgres(path) or is_redis(path):
-        entries = asyncio.run(_with_store(path, redis_prefix, _entries))
+        entries = asyncio.run(with_store(path, redis_prefix, _entries))
         source = path if is_postgres(path) else ledger
         return {**entries, **_ledger_hits(source)} if source else entries
     conn = open_sqlite(path)
@@ -75,7 +72,8 @@ def _ledger_hits(source: str) -> dict[str, Any]:
 
         ledger = PostgresLedger(source)
         try:
-            return _hit_figures(*ledger.hit_counts())
+            return {**_hit_figures(*ledger.hit_counts()),
+                    "bypassed": bypassed(ledger.bypass_counts())}
         finally:
             ledger.close()
     if not Path(source).is_file():
@@ -96,10 +94,32 @@ def _sqlite_hits(conn: sqlite3.Connection, tables: set[str]) -> dict[str, Any]:
         " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
         " FROM ledger WHERE endpoint IN ('chat', 'embeddings')"
     ).fetchone()
-    return _hit_figures(total, hits, semantic_hits, float(saved))
+    return {**_hit_figures(total, hits, semantic_hits, float(saved)),
+            "bypassed": bypassed(_sqlite_bypass_counts(conn))}
 
 
-async def _with_store(db: str, redis_prefix: str, job: Callable[[CacheStore], Awaitable[T]]) -> T:
+def _sqlite_bypass_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+    reason = "COALESCE(cache_reason, '')" if "cache_reason" in columns else "''"
+    rows = conn.execute(
+        f"SELECT {reason}, COUNT(*) FROM ledger WHERE cache_status = 'bypass'"
+        " AND endpoint IN ('chat', 'embeddings') GROUP BY 1"
+    ).fetchall()
+    return {str(r): int(n) for r, n in rows}
+
+
+def bypassed(counts: dict[str, int]) -> dict[str, int]:
+    """Requests the cache did not serve or store, by reason (every reason, most first); those
+    recorded before reasons were (an empty reason) count as ``unrecorded``."""
+    out = {reason.value: counts.get(reason.value, 0) for reason in CacheBypass}
+    if counts.get(""):
+        out["unrecorded"] = counts[""]
+    return dict(sorted(out.items(), key=lambda item: -item[1]))
+
+
+async def with_store(
+    db: str, redis_prefix: str, job: Callable[[CacheStore], Awaitable[T]]
+) -> T:
     """Run ``job`` on the shared store behind ``db`` (PostgreSQL or Redis), then close it."""
     store: CacheStore
     if is_postgres(db):
@@ -130,51 +150,3 @@ def _hit_figures(requests: int, hits: int, semantic_hits: int, saved: float) -> 
         "hit_rate": hits / requests if requests else 0.0,
         "saved_usd": saved,
     }
-
-
-def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | None:
-    """Ask a running gateway to invalidate (it also drops its in-memory copies)."""
-    req = urllib.request.Request(
-        url.rstrip("/") + "/api/cache/invalidate",
-        data=json.dumps({"tags": tags}).encode(),
-        method="POST",
-        headers={"content-type": "application/json"},
-    )
-    if admin_key:
-        req.add_header("authorization", f"Bearer {admin_key}")
-    try:
-        with urllib.request.urlopen(req, timeout=3) as resp:
-            return int(json.loads(resp.read())["invalidated"])
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
-        return None
-
-
-def invalidate(
-    path: str, tags: list[str], *, url: str | None, admin_key: str | None = None,
-    redis_prefix: str = "skinflint:",
-) -> dict[str, Any]:
-    if url:
-        n = _tell_gateway(url, tags, admin_key)
-        if n is not None:
-            return {"invalidated": n, "where": f"gateway at {url}"}
-    if is_postgres(path) or is_redis(path):
-        dropped = asyncio.run(_with_store(path, redis_prefix, lambda s: s.invalidate_tags(tags)))
-        return {"invalidated": dropped, "where": "postgres" if is_postgres(path) else "redis"}
-    conn = open_sqlite(path)
-    try:
-        if "cache_tags" not in _tables(conn):
-            return {"invalidated": 0, "where": path}
-        marks = ", ".join("?" for _ in tags)
-        with conn:
-            keys = [
-                r[0]
-                for r in conn.execute(
-                    f"SELECT DISTINCT key FROM cache_tags WHERE tag IN ({marks})", tags
-                )
-            ]
-            for key in keys:
-                conn.execute("DELETE FROM cache_entries WHERE key = ?", (key,))
-                conn.execute("DELETE FROM cache_tags WHERE key = ?", (key,))
-        return {"invalidated": len(keys), "where": path}
-    finally:
-        conn.close()

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     ci = csub.add_parser("invalidate", parents=[common])
     ci.add_argument("--tag", action="append", required=True, help="tag to drop (repeatable)")
     ci.add_argument("--db")
-    ci.add_argument("--url", help="running gateway to tell (default: the configured address)")
+    ci.add_argument("--url", help="a running gateway to do it through its admin API"
+                    " (default: edit the storage; running gateways follow)")
     ci.add_argument("--admin-key", default=None)
     ci.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cache)

@@ -28,22 +28,22 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
             table = Table(title="Cache")
             table.add_column("figure")
             table.add_column("value", justify="right")
+            for reason, n in stats.pop("bypassed", {}).items():
+                stats[f"bypassed: {reason}"] = n
             for k, v in stats.items():
                 shown = f"{v:,.4f}" if isinstance(v, float) else f"{v:,}"
                 table.add_row(k.replace("_", " "), shown)
             new_console().print(table)
         return 0
-    url = args.url or f"http://{settings.server.host}:{settings.server.port}"
-    result = cachestats.invalidate(
-        path, args.tag, url=url, admin_key=args.admin_key, redis_prefix=st.redis_prefix
+    from skinflint.analytics.invalidation import describe, invalidate
+
+    result = invalidate(
+        path, args.tag, url=args.url, admin_key=args.admin_key, redis_prefix=st.redis_prefix
     )
     if args.json:
-        print_json(result)
+        print_json(result.as_dict())
     else:
-        new_console().print(
-            f"invalidated {result['invalidated']} entries tagged "
-            f"{', '.join(args.tag)} ({result['where']})"
-        )
+        new_console().print(describe(result), soft_wrap=True)
     return 0
 
 

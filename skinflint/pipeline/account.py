@@ -196,6 +196,7 @@ class Account:
             error_type=ctx.error_type,
             route=ctx.route,
             similarity=ctx.similarity,
+            cache_reason=ctx.cache_reason.value if ctx.cache_reason is not None else "",
         )
         row.update(fields)
         return LedgerRecord(**row)
@@ -220,6 +221,7 @@ class Account:
                     baseline_cost_usd=0.0,
                     saved_usd=0.0,
                     cache_status="miss",
+                    cache_reason="",
                     strategy="cascade_escalated",
                     upstream_latency_ms=a.upstream_ms,
                     status=a.status,
@@ -243,6 +245,8 @@ class Account:
         m = self._metrics
         m.child(m.requests, ctx.endpoint, ctx.model, ctx.cache_status, str(ctx.status)).inc()
         m.child(m.latency, ctx.endpoint).observe(time.perf_counter() - ctx.started)
+        if ctx.cache_reason is not None:
+            m.child(m.cache_bypassed, ctx.cache_reason.value).inc()
         if ctx.cost_usd:
             m.child(m.cost, ctx.model).inc(ctx.cost_usd)
         if ctx.saved_usd is not None and ctx.saved_usd > 0:  # a fallback can cost more

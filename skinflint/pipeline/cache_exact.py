@@ -1,8 +1,11 @@
 """Stage 4, exact cache: the same request, normalised, within the same scope, is answered from
-the store. Writing happens in the account stage, once a response is known to be complete."""
+the store. Writing happens in the account stage, once a response is known to be complete.
+A request the cache may not serve says why (:class:`~skinflint.models.CacheBypass`)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -13,12 +16,14 @@ import orjson
 
 from skinflint.cachekey import request_hash, scoped_key
 from skinflint.config import CachePolicy, ExactCacheConfig
-from skinflint.interfaces import CacheEntry, CacheStore
-from skinflint.models import StreamChunk, Usage
+from skinflint.interfaces import CacheEntry, CacheStore, InvalidationFeed
+from skinflint.models import CacheBypass, StreamChunk, Usage
 from skinflint.pipeline.context import Next, Reply, RequestContext
 from skinflint.streaming import chunks_from_completion, is_complete
 
 __all__ = ["ExactCache", "Policy"]
+
+log = logging.getLogger("skinflint.cache")
 
 _TAG_HISTORY = 1024  # invalidations remembered, to tell which in-flight answers they concern
 
@@ -69,6 +74,7 @@ class ExactCache:
         # latest (by the count when each started).
         self.invalidations = 0
         self._invalidated: deque[tuple[int, frozenset[str]]] = deque(maxlen=_TAG_HISTORY)
+        self._cleared = 0  # the count when everything was last invalidated at once
 
     def policy(self, feature: str, model: str) -> Policy:
         # Memoised by configured names only: feature and model come from the client.
@@ -105,33 +111,71 @@ class ExactCache:
         """Drop the entries tagged with any of ``tags``. An answer with one of those tags to a
         request already in flight is then not stored: it may rest on the data the tag stood
         for (see :meth:`save`)."""
-        self.invalidations += 1
-        self._invalidated.append((self.invalidations, frozenset(tags)))
+        self._note(tags)
         return await self.store.invalidate_tags(tags)
+
+    def _note(self, tags: list[str] | tuple[str, ...] | None) -> None:
+        """Count an invalidation of ``tags`` (None: of everything) before it runs."""
+        self.invalidations += 1
+        if tags is None:
+            self._cleared = self.invalidations
+        else:
+            self._invalidated.append((self.invalidations, frozenset(tags)))
+
+    async def follow(self, feed: InvalidationFeed) -> None:
+        """Apply the invalidations other processes make in the shared storage, as if they
+        had come through :meth:`invalidate_tags`, until cancelled."""
+        failing = False
+        while True:
+            try:
+                found = await feed.invalidations()
+                if found != []:
+                    tags = None if found is None else sorted({t for ts in found for t in ts})
+                    self._note(tags)
+                    await feed.forget_tags(tags)
+                await feed.applied()
+                if failing:
+                    log.warning("exact cache: reading the shared invalidations again")
+                failing = False
+            except Exception:  # must never stop: a locked or damaged file is tried again
+                if not failing:
+                    log.exception("exact cache: cannot read the shared invalidations; "
+                                  "retrying every %g s", feed.poll_seconds)
+                failing = True
+            await asyncio.sleep(feed.poll_seconds)
 
     def _invalidated_since(self, ctx: RequestContext) -> frozenset[str]:
         """The request's tags invalidated since it looked the cache up."""
         if ctx.cache_epoch == self.invalidations or not ctx.tags:
             return frozenset()
-        if self._invalidated[0][0] > ctx.cache_epoch + 1:  # too long ago to tell: all of them
+        if self._cleared > ctx.cache_epoch or (  # everything, or too long ago to tell
+            self._invalidated and self._invalidated[0][0] > ctx.cache_epoch + 1
+        ):
             return frozenset(ctx.tags)
         return frozenset(t for epoch, tags in self._invalidated if epoch > ctx.cache_epoch
                          for t in tags if t in ctx.tags)
 
-    def _eligible(self, ctx: RequestContext, policy: Policy) -> bool:
-        if not policy.enabled or ctx.cache_mode == "bypass":
-            return False
+    @staticmethod
+    def _bypass(ctx: RequestContext, policy: Policy) -> CacheBypass | None:
+        """Why the cache may not serve or store ``ctx``; None when it may."""
+        if ctx.cache_mode == "bypass":
+            return CacheBypass.CLIENT
+        if not policy.enabled:
+            return CacheBypass.DISABLED
         if ctx.endpoint != "chat" or policy.any_temperature:
-            return True
+            return None
         temperature = ctx.body.get("temperature")
-        if not isinstance(temperature, int | float):
-            temperature = DEFAULT_TEMPERATURE
-        return temperature <= policy.max_temperature
+        if not isinstance(temperature, int | float):  # providers then sample at the default
+            unset = policy.max_temperature < DEFAULT_TEMPERATURE
+            return CacheBypass.TEMPERATURE_UNSET if unset else None
+        above = temperature > policy.max_temperature
+        return CacheBypass.TEMPERATURE_ABOVE_MAX if above else None
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         policy = self.policy(ctx.feature, ctx.requested_model)
-        if not self._eligible(ctx, policy):
-            ctx.cache_status = "bypass"
+        reason = self._bypass(ctx, policy)
+        if reason is not None:
+            ctx.cache_status, ctx.cache_reason = "bypass", reason
             return await next(ctx)
         digest = (
             request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash

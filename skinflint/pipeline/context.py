@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from skinflint.models import StreamChunk, Usage
+from skinflint.models import CacheBypass, StreamChunk, Usage
 
 __all__ = ["Attempt", "Next", "Reply", "RequestContext", "Stage", "Target"]
 
@@ -69,6 +69,7 @@ class RequestContext:
     request_hash: str = ""
     cache_key: str = ""
     cache_status: str = "miss"
+    cache_reason: CacheBypass | None = None  # why cache_status is "bypass"
     cache_writable: bool = False
     cache_ttl: float = 0.0
     cache_epoch: int = 0  # the exact cache's invalidation count when the request looked it up

@@ -35,6 +35,8 @@ def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Header
         (b"x-skinflint-model", (ctx.model or ctx.requested_model).encode()),
         (b"x-skinflint-route", (ctx.route or ctx.requested_model).encode()),
     ]
+    if ctx.cache_reason is not None:  # one of our fixed values, never the client's text
+        headers.append((b"x-skinflint-cache-reason", ctx.cache_reason.encode()))
     if not streaming or ctx.cache_status.startswith("hit"):
         headers.append((b"x-skinflint-cost-usd", _usd(ctx.cost_usd)))
         headers.append((b"x-skinflint-saved-usd", _usd(ctx.saved_usd)))

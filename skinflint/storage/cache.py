@@ -2,7 +2,9 @@
 
 The tiered store keeps the set of keys present on disk in memory, so a miss costs no I/O at all;
 disk reads (LRU misses of known keys) run in a worker thread and writes are batched by a writer
-thread, so the event loop never touches the disk.
+thread, so the event loop never touches the disk. Several processes may share the file
+(``serve --workers N``, the CLI): invalidations reach each one's memory through the log in
+:mod:`skinflint.storage.invalidations`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from skinflint.interfaces import CacheEntry
+from skinflint.storage import invalidations as shared
 from skinflint.storage.ledger import open_sqlite
 from skinflint.storage.writer import BatchWriter
 
@@ -84,12 +87,19 @@ class MemoryCacheStore:
     async def invalidate_tags(self, tags: Sequence[str]) -> int:
         return self.drop_tags(tags)
 
+    def clear(self) -> int:
+        """Drop every entry; returns how many there were."""
+        n = len(self._entries)
+        self._entries.clear()
+        self._by_tag.clear()
+        self.bytes = 0
+        return n
+
     async def stats(self) -> dict[str, int]:
         return {"entries": len(self._entries), "bytes": self.bytes, "evictions": self.evictions}
 
     async def close(self) -> None:
-        self._entries.clear()
-        self._by_tag.clear()
+        self.clear()
 
 
 _SCHEMA = [
@@ -123,9 +133,18 @@ class TieredCacheStore:
         self._conn = open_sqlite(path)
         for stmt in _SCHEMA:
             self._conn.execute(stmt)
+        shared.create_tables(self._conn)
         self._on_disk: set[str] = {
             row[0] for row in self._conn.execute("SELECT key FROM cache_entries")
         }
+        # Following other processes' invalidations: the last log line applied (those before
+        # the keys above were read concern nothing in memory), and the lines written here.
+        self.poll_seconds = shared.POLL_SECONDS
+        self._gateway = shared.gateway_id()
+        self._applied = shared.latest(self._conn)
+        self._reported: int | None = None  # the line last reported as applied; None: never
+        self._reported_at = 0.0
+        self._own: builtins.set[int] = set()
         self._lock = threading.Lock()
         self._writer: BatchWriter[tuple[CacheEntry, bool]] = BatchWriter(
             self._write_locked, interval=flush_interval, name="cache")
@@ -168,28 +187,75 @@ class TieredCacheStore:
         self._writer.append((entry, overwrite))
 
     async def invalidate_tags(self, tags: Sequence[str]) -> int:
+        """Drop the entries tagged with any of ``tags`` here and on disk, and log the
+        invalidation so that every other process sharing the file drops them from memory."""
+        return await self._drop_tags(tags, log=True)
+
+    async def _drop_tags(self, tags: Sequence[str] | None, *, log: bool) -> int:
         self._invalidating += 1
         self._invalidated += 1
         try:
+            if tags is None:
+                return self.memory.clear()
             dropped = self.memory.drop_tags(tags)
-            keys = await asyncio.to_thread(self._drop_tags_on_disk, list(tags))
+            keys, line = await asyncio.to_thread(self._drop_tags_on_disk, list(tags), log)
             self._on_disk.difference_update(keys)
+            if line is not None:
+                self._own.add(line)
         finally:
             self._invalidating -= 1
         return max(dropped, len(keys))
 
-    def _drop_tags_on_disk(self, tags: list[str]) -> builtins.set[str]:
+    def _drop_tags_on_disk(
+        self, tags: list[str], log: bool
+    ) -> tuple[builtins.set[str], int | None]:
+        """The keys deleted, and the log line written (when ``log``)."""
         self.flush()
-        marks = ", ".join("?" for _ in tags)
-        with self._lock, self._conn:
-            keys = {
-                r[0]
-                for r in self._conn.execute(
-                    f"SELECT key FROM cache_tags WHERE tag IN ({marks})", tags
-                )
-            }
-            self._delete(keys)
-        return keys
+        with self._lock:
+            if log:
+                return shared.invalidate(self._conn, tags)
+            return shared.delete_tagged(self._conn, tags), None
+
+    # ---- following invalidations made by other processes (InvalidationFeed)
+
+    async def invalidations(self) -> list[tuple[str, ...]] | None:
+        """The tags other processes invalidated since the last call; None when some could not
+        be told (the log was pruned meanwhile): then everything in memory must go."""
+        found = await asyncio.to_thread(self._pending)
+        if found.lines:
+            self._applied = found.lines[-1][0]
+        own = self._own
+        self._own = {line for line in own if line > self._applied}
+        if found.missed:
+            return None
+        return [tags for line, tags in found.lines if line not in own]
+
+    def _pending(self) -> shared.Pending:
+        with self._lock:
+            return shared.pending(self._conn, self._applied)
+
+    async def forget_tags(self, tags: Sequence[str] | None) -> None:
+        """Apply another process's invalidation: drop the entries tagged with any of ``tags``
+        (None: every entry) from memory, and from disk those written here meanwhile."""
+        await self._drop_tags(tags, log=False)
+
+    async def applied(self) -> None:
+        """Tell the other processes how far this one has applied the log; at least every
+        :data:`~skinflint.storage.invalidations.HEARTBEAT_SECONDS`, to show it runs."""
+        now = time.monotonic()
+        if self._applied == self._reported and now - self._reported_at < (
+            shared.HEARTBEAT_SECONDS
+        ):
+            return
+        await asyncio.to_thread(self._report, self._applied)
+        self._reported, self._reported_at = self._applied, now
+
+    def _report(self, applied: int) -> None:
+        with self._lock:
+            if self._reported is None:
+                shared.register(self._conn, self._gateway, applied)
+            else:
+                shared.report_applied(self._conn, self._gateway, applied)
 
     def _delete(self, keys: builtins.set[str]) -> None:
         for key in keys:
@@ -237,4 +303,9 @@ class TieredCacheStore:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.close)
-        self._conn.close()
+        await asyncio.to_thread(self._unregister)
+
+    def _unregister(self) -> None:
+        with self._lock:  # a poll may still be running in a worker thread
+            shared.unregister(self._conn, self._gateway)
+            self._conn.close()

@@ -21,9 +21,8 @@ __all__ = ["MemoryLedger", "SQLiteLedger", "open_sqlite"]
 _COLUMNS = [f.name for f in fields(LedgerRecord)]
 _SQL_TYPES = {"str": "TEXT", "float": "REAL", "int": "INTEGER", "float | None": "REAL"}
 _AS_ROW = operator.attrgetter(*_COLUMNS)  # 20x faster than dataclasses.astuple
-_SCHEMA = "CREATE TABLE IF NOT EXISTS ledger ({})".format(
-    ", ".join(f"{f.name} {_SQL_TYPES.get(str(f.type), 'TEXT')}" for f in fields(LedgerRecord))
-)
+_TYPED = [f"{f.name} {_SQL_TYPES.get(str(f.type), 'TEXT')}" for f in fields(LedgerRecord)]
+_SCHEMA = "CREATE TABLE IF NOT EXISTS ledger ({})".format(", ".join(_TYPED))
 _INSERT = "INSERT INTO ledger ({}) VALUES ({})".format(
     ", ".join(_COLUMNS), ", ".join("?" for _ in _COLUMNS)
 )
@@ -57,12 +56,29 @@ class MemoryLedger:
         return None
 
 
+def _create_table(conn: sqlite3.Connection) -> None:
+    """The ledger table; fields added to :class:`LedgerRecord` since a file was made become new
+    columns of its table (empty in the rows written before)."""
+    conn.execute("BEGIN IMMEDIATE")  # two processes starting at once add a column once
+    try:
+        conn.execute(_SCHEMA)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
+        for name, typed in zip(_COLUMNS, _TYPED, strict=True):
+            if name not in have:  # earlier rows read as no value: "" for text
+                default = " DEFAULT ''" if typed.endswith(" TEXT") else ""
+                conn.execute(f"ALTER TABLE ledger ADD COLUMN {typed}{default}")
+        conn.execute("CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 class SQLiteLedger:
     def __init__(self, path: str, *, flush_interval: float = 0.2) -> None:
         self.path = path
         self._conn = open_sqlite(path)
-        self._conn.execute(_SCHEMA)
-        self._conn.execute("CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)")
+        _create_table(self._conn)
         self._writer = BatchWriter(self._write, interval=flush_interval, name="ledger")
 
     def record(self, record: LedgerRecord) -> None:

@@ -190,6 +190,18 @@ class PostgresLedger:
         assert row is not None  # an aggregate always returns one row
         return int(row[0]), int(row[1]), int(row[2]), float(row[3])
 
+    def bypass_counts(self) -> dict[str, int]:
+        """Chat and embeddings calls the cache did not serve or store, by ``cache_reason``
+        ("" for rows written before reasons were recorded), after writing what is pending."""
+        self.flush()
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT COALESCE(cache_reason, ''), COUNT(*) FROM skinflint_ledger"
+                " WHERE cache_status = 'bypass' AND endpoint IN ('chat', 'embeddings')"
+                " GROUP BY 1"
+            ).fetchall()
+        return {str(reason): int(n) for reason, n in rows}
+
     def close(self) -> None:
         if not self._writer.close() and self._held:
             self._write([])

@@ -1,0 +1,160 @@
+"""``skinflint cache invalidate``: drop cache entries by tag where the gateways keep them, and
+say what was done, and which running gateways are known to have dropped their copies.
+
+* SQLite: the command deletes the rows and logs the invalidation in the same file
+  (:mod:`skinflint.storage.invalidations`); every gateway using the file (each
+  ``serve --workers`` process too) reads the log within a quarter of a second, drops the tags
+  from memory and records that it has. The command waits a few seconds for those records.
+* PostgreSQL, Redis: gateways keep no copies in memory, so deleting from the store is enough.
+* ``--url``: a running gateway invalidates through its admin API instead (it logs the
+  invalidation for the gateways sharing its storage); when it does not answer, the command
+  edits the storage itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from skinflint.analytics.cachestats import is_postgres, is_redis, with_store
+from skinflint.storage import invalidations
+from skinflint.storage.ledger import open_sqlite
+
+__all__ = ["CONFIRM_SECONDS", "Invalidation", "describe", "invalidate"]
+
+#: How long the command waits for the running gateways to confirm.
+CONFIRM_SECONDS = 3.0
+
+
+@dataclass
+class Invalidation:
+    """What ``skinflint cache invalidate`` did. ``where``: the SQLite path, ``postgres``,
+    ``redis`` or ``gateway at URL``. ``running``: the gateways found using the SQLite file
+    (None for stores that gateways do not copy into memory); ``unconfirmed`` describes those
+    that did not confirm in time."""
+
+    invalidated: int
+    tags: list[str]
+    where: str
+    running: int | None = None
+    unconfirmed: list[str] = field(default_factory=list)
+    gateway_error: str = ""  # why the gateway given with --url did not do it
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | str:
+    """Ask the gateway at ``url`` to invalidate; the count it dropped, else why it did not."""
+    req = urllib.request.Request(
+        url.rstrip("/") + "/api/cache/invalidate",
+        data=json.dumps({"tags": tags}).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
+    if admin_key:
+        req.add_header("authorization", f"Bearer {admin_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=3) as resp:
+            return int(json.loads(resp.read())["invalidated"])
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            return "it refused: it needs its admin key (--admin-key)"
+        return f"it answered HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"it did not answer ({getattr(exc, 'reason', exc)})"
+    except (ValueError, KeyError):
+        return "its answer was not a skinflint gateway's"
+
+
+def invalidate(
+    path: str, tags: list[str], *, url: str | None = None, admin_key: str | None = None,
+    redis_prefix: str = "skinflint:", confirm_seconds: float = CONFIRM_SECONDS,
+) -> Invalidation:
+    """Drop the entries tagged with any of ``tags`` from the store at ``path`` (a SQLite file,
+    a ``postgresql://`` or ``redis://`` URL), or through the gateway at ``url`` when given
+    and answering. Raises ValueError when there is no SQLite file at ``path``."""
+    gateway_error = ""
+    if url:
+        answer = _tell_gateway(url, tags, admin_key)
+        if isinstance(answer, int):
+            return Invalidation(answer, tags, f"gateway at {url}")
+        gateway_error = f"the gateway at {url}: {answer}"
+    if is_postgres(path) or is_redis(path):
+        dropped = asyncio.run(with_store(path, redis_prefix, lambda s: s.invalidate_tags(tags)))
+        where = "postgres" if is_postgres(path) else "redis"
+        return Invalidation(dropped, tags, where, gateway_error=gateway_error)
+    found = _invalidate_sqlite(path, tags, confirm_seconds)
+    found.gateway_error = gateway_error
+    return found
+
+
+def _invalidate_sqlite(path: str, tags: list[str], confirm_seconds: float) -> Invalidation:
+    if not Path(path).is_file():
+        raise ValueError(
+            f"no database at {path}: give --db, or the --config the gateway runs with")
+    conn = open_sqlite(path)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "cache_tags" not in tables:  # no gateway has cached anything in this file
+            return Invalidation(0, tags, path, running=0)
+        invalidations.create_tables(conn)  # a file written before the log existed
+        keys, line = invalidations.invalidate(conn, tags)
+        running, late = _confirmations(conn, line, confirm_seconds)
+        return Invalidation(len(keys), tags, path, running, [g.describe() for g in late])
+    finally:
+        conn.close()
+
+
+def _confirmations(
+    conn: sqlite3.Connection, line: int, seconds: float
+) -> tuple[int, list[invalidations.GatewayRow]]:
+    """Wait up to ``seconds`` for every running gateway to apply log ``line``; returns how
+    many run and those that have not applied it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        live = invalidations.live_gateways(conn)
+        late = [g for g in live if g.applied < line]
+        if not late or time.monotonic() >= deadline:
+            return len(live), late
+        time.sleep(0.05)
+
+
+_STORES = {"postgres": "PostgreSQL", "redis": "Redis"}
+
+
+def _entries(n: int) -> str:
+    return f"{n} entr{'y' if n == 1 else 'ies'}"
+
+
+def _gateways(n: int) -> str:
+    return f"{n} running gateway{'' if n == 1 else 's'}"
+
+
+def describe(result: Invalidation, confirm_seconds: float = CONFIRM_SECONDS) -> str:
+    """One line for people: what was dropped where, and what the running gateways did."""
+    head = f"invalidated {_entries(result.invalidated)} tagged {', '.join(result.tags)}"
+    prefix = f"{result.gateway_error}; " if result.gateway_error else ""
+    if result.where.startswith("gateway at"):
+        return (f"{head} through the {result.where}; gateways sharing its storage drop "
+                f"their copies within {invalidations.POLL_SECONDS:g} s")
+    if result.running is None:
+        store = _STORES.get(result.where, result.where)
+        return (f"{prefix}{head} in {store}; gateways read {store} directly "
+                "and keep no copies in memory")
+    where = f"{prefix}{head} in {result.where}"
+    if result.running == 0:
+        return f"{where}; no running gateway uses this file"
+    confirmed = result.running - len(result.unconfirmed)
+    if not result.unconfirmed:
+        return f"{where}; {_gateways(confirmed)} dropped them from memory"
+    return (f"{where}; {confirmed} of {_gateways(result.running)} dropped them from memory; "
+            f"{', '.join(result.unconfirmed)} did not confirm within {confirm_seconds:g} s "
+            "(stopped, or too busy to read the file: it drops them when it next does)")
