@@ -68,9 +68,9 @@ def format_demo(result: dict[str, Any]) -> list[RenderableType]:
     """The demo's summary, 80 columns wide: what ran, the saving by strategy, spend and
     quality, what answered the requests the caches did not, and what the latencies mean."""
     intro = (
-        f"{result['requests']} requests ({result['unique_prompts']} distinct prompts, seed"
-        f" {result['seed']}): recorded real model answers, replayed offline through the"
-        " gateway with route auto, the exact and the semantic cache."
+        f"skinflint demo: {result['requests']} requests ({result['unique_prompts']} distinct"
+        f" prompts, seed {result['seed']}): recorded real model answers, replayed offline"
+        " through the gateway with route auto, the exact and the semantic cache."
     )
     note = (
         "Latency: each model answers after a simulated delay (its typical late-2023 time to"
