@@ -2,40 +2,70 @@
 
 The gateway runs in-process on the replay provider with the shipped route ``auto`` (task
 classification, cheap-first cascades), the exact cache and the semantic cache; the official
-``openai`` SDK sends a mixed workload over loopback HTTP. Spend comes from the gateway's own
-ledger; quality is the recorded correctness of the answers it returned.
+``openai`` SDK sends a mixed workload over loopback HTTP. Spend and savings come from the
+gateway's own ledger; quality is the recorded correctness of the answers it returned.
+
+The figures depend only on the seed. Requests run ``concurrency`` at a time, but one that the
+caches could answer from an earlier request (the same prompt, or a question the semantic cache
+could find similar) is sent only once that earlier one has been answered and stored, as when
+real repeats arrive minutes or days apart; otherwise whether it hit would depend on which
+request happened to finish first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from skinflint.analytics.evaluation import default_replay_config
 from skinflint.analytics.report import percentile
-from skinflint.config import settings_from_dict
+from skinflint.config import Settings, settings_from_dict
+from skinflint.embed import Embedder, Vectors, load_embedder
+from skinflint.gateway import semantic_setting
 from skinflint.models import LedgerRecord
+from skinflint.pipeline.cache_semantic import split_question
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.server.run import BackgroundServer
 from skinflint.storage.ledger import SQLiteLedger
 
-__all__ = ["PREMIUM_MODEL", "ROUTE", "build_workload", "format_demo_rows", "run_demo"]
+__all__ = [
+    "LATENCY_SPEEDUP",
+    "PREMIUM_MODEL",
+    "ROUTE",
+    "STRATEGIES",
+    "RequestOrder",
+    "build_workload",
+    "run_demo",
+]
 
 PREMIUM_MODEL = "gpt-4-1106-preview"
 ROUTE = "auto"
-LATENCY_SCALE = 0.05  # recorded-model latencies are replayed at 1/20th so the demo takes seconds
+LATENCY_SPEEDUP = 20  # simulated model latencies run 20 times faster so the demo takes seconds
 REPEAT_SHARE = 0.3  # share of requests that repeat an earlier question, as FAQ traffic does
 STREAM_SHARE = 0.2
+# Questions this much below the similarity threshold count as possible matches too when
+# requests are ordered, so that float rounding in the embedder can never decide the order.
+SIMILARITY_MARGIN = 0.01
+PLAN_BATCH = 32  # requests planned at a time
+
+#: What answered a request, in the order the pipeline tries them: the exact cache, the
+#: semantic cache, a task's cheap-first cascade, or the one model a task is routed to.
+STRATEGIES = ("exact_cache", "semantic_cache", "cascade", "routed")
 
 Progress = Callable[[int, int], None]
+Workload = list[tuple[ReplaySample, bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +78,7 @@ class Answered:
     content: str  # the answer text served
 
 
-def build_workload(
-    samples: list[ReplaySample], n: int, seed: int
-) -> list[tuple[ReplaySample, bool]]:
+def build_workload(samples: list[ReplaySample], n: int, seed: int) -> Workload:
     """``n`` requests: distinct questions from every benchmark, a share of them asked again
     (popular ones more often), some streamed. Deterministic for a seed."""
     rng = random.Random(seed)
@@ -67,6 +95,59 @@ def build_workload(
     order = pool + rng.choices(pool, weights=weights, k=n - len(pool))
     rng.shuffle(order)
     return [(s, rng.random() < STREAM_SHARE) for s in order]
+
+
+class RequestOrder:
+    """Which earlier requests each request of a workload waits for, worked out in workload
+    order a batch at a time, so that the first requests start before the last are planned.
+
+    A request waits for the latest earlier request with the same prompt and with each prompt
+    the semantic cache could compare it with (every demo request has the same model,
+    parameters and scope): the same context before the question (see
+    :func:`split_question`) and a question whose similarity reaches the threshold less
+    :data:`SIMILARITY_MARGIN` (the verifier is not applied: this is what the cache may look
+    at, not what it serves). Those waited for the ones before them in turn, so every earlier
+    request that could answer a request has finished when it starts."""
+
+    def __init__(self, embedder: Embedder, threshold: float, max_question_chars: int) -> None:
+        self._embedder = embedder
+        self._floor = threshold - SIMILARITY_MARGIN
+        self._max_chars = max_question_chars
+        self._groups: dict[str, tuple[list[str], Vectors]] = {}  # context -> prompts, vectors
+        self.similar: dict[str, set[str]] = {}
+        self._latest: dict[str, int] = {}  # prompt -> its latest request so far
+        self._planned = 0
+
+    def extend(self, prompts: Sequence[str]) -> list[tuple[int, ...]]:
+        """The earlier requests each of the next ``len(prompts)`` requests waits for."""
+        self._compare([p for p in dict.fromkeys(prompts) if p not in self._latest])
+        waits: list[tuple[int, ...]] = []
+        for prompt in prompts:
+            related = (prompt, *self.similar.get(prompt, ()))
+            waits.append(tuple(sorted({self._latest[p] for p in related if p in self._latest})))
+            self._latest[prompt] = self._planned
+            self._planned += 1
+        return waits
+
+    def _compare(self, prompts: list[str]) -> None:
+        """Embed new prompts' questions and note which earlier or new ones come close."""
+        by_context: dict[str, list[tuple[str, str]]] = {}
+        for prompt in prompts:
+            split = split_question(prompt, self._max_chars)
+            if split is not None and split[1].strip():
+                by_context.setdefault(split[0], []).append((prompt, split[1]))
+        for context, members in by_context.items():
+            names, vectors = self._groups.get(context, ([], np.empty((0, self._embedder.dim))))
+            names = names + [prompt for prompt, _ in members]
+            fresh = self._embedder.embed([question for _, question in members])
+            vectors = np.vstack([vectors, fresh]).astype(np.float32)
+            self._groups[context] = (names, vectors)
+            first = len(names) - len(members)
+            for row, col in zip(*np.nonzero(fresh @ vectors.T >= self._floor), strict=True):
+                a, b = names[first + row], names[col]
+                if a != b:
+                    self.similar.setdefault(a, set()).add(b)
+                    self.similar.setdefault(b, set()).add(a)
 
 
 async def _send(client: Any, sample: ReplaySample, stream: bool) -> Answered:
@@ -94,24 +175,51 @@ async def _send(client: Any, sample: ReplaySample, stream: bool) -> Answered:
 
 async def _drive(
     base_url: str,
-    workload: list[tuple[ReplaySample, bool]],
+    workload: Workload,
+    order: RequestOrder,
     concurrency: int,
     on_progress: Progress | None,
 ) -> list[Answered]:
+    """Every request, ``concurrency`` at a time, each once planned and once the requests it
+    waits for have finished; the answers in workload order."""
     from openai import AsyncOpenAI
 
-    results: list[Answered] = []
+    n = len(workload)
+    answers: list[Answered | None] = [None] * n
+    waits: list[tuple[int, ...]] = []
+    planned, finished = [asyncio.Event() for _ in workload], [asyncio.Event() for _ in workload]
+    done = 0
     gate = asyncio.Semaphore(concurrency)
+
+    async def plan() -> None:
+        prompts = [sample.prompt for sample, _ in workload]
+        for start in range(0, n, PLAN_BATCH):
+            waits.extend(await asyncio.to_thread(order.extend, prompts[start:start + PLAN_BATCH]))
+            for i in range(start, len(waits)):
+                planned[i].set()
+
     async with AsyncOpenAI(base_url=base_url, api_key="demo", max_retries=0, timeout=60) as client:
 
-        async def one(sample: ReplaySample, stream: bool) -> None:
+        async def one(i: int, sample: ReplaySample, stream: bool) -> None:
+            nonlocal done
+            await planned[i].wait()
+            for j in waits[i]:
+                await finished[j].wait()
             async with gate:
-                results.append(await _send(client, sample, stream))
+                answers[i] = await _send(client, sample, stream)
+            finished[i].set()
+            done += 1
             if on_progress:
-                on_progress(len(results), len(workload))
+                on_progress(done, n)
 
-        await asyncio.gather(*(one(s, st) for s, st in workload))
-    return results
+        await asyncio.gather(plan(), *(one(i, s, st) for i, (s, st) in enumerate(workload)))
+    return [a for a in answers if a is not None]
+
+
+def _order(settings: Settings) -> RequestOrder:
+    cfg = settings.cache.semantic
+    threshold, _ = semantic_setting(settings, route=ROUTE)
+    return RequestOrder(load_embedder(cfg.embedder), threshold, cfg.max_question_chars)
 
 
 def run_demo(
@@ -121,22 +229,29 @@ def run_demo(
     seed: int = 7,
     on_progress: Progress | None = None,
 ) -> dict[str, Any]:
-    replay = ReplayProvider(latency_scale=LATENCY_SCALE)
+    """Replay ``requests`` requests built from ``seed`` through a gateway of its own; the
+    summary (see ``skinflint demo --json``). Every figure but the timings depends only on
+    ``requests`` and ``seed``."""
+    replay = ReplayProvider()
     workload = build_workload(replay.samples(), requests, seed)
     raw = default_replay_config()
-    raw["providers"]["replay"]["latency_scale"] = LATENCY_SCALE
+    raw["providers"]["replay"]["latency_scale"] = 1 / LATENCY_SPEEDUP
     raw["cache"] = {"semantic": {"enabled": True}}
     with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
         db = str(Path(tmp) / "skinflint.db")
         settings = settings_from_dict({**raw, "storage": {"sqlite_path": db}}, env={})
         started = time.perf_counter()
-        with BackgroundServer(settings) as server:
-            results = asyncio.run(_drive(server.base_url, workload, concurrency, on_progress))
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            order = pool.submit(_order, settings)  # loads the embedder while the gateway starts
+            with BackgroundServer(settings) as server:
+                answers = asyncio.run(
+                    _drive(server.base_url, workload, order.result(), concurrency, on_progress)
+                )
         wall = time.perf_counter() - started
         ledger = SQLiteLedger(db)
         rows = list(ledger.query())
         ledger.close()
-    return _summarise(replay, results, rows, wall)
+    return {"seed": seed, **_summarise(replay, answers, rows), **_timings(answers, wall)}
 
 
 def _correct(replay: ReplayProvider, answered: Answered) -> int:
@@ -150,88 +265,72 @@ def _correct(replay: ReplayProvider, answered: Answered) -> int:
     return replay.correctness(prompt, model) or 0
 
 
-def _tier(route: str) -> str:
-    return route.split("tier=")[-1] if "tier=" in route else "cache"
+def _strategy(row: LedgerRecord) -> str:
+    if row.cache_status == "hit-exact":
+        return "exact_cache"
+    if row.cache_status == "hit-semantic":
+        return "semantic_cache"
+    return "cascade" if "tier=" in row.route else "routed"
+
+
+def _strategies(answered: list[LedgerRecord], saving: float) -> list[dict[str, Any]]:
+    """Each strategy's requests and saving: the baseline cost of the requests it answered
+    less what they cost, cascade tiers that did not answer included (the ledger's saving)."""
+    out = []
+    for name in STRATEGIES:
+        mine = [r for r in answered if _strategy(r) == name]
+        saved = math.fsum(r.saved_usd or 0.0 for r in mine)
+        out.append({"name": name, "requests": len(mine), "saving_usd": saved,
+                    "share": saved / saving if saving else 0.0})
+    return out
+
+
+def _answered_by(answers: list[Answered]) -> list[dict[str, Any]]:
+    """Who answered the requests the caches did not: task, model and cascade tier."""
+    misses = [a for a in answers if not a.cache.startswith("hit")]
+    counts = Counter(
+        (
+            a.route.split("task=")[-1].split(";")[0],
+            a.model,
+            a.route.split("tier=")[-1] if "tier=" in a.route else "",
+        )
+        for a in misses
+    )
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [
+        {"task": task, "model": model, "tier": tier, "requests": n, "share": n / len(misses)}
+        for (task, model, tier), n in ranked
+    ]
 
 
 def _summarise(
-    replay: ReplayProvider, results: list[Answered], rows: list[LedgerRecord], wall: float
+    replay: ReplayProvider, answers: list[Answered], rows: list[LedgerRecord]
 ) -> dict[str, Any]:
     baseline_quality = statistics.fmean(
-        replay.correctness(a.sample.prompt, PREMIUM_MODEL) or 0 for a in results
+        replay.correctness(a.sample.prompt, PREMIUM_MODEL) or 0 for a in answers
     )
-    quality = statistics.fmean(_correct(replay, a) for a in results)
+    quality = statistics.fmean(_correct(replay, a) for a in answers)
     answered = [r for r in rows if r.strategy != "cascade_escalated"]
-    baseline = sum(r.baseline_cost_usd or 0.0 for r in answered)
-    # what the same traffic costs with the caches alone: every miss at the premium price
-    cache_only = sum(r.baseline_cost_usd or 0.0 for r in answered
-                     if not r.cache_status.startswith("hit"))
-    spend = sum(r.cost_usd or 0.0 for r in rows)
-    hits = sum(1 for a in results if a.cache == "hit-exact")
-    semantic_hits = sum(1 for a in results if a.cache == "hit-semantic")
-    misses = [a for a in results if not a.cache.startswith("hit")]
-    latencies = [a.ms for a in results]
+    baseline = math.fsum(r.baseline_cost_usd or 0.0 for r in answered)
+    spend = math.fsum(r.cost_usd or 0.0 for r in rows)
     return {
-        "requests": len(results),
-        "unique_prompts": len({a.sample.id for a in results}),
+        "requests": len(answers),
+        "unique_prompts": len({a.sample.id for a in answers}),
         "ledger_rows": len(rows),
         "baseline": {"model": PREMIUM_MODEL, "cost_usd": baseline, "quality": baseline_quality},
-        "strategies": [
-            {
-                "name": "exact and semantic cache",
-                "cost_usd": cache_only,
-                "hits": hits,
-                "semantic_hits": semantic_hits,
-                "cut": 1 - cache_only / baseline if baseline else 0.0,
-            },
-            {
-                "name": "caches + routing and cascades",
-                "cost_usd": spend,
-                "cut": 1 - spend / baseline if baseline else 0.0,
-            },
-        ],
-        "tiers": {
-            k: n / len(misses)
-            for k, n in Counter(f"tier {_tier(a.route)}: {a.model}" for a in misses).most_common()
-        },
         "skinflint": {"cost_usd": spend, "quality": quality},
+        "saving_usd": baseline - spend,
         "cut": 1 - spend / baseline if baseline else 0.0,
         "quality_retained": quality / baseline_quality if baseline_quality else 1.0,
-        "latency_ms": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)},
-        "latency_scale": LATENCY_SCALE,
-        "wall_seconds": wall,
+        "strategies": _strategies(answered, baseline - spend),
+        "answered_by": _answered_by(answers),
     }
 
 
-def format_demo_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    base = result["baseline"]
-    rows = [
-        ("requests (unique prompts)", f"{result['requests']} ({result['unique_prompts']})"),
-        (
-            f"baseline: every request to {base['model']}",
-            f"${base['cost_usd']:.4f}  quality {base['quality']:.1%}",
-        ),
-    ]
-    for s in result["strategies"]:
-        hits = (f" ({s['hits']} exact, {s['semantic_hits']} semantic hits)"
-                if "hits" in s else "")
-        rows.append((f"with {s['name']}{hits}", f"${s['cost_usd']:.4f}  cut {s['cut']:.1%}"))
-    rows += [
-        ("total cut", f"{result['cut']:.1%}"),
-        (
-            "quality retained",
-            f"{result['quality_retained']:.1%} "
-            f"(mean correctness {result['skinflint']['quality']:.1%})",
-        ),
-        (
-            "latency p50 / p95",
-            f"{result['latency_ms']['p50']:.0f} / {result['latency_ms']['p95']:.0f} ms "
-            f"(recorded latencies x{result['latency_scale']:g})",
-        ),
-        ("wall time", f"{result['wall_seconds']:.1f} s"),
-    ]
-    rows += [
-        (f"  answered by {name}", f"{share:.1%} of misses")
-        for name, share in result["tiers"].items()
-    ]
-    return rows
+def _timings(answers: list[Answered], wall: float) -> dict[str, Any]:
+    latencies = [a.ms for a in answers]
+    return {
+        "latency_ms": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)},
+        "latency_speedup": LATENCY_SPEEDUP,
+        "wall_seconds": wall,
+    }

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
+from rich.console import RenderableType
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json
+from skinflint.cli.output import new_console, print_json, usd
 from skinflint.config import Settings
 
-__all__ = ["cmd_demo", "cmd_serve"]
+__all__ = ["cmd_demo", "cmd_serve", "format_demo"]
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -30,7 +32,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from rich.progress import Progress
 
-    from skinflint.demo import format_demo_rows, run_demo
+    from skinflint.demo import run_demo
 
     console = new_console()
     with Progress(console=console, transient=True) as progress:
@@ -45,10 +47,75 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(result)
         return 0
-    table = Table(title="skinflint demo: recorded real model outputs, replayed through the gateway")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    for label, value in format_demo_rows(result):
-        table.add_row(label, value)
-    console.print(table)
+    for part in format_demo(result):
+        console.print(part)
     return 0
+
+
+_STRATEGY_LABELS = {
+    "exact_cache": "exact cache (same request)",
+    "semantic_cache": "semantic cache (similar question)",
+    "cascade": "cascades (cheapest model first)",
+    "routed": "routing to one model",
+}
+
+
+def _usd(value: float) -> str:
+    return f"-{usd(-value)}" if value < 0 else usd(value)
+
+
+def format_demo(result: dict[str, Any]) -> list[RenderableType]:
+    """The demo's summary, 80 columns wide: what ran, the saving by strategy, spend and
+    quality, what answered the requests the caches did not, and what the latencies mean."""
+    intro = (
+        f"skinflint demo: {result['requests']} requests ({result['unique_prompts']} distinct"
+        f" prompts, seed {result['seed']}): recorded real model answers, replayed offline"
+        " through the gateway with route auto, the exact and the semantic cache."
+    )
+    note = (
+        "Latency: each model answers after a simulated delay (its typical late-2023 time to"
+        " first token, plus the answer's tokens at its typical speed), played"
+        f" {result['latency_speedup']} times faster so that the demo takes seconds; cache"
+        " hits take the gateway's own time."
+    )
+    return [intro, _saving_table(result), _totals_table(result), _answered_table(result), note]
+
+
+def _saving_table(result: dict[str, Any]) -> Table:
+    table = Table(title="Where the saving comes from")
+    for name in ("strategy", "requests", "saving", "share"):
+        table.add_column(name, justify="left" if name == "strategy" else "right")
+    for s in result["strategies"]:
+        if s["requests"]:
+            table.add_row(_STRATEGY_LABELS[s["name"]], str(s["requests"]),
+                          _usd(s["saving_usd"]), f"{s['share']:.1%}")
+    return table
+
+
+def _totals_table(result: dict[str, Any]) -> Table:
+    base, ours, latency = result["baseline"], result["skinflint"], result["latency_ms"]
+    table = Table(title="Spend and quality", show_header=False)
+    table.add_column()
+    table.add_column(justify="right")
+    for row in (
+        (f"baseline: every request to {base['model']}", _usd(base["cost_usd"])),
+        ("through skinflint", _usd(ours["cost_usd"])),
+        ("total cut", f"{result['cut']:.1%} ({_usd(result['saving_usd'])} saved)"),
+        ("answers correct: baseline / skinflint",
+         f"{base['quality']:.1%} / {ours['quality']:.1%}"),
+        ("quality retained", f"{result['quality_retained']:.1%}"),
+        ("latency p50 / p95 (see below)", f"{latency['p50']:.0f} / {latency['p95']:.0f} ms"),
+        ("wall time", f"{result['wall_seconds']:.1f} s"),
+    ):
+        table.add_row(*row)
+    return table
+
+
+def _answered_table(result: dict[str, Any]) -> Table:
+    table = Table(title="Requests the caches did not answer, answered by")
+    table.add_column("task: model (cascade tier)")
+    table.add_column("share", justify="right")
+    for a in result["answered_by"]:
+        tier = f" (tier {a['tier']})" if a["tier"] else ""
+        table.add_row(f"{a['task']}: {a['model']}{tier}", f"{a['share']:.1%}")
+    return table

@@ -1,0 +1,166 @@
+"""``skinflint demo``: the same seed gives the same figures, the saving is split by strategy, the
+output fits 80 columns; and the request order that makes the figures reproducible."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from skinflint.cli import main
+from skinflint.cli.run import format_demo
+from skinflint.demo import STRATEGIES, RequestOrder, build_workload
+from skinflint.embed import load_embedder
+from skinflint.gateway import semantic_defaults
+from skinflint.providers.replay import ReplayProvider
+
+TIMINGS = ("latency_ms", "wall_seconds")
+
+
+@pytest.fixture(scope="module")
+def replay() -> ReplayProvider:
+    return ReplayProvider()
+
+
+@pytest.fixture(scope="module")
+def new_order() -> Callable[[], RequestOrder]:
+    """A fresh request order with the demo's embedder and the shipped threshold."""
+    embedder = load_embedder("local")
+    threshold = float(semantic_defaults()["threshold"])
+    return lambda: RequestOrder(embedder, threshold, 1000)
+
+
+def _prompt(replay: ReplayProvider, sample_id: str) -> str:
+    return next(s.prompt for s in replay.samples() if s.id == sample_id)
+
+
+def test_a_repeated_prompt_waits_for_its_latest_earlier_request(
+    new_order: Callable[[], RequestOrder],
+) -> None:
+    a, b = "What is the capital of Peru?", "Write a haiku about autumn leaves."
+    assert new_order().extend([a, b, a, a, b]) == [(), (), (0,), (2,), (1,)]
+
+
+def test_questions_the_semantic_cache_could_match_wait_for_each_other(
+    replay: ReplayProvider, new_order: Callable[[], RequestOrder]
+) -> None:
+    # similarity 0.987 with the shipped embedder, above the 0.9825 threshold
+    element = _prompt(replay, "mbpp.dev.327")  # "... interchange the first and last element ..."
+    elements = _prompt(replay, "mbpp.dev.297")  # "... interchange the first and last elements ..."
+    quotes = _prompt(replay, "mbpp.dev.272")
+    order = new_order()
+    assert order.extend([element, quotes]) == [(), ()]
+    assert order.extend([elements, element]) == [(0,), (0, 2)]
+    assert order.similar == {element: {elements}, elements: {element}}
+
+
+def test_the_same_question_after_another_document_does_not_wait(
+    new_order: Callable[[], RequestOrder],
+) -> None:
+    question = "Question: who signed the contract?"
+    first, second = ("lorem ipsum " * 100, "dolor sit amet " * 80)
+    prompts = [f"{doc}\n\n{question}" for doc in (first, second)]
+    assert all(len(p) > 1000 for p in prompts)  # compared by the question, within the document
+    assert new_order().extend([*prompts, prompts[0]]) == [(), (), (0,)]
+
+
+def test_planning_a_batch_at_a_time_gives_the_same_order(
+    replay: ReplayProvider, new_order: Callable[[], RequestOrder]
+) -> None:
+    prompts = [s.prompt for s, _ in build_workload(replay.samples(), 120, 3)]
+    whole = new_order().extend(prompts)
+    order = new_order()
+    batched = [w for k in range(0, len(prompts), 7) for w in order.extend(prompts[k : k + 7])]
+    assert batched == whole
+    assert sum(1 for w in whole if w) >= 20  # repeats wait
+
+
+def test_the_workload_depends_on_the_seed(replay: ReplayProvider) -> None:
+    samples = replay.samples()
+    ids = [[s.id for s, _ in build_workload(samples, 80, seed)] for seed in (1, 1, 2)]
+    assert ids[0] == ids[1] != ids[2]
+
+
+def _demo_json(*args: str, hash_seed: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    done = subprocess.run(
+        [sys.executable, "-m", "skinflint.cli", "demo", "--json", *args],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    )
+    figures: dict[str, Any] = json.loads(done.stdout)
+    return figures
+
+
+def test_the_same_seed_gives_the_same_figures() -> None:
+    """Whatever the concurrency and the hash seed: a request the caches could answer from an
+    earlier one is sent once that one is answered, so which requests hit is decided by the
+    seed alone."""
+    runs = [
+        _demo_json("--requests", "100", "--seed", "11", "--concurrency", c, hash_seed=h)
+        for c, h in (("4", "1"), ("32", "2"))
+    ]
+    for run in runs:
+        for key in TIMINGS:
+            run.pop(key)
+    assert runs[0] == runs[1]
+    assert runs[0]["seed"] == 11 and runs[0]["strategies"][0]["requests"] > 0
+
+
+def test_demo_splits_the_saving_by_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--requests", "150", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["requests"] == 150 and result["ledger_rows"] >= 150
+    base, ours = result["baseline"], result["skinflint"]
+    assert 0 < ours["cost_usd"] < base["cost_usd"]
+    assert result["saving_usd"] == pytest.approx(base["cost_usd"] - ours["cost_usd"])
+    assert result["cut"] == pytest.approx(result["saving_usd"] / base["cost_usd"])
+    strategies = {s["name"]: s for s in result["strategies"]}
+    assert list(strategies) == list(STRATEGIES)
+    assert sum(s["requests"] for s in strategies.values()) == 150
+    assert math.fsum(s["saving_usd"] for s in strategies.values()) == pytest.approx(
+        result["saving_usd"])
+    assert math.fsum(s["share"] for s in strategies.values()) == pytest.approx(1.0)
+    assert strategies["exact_cache"]["requests"] > 0
+    assert strategies["exact_cache"]["saving_usd"] > 0 and strategies["cascade"]["saving_usd"] > 0
+    answered_by = result["answered_by"]
+    assert sum(a["share"] for a in answered_by) == pytest.approx(1.0)
+    misses = 150 - strategies["exact_cache"]["requests"] - strategies["semantic_cache"]["requests"]
+    assert sum(a["requests"] for a in answered_by) == misses
+    assert {"task", "model", "tier"} <= set(answered_by[0])
+    assert result["quality_retained"] > 0.85
+    assert result["latency_speedup"] == 20
+
+    console = Console(file=io.StringIO(), width=80, no_color=True)
+    for part in format_demo(result):
+        console.print(part)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    _check_text(text)
+    assert re.search(r"│ exact cache \(same request\) +│ +\d+ │ +\$\d\.\d{4} │ +\d+\.\d%", text)
+
+
+def test_demo_prints_a_table_that_fits_80_columns(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["demo", "--requests", "40"]) == 0
+    _check_text(capsys.readouterr().out)
+
+
+def _check_text(text: str) -> None:
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert sum("total cut" in line for line in lines) == 1
+    assert "quality retained" in text and "exact cache (same request)" in text
+    # tier rows name the task and the model, each on one line
+    assert re.search(r"│ \w+: [\w./-]+ \(tier \d/\d\) +│ +\d+\.\d% │", text)
+    words = " ".join(text.split())
+    assert "played 20 times faster so that the demo takes seconds" in words
