@@ -9,6 +9,7 @@ its in-memory copies until told, so the CLI tells it first).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import sqlite3
 import time
@@ -43,11 +44,14 @@ def stats(
 ) -> dict[str, Any]:
     """Entries in the cache store at ``path`` and, from the ledger, hit rate and money saved by
     cache hits. The ledger is at ``path`` too, except for Redis, which keeps no ledger: then it
-    is at ``ledger`` (the gateway's PostgreSQL URL or SQLite file), when given."""
+    is at ``ledger`` (the gateway's PostgreSQL URL or SQLite file), when given. A SQLite
+    ``path`` that does not exist raises FileNotFoundError (it is not created)."""
     if is_postgres(path) or is_redis(path):
         entries = asyncio.run(_with_store(path, redis_prefix, _entries))
         source = path if is_postgres(path) else ledger
         return {**entries, **_ledger_hits(source)} if source else entries
+    if not Path(path).is_file():  # opening it would create an empty database
+        raise FileNotFoundError(errno.ENOENT, "no cache database", path)
     conn = open_sqlite(path)
     try:
         tables = _tables(conn)

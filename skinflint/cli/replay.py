@@ -48,7 +48,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     raw = None
     if args.config:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    with Progress(console=new_console(), transient=True, disable=args.json) as progress:
+    console = new_console()
+    quiet = args.json or not console.is_terminal
+    with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("replaying", total=None)
         result = evaluate(
             Path(args.dataset),
@@ -65,7 +67,6 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         table.add_column(col, justify="left" if col == "configuration" else "right")
     for r in format_replay_rows(result):
         table.add_row(*r)
-    console = new_console()
     console.print(table)
     traffic = Table(title="Traffic per model and tier")
     traffic.add_column("answered by")

@@ -16,13 +16,14 @@ __all__ = ["cmd_demo", "cmd_serve"]
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.server.run import serve
 
-    if args.config and args.workers > 1:
+    workers = args.workers or settings.server.workers
+    if args.config and workers > 1:
         os.environ["SKINFLINT_CONFIG"] = args.config  # workers load it themselves
     serve(
         settings,
         host=args.host or settings.server.host,
-        port=args.port or settings.server.port,
-        workers=args.workers or settings.server.workers,
+        port=settings.server.port if args.port is None else args.port,
+        workers=workers,
     )
     return 0
 

@@ -63,7 +63,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         from skinflint.storage.pg_ledger import PostgresLedger
 
         ledger = PostgresLedger(path)
-    elif os.path.exists(path):
+    elif os.path.isfile(path):
         ledger = SQLiteLedger(path)
     else:
         raise ConfigError(f"no ledger at {path}")
