@@ -42,6 +42,7 @@ def _assert_one_line(run: subprocess.CompletedProcess[str], *expected: str) -> s
         (["serve", "--port", "70000"], "--port: must be a port from 0 to 65535, not 70000"),
         (["serve", "--port", "-1"], "--port"),
         (["serve", "--workers", "0"], "--workers"),
+        (["serve", "--workers", "2", "--port", "0"], "port 0"),
         (["replay", "/missing/dataset.csv"], "no such file or directory: /missing/dataset.csv"),
         (["cache", "calibrate", "pairs.jsonl", "--precision", "1.5"], "--precision"),
         (["--config", "/missing/c.yaml", "prices"], "config: cannot read /missing/c.yaml"),
