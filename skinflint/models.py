@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "CASCADE_ATTEMPT",
     "Completion",
     "LedgerRecord",
     "StreamChunk",
@@ -70,9 +71,15 @@ class StreamChunk:
     raw: bytes | None = None
 
 
+#: The ``strategy`` of a ledger row for a cascade tier that was called but whose answer was
+#: not returned (escalated or failed): its cost counts, but it is not a client request.
+CASCADE_ATTEMPT = "cascade_escalated"
+
+
 @dataclass(slots=True)
 class LedgerRecord:
-    """One row of the ledger: one request through the gateway."""
+    """One row of the ledger: one request through the gateway, or one cascade attempt within a
+    request (``strategy`` :data:`CASCADE_ATTEMPT`, ``request_id`` ``<request>.<tier>``)."""
 
     request_id: str
     ts: float

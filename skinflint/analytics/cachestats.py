@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from skinflint.interfaces import CacheStore
+from skinflint.models import CASCADE_ATTEMPT
 from skinflint.storage.ledger import open_sqlite
 
 T = TypeVar("T")
@@ -98,7 +99,8 @@ def _sqlite_hits(conn: sqlite3.Connection, tables: set[str]) -> dict[str, Any]:
         "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
         " COALESCE(SUM(cache_status = 'hit-semantic'), 0),"
         " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
-        " FROM ledger WHERE endpoint IN ('chat', 'embeddings')"
+        " FROM ledger WHERE endpoint IN ('chat', 'embeddings') AND strategy <> ?",
+        (CASCADE_ATTEMPT,),  # client requests only
     ).fetchone()
     return _hit_figures(total, hits, semantic_hits, float(saved))
 

@@ -11,8 +11,9 @@ import orjson
 from rich.console import Console
 
 from skinflint.config import Settings
+from skinflint.money import format_usd
 
-__all__ = ["describe_storage", "mask_url", "new_console", "print_json", "usd"]
+__all__ = ["count", "describe_storage", "mask_url", "new_console", "print_json", "usd"]
 
 _SECRET_PARAMS = ("pass", "secret", "token", "key")
 
@@ -22,7 +23,18 @@ def new_console() -> Console:
 
 
 def usd(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:,.4f}"
+    return format_usd(value)
+
+
+def count(n: int) -> str:
+    """A count in at most five characters: ``9,999``, ``12.3k``, ``456k``, ``1.23M``."""
+    if n < 10_000:
+        return f"{n:,}"
+    for size, unit in ((1e3, "k"), (1e6, "M"), (1e9, "B"), (1e12, "T")):
+        text = f"{n / size:.3g}"
+        if "e" not in text and float(text) < 1000:
+            return text + unit
+    return f"{n:,}"
 
 
 def print_json(data: Any) -> None:
