@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from skinflint.cli.output import describe_storage, mask_url
@@ -111,6 +112,29 @@ def test_a_port_in_use_is_one_line_and_no_listening_line(tmp_path: Path) -> None
         )
     assert run.returncode != 0 and run.stdout == ""
     assert run.stderr == f"skinflint: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"cache": {"semantic": {"enabled": True, "embedder": "hashing"}}},
+         "skinflint: cache.semantic.threshold: the calibrated default is for the 'local' "
+         "embedder"),
+        ({"storage": {"postgres_url": "postgresql://app:s3cret-pw@127.0.0.1:1/ledger"}},
+         "skinflint: storage: PostgreSQL at 127.0.0.1:1: connection failed"),
+    ],
+)
+def test_a_configuration_that_cannot_start_is_one_line(
+    config: dict[str, object], expected: str, tmp_path: Path
+) -> None:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "skinflint.cli", "--config", "c.yaml", "serve", "--port", "0"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode != 0 and run.stdout == ""  # never said it was listening
+    assert run.stderr.startswith(expected) and run.stderr.count("\n") == 1, run.stderr
+    assert "s3cret-pw" not in run.stderr
 
 
 def test_the_listening_line_masks_credentials(tmp_path: Path, redis_url: str) -> None:

@@ -82,7 +82,8 @@ def serve(
     workers: int = 1,
     on_listening: Callable[[str], None] | None = None,
 ) -> bool:
-    """Serve until stopped; False if the application failed to start. ``on_listening(url)``
+    """Serve until stopped; False if the application failed to start, or the configuration's
+    SkinflintError (e.g. an unreachable database) when that is why. ``on_listening(url)``
     is called once requests are served (with several workers, once the address is bound),
     with the port the system chose for port 0. A port in use raises OSError before that.
     Several workers are separate processes, each built by :data:`WORKER_APP`."""
@@ -109,12 +110,33 @@ def serve(
             if self.started and on_listening:
                 on_listening(url)
 
-    server = Server(uvicorn.Config(App(settings), **_UVICORN_OPTIONS))
+    app = App(settings)
+    server = Server(uvicorn.Config(app, **_UVICORN_OPTIONS))
+    # a start-up error of the configuration is raised below for the caller to report once
+    quiet = _WhileFailed(app)
+    logging.getLogger("uvicorn.error").addFilter(quiet)
     try:
         server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit on a failed start-up (some versions)
+        if app.startup_error is None:
+            raise
     finally:
         sock.close()
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+    if app.startup_error is not None:
+        raise app.startup_error
     return server.started
+
+
+class _WhileFailed(logging.Filter):
+    """Drops uvicorn's own lines about a start-up that the application reported as failed."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.app.startup_error is None
 
 
 class BackgroundServer:
