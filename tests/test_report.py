@@ -194,3 +194,21 @@ def test_postgres_figures_count_client_requests(
     assert (total["requests"], total["cascade_attempts"]) == (15, 8)
     stats = _cli(capsys, "cache", "stats", "--db", pg_url, "--json")
     assert (stats["requests"], stats["hits"]) == (15, 3)
+
+
+def test_replay_rows_use_the_money_formatter() -> None:
+    from skinflint.cli.replay import format_replay_rows
+
+    def point(model: str, cost: float, quality: float) -> dict[str, Any]:
+        return {"model": model, "cost_usd": cost, "quality": quality}
+
+    result = {
+        "route": "auto",
+        "skinflint": point("", 0.000255, 0.6),
+        "baseline": point("gpt-4", 0.51, 0.7),
+        "cheapest": point("mistral-7b", 0.0000034, 0.3),
+        "best_single": point("gpt-4", 0.51, 0.7),
+    }
+    rows = format_replay_rows(result)
+    assert [r[1] for r in rows] == ["$0.000255 (0.1%)", "$0.510 (100.0%)", "$0.00000340 (0.0%)",
+                                    "$0.510 (100.0%)"]
