@@ -348,10 +348,50 @@ def _zero_config(env: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+#: How a validation error of each pydantic type reads after the key it names.
+_MESSAGES = {
+    "greater_than": "must be > {gt:g}",
+    "greater_than_equal": "must be >= {ge:g}",
+    "less_than": "must be < {lt:g}",
+    "less_than_equal": "must be <= {le:g}",
+    "literal_error": "must be {expected}",
+    "extra_forbidden": "unknown key",
+    "missing": "is required",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "string_pattern_mismatch": "must match {pattern}",
+    "string_too_short": "must be at least {min_length} characters long",
+    "value_error": "{error}",
+}
+
+
 def _format_validation(exc: ValidationError) -> str:
+    """``config: cache.exact.ttl_seconds: must be >= 0``: the first error, naming its key."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    return f"config: {where}: {first['msg']}"
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+    template = _MESSAGES.get(first["type"])
+    try:
+        text = template.format(**first.get("ctx", {})) if template else first["msg"]
+    except (KeyError, ValueError):
+        text = first["msg"]
+    return f"config: {where.lstrip('.')}: {text}" if where else f"config: {text}"
+
+
+def _format_yaml_error(path: str | Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return f"config: {path} is not valid YAML: {exc}"
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"config: {path} is not valid YAML ({where}): {problem}"
 
 
 def settings_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Settings:
@@ -408,7 +448,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+        raise ConfigError(_format_yaml_error(path, exc)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {path} must hold a mapping at the top level")
     return settings_from_dict(raw, env)

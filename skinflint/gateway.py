@@ -246,8 +246,6 @@ class Gateway:
         db = settings.storage.sqlite_path
         if db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-        session = new_session()
-        providers = {n: _provider(n, c, session) for n, c in settings.providers.items()}
         metrics, tokens = Metrics(), TokenCounter()
         catalog = PriceCatalog(price_overrides(settings))
         ledger = ledger or await _open_ledger(settings)
@@ -255,6 +253,8 @@ class Gateway:
         ex = settings.cache.exact
         exact = ExactCache(ex, store, frozenset(settings.routes))
         semantic = _semantic_cache(settings, exact, metrics)
+        session = new_session()  # after what may fail on a bad configuration: nothing to close
+        providers = {n: _provider(n, c, session) for n, c in settings.providers.items()}
         policies = {
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
             for n, c in settings.providers.items()

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "CASCADE_ATTEMPT",
     "CacheBypass",
     "Completion",
     "LedgerRecord",
@@ -83,9 +84,15 @@ class StreamChunk:
     raw: bytes | None = None
 
 
+#: The ``strategy`` of a ledger row for a cascade tier that was called but whose answer was
+#: not returned (escalated or failed): its cost counts, but it is not a client request.
+CASCADE_ATTEMPT = "cascade_escalated"
+
+
 @dataclass(slots=True)
 class LedgerRecord:
-    """One row of the ledger: one request through the gateway."""
+    """One row of the ledger: one request through the gateway, or one cascade attempt within a
+    request (``strategy`` :data:`CASCADE_ATTEMPT`, ``request_id`` ``<request>.<tier>``)."""
 
     request_id: str
     ts: float

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from skinflint.interfaces import CacheStore
-from skinflint.models import CacheBypass
+from skinflint.models import CASCADE_ATTEMPT, CacheBypass
 from skinflint.storage.ledger import open_sqlite
 
 T = TypeVar("T")
@@ -40,11 +41,14 @@ def stats(
 ) -> dict[str, Any]:
     """Entries in the cache store at ``path`` and, from the ledger, hit rate and money saved by
     cache hits. The ledger is at ``path`` too, except for Redis, which keeps no ledger: then it
-    is at ``ledger`` (the gateway's PostgreSQL URL or SQLite file), when given."""
+    is at ``ledger`` (the gateway's PostgreSQL URL or SQLite file), when given. A SQLite
+    ``path`` that does not exist raises FileNotFoundError (it is not created)."""
     if is_postgres(path) or is_redis(path):
         entries = asyncio.run(with_store(path, redis_prefix, _entries))
         source = path if is_postgres(path) else ledger
         return {**entries, **_ledger_hits(source)} if source else entries
+    if not Path(path).is_file():  # opening it would create an empty database
+        raise FileNotFoundError(errno.ENOENT, "no cache database", path)
     conn = open_sqlite(path)
     try:
         tables = _tables(conn)
@@ -92,7 +96,8 @@ def _sqlite_hits(conn: sqlite3.Connection, tables: set[str]) -> dict[str, Any]:
         "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
         " COALESCE(SUM(cache_status = 'hit-semantic'), 0),"
         " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
-        " FROM ledger WHERE endpoint IN ('chat', 'embeddings')"
+        " FROM ledger WHERE endpoint IN ('chat', 'embeddings') AND strategy <> ?",
+        (CASCADE_ATTEMPT,),  # client requests only
     ).fetchone()
     return {**_hit_figures(total, hits, semantic_hits, float(saved)),
             "bypassed": bypassed(_sqlite_bypass_counts(conn))}

@@ -120,8 +120,11 @@ def evaluate(dataset: Path, raw_config: dict[str, Any] | None = None, *,
              model: str = DEFAULT_ROUTE, curve: bool = True,
              on_progress: Progress | None = None) -> dict[str, Any]:
     """The report ``skinflint replay --json`` prints. ``curve`` adds the cost-quality point of
-    every other route in the configuration (the shipped one has a 98% and a 95% route)."""
+    every other route in the configuration (the shipped one has a 98% and a 95% route).
+    Raises OSError or ValueError when ``dataset`` cannot be read."""
     raw = raw_config if raw_config is not None else default_replay_config()
+    if not ReplayProvider(data_path=dataset).samples():  # fail before any work
+        raise ValueError(f"no recorded samples in {dataset}")
     outcomes = run_dataset(raw, dataset, model=model, on_progress=on_progress)
     samples = [o.sample for o in outcomes]
     singles = _single_models(samples)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from skinflint.models import LedgerRecord
+from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
 
 __all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since", "percentile"]
 
@@ -32,8 +32,13 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 @dataclass
 class Group:
+    """Figures of one group. ``requests`` are client requests; ``cascade_attempts`` are the
+    cascade tiers called on their behalf whose answer was not returned. Cost and tokens count
+    both; errors, cache hits, baseline, saving and latency are those of client requests."""
+
     key: str
     requests: int = 0
+    cascade_attempts: int = 0
     errors: int = 0
     cache_hits: int = 0
     input_tokens: int = 0
@@ -45,15 +50,18 @@ class Group:
     latency_ms: list[float] = field(default_factory=list, repr=False)
 
     def add(self, r: LedgerRecord) -> None:
-        self.requests += 1
-        self.errors += r.status >= 400
-        self.cache_hits += r.cache_status.startswith("hit")
         self.input_tokens += r.input_tokens
         self.output_tokens += r.output_tokens
         if r.cost_usd is None:
             self.unknown_cost += 1
         else:
             self.cost_usd += r.cost_usd
+        if r.strategy == CASCADE_ATTEMPT:
+            self.cascade_attempts += 1
+            return
+        self.requests += 1
+        self.errors += r.status >= 400
+        self.cache_hits += r.cache_status.startswith("hit")
         self.baseline_cost_usd += r.baseline_cost_usd or 0.0
         self.saved_usd += r.saved_usd or 0.0
         self.latency_ms.append(r.latency_ms)

@@ -29,7 +29,10 @@ def _labelled(path: Path) -> tuple[list[str], list[str]]:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        item = orjson.loads(line)
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
         if not isinstance(item, dict) or not {"prompt", "task"} <= set(item):
             raise ValueError(f"{path}:{n}: each line must be an object with prompt and task")
         texts.append(str(item["prompt"]))
@@ -89,8 +92,8 @@ def _scorer_auc(samples: Sequence[ReplaySample]) -> float:
 
 
 def train_router(dataset: Path, out: Path) -> dict[str, Any]:
-    """Train and save ``out/classifier.npz`` (and ``out/scorer.npz`` from recorded answers)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train and save ``out/classifier.npz`` (and ``out/scorer.npz`` from recorded answers).
+    ``out`` is created only once the data is read and the classifier trained."""
     summary: dict[str, Any] = {"dataset": str(dataset)}
     samples: list[ReplaySample] = []
     if dataset.suffix == ".jsonl":
@@ -100,8 +103,13 @@ def train_router(dataset: Path, out: Path) -> dict[str, Any]:
         texts, tasks = [s.prompt for s in samples], [s.eval for s in samples]
     summary.update(samples=len(texts), tasks=sorted(set(tasks)),
                    classifier_cv_accuracy=_cv_accuracy(texts, tasks))
-    TaskClassifier.train(texts, tasks).save(out / "classifier.npz")
+    classifier = TaskClassifier.train(texts, tasks)
+    scorer = None
     if samples:
         summary["scorer_auc"] = _scorer_auc(samples)
-        CorrectnessScorer.train(scorer_examples(samples)).save(out / "scorer.npz")
+        scorer = CorrectnessScorer.train(scorer_examples(samples))
+    out.mkdir(parents=True, exist_ok=True)
+    classifier.save(out / "classifier.npz")
+    if scorer is not None:
+        scorer.save(out / "scorer.npz")
     return summary

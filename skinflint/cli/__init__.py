@@ -9,12 +9,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from skinflint.cli.args import existing_path, fraction, port_number, positive_int
 from skinflint.cli.cache import cmd_cache, cmd_cache_calibrate, cmd_cache_eval
+from skinflint.cli.errors import describe, input_errors
 from skinflint.cli.replay import cmd_replay, cmd_train_router
 from skinflint.cli.run import cmd_demo, cmd_serve
 from skinflint.cli.spend import cmd_prices, cmd_report
 from skinflint.config import load_settings
-from skinflint.errors import ConfigError
 
 __all__ = ["build_parser", "main"]
 
@@ -43,13 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("serve", help="run the gateway")
     s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--port", type=port_number, help="0 to 65535 (0: any free port)")
+    s.add_argument("--workers", type=positive_int)
     s.set_defaults(func=cmd_serve)
 
     d = add("demo", help="replay recorded traffic through the gateway, offline")
-    d.add_argument("--requests", type=int, default=1000)
-    d.add_argument("--concurrency", type=int, default=16)
+    d.add_argument("--requests", type=positive_int, default=1000)
+    d.add_argument("--concurrency", type=positive_int, default=16)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -69,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prices)
 
     rp = add("replay", help="evaluate a configuration on a recorded dataset")
-    rp.add_argument("dataset", help="RouterBench CSV file or directory, or a replay extract")
+    rp.add_argument(
+        "dataset",
+        type=existing_path,
+        help="RouterBench CSV file or directory, or a replay extract",
+    )
     rp.add_argument("--route", default="auto", help="route (or model) to evaluate")
     rp.add_argument(
         "--no-curve",
@@ -80,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_replay)
 
     tr = add("train-router", help="train the task classifier and correctness scorer")
-    tr.add_argument("dataset", help="RouterBench CSV(s), or JSONL of {prompt, task}")
+    tr.add_argument(
+        "dataset", type=existing_path, help="RouterBench CSV(s), or JSONL of {prompt, task}"
+    )
     tr.add_argument("--out", default="router", help="directory for classifier.npz, scorer.npz")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=cmd_train_router)
@@ -103,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", cmd_cache_eval, "precision and recall of the configured semantic cache"),
     ):
         sp = csub.add_parser(name, parents=[common], help=help_text)
-        sp.add_argument("pairs", help="JSONL of {text_a, text_b, label}")
+        sp.add_argument("pairs", type=existing_path, help="JSONL of {text_a, text_b, label}")
         sp.add_argument("--feature", help="a feature's own threshold")
         sp.add_argument("--route", help="a route's or model's own threshold")
-        sp.add_argument("--limit", type=int, help="read only the first N pairs")
+        sp.add_argument("--limit", type=positive_int, help="read only the first N pairs")
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(func=func)
         if name == "calibrate":
-            sp.add_argument("--precision", type=float, default=0.95)
+            sp.add_argument("--precision", type=fraction, default=0.95)
             sp.set_defaults(creates_config=True)
     return p
 
@@ -129,9 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(None if creating else args.config)
         result: int = args.func(args, settings)
         return result
-    except (ConfigError, ValueError, OSError) as exc:
-        message = exc.message if isinstance(exc, ConfigError) else str(exc)
-        sys.stderr.write(f"skinflint: {message}\n")
+    except input_errors() as exc:
+        sys.stderr.write(f"skinflint: {describe(exc)}\n")
         return 2
     except KeyboardInterrupt:
         return 130

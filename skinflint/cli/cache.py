@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json
+from skinflint.cli.output import new_console, print_json, usd
 from skinflint.config import Settings
 
-__all__ = ["cmd_cache", "cmd_cache_calibrate", "cmd_cache_eval", "format_curve"]
+__all__ = [
+    "cmd_cache",
+    "cmd_cache_calibrate",
+    "cmd_cache_eval",
+    "format_cache_stats",
+    "format_curve",
+    "format_figure",
+]
 
 
 def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
@@ -25,15 +33,7 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print_json(stats)
         else:
-            table = Table(title="Cache")
-            table.add_column("figure")
-            table.add_column("value", justify="right")
-            for reason, n in stats.pop("bypassed", {}).items():
-                stats[f"bypassed: {reason}"] = n
-            for k, v in stats.items():
-                shown = f"{v:,.4f}" if isinstance(v, float) else f"{v:,}"
-                table.add_row(k.replace("_", " "), shown)
-            new_console().print(table)
+            new_console().print(format_cache_stats(stats))
         return 0
     from skinflint.analytics.invalidation import describe, invalidate
 
@@ -45,6 +45,48 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     else:
         new_console().print(describe(result), soft_wrap=True)
     return 0
+
+
+def format_figure(name: str, value: Any) -> str:
+    """A figure as people read it, from its name: ``*_usd`` is money, ``*_rate`` and
+    ``*_share`` a percentage, ``bytes`` a size; other numbers with thousands separators."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if name.endswith("_usd"):
+        return usd(value)
+    if name.endswith(("_rate", "_share")):
+        return f"{value:.1%}"
+    if name.endswith("bytes"):
+        return _size(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.4g}"
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GB"
+
+
+def _label(name: str) -> str:
+    return name.removesuffix("_usd").replace("_", " ")
+
+
+def format_cache_stats(stats: dict[str, Any]) -> Table:
+    """Every figure of ``skinflint cache stats`` on a row of its own, in the order given; a
+    figure that is a mapping (e.g. counts per reason) gets an indented row per entry."""
+    table = Table(title="Cache", box=box.SIMPLE_HEAD, show_edge=False, title_justify="left")
+    table.add_column("figure", overflow="fold")
+    table.add_column("value", justify="right", no_wrap=True)
+    for name, value in stats.items():
+        if isinstance(value, dict):
+            table.add_row(_label(name), "")
+            for key, inner in value.items():
+                table.add_row(f"  {_label(str(key))}", format_figure(name, inner))
+        else:
+            table.add_row(_label(name), format_figure(name, value))
+    return table
 
 
 def format_curve(points: list[dict[str, Any]], chosen: float) -> Table:

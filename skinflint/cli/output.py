@@ -1,4 +1,5 @@
-"""What every command prints with: a console that honours NO_COLOR, money, JSON."""
+"""What every command prints with: a console that honours NO_COLOR, money, JSON, and storage
+addresses without their credentials."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ from typing import Any
 import orjson
 from rich.console import Console
 
-__all__ = ["new_console", "print_json", "usd"]
+from skinflint.config import Settings
+from skinflint.money import format_usd
+
+__all__ = ["count", "describe_storage", "mask_url", "new_console", "print_json", "usd"]
+
+_SECRET_PARAMS = ("pass", "secret", "token", "key")
 
 
 def new_console() -> Console:
@@ -17,8 +23,46 @@ def new_console() -> Console:
 
 
 def usd(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:,.4f}"
+    return format_usd(value)
+
+
+def count(n: int) -> str:
+    """A count in at most five characters: ``9,999``, ``12.3k``, ``456k``, ``1.23M``."""
+    if n < 10_000:
+        return f"{n:,}"
+    for size, unit in ((1e3, "k"), (1e6, "M"), (1e9, "B"), (1e12, "T")):
+        text = f"{n / size:.3g}"
+        if "e" not in text and float(text) < 1000:
+            return text + unit
+    return f"{n:,}"
 
 
 def print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (or a user part that may be a token) and secret query
+    parameters replaced by ``***``: ``postgresql://app:***@db:5432/ledger``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, qmark, query = rest.partition("?")
+    userinfo, at, host = head.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        head = f"{user}:***@{host}" if colon and user else f"***@{host}"
+    params = []
+    for param in query.split("&") if query else ():
+        name, eq, _ = param.partition("=")
+        secret = eq and any(word in name.lower() for word in _SECRET_PARAMS)
+        params.append(f"{name}=***" if secret else param)
+    return f"{scheme}://{head}{qmark}{'&'.join(params)}"
+
+
+def describe_storage(settings: Settings) -> str:
+    """Where the ledger and the caches live: ``sqlite ./skinflint.db``, a PostgreSQL URL, and
+    the Redis URL of the exact cache when there is one (credentials masked)."""
+    st = settings.storage
+    where = mask_url(st.postgres_url) if st.postgres_url else f"sqlite {st.sqlite_path}"
+    return f"{where}, cache {mask_url(st.redis_url)}" if st.redis_url else where

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json
+from skinflint.cli.output import new_console, print_json, usd
 from skinflint.config import Settings
 
 __all__ = ["cmd_replay", "cmd_train_router", "format_replay_rows"]
@@ -19,7 +19,7 @@ def format_replay_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]
     def row(label: str, cost: float, quality: float) -> tuple[str, str, str, str]:
         share = cost / base["cost_usd"] if base["cost_usd"] else 0.0
         q = quality / base["quality"] if base["quality"] else 0.0
-        return label, f"${cost:,.4f} ({share:.1%})", f"{quality:.1%}", f"{q:.1%}"
+        return label, f"{usd(cost)} ({share:.1%})", f"{quality:.1%}", f"{q:.1%}"
 
     rows = [
         row(
@@ -48,7 +48,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     raw = None
     if args.config:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    with Progress(console=new_console(), transient=True, disable=args.json) as progress:
+    console = new_console()
+    quiet = args.json or not console.is_terminal
+    with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("replaying", total=None)
         result = evaluate(
             Path(args.dataset),
@@ -62,10 +64,10 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     table = Table(title=f"Replay of {result['requests']} recorded requests")
     for col in ("configuration", "cost (share of baseline)", "quality", "quality retained"):
-        table.add_column(col, justify="left" if col == "configuration" else "right")
+        first = col == "configuration"
+        table.add_column(col, justify="left" if first else "right", overflow="fold")
     for r in format_replay_rows(result):
         table.add_row(*r)
-    console = new_console()
     console.print(table)
     traffic = Table(title="Traffic per model and tier")
     traffic.add_column("answered by")

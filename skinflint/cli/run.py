@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import RenderableType
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json, usd
+from skinflint.cli.output import describe_storage, new_console, print_json, usd
 from skinflint.config import Settings
 
 __all__ = ["cmd_demo", "cmd_serve", "format_demo"]
@@ -18,15 +18,22 @@ __all__ = ["cmd_demo", "cmd_serve", "format_demo"]
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.server.run import serve
 
-    if args.config and args.workers > 1:
+    workers = args.workers or settings.server.workers
+    if args.config and workers > 1:
         os.environ["SKINFLINT_CONFIG"] = args.config  # workers load it themselves
-    serve(
+    storage = describe_storage(settings)
+
+    def announce(url: str) -> None:
+        print(f"skinflint listening on {url} (storage: {storage}, workers: {workers})", flush=True)
+
+    started = serve(
         settings,
         host=args.host or settings.server.host,
-        port=args.port or settings.server.port,
-        workers=args.workers or settings.server.workers,
+        port=settings.server.port if args.port is None else args.port,
+        workers=workers,
+        on_listening=announce,
     )
-    return 0
+    return 0 if started else 3
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

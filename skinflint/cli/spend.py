@@ -6,50 +6,98 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json, usd
+from skinflint.cli.output import count, new_console, print_json, usd
 from skinflint.config import Settings
 from skinflint.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
+    from skinflint.analytics.report import Group, Report
     from skinflint.interfaces import Ledger
 
-__all__ = ["cmd_prices", "cmd_report", "format_report"]
+__all__ = ["cmd_prices", "cmd_report", "format_report", "format_spend", "format_traffic"]
 
 
-def format_report(report: Any) -> Table:
-    table = Table(title=f"Spend by {report.by}")
-    for col in (
-        "group",
-        "requests",
-        "errors",
-        "cache hits",
-        "tokens in",
-        "tokens out",
-        "cost",
-        "baseline",
-        "saved",
-        "p50 ms",
-    ):
-        table.add_column(col, justify="left" if col == "group" else "right")
-    for g in [*report.groups, report.total]:
-        s = g.summary()
-        cost = usd(g.cost_usd) + (f" (+{g.unknown_cost} unpriced)" if g.unknown_cost else "")
+def _table(title: str, first: str, columns: tuple[str, ...]) -> Table:
+    """Figures right-aligned and never wrapped or cut; the group name wraps when the table
+    would not fit the terminal (80 columns when piped)."""
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+        title_justify="left",
+        caption_justify="left",
+    )
+    table.add_column(first, overflow="fold", min_width=6)
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
+    return table
+
+
+def _rows(report: Report) -> list[tuple[Group, dict[str, Any]]]:
+    """Each group, then the total, set apart and in bold; with the row options of each."""
+    rows: list[tuple[Group, dict[str, Any]]] = [(g, {}) for g in report.groups]
+    if rows:
+        rows[-1][1]["end_section"] = True
+    return [*rows, (report.total, {"style": "bold"})]
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def format_spend(report: Report) -> Table:
+    columns = ("requests", "cost", "baseline", "saved", "% saved")
+    table = _table(f"Spend by {report.by}", report.by, columns)
+    for g, options in _rows(report):
+        share = g.saved_usd / g.baseline_cost_usd if g.baseline_cost_usd else None
         table.add_row(
             g.key,
-            str(g.requests),
-            str(g.errors),
-            f"{s['cache_hit_rate']:.0%}",
-            f"{g.input_tokens:,}",
-            f"{g.output_tokens:,}",
-            cost,
+            f"{g.requests:,}",
+            usd(g.cost_usd) + (" *" if g.unknown_cost else ""),
             usd(g.baseline_cost_usd),
             usd(g.saved_usd),
-            f"{s['p50_latency_ms']:.1f}",
-            style="bold" if g is report.total else None,
+            "-" if share is None else f"{share:.0%}",
+            **options,
         )
+    if report.total.unknown_cost:
+        n = report.total.unknown_cost
+        table.caption = f"* without {n} call{'s' * (n != 1)} whose model has no known price"
     return table
+
+
+def format_traffic(report: Report) -> Table:
+    table = _table(
+        f"Requests by {report.by}",
+        report.by,
+        ("requests", "cascade\nattempts", "errors", "cache\nhits", "tokens\nin", "tokens\nout",
+         "p50 ms"),
+    )
+    for g, options in _rows(report):
+        s = g.summary()
+        table.add_row(
+            g.key,
+            f"{g.requests:,}",
+            f"{g.cascade_attempts:,}",
+            f"{g.errors:,}",
+            f"{s['cache_hit_rate']:.0%}",
+            count(g.input_tokens),
+            count(g.output_tokens),
+            _ms(s["p50_latency_ms"]),
+            **options,
+        )
+    if report.total.cascade_attempts:
+        table.caption = ("cascade attempts: cheaper tiers called whose answer was not returned; "
+                         "their tokens and cost are counted")
+    return table
+
+
+def format_report(report: Report) -> list[Table]:
+    """The report as two tables that each fit 80 columns: spend, then requests and tokens."""
+    return [format_spend(report), format_traffic(report)]
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
@@ -63,7 +111,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
         from skinflint.storage.pg_ledger import PostgresLedger
 
         ledger = PostgresLedger(path)
-    elif os.path.exists(path):
+    elif os.path.isfile(path):
         ledger = SQLiteLedger(path)
     else:
         raise ConfigError(f"no ledger at {path}")
@@ -74,7 +122,11 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print_json(report.to_json())
     else:
-        new_console().print(format_report(report))
+        console = new_console()
+        spend, traffic = format_report(report)
+        console.print(spend)
+        console.print()
+        console.print(traffic)
     return 0
 
 

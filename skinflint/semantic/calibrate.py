@@ -67,15 +67,23 @@ class Pair:
 
 
 def load_pairs(path: Path, limit: int | None = None) -> list[Pair]:
-    """The first ``limit`` (default all) pairs of a JSONL file of text_a, text_b, label."""
+    """The first ``limit`` (default all) pairs of a JSONL file of text_a, text_b, label.
+    Raises ValueError, naming the line, for a line that is not such a pair, or for no pairs."""
     pairs: list[Pair] = []
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if limit is not None and len(pairs) >= limit:
                 break
             if line.strip():
-                row = json.loads(line)
-                pairs.append(Pair(row["text_a"], row["text_b"], bool(int(row["label"]))))
+                try:
+                    row = json.loads(line)
+                    pairs.append(Pair(row["text_a"], row["text_b"], bool(int(row["label"]))))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(
+                        f"{path}:{n}: each line must be an object with text_a, text_b, label"
+                    ) from None
+    if not pairs:
+        raise ValueError(f"no pairs in {path}")
     return pairs
 
 

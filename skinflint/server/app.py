@@ -70,6 +70,8 @@ class App:
         self._admin_hash = settings.admin_key_sha256
         self._key_hashes = frozenset(k.key_sha256 for k in settings.keys)
         self._model_list: ModelList | None = None
+        #: Why start-up failed, when the configuration is at fault (e.g. its database is down).
+        self.startup_error: SkinflintError | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -82,7 +84,12 @@ class App:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 if self.gateway is None:
-                    self.gateway = await Gateway.open(self.settings)
+                    try:
+                        self.gateway = await Gateway.open(self.settings)
+                    except SkinflintError as exc:
+                        self.startup_error = exc
+                        await send({"type": "lifespan.startup.failed", "message": exc.message})
+                        return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.gateway is not None and self._owns_gateway:

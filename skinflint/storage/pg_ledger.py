@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 
 from skinflint.errors import ConfigError
-from skinflint.models import LedgerRecord
+from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
 from skinflint.storage.spill import LedgerSpill
 from skinflint.storage.writer import BatchWriter
@@ -178,14 +178,17 @@ class PostgresLedger:
 
     def hit_counts(self) -> tuple[int, int, int, float]:
         """``(requests, hits, semantic hits, USD saved by hits)`` over chat and embeddings
-        calls, counted by the database after writing what is pending."""
+        client requests (not cascade attempts), counted by the database after writing what is
+        pending."""
         self.flush()
         with self._lock:
             row = self._connection().execute(
-                "SELECT COUNT(*), COUNT(*) FILTER (WHERE cache_status LIKE 'hit%'),"
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE cache_status LIKE 'hit%%'),"
                 " COUNT(*) FILTER (WHERE cache_status = 'hit-semantic'),"
-                " COALESCE(SUM(saved_usd) FILTER (WHERE cache_status LIKE 'hit%'), 0)"
+                " COALESCE(SUM(saved_usd) FILTER (WHERE cache_status LIKE 'hit%%'), 0)"
                 " FROM skinflint_ledger WHERE endpoint IN ('chat', 'embeddings')"
+                " AND strategy <> %s",
+                (CASCADE_ATTEMPT,),
             ).fetchone()
         assert row is not None  # an aggregate always returns one row
         return int(row[0]), int(row[1]), int(row[2]), float(row[3])
