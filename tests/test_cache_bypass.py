@@ -87,7 +87,9 @@ def test_reasons_are_counted_in_the_ledger_stats_and_metrics(
                                  "client-bypass": 0, "cache-disabled": 0}
     assert main(["cache", "stats", "--db", str(db)]) == 0
     table = capsys.readouterr().out
-    assert "bypassed: temperature-unset" in table and "bypassed: client-bypass" in table
+    rows = [line.split() for line in table.splitlines()]
+    after = rows[rows.index(["bypassed"]) + 1:]
+    assert ["temperature-unset", "3"] in after and ["temperature-above-max", "1"] in after
 
 
 def test_a_ledger_written_before_reasons_gains_the_column(
@@ -97,8 +99,8 @@ def test_a_ledger_written_before_reasons_gains_the_column(
     db = tmp_path / "old.db"
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE ledger (request_id TEXT, ts REAL, endpoint TEXT,"
-                 " cache_status TEXT, saved_usd REAL)")
-    conn.execute("INSERT INTO ledger VALUES ('old', 1.0, 'chat', 'bypass', 0)")
+                 " strategy TEXT, cache_status TEXT, saved_usd REAL)")
+    conn.execute("INSERT INTO ledger VALUES ('old', 1.0, 'chat', 'upstream', 'bypass', 0)")
     conn.commit()
     conn.close()
     assert main(["cache", "stats", "--db", str(db), "--json"]) == 0  # reads it as it is

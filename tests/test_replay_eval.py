@@ -38,6 +38,16 @@ def subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_replay_without_a_dataset_uses_the_shipped_extract(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's replay example needs no data beside the package: the extract is shipped."""
+    assert main(["replay", "--json", "--no-curve"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"] == 2217  # every sample of the extract (PROVENANCE.md)
+    assert 0.3 < report["skinflint"]["cost_share"] < 0.6
+    assert report["skinflint"]["quality_share"] > 0.95
+
+
 def test_replay_json_report(subset: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(subset), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

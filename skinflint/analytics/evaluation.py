@@ -45,12 +45,14 @@ class Outcome:
     correct: int
 
 
-def _replay_settings(raw: dict[str, Any], dataset: Path, db: Path) -> Settings:
+def _replay_settings(raw: dict[str, Any], dataset: Path | None, db: Path) -> Settings:
     raw = dict(raw)
     providers = {n: dict(p) for n, p in (raw.get("providers") or {}).items()}
     for p in providers.values():
         if p.get("kind") == "replay":
-            p["data_path"], p["latency_scale"] = str(dataset), 0.0
+            p["latency_scale"] = 0.0
+            if dataset is not None:
+                p["data_path"] = str(dataset)
     raw["providers"] = providers
     raw["storage"] = {"sqlite_path": str(db)}
     raw["cache"] = {"exact": {"enabled": False}}  # every sample is asked once, on its merits
@@ -96,7 +98,7 @@ async def _run(settings: Settings, model: str, on_progress: Progress | None,
         await gw.close()
 
 
-def run_dataset(raw_config: dict[str, Any], dataset: Path, *, model: str = DEFAULT_ROUTE,
+def run_dataset(raw_config: dict[str, Any], dataset: Path | None, *, model: str = DEFAULT_ROUTE,
                 on_progress: Progress | None = None, concurrency: int = 32) -> list[Outcome]:
     with tempfile.TemporaryDirectory(prefix="skinflint-replay-") as tmp:
         settings = _replay_settings(raw_config, dataset, Path(tmp) / "replay.db")
@@ -116,15 +118,16 @@ def _single_models(samples: Sequence[ReplaySample]) -> dict[str, dict[str, float
                 "quality": statistics.fmean(s.correct[m] or 0 for s in samples)} for m in models}
 
 
-def evaluate(dataset: Path, raw_config: dict[str, Any] | None = None, *,
+def evaluate(dataset: Path | None, raw_config: dict[str, Any] | None = None, *,
              model: str = DEFAULT_ROUTE, curve: bool = True,
              on_progress: Progress | None = None) -> dict[str, Any]:
     """The report ``skinflint replay --json`` prints. ``curve`` adds the cost-quality point of
     every other route in the configuration (the shipped one has a 98% and a 95% route).
-    Raises OSError or ValueError when ``dataset`` cannot be read."""
+    ``dataset`` None is the RouterBench extract shipped in the package. Raises OSError or
+    ValueError when ``dataset`` cannot be read."""
     raw = raw_config if raw_config is not None else default_replay_config()
     if not ReplayProvider(data_path=dataset).samples():  # fail before any work
-        raise ValueError(f"no recorded samples in {dataset}")
+        raise ValueError(f"no recorded samples in {dataset or 'the shipped extract'}")
     outcomes = run_dataset(raw, dataset, model=model, on_progress=on_progress)
     samples = [o.sample for o in outcomes]
     singles = _single_models(samples)

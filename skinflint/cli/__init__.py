@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = add("replay", help="evaluate a configuration on a recorded dataset")
     rp.add_argument(
         "dataset",
+        nargs="?",
         type=existing_path,
-        help="RouterBench CSV file or directory, or a replay extract",
+        help="RouterBench CSV file or directory, or a replay extract"
+        " (default: the RouterBench extract shipped with skinflint)",
     )
     rp.add_argument("--route", default="auto", help="route (or model) to evaluate")
     rp.add_argument(

@@ -53,7 +53,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("replaying", total=None)
         result = evaluate(
-            Path(args.dataset),
+            Path(args.dataset) if args.dataset else None,
             raw,
             model=args.route,
             curve=not args.no_curve,
