@@ -162,7 +162,7 @@ def _shares(counts: Counter[str], total: int) -> dict[str, float]:
     return {k: n / total for k, n in counts.most_common()}
 
 
-def _curve_point(raw: dict[str, Any], dataset: Path, route: str,
+def _curve_point(raw: dict[str, Any], dataset: Path | None, route: str,
                  base: dict[str, float]) -> dict[str, Any]:
     s = _summary(run_dataset(raw, dataset, model=route))
     return {"route": route, **s, "cost_share": s["cost_usd"] / base["cost_usd"],
