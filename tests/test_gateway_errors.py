@@ -68,6 +68,15 @@ def test_unknown_model_without_default_provider(make_gateway: GatewayFactory) ->
     assert err["code"] == "model_not_found" and "mystery" in err["message"]
 
 
+def test_a_model_name_cannot_inject_headers(make_gateway: GatewayFactory) -> None:
+    """The model name is echoed in x-skinflint-model; control characters are encoded."""
+    gw = make_gateway(default_provider=None)
+    resp = _post(gw, b'{"model": "x\\r\\nset-cookie: a=b \\u00e9", "messages": [{"role": "user", "content": "x"}]}')
+    _assert_openai_error(resp, 404)
+    assert "set-cookie" not in resp.headers
+    assert resp.headers["x-skinflint-model"] == "x%0D%0Aset-cookie: a=b %C3%A9"
+
+
 def test_retries_5xx_then_succeeds(
     client: openai.OpenAI, fake: FakeUpstream, tmp_path: Path
 ) -> None:

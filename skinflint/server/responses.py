@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -26,14 +27,22 @@ def _usd(value: float | None) -> bytes:
     return b"unknown" if value is None else f"{value:.8f}".encode()
 
 
+def _header_value(text: str) -> bytes:
+    """``text`` as a header value; a name the client chose is percent-encoded unless it is
+    printable ASCII, so it can never end the header or smuggle another one in."""
+    if text.isascii() and text.isprintable():
+        return text.encode()
+    return quote(text, safe="".join(map(chr, range(0x20, 0x7F)))).encode()
+
+
 def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Headers:
     """The response headers of DESIGN section 3. A stream's cost is not known when its headers
     go out, so streams carry cost headers only when served from cache."""
     headers = [
         (b"x-skinflint-request-id", ctx.request_id.encode()),
         (b"x-skinflint-cache", ctx.cache_status.encode()),
-        (b"x-skinflint-model", (ctx.model or ctx.requested_model).encode()),
-        (b"x-skinflint-route", (ctx.route or ctx.requested_model).encode()),
+        (b"x-skinflint-model", _header_value(ctx.model or ctx.requested_model)),
+        (b"x-skinflint-route", _header_value(ctx.route or ctx.requested_model)),
     ]
     if ctx.cache_reason is not None:  # one of our fixed values, never the client's text
         headers.append((b"x-skinflint-cache-reason", ctx.cache_reason.encode()))
