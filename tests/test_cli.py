@@ -190,8 +190,14 @@ def test_prices_of_an_embedding_model(capsys: pytest.CaptureFixture[str]) -> Non
     row = json.loads(out)[0]
     assert row["input_per_mtok"] == 0.02 and row["output_per_mtok"] is None  # not billed
     assert row["source"] == "genai-prices (openai/text-embedding-3-small)"
-    code, out, _ = _run(capsys, "prices", "text-embedding-3-small")
-    assert code == 0 and "0.02" in out
+    piped = subprocess.run(
+        [sys.executable, "-m", "skinflint.cli", "prices", "text-embedding-3-small"],
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert piped.returncode == 0 and "0.02" in piped.stdout
+    assert "text-embedding-3-small" in piped.stdout and "…" not in piped.stdout  # never cut
+    assert max(map(len, piped.stdout.splitlines())) <= 80
 
 
 def test_bad_config_names_the_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

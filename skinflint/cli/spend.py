@@ -159,8 +159,10 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
         print_json(rows)
         return 0
     table = Table(title="Prices (USD per million tokens)")
-    for col in ("model", "input", "output", "cached input", "source"):
-        table.add_column(col)
+    table.add_column("model", overflow="fold")  # a name is wrapped, never cut short
+    for col in ("input", "output", "cached"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("source", overflow="fold")
     for r in rows:
         table.add_row(
             str(r["model"]),
