@@ -33,9 +33,8 @@ from skinflint.analytics.evaluation import default_replay_config
 from skinflint.analytics.report import percentile
 from skinflint.config import Settings, settings_from_dict
 from skinflint.embed import Embedder, Vectors, load_embedder
-from skinflint.gateway import semantic_setting
 from skinflint.models import LedgerRecord
-from skinflint.pipeline.cache_semantic import split_question
+from skinflint.pipeline.cache import semantic_setting, split_question
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.server.run import BackgroundServer
 from skinflint.storage.ledger import SQLiteLedger

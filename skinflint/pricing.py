@@ -12,6 +12,7 @@ chat model missing a price is never charged a guess.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,16 +115,24 @@ def _from_catalog(model: str) -> ModelPrice | None:
 
 
 class PriceCatalog:
-    """Looks prices up by the name a model answered under; results are memoised.
+    """Looks prices up by the name a model was asked for or answered under; results are
+    memoised (up to ``MEMO_LIMIT`` names: the rest come from clients and are looked up anew).
 
     ``overrides`` map a model name to ``(input, output | None, cached_input | None)`` USD per
     million; a ``None`` output means outputs are not billed, as for a catalog entry.
+    ``aliases`` map a configured alias to the model it stands for, priced as that model
+    unless the alias has an override of its own.
     """
 
+    MEMO_LIMIT = 4096
+
     def __init__(
-        self, overrides: dict[str, tuple[float, float | None, float | None]] | None = None
+        self,
+        overrides: dict[str, tuple[float, float | None, float | None]] | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.overrides = dict(overrides or {})
+        self.aliases = {a: m for a, m in (aliases or {}).items() if a not in self.overrides}
         self._memo: dict[str, ModelPrice | None] = {}
         self._lock = threading.Lock()
 
@@ -138,8 +147,9 @@ class PriceCatalog:
         except KeyError:
             pass
         with self._lock:
-            found = self._resolve(model)
-            self._memo[model] = found
+            found = self._resolve(self.aliases.get(model, model))
+            if len(self._memo) < self.MEMO_LIMIT:
+                self._memo[model] = found
         return found
 
     def _resolve(self, model: str) -> ModelPrice | None:

@@ -20,7 +20,7 @@ from skinflint.cli import main
 from skinflint.cli.run import format_demo
 from skinflint.demo import STRATEGIES, RequestOrder, build_workload
 from skinflint.embed import load_embedder
-from skinflint.gateway import semantic_defaults
+from skinflint.pipeline.cache import semantic_defaults
 from skinflint.providers.replay import ReplayProvider
 
 TIMINGS = ("latency_ms", "wall_seconds")

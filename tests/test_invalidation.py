@@ -19,9 +19,7 @@ import httpx
 import pytest
 
 from skinflint.analytics.invalidation import describe, invalidate
-from skinflint.config import ExactCacheConfig
 from skinflint.interfaces import CacheEntry
-from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.storage import invalidations
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.ledger import open_sqlite
@@ -207,35 +205,6 @@ async def test_an_entry_written_during_another_process_invalidation_is_dropped(
     finally:
         await a.close()
         await b.close()
-
-
-async def test_the_stage_follows_invalidations_made_elsewhere(tmp_path: Path) -> None:
-    """Applied as its own are: the copy in memory goes, and an answer in flight with that tag
-    is not stored."""
-    from skinflint.pipeline.context import RequestContext
-
-    db = str(tmp_path / "skinflint.db")
-    store, other = TieredCacheStore(db), TieredCacheStore(db)
-    stage = ExactCache(ExactCacheConfig(), store)
-    following = asyncio.ensure_future(stage.follow(store))
-    try:
-        await store.set(CacheEntry("k", b"v", 0.0, ("docs:v1",)))
-        in_flight = RequestContext("r", 0.0, 0.0, "chat", b"", {}, tags=("docs:v1",),
-                                   cache_key="k2", cache_writable=True)
-        in_flight.cache_epoch = stage.invalidations
-        await other.invalidate_tags(["docs:v1"])
-        deadline = time.monotonic() + 5
-        while await store.get("k", time.time()) is not None:
-            assert time.monotonic() < deadline, "the invalidation never arrived"
-            await asyncio.sleep(0.02)
-        body = {"model": "m", "choices": [{"index": 0, "finish_reason": "stop",
-                                           "message": {"role": "assistant", "content": "x"}}]}
-        assert not await stage.save(in_flight, body, None)
-    finally:
-        following.cancel()
-        await asyncio.gather(following, return_exceptions=True)
-        await store.close()
-        await other.close()
 
 
 async def test_a_gateway_that_missed_pruned_invalidations_drops_everything(

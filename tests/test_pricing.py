@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from skinflint.config import settings_from_dict
-from skinflint.gateway import price_overrides
+from skinflint.gateway import price_catalog
 from skinflint.models import Usage
 from skinflint.pricing import PriceCatalog
 
@@ -58,6 +58,6 @@ def test_a_configured_price_may_leave_output_out() -> None:
         },
         env={},
     )
-    catalog = PriceCatalog(price_overrides(settings))
+    catalog = price_catalog(settings)
     assert catalog.cost("emb", Usage(input_tokens=10)) == pytest.approx(1e-6)
     assert catalog.cost("emb", Usage(input_tokens=10, output_tokens=1)) is None

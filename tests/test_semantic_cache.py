@@ -56,6 +56,24 @@ def test_paraphrase_is_a_semantic_hit(semantic: Any, fake: FakeUpstream, tmp_pat
     assert figures["saved_usd"] > 0
 
 
+def test_one_feature_turns_the_semantic_cache_on_while_it_is_off_for_the_rest(
+    make_gateway: GatewayFactory, fake: FakeUpstream
+) -> None:
+    config = {"exact": {}, "semantic": {"enabled": False, "embedder": "hashing",
+                                        "threshold": 0.75,
+                                        "features": {"support": {"enabled": True}}}}
+    gw = make_gateway(cache=config)
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
+        support = {"extra_headers": {"x-skinflint-feature": "support"}}
+        assert _ask(c, "Show me my recent invoices", **support).headers[
+            "x-skinflint-cache"] == "miss"
+        assert _ask(c, "show me my recent invoices please", **support).headers[
+            "x-skinflint-cache"] == "hit-semantic"
+        _ask(c, "Show me my recent orders")
+        assert _ask(c, "show me my recent orders please").headers["x-skinflint-cache"] == "miss"
+    assert _calls(fake) == 3
+
+
 def test_streamed_semantic_hit_headers_carry_cost_and_saving(
     semantic: Any, tmp_path: Path
 ) -> None:
@@ -303,9 +321,9 @@ def test_an_embedder_that_fails_lets_the_request_through(make_gateway: GatewayFa
 def test_a_slow_embedder_lets_the_request_through(make_gateway: GatewayFactory,
                                                   fake: FakeUpstream,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from skinflint.pipeline import cache_semantic
+    from skinflint.pipeline import embedding
 
-    monkeypatch.setattr(cache_semantic, "EMBED_TIMEOUT", 0.2)
+    monkeypatch.setattr(embedding, "EMBED_TIMEOUT", 0.2)
     gw = _embedder_gateway(make_gateway, dim=8)
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
         reply = _ask(c, "Show me my invoices [[fault:delay=0.6]]")  # embeddings wait too

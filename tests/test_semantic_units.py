@@ -411,7 +411,7 @@ def test_another_embedder_needs_its_own_threshold() -> None:
     """The shipped threshold belongs to the embedder it was calibrated for; any other embedder's
     vectors need a threshold chosen for them, so the gateway refuses to guess one."""
     from skinflint.config import settings_from_dict
-    from skinflint.gateway import semantic_setting
+    from skinflint.pipeline.cache import semantic_setting
 
     def setting(semantic: dict[str, object]) -> tuple[float, bool]:
         return semantic_setting(settings_from_dict({"cache": {"semantic": semantic}}, env={}))
@@ -439,7 +439,7 @@ def test_shipped_default_is_complete() -> None:
 
 
 def test_split_question_keeps_short_text_whole_and_splits_long_text() -> None:
-    from skinflint.pipeline.cache_semantic import split_question
+    from skinflint.pipeline.cache import split_question
 
     assert split_question("What is my balance?", 100) == ("", "What is my balance?")
     doc = "x" * 150

@@ -67,11 +67,11 @@ async def _ask(gw: Gateway, replay: ReplayProvider, sample: ReplaySample, model:
         await gw.pipeline.handle(ctx)
     except SkinflintError as exc:  # e.g. a recording with no response: a failed request
         return Outcome(sample, f"error ({exc.code or exc.error_type})", "error",
-                       ctx.cost_usd or 0.0, 0)
-    assert ctx.answered is not None and ctx.cost_usd is not None
+                       ctx.costs.cost_usd or 0.0, 0)
+    assert ctx.answered is not None and ctx.costs.cost_usd is not None
     answered = ctx.answered.name
-    tier = ctx.route.split("tier=")[-1].split("/")[0] if "tier=" in ctx.route else "1"
-    return Outcome(sample, answered, f"{answered} (tier {tier})", ctx.cost_usd,
+    tier = ctx.route.tier + 1 if ctx.route is not None and ctx.route.tiers else 1
+    return Outcome(sample, answered, f"{answered} (tier {tier})", ctx.costs.cost_usd,
                    replay.correctness(sample.prompt, answered) or 0)
 
 

@@ -151,7 +151,7 @@ def cmd_cache_eval(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
     from skinflint.embed import load_embedder
-    from skinflint.gateway import semantic_setting
+    from skinflint.pipeline.cache import semantic_setting
     from skinflint.semantic.calibrate import evaluate, load_pairs
 
     threshold, verifier = semantic_setting(settings, args.feature or "", args.route or "")

@@ -134,16 +134,13 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
-    from skinflint.gateway import price_overrides
-    from skinflint.pricing import PriceCatalog
+    from skinflint.gateway import price_catalog
 
-    catalog = PriceCatalog(price_overrides(settings))
+    catalog = price_catalog(settings)
     models = [args.model] if args.model else sorted(settings.models) or ["gpt-4o-mini"]
     rows = []
     for name in models:
-        cfg = settings.models.get(name)
-        lookup = name if name in catalog.overrides or cfg is None else (cfg.model or name)
-        price = catalog.price(lookup)
+        price = catalog.price(name)
         if price is None:
             raise ConfigError(f"no price known for {name!r}: add models.{name}.price to the config")
         rows.append(

@@ -28,9 +28,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from skinflint.config import Settings
 from skinflint.errors import ConfigError
 
-__all__ = ["Embedder", "Vectors", "canonical_name", "load_embedder"]
+__all__ = ["Embedder", "Vectors", "canonical_name", "embedder_for", "load_embedder"]
 
 Vectors = npt.NDArray[np.float32]
 
@@ -79,4 +80,22 @@ def load_embedder(name: str) -> Embedder:
     raise ConfigError(
         f"unknown embedder {name!r}: expected 'local', 'minilm-questions', 'wordllama', 'hashing' "
         "or 'sentence-transformers:<path>'"
+    )
+
+
+def embedder_for(settings: Settings) -> Embedder:
+    """The semantic cache's embedder, as ``cache.semantic`` configures it."""
+    cfg = settings.cache.semantic
+    if cfg.embedder != "openai-compatible":
+        return load_embedder(cfg.embedder)
+    from skinflint.embed.openai_compat import OpenAIEmbedder
+
+    assert cfg.embedder_provider is not None  # checked when the settings were validated
+    provider = settings.providers[cfg.embedder_provider]
+    return OpenAIEmbedder(
+        provider.base_url,
+        cfg.embedder_model,
+        cfg.embedder_dim,
+        api_key=provider.api_key or None,
+        timeout=provider.connect_timeout,
     )

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from skinflint.errors import SkinflintError
 from skinflint.interfaces import Ledger
 from skinflint.metrics import Metrics
-from skinflint.models import LedgerRecord, StreamChunk, Usage
-from skinflint.pipeline.cache_exact import ExactCache
-from skinflint.pipeline.cache_semantic import SemanticCache
-from skinflint.pipeline.context import Next, Reply, RequestContext
+from skinflint.models import CASCADE_ATTEMPT, LedgerRecord, StreamChunk, Usage
+from skinflint.pipeline.cache import ResponseCache
+from skinflint.pipeline.context import Costs, Next, Reply, RequestContext
 from skinflint.pricing import PriceCatalog
 from skinflint.streaming import StreamAssembler
 from skinflint.tokens import TokenCounter
@@ -40,19 +39,19 @@ class Account:
         tokens: TokenCounter,
         ledger: Ledger,
         metrics: Metrics,
-        cache: ExactCache,
-        semantic: SemanticCache,
-        price_name: Callable[[str], str],
-        baseline_for: Callable[[str], str],
+        cache: ResponseCache,
+        baseline_model: str | None = None,
+        route_baselines: Mapping[str, str] | None = None,
     ) -> None:
+        """Savings are measured against ``baseline_model`` (a route's own baseline for a
+        route), else against the model asked for."""
         self._catalog = catalog
         self._tokens = tokens
         self._ledger = ledger
         self._metrics = metrics
         self._cache = cache
-        self._semantic = semantic
-        self._price_name = price_name
-        self._baseline_for = baseline_for
+        self._baseline_model = baseline_model
+        self._route_baselines = dict(route_baselines or {})
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         try:
@@ -61,16 +60,15 @@ class Account:
             self._failed(ctx, exc)
             raise
         if reply.chunks is not None:
-            if ctx.cache_status.startswith("hit"):  # priced already: its headers can say so
-                self._price(ctx)
+            if ctx.cache.hit:  # priced already: its headers can say so
+                ctx.costs = self._price(ctx)
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
-        ctx.model = reply.body.get("model") or ctx.model
+        ctx.model = reply.body.get("model") or ctx.answered_model
         try:  # the client may leave (cancelling this task) while usage is counted or stored
             if ctx.usage is None:
                 ctx.usage = await self._usage(ctx, reply.body)
-            if not ctx.cache_status.startswith("hit"):
-                await self._store(ctx, reply.body, reply.raw)
+            await self._cache.store(ctx, reply.body, reply.raw)
         finally:
             self._finish(ctx)
         return reply
@@ -81,7 +79,6 @@ class Account:
 
     @staticmethod
     def _mark_failure(ctx: RequestContext, exc: BaseException) -> None:
-        ctx.cache_writable = False
         if isinstance(exc, SkinflintError):
             ctx.status, ctx.error_type = exc.status, exc.code or exc.error_type
         elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
@@ -104,28 +101,24 @@ class Account:
             failure = exc
             raise
         finally:
-            ctx.model = assembler.model or ctx.model
+            ctx.model = assembler.model or ctx.answered_model
             try:
-                if not ctx.cache_status.startswith("hit"):
+                if not ctx.cache.hit:
                     ctx.upstream_ms += (time.perf_counter() - started) * 1000
                     completion = assembler.completion()
                     ctx.usage = await self._usage(ctx, completion)
                     if failure is None:
-                        await self._store(ctx, completion, None)
+                        await self._cache.store(ctx, completion, None)
             finally:  # the row is written even if this is cancelled in turn
                 if failure is not None:
                     self._mark_failure(ctx, failure)
                 self._finish(ctx)
 
-    async def _store(self, ctx: RequestContext, body: dict[str, Any], raw: bytes | None) -> None:
-        if await self._cache.save(ctx, body, raw):
-            await self._semantic.save(ctx)
-
     async def _usage(self, ctx: RequestContext, body: dict[str, Any]) -> Usage:
         usage = Usage.from_openai(body.get("usage"))
         if usage is not None:
             return usage
-        model = ctx.model or ctx.requested_model
+        model = ctx.answered_model
         self._metrics.child(self._metrics.counted_usage, model).inc()
         if not self._tokens.ready(model):  # the tokenizer loads once, off the event loop
             await asyncio.to_thread(self._tokens.prepare, model)
@@ -142,38 +135,38 @@ class Account:
         )
 
     def _cost(self, name: str, usage: Usage | None) -> float | None:
-        cost = self._catalog.cost(self._price_name(name), usage or Usage())
+        cost = self._catalog.cost(name, usage or Usage())
         if cost is None:
             self._metrics.child(self._metrics.unknown_price, name).inc()
         return cost
 
-    def _price(self, ctx: RequestContext) -> float | None:
-        """Sets the request's total cost, baseline and saving; returns the answering call's
-        own cost (the total less the cascade tiers that did not answer)."""
+    def _baseline_for(self, ctx: RequestContext) -> str:
         # An embedding is never routed to another model: its baseline is the model asked for.
-        ctx.baseline_model = (
-            ctx.requested_model
-            if ctx.endpoint == "embeddings"
-            else self._baseline_for(ctx.requested_model)
-        )
-        ctx.baseline_cost_usd = self._catalog.cost(
-            self._price_name(ctx.baseline_model), ctx.usage or Usage()
-        )
-        if ctx.cache_status.startswith("hit") or ctx.answered is None:
+        if ctx.endpoint == "embeddings":
+            return ctx.requested_model
+        return (self._route_baselines.get(ctx.requested_model) or self._baseline_model
+                or ctx.requested_model)
+
+    def _price(self, ctx: RequestContext) -> Costs:
+        """The request's total cost (cascade tiers that did not answer included), baseline and
+        saving, and the answering call's own cost."""
+        baseline = self._baseline_for(ctx)
+        baseline_cost = self._catalog.cost(baseline, ctx.usage or Usage())
+        if ctx.cache.hit or ctx.answered is None:
             own: float | None = 0.0  # served without a provider, or never reached one
         else:
             own = self._cost(ctx.answered.name, ctx.usage)
         tiers = [self._cost(a.target.name, a.usage) for a in ctx.attempts]
         known = own is not None and all(c is not None for c in tiers)
-        ctx.cost_usd = (own or 0.0) + sum(c or 0.0 for c in tiers) if known else None
-        if ctx.cost_usd is not None and ctx.baseline_cost_usd is not None:
-            ctx.saved_usd = ctx.baseline_cost_usd - ctx.cost_usd
-        return own
+        cost = (own or 0.0) + sum(c or 0.0 for c in tiers) if known else None
+        saved = baseline_cost - cost if cost is not None and baseline_cost is not None else None
+        return Costs(cost, own, baseline, baseline_cost, saved)
 
     @staticmethod
     def _row(ctx: RequestContext, **fields: Any) -> LedgerRecord:
         """A ledger row for ``ctx``; ``fields`` set what differs from the request's own row."""
         usage = ctx.usage or Usage()
+        answered = ctx.answered
         row: dict[str, Any] = dict(
             request_id=ctx.request_id,
             ts=ctx.ts,
@@ -182,30 +175,34 @@ class Account:
             feature=ctx.feature,
             user=ctx.user,
             requested_model=ctx.requested_model,
-            model=ctx.model,
-            provider=ctx.provider,
+            model=ctx.answered_model,
+            provider="cache" if ctx.cache.hit else (answered.provider if answered else ""),
             endpoint=ctx.endpoint,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_tokens=usage.cached_tokens,
-            baseline_cost_usd=ctx.baseline_cost_usd,
-            saved_usd=ctx.saved_usd,
-            cache_status=ctx.cache_status,
+            baseline_cost_usd=ctx.costs.baseline_cost_usd,
+            saved_usd=ctx.costs.saved_usd,
+            cache_status=ctx.cache.status,
             upstream_latency_ms=ctx.upstream_ms,
             status=ctx.status,
             error_type=ctx.error_type,
-            route=ctx.route,
-            similarity=ctx.similarity,
-            cache_reason=ctx.cache_reason.value if ctx.cache_reason is not None else "",
+            route=ctx.route_label,
+            similarity=ctx.cache.similarity,
+            cache_reason=ctx.cache.reason.value if ctx.cache.reason is not None else "",
         )
         row.update(fields)
         return LedgerRecord(**row)
 
+    def _strategy(self, ctx: RequestContext) -> str:
+        if ctx.cache.hit:
+            return _CACHE_STRATEGY[ctx.cache.status]
+        if ctx.attempts:
+            return "cascade"
+        return "route" if ctx.route is not None and ctx.route.routed else ""
+
     def _finish(self, ctx: RequestContext) -> None:
-        own = self._price(ctx)
-        strategy = _CACHE_STRATEGY.get(ctx.cache_status) or (
-            "cascade" if ctx.attempts else ("route" if ctx.route != ctx.requested_model else "")
-        )
+        ctx.costs = self._price(ctx)
         for a in ctx.attempts:  # cascade calls whose answer was not returned: their cost counts
             u = a.usage or Usage()
             self._ledger.record(
@@ -217,25 +214,26 @@ class Account:
                     input_tokens=u.input_tokens,
                     output_tokens=u.output_tokens,
                     cached_tokens=u.cached_tokens,
-                    cost_usd=self._catalog.cost(self._price_name(a.target.name), u),
+                    cost_usd=self._catalog.cost(a.target.name, u),
                     baseline_cost_usd=0.0,
                     saved_usd=0.0,
                     cache_status="miss",
                     cache_reason="",
-                    strategy="cascade_escalated",
+                    strategy=CASCADE_ATTEMPT,
                     upstream_latency_ms=a.upstream_ms,
                     status=a.status,
-                    error_type=a.error_type or a.reason,
+                    error_type=a.error_type or str(a.verdict),
                     similarity=None,
                 )
             )
-            reason = (a.reason or a.error_type).split(" ")[0]  # "score 0.42" -> "score"
-            self._metrics.child(self._metrics.cascade_escalations, a.target.name, reason).inc()
+            self._metrics.child(
+                self._metrics.cascade_escalations, a.target.name, a.verdict.reason
+            ).inc()
         self._ledger.record(
             self._row(
                 ctx,
-                cost_usd=own,
-                strategy=strategy,
+                cost_usd=ctx.costs.own_usd,
+                strategy=self._strategy(ctx),
                 latency_ms=(time.perf_counter() - ctx.started) * 1000,
             )
         )
@@ -243,15 +241,16 @@ class Account:
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
         m = self._metrics
-        m.child(m.requests, ctx.endpoint, ctx.model, ctx.cache_status, str(ctx.status)).inc()
+        model, status = ctx.answered_model, ctx.cache.status
+        m.child(m.requests, ctx.endpoint, model, status, str(ctx.status)).inc()
         m.child(m.latency, ctx.endpoint).observe(time.perf_counter() - ctx.started)
-        if ctx.cache_reason is not None:
-            m.child(m.cache_bypassed, ctx.cache_reason.value).inc()
-        if ctx.cost_usd:
-            m.child(m.cost, ctx.model).inc(ctx.cost_usd)
-        if ctx.saved_usd is not None and ctx.saved_usd > 0:  # a fallback can cost more
-            m.child(m.saved, ctx.cache_status).inc(ctx.saved_usd)
+        if ctx.cache.reason is not None:
+            m.child(m.cache_bypassed, ctx.cache.reason.value).inc()
+        if ctx.costs.cost_usd:
+            m.child(m.cost, model).inc(ctx.costs.cost_usd)
+        if ctx.costs.saved_usd is not None and ctx.costs.saved_usd > 0:  # a fallback can cost more
+            m.child(m.saved, status).inc(ctx.costs.saved_usd)
         if usage.input_tokens:
-            m.child(m.tokens, ctx.model, "input").inc(usage.input_tokens)
+            m.child(m.tokens, model, "input").inc(usage.input_tokens)
         if usage.output_tokens:
-            m.child(m.tokens, ctx.model, "output").inc(usage.output_tokens)
+            m.child(m.tokens, model, "output").inc(usage.output_tokens)

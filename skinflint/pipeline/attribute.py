@@ -10,7 +10,7 @@ import orjson
 from skinflint.cachekey import request_hash
 from skinflint.errors import AuthenticationError, RequestError
 from skinflint.models import CacheBypass
-from skinflint.pipeline.context import Next, Reply, RequestContext
+from skinflint.pipeline.context import CacheDecision, Next, Reply, RequestContext
 
 __all__ = ["Attribute"]
 
@@ -83,7 +83,7 @@ class Attribute:
             )
         ctx.cache_mode = mode
         if mode == "bypass":  # said even when no cache stage runs to say it
-            ctx.cache_status, ctx.cache_reason = "bypass", CacheBypass.CLIENT
+            ctx.cache = CacheDecision("bypass", CacheBypass.CLIENT)
         ctx.task = h.get("x-skinflint-task", "")
         ctx.stream = body.get("stream") is True
         opts = body.get("stream_options")

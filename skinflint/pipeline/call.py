@@ -81,6 +81,7 @@ class CallProvider:
         raise AssertionError("route stage produced no target")
 
     def _request(self, ctx: RequestContext, target: Target, timeout: float) -> UpstreamRequest:
+        """The upstream call streams exactly when ``ctx.stream`` says so."""
         body = {**ctx.body, "model": target.provider_model}
         if ctx.stream:  # ask for usage even if the client did not: the ledger needs it
             opts = body.get("stream_options")
@@ -88,7 +89,7 @@ class CallProvider:
                 **(opts if isinstance(opts, dict) else {}),
                 "include_usage": True,
             }
-        elif body.get("stream"):  # a cascade tier of a streamed request: its gate needs it whole
+        elif body.get("stream"):
             body["stream"] = False
             body.pop("stream_options", None)
         return UpstreamRequest(target.provider_model, body, timeout)
@@ -97,7 +98,7 @@ class CallProvider:
         provider = self._providers[target.provider]
         policy = self._policies[target.provider]
         request = self._request(ctx, target, policy.timeout)
-        ctx.model, ctx.provider, ctx.answered = target.provider_model, target.provider, target
+        ctx.answered = target
         attempt = 0
         while True:
             started = time.perf_counter()

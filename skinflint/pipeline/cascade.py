@@ -13,14 +13,22 @@ import asyncio
 import copy
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from skinflint.config import GateConfig, TierConfig
 from skinflint.errors import UpstreamError
 from skinflint.messages import last_user_text
 from skinflint.models import StreamChunk, Usage
-from skinflint.pipeline.context import Attempt, Next, Reply, RequestContext, Target
+from skinflint.pipeline.context import (
+    Attempt,
+    GateVerdict,
+    Next,
+    Reply,
+    RequestContext,
+    RouteDecision,
+    Target,
+)
 from skinflint.routing.gates import (
     answer_key,
     choices_in_prompt,
@@ -48,7 +56,7 @@ class _Call:
     reply: Reply | None
     error: UpstreamError | None
     key: str = ""  # the normalised answer; "" when invalid
-    reason: str = ""  # why the structural check failed
+    verdict: GateVerdict | None = None  # why it is not the answer: set once it is not
 
 
 async def _as_stream(body: JSON) -> AsyncIterator[StreamChunk]:
@@ -76,10 +84,14 @@ class Cascade:
         self._resolve = resolve
         self._scorer = scorer
 
-    async def _call(self, ctx: RequestContext, next: Next, tier: int, model: str) -> _Call:
+    async def _call(
+        self, ctx: RequestContext, next: Next, decision: RouteDecision, model: str
+    ) -> _Call:
         own = copy.copy(ctx)
         own.attempts, own.errors, own.upstream_ms = [], [], 0.0
-        own.targets = self._resolve(model)
+        own.stream = False  # a gate needs the whole answer
+        own.route, own.targets = decision, self._resolve(model)
+        tier = decision.tier
         try:
             return _Call(tier, own, await next(own), None)
         except UpstreamError as exc:
@@ -88,7 +100,7 @@ class Cascade:
     def _read(self, ctx: RequestContext, gate: GateConfig, call: _Call) -> None:
         """Structural check and normalised answer of one call."""
         if call.reply is None or call.reply.body is None:
-            call.reason = call.error.error_type if call.error else "error"
+            call.verdict = GateVerdict(call.error.error_type if call.error else "error")
             return
         choices = gate.choices
         if choices == "prompt":
@@ -99,38 +111,38 @@ class Cascade:
         if verdict.passed:
             key = answer_key(content_of(call.reply.body), fmt=gate.format, choices=choices)
             call.key = key or ("-" if gate.format is None else "")
-            call.reason = "" if call.key else "format"
+            call.verdict = None if call.key else GateVerdict("format")
         else:
-            call.reason = verdict.reason
+            call.verdict = GateVerdict(verdict.reason)
 
     def _decide(
         self, ctx: RequestContext, gate: GateConfig, own: _Call, calls: list[_Call]
-    ) -> tuple[str, str]:
-        """(accepted answer, "") or ("", why not)."""
+    ) -> tuple[str, GateVerdict | None]:
+        """(accepted answer, None) or ("", why not)."""
         if not own.key:
-            return "", own.reason or "invalid"
+            return "", own.verdict or GateVerdict("invalid")
         if own.key in gate.accept_alone:
-            return own.key, ""
+            return own.key, None
         votes = Counter(c.key for c in calls if c.key)
         candidate = own.key
         if gate.min_votes is not None:
             candidate = votes.most_common(1)[0][0]
             if votes[candidate] < gate.min_votes_for.get(candidate, gate.min_votes):
-                return "", "votes"
+                return "", GateVerdict("votes")
         earlier = {c.tier: c.key for c in calls if c.tier != own.tier}
         if any(earlier.get(j) != candidate for j in gate.agree_with):
-            return "", "disagree"
+            return "", GateVerdict("disagree")
         if gate.accept and candidate not in gate.accept:
-            return "", "not accepted"
+            return "", GateVerdict("not accepted")
         if gate.min_logprob is not None and own.reply is not None and own.reply.body:
             confidence = mean_logprob(own.reply.body)
             if confidence is not None and confidence < gate.min_logprob:
-                return "", "logprob"
+                return "", GateVerdict("logprob")
         if gate.scorer is not None and self._scorer is not None:
             p = self._score(ctx, own, votes, len([c for c in calls if c.reply is not None]))
             if p < gate.scorer:
-                return "", f"score {p:.2f}"
-        return candidate, ""
+                return "", GateVerdict("score", p)
+        return candidate, None
 
     def _score(self, ctx: RequestContext, own: _Call, votes: Counter[str], answered: int) -> float:
         assert self._scorer is not None and own.reply is not None and own.reply.body is not None
@@ -142,8 +154,7 @@ class Cascade:
             agreement=agreement,
         )
 
-    async def run(self, ctx: RequestContext, next: Next, label: str) -> Reply:
-        streaming, ctx.stream = ctx.stream, False  # a gate needs the whole answer
+    async def run(self, ctx: RequestContext, next: Next, route: RouteDecision) -> Reply:
         calls: list[_Call] = []
         last = len(self.tiers) - 1
         chosen: _Call | None = None
@@ -151,28 +162,26 @@ class Cascade:
         for i, tier in enumerate(self.tiers):
             if skip_to_last and i != last:
                 continue
-            ctx.route = f"{label};tier={i + 1}/{last + 1}"
-            batch = await asyncio.gather(*(self._call(ctx, next, i, m) for m in tier.names))
+            decision = replace(route, tier=i, tiers=last + 1)
+            batch = await asyncio.gather(*(self._call(ctx, next, decision, m) for m in tier.names))
             for call in batch:
                 self._read(ctx, tier.gate, call)
             calls.extend(batch)
             own = _own(batch, tier.answer_from)
-            accepted, reason = self._decide(ctx, tier.gate, own, calls)
+            accepted, verdict = self._decide(ctx, tier.gate, own, calls)
             if accepted or i == last:
                 chosen = _holder(batch, calls, accepted) if accepted else own
+                ctx.route = decision
                 break
             for call in batch:
-                call.reason = call.reason or reason
+                call.verdict = call.verdict or verdict
             skip_to_last = bool(tier.gate.continue_only_if) and (
                 own.key not in tier.gate.continue_only_if
             )
         assert chosen is not None
-        return self._finish(ctx, calls, chosen, streaming)
+        return self._finish(ctx, calls, chosen)
 
-    def _finish(
-        self, ctx: RequestContext, calls: list[_Call], chosen: _Call, streaming: bool
-    ) -> Reply:
-        ctx.stream = streaming
+    def _finish(self, ctx: RequestContext, calls: list[_Call], chosen: _Call) -> Reply:
         for call in calls:
             ctx.upstream_ms += call.ctx.upstream_ms
             if call is not chosen and call.ctx.answered is not None:
@@ -186,17 +195,13 @@ class Cascade:
                         call.ctx.upstream_ms,
                         status,
                         call.error.error_type if call.error else "",
-                        call.reason or "not chosen",
+                        call.verdict or GateVerdict("not chosen"),
                     )
                 )
         if chosen.error is not None or chosen.reply is None:
             raise chosen.error or UpstreamError("cascade: no tier answered")
-        ctx.answered, ctx.model, ctx.provider = (
-            chosen.ctx.answered,
-            chosen.ctx.model,
-            chosen.ctx.provider,
-        )
-        if streaming:
+        ctx.answered = chosen.ctx.answered
+        if ctx.stream:
             assert chosen.reply.body is not None
             return Reply(chunks=_as_stream(chosen.reply.body))
         return chosen.reply

@@ -1,16 +1,38 @@
-"""Per-request state and the stage interface."""
+"""Per-request state and the stage interface.
+
+What a stage decides is a small frozen fact that it sets once on the context (the cache
+decision, the route decision, a cascade tier's gate verdict, the cost figures); later stages
+read it as typed fields, never by parsing a string back. The mutable remainder is what really
+changes while a request is served: timings, attempts, errors, status.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from skinflint.interfaces import Vector
 from skinflint.models import CacheBypass, StreamChunk, Usage
 
-__all__ = ["Attempt", "Next", "Reply", "RequestContext", "Stage", "Target"]
+__all__ = [
+    "MISS",
+    "Attempt",
+    "CacheDecision",
+    "CachePlan",
+    "Costs",
+    "GateVerdict",
+    "Next",
+    "Reply",
+    "RequestContext",
+    "RouteDecision",
+    "SemanticProbe",
+    "Stage",
+    "Target",
+]
 
 JSON = dict[str, Any]
+CacheStatus = Literal["miss", "bypass", "hit-exact", "hit-semantic"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +44,81 @@ class Target:
     provider_model: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class CacheDecision:
+    """What the cache stages decided: the ``x-skinflint-cache`` header and why not cached."""
+
+    status: CacheStatus = "miss"
+    reason: CacheBypass | None = None  # set with status "bypass"
+    similarity: float | None = None  # set with status "hit-semantic"
+
+    @property
+    def hit(self) -> bool:
+        return self.status in ("hit-exact", "hit-semantic")
+
+
+MISS = CacheDecision()
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """How the cache treats a request it may serve and store: set by the exact-cache stage."""
+
+    key: str  # the exact entry's key, within the request's scope
+    ttl_seconds: float
+    epoch: int  # the cache's invalidation count when the request looked it up
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticProbe:
+    """The semantic cache's view of a request, kept to index its answer once stored."""
+
+    partition: str
+    question: str
+    vector: Vector
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """How the route stage resolved the requested name: the ``x-skinflint-route`` header."""
+
+    route: str  # the route's name, or the model or alias asked for
+    task: str = ""  # with a route: the task chosen
+    pin: str = ""  # with a route: the feature pinned to a model, when that decided
+    tier: int = 0  # with a cascade: the tier (0-based) whose turn ended it
+    tiers: int = 0  # with a cascade: how many tiers it has
+
+    @property
+    def routed(self) -> bool:
+        """True when a route (not the client) chose the model."""
+        return bool(self.task or self.pin)
+
+    @property
+    def label(self) -> str:
+        """``auto;task=code;tier=1/3``, ``auto;pin=billing``, ``auto;task=faq`` or the name."""
+        if self.pin:
+            return f"{self.route};pin={self.pin}"
+        if not self.task:
+            return self.route
+        if not self.tiers:
+            return f"{self.route};task={self.task}"
+        return f"{self.route};task={self.task};tier={self.tier + 1}/{self.tiers}"
+
+
+@dataclass(frozen=True, slots=True)
+class GateVerdict:
+    """Why a cascade tier's call was not the answer returned: a fixed reason (``format``,
+    ``votes``, ``disagree``, ``score``, an upstream error type, ...) and, for ``score``, the
+    estimated probability that the answer was correct."""
+
+    reason: str
+    score: float | None = None
+
+    def __str__(self) -> str:
+        return self.reason if self.score is None else f"{self.reason} {self.score:.2f}"
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt:
     """A cascade tier that was called and did not answer the request (escalated or failed).
     Its cost counts: the account stage writes a ledger row for it."""
@@ -33,7 +129,21 @@ class Attempt:
     upstream_ms: float
     status: int = 200
     error_type: str = ""
-    reason: str = ""  # why the gate escalated
+    verdict: GateVerdict = GateVerdict("not chosen")
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """The request's price, set once by the account stage."""
+
+    cost_usd: float | None  # every call it made, cascade tiers included; None if unpriced
+    own_usd: float | None  # the call whose answer was returned
+    baseline_model: str
+    baseline_cost_usd: float | None
+    saved_usd: float | None
+
+
+NO_COSTS = Costs(None, None, "", None, None)
 
 
 @dataclass(slots=True)
@@ -50,14 +160,16 @@ class Reply:
 class RequestContext:
     """Everything one request accumulates on its way through the pipeline."""
 
+    # arrival (the gateway)
     request_id: str
     ts: float
     started: float  # perf_counter at arrival
     endpoint: str  # "chat" | "embeddings"
     raw_body: bytes
     headers: dict[str, str]
+    # the request's facts (attribute)
     body: JSON = field(default_factory=dict)
-    stream: bool = False
+    stream: bool = False  # the upstream call streams (a cascade tier's copy does not)
     client_wants_usage: bool = False
     tenant: str = "default"
     feature: str = ""
@@ -67,29 +179,34 @@ class RequestContext:
     task: str = ""
     requested_model: str = ""
     request_hash: str = ""
-    cache_key: str = ""
-    cache_status: str = "miss"
-    cache_reason: CacheBypass | None = None  # why cache_status is "bypass"
-    cache_writable: bool = False
-    cache_ttl: float = 0.0
-    cache_epoch: int = 0  # the exact cache's invalidation count when the request looked it up
-    semantic: tuple[str, str, Any] | None = None  # (partition, question, embedding) once computed
-    similarity: float | None = None
+    # decisions (each set by the stage that makes it)
+    cache: CacheDecision = MISS
+    cache_plan: CachePlan | None = None  # None: the cache neither serves nor stores it
+    semantic: SemanticProbe | None = None
     targets: tuple[Target, ...] = ()
-    route: str = ""
-    attempts: list[Attempt] = field(default_factory=list)
-    baseline_model: str = ""
+    route: RouteDecision | None = None
     answered: Target | None = None  # the target whose provider answered
-    model: str = ""
-    provider: str = ""
     usage: Usage | None = None
-    cost_usd: float | None = None
-    baseline_cost_usd: float | None = None
-    saved_usd: float | None = None
+    model: str = ""  # the model the answer names (a cache hit's, or account's), else unknown
+    costs: Costs = NO_COSTS
+    # what changes while it is served
+    attempts: list[Attempt] = field(default_factory=list)
     upstream_ms: float = 0.0
     status: int = 200
     error_type: str = ""
     errors: list[Exception] = field(default_factory=list)
+
+    @property
+    def answered_model(self) -> str:
+        """The model that answered, as far as known now (a stream's headers go out before
+        its end)."""
+        if self.model:
+            return self.model
+        return self.answered.provider_model if self.answered else self.requested_model
+
+    @property
+    def route_label(self) -> str:
+        return self.route.label if self.route is not None else self.requested_model
 
 
 Next = Callable[[RequestContext], Awaitable[Reply]]

@@ -16,7 +16,7 @@ from skinflint.errors import UnknownModelError
 from skinflint.messages import last_user_text
 from skinflint.metrics import Metrics
 from skinflint.pipeline.cascade import Cascade, Scorer
-from skinflint.pipeline.context import Next, Reply, RequestContext, Target
+from skinflint.pipeline.context import Next, Reply, RequestContext, RouteDecision, Target
 from skinflint.routing.classifier import TaskClassifier
 
 __all__ = ["Route", "RoutePlan"]
@@ -126,21 +126,21 @@ class Route:
         plan = self.plans.get(ctx.requested_model)
         if plan is None:
             ctx.targets = self.resolve(ctx.requested_model)
-            ctx.route = ctx.targets[0].name
+            ctx.route = RouteDecision(ctx.targets[0].name)
             return await next(ctx)
         pinned = plan.config.pins.get(ctx.feature) if ctx.feature else None
         if pinned is not None:
             ctx.targets = self.resolve(pinned)
-            ctx.route = f"{plan.name};pin={ctx.feature}"
+            ctx.route = RouteDecision(plan.name, pin=ctx.feature)
             return await next(ctx)
         task, how = plan.classify(ctx)
         self._metrics.child(self._metrics.route_decisions, plan.name, task, how).inc()
-        label = f"{plan.name};task={task}"
+        decision = RouteDecision(plan.name, task=task)
         cascade = plan.cascades.get(task)
         if cascade is not None:
-            return await cascade.run(ctx, next, label)
+            return await cascade.run(ctx, next, decision)
         model = plan.config.tasks[task].model
         assert model is not None
         ctx.targets = self.resolve(model)
-        ctx.route = label
+        ctx.route = decision
         return await next(ctx)

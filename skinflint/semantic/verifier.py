@@ -129,6 +129,15 @@ class Evidence:
     @property
     def reason(self) -> str:
         """The first difference found, as a short phrase; "" when there is none."""
+        return self._first()[1]
+
+    @property
+    def kind(self) -> str:
+        """What the first difference is (``numbers differ``, ``negation differs``,
+        ``opposites``, ...): a fixed label for metrics; "" when there is none."""
+        return self._first()[0]
+
+    def _first(self) -> tuple[str, str]:
         for label, (left, right) in (
             ("numbers", self.numbers),
             ("dates", self.dates),
@@ -137,17 +146,18 @@ class Evidence:
             ("question words", self.question),
         ):
             if left or right:
-                return f"{label} differ: {_show(left)} vs {_show(right)}"
+                return f"{label} differ", f"{label} differ: {_show(left)} vs {_show(right)}"
         if self.negation:
-            return "negation differs"
+            return "negation differs", "negation differs"
         if self.opposites is not None:
-            return "opposites: {} vs {}".format(*self.opposites)
+            return "opposites", "opposites: {} vs {}".format(*self.opposites)
         if self.order is not None:
             first, pivot, second = self.order
-            return f"order differs: {first!r} and {second!r} swapped around {pivot!r}"
+            return "order differs", (
+                f"order differs: {first!r} and {second!r} swapped around {pivot!r}")
         if self.replaced is not None:
-            return "one word replaced: {} vs {}".format(*self.replaced)
-        return ""
+            return "one word replaced", "one word replaced: {} vs {}".format(*self.replaced)
+        return "", ""
 
 
 def _show(words: frozenset[str]) -> str:

@@ -220,7 +220,7 @@ class App:
             tags = None
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise RequestError('body must be {"tags": ["tag", ...]}', code="invalid_tags")
-        dropped = await self.gateway.exact_cache.invalidate_tags(tags)
+        dropped = await self.gateway.cache.invalidate_tags(tags)
         await out.json(orjson.dumps({"invalidated": dropped, "tags": tags}))
 
 

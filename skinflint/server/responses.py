@@ -40,15 +40,15 @@ def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Header
     go out, so streams carry cost headers only when served from cache."""
     headers = [
         (b"x-skinflint-request-id", ctx.request_id.encode()),
-        (b"x-skinflint-cache", ctx.cache_status.encode()),
-        (b"x-skinflint-model", _header_value(ctx.model or ctx.requested_model)),
-        (b"x-skinflint-route", _header_value(ctx.route or ctx.requested_model)),
+        (b"x-skinflint-cache", ctx.cache.status.encode()),
+        (b"x-skinflint-model", _header_value(ctx.answered_model)),
+        (b"x-skinflint-route", _header_value(ctx.route_label)),
     ]
-    if ctx.cache_reason is not None:  # one of our fixed values, never the client's text
-        headers.append((b"x-skinflint-cache-reason", ctx.cache_reason.encode()))
-    if not streaming or ctx.cache_status.startswith("hit"):
-        headers.append((b"x-skinflint-cost-usd", _usd(ctx.cost_usd)))
-        headers.append((b"x-skinflint-saved-usd", _usd(ctx.saved_usd)))
+    if ctx.cache.reason is not None:  # one of our fixed values, never the client's text
+        headers.append((b"x-skinflint-cache-reason", ctx.cache.reason.encode()))
+    if not streaming or ctx.cache.hit:
+        headers.append((b"x-skinflint-cost-usd", _usd(ctx.costs.cost_usd)))
+        headers.append((b"x-skinflint-saved-usd", _usd(ctx.costs.saved_usd)))
     return headers
 
 
