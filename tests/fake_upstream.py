@@ -11,7 +11,8 @@ Answers are deterministic. The assistant says ``"echo: " + <text of the last use
 token counts are words: prompt = sum over messages of ``len(text.split()) + 3`` (plus the words
 of an Anthropic ``system``), completion = words of the answer (10 per tool call). A request with
 ``tools`` whose last message is a user turn mentioning "weather" gets a call of the first tool
-with arguments ``{"city": "Paris"}``.
+with arguments ``{"city": "Paris"}``. ``answer_as(model, text)`` makes requests for one model
+(the name in the request body) say ``text`` instead of the echo, until ``reset``.
 
 Faults come from the queue (``fail_next``: chat, messages and model-list requests, first in first out)
 or else from markers in the last user message, combinable: ``[[fault:status=429,retry_after=1]]``,
@@ -206,8 +207,10 @@ def _pieces(text: str) -> list[str]:
     return [piece for piece in _WORD_BOUNDARY.split(text) if piece]
 
 
-def _plan(body: dict[str, Any], system: str, tool: str | None, fault: Fault) -> _Reply:
-    """Decide the answer to a chat or messages request (``n`` choices, limits, usage)."""
+def _plan(body: dict[str, Any], system: str, tool: str | None, fault: Fault,
+          scripted: str | None = None) -> _Reply:
+    """Decide the answer to a chat or messages request (``n`` choices, limits, usage);
+    ``scripted`` replaces the echoed text."""
     messages: list[Any] = body["messages"]
     text, n = _last_user_text(messages), int(body.get("n") or 1)
     prompt = _prompt_tokens(messages, system)
@@ -216,15 +219,18 @@ def _plan(body: dict[str, Any], system: str, tool: str | None, fault: Fault) -> 
         return _Reply(("",) * n, ("tool_calls",) * n, tool, prompt, cached, TOOL_TOKENS * n)
     json_mode = (body.get("response_format") or {}).get("type") in {"json_object", "json_schema"}
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    answers = [_truncate(_answer(text, i, json_mode), limit, fault.length) for i in range(n)]
+    answers = [_truncate(_answer(text, i, json_mode, scripted), limit, fault.length)
+               for i in range(n)]
     texts = tuple(answer for answer, _ in answers)
     finishes = tuple("length" if cut else "stop" for _, cut in answers)
     completion = sum(len(answer.split()) for answer in texts)
     return _Reply(texts, finishes, None, prompt, cached, completion)
 
 
-def _answer(text: str, index: int, json_mode: bool) -> str:
+def _answer(text: str, index: int, json_mode: bool, scripted: str | None = None) -> str:
     suffix = f" #{index}" if index else ""
+    if scripted is not None:
+        return scripted + suffix
     return json.dumps({"echo": text + suffix}) if json_mode else f"echo: {text}{suffix}"
 
 
@@ -426,6 +432,7 @@ class FakeUpstream:
         self._host, self._port = host, port
         self._lock = threading.Lock()
         self._faults: deque[Fault] = deque()
+        self._scripts: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -463,6 +470,7 @@ class FakeUpstream:
         with self._lock:
             self.requests.clear()
             self._faults.clear()
+            self._scripts.clear()
             self.disconnects = 0
 
     def fail_next(self, fault: Fault | str, times: int = 1, **params: Any) -> None:
@@ -474,6 +482,16 @@ class FakeUpstream:
         item = Fault.parse(fault, **params) if isinstance(fault, str) else replace(fault, **params)
         with self._lock:
             self._faults.extend([item] * times)
+
+    def answer_as(self, model: str, text: str) -> None:
+        """Answer chat and messages requests for ``model`` with ``text`` (each choice of a
+        request with ``n`` gets it, suffixed like the echo) until :meth:`reset`."""
+        with self._lock:
+            self._scripts[model] = text
+
+    def _script(self, body: dict[str, Any]) -> str | None:
+        with self._lock:
+            return self._scripts.get(str(body.get("model")))
 
     def calls(self, path: str = "/v1/chat/completions") -> list[Recorded]:
         """The recorded requests to ``path``, in order."""
@@ -550,7 +568,7 @@ class FakeUpstream:
         early = await _prelude(fault, _openai_error, stream)
         if early is not None:
             return early
-        reply = _plan(body, "", _openai_tool(body), fault)
+        reply = _plan(body, "", _openai_tool(body), fault, self._script(body))
         head = {"id": f"chatcmpl-fake-{next(self._ids)}", "created": int(time.time()),
                 "model": body.get("model"), "system_fingerprint": "fp_fake"}
         if not stream:
@@ -572,7 +590,8 @@ class FakeUpstream:
         early = await _prelude(fault, _anthropic_error, stream)
         if early is not None:
             return early
-        reply = _plan({**body, "n": 1}, _text(body.get("system")), _anthropic_tool(body), fault)
+        reply = _plan({**body, "n": 1}, _text(body.get("system")), _anthropic_tool(body), fault,
+                      self._script(body))
         head = {"id": f"msg_fake_{next(self._ids)}", "type": "message", "role": "assistant",
                 "model": body.get("model")}
         if not stream:

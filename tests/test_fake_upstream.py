@@ -90,6 +90,22 @@ def test_queued_fault_then_recovery(fake: FakeUpstream, oai: openai.OpenAI) -> N
     assert oai.chat.completions.create(model="m", messages=ask("hi")).choices[0].message.content
 
 
+def test_answers_scripted_per_model_until_reset(fake: FakeUpstream, oai: openai.OpenAI,
+                                                claude: anthropic.Anthropic) -> None:
+    fake.answer_as("small", "B")
+    fake.answer_as(CLAUDE, "C because")
+    small = oai.chat.completions.create(model="small", messages=ask("pick one"), n=2)
+    assert [c.message.content for c in small.choices] == ["B", "B #1"]
+    assert small.usage is not None and small.usage.completion_tokens == 1 + 2
+    other = oai.chat.completions.create(model="large", messages=ask("pick one"))
+    assert other.choices[0].message.content == "echo: pick one"
+    message = claude.messages.create(model=CLAUDE, max_tokens=50, messages=say("pick one"))
+    assert message.content[0].type == "text" and message.content[0].text == "C because"
+    fake.reset()
+    again = oai.chat.completions.create(model="small", messages=ask("pick one"))
+    assert again.choices[0].message.content == "echo: pick one"
+
+
 def test_marker_rate_limit_carries_retry_after(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.RateLimitError) as caught:
         oai.chat.completions.create(model="m",
