@@ -205,16 +205,6 @@ def test_stream_hit_headers_carry_cost_and_saving(
     assert saved == pytest.approx(miss["baseline_cost_usd"], abs=1e-8) and saved > miss["cost_usd"]
 
 
-def test_ttl_per_feature(make_gateway: GatewayFactory) -> None:
-    gw = make_gateway(cache={"exact": {"features": {"news": {"ttl_seconds": 0.3}}}})
-    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0) as c:
-        news = {"extra_headers": {"x-skinflint-feature": "news"}}
-        _ask(c, **news)
-        assert _ask(c, **news).headers["x-skinflint-cache"] == "hit-exact"
-        time.sleep(0.4)
-        assert _ask(c, **news).headers["x-skinflint-cache"] == "miss"
-
-
 KEYS = [{"tenant": "acme", "key": "gw-key-acme"}, {"tenant": "globex", "key": "gw-key-globex"}]
 
 
