@@ -20,7 +20,7 @@ import aiohttp
 from skinflint.config import ProviderConfig, Settings
 from skinflint.embed import Embedder, canonical_name, load_embedder
 from skinflint.errors import ConfigError
-from skinflint.interfaces import CacheStore, InvalidationFeed, Ledger, Provider, SemanticIndex
+from skinflint.interfaces import InvalidationFeed, Ledger, Provider
 from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
@@ -36,9 +36,7 @@ from skinflint.providers.openai_compat import OpenAICompatProvider
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
 from skinflint.routing.classifier import TaskClassifier
 from skinflint.routing.scorer import CorrectnessScorer
-from skinflint.storage.cache import TieredCacheStore
-from skinflint.storage.ledger import SQLiteLedger
-from skinflint.storage.semantic import LocalSemanticIndex
+from skinflint.storage.opener import Storage, open_storage
 from skinflint.tokens import TokenCounter
 
 __all__ = ["Gateway", "price_overrides", "semantic_defaults", "semantic_setting"]
@@ -121,63 +119,6 @@ def _embedder(settings: Settings) -> Embedder:
     )
 
 
-async def _open_ledger(settings: Settings) -> Ledger:
-    st = settings.storage
-    if st.postgres_url:
-        from skinflint.storage.pg_ledger import PostgresLedger  # the optional postgres extra
-
-        # What the server cannot take at shutdown waits on local disk for the next start.
-        spill = Path(st.sqlite_path).parent / "skinflint-ledger-spill.jsonl"
-        return await PostgresLedger.create(
-            st.postgres_url, flush_interval=st.ledger_flush_interval, spill=spill)
-    return SQLiteLedger(st.sqlite_path, flush_interval=st.ledger_flush_interval)
-
-
-async def _open_store(settings: Settings) -> CacheStore:
-    ex = settings.cache.exact
-    # Shared stores get no in-process tier: replicas could not see each other's invalidations.
-    if settings.storage.redis_url:
-        from skinflint.storage.redis_cache import RedisCacheStore  # the optional redis extra
-
-        return await RedisCacheStore.create(
-            settings.storage.redis_url,
-            prefix=settings.storage.redis_prefix,
-            max_entries=ex.max_entries,
-        )
-    if settings.storage.postgres_url:
-        from skinflint.storage.postgres import PostgresCacheStore
-
-        return await PostgresCacheStore.create(
-            settings.storage.postgres_url, max_entries=ex.max_entries
-        )
-    return TieredCacheStore(
-        settings.storage.sqlite_path,
-        memory_entries=ex.memory_entries,
-        memory_bytes=ex.memory_bytes,
-        max_entries=ex.max_entries,
-    )
-
-
-async def _open_semantic_index(settings: Settings, embedder: Embedder) -> SemanticIndex:
-    cfg = settings.cache.semantic
-    if settings.storage.postgres_url:
-        from skinflint.storage.pg_semantic import PgSemanticIndex
-
-        return await PgSemanticIndex.create(
-            settings.storage.postgres_url,
-            space=embedder.name,
-            dim=embedder.dim,
-            max_entries=cfg.max_entries,
-        )
-    return await asyncio.to_thread(
-        LocalSemanticIndex,
-        settings.storage.sqlite_path,
-        embedder.name,
-        embedder.dim,
-        max_entries=cfg.max_entries,
-    )
-
-
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("background loading failed; the semantic cache stays off: %s", done.exception())
@@ -224,8 +165,7 @@ def _semantic_cache(settings: Settings, exact: ExactCache, metrics: Metrics) -> 
 class Gateway:
     settings: Settings
     pipeline: Pipeline
-    ledger: Ledger
-    cache: CacheStore
+    storage: Storage
     exact_cache: ExactCache
     semantic_cache: SemanticCache
     metrics: Metrics
@@ -243,13 +183,10 @@ class Gateway:
     async def open(cls, settings: Settings, *, ledger: Ledger | None = None) -> Gateway:
         """Open storage and providers; heavy loading (price catalog, tokenizer, recorded data)
         continues in a thread so start-up does not wait for it."""
-        db = settings.storage.sqlite_path
-        if db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-        metrics, tokens = Metrics(), TokenCounter()
-        catalog = PriceCatalog(price_overrides(settings))
-        ledger = ledger or await _open_ledger(settings)
-        store = await _open_store(settings)
+        catalog, tokens = PriceCatalog(price_overrides(settings)), TokenCounter()
+        metrics = Metrics(settings.model_names() | catalog.overrides.keys())
+        storage = open_storage(settings, ledger=ledger)
+        ledger, store = await storage.ledger(), await storage.cache()
         ex = settings.cache.exact
         exact = ExactCache(ex, store, frozenset(settings.routes))
         semantic = _semantic_cache(settings, exact, metrics)
@@ -291,8 +228,7 @@ class Gateway:
         gw = cls(
             settings,
             Pipeline(stages),
-            ledger,
-            store,
+            storage,
             exact,
             semantic,
             metrics,
@@ -313,11 +249,12 @@ class Gateway:
         await asyncio.to_thread(self._load)
         if self.semantic_cache.enabled:
             embedder = await asyncio.to_thread(_embedder, self.settings)
-            index = await _open_semantic_index(self.settings, embedder)
+            index = await self.storage.semantic_index(embedder.name, embedder.dim)
             self.semantic_cache.open(embedder, index)
 
     def _load(self) -> None:
         self.catalog.warm(list(self.settings.models) or None)
+        self.metrics.know(self.catalog.listed())
         for provider in self.providers.values():
             if isinstance(provider, ReplayProvider):
                 provider.load()
@@ -342,6 +279,5 @@ class Gateway:
         for provider in self.providers.values():
             await provider.close()
         await self.session.close()
-        await self.cache.close()
         await self.semantic_cache.close()
-        await asyncio.to_thread(self.ledger.close)
+        await self.storage.close()
