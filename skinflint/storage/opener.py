@@ -93,7 +93,8 @@ class LedgerFigures:
 
 class Storage:
     """The stores of one process, opened by :func:`open_storage`. Each is opened on its first
-    use and kept; :meth:`close` closes those opened (the ledger last, after flushing it).
+    use and kept (open each once before sharing the bundle between tasks); :meth:`close`
+    closes those opened, the ledger last, after writing what it holds.
 
     The guard stage's budget and rate-limit counters will be opened here too, as a fourth
     store beside the cache (shared in Redis when ``redis_url`` is set), once budgets exist."""
