@@ -312,6 +312,23 @@ class Settings(_Frozen):
             raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
         return self
 
+    def model_names(self) -> frozenset[str]:
+        """Every model name the configuration mentions: aliases and the provider models they
+        stand for, routes and the models their tasks, cascade tiers, pins and baselines name,
+        and the baseline model."""
+        names = {*self.models, *self.routes}
+        names.update(m.model for m in self.models.values() if m.model)
+        if self.baseline_model:
+            names.add(self.baseline_model)
+        for route in self.routes.values():
+            names.update(route.pins.values())
+            if route.baseline:
+                names.add(route.baseline)
+            for task in route.tasks.values():
+                names.update([task.model] if task.model else ())
+                names.update(name for tier in task.cascade for name in tier.names)
+        return frozenset(names)
+
 
 def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
     if isinstance(value, str):

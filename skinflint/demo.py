@@ -30,14 +30,13 @@ from typing import Any
 import numpy as np
 
 from skinflint.analytics.evaluation import default_replay_config
-from skinflint.analytics.report import percentile
+from skinflint.analytics.report import percentile, read_records
 from skinflint.config import Settings, settings_from_dict
 from skinflint.embed import Embedder, Vectors, load_embedder
 from skinflint.models import LedgerRecord
 from skinflint.pipeline.cache import semantic_setting, split_question
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.server.run import BackgroundServer
-from skinflint.storage.ledger import SQLiteLedger
 
 __all__ = [
     "LATENCY_SPEEDUP",
@@ -247,9 +246,7 @@ def run_demo(
                     _drive(server.base_url, workload, order.result(), concurrency, on_progress)
                 )
         wall = time.perf_counter() - started
-        ledger = SQLiteLedger(db)
-        rows = list(ledger.query())
-        ledger.close()
+        rows = read_records(settings)
     return {"seed": seed, **_summarise(replay, answers, rows), **_timings(answers, wall)}
 
 

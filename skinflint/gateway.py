@@ -11,13 +11,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 
 from skinflint.config import Settings
-from skinflint.embed import Embedder, embedder_for
-from skinflint.interfaces import CacheStore, InvalidationFeed, Ledger, Provider, SemanticIndex
+from skinflint.embed import embedder_for
+from skinflint.interfaces import InvalidationFeed, Ledger, Provider
 from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
@@ -33,9 +32,7 @@ from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
 from skinflint.routing.artifacts import load_classifiers, load_scorer
-from skinflint.storage.cache import TieredCacheStore
-from skinflint.storage.ledger import SQLiteLedger
-from skinflint.storage.semantic import LocalSemanticIndex
+from skinflint.storage.opener import Storage, open_storage
 from skinflint.tokens import TokenCounter
 
 __all__ = ["Gateway", "price_catalog"]
@@ -56,63 +53,6 @@ def price_catalog(settings: Settings) -> PriceCatalog:
     return PriceCatalog(overrides, aliases)
 
 
-async def _open_ledger(settings: Settings) -> Ledger:
-    st = settings.storage
-    if st.postgres_url:
-        from skinflint.storage.pg_ledger import PostgresLedger  # the optional postgres extra
-
-        # What the server cannot take at shutdown waits on local disk for the next start.
-        spill = Path(st.sqlite_path).parent / "skinflint-ledger-spill.jsonl"
-        return await PostgresLedger.create(
-            st.postgres_url, flush_interval=st.ledger_flush_interval, spill=spill)
-    return SQLiteLedger(st.sqlite_path, flush_interval=st.ledger_flush_interval)
-
-
-async def _open_store(settings: Settings) -> CacheStore:
-    ex = settings.cache.exact
-    # Shared stores get no in-process tier: replicas could not see each other's invalidations.
-    if settings.storage.redis_url:
-        from skinflint.storage.redis_cache import RedisCacheStore  # the optional redis extra
-
-        return await RedisCacheStore.create(
-            settings.storage.redis_url,
-            prefix=settings.storage.redis_prefix,
-            max_entries=ex.max_entries,
-        )
-    if settings.storage.postgres_url:
-        from skinflint.storage.postgres import PostgresCacheStore
-
-        return await PostgresCacheStore.create(
-            settings.storage.postgres_url, max_entries=ex.max_entries
-        )
-    return TieredCacheStore(
-        settings.storage.sqlite_path,
-        memory_entries=ex.memory_entries,
-        memory_bytes=ex.memory_bytes,
-        max_entries=ex.max_entries,
-    )
-
-
-async def _open_semantic_index(settings: Settings, embedder: Embedder) -> SemanticIndex:
-    cfg = settings.cache.semantic
-    if settings.storage.postgres_url:
-        from skinflint.storage.pg_semantic import PgSemanticIndex
-
-        return await PgSemanticIndex.create(
-            settings.storage.postgres_url,
-            space=embedder.name,
-            dim=embedder.dim,
-            max_entries=cfg.max_entries,
-        )
-    return await asyncio.to_thread(
-        LocalSemanticIndex,
-        settings.storage.sqlite_path,
-        embedder.name,
-        embedder.dim,
-        max_entries=cfg.max_entries,
-    )
-
-
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("background loading failed; the semantic cache stays off: %s", done.exception())
@@ -122,7 +62,7 @@ def _report_warm_failure(done: asyncio.Future[None]) -> None:
 class Gateway:
     settings: Settings
     pipeline: Pipeline
-    ledger: Ledger
+    storage: Storage
     cache: ResponseCache
     metrics: Metrics
     catalog: PriceCatalog
@@ -139,13 +79,12 @@ class Gateway:
     async def open(cls, settings: Settings, *, ledger: Ledger | None = None) -> Gateway:
         """Open storage and providers; heavy loading (price catalog, tokenizer, recorded data)
         continues in a thread so start-up does not wait for it."""
-        db = settings.storage.sqlite_path
-        if db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-        metrics, tokens, catalog = Metrics(), TokenCounter(), price_catalog(settings)
-        ledger = ledger or await _open_ledger(settings)
+        tokens, catalog = TokenCounter(), price_catalog(settings)
+        metrics = Metrics(settings.model_names() | catalog.overrides.keys())
+        storage = open_storage(settings, ledger=ledger)
+        ledger = await storage.ledger()
         threshold, verifier = semantic_setting(settings)
-        cache = ResponseCache(settings.cache, await _open_store(settings), metrics,
+        cache = ResponseCache(settings.cache, await storage.cache(), metrics,
                               routes=frozenset(settings.routes), threshold=threshold,
                               verifier=verifier)
         route = Route(settings, classifiers=load_classifiers(settings),
@@ -169,7 +108,7 @@ class Gateway:
             call_provider=CallProvider(providers, policies, metrics),
             account=account,
         )
-        gw = cls(settings, Pipeline(stages), ledger, cache, metrics, catalog, tokens,
+        gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
                  providers, session)
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
@@ -183,11 +122,12 @@ class Gateway:
         await asyncio.to_thread(self._load)
         if self.cache.semantic_enabled:
             embedder = await asyncio.to_thread(embedder_for, self.settings)
-            index = await _open_semantic_index(self.settings, embedder)
+            index = await self.storage.semantic_index(embedder.name, embedder.dim)
             self.cache.open_semantic(GuardedEmbedder(embedder, self.metrics), index)
 
     def _load(self) -> None:
         self.catalog.warm(list(self.settings.models) or None)
+        self.metrics.know(self.catalog.listed())
         for provider in self.providers.values():
             if isinstance(provider, ReplayProvider):
                 provider.load()
@@ -213,4 +153,4 @@ class Gateway:
             await provider.close()
         await self.session.close()
         await self.cache.close()
-        await asyncio.to_thread(self.ledger.close)
+        await self.storage.close()

@@ -1,12 +1,23 @@
-"""Prometheus metrics, in a registry of the gateway's own (no global state)."""
+"""Prometheus metrics, in a registry of the gateway's own (no global state).
+
+Every label set is bounded, so that clients cannot grow the registry (and the memory of every
+scraper) without limit. The only label whose values come from clients is ``model``: a name
+the gateway knows (configured, or listed by the price catalog; see :class:`Metrics`) is kept,
+any other is counted as :data:`OTHER`. The other labels take values the gateway chooses
+(endpoints, cache statuses, reasons, configured providers, routes and tasks).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+__all__ = ["OTHER", "Metrics"]
+
+#: The ``model`` label of every model name the gateway does not know.
+OTHER = "other"
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -29,63 +40,78 @@ _LATENCY_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The gateway's metrics. ``known_models``: the model names kept as ``model`` labels (the
+    empty name too); any other name is labelled :data:`OTHER`. None keeps every name, for
+    callers whose names are their own."""
+
+    def __init__(self, known_models: Iterable[str] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        r = self.registry
-        self.requests = Counter(
-            "skinflint_requests",
-            "Requests handled",
-            ["endpoint", "model", "cache", "status"],
-            registry=r,
-        )
-        self.cost = Counter("skinflint_cost_usd", "Spend in USD", ["model"], registry=r)
-        self.saved = Counter(
-            "skinflint_saved_usd", "Saving against the baseline in USD", ["cache"], registry=r
-        )
-        self.tokens = Counter("skinflint_tokens", "Tokens", ["model", "kind"], registry=r)
-        self.unknown_price = Counter(
-            "skinflint_unknown_price", "Requests whose price is unknown", ["model"], registry=r
-        )
-        self.counted_usage = Counter(
-            "skinflint_counted_usage",
-            "Responses without provider usage, counted offline",
-            ["model"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "skinflint_upstream_retries", "Upstream retries", ["provider"], registry=r
-        )
-        self.upstream_errors = Counter(
-            "skinflint_upstream_errors",
-            "Failed upstream attempts",
-            ["provider", "type"],
-            registry=r,
-        )
-        self.route_decisions = Counter("skinflint_route_decisions", "Tasks chosen by routes",
-                                       ["route", "task", "how"], registry=r)
-        self.cascade_escalations = Counter("skinflint_cascade_escalations",
+        self._known = None if known_models is None else frozenset(["", *known_models])
+        self._model_at: dict[int, int] = {}  # id(metric) -> index of its ``model`` label
+        counter = self._counter
+        self.requests = counter("skinflint_requests", "Requests handled",
+                                ["endpoint", "model", "cache", "status"])
+        self.cost = counter("skinflint_cost_usd", "Spend in USD", ["model"])
+        self.saved = counter("skinflint_saved_usd", "Saving against the baseline in USD",
+                             ["cache"])
+        self.tokens = counter("skinflint_tokens", "Tokens", ["model", "kind"])
+        self.unknown_price = counter("skinflint_unknown_price",
+                                     "Requests whose price is unknown", ["model"])
+        self.counted_usage = counter("skinflint_counted_usage",
+                                     "Responses without provider usage, counted offline",
+                                     ["model"])
+        self.retries = counter("skinflint_upstream_retries", "Upstream retries", ["provider"])
+        self.upstream_errors = counter("skinflint_upstream_errors", "Failed upstream attempts",
+                                       ["provider", "type"])
+        self.route_decisions = counter("skinflint_route_decisions", "Tasks chosen by routes",
+                                       ["route", "task", "how"])
+        self.cascade_escalations = counter("skinflint_cascade_escalations",
                                            "Cascade tiers whose answer was not accepted",
-                                           ["model", "reason"], registry=r)
-        self.semantic_rejected = Counter("skinflint_semantic_rejected",
+                                           ["model", "reason"])
+        self.semantic_rejected = counter("skinflint_semantic_rejected",
                                          "Similar entries the verifier refused to serve",
-                                         ["reason"], registry=r)
-        self.semantic_skipped = Counter("skinflint_semantic_skipped",
+                                         ["reason"])
+        self.semantic_skipped = counter("skinflint_semantic_skipped",
                                         "Requests the semantic cache let pass without a lookup",
-                                        ["reason"], registry=r)
-        self.cache_bypassed = Counter("skinflint_cache_bypassed",
+                                        ["reason"])
+        self.cache_bypassed = counter("skinflint_cache_bypassed",
                                       "Requests neither served from nor stored in the cache",
-                                      ["reason"], registry=r)
+                                      ["reason"])
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",
             ["endpoint"],
             buckets=_LATENCY_BUCKETS,
-            registry=r,
+            registry=self.registry,
         )
 
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> Counter:
+        """A counter in this registry; its ``model`` label, if any, is folded by :meth:`child`."""
+        found = Counter(name, documentation, labels, registry=self.registry)
+        if "model" in labels:
+            self._model_at[id(found)] = labels.index("model")
+        return found
+
+    def know(self, models: Iterable[str]) -> None:
+        """Keep these model names as labels too (the price catalog's, once it has loaded).
+        Safe from any thread: the set is replaced, never changed in place."""
+        if self._known is not None:
+            self._known = self._known | frozenset(models)
+
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:
-        """``metric.labels(*labels)``, memoised: resolving labels costs microseconds per call."""
+        """``metric.labels(*labels)`` with an unknown model folded into :data:`OTHER`,
+        memoised: resolving labels costs microseconds per call. The memo holds folded label
+        sets only, so it is as bounded as the series."""
+        found = self._children.get((id(metric), labels))
+        if found is None:
+            found = self._resolve(metric, labels)
+        return found
+
+    def _resolve(self, metric: Counter | Histogram, labels: tuple[str, ...]) -> Any:
+        at = self._model_at.get(id(metric))
+        if at is not None and self._known is not None and labels[at] not in self._known:
+            labels = (*labels[:at], OTHER, *labels[at + 1:])
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:

@@ -141,6 +141,13 @@ class PriceCatalog:
         for model in models or ["gpt-4o-mini"]:
             self.price(model)
 
+    def listed(self) -> frozenset[str]:
+        """The model names priced by the configuration and those the catalog lists by id
+        (not every name its patterns would match). Imports the catalog: call from a thread."""
+        from genai_prices.data import providers
+
+        return frozenset([*self.overrides, *(m.id for p in providers for m in p.models)])
+
     def price(self, model: str) -> ModelPrice | None:
         try:
             return self._memo[model]

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from skinflint.analytics.invalidation import describe, invalidate
+from skinflint.config import Settings
 from skinflint.interfaces import CacheEntry
 from skinflint.storage import invalidations
 from skinflint.storage.cache import TieredCacheStore
@@ -172,7 +173,7 @@ def test_a_gateway_that_does_not_confirm_is_named(tmp_path: Path) -> None:
     conn = open_sqlite(db)
     invalidations.register(conn, invalidations.gateway_id(), invalidations.latest(conn))
     conn.close()  # a gateway that registered, then never read the log again
-    result = invalidate(db, ["t"], confirm_seconds=0.2)
+    result = invalidate(Settings(), ["t"], db=db, confirm_seconds=0.2)
     assert (result.invalidated, result.running, len(result.unconfirmed)) == (1, 1, 1)
     assert describe(result, 0.2) == (
         f"invalidated 1 entry tagged t in {db}; 0 of 1 running gateway dropped them from "

@@ -50,8 +50,9 @@ def test_paraphrase_is_a_semantic_hit(semantic: Any, fake: FakeUpstream, tmp_pat
     assert rows[1]["cache_status"] == "hit-semantic" and rows[1]["strategy"] == "semantic_cache"
     assert 0.75 <= rows[1]["similarity"] <= 1.0
     from skinflint.analytics.cachestats import stats
+    from skinflint.config import Settings
 
-    figures = stats(str(tmp_path / "skinflint.db"))
+    figures = stats(Settings(), str(tmp_path / "skinflint.db"))
     assert figures["semantic_hits"] == 1 and figures["hits"] == 1 and figures["requests"] == 2
     assert figures["saved_usd"] > 0
 

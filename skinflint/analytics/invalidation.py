@@ -1,7 +1,9 @@
 """``skinflint cache invalidate``: drop cache entries by tag where the gateways keep them, and
 say what was done, and which running gateways are known to have dropped their copies.
 
-* SQLite: the command deletes the rows and logs the invalidation in the same file
+The response cache does the work, on the store the storage layer opens:
+
+* SQLite: it deletes the rows and logs the invalidation in the same file
   (:mod:`skinflint.storage.invalidations`); every gateway using the file (each
   ``serve --workers`` process too) reads the log within a quarter of a second, drops the tags
   from memory and records that it has. The command waits a few seconds for those records.
@@ -15,17 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from skinflint.analytics.cachestats import is_postgres, is_redis, with_store
+from skinflint.config import Settings
+from skinflint.metrics import Metrics
+from skinflint.pipeline.cache import ResponseCache
 from skinflint.storage import invalidations
-from skinflint.storage.ledger import open_sqlite
+from skinflint.storage.cache import TieredCacheStore
+from skinflint.storage.opener import NotStoredError, Storage, kind, open_storage
 
 __all__ = ["CONFIRM_SECONDS", "Invalidation", "describe", "invalidate"]
 
@@ -75,56 +78,57 @@ def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | str
 
 
 def invalidate(
-    path: str, tags: list[str], *, url: str | None = None, admin_key: str | None = None,
-    redis_prefix: str = "skinflint:", confirm_seconds: float = CONFIRM_SECONDS,
+    settings: Settings, tags: list[str], *, db: str | None = None, url: str | None = None,
+    admin_key: str | None = None, confirm_seconds: float = CONFIRM_SECONDS,
 ) -> Invalidation:
-    """Drop the entries tagged with any of ``tags`` from the store at ``path`` (a SQLite file,
-    a ``postgresql://`` or ``redis://`` URL), or through the gateway at ``url`` when given
-    and answering. Raises ValueError when there is no SQLite file at ``path``."""
+    """Drop the entries tagged with any of ``tags`` from the cache store the settings name (or
+    ``db``: a SQLite file, a ``postgresql://`` or ``redis://`` URL), or through the gateway at
+    ``url`` when given and answering. Raises ValueError when there is no SQLite file."""
     gateway_error = ""
     if url:
         answer = _tell_gateway(url, tags, admin_key)
         if isinstance(answer, int):
             return Invalidation(answer, tags, f"gateway at {url}")
         gateway_error = f"the gateway at {url}: {answer}"
-    if is_postgres(path) or is_redis(path):
-        dropped = asyncio.run(with_store(path, redis_prefix, lambda s: s.invalidate_tags(tags)))
-        where = "postgres" if is_postgres(path) else "redis"
-        return Invalidation(dropped, tags, where, gateway_error=gateway_error)
-    found = _invalidate_sqlite(path, tags, confirm_seconds)
+    storage = open_storage(settings, db=db, existing=True)
+    found = asyncio.run(_invalidate(storage, tags, confirm_seconds))
     found.gateway_error = gateway_error
     return found
 
 
-def _invalidate_sqlite(path: str, tags: list[str], confirm_seconds: float) -> Invalidation:
-    if not Path(path).is_file():
-        raise ValueError(
-            f"no database at {path}: give --db, or the --config the gateway runs with")
-    conn = open_sqlite(path)
+async def _invalidate(storage: Storage, tags: list[str], confirm_seconds: float) -> Invalidation:
+    where = storage.location.cache
     try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "cache_tags" not in tables:  # no gateway has cached anything in this file
-            return Invalidation(0, tags, path, running=0)
-        invalidations.create_tables(conn)  # a file written before the log existed
-        keys, line = invalidations.invalidate(conn, tags)
-        running, late = _confirmations(conn, line, confirm_seconds)
-        return Invalidation(len(keys), tags, path, running, [g.describe() for g in late])
+        store = await storage.cache()
+        # the same service the gateway's admin API invalidates through
+        cache = ResponseCache(storage.settings.cache, store, Metrics())
+        dropped = await cache.invalidate_tags(tags)
+        if not isinstance(store, TieredCacheStore):  # no gateway copies it into memory
+            return Invalidation(dropped, tags, kind(where))
+        running, late = await _confirmations(store, confirm_seconds)
+        return Invalidation(dropped, tags, where, running, [g.describe() for g in late])
+    except FileNotFoundError:
+        raise ValueError(
+            f"no database at {where}: give --db, or the --config the gateway runs with"
+        ) from None
+    except NotStoredError:  # no gateway has cached anything in this file
+        return Invalidation(0, tags, where, running=0)
     finally:
-        conn.close()
+        await storage.close()
 
 
-def _confirmations(
-    conn: sqlite3.Connection, line: int, seconds: float
+async def _confirmations(
+    store: TieredCacheStore, seconds: float
 ) -> tuple[int, list[invalidations.GatewayRow]]:
-    """Wait up to ``seconds`` for every running gateway to apply log ``line``; returns how
-    many run and those that have not applied it."""
+    """Wait up to ``seconds`` for every running gateway to apply the invalidation ``store``
+    logged; returns how many run and those that have not applied it."""
     deadline = time.monotonic() + seconds
     while True:
-        live = invalidations.live_gateways(conn)
-        late = [g for g in live if g.applied < line]
+        live = await store.gateways()
+        late = [g for g in live if g.applied < store.logged]
         if not late or time.monotonic() >= deadline:
             return len(live), late
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
 
 
 _STORES = {"postgres": "PostgreSQL", "redis": "Redis"}

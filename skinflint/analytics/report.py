@@ -1,16 +1,22 @@
-"""Spend report over ledger records: pure functions, no printing."""
+"""Spend report over ledger records: pure functions, no printing; and reading the records
+through the storage layer (:func:`read_records`)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from skinflint.config import Settings
+from skinflint.errors import ConfigError
 from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
+from skinflint.storage.opener import NotStoredError, Storage, open_storage
 
-__all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since", "percentile"]
+__all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since", "percentile",
+           "read_records"]
 
 GROUPINGS = ("feature", "model", "user", "strategy", "tenant")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -111,3 +117,23 @@ def build_report(
         groups.setdefault(key, Group(key)).add(r)
     ordered = sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
     return Report(by, since, total, ordered)
+
+
+def read_records(
+    settings: Settings, *, db: str | None = None, since: float = 0.0
+) -> list[LedgerRecord]:
+    """The records with ``ts >= since``, oldest first, from the ledger the settings name (or
+    ``db``: a SQLite path or a ``postgresql://`` URL). Raises ConfigError when there is no
+    ledger there; a SQLite file that does not exist is not created."""
+    return asyncio.run(_read(open_storage(settings, db=db, existing=True), since))
+
+
+async def _read(storage: Storage, since: float) -> list[LedgerRecord]:
+    try:
+        ledger = await storage.ledger()
+        return list(await asyncio.to_thread(ledger.query, since))
+    except (FileNotFoundError, NotStoredError):
+        where = storage.location.ledger or storage.location.cache
+        raise ConfigError(f"no ledger at {where}") from None
+    finally:
+        await storage.close()

@@ -24,12 +24,8 @@ __all__ = [
 def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
     from skinflint.analytics import cachestats
 
-    st = settings.storage
-    path = args.db or st.redis_url or st.postgres_url or st.sqlite_path
     if args.cache_command == "stats":
-        # Redis keeps no ledger: hit figures come from where the gateway writes it
-        ledger = (st.postgres_url or st.sqlite_path) if args.db is None else None
-        stats = cachestats.stats(path, redis_prefix=st.redis_prefix, ledger=ledger)
+        stats = cachestats.stats(settings, db=args.db)
         if args.json:
             print_json(stats)
         else:
@@ -37,9 +33,7 @@ def cmd_cache(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     from skinflint.analytics.invalidation import describe, invalidate
 
-    result = invalidate(
-        path, args.tag, url=args.url, admin_key=args.admin_key, redis_prefix=st.redis_prefix
-    )
+    result = invalidate(settings, args.tag, db=args.db, url=args.url, admin_key=args.admin_key)
     if args.json:
         print_json(result.as_dict())
     else:

@@ -63,6 +63,9 @@ def mask_url(url: str) -> str:
 def describe_storage(settings: Settings) -> str:
     """Where the ledger and the caches live: ``sqlite ./skinflint.db``, a PostgreSQL URL, and
     the Redis URL of the exact cache when there is one (credentials masked)."""
-    st = settings.storage
-    where = mask_url(st.postgres_url) if st.postgres_url else f"sqlite {st.sqlite_path}"
-    return f"{where}, cache {mask_url(st.redis_url)}" if st.redis_url else where
+    from skinflint.storage.opener import kind, locate  # loads numpy: not before main()
+
+    found = locate(settings)
+    home = found.ledger or found.cache
+    where = f"sqlite {home}" if kind(home) == "sqlite" else mask_url(home)
+    return f"{where}, cache {mask_url(found.cache)}" if kind(found.cache) == "redis" else where

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -15,7 +14,6 @@ from skinflint.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
     from skinflint.analytics.report import Group, Report
-    from skinflint.interfaces import Ledger
 
 __all__ = ["cmd_prices", "cmd_report", "format_report", "format_spend", "format_traffic"]
 
@@ -101,24 +99,11 @@ def format_report(report: Report) -> list[Table]:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from skinflint.analytics.report import build_report, parse_since
-    from skinflint.storage.ledger import SQLiteLedger
+    from skinflint.analytics.report import build_report, parse_since, read_records
 
     since = parse_since(args.since) if args.since else 0.0
-    path = args.db or settings.storage.postgres_url or settings.storage.sqlite_path
-    ledger: Ledger
-    if path.startswith(("postgres://", "postgresql://")):
-        from skinflint.storage.pg_ledger import PostgresLedger
-
-        ledger = PostgresLedger(path)
-    elif os.path.isfile(path):
-        ledger = SQLiteLedger(path)
-    else:
-        raise ConfigError(f"no ledger at {path}")
-    try:
-        report = build_report(ledger.query(since), by=args.by, since=since)
-    finally:
-        ledger.close()
+    records = read_records(settings, db=args.db, since=since)
+    report = build_report(records, by=args.by, since=since)
     if args.json:
         print_json(report.to_json())
     else:

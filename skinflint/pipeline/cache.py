@@ -426,7 +426,7 @@ class ResponseCache:
         self._embedder, self._index = embedder, index
 
     async def close(self) -> None:
-        await self.backend.close()
+        """Stop the semantic cache (the store is closed by whoever opened it)."""
         if self._embedder is not None:
             self._embedder.close()
         if self._index is not None:

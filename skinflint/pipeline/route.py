@@ -21,6 +21,8 @@ from skinflint.routing.classifier import TaskClassifier
 
 __all__ = ["Route", "RoutePlan"]
 
+_MEMO_LIMIT = 4096  # resolved names remembered beyond the configured ones
+
 
 def _rule_matches(
     rule: RuleConfig, pattern: re.Pattern[str] | None, text: str, feature: str
@@ -119,7 +121,8 @@ class Route:
         model = self._models.get(name)
         chain = (name, *(model.fallbacks if model else ()))
         targets = tuple(self._target(n) for n in chain)
-        self._memo[name] = targets
+        if model is not None or len(self._memo) < _MEMO_LIMIT:  # names come from clients
+            self._memo[name] = targets
         return targets
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:

@@ -145,6 +145,7 @@ class TieredCacheStore:
         self._reported: int | None = None  # the line last reported as applied; None: never
         self._reported_at = 0.0
         self._own: builtins.set[int] = set()
+        self.logged = 0  # the newest log line this store wrote (0: none)
         self._lock = threading.Lock()
         self._writer: BatchWriter[tuple[CacheEntry, bool]] = BatchWriter(
             self._write_locked, interval=flush_interval, name="cache")
@@ -202,6 +203,7 @@ class TieredCacheStore:
             self._on_disk.difference_update(keys)
             if line is not None:
                 self._own.add(line)
+                self.logged = line
         finally:
             self._invalidating -= 1
         return max(dropped, len(keys))
@@ -256,6 +258,15 @@ class TieredCacheStore:
                 shared.register(self._conn, self._gateway, applied)
             else:
                 shared.report_applied(self._conn, self._gateway, applied)
+
+    async def gateways(self) -> list[shared.GatewayRow]:
+        """The gateways running on this file, with the last log line each has applied: those
+        behind :attr:`logged` still hold entries this store invalidated."""
+        return await asyncio.to_thread(self._live)
+
+    def _live(self) -> list[shared.GatewayRow]:
+        with self._lock:
+            return shared.live_gateways(self._conn)
 
     def _delete(self, keys: builtins.set[str]) -> None:
         for key in keys:
