@@ -87,7 +87,7 @@ async def test_a_retry_after_beyond_the_backoff_cap_is_not_waited_for() -> None:
     UpstreamStatusError(404, "no such model"), UpstreamStatusError(429, "slow down"),
     UpstreamStatusError(500, "oops"), UpstreamConnectionError("refused"),
 ])
-async def test_the_next_target_is_tried_after_a_failure_it_may_not_share(
+async def test_the_next_target_is_tried_after_an_auth_model_or_transient_error(
         error: UpstreamError) -> None:
     p = Scripted("p", *[error] * 3)
     q = Scripted("q", answer("from q"))
