@@ -1,0 +1,147 @@
+"""Stage 1, attribute, through its one call: who the request is for and what it asks."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+import pytest
+
+from skinflint.errors import AuthenticationError, RequestError
+from skinflint.models import CacheBypass
+from skinflint.pipeline.attribute import Attribute
+from skinflint.pipeline.context import MISS, CacheDecision, RequestContext
+from tests.pipeline.parts import Recorder, chat
+
+KEYS = {hashlib.sha256(b"sk-acme").hexdigest(): "acme",
+        hashlib.sha256(b"sk-globex").hexdigest(): "globex"}
+
+
+def _arrived(body: Any = None, endpoint: str = "chat", **headers: str) -> RequestContext:
+    """A request as the gateway hands it to the pipeline: raw bytes and headers only."""
+    raw = body if isinstance(body, bytes) else orjson.dumps(chat() if body is None else body)
+    return RequestContext("r", 0.0, 0.0, endpoint, raw, headers)
+
+
+async def _attribute(ctx: RequestContext, keys: dict[str, str] | None = None) -> RequestContext:
+    after = Recorder()
+    await Attribute(keys or {})(ctx, after)
+    assert after.seen == [ctx]
+    return ctx
+
+
+@pytest.mark.parametrize(("authorization", "tenant"), [
+    ("Bearer sk-acme", "acme"), ("Bearer sk-globex", "globex"), ("bearer  sk-acme ", "acme"),
+])
+async def test_the_tenant_is_the_one_whose_key_hash_matches(authorization: str,
+                                                           tenant: str) -> None:
+    ctx = await _attribute(_arrived(authorization=authorization), KEYS)
+    assert ctx.tenant == tenant
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"authorization": "Bearer sk-other"}, {"authorization": "sk-acme"},
+    {"authorization": "Bearer "}, {"authorization": "Basic sk-acme"},
+])
+async def test_without_a_known_key_the_request_goes_no_further(headers: dict[str, str]) -> None:
+    after = Recorder()
+    with pytest.raises(AuthenticationError):
+        await Attribute(KEYS)(_arrived(b"not json", **headers), after)  # checked before parsing
+    assert not after.called
+
+
+async def test_with_no_keys_configured_every_request_is_the_default_tenant() -> None:
+    ctx = await _attribute(_arrived(authorization="Bearer anything"))
+    assert ctx.tenant == "default"
+
+
+async def test_feature_and_user_come_from_headers_before_the_body() -> None:
+    body = chat(metadata={"feature": "faq"}, user="u-body")
+    from_body = await _attribute(_arrived(body))
+    assert (from_body.feature, from_body.user) == ("faq", "u-body")
+    from_headers = await _attribute(
+        _arrived(body, **{"x-skinflint-feature": "billing", "x-skinflint-user": "u-head"}))
+    assert (from_headers.feature, from_headers.user) == ("billing", "u-head")
+
+
+async def test_malformed_metadata_and_user_are_ignored() -> None:
+    ctx = await _attribute(_arrived(chat(metadata=["feature", "faq"], user=42)))
+    assert (ctx.feature, ctx.user) == ("", "")
+
+
+@pytest.mark.parametrize(("header", "tags"), [
+    (None, ()), ("docs:v1", ("docs:v1",)), (" a, b ,,c ,", ("a", "b", "c")), (" , ", ()),
+])
+async def test_tags_are_a_comma_separated_list(header: str | None,
+                                               tags: tuple[str, ...]) -> None:
+    headers = {} if header is None else {"x-skinflint-tags": header}
+    ctx = await _attribute(_arrived(**headers))
+    assert ctx.tags == tags
+
+
+@pytest.mark.parametrize(("header", "mode", "decision"), [
+    (None, "default", MISS),
+    ("refresh", "refresh", MISS),
+    (" Bypass ", "bypass", CacheDecision("bypass", CacheBypass.CLIENT)),
+])
+async def test_the_cache_header_sets_the_mode(header: str | None, mode: str,
+                                              decision: CacheDecision) -> None:
+    headers = {} if header is None else {"x-skinflint-cache": header}
+    ctx = await _attribute(_arrived(**headers))
+    assert (ctx.cache_mode, ctx.cache) == (mode, decision)
+
+
+async def test_an_unknown_cache_mode_is_a_request_error() -> None:
+    after = Recorder()
+    with pytest.raises(RequestError) as caught:
+        await Attribute({})(_arrived(**{"x-skinflint-cache": "sometimes"}), after)
+    assert caught.value.code == "invalid_header" and caught.value.status == 400
+    assert not after.called
+
+
+@pytest.mark.parametrize(("fields", "stream", "wants_usage"), [
+    ({}, False, False),
+    ({"stream": True}, True, False),
+    ({"stream": "true"}, False, False),  # only JSON true streams
+    ({"stream": True, "stream_options": {"include_usage": True}}, True, True),
+    ({"stream": True, "stream_options": {"include_usage": 1}}, True, False),
+    ({"stream": True, "stream_options": "include_usage"}, True, False),
+])
+async def test_stream_and_usage_flags(fields: dict[str, Any], stream: bool,
+                                      wants_usage: bool) -> None:
+    ctx = await _attribute(_arrived(chat(**fields)))
+    assert (ctx.stream, ctx.client_wants_usage) == (stream, wants_usage)
+
+
+async def test_the_body_model_and_task_are_read() -> None:
+    ctx = await _attribute(_arrived(chat(model="auto", temperature=0),
+                                    **{"x-skinflint-task": "code"}))
+    assert ctx.body == chat(model="auto", temperature=0)
+    assert (ctx.requested_model, ctx.task) == ("auto", "code")
+
+
+async def test_the_request_hash_does_not_depend_on_key_order() -> None:
+    one = await _attribute(_arrived(b'{"model":"m","temperature":0,'
+                                    b'"messages":[{"role":"user","content":"hi"}]}'))
+    two = await _attribute(_arrived(b'{"messages":[{"content":"hi","role":"user"}],'
+                                    b'"temperature":0,"model":"m"}'))
+    other = await _attribute(_arrived(chat("hello", temperature=0)))
+    assert one.request_hash == two.request_hash != other.request_hash
+    assert len(one.request_hash) == 24
+
+
+@pytest.mark.parametrize(("raw", "endpoint", "code"), [
+    (b"{not json", "chat", "invalid_json"),
+    (b"[1, 2]", "chat", "invalid_json"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "chat", "missing_model"),
+    (b'{"model": "m", "messages": []}', "chat", "invalid_messages"),
+    (b'{"model": "m", "messages": [{"content": "hi"}]}', "chat", "invalid_messages"),
+    (b'{"model": "m"}', "embeddings", "missing_input"),
+])
+async def test_a_malformed_body_is_a_request_error(raw: bytes, endpoint: str, code: str) -> None:
+    after = Recorder()
+    with pytest.raises(RequestError) as caught:
+        await Attribute({})(_arrived(raw, endpoint), after)
+    assert caught.value.code == code
+    assert not after.called
