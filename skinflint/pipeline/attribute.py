@@ -85,7 +85,7 @@ class Attribute:
         if mode == "bypass":  # said even when no cache stage runs to say it
             ctx.cache = CacheDecision("bypass", CacheBypass.CLIENT)
         ctx.task = h.get("x-skinflint-task", "")
-        ctx.stream = body.get("stream") is True
+        ctx.stream = ctx.endpoint == "chat" and body.get("stream") is True  # embeddings never
         opts = body.get("stream_options")
         ctx.client_wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         ctx.request_hash = request_hash(ctx.endpoint, body)

@@ -114,6 +114,12 @@ async def test_stream_and_usage_flags(fields: dict[str, Any], stream: bool,
     assert (ctx.stream, ctx.client_wants_usage) == (stream, wants_usage)
 
 
+async def test_an_embeddings_request_never_streams() -> None:
+    """OpenAI's embeddings endpoint has no stream: the flag is not passed on or replayed."""
+    ctx = await _attribute(_arrived({"model": "e", "input": "x", "stream": True}, "embeddings"))
+    assert not ctx.stream
+
+
 async def test_the_body_model_and_task_are_read() -> None:
     ctx = await _attribute(_arrived(chat(model="auto", temperature=0),
                                     **{"x-skinflint-task": "code"}))

@@ -163,8 +163,6 @@ async def test_a_streamed_cascade_calls_whole_answers_and_replays_the_chosen_one
     assert chunks[-1]["usage"]["completion_tokens"] == 2  # the ledger needs it
 
 
-@pytest.mark.xfail(strict=True, reason="Route.resolve memoises every model name a client sends "
-                   "when a default provider is set: memory grows without bound")
 async def test_model_names_from_clients_are_not_remembered_without_bound() -> None:
     """With a default provider any name resolves, and names come from the client: remembering
     each would let clients grow the gateway's memory at will (as the cache's policy memo and
