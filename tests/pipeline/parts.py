@@ -3,10 +3,12 @@ records what it was handed and answers as scripted, and a provider that does the
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
 import orjson
 
 from skinflint.models import Completion, StreamChunk, UpstreamRequest
@@ -107,3 +109,25 @@ class Scripted:
 
     async def close(self) -> None:
         return None
+
+
+class Embedder:
+    """The same words, case and punctuation aside, give the same unit vector; counts its calls
+    and fails while ``failing`` is set."""
+
+    name, dim = "test", 4
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failing = False
+
+    def embed(self, texts: list[str]) -> Any:
+        self.calls += 1
+        if self.failing:
+            raise RuntimeError("embedder down")
+        rows = []
+        for text in texts:
+            words = re.findall(r"[a-z]+", text.lower())
+            v = np.asarray([1.0, len(words), sum(map(len, words)) % 7, 1.0], dtype=np.float32)
+            rows.append(v / np.linalg.norm(v))
+        return np.asarray(rows, dtype=np.float32)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from skinflint.config import CacheConfig
@@ -18,6 +16,7 @@ from skinflint.models import CacheBypass
 from skinflint.pipeline.cache import Policy, ResponseCache
 from skinflint.pipeline.context import RequestContext
 from skinflint.storage.cache import MemoryCacheStore, TieredCacheStore
+from tests.pipeline.parts import Embedder
 
 ANSWER = {"model": "m", "choices": [{"index": 0, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": "42"}}]}
@@ -177,20 +176,6 @@ async def test_the_cache_follows_invalidations_made_elsewhere(tmp_path: Path) ->
         await other.close()
 
 
-class _Embedder:
-    """The same words, case and punctuation aside, give the same unit vector."""
-
-    name, dim = "test", 4
-
-    def embed(self, texts: list[str]) -> Any:
-        rows = []
-        for text in texts:
-            words = re.findall(r"[a-z]+", text.lower())
-            v = np.asarray([1.0, len(words), sum(map(len, words)) % 7, 1.0], dtype=np.float32)
-            rows.append(v / np.linalg.norm(v))
-        return np.asarray(rows, dtype=np.float32)
-
-
 async def test_a_semantic_hit_serves_the_stored_answer_of_a_similar_question(
         tmp_path: Path) -> None:
     from skinflint.pipeline.embedding import GuardedEmbedder
@@ -200,7 +185,7 @@ async def test_a_semantic_hit_serves_the_stored_answer_of_a_similar_question(
     cache = ResponseCache(CacheConfig.model_validate({"semantic": {"enabled": True}}),
                           MemoryCacheStore(), metrics, threshold=0.99, verifier=True)
     index = LocalSemanticIndex(str(tmp_path / "s.db"), "test", 4)
-    cache.open_semantic(GuardedEmbedder(_Embedder(), metrics), index)
+    cache.open_semantic(GuardedEmbedder(Embedder(), metrics), index)
     first = _request()
     first.body["messages"][0]["content"] = "What is the capital of France"
     assert await cache.lookup(first) is None

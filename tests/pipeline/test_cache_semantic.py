@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from skinflint.config import settings_from_dict
@@ -19,31 +17,9 @@ from skinflint.pipeline.context import MISS, CacheDecision, RequestContext
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.storage.cache import MemoryCacheStore
 from skinflint.storage.semantic import LocalSemanticIndex
-from tests.pipeline.parts import Recorder, answer, chat, context
+from tests.pipeline.parts import Embedder, Recorder, answer, chat, context
 
 STORED = answer("Paris", usage=(7, 1))
-
-
-class Embedder:
-    """The same words, case and punctuation aside, give the same unit vector; counts its calls
-    and fails while ``failing`` is set."""
-
-    name, dim = "test", 4
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.failing = False
-
-    def embed(self, texts: list[str]) -> Any:
-        self.calls += 1
-        if self.failing:
-            raise RuntimeError("embedder down")
-        rows = []
-        for text in texts:
-            words = re.findall(r"[a-z]+", text.lower())
-            v = np.asarray([1.0, len(words), sum(map(len, words)) % 7, 1.0], dtype=np.float32)
-            rows.append(v / np.linalg.norm(v))
-        return np.asarray(rows, dtype=np.float32)
 
 
 def _cache(semantic: dict[str, Any] | None = None) -> ResponseCache:
