@@ -28,7 +28,9 @@ import orjson
 
 from skinflint.models import LedgerRecord
 
-__all__ = ["LedgerSpill"]
+__all__ = ["SPILL_NAME", "LedgerSpill"]
+
+SPILL_NAME = "skinflint-ledger-spill.jsonl"  # the file's name, beside the SQLite database
 
 log = logging.getLogger("skinflint.storage")
 
@@ -44,16 +46,24 @@ class LedgerSpill:
 
     def save(self, records: list[LedgerRecord]) -> None:
         """Append ``records`` (every record still held, loaded ones included) to the file,
-        sync it to disk, and drop this process's claims, whose records are now in the file."""
+        sync it to disk, and drop this process's claims, whose records are now in the file.
+        Raises OSError when the file cannot be written (then it is left as it was)."""
         if records:
             lines = b"".join(orjson.dumps(dataclasses.asdict(r)) + b"\n" for r in records)
-            with self.path.open("ab") as f:
+            with self.path.open("ab", buffering=0) as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # other workers may save at the same moment
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            log.warning("ledger: %d records the server could not take are saved in %s; the next "
-                        "start writes them", len(records), self.path)
+                size = f.seek(0, os.SEEK_END)
+                try:
+                    view = memoryview(lines)
+                    while view:
+                        view = view[f.write(view):]
+                    os.fsync(f.fileno())
+                except OSError:  # a full disk: no partial save, whose lines would be written
+                    f.truncate(size)  # twice (the caller still holds them)
+                    raise
+            log.warning("ledger: %d records the database could not take are saved in %s; they "
+                        "are written first when it does, at the latest at the next start",
+                        len(records), self.path)
         self.written()
 
     def load(self) -> list[LedgerRecord]:
