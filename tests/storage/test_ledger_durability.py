@@ -14,11 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from skinflint.models import LedgerRecord
 from skinflint.storage.ledger import SQLiteLedger
 from skinflint.storage.spill import SPILL_NAME
+from tests.conftest import GatewayFactory, ledger_rows
+from tests.fake_upstream import FakeUpstream
 
 FAST = {"flush_interval": 0.02, "busy_timeout": 0.1, "retry": (0.05, 0.2)}
 
@@ -180,3 +183,31 @@ def test_a_full_disk_holds_records_until_space_returns(
         finally:
             ledger.close()
         assert len(record_ids(db)) == 400
+
+
+def test_through_the_gateway_a_16s_lock_loses_no_paid_call(
+    make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path,
+) -> None:
+    """SLOW (~17 s), on purpose: the realistic case, with the default settings. A backup or a
+    ``sqlite3`` session holds the ledger's lock for 16 s, three times the 5 s busy timeout,
+    while clients keep calling; every upstream call must have its row once the lock goes."""
+    gateway = make_gateway()
+    db = tmp_path / "skinflint.db"
+    with openai.OpenAI(base_url=gateway.base_url, api_key="k", max_retries=0, timeout=10) as c:
+        c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "0"}])
+        assert len(ledger_rows(db, expect=1)) == 1
+        with locked(db):
+            held_until = time.monotonic() + 16
+            sent = 0
+            while time.monotonic() < held_until:
+                c.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"q {sent}"}])
+                sent += 1
+                time.sleep(0.1)
+            assert len(ledger_rows(db)) == 1
+        released = time.monotonic()
+        rows = ledger_rows(db, expect=len(fake.requests), wait=10)
+        drained = time.monotonic() - released
+    assert len(fake.requests) == sent + 1
+    assert len(rows) == len(fake.requests)
+    assert drained < 6  # the writer is waiting on the lock, or retries within 5 s
