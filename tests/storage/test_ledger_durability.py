@@ -23,7 +23,12 @@ from skinflint.storage.spill import SPILL_NAME
 from tests.conftest import GatewayFactory, ledger_rows
 from tests.fake_upstream import FakeUpstream
 
-FAST = {"flush_interval": 0.02, "busy_timeout": 0.1, "retry": (0.05, 0.2)}
+
+def fast_ledger(db: Path, *, max_held: int = 100_000) -> SQLiteLedger:
+    """A ledger that gives up on a lock after 0.1 s and retries within 0.2 s, its spill file
+    beside the database."""
+    return SQLiteLedger(str(db), spill=db.parent / SPILL_NAME, max_held=max_held,
+                        flush_interval=0.02, busy_timeout=0.1, retry=(0.05, 0.2))
 
 
 @contextlib.contextmanager
@@ -72,7 +77,7 @@ def spill_files(directory: Path) -> list[Path]:
 
 def test_a_lock_held_past_the_busy_timeout_loses_no_record(tmp_path: Path) -> None:
     db = tmp_path / "skinflint.db"
-    ledger = SQLiteLedger(str(db), spill=tmp_path / SPILL_NAME, **FAST)  # type: ignore[arg-type]
+    ledger = fast_ledger(db)
     try:
         with locked(db):
             for r in records(300):
@@ -91,7 +96,7 @@ def test_past_max_held_records_wait_in_the_spill_file_then_are_written_first(
     tmp_path: Path,
 ) -> None:
     db, spill = tmp_path / "skinflint.db", tmp_path / SPILL_NAME
-    ledger = SQLiteLedger(str(db), spill=spill, max_held=50, **FAST)  # type: ignore[arg-type]
+    ledger = fast_ledger(db, max_held=50)
     try:
         with locked(db):
             for r in records(120):
@@ -116,7 +121,7 @@ def test_close_while_locked_saves_what_is_held_and_the_next_start_writes_it(
     tmp_path: Path,
 ) -> None:
     db, spill = tmp_path / "skinflint.db", tmp_path / SPILL_NAME
-    ledger = SQLiteLedger(str(db), spill=spill, **FAST)  # type: ignore[arg-type]
+    ledger = fast_ledger(db)
     with locked(db):
         for r in records(40):
             ledger.record(r)
@@ -166,8 +171,7 @@ def test_a_full_disk_holds_records_until_space_returns(
     the failure to save them is logged with their count."""
     with small_disk(tmp_path / "disk", "1m") as disk:
         db = disk / "skinflint.db"
-        ledger = SQLiteLedger(str(db), spill=disk / SPILL_NAME, max_held=100,
-                              **FAST)  # type: ignore[arg-type]
+        ledger = fast_ledger(db, max_held=100)
         try:
             filler = fill(disk)
             with caplog.at_level(logging.WARNING, logger="skinflint.storage"):
