@@ -1,0 +1,106 @@
+"""A request still running when the server stops for good (a second Ctrl-C, or the graceful
+period is over) gets an OpenAI-shaped 503 ``shutdown`` and a ledger row that says so."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+import yaml
+
+from skinflint.config import settings_from_dict
+from skinflint.server.app import App
+from tests.conftest import base_config, ledger_rows
+from tests.fake_upstream import FakeUpstream
+
+SLOW = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "[[fault:delay=20]] hi"}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _call_in_background(url: str) -> tuple[threading.Thread, dict[str, httpx.Response]]:
+    answer: dict[str, httpx.Response] = {}
+
+    def call() -> None:
+        answer["r"] = httpx.post(url + "/v1/chat/completions", json=SLOW, timeout=30)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread, answer
+
+
+def _wait_for(condition: Callable[[], Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _assert_shut_down(answer: httpx.Response, db: Path) -> None:
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json()["error"]["code"] == "shutdown"
+    assert answer.json()["error"]["type"] == "server_error"
+    rows = ledger_rows(db, expect=1)
+    assert [(r["status"], r["error_type"]) for r in rows] == [(503, "shutdown")]
+
+
+def test_a_second_ctrl_c_answers_503_and_writes_the_row(fake: FakeUpstream, tmp_path: Path) -> None:
+    db, config = tmp_path / "skinflint.db", tmp_path / "skinflint.yaml"
+    config.write_text(yaml.safe_dump(base_config(fake, db)))
+    port = _free_port()
+    with subprocess.Popen(
+        [sys.executable, "-m", "skinflint.cli", "serve", "--config", str(config),
+         "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert "listening" in proc.stdout.readline()
+            thread, answer = _call_in_background(f"http://127.0.0.1:{port}")
+            _wait_for(lambda: fake.requests)
+            proc.send_signal(signal.SIGINT)  # waits for the running request...
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)  # ...until the second Ctrl-C
+            thread.join(timeout=20)
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    _assert_shut_down(answer["r"], db)
+
+
+def test_past_the_graceful_timeout_a_request_answers_503(fake: FakeUpstream, tmp_path: Path) -> None:
+    db = tmp_path / "skinflint.db"
+    app = App(settings_from_dict(base_config(fake, db), env={}))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
+                                           timeout_graceful_shutdown=0.5))
+    runner = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    runner.start()
+    try:
+        _wait_for(lambda: server.started)
+        thread, answer = _call_in_background(f"http://127.0.0.1:{sock.getsockname()[1]}")
+        _wait_for(lambda: fake.requests)
+        server.should_exit = True
+        thread.join(timeout=20)
+    finally:
+        server.should_exit = True
+        runner.join(timeout=20)
+        sock.close()
+    _assert_shut_down(answer["r"], db)
