@@ -104,3 +104,56 @@ def test_past_the_graceful_timeout_a_request_answers_503(fake: FakeUpstream, tmp
         runner.join(timeout=20)
         sock.close()
     _assert_shut_down(answer["r"], db)
+
+
+def test_sigkill_loses_at_most_the_last_flush_interval(fake: FakeUpstream, tmp_path: Path) -> None:
+    """A killed process cannot write what it holds: what is lost must be no more than the calls
+    of the last ``ledger_flush_interval`` (0.2 s here, the default), plus scheduling slack."""
+    db, config = tmp_path / "skinflint.db", tmp_path / "skinflint.yaml"
+    settings = base_config(fake, db)
+    settings["storage"]["ledger_flush_interval"] = 0.2
+    config.write_text(yaml.safe_dump(settings))
+    port = _free_port()
+    done: list[float] = []  # when each answer arrived
+    with subprocess.Popen(
+        [sys.executable, "-m", "skinflint.cli", "serve", "--config", str(config),
+         "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert "listening" in proc.stdout.readline()
+            stop = threading.Event()
+
+            def load() -> None:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=10) as c:
+                    for i in range(100_000):
+                        if stop.is_set():
+                            return
+                        body = {"model": "gpt-4o-mini",
+                                "messages": [{"role": "user", "content": f"q {i}"}]}
+                        try:
+                            c.post("/chat/completions", json=body).raise_for_status()
+                        except httpx.TransportError:
+                            return  # killed
+                        done.append(time.monotonic())
+
+            client = threading.Thread(target=load)
+            client.start()
+            _wait_for(lambda: len(done) >= 50)
+            time.sleep(1.0)
+            killed = time.monotonic()
+            proc.kill()
+            proc.wait(timeout=10)
+            stop.set()
+            client.join(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+    calls, rows = len(fake.requests), len(ledger_rows(db))
+    window = 0.2 + 0.5  # the flush interval, and slack for a loaded machine
+    recent = sum(1 for t in done if t > killed - window)
+    print(f"SIGKILL: {calls} upstream calls, {rows} rows, {calls - rows} lost; "
+          f"{recent} answers in the last {window} s")
+    assert calls - rows <= recent + 1  # the one in flight when killed
