@@ -9,7 +9,8 @@ locked past its busy timeout, the disk is full or read-only) is never dropped:
 * past ``max_held`` records, everything held is saved to the spill file
   (:class:`~skinflint.storage.spill.LedgerSpill`), and loaded and written first when the
   database takes writes again; records that were spilled by an earlier process are written
-  when the writer starts, before the gateway serves;
+  when the writer starts, before the gateway serves. With no spill file (library use), the
+  oldest records beyond ``max_held`` are dropped, and logged;
 * ``close`` tries once more, then saves what is left to the spill file. Only when that file
   cannot be written either (the same full disk) are records lost, and the count is logged.
 
@@ -157,8 +158,14 @@ class LedgerWriter:
         self._retry_at = 0.0
 
     def _save_held(self) -> None:
-        """Move everything held to the spill file; when it cannot be written, keep holding."""
+        """Move everything held to the spill file; when it cannot be written, keep holding.
+        With no spill file, keep the newest ``max_held`` records and drop the others."""
         if self._spill is None:
+            lost = len(self._held) - self.max_held
+            if lost > 0:
+                del self._held[:lost]
+                log.error("%s: dropped the %d oldest held records (no spill file)",
+                          self._name, lost)
             return
         try:
             self._spill.save(self._held)
