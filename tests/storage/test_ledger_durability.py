@@ -19,7 +19,7 @@ import pytest
 
 from skinflint.models import LedgerRecord
 from skinflint.storage.ledger import SQLiteLedger
-from skinflint.storage.spill import SPILL_NAME
+from skinflint.storage.spill import SPILL_NAME, LedgerSpill
 from tests.conftest import GatewayFactory, ledger_rows
 from tests.fake_upstream import FakeUpstream
 
@@ -215,3 +215,35 @@ def test_through_the_gateway_a_16s_lock_loses_no_paid_call(
     assert len(fake.requests) == sent + 1
     assert len(rows) == len(fake.requests)
     assert drained < 6  # the writer is waiting on the lock, or retries within 5 s
+
+
+def test_the_gateway_writes_a_spilled_ledger_before_it_serves(
+    make_gateway: GatewayFactory, tmp_path: Path,
+) -> None:
+    """What an earlier gateway saved beside the database is in the ledger once the gateway is
+    up, before any request (the spill file uses the PostgreSQL ledger's name)."""
+    db = tmp_path / "skinflint.db"
+    SQLiteLedger(str(db)).close()  # an earlier gateway's file
+    LedgerSpill(tmp_path / SPILL_NAME).save(records(25))
+    make_gateway()
+    assert record_ids(db) == [r.request_id for r in records(25)]
+    assert spill_files(tmp_path) == []
+
+
+def test_with_no_spill_file_the_oldest_records_past_max_held_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Library use with no spill file: memory stays bounded, and the loss is logged."""
+    db = tmp_path / "skinflint.db"
+    ledger = SQLiteLedger(str(db), max_held=5, flush_interval=0.02, busy_timeout=0.1,
+                          retry=(0.05, 0.2))
+    try:
+        with locked(db), caplog.at_level(logging.ERROR, logger="skinflint.storage"):
+            for r in records(10):
+                ledger.record(r)
+            time.sleep(0.4)
+            assert ledger.held == 5
+            assert "dropped the 5 oldest held records" in caplog.text
+        assert wait_for_ids(db, 5) == [r.request_id for r in records(10)[5:]]
+    finally:
+        ledger.close()
