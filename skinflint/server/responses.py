@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
-from skinflint.errors import SkinflintError
+from skinflint.errors import ShuttingDownError, SkinflintError
 from skinflint.models import StreamChunk
 from skinflint.pipeline import RequestContext
 
@@ -110,6 +111,13 @@ class Responder:
             tail = b"data: [DONE]\n\n"
         except SkinflintError as exc:
             tail = b"data: " + error_body(exc) + b"\n\n"
+        except asyncio.CancelledError:
+            if not self.client_gone:  # the server is stopping: say so, and end the body
+                self.finished = True
+                shutdown = ShuttingDownError("the gateway is shutting down; retry")
+                await send({"type": "http.response.body",
+                            "body": b"data: " + error_body(shutdown) + b"\n\n"})
+            raise
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:

@@ -3,13 +3,15 @@ period is over) gets an OpenAI-shaped 503 ``shutdown`` and a ledger row that say
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,26 +86,60 @@ def test_a_second_ctrl_c_answers_503_and_writes_the_row(fake: FakeUpstream, tmp_
     _assert_shut_down(answer["r"], db)
 
 
-def test_past_the_graceful_timeout_a_request_answers_503(fake: FakeUpstream, tmp_path: Path) -> None:
-    db = tmp_path / "skinflint.db"
+@contextlib.contextmanager
+def _server_with_a_short_grace(fake: FakeUpstream, db: Path) -> Iterator[uvicorn.Server]:
+    """The gateway under uvicorn, whose graceful shutdown gives requests 0.5 s."""
     app = App(settings_from_dict(base_config(fake, db), env={}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning",
-                                           timeout_graceful_shutdown=0.5))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="critical",
+                                           timeout_graceful_shutdown=0.5, port=0))
+    server.config.port = sock.getsockname()[1]
     runner = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
     runner.start()
     try:
         _wait_for(lambda: server.started)
-        thread, answer = _call_in_background(f"http://127.0.0.1:{sock.getsockname()[1]}")
-        _wait_for(lambda: fake.requests)
-        server.should_exit = True
-        thread.join(timeout=20)
+        yield server
     finally:
         server.should_exit = True
         runner.join(timeout=20)
         sock.close()
+
+
+def test_past_the_graceful_timeout_a_request_answers_503(fake: FakeUpstream, tmp_path: Path) -> None:
+    db = tmp_path / "skinflint.db"
+    with _server_with_a_short_grace(fake, db) as server:
+        thread, answer = _call_in_background(f"http://127.0.0.1:{server.config.port}")
+        _wait_for(lambda: fake.requests)
+        server.should_exit = True
+        thread.join(timeout=20)
     _assert_shut_down(answer["r"], db)
+
+
+def test_past_the_graceful_timeout_a_stream_ends_with_a_shutdown_event(
+    fake: FakeUpstream, tmp_path: Path,
+) -> None:
+    db = tmp_path / "skinflint.db"
+    body = {**SLOW, "stream": True,
+            "messages": [{"role": "user", "content": "[[fault:chunk_delay=0.3]] a long story"}]}
+    lines: list[str] = []
+    with _server_with_a_short_grace(fake, db) as server:
+        def call() -> None:
+            with httpx.stream("POST", f"http://127.0.0.1:{server.config.port}/v1/chat/completions",
+                              json=body, timeout=30) as r:
+                for line in r.iter_lines():  # a body cut short would raise here
+                    lines.append(line)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        _wait_for(lambda: len(lines) >= 2)
+        server.should_exit = True
+        thread.join(timeout=20)
+    events = [line.removeprefix("data: ") for line in lines if line]
+    assert json.loads(events[-1])["error"]["code"] == "shutdown"
+    assert "[DONE]" not in events
+    rows = ledger_rows(db, expect=1)
+    assert [(r["status"], r["error_type"]) for r in rows] == [(503, "shutdown")]
 
 
 def test_sigkill_loses_at_most_the_last_flush_interval(fake: FakeUpstream, tmp_path: Path) -> None:
