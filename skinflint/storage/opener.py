@@ -190,7 +190,7 @@ class Storage:
 
             if self.existing:  # read by a command: it writes nothing
                 return await PostgresLedger.create(where)
-            # What the server cannot take at shutdown waits on local disk for the next start.
+            # What the server does not take waits on local disk, beside the SQLite file.
             spill = Path(st.sqlite_path).parent / SPILL_NAME
             return await PostgresLedger.create(
                 where, flush_interval=st.ledger_flush_interval, spill=spill)
