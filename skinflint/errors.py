@@ -6,6 +6,7 @@
     │   ├── BodyTooLargeError           413
     │   ├── UnknownModelError           404 model_not_found
     │   └── AuthenticationError         401 authentication_error
+    ├── ShuttingDownError               503 shutdown (the server stopped before answering)
     └── UpstreamError                   502 upstream_error (a provider failed)
         ├── UpstreamStatusError         the provider's own 4xx/5xx, relayed with its status
         ├── UpstreamTimeoutError        504 timeout
@@ -25,6 +26,7 @@ __all__ = [
     "BodyTooLargeError",
     "ConfigError",
     "RequestError",
+    "ShuttingDownError",
     "SkinflintError",
     "UnknownModelError",
     "UpstreamConnectionError",
@@ -84,6 +86,15 @@ class AuthenticationError(RequestError):
     status = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+
+class ShuttingDownError(SkinflintError):
+    """The server is stopping and cancelled a request still running (a second Ctrl-C, or the
+    graceful-shutdown timeout ran out); the client may retry against another server."""
+
+    status = 503
+    error_type = "server_error"
+    code = "shutdown"
 
 
 class UpstreamError(SkinflintError):

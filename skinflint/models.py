@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "CASCADE_ATTEMPT",
+    "CLIENT_LEFT",
     "CacheBypass",
     "Completion",
     "LedgerRecord",
@@ -87,6 +88,10 @@ class StreamChunk:
 #: The ``strategy`` of a ledger row for a cascade tier that was called but whose answer was
 #: not returned (escalated or failed): its cost counts, but it is not a client request.
 CASCADE_ATTEMPT = "cascade_escalated"
+
+#: The message a request is cancelled with when its client disconnects. A request cancelled
+#: with no message was cancelled by the server shutting down.
+CLIENT_LEFT = "client disconnected"
 
 
 @dataclass(slots=True)

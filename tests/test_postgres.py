@@ -6,6 +6,7 @@ The cache-store contract all stores share is in :mod:`tests.test_cache_stores`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,35 @@ def test_ledger_keeps_records_through_failures(pg_url: str) -> None:
         ledger.flush()  # the broken connection fails once more; the records stay held
         ledger.flush()  # reconnects and writes them all
         assert ledger.query() == records(11)
+    finally:
+        admin.close()
+        ledger.close()
+
+
+def test_ledger_retries_held_records_by_itself_and_spills_past_max_held(
+    pg_url: str, tmp_path: Path,
+) -> None:
+    """Records the server refuses are written once it takes them, with no new record to carry
+    them; past ``max_held`` they wait in the spill file rather than being dropped."""
+    spill = tmp_path / "spill.jsonl"
+    ledger = PostgresLedger(pg_url, flush_interval=0.05, max_held=5, spill=spill)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        admin.execute("ALTER TABLE skinflint_ledger RENAME TO away")
+        for record in records(10):
+            ledger.record(record)
+        deadline = time.monotonic() + 10
+        while not spill.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spill.is_file()
+        admin.execute("ALTER TABLE away RENAME TO skinflint_ledger")
+        count = 0
+        while count < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            row = admin.execute("SELECT COUNT(*) FROM skinflint_ledger").fetchone()
+            count = row[0] if row else 0
+        assert ledger.query() == records(10)
+        assert list(tmp_path.iterdir()) == []
     finally:
         admin.close()
         ledger.close()

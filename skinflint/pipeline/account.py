@@ -12,10 +12,10 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from skinflint.errors import SkinflintError
+from skinflint.errors import ShuttingDownError, SkinflintError
 from skinflint.interfaces import Ledger
 from skinflint.metrics import Metrics
-from skinflint.models import CASCADE_ATTEMPT, LedgerRecord, StreamChunk, Usage
+from skinflint.models import CASCADE_ATTEMPT, CLIENT_LEFT, LedgerRecord, StreamChunk, Usage
 from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.context import Costs, Next, Reply, RequestContext
 from skinflint.pricing import PriceCatalog
@@ -81,6 +81,8 @@ class Account:
     def _mark_failure(ctx: RequestContext, exc: BaseException) -> None:
         if isinstance(exc, SkinflintError):
             ctx.status, ctx.error_type = exc.status, exc.code or exc.error_type
+        elif isinstance(exc, asyncio.CancelledError) and exc.args != (CLIENT_LEFT,):
+            ctx.status, ctx.error_type = ShuttingDownError.status, ShuttingDownError.code or ""
         elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
             ctx.status, ctx.error_type = CLIENT_CLOSED, "client_disconnected"
         else:

@@ -14,8 +14,15 @@ from typing import Any
 import orjson
 
 from skinflint.config import Settings, hash_key
-from skinflint.errors import AuthenticationError, BodyTooLargeError, RequestError, SkinflintError
+from skinflint.errors import (
+    AuthenticationError,
+    BodyTooLargeError,
+    RequestError,
+    ShuttingDownError,
+    SkinflintError,
+)
 from skinflint.gateway import Gateway
+from skinflint.models import CLIENT_LEFT
 from skinflint.pipeline import Reply, RequestContext
 from skinflint.server.model_list import ModelList
 from skinflint.server.responses import Responder, skinflint_headers
@@ -23,6 +30,9 @@ from skinflint.server.responses import Responder, skinflint_headers
 __all__ = ["App"]
 
 log = logging.getLogger("skinflint.server")
+
+#: How long stopping waits for the requests it cancelled to answer and record their rows.
+CANCELLED_GRACE = 5.0
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -72,6 +82,8 @@ class App:
         self._model_list: ModelList | None = None
         #: Why start-up failed, when the configuration is at fault (e.g. its database is down).
         self.startup_error: SkinflintError | None = None
+        self._running: set[asyncio.Task[Any]] = set()  # pipeline requests not yet answered
+        self._stopped = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -92,10 +104,24 @@ class App:
                         return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.gateway is not None and self._owns_gateway:
-                    await self.gateway.close()
+                await self.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def stop(self, *, cancel: bool = False) -> None:
+        """Close the gateway once the requests still running have answered and recorded their
+        ledger rows; with ``cancel``, cancel them first (each answers 503 ``shutdown``). The
+        server calls it at shutdown, after its graceful period; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if cancel:
+            for task in self._running:
+                task.cancel()
+        if self._running:  # cancelled by the server: they are unwinding
+            await asyncio.wait(set(self._running), timeout=CANCELLED_GRACE)
+        if self.gateway is not None and self._owns_gateway:
+            await self.gateway.close()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = _ROUTES.get((scope["method"], scope["path"]))
@@ -110,11 +136,11 @@ class App:
         try:
             await handler(self, scope, receive, out)
         except asyncio.CancelledError:
-            if not out.client_gone:
-                raise
             task = asyncio.current_task()
             assert task is not None
-            task.uncancel()  # we cancelled ourselves because the client left
+            task.uncancel()  # we cancelled ourselves because the client left, or the server
+            if not out.client_gone:  # stops (a second Ctrl-C, the graceful period is over)
+                await out.error(ShuttingDownError("the gateway is shutting down; retry"))
         except _ClientGone:
             pass
         except SkinflintError as exc:
@@ -129,7 +155,7 @@ class App:
         message = await receive()
         if message["type"] == "http.disconnect" and not out.finished:
             out.client_gone = True
-            task.cancel()
+            task.cancel(msg=CLIENT_LEFT)
 
     def _require_admin(self, headers: dict[str, str]) -> None:
         if not self._admin_hash:
@@ -169,12 +195,14 @@ class App:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, out, task))
+        self._running.add(task)
         try:
             reply = await self.gateway.pipeline.handle(ctx)
             await self._reply(ctx, reply, out)
         except SkinflintError as exc:
             await out.error(exc, headers=skinflint_headers(ctx))
         finally:
+            self._running.discard(task)
             watcher.cancel()
 
     async def _reply(self, ctx: RequestContext, reply: Reply, out: Responder) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
-from skinflint.errors import SkinflintError
+from skinflint.errors import ShuttingDownError, SkinflintError
 from skinflint.models import StreamChunk
 from skinflint.pipeline import RequestContext
 
@@ -50,6 +52,15 @@ def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Header
         headers.append((b"x-skinflint-cost-usd", _usd(ctx.costs.cost_usd)))
         headers.append((b"x-skinflint-saved-usd", _usd(ctx.costs.saved_usd)))
     return headers
+
+
+async def _throw(chunks: AsyncIterator[StreamChunk], exc: BaseException) -> None:
+    """Raise ``exc`` in a stream suspended at a chunk, so that whoever accounts for it sees why
+    it ended (closing it would look like the client leaving); nothing when it has ended."""
+    athrow = getattr(chunks, "athrow", None)
+    if athrow is not None:
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await athrow(exc)
 
 
 def error_body(exc: SkinflintError) -> bytes:
@@ -110,6 +121,14 @@ class Responder:
             tail = b"data: [DONE]\n\n"
         except SkinflintError as exc:
             tail = b"data: " + error_body(exc) + b"\n\n"
+        except asyncio.CancelledError as exc:
+            if not self.client_gone:  # the server is stopping: say so, and end the body
+                self.finished = True
+                shutdown = ShuttingDownError("the gateway is shutting down; retry")
+                await send({"type": "http.response.body",
+                            "body": b"data: " + error_body(shutdown) + b"\n\n"})
+                await _throw(chunks, exc)
+            raise
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:

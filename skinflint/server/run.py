@@ -110,6 +110,11 @@ def serve(
             if self.started and on_listening:
                 on_listening(url)
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            if self.force_exit:  # a second Ctrl-C: uvicorn neither cancels nor shuts down
+                await app.stop(cancel=True)  # the requests answer 503, the ledger is written
+
     app = App(settings)
     server = Server(uvicorn.Config(app, **_UVICORN_OPTIONS))
     # a start-up error of the configuration is raised below for the caller to report once

@@ -1,19 +1,26 @@
 """Ledger backends: SQLite (WAL, batched by a writer thread) and in-memory.
 
 ``record`` only appends to a deque, so the event loop never waits for disk. A writer thread
-drains the deque every ``flush_interval`` seconds in one transaction; ``close`` drains what is
-left, so a graceful shutdown (SIGTERM) loses nothing.
+(:class:`~skinflint.storage.ledger_writer.LedgerWriter`) drains the deque every
+``flush_interval`` seconds in one transaction. A batch the file does not take (another process
+holds it locked past ``busy_timeout``, the disk is full) is held and retried until written,
+spilling to the ``spill`` file beyond ``max_held`` records; ``close`` drains what is left, and
+saves to the spill file what the database still refuses, so a graceful shutdown (SIGTERM) loses
+nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import fields
+from pathlib import Path
 
 from skinflint.models import LedgerRecord
-from skinflint.storage.writer import BatchWriter
+from skinflint.storage.ledger_writer import Insert, LedgerWriter
+from skinflint.storage.spill import LedgerSpill
 
 __all__ = ["MemoryLedger", "SQLiteLedger", "open_sqlite"]
 
@@ -28,12 +35,16 @@ _INSERT = "INSERT INTO ledger ({}) VALUES ({})".format(
 )
 
 
-def open_sqlite(path: str, *, check_same_thread: bool = False) -> sqlite3.Connection:
-    """A connection in WAL mode, as every embedded store uses."""
+def open_sqlite(
+    path: str, *, check_same_thread: bool = False, busy_timeout: float = 5.0,
+) -> sqlite3.Connection:
+    """A connection in WAL mode, as every embedded store uses, in autocommit mode (a write of
+    several statements opens its own transaction). It waits up to ``busy_timeout`` seconds for
+    a lock another connection holds."""
     conn = sqlite3.connect(path, check_same_thread=check_same_thread, isolation_level=None)
+    conn.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
 
@@ -75,18 +86,46 @@ def _create_table(conn: sqlite3.Connection) -> None:
 
 
 class SQLiteLedger:
-    def __init__(self, path: str, *, flush_interval: float = 0.2) -> None:
+    """The ledger in a SQLite file (see the module docstring). The constructor creates the
+    table and writes what an earlier process left in ``spill`` (blocking)."""
+
+    def __init__(
+        self, path: str, *, flush_interval: float = 0.2, busy_timeout: float = 5.0,
+        spill: str | Path | None = None, max_held: int = 100_000,
+        retry: tuple[float, float] = (0.5, 5.0),
+    ) -> None:
         self.path = path
-        self._conn = open_sqlite(path)
+        self._conn = open_sqlite(path, busy_timeout=busy_timeout)
         _create_table(self._conn)
-        self._writer = BatchWriter(self._write, interval=flush_interval, name="ledger")
+        self._writer = LedgerWriter(
+            self._transaction, interval=flush_interval, max_held=max_held, retry=retry,
+            spill=LedgerSpill(spill) if spill is not None else None,
+            close_timeout=2 * busy_timeout + 5)
+        self._writer.start()
 
     def record(self, record: LedgerRecord) -> None:
         self._writer.append(record)
 
-    def _write(self, batch: list[LedgerRecord]) -> None:
-        with self._conn:
-            self._conn.executemany(_INSERT, [_AS_ROW(r) for r in batch])
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Insert]:
+        """One write transaction, all or nothing: the connection is in autocommit mode."""
+        self._conn.execute("BEGIN IMMEDIATE")  # waits busy_timeout for another writer
+        try:
+            yield self._insert
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            raise
+
+    def _insert(self, batch: list[LedgerRecord]) -> None:
+        self._conn.executemany(_INSERT, [_AS_ROW(r) for r in batch])
+
+    @property
+    def held(self) -> int:
+        """Records recorded and not yet written, in memory."""
+        return self._writer.held
 
     def flush(self) -> None:
         self._writer.flush()

@@ -31,6 +31,7 @@ from skinflint.storage import sqlite_queries
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.ledger import SQLiteLedger
 from skinflint.storage.semantic import LocalSemanticIndex
+from skinflint.storage.spill import SPILL_NAME
 
 __all__ = [
     "LedgerFigures",
@@ -189,12 +190,18 @@ class Storage:
 
             if self.existing:  # read by a command: it writes nothing
                 return await PostgresLedger.create(where)
-            # What the server cannot take at shutdown waits on local disk for the next start.
-            spill = Path(st.sqlite_path).parent / "skinflint-ledger-spill.jsonl"
+            # What the server does not take waits on local disk, beside the SQLite file.
+            spill = Path(st.sqlite_path).parent / SPILL_NAME
             return await PostgresLedger.create(
                 where, flush_interval=st.ledger_flush_interval, spill=spill)
         self._must_exist(where)
-        return SQLiteLedger(where, flush_interval=st.ledger_flush_interval)
+        if self.existing or where == ":memory:":
+            return SQLiteLedger(where, flush_interval=st.ledger_flush_interval)
+        # What the file cannot take waits on disk beside it; the constructor writes what an
+        # earlier process left there, before the gateway serves.
+        return await asyncio.to_thread(
+            SQLiteLedger, where, flush_interval=st.ledger_flush_interval,
+            spill=Path(where).parent / SPILL_NAME)
 
     async def _open_cache(self) -> CacheStore:
         where, ex = self.location.cache, self.settings.cache.exact

@@ -16,11 +16,10 @@ from typing import Any
 
 import psycopg
 
-from skinflint.errors import ConfigError
 from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
+from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
 from skinflint.storage.spill import LedgerSpill
-from skinflint.storage.writer import BatchWriter
 
 __all__ = ["PostgresLedger"]
 
@@ -81,26 +80,23 @@ def _ledger_schema() -> list[str]:
 class PostgresLedger:
     """A :class:`~skinflint.interfaces.Ledger` in PostgreSQL, shared by every replica.
 
-    ``record`` only appends to a deque. A writer thread COPYs what is pending every
+    ``record`` only appends to a deque. A writer thread
+    (:class:`~skinflint.storage.ledger_writer.LedgerWriter`) COPYs what is pending every
     ``flush_interval`` seconds over its own connection, reconnecting after a failure; a batch
-    that could not be written is kept (up to ``max_held`` records, oldest dropped first, logged)
-    and written first next time. A write with no answer after ``write_timeout`` seconds (a hung
-    server, a silent network) is cut off and counts as a failure, so neither the writer nor
-    ``close`` waits forever. ``close`` writes what is left; what the server still does not take
-    is saved to the ``spill`` file when one is given
-    (:class:`~skinflint.storage.spill.LedgerSpill`), and the next ledger started with it writes
-    those records first. The constructor connects and creates the table (blocking); raises
-    ConfigError when that fails."""
+    that could not be written is held and retried until written, spilling to the ``spill`` file
+    (:class:`~skinflint.storage.spill.LedgerSpill`) beyond ``max_held`` records. A write with no
+    answer after ``write_timeout`` seconds (a hung server, a silent network) is cut off and
+    counts as a failure, so neither the writer nor ``close`` waits forever. ``close`` writes
+    what is left and saves to the spill file what the server still does not take; the next
+    ledger started with it writes those records first, in its constructor. The constructor
+    connects and creates the table (blocking); raises ConfigError when that fails."""
 
     def __init__(
         self, url: str, *, flush_interval: float = 0.2, max_held: int = 100_000,
         write_timeout: float = 10.0, spill: str | Path | None = None,
     ) -> None:
         self.url = url
-        self.max_held = max_held
         self.write_timeout = write_timeout
-        self._held: list[LedgerRecord] = []
-        self._spill = LedgerSpill(spill) if spill is not None else None
         self._lock = threading.Lock()  # the connection runs one statement at a time
         self._conn = self._connect()
         try:
@@ -111,9 +107,11 @@ class PostgresLedger:
         except psycopg.Error as exc:
             self._conn.close()
             raise config_error(url, exc) from exc
-        if self._spill is not None:
-            self._held = self._spill.load()
-        self._writer = BatchWriter(self._write, interval=flush_interval, name="pg-ledger")
+        self._writer = LedgerWriter(
+            self._copy, interval=flush_interval, max_held=max_held, name="pg-ledger",
+            spill=LedgerSpill(spill) if spill is not None else None,
+            close_timeout=2 * write_timeout + 5)
+        self._writer.start()
 
     @classmethod
     async def create(
@@ -141,32 +139,22 @@ class PostgresLedger:
     def record(self, record: LedgerRecord) -> None:
         self._writer.append(record)
 
-    def _write(self, batch: list[LedgerRecord]) -> None:
-        """Write the held records, then ``batch``, in one COPY (all or nothing)."""
+    @contextlib.contextmanager
+    def _copy(self) -> Iterator[Insert]:
+        """One COPY (all or nothing), cut off after ``write_timeout``."""
         with self._lock:
-            rows, self._held = self._held + batch, []
-            try:
-                conn = self._connection()
-                with _cut_off_after(conn, self.write_timeout), conn.cursor() as cur, \
-                        cur.copy(_COPY) as copy:
+            conn = self._connection()
+            with _cut_off_after(conn, self.write_timeout), conn.cursor() as cur, \
+                    cur.copy(_COPY) as copy:
+
+                def insert(rows: list[LedgerRecord]) -> None:
                     for record in rows:
                         copy.write_row(_AS_ROW(record))
-            except (psycopg.Error, ConfigError) as exc:
-                self._hold(rows, exc)
-            else:
-                if self._spill is not None:
-                    self._spill.written()
 
-    def _hold(self, rows: list[LedgerRecord], exc: Exception) -> None:
-        lost = max(0, len(rows) - self.max_held)
-        self._held = rows[lost:]
-        log.warning("postgres ledger: %d records held for the next write: %s", len(rows), exc)
-        if lost:
-            log.error("postgres ledger: dropped the %d oldest held records", lost)
+                yield insert
 
     def flush(self) -> None:
-        if not self._writer.flush() and self._held:  # it calls back only with new records
-            self._write([])
+        self._writer.flush()
 
     def query(self, since: float = 0.0) -> list[LedgerRecord]:
         """Every record with ``ts >= since``, oldest first, after writing what is pending."""
@@ -206,12 +194,6 @@ class PostgresLedger:
         return {str(reason): int(n) for reason, n in rows}
 
     def close(self) -> None:
-        if not self._writer.close() and self._held:
-            self._write([])
-        if self._spill is not None:
-            self._spill.save(self._held)  # also drops the claims of records loaded at start
-            self._held = []
-        if self._held:
-            log.error("postgres ledger: %d records could not be written", len(self._held))
+        self._writer.close()
         with self._lock:
             self._conn.close()

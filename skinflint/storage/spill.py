@@ -1,8 +1,11 @@
-"""Ledger records a shared ledger could not write before shutdown, kept on local disk.
+"""Ledger records the ledger's database could not take, kept on local disk.
 
-A PostgreSQL ledger that is down when the gateway stops would otherwise lose what it held. It
-:meth:`~LedgerSpill.save`\\ s those records to a JSON-lines file, and the next ledger started
-with the same path :meth:`~LedgerSpill.load`\\ s them and writes them first.
+A ledger whose database refuses writes (a PostgreSQL server down, a SQLite file locked by
+another process or on a full disk) would otherwise lose what it held when it holds too much, or
+when the gateway stops. Its writer (:mod:`skinflint.storage.ledger_writer`)
+:meth:`~LedgerSpill.save`\\ s those records to a JSON-lines file, then
+:meth:`~LedgerSpill.load`\\ s them and writes them first once the database takes writes again;
+the next ledger started with the same path does so when it starts.
 
 Several processes may share the path (``skinflint serve --workers N``), so every file is taken
 by an atomic rename before it is read: loading renames the file, and any claim left by a process
@@ -28,11 +31,14 @@ import orjson
 
 from skinflint.models import LedgerRecord
 
-__all__ = ["LedgerSpill"]
+__all__ = ["SPILL_NAME", "LedgerSpill"]
+
+SPILL_NAME = "skinflint-ledger-spill.jsonl"  # the file's name, beside the SQLite database
 
 log = logging.getLogger("skinflint.storage")
 
-_FIELDS = {f.name for f in dataclasses.fields(LedgerRecord)}
+_NAMES = [f.name for f in dataclasses.fields(LedgerRecord)]  # in the order orjson writes them
+_FIELDS = set(_NAMES)
 _HOST = socket.gethostname().replace(".", "-")
 _held: set[Path] = set()  # claims this process holds, not yet written or saved again
 
@@ -44,16 +50,25 @@ class LedgerSpill:
 
     def save(self, records: list[LedgerRecord]) -> None:
         """Append ``records`` (every record still held, loaded ones included) to the file,
-        sync it to disk, and drop this process's claims, whose records are now in the file."""
+        sync it to disk, and drop this process's claims, whose records are now in the file.
+        Raises OSError when the file cannot be written (then it is left as it was)."""
         if records:
-            lines = b"".join(orjson.dumps(dataclasses.asdict(r)) + b"\n" for r in records)
-            with self.path.open("ab") as f:
+            # orjson writes a dataclass as an object natively, ten times faster than asdict
+            lines = b"".join(orjson.dumps(r) + b"\n" for r in records)
+            with self.path.open("ab", buffering=0) as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # other workers may save at the same moment
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            log.warning("ledger: %d records the server could not take are saved in %s; the next "
-                        "start writes them", len(records), self.path)
+                size = f.seek(0, os.SEEK_END)
+                try:
+                    view = memoryview(lines)
+                    while view:
+                        view = view[f.write(view):]
+                    os.fsync(f.fileno())
+                except OSError:  # a full disk: no partial save, whose lines would be written
+                    f.truncate(size)  # twice (the caller still holds them)
+                    raise
+            log.warning("ledger: %d records the database could not take are saved in %s; they "
+                        "are written first when it does, at the latest at the next start",
+                        len(records), self.path)
         self.written()
 
     def load(self) -> list[LedgerRecord]:
@@ -77,7 +92,7 @@ class LedgerSpill:
             _held.add(claim)
             records += _parse(data, claim)
         if records:
-            log.warning("ledger: %d records saved at an earlier shutdown are written first",
+            log.warning("ledger: %d records saved in the spill file are written first",
                         len(records))
         return records
 
@@ -96,7 +111,10 @@ def _parse(data: bytes, path: Path) -> list[LedgerRecord]:
             continue
         try:
             row = orjson.loads(line)
-            records.append(LedgerRecord(**{k: v for k, v in row.items() if k in _FIELDS}))
+            if list(row) == _NAMES:  # written by this version: twice as fast
+                records.append(LedgerRecord(*row.values()))
+            else:
+                records.append(LedgerRecord(**{k: v for k, v in row.items() if k in _FIELDS}))
         except (orjson.JSONDecodeError, TypeError, AttributeError):
             bad += 1  # a line cut short by a crash or a full disk
     if bad:

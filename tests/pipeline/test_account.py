@@ -14,7 +14,14 @@ from skinflint.config import CacheConfig
 from skinflint.errors import RequestError, UnknownModelError, UpstreamStatusError
 from skinflint.interfaces import CacheEntry
 from skinflint.metrics import Metrics
-from skinflint.models import CASCADE_ATTEMPT, CacheBypass, LedgerRecord, StreamChunk, Usage
+from skinflint.models import (
+    CASCADE_ATTEMPT,
+    CLIENT_LEFT,
+    CacheBypass,
+    LedgerRecord,
+    StreamChunk,
+    Usage,
+)
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.context import (
@@ -172,7 +179,8 @@ async def test_a_bypassed_request_records_why() -> None:
     (RequestError("bad header", code="invalid_header"), 400, "invalid_header"),
     (UnknownModelError("no such model"), 404, "model_not_found"),
     (ValueError("bug"), 500, "ValueError"),
-    (asyncio.CancelledError(), 499, "client_disconnected"),
+    (asyncio.CancelledError(CLIENT_LEFT), 499, "client_disconnected"),
+    (asyncio.CancelledError(), 503, "shutdown"),  # cancelled by the server stopping
 ])
 async def test_a_failure_is_recorded_then_raised(error: BaseException, status: int,
                                                  error_type: str) -> None:
