@@ -5,7 +5,8 @@
     ├── RequestError                    400 invalid_request_error
     │   ├── BodyTooLargeError           413
     │   ├── UnknownModelError           404 model_not_found
-    │   └── AuthenticationError         401 authentication_error
+    │   ├── AuthenticationError         401 authentication_error
+    │   └── BudgetExceededError         429 budget_exceeded (with Retry-After)
     └── UpstreamError                   502 upstream_error (a provider failed)
         ├── UpstreamStatusError         the provider's own 4xx/5xx, relayed with its status
         ├── UpstreamTimeoutError        504 timeout
@@ -23,6 +24,7 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "BodyTooLargeError",
+    "BudgetExceededError",
     "ConfigError",
     "RequestError",
     "SkinflintError",
@@ -84,6 +86,20 @@ class AuthenticationError(RequestError):
     status = 401
     error_type = "authentication_error"
     code = "invalid_api_key"
+
+
+class BudgetExceededError(RequestError):
+    """A budget with ``action: block`` would be passed. ``retry_after``: seconds until its
+    window resets, sent as ``Retry-After``."""
+
+    status = 429
+    error_type = "budget_exceeded"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, budget: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.retry_after = retry_after
 
 
 class UpstreamError(SkinflintError):

@@ -16,10 +16,16 @@ import numpy.typing as npt
 from skinflint.models import Completion, LedgerRecord, StreamChunk, UpstreamRequest
 
 __all__ = [
+    "Admission",
+    "Amounts",
+    "BudgetCounters",
     "CacheEntry",
     "CacheStore",
+    "Claim",
+    "CounterRow",
     "InvalidationFeed",
     "Ledger",
+    "Limits",
     "Provider",
     "SemanticIndex",
     "Vector",
@@ -132,5 +138,97 @@ class SemanticIndex(Protocol):
     async def remove(self, key: str) -> None: ...
 
     async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Amounts:
+    """What a budget counts: USD, requests, tokens (input + output)."""
+
+    usd: float = 0.0
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A budget's limits per window; None: that amount is not limited."""
+
+    usd: float | None = None
+    requests: int | None = None
+    tokens: int | None = None
+
+    def used(self, committed: Amounts) -> float:
+        """The largest fraction of a limit that ``committed`` takes (inf past a zero limit)."""
+        most = 0.0
+        for cap, value in ((self.usd, committed.usd), (self.requests, committed.requests),
+                           (self.tokens, committed.tokens)):
+            if cap is not None:
+                most = max(most, value / cap if cap else (float("inf") if value else 0.0))
+        return most
+
+    def fits(self, committed: Amounts) -> bool:
+        """True when ``committed`` stays within every limit (USD to a millionth of a cent)."""
+        return ((self.usd is None or committed.usd <= self.usd + 1e-8)
+                and (self.requests is None or committed.requests <= self.requests)
+                and (self.tokens is None or committed.tokens <= self.tokens))
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One budget's counter as a request meets it: the counter (budget, subject, window),
+    the budget's limits, what the request may cost at most, and whether passing the limit
+    refuses the request (``hard``) or only reports it."""
+
+    budget: str
+    subject: str
+    window_start: float  # unix seconds, UTC calendar window
+    window_end: float
+    limits: Limits
+    amount: Amounts
+    hard: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of :meth:`BudgetCounters.reserve`. ``blocked``: the index of the first hard
+    claim the request would take past its limit, and then nothing was reserved. ``before`` and
+    ``after``: per claim, :meth:`Limits.used` of spent + reserved before and after it."""
+
+    blocked: int | None
+    before: tuple[float, ...]
+    after: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRow:
+    budget: str
+    subject: str
+    window_start: float
+    window_end: float
+    spent: Amounts
+    reserved: Amounts
+
+
+class BudgetCounters(Protocol):
+    """Budget and rate-limit counters shared by every process that serves the same budgets.
+    Implementations: memory (one process), SQLite (``serve --workers N``), Redis (replicas).
+    Counters whose window has ended are dropped."""
+
+    async def reserve(self, claims: Sequence[Claim], now: float) -> Admission:
+        """Atomically, for all ``claims`` at once: unless a hard claim would pass its limit,
+        add each claim's amount to its counter's reserved amounts."""
+        ...
+
+    def settle(self, claims: Sequence[Claim], actual: Amounts) -> None:
+        """Replace what ``claims`` reserved by what the request ``actual``-ly spent (all zero
+        releases it). Never blocks: a shared store applies it in the background, before any
+        later call of this process."""
+        ...
+
+    async def snapshot(self, now: float) -> list[CounterRow]:
+        """The counters of windows not yet ended."""
+        ...
 
     async def close(self) -> None: ...
