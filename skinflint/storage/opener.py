@@ -129,7 +129,8 @@ class Storage:
         """The budget counters: a table of the SQLite file, which every process opening it
         shares (``serve --workers N``, the ``budgets`` command); in memory for ``:memory:``."""
         if self._counters is None:
-            path = self.settings.storage.sqlite_path
+            home = self.location.ledger
+            path = home if home and kind(home) == "sqlite" else self.settings.storage.sqlite_path
             if path == ":memory:":
                 self._counters = MemoryBudgetCounters()
             else:
