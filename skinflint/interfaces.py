@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -142,9 +142,9 @@ class SemanticIndex(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Amounts:
-    """What a budget counts: USD, requests, tokens (input + output)."""
+class Amounts(NamedTuple):
+    """What a budget counts: USD, requests, tokens (input + output). Tuples, not dataclasses,
+    because several are built for every request."""
 
     usd: float = 0.0
     requests: int = 0
@@ -161,22 +161,29 @@ class Limits:
 
     def used(self, committed: Amounts) -> float:
         """The largest fraction of a limit that ``committed`` takes (inf past a zero limit)."""
+        return self.ratio(committed.usd, committed.requests, committed.tokens)
+
+    def ratio(self, usd: float, requests: int, tokens: int) -> float:
+        """:meth:`used` of these amounts."""
         most = 0.0
-        for cap, value in ((self.usd, committed.usd), (self.requests, committed.requests),
-                           (self.tokens, committed.tokens)):
-            if cap is not None:
-                most = max(most, value / cap if cap else (float("inf") if value else 0.0))
+        if self.usd is not None:
+            most = usd / self.usd if self.usd else (float("inf") if usd else 0.0)
+        if self.requests is not None:
+            most = max(most, requests / self.requests if self.requests
+                       else (float("inf") if requests else 0.0))
+        if self.tokens is not None:
+            most = max(most, tokens / self.tokens if self.tokens
+                       else (float("inf") if tokens else 0.0))
         return most
 
-    def fits(self, committed: Amounts) -> bool:
-        """True when ``committed`` stays within every limit (USD to a millionth of a cent)."""
-        return ((self.usd is None or committed.usd <= self.usd + 1e-8)
-                and (self.requests is None or committed.requests <= self.requests)
-                and (self.tokens is None or committed.tokens <= self.tokens))
+    def allows(self, usd: float, requests: int, tokens: int) -> bool:
+        """True when these amounts stay within every limit (USD to a millionth of a cent)."""
+        return ((self.usd is None or usd <= self.usd + 1e-8)
+                and (self.requests is None or requests <= self.requests)
+                and (self.tokens is None or tokens <= self.tokens))
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(NamedTuple):
     """One budget's counter as a request meets it: the counter (budget, subject, window),
     the budget's limits, what the request may cost at most, and whether passing the limit
     refuses the request (``hard``) or only reports it."""
@@ -190,19 +197,18 @@ class Claim:
     hard: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """The outcome of :meth:`BudgetCounters.reserve`. ``blocked``: the index of the first hard
-    claim the request would take past its limit, and then nothing was reserved. ``before`` and
-    ``after``: per claim, :meth:`Limits.used` of spent + reserved before and after it."""
+    claim the request would take past its limit; then nothing was reserved and ``before`` and
+    ``after`` are empty. Else, per claim, :meth:`Limits.used` of spent + reserved before and
+    after the reservation."""
 
     blocked: int | None
     before: tuple[float, ...]
     after: tuple[float, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class CounterRow:
+class CounterRow(NamedTuple):
     budget: str
     subject: str
     window_start: float

@@ -9,7 +9,7 @@ for a route, as its dearest task (a cascade's tiers all counted)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +21,7 @@ from skinflint.pipeline.context import RequestContext
 from skinflint.pricing import PriceCatalog
 from skinflint.tokens import TokenCounter
 
-__all__ = ["DEFAULT_OUTPUT_CAP", "BudgetBook", "window_bounds"]
+__all__ = ["DEFAULT_OUTPUT_CAP", "BudgetBook", "alert_marks", "window_bounds"]
 
 #: Output tokens a request that sets no cap is assumed to be able to produce.
 DEFAULT_OUTPUT_CAP = 4096
@@ -215,10 +215,7 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
-def alerts_crossed(
-    budget: BudgetConfig, before: float, after: float
-) -> Sequence[float]:
-    """The alert thresholds the request took the budget across (``alert`` budgets alert at 1
-    when no thresholds are given)."""
-    marks = budget.alert_at or ((1.0,) if budget.action == "alert" else ())
-    return [m for m in marks if before < m <= after]
+def alert_marks(budget: BudgetConfig) -> tuple[float, ...]:
+    """The fractions of its limit at which ``budget`` alerts (an ``alert`` budget with none
+    given alerts at 1)."""
+    return budget.alert_at or ((1.0,) if budget.action == "alert" else ())

@@ -17,7 +17,7 @@ from skinflint.config import BudgetConfig
 from skinflint.errors import BudgetExceededError
 from skinflint.interfaces import Admission, Claim
 from skinflint.metrics import Metrics
-from skinflint.pipeline.budgets import BudgetBook, alerts_crossed
+from skinflint.pipeline.budgets import BudgetBook, alert_marks
 from skinflint.pipeline.context import BudgetDecision, Next, Reply, RequestContext
 
 __all__ = ["Guard"]
@@ -62,17 +62,23 @@ class Guard:
     ) -> BudgetDecision:
         downgrade_to = downgraded_by = ""
         alerts: list[tuple[str, float]] = []
-        for (budget, claim), before, after in zip(
-                found, admission.before, admission.after, strict=True):
-            for mark in alerts_crossed(budget, before, after):
-                alerts.append((budget.name, mark))
-                self._metrics.child(self._metrics.budget_alerts, budget.name, f"{mark:g}").inc()
-                log.warning("budget %s reached %.0f%% of its limit (%s)",
-                            budget.name, mark * 100, claim.subject or "global")
+        for i, (budget, claim) in enumerate(found):
+            before, after = admission.before[i], admission.after[i]
+            marks = alert_marks(budget)
+            if marks:
+                self._alert(budget, claim, [m for m in marks if before < m <= after], alerts)
             if budget.downgrade_to and not downgrade_to and after > 1 + 1e-9:
                 downgrade_to, downgraded_by = budget.downgrade_to, budget.name
         return BudgetDecision(tuple(b.name for b, _ in found), downgrade_to, downgraded_by,
                               tuple(alerts))
+
+    def _alert(self, budget: BudgetConfig, claim: Claim, crossed: list[float],
+               alerts: list[tuple[str, float]]) -> None:
+        for mark in crossed:
+            alerts.append((budget.name, mark))
+            self._metrics.child(self._metrics.budget_alerts, budget.name, f"{mark:g}").inc()
+            log.warning("budget %s reached %.0f%% of its limit (%s)",
+                        budget.name, mark * 100, claim.subject or "global")
 
 
 def _exceeded(budget: BudgetConfig, claim: Claim, now: float) -> BudgetExceededError:

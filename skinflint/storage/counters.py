@@ -22,42 +22,56 @@ __all__ = ["MemoryBudgetCounters", "SQLiteBudgetCounters", "admit"]
 
 log = logging.getLogger("skinflint.budgets")
 
-ZERO = Amounts()
 _SWEEP_SECONDS = 60.0  # how often counters of ended windows are dropped
-
-
-def _plus(a: Amounts, b: Amounts) -> Amounts:
-    return Amounts(a.usd + b.usd, a.requests + b.requests, a.tokens + b.tokens)
-
-
-def _minus(a: Amounts, b: Amounts) -> Amounts:
-    # never below zero: a counter swept with its window may be settled late
-    return Amounts(max(a.usd - b.usd, 0.0), max(a.requests - b.requests, 0),
-                   max(a.tokens - b.tokens, 0))
 
 
 @dataclass(slots=True)
 class _Counter:
-    window_end: float
-    spent: Amounts = ZERO
-    reserved: Amounts = ZERO
+    """One counter's amounts, spent (``s*``) and reserved (``r*``), kept as plain numbers:
+    they change for every request."""
 
-    @property
-    def committed(self) -> Amounts:
-        return _plus(self.spent, self.reserved)
+    window_end: float
+    su: float = 0.0
+    sr: int = 0
+    st: int = 0
+    ru: float = 0.0
+    rr: int = 0
+    rt: int = 0
+
+    def reserve(self, a: Amounts) -> None:
+        self.ru += a.usd
+        self.rr += a.requests
+        self.rt += a.tokens
+
+    def settle(self, reserved: Amounts, actual: Amounts) -> None:
+        # never below zero: a counter swept with its window may be settled late
+        self.ru = max(self.ru - reserved.usd, 0.0)
+        self.rr = max(self.rr - reserved.requests, 0)
+        self.rt = max(self.rt - reserved.tokens, 0)
+        self.su += actual.usd
+        self.sr += actual.requests
+        self.st += actual.tokens
+
+    def row(self, budget: str, subject: str, start: float) -> CounterRow:
+        return CounterRow(budget, subject, start, self.window_end,
+                          Amounts(self.su, self.sr, self.st), Amounts(self.ru, self.rr, self.rt))
 
 
 def admit(claims: Sequence[Claim], counters: Sequence[_Counter]) -> Admission:
     """Decide for ``claims`` against their ``counters`` (same order) and, when admitted,
-    reserve their amounts in the counters."""
-    before = tuple(c.limits.used(n.committed) for c, n in zip(claims, counters, strict=True))
-    for i, (claim, counter) in enumerate(zip(claims, counters, strict=True)):
-        if claim.hard and not claim.limits.fits(_plus(counter.committed, claim.amount)):
-            return Admission(i, before, before)
+    reserve their amounts in the counters. Written for speed: it runs for every request."""
+    before, after = [], []
+    for i, claim in enumerate(claims):
+        n, a, limits = counters[i], claim.amount, claim.limits
+        usd, requests, tokens = n.su + n.ru, n.sr + n.rr, n.st + n.rt
+        before.append(limits.ratio(usd, requests, tokens))
+        usd, requests, tokens = usd + a.usd, requests + a.requests, tokens + a.tokens
+        if claim.hard and not limits.allows(usd, requests, tokens):
+            return Admission(i, (), ())
+        after.append(limits.ratio(usd, requests, tokens))
     for claim, counter in zip(claims, counters, strict=True):
-        counter.reserved = _plus(counter.reserved, claim.amount)
-    after = tuple(c.limits.used(n.committed) for c, n in zip(claims, counters, strict=True))
-    return Admission(None, before, after)
+        counter.reserve(claim.amount)
+    return Admission(None, tuple(before), tuple(after))
 
 
 def _key(claim: Claim) -> tuple[str, str, float]:
@@ -96,16 +110,12 @@ class MemoryBudgetCounters:
             for claim in claims:
                 found = self._counters.get(_key(claim))
                 if found is not None:
-                    found.reserved = _minus(found.reserved, claim.amount)
-                    found.spent = _plus(found.spent, actual)
+                    found.settle(claim.amount, actual)
 
     async def snapshot(self, now: float) -> list[CounterRow]:
         with self._lock:
-            return [
-                CounterRow(b, s, start, c.window_end, c.spent, c.reserved)
-                for (b, s, start), c in self._counters.items()
-                if c.window_end > now
-            ]
+            return [c.row(b, s, start) for (b, s, start), c in self._counters.items()
+                    if c.window_end > now]
 
     async def close(self) -> None:
         pass
@@ -145,7 +155,7 @@ def _row_counter(row: tuple[float, ...] | None, window_end: float) -> _Counter:
     if row is None:
         return _Counter(window_end)
     end, su, sr, st, ru, rr, rt = row
-    return _Counter(end, Amounts(su, int(sr), int(st)), Amounts(ru, int(rr), int(rt)))
+    return _Counter(end, su, int(sr), int(st), ru, int(rr), int(rt))
 
 
 class SQLiteBudgetCounters:

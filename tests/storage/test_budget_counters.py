@@ -47,7 +47,8 @@ async def test_admits_up_to_the_limit_then_blocks(store: BudgetCounters) -> None
     results = [await store.reserve([claim()], NOW) for _ in range(3)]
     assert [r.blocked for r in results] == [None, None, 0]
     assert results[0].before == (0.0,) and results[0].after == (0.5,)
-    assert results[2].before == results[2].after == (1.0,)
+    assert results[1].before == (0.5,) and results[1].after == (1.0,)
+    assert results[2].before == results[2].after == ()
 
 
 async def test_a_blocked_request_reserves_nothing_in_any_budget(store: BudgetCounters) -> None:
