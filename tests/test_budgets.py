@@ -4,6 +4,7 @@ raw HTTP as the client."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -87,23 +88,19 @@ def test_usd_is_reserved_while_in_flight_then_settled_to_the_real_cost(
     make_gateway: GatewayFactory,
 ) -> None:
     gw = make_gateway(budgets=[_budget(limit={"usd": 1.0})])
-    slow = [{"role": "user", "content": "slow [[fault:delay=0.8]]"}]
+    slow = [{"role": "user", "content": "slow [[fault:delay=1.5]]"}]
+    done: list[Any] = []
     with _client(gw) as client:
-        done: list[Any] = []
-
-        async def call() -> None:
-            done.append(await asyncio.to_thread(
-                client.chat.completions.with_raw_response.create,
-                model="gpt-4o", messages=slow, max_tokens=1000))
-
-        async def watch() -> dict[str, Any]:
-            await asyncio.sleep(0.4)
-            return await asyncio.to_thread(_row, gw)
-
-        async def both() -> dict[str, Any]:
-            return (await asyncio.gather(call(), watch()))[1]
-
-        during = asyncio.run(both())
+        call = threading.Thread(target=lambda: done.append(
+            client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=slow, max_tokens=1000)))
+        call.start()
+        deadline = time.monotonic() + 5
+        during = _row(gw)
+        while during["reserved"]["requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            during = _row(gw)
+        call.join()
     # gpt-4o: $2.50 in, $10 out per million; 1000 output tokens alone reserve $0.01
     assert during["reserved"]["usd"] >= 0.01 and during["reserved"]["requests"] == 1
     cost = float(done[0].headers["x-skinflint-cost-usd"])
