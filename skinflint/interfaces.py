@@ -229,8 +229,9 @@ class BudgetCounters(Protocol):
 
     def settle(self, claims: Sequence[Claim], actual: Amounts) -> None:
         """Replace what ``claims`` reserved by what the request ``actual``-ly spent (all zero
-        releases it). Never blocks: a shared store applies it in the background, before any
-        later call of this process."""
+        releases it). Never blocks: a shared store applies it in the background, before this
+        process's next :meth:`snapshot` (a later :meth:`reserve` may not see it yet, which
+        only errs on the safe side)."""
         ...
 
     async def snapshot(self, now: float) -> list[CounterRow]:

@@ -1,5 +1,5 @@
-"""Budgets hold across processes: ``skinflint serve --workers 2`` shares one counter store,
-and ``skinflint budgets`` reads it."""
+"""Budgets hold across processes: ``skinflint serve --workers 2`` shares one counter store
+(the SQLite file), ``skinflint budgets`` reads it, and replicas share Redis."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ import pytest
 import yaml
 
 from skinflint.cli import main
+from skinflint.config import settings_from_dict
+from skinflint.server.run import BackgroundServer
 from tests.conftest import base_config
 from tests.fake_upstream import FakeUpstream
+from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 BUDGET = {"name": "limited-daily", "per": "feature", "match": "limited", "window": "day",
           "limit": {"requests": 10}}
@@ -102,3 +105,31 @@ def test_two_workers_admit_exactly_the_budget(
     assert main(["budgets", "--config", str(config)]) == 0
     text = capsys.readouterr().out
     assert "limited-daily" in text and "10 req" in text and "100%" in text
+
+
+async def _split_burst(urls: list[str], n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        return list(await asyncio.gather(*(
+            http.post(f"{urls[i % len(urls)]}/chat/completions", json=BODY,
+                      headers={"x-skinflint-feature": "limited"}) for i in range(n))))
+
+
+def test_two_replicas_sharing_redis_admit_exactly_the_budget(
+    fake: FakeUpstream, tmp_path: Path, redis_url: str,
+) -> None:
+    servers = []
+    try:
+        for i in range(2):  # each its own ledger file: only Redis is shared
+            config = base_config(fake, tmp_path / f"ledger-{i}.db", budgets=[BUDGET])
+            config["storage"]["redis_url"] = redis_url
+            servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
+        replies = asyncio.run(_split_burst([s.base_url for s in servers], 200))
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(200) == 10 and statuses.count(429) == 190
+        for server in servers:
+            (row,) = httpx.get(f"{server.root_url}/api/budgets").json()["data"]
+            assert row["spent"]["requests"] == 10 and row["reserved"]["requests"] == 0
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)

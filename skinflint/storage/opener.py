@@ -7,8 +7,8 @@ each store. The gateway, the commands and the analytics all open storage here.
   could not see each other's invalidations);
 * the semantic index: PostgreSQL (pgvector) when ``postgres_url`` is set, else the SQLite file,
   searched in process;
-* the budget counters: the SQLite file (shared by ``serve --workers N``), in memory when that
-  file is ``:memory:``.
+* the budget counters: Redis when ``redis_url`` is set, else the SQLite file (shared by
+  ``serve --workers N``), in memory when that file is ``:memory:``.
 
 A command that reads or edits what gateways wrote opens it with ``existing=True`` and may name
 another storage with ``db`` (its ``--db``): a SQLite path holds every store, a
@@ -126,8 +126,15 @@ class Storage:
         return self._cache
 
     async def budget_counters(self) -> BudgetCounters:
-        """The budget counters: a table of the SQLite file, which every process opening it
-        shares (``serve --workers N``, the ``budgets`` command); in memory for ``:memory:``."""
+        """The budget counters: in Redis when the cache is (shared by replicas), else a table
+        of the SQLite file, which every process opening it shares (``serve --workers N``, the
+        ``budgets`` command); in memory for ``:memory:``. Raises ConfigError when Redis cannot
+        be reached."""
+        if self._counters is None and kind(self.location.cache) == "redis":
+            from skinflint.storage.redis_counters import RedisBudgetCounters
+
+            self._counters = await RedisBudgetCounters.create(
+                self.location.cache, prefix=self.settings.storage.redis_prefix)
         if self._counters is None:
             home = self.location.ledger
             path = home if home and kind(home) == "sqlite" else self.settings.storage.sqlite_path

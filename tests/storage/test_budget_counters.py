@@ -13,6 +13,7 @@ import pytest
 
 from skinflint.interfaces import Amounts, BudgetCounters, Claim, Limits
 from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
+from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 Opener = Callable[[Path], Awaitable[BudgetCounters]]
 NOW = 1_000_000.0
@@ -26,11 +27,20 @@ async def _sqlite(tmp: Path) -> BudgetCounters:
     return await asyncio.to_thread(SQLiteBudgetCounters, str(tmp / "counters.db"))
 
 
-OPENERS: dict[str, Opener] = {"memory": _memory, "sqlite": _sqlite}
+async def _redis(tmp: Path) -> BudgetCounters:
+    from skinflint.storage.redis_counters import RedisBudgetCounters
+
+    return await RedisBudgetCounters.create((tmp / "redis-url").read_text())
+
+
+OPENERS: dict[str, Opener] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis}
 
 
 @pytest.fixture(params=sorted(OPENERS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetCounters]:
+    if request.param == "redis":  # the Redis tests alone need the server
+        url = request.getfixturevalue("redis_url")
+        (tmp_path / "redis-url").write_text(url)
     opened = await OPENERS[request.param](tmp_path)
     yield opened
     await opened.close()
@@ -114,9 +124,14 @@ def _hammer(opener: str, tmp: Path, admitted: list[int]) -> None:
     admitted.append(asyncio.run(run()))
 
 
-def test_sqlite_never_admits_past_the_limit_across_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize("opener", ["sqlite", "redis"])
+def test_never_admits_past_the_limit_across_connections(
+    opener: str, tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:
+    if opener == "redis":
+        (tmp_path / "redis-url").write_text(request.getfixturevalue("redis_url"))
     admitted: list[int] = []
-    threads = [threading.Thread(target=_hammer, args=("sqlite", tmp_path, admitted))
+    threads = [threading.Thread(target=_hammer, args=(opener, tmp_path, admitted))
                for _ in range(THREADS)]
     for t in threads:
         t.start()
