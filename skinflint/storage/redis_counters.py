@@ -2,12 +2,13 @@
 
 Each counter is a hash ``{prefix}b:{len(budget)}:{budget}:{window start}:{subject}`` holding
 what was spent (``su``, ``sr``, ``st``: USD, requests, tokens) and reserved (``ru``, ``rr``,
-``rt``), with the budget, subject and window for listing; it expires a day after its window
-ends by the caller's clock (late settlements still land). ``{prefix}budgets`` scores the counter keys by window end,
-for listing and sweeping. Admission runs as one Lua script over every budget the request
-meets, with the same arithmetic as :func:`skinflint.storage.counters.admit`, so concurrent
-replicas never both take the last unit of a budget. Like the cache's scripts, they need a single
-Redis server (or a primary with replicas), not Redis Cluster.
+``rt``), with the budget, subject and window for listing; it expires a day after its
+window ends by the caller's clock (late settlements still land). ``{prefix}budgets`` scores
+the counter keys by window end, for listing and sweeping. Admission runs as one Lua script
+over every budget the request meets, with the arithmetic of
+:func:`skinflint.storage.counters.admit`, so concurrent replicas never both take the last unit
+of a budget. Like the cache's scripts, they need a single Redis server (or a primary with
+replicas), not Redis Cluster.
 """
 
 from __future__ import annotations
