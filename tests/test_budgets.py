@@ -207,3 +207,15 @@ def test_per_user_budgets_count_each_user_apart_and_need_the_admin_key(
     assert sorted((r["subject"], r["spent"]["requests"]) for r in rows) == [("ann", 1),
                                                                            ("bob", 1)]
     assert all(r["window"] == "hour" and r["window_end"].endswith(":00:00Z") for r in rows)
+
+
+def test_budgets_command_without_budgets(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from skinflint.cli import main
+
+    monkeypatch.delenv("SKINFLINT_CONFIG", raising=False)
+    assert main(["budgets", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+    assert main(["budgets"]) == 0
+    assert "no budgets configured" in capsys.readouterr().out

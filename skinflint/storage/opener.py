@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ __all__ = [
     "locate",
     "open_storage",
 ]
+
+log = logging.getLogger("skinflint.storage")
 
 Kind = Literal["sqlite", "postgres", "redis"]
 
@@ -138,6 +141,9 @@ class Storage:
         if self._counters is None:
             home = self.location.ledger
             path = home if home and kind(home) == "sqlite" else self.settings.storage.sqlite_path
+            if home and kind(home) == "postgres" and not self.existing:
+                log.warning("budgets are counted in %s on this machine only: set "
+                            "storage.redis_url to share them between replicas", path)
             if path == ":memory:":
                 self._counters = MemoryBudgetCounters()
             else:
