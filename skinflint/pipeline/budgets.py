@@ -105,18 +105,24 @@ class BudgetBook:
             found = self._windows[kind] = _Window(*window_bounds(kind, now))
         return found
 
-    def claims(
-        self, ctx: RequestContext, amount: Amounts, now: float
-    ) -> list[tuple[BudgetConfig, Claim]]:
-        """The budgets that apply to ``ctx``, each with its claim of ``amount``."""
+    def applying(self, ctx: RequestContext) -> list[tuple[BudgetConfig, str]]:
+        """The budgets that count ``ctx``, each with the subject it is counted for."""
         found = []
         for budget in self.budgets:
             subject = _subject(budget, ctx)
-            if subject is None:
-                continue
+            if subject is not None:
+                found.append((budget, subject))
+        return found
+
+    def claims(
+        self, applying: list[tuple[BudgetConfig, str]], amount: Amounts, now: float
+    ) -> list[tuple[BudgetConfig, Claim]]:
+        """Each of the ``applying`` budgets with its claim of ``amount`` in its window."""
+        found = []
+        for budget, subject in applying:
             w = self.window(budget.window, now)
             claim = Claim(budget.name, subject, w.start, w.end, self._limits[budget.name],
-                          amount, hard=budget.action == "block")
+                          amount, budget.action == "block")
             found.append((budget, claim))
         return found
 

@@ -37,13 +37,14 @@ class Guard:
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         book = self._book
         assert book is not None
+        applying = book.applying(ctx)
+        if not applying:
+            return await next(ctx)
         model = book.needs_tokens(ctx)
         if model is not None:  # the tokenizer loads once, off the event loop
             await asyncio.to_thread(book.prepare_tokens, model)
         now = book.clock()
-        found = book.claims(ctx, book.estimate(ctx), now)
-        if not found:
-            return await next(ctx)
+        found = book.claims(applying, book.estimate(ctx), now)
         claims = [c for _, c in found]
         admission = await book.counters.reserve(claims, now)
         if admission.blocked is not None:

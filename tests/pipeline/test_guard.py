@@ -90,6 +90,18 @@ async def test_match_and_per_choose_the_counter() -> None:
         await guard(context(feature="search", tenant="acme"), nxt)
 
 
+async def test_a_request_no_budget_counts_passes_untouched() -> None:
+    guard, _ = _guard({"name": "f", "per": "feature", "match": "search",
+                       "limit": {"usd": 0}})
+    nxt = Recorder()
+    await guard(context(feature="other"), nxt)
+    (seen,) = nxt.seen
+    assert seen.budget is None and seen.on_accounted is None
+    assert guard._book is not None
+    (row,) = await guard._book.rows()  # listed, since it counts one feature, but unused
+    assert row["spent"] == row["reserved"] == {"usd": 0, "requests": 0, "tokens": 0}
+
+
 async def test_reserves_prompt_plus_the_output_cap_and_settles_to_the_real_cost() -> None:
     guard, _ = _guard({"name": "usd", "limit": {"usd": 1.0}})
     book = guard._book
