@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 from skinflint.interfaces import Admission, Amounts, Claim, CounterRow
 
-__all__ = ["MemoryBudgetCounters", "SQLiteBudgetCounters", "admit"]
+__all__ = ["SWEEP_SECONDS", "MemoryBudgetCounters", "SQLiteBudgetCounters", "Tally", "admit"]
 
 log = logging.getLogger("skinflint.budgets")
 
-_SWEEP_SECONDS = 60.0  # how often counters of ended windows are dropped
+SWEEP_SECONDS = 60.0  # how often counters of ended windows are dropped
 
 
 @dataclass(slots=True)
-class _Counter:
+class Tally:
     """One counter's amounts, spent (``s*``) and reserved (``r*``), kept as plain numbers:
     they change for every request."""
 
@@ -57,7 +57,7 @@ class _Counter:
                           Amounts(self.su, self.sr, self.st), Amounts(self.ru, self.rr, self.rt))
 
 
-def admit(claims: Sequence[Claim], counters: Sequence[_Counter]) -> Admission:
+def admit(claims: Sequence[Claim], counters: Sequence[Tally]) -> Admission:
     """Decide for ``claims`` against their ``counters`` (same order) and, when admitted,
     reserve their amounts in the counters. Written for speed: it runs for every request."""
     before, after = [], []
@@ -82,7 +82,7 @@ class MemoryBudgetCounters:
     """Counters in this process's memory: for one process, and for tests."""
 
     def __init__(self) -> None:
-        self._counters: dict[tuple[str, str, float], _Counter] = {}
+        self._counters: dict[tuple[str, str, float], Tally] = {}
         self._lock = threading.Lock()  # callers may be threads (the CLI, tests)
         self._next_sweep = 0.0
 
@@ -93,15 +93,15 @@ class MemoryBudgetCounters:
             counters = [self._counter(c) for c in claims]
             return admit(claims, counters)
 
-    def _counter(self, claim: Claim) -> _Counter:
+    def _counter(self, claim: Claim) -> Tally:
         key = _key(claim)
         found = self._counters.get(key)
         if found is None:
-            found = self._counters[key] = _Counter(claim.window_end)
+            found = self._counters[key] = Tally(claim.window_end)
         return found
 
     def _sweep(self, now: float) -> None:
-        self._next_sweep = now + _SWEEP_SECONDS
+        self._next_sweep = now + SWEEP_SECONDS
         for key in [k for k, c in self._counters.items() if c.window_end <= now]:
             del self._counters[key]
 
@@ -151,11 +151,11 @@ _SETTLE = ("UPDATE budget_counters SET"
            " WHERE budget = ? AND subject = ? AND window_start = ?")
 
 
-def _row_counter(row: tuple[float, ...] | None, window_end: float) -> _Counter:
+def _row_counter(row: tuple[float, ...] | None, window_end: float) -> Tally:
     if row is None:
-        return _Counter(window_end)
+        return Tally(window_end)
     end, su, sr, st, ru, rr, rt = row
-    return _Counter(end, su, int(sr), int(st), ru, int(rr), int(rt))
+    return Tally(end, su, int(sr), int(st), ru, int(rr), int(rt))
 
 
 class SQLiteBudgetCounters:
@@ -185,7 +185,7 @@ class SQLiteBudgetCounters:
         conn.execute("BEGIN IMMEDIATE")
         try:
             if now >= self._next_sweep:
-                self._next_sweep = now + _SWEEP_SECONDS
+                self._next_sweep = now + SWEEP_SECONDS
                 conn.execute("DELETE FROM budget_counters WHERE window_end <= ?", (now,))
             counters = [_row_counter(conn.execute(_SELECT, _key(c)).fetchone(), c.window_end)
                         for c in claims]

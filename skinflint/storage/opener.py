@@ -7,8 +7,9 @@ each store. The gateway, the commands and the analytics all open storage here.
   could not see each other's invalidations);
 * the semantic index: PostgreSQL (pgvector) when ``postgres_url`` is set, else the SQLite file,
   searched in process;
-* the budget counters: Redis when ``redis_url`` is set, else the SQLite file (shared by
-  ``serve --workers N``), in memory when that file is ``:memory:``.
+* the budget counters: Redis when ``redis_url`` is set, else PostgreSQL when
+  ``postgres_url`` is, else the SQLite file (shared by ``serve --workers N``), in memory when
+  that file is ``:memory:``.
 
 A command that reads or edits what gateways wrote opens it with ``existing=True`` and may name
 another storage with ``db`` (its ``--db``): a SQLite path holds every store, a
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +45,6 @@ __all__ = [
     "locate",
     "open_storage",
 ]
-
-log = logging.getLogger("skinflint.storage")
 
 Kind = Literal["sqlite", "postgres", "redis"]
 
@@ -129,21 +127,22 @@ class Storage:
         return self._cache
 
     async def budget_counters(self) -> BudgetCounters:
-        """The budget counters: in Redis when the cache is (shared by replicas), else a table
-        of the SQLite file, which every process opening it shares (``serve --workers N``, the
-        ``budgets`` command); in memory for ``:memory:``. Raises ConfigError when Redis cannot
-        be reached."""
+        """The budget counters: in Redis when the cache is, else in PostgreSQL when the ledger
+        is (both shared by replicas), else a table of the SQLite file, which every process
+        opening it shares (``serve --workers N``, the ``budgets`` command); in memory for
+        ``:memory:``. Raises ConfigError when a server cannot be reached."""
         if self._counters is None and kind(self.location.cache) == "redis":
             from skinflint.storage.redis_counters import RedisBudgetCounters
 
             self._counters = await RedisBudgetCounters.create(
                 self.location.cache, prefix=self.settings.storage.redis_prefix)
+        home = self.location.ledger
+        if self._counters is None and home is not None and kind(home) == "postgres":
+            from skinflint.storage.pg_counters import PostgresBudgetCounters
+
+            self._counters = await PostgresBudgetCounters.create(home)
         if self._counters is None:
-            home = self.location.ledger
             path = home if home and kind(home) == "sqlite" else self.settings.storage.sqlite_path
-            if home and kind(home) == "postgres" and not self.existing:
-                log.warning("budgets are counted in %s on this machine only: set "
-                            "storage.redis_url to share them between replicas", path)
             if path == ":memory:":
                 self._counters = MemoryBudgetCounters()
             else:

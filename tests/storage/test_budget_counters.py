@@ -13,6 +13,7 @@ import pytest
 
 from skinflint.interfaces import Amounts, BudgetCounters, Claim, Limits
 from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
+from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 Opener = Callable[[Path], Awaitable[BudgetCounters]]
@@ -33,14 +34,27 @@ async def _redis(tmp: Path) -> BudgetCounters:
     return await RedisBudgetCounters.create((tmp / "redis-url").read_text())
 
 
-OPENERS: dict[str, Opener] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis}
+async def _postgres(tmp: Path) -> BudgetCounters:
+    from skinflint.storage.pg_counters import PostgresBudgetCounters
+
+    return await PostgresBudgetCounters.create((tmp / "pg-url").read_text())
+
+
+OPENERS: dict[str, Opener] = {"memory": _memory, "sqlite": _sqlite, "redis": _redis,
+                              "postgres": _postgres}
+SERVERS = {"redis": ("redis_url", "redis-url"), "postgres": ("pg_url", "pg-url")}
+
+
+def _server(request: pytest.FixtureRequest, opener: str, tmp: Path) -> None:
+    """Start the server ``opener`` needs (only its tests need it) and note its URL."""
+    if opener in SERVERS:
+        fixture, note = SERVERS[opener]
+        (tmp / note).write_text(request.getfixturevalue(fixture))
 
 
 @pytest.fixture(params=sorted(OPENERS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetCounters]:
-    if request.param == "redis":  # the Redis tests alone need the server
-        url = request.getfixturevalue("redis_url")
-        (tmp_path / "redis-url").write_text(url)
+    _server(request, request.param, tmp_path)
     opened = await OPENERS[request.param](tmp_path)
     yield opened
     await opened.close()
@@ -124,12 +138,11 @@ def _hammer(opener: str, tmp: Path, admitted: list[int]) -> None:
     admitted.append(asyncio.run(run()))
 
 
-@pytest.mark.parametrize("opener", ["sqlite", "redis"])
+@pytest.mark.parametrize("opener", ["sqlite", "redis", "postgres"])
 def test_never_admits_past_the_limit_across_connections(
     opener: str, tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
-    if opener == "redis":
-        (tmp_path / "redis-url").write_text(request.getfixturevalue("redis_url"))
+    _server(request, opener, tmp_path)
     admitted: list[int] = []
     threads = [threading.Thread(target=_hammer, args=(opener, tmp_path, admitted))
                for _ in range(THREADS)]

@@ -264,3 +264,13 @@ async def test_budget_counters_live_where_the_settings_share_them(
     with pytest.raises(FileNotFoundError):
         await missing.budget_counters()
     assert not (tmp_path / "none.db").exists()
+
+
+async def test_budget_counters_share_postgres_without_redis(tmp_path: Path, pg_url: str) -> None:
+    from skinflint.storage.pg_counters import PostgresBudgetCounters
+
+    storage = open_storage(_settings(sqlite_path=str(tmp_path / "s.db"), postgres_url=pg_url))
+    try:
+        assert isinstance(await storage.budget_counters(), PostgresBudgetCounters)
+    finally:
+        await storage.close()
