@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from skinflint.errors import ConfigError
 
 __all__ = [
+    "BudgetConfig",
+    "BudgetLimit",
     "CachePolicy",
     "ExactCacheConfig",
     "GateConfig",
@@ -271,6 +273,46 @@ class KeyConfig(_Frozen):
         return self
 
 
+class BudgetLimit(_Frozen):
+    """What a budget allows per window; every amount given is a limit."""
+
+    usd: float | None = Field(default=None, ge=0)
+    requests: int | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0)  # input + output
+
+    @model_validator(mode="after")
+    def _some(self) -> BudgetLimit:
+        if self.usd is None and self.requests is None and self.tokens is None:
+            raise ValueError("give at least one of usd, requests, tokens")
+        return self
+
+
+class BudgetConfig(_Frozen):
+    """A budget or rate limit, counted per calendar window (UTC) for each subject ``per``
+    names (only ``match`` when given)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    per: Literal["global", "tenant", "key", "feature", "user", "model"] = "global"
+    match: str | None = None
+    window: Literal["minute", "hour", "day", "month"] = "day"
+    limit: BudgetLimit
+    action: Literal["block", "downgrade", "alert"] = "block"
+    downgrade_to: str | None = None
+    alert_at: tuple[float, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetConfig:
+        if self.action == "downgrade" and not self.downgrade_to:
+            raise ValueError("downgrade_to is required with action: downgrade")
+        if self.action != "downgrade" and self.downgrade_to:
+            raise ValueError("downgrade_to is only read with action: downgrade")
+        if any(not 0 < f <= 10 for f in self.alert_at):
+            raise ValueError("alert_at fractions must be in (0, 10]")
+        if self.per == "global" and self.match is not None:
+            raise ValueError("match needs per other than global")
+        return self
+
+
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
@@ -288,6 +330,7 @@ class Settings(_Frozen):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     keys: tuple[KeyConfig, ...] = ()
+    budgets: tuple[BudgetConfig, ...] = ()
     admin_key_sha256: str = Field(default="", repr=False)
     admin_key: str = Field(default="", repr=False, exclude=True)
 
@@ -310,7 +353,19 @@ class Settings(_Frozen):
             raise ValueError(f"routes: {', '.join(clash)} is also a model alias")
         if self.default_provider and self.default_provider not in self.providers:
             raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
+        self._check_budgets()
         return self
+
+    def _check_budgets(self) -> None:
+        seen: set[str] = set()
+        for i, budget in enumerate(self.budgets):
+            if budget.name in seen:
+                raise ValueError(f"budgets[{i}].name: {budget.name!r} is used twice")
+            seen.add(budget.name)
+            target = budget.downgrade_to
+            known = self.default_provider or target in self.models or target in self.routes
+            if target is not None and not known:
+                raise ValueError(f"budgets[{i}].downgrade_to: unknown model {target!r}")
 
     def model_names(self) -> frozenset[str]:
         """Every model name the configuration mentions: aliases and the provider models they
@@ -320,6 +375,7 @@ class Settings(_Frozen):
         names.update(m.model for m in self.models.values() if m.model)
         if self.baseline_model:
             names.add(self.baseline_model)
+        names.update(b.downgrade_to for b in self.budgets if b.downgrade_to)
         for route in self.routes.values():
             names.update(route.pins.values())
             if route.baseline:

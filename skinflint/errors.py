@@ -5,7 +5,8 @@
     ├── RequestError                    400 invalid_request_error
     │   ├── BodyTooLargeError           413
     │   ├── UnknownModelError           404 model_not_found
-    │   └── AuthenticationError         401 authentication_error
+    │   ├── AuthenticationError         401 authentication_error
+    │   └── BudgetExceededError         429 budget_exceeded (with Retry-After)
     ├── ShuttingDownError               503 shutdown (the server stopped before answering)
     └── UpstreamError                   502 upstream_error (a provider failed)
         ├── UpstreamStatusError         the provider's own 4xx/5xx, relayed with its status
@@ -24,6 +25,7 @@ from typing import Any
 __all__ = [
     "AuthenticationError",
     "BodyTooLargeError",
+    "BudgetExceededError",
     "ConfigError",
     "RequestError",
     "ShuttingDownError",
@@ -95,6 +97,20 @@ class ShuttingDownError(SkinflintError):
     status = 503
     error_type = "server_error"
     code = "shutdown"
+
+
+class BudgetExceededError(RequestError):
+    """A budget with ``action: block`` would be passed. ``retry_after``: seconds until its
+    window resets, sent as ``Retry-After``."""
+
+    status = 429
+    error_type = "budget_exceeded"
+    code = "budget_exceeded"
+
+    def __init__(self, message: str, *, budget: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.retry_after = retry_after
 
 
 class UpstreamError(SkinflintError):

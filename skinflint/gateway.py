@@ -21,11 +21,13 @@ from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
+from skinflint.pipeline.budgets import BudgetBook
 from skinflint.pipeline.cache import ResponseCache, semantic_setting
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.embedding import GuardedEmbedder
+from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pricing import PriceCatalog
 from skinflint.providers import open_provider
@@ -69,6 +71,7 @@ class Gateway:
     tokens: TokenCounter
     providers: dict[str, Provider]
     session: aiohttp.ClientSession
+    budgets: BudgetBook | None = field(default=None)  # None: no budgets configured
     warmed: asyncio.Future[None] | None = field(default=None)
     following: asyncio.Future[None] | None = field(default=None)  # others' invalidations
     # unique per process start, then a counter: cheaper than 16 random bytes per request
@@ -100,8 +103,13 @@ class Gateway:
             baseline_model=settings.baseline_model,
             route_baselines={n: r.baseline for n, r in settings.routes.items() if r.baseline},
         )
+        budgets = None
+        if settings.budgets:
+            budgets = BudgetBook(settings, await storage.budget_counters(), catalog=catalog,
+                                 tokens=tokens)
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
+            guard=Guard(budgets, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
             route=route,
@@ -109,7 +117,7 @@ class Gateway:
             account=account,
         )
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
-                 providers, session)
+                 providers, session, budgets)
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
         if isinstance(cache.backend, InvalidationFeed):

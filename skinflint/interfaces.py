@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -16,10 +16,16 @@ import numpy.typing as npt
 from skinflint.models import Completion, LedgerRecord, StreamChunk, UpstreamRequest
 
 __all__ = [
+    "Admission",
+    "Amounts",
+    "BudgetCounters",
     "CacheEntry",
     "CacheStore",
+    "Claim",
+    "CounterRow",
     "InvalidationFeed",
     "Ledger",
+    "Limits",
     "Provider",
     "SemanticIndex",
     "Vector",
@@ -132,5 +138,104 @@ class SemanticIndex(Protocol):
     async def remove(self, key: str) -> None: ...
 
     async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class Amounts(NamedTuple):
+    """What a budget counts: USD, requests, tokens (input + output). Tuples, not dataclasses,
+    because several are built for every request."""
+
+    usd: float = 0.0
+    requests: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A budget's limits per window; None: that amount is not limited."""
+
+    usd: float | None = None
+    requests: int | None = None
+    tokens: int | None = None
+
+    def used(self, committed: Amounts) -> float:
+        """The largest fraction of a limit that ``committed`` takes (inf past a zero limit)."""
+        return self.ratio(committed.usd, committed.requests, committed.tokens)
+
+    def ratio(self, usd: float, requests: int, tokens: int) -> float:
+        """:meth:`used` of these amounts."""
+        most = 0.0
+        if self.usd is not None:
+            most = usd / self.usd if self.usd else (float("inf") if usd else 0.0)
+        if self.requests is not None:
+            most = max(most, requests / self.requests if self.requests
+                       else (float("inf") if requests else 0.0))
+        if self.tokens is not None:
+            most = max(most, tokens / self.tokens if self.tokens
+                       else (float("inf") if tokens else 0.0))
+        return most
+
+    def allows(self, usd: float, requests: int, tokens: int) -> bool:
+        """True when these amounts stay within every limit (USD to a millionth of a cent)."""
+        return ((self.usd is None or usd <= self.usd + 1e-8)
+                and (self.requests is None or requests <= self.requests)
+                and (self.tokens is None or tokens <= self.tokens))
+
+
+class Claim(NamedTuple):
+    """One budget's counter as a request meets it: the counter (budget, subject, window),
+    the budget's limits, what the request may cost at most, and whether passing the limit
+    refuses the request (``hard``) or only reports it."""
+
+    budget: str
+    subject: str
+    window_start: float  # unix seconds, UTC calendar window
+    window_end: float
+    limits: Limits
+    amount: Amounts
+    hard: bool = True
+
+
+class Admission(NamedTuple):
+    """The outcome of :meth:`BudgetCounters.reserve`. ``blocked``: the index of the first hard
+    claim the request would take past its limit; then nothing was reserved and ``before`` and
+    ``after`` are empty. Else, per claim, :meth:`Limits.used` of spent + reserved before and
+    after the reservation."""
+
+    blocked: int | None
+    before: tuple[float, ...]
+    after: tuple[float, ...]
+
+
+class CounterRow(NamedTuple):
+    budget: str
+    subject: str
+    window_start: float
+    window_end: float
+    spent: Amounts
+    reserved: Amounts
+
+
+class BudgetCounters(Protocol):
+    """Budget and rate-limit counters shared by every process that serves the same budgets.
+    Implementations: memory (one process), SQLite (``serve --workers N``), Redis (replicas).
+    Counters whose window has ended are dropped."""
+
+    async def reserve(self, claims: Sequence[Claim], now: float) -> Admission:
+        """Atomically, for all ``claims`` at once: unless a hard claim would pass its limit,
+        add each claim's amount to its counter's reserved amounts."""
+        ...
+
+    def settle(self, claims: Sequence[Claim], actual: Amounts) -> None:
+        """Replace what ``claims`` reserved by what the request ``actual``-ly spent (all zero
+        releases it). Never blocks: a shared store applies it in the background, before this
+        process's next :meth:`snapshot` (a later :meth:`reserve` may not see it yet, which
+        only errs on the safe side)."""
+        ...
+
+    async def snapshot(self, now: float) -> list[CounterRow]:
+        """The counters of windows not yet ended."""
+        ...
 
     async def close(self) -> None: ...

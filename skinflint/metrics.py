@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["OTHER", "Metrics"]
 
@@ -78,6 +78,16 @@ class Metrics:
         self.cache_bypassed = counter("skinflint_cache_bypassed",
                                       "Requests neither served from nor stored in the cache",
                                       ["reason"])
+        self.budget_alerts = counter("skinflint_budget_alerts",
+                                     "Budget alert thresholds crossed", ["budget", "at"])
+        self.budget_amount = Gauge(
+            "skinflint_budget_amount",
+            "Budgets in their current window, summed over subjects (usd, requests, tokens)",
+            ["budget", "unit", "kind"], registry=self.registry)
+        self.budget_used = Gauge(
+            "skinflint_budget_used_ratio",
+            "The largest share of a budget's limit spent or reserved by any one subject",
+            ["budget"], registry=self.registry)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",
@@ -117,6 +127,22 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def show_budgets(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Set the budget gauges from ``GET /api/budgets``-shaped rows."""
+        totals: dict[tuple[str, str, str], float] = {}
+        used: dict[str, float] = {}
+        for row in rows:
+            name = row["name"]
+            used[name] = max(used.get(name, 0.0), row["used"])
+            for kind in ("limit", "spent", "reserved"):
+                for unit, value in row[kind].items():
+                    key = (name, unit, kind)
+                    totals[key] = value if kind == "limit" else totals.get(key, 0.0) + value
+        for (name, unit, kind), value in totals.items():
+            self.budget_amount.labels(name, unit, kind).set(value)
+        for name, value in used.items():
+            self.budget_used.labels(name).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from skinflint.cli.args import existing_path, fraction, port_number, positive_int
+from skinflint.cli.budgets import cmd_budgets
 from skinflint.cli.cache import cmd_cache, cmd_cache_calibrate, cmd_cache_eval
 from skinflint.cli.errors import describe, input_errors
 from skinflint.cli.replay import cmd_replay, cmd_train_router
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
+
+    b = add("budgets", help="budgets in their current window: spent, reserved, remaining")
+    b.add_argument("--db", help="SQLite path (default: storage settings)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_budgets)
 
     pr = add("prices", help="the price the gateway charges for a model")
     pr.add_argument("model", nargs="?")

@@ -10,8 +10,9 @@ from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider
 from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
+from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
-from skinflint.pipeline.slots import BudgetTokens, Compress, Guard, Rules
+from skinflint.pipeline.slots import BudgetTokens, Compress, Rules
 
 __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 
@@ -19,6 +20,7 @@ __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 def build_stages(
     *,
     attribute: Attribute,
+    guard: Guard,
     exact_cache: ExactCache,
     semantic_cache: SemanticCache,
     route: Route,
@@ -28,7 +30,7 @@ def build_stages(
     """The pipeline, in the order a request meets it."""
     return [
         attribute,  # 1  request id, hash, tenant/feature/user/tags
-        Guard(),  # 2  budgets and rate limits
+        guard,  # 2  budgets and rate limits
         Rules(),  # 3  deterministic answers
         exact_cache,  # 4  exact cache lookup
         semantic_cache,  # 5  semantic cache lookup

@@ -240,6 +240,8 @@ class Account:
             )
         )
         self._observe_metrics(ctx, ctx.usage or Usage())
+        if ctx.on_accounted is not None:
+            ctx.on_accounted(ctx)
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
         m = self._metrics

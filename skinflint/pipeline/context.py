@@ -18,6 +18,7 @@ from skinflint.models import CacheBypass, StreamChunk, Usage
 __all__ = [
     "MISS",
     "Attempt",
+    "BudgetDecision",
     "CacheDecision",
     "CachePlan",
     "Costs",
@@ -87,6 +88,7 @@ class RouteDecision:
     pin: str = ""  # with a route: the feature pinned to a model, when that decided
     tier: int = 0  # with a cascade: the tier (0-based) whose turn ended it
     tiers: int = 0  # with a cascade: how many tiers it has
+    downgrade: str = ""  # the budget that sent the request to another model
 
     @property
     def routed(self) -> bool:
@@ -95,7 +97,14 @@ class RouteDecision:
 
     @property
     def label(self) -> str:
-        """``auto;task=code;tier=1/3``, ``auto;pin=billing``, ``auto;task=faq`` or the name."""
+        """``auto;task=code;tier=1/3``, ``auto;pin=billing``, ``auto;task=faq`` or the name;
+        ``;downgrade=<budget>`` follows when a budget chose the model."""
+        if self.downgrade:
+            return f"{self._label};downgrade={self.downgrade}"
+        return self._label
+
+    @property
+    def _label(self) -> str:
         if self.pin:
             return f"{self.route};pin={self.pin}"
         if not self.task:
@@ -103,6 +112,17 @@ class RouteDecision:
         if not self.tiers:
             return f"{self.route};task={self.task}"
         return f"{self.route};task={self.task};tier={self.tier + 1}/{self.tiers}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetDecision:
+    """What the guard decided for an admitted request: the budgets that count it, the model a
+    downgrade budget sends it to (and that budget), the alert thresholds it crossed."""
+
+    budgets: tuple[str, ...]
+    downgrade_to: str = ""
+    downgraded_by: str = ""
+    alerts: tuple[tuple[str, float], ...] = ()  # (budget, fraction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +200,7 @@ class RequestContext:
     requested_model: str = ""
     request_hash: str = ""
     # decisions (each set by the stage that makes it)
+    budget: BudgetDecision | None = None  # None: no budget applies
     cache: CacheDecision = MISS
     cache_plan: CachePlan | None = None  # None: the cache neither serves nor stores it
     semantic: SemanticProbe | None = None
@@ -195,6 +216,8 @@ class RequestContext:
     status: int = 200
     error_type: str = ""
     errors: list[Exception] = field(default_factory=list)
+    # told by the account stage once the request's cost is known, however it ended
+    on_accounted: Callable[[RequestContext], None] | None = None
 
     @property
     def answered_model(self) -> str:

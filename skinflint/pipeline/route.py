@@ -126,19 +126,22 @@ class Route:
         return targets
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
-        plan = self.plans.get(ctx.requested_model)
+        name, downgrade = ctx.requested_model, ""
+        if ctx.budget is not None and ctx.budget.downgrade_to:  # a budget chose the model
+            name, downgrade = ctx.budget.downgrade_to, ctx.budget.downgraded_by
+        plan = self.plans.get(name)
         if plan is None:
-            ctx.targets = self.resolve(ctx.requested_model)
-            ctx.route = RouteDecision(ctx.targets[0].name)
+            ctx.targets = self.resolve(name)
+            ctx.route = RouteDecision(ctx.targets[0].name, downgrade=downgrade)
             return await next(ctx)
         pinned = plan.config.pins.get(ctx.feature) if ctx.feature else None
         if pinned is not None:
             ctx.targets = self.resolve(pinned)
-            ctx.route = RouteDecision(plan.name, pin=ctx.feature)
+            ctx.route = RouteDecision(plan.name, pin=ctx.feature, downgrade=downgrade)
             return await next(ctx)
         task, how = plan.classify(ctx)
         self._metrics.child(self._metrics.route_decisions, plan.name, task, how).inc()
-        decision = RouteDecision(plan.name, task=task)
+        decision = RouteDecision(plan.name, task=task, downgrade=downgrade)
         cascade = plan.cascades.get(task)
         if cascade is not None:
             return await cascade.run(ctx, next, decision)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from skinflint.pipeline.context import Next, Reply, RequestContext
 
-__all__ = ["BudgetTokens", "Compress", "Guard", "Rules"]
+__all__ = ["BudgetTokens", "Compress", "Rules"]
 
 
 class _Slot:
@@ -14,12 +14,6 @@ class _Slot:
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         return await next(ctx)
-
-
-class Guard(_Slot):
-    """Stage 2: budgets and rate limits."""
-
-    name = "guard"
 
 
 class Rules(_Slot):

@@ -232,11 +232,21 @@ class App:
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None
         self._require_admin(_headers(scope))
+        if self.gateway.budgets is not None:
+            self.gateway.metrics.show_budgets(await self.gateway.budgets.rows())
         await out.send_bytes(
             self.gateway.metrics.render(),
             200,
             [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
         )
+
+    async def budgets(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """Each budget's current window per subject: limit, spent, reserved, remaining."""
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        book = self.gateway.budgets
+        rows = await book.rows() if book is not None else []
+        await out.json(orjson.dumps({"object": "list", "data": rows}))
 
     async def invalidate(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None
@@ -262,3 +272,4 @@ for _path in ("/v1/models", "/models"):
 _ROUTES["GET", "/health"] = App.health
 _ROUTES["GET", "/metrics"] = App.metrics
 _ROUTES["POST", "/api/cache/invalidate"] = App.invalidate
+_ROUTES["GET", "/api/budgets"] = App.budgets

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
-from skinflint.errors import ShuttingDownError, SkinflintError
+from skinflint.errors import BudgetExceededError, ShuttingDownError, SkinflintError
 from skinflint.models import StreamChunk
 from skinflint.pipeline import RequestContext
 
@@ -100,6 +101,8 @@ class Responder:
         extra = list(headers or ())
         if self.request_id and not extra:
             extra.append((b"x-skinflint-request-id", self.request_id.encode()))
+        if isinstance(exc, BudgetExceededError):
+            extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
         await self.json(error_body(exc), status or exc.status, extra)
 
     async def sse(self, chunks: AsyncIterator[StreamChunk], headers: Headers) -> None:

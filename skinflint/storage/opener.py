@@ -6,7 +6,10 @@ each store. The gateway, the commands and the analytics all open storage here.
   SQLite file with an in-process LRU in front (shared stores get no in-process tier: replicas
   could not see each other's invalidations);
 * the semantic index: PostgreSQL (pgvector) when ``postgres_url`` is set, else the SQLite file,
-  searched in process.
+  searched in process;
+* the budget counters: Redis when ``redis_url`` is set, else PostgreSQL when
+  ``postgres_url`` is, else the SQLite file (shared by ``serve --workers N``), in memory when
+  that file is ``:memory:``.
 
 A command that reads or edits what gateways wrote opens it with ``existing=True`` and may name
 another storage with ``db`` (its ``--db``): a SQLite path holds every store, a
@@ -26,9 +29,10 @@ from pathlib import Path
 from typing import Literal
 
 from skinflint.config import Settings
-from skinflint.interfaces import CacheStore, Ledger, SemanticIndex
+from skinflint.interfaces import BudgetCounters, CacheStore, Ledger, SemanticIndex
 from skinflint.storage import sqlite_queries
 from skinflint.storage.cache import TieredCacheStore
+from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
 from skinflint.storage.ledger import SQLiteLedger
 from skinflint.storage.semantic import LocalSemanticIndex
 from skinflint.storage.spill import SPILL_NAME
@@ -97,8 +101,8 @@ class Storage:
     use and kept (open each once before sharing the bundle between tasks); :meth:`close`
     closes those opened, the ledger last, after writing what it holds.
 
-    The guard stage's budget and rate-limit counters will be opened here too, as a fourth
-    store beside the cache (shared in Redis when ``redis_url`` is set), once budgets exist."""
+    The guard stage's budget and rate-limit counters are a fourth store (see
+    :meth:`budget_counters`)."""
 
     def __init__(
         self, settings: Settings, location: Location, *, existing: bool,
@@ -109,6 +113,7 @@ class Storage:
         self.existing = existing
         self._ledger = ledger
         self._cache: CacheStore | None = None
+        self._counters: BudgetCounters | None = None
 
     async def ledger(self) -> Ledger:
         """The request ledger. Raises ConfigError when its server cannot be reached."""
@@ -121,6 +126,30 @@ class Storage:
         if self._cache is None:
             self._cache = await self._open_cache()
         return self._cache
+
+    async def budget_counters(self) -> BudgetCounters:
+        """The budget counters: in Redis when the cache is, else in PostgreSQL when the ledger
+        is (both shared by replicas), else a table of the SQLite file, which every process
+        opening it shares (``serve --workers N``, the ``budgets`` command); in memory for
+        ``:memory:``. Raises ConfigError when a server cannot be reached."""
+        if self._counters is None and kind(self.location.cache) == "redis":
+            from skinflint.storage.redis_counters import RedisBudgetCounters
+
+            self._counters = await RedisBudgetCounters.create(
+                self.location.cache, prefix=self.settings.storage.redis_prefix)
+        home = self.location.ledger
+        if self._counters is None and home is not None and kind(home) == "postgres":
+            from skinflint.storage.pg_counters import PostgresBudgetCounters
+
+            self._counters = await PostgresBudgetCounters.create(home)
+        if self._counters is None:
+            path = home if home and kind(home) == "sqlite" else self.settings.storage.sqlite_path
+            if path == ":memory:":
+                self._counters = MemoryBudgetCounters()
+            else:
+                self._must_exist(path)
+                self._counters = await asyncio.to_thread(SQLiteBudgetCounters, path)
+        return self._counters
 
     async def semantic_index(self, space: str, dim: int) -> SemanticIndex:
         """A new handle on the semantic index for vectors of ``space`` (the embedder's name) of
@@ -171,7 +200,10 @@ class Storage:
         return LedgerFigures(*counts, await asyncio.to_thread(ledger.bypass_counts))
 
     async def close(self) -> None:
-        """Close the stores opened: the cache, then the ledger (which writes what is pending)."""
+        """Close the stores opened: the counters, the cache, then the ledger (which writes what
+        is pending)."""
+        if self._counters is not None:
+            await self._counters.close()
         if self._cache is not None:
             await self._cache.close()
         if self._ledger is not None:

@@ -17,6 +17,7 @@ from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.context import MISS, Next, Reply, RequestContext
+from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pricing import PriceCatalog
 from skinflint.storage.cache import MemoryCacheStore
@@ -89,6 +90,7 @@ def _built(exact: bool, provider: Scripted | None = None) -> tuple[Pipeline, Mem
     cache = ResponseCache(settings.cache, MemoryCacheStore(), metrics)
     stages = build_stages(
         attribute=Attribute({}),
+        guard=Guard(None, metrics),
         exact_cache=ExactCache(cache),
         semantic_cache=SemanticCache(cache),
         route=Route(settings, classifiers={}, scorer=None, metrics=metrics),

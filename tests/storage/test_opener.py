@@ -241,3 +241,36 @@ async def test_redis_holds_the_cache_and_the_ledger_stays_local(
     with pytest.raises(NotStoredError):
         await target.ledger()
     await target.close()
+
+
+async def test_budget_counters_live_where_the_settings_share_them(
+    tmp_path: Path, redis_url: str,
+) -> None:
+    from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
+    from skinflint.storage.redis_counters import RedisBudgetCounters
+
+    db = str(tmp_path / "s.db")
+    for settings, expected in (
+        (_settings(sqlite_path=db), SQLiteBudgetCounters),
+        (_settings(sqlite_path=":memory:"), MemoryBudgetCounters),
+        (_settings(sqlite_path=db, redis_url=redis_url), RedisBudgetCounters),
+    ):
+        storage = open_storage(settings)
+        try:
+            assert isinstance(await storage.budget_counters(), expected)
+        finally:
+            await storage.close()
+    missing = open_storage(_settings(sqlite_path=str(tmp_path / "none.db")), existing=True)
+    with pytest.raises(FileNotFoundError):
+        await missing.budget_counters()
+    assert not (tmp_path / "none.db").exists()
+
+
+async def test_budget_counters_share_postgres_without_redis(tmp_path: Path, pg_url: str) -> None:
+    from skinflint.storage.pg_counters import PostgresBudgetCounters
+
+    storage = open_storage(_settings(sqlite_path=str(tmp_path / "s.db"), postgres_url=pg_url))
+    try:
+        assert isinstance(await storage.budget_counters(), PostgresBudgetCounters)
+    finally:
+        await storage.close()

@@ -1,0 +1,227 @@
+"""Budgets as the configuration states them: which apply to a request, their calendar
+windows (UTC), what a request may cost at most and what it cost, and the figures
+``GET /api/budgets``, ``/metrics`` and ``skinflint budgets`` show.
+
+A request's worst case is its prompt tokens plus its output cap (``max_completion_tokens`` or
+``max_tokens``, else :data:`DEFAULT_OUTPUT_CAP`) times ``n``, priced as the model asked for;
+for a route, as its dearest task (a cascade's tiers all counted)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from skinflint.config import BudgetConfig, Settings
+from skinflint.interfaces import Amounts, BudgetCounters, Claim, CounterRow, Limits
+from skinflint.models import Usage
+from skinflint.pipeline.context import RequestContext
+from skinflint.pricing import PriceCatalog
+from skinflint.tokens import TokenCounter
+
+__all__ = ["DEFAULT_OUTPUT_CAP", "BudgetBook", "alert_marks", "window_bounds"]
+
+#: Output tokens a request that sets no cap is assumed to be able to produce.
+DEFAULT_OUTPUT_CAP = 4096
+
+Clock = Callable[[], float]
+
+
+def window_bounds(window: str, now: float) -> tuple[float, float]:
+    """The calendar window (UTC) ``now`` falls in, as unix seconds [start, end)."""
+    t = datetime.fromtimestamp(now, UTC)
+    if window == "minute":
+        start = t.replace(second=0, microsecond=0)
+        return start.timestamp(), start.timestamp() + 60
+    if window == "hour":
+        start = t.replace(minute=0, second=0, microsecond=0)
+        return start.timestamp(), start.timestamp() + 3600
+    start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if window == "day":
+        return start.timestamp(), start.timestamp() + 86400
+    start = start.replace(day=1)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
+        month=start.month + 1)
+    return start.timestamp(), end.timestamp()
+
+
+def _limits(budget: BudgetConfig) -> Limits:
+    return Limits(budget.limit.usd, budget.limit.requests, budget.limit.tokens)
+
+
+def _subject(budget: BudgetConfig, ctx: RequestContext) -> str | None:
+    """Whose counter of ``budget`` the request counts in; None: the budget does not apply."""
+    per = budget.per
+    if per == "global":
+        return ""
+    # A gateway key belongs to one tenant: per key counts as per tenant.
+    value = (ctx.tenant if per in ("tenant", "key") else ctx.feature if per == "feature"
+             else ctx.user if per == "user" else ctx.requested_model)
+    if budget.match is not None and value != budget.match:
+        return None
+    return value
+
+
+def _route_models(settings: Settings) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """Per route, the models each task may call (a cascade's every tier)."""
+    return {
+        name: tuple(
+            (t.model,) if t.model else tuple(n for tier in t.cascade for n in tier.names)
+            for t in route.tasks.values()
+        ) + tuple((m,) for m in route.pins.values())
+        for name, route in settings.routes.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    start: float
+    end: float
+
+
+class BudgetBook:
+    """The configured budgets and their counters."""
+
+    def __init__(
+        self, settings: Settings, counters: BudgetCounters, *, catalog: PriceCatalog,
+        tokens: TokenCounter, clock: Clock = time.time,
+    ) -> None:
+        self.budgets = settings.budgets
+        self.counters = counters
+        self.clock = clock
+        self._catalog = catalog
+        self._tokens = tokens
+        self._limits = {b.name: _limits(b) for b in self.budgets}
+        self._routes = _route_models(settings)
+        self._windows: dict[str, _Window] = {}
+        self._measures_cost = any(
+            b.limit.usd is not None or b.limit.tokens is not None for b in self.budgets)
+
+    def window(self, kind: str, now: float) -> _Window:
+        found = self._windows.get(kind)
+        if found is None or not found.start <= now < found.end:
+            found = self._windows[kind] = _Window(*window_bounds(kind, now))
+        return found
+
+    def applying(self, ctx: RequestContext) -> list[tuple[BudgetConfig, str]]:
+        """The budgets that count ``ctx``, each with the subject it is counted for."""
+        found = []
+        for budget in self.budgets:
+            subject = _subject(budget, ctx)
+            if subject is not None:
+                found.append((budget, subject))
+        return found
+
+    def claims(
+        self, applying: list[tuple[BudgetConfig, str]], amount: Amounts, now: float
+    ) -> list[tuple[BudgetConfig, Claim]]:
+        """Each of the ``applying`` budgets with its claim of ``amount`` in its window."""
+        found = []
+        for budget, subject in applying:
+            w = self.window(budget.window, now)
+            claim = Claim(budget.name, subject, w.start, w.end, self._limits[budget.name],
+                          amount, budget.action == "block")
+            found.append((budget, claim))
+        return found
+
+    def needs_tokens(self, ctx: RequestContext) -> str | None:
+        """The model whose tokenizer the estimate needs and that has not loaded yet."""
+        model = ctx.requested_model
+        if self._measures_cost and not self._tokens.ready(model):
+            return model
+        return None
+
+    def prepare_tokens(self, model: str) -> None:
+        """Load ``model``'s tokenizer (blocking: call from a thread)."""
+        self._tokens.prepare(model)
+
+    def estimate(self, ctx: RequestContext) -> Amounts:
+        """The most the request may cost: call after :meth:`needs_tokens` was satisfied."""
+        if not self._measures_cost:
+            return Amounts(requests=1)
+        prompt, output = self._prompt_tokens(ctx), self._output_cap(ctx.body)
+        usage = Usage(input_tokens=prompt, output_tokens=output)
+        groups = self._routes.get(ctx.requested_model, ((ctx.requested_model,),))
+        usd = max(sum(self._cost(m, usage) for m in group) for group in groups)
+        return Amounts(usd, 1, prompt + output)
+
+    def _cost(self, model: str, usage: Usage) -> float:
+        return self._catalog.cost(model, usage) or 0.0  # an unknown price reserves nothing
+
+    def _prompt_tokens(self, ctx: RequestContext) -> int:
+        model, body = ctx.requested_model, ctx.body
+        if ctx.endpoint == "embeddings":
+            inputs = body.get("input")
+            texts = inputs if isinstance(inputs, list) else [inputs]
+            return sum(self._tokens.count_text(model, t) for t in texts if isinstance(t, str))
+        return self._tokens.count_messages(model, body.get("messages") or [])
+
+    @staticmethod
+    def _output_cap(body: Mapping[str, Any]) -> int:
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        n = body.get("n")
+        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+            cap = DEFAULT_OUTPUT_CAP
+        return cap * choices
+
+    @staticmethod
+    def actual(ctx: RequestContext) -> Amounts:
+        """What the request spent, once accounted: a cache hit costs nothing."""
+        if ctx.cache.hit:
+            return Amounts(requests=1)
+        tokens = sum(u.input_tokens + u.output_tokens
+                     for u in [ctx.usage, *(a.usage for a in ctx.attempts)] if u is not None)
+        return Amounts(ctx.costs.cost_usd or 0.0, 1, tokens)
+
+    async def rows(self) -> list[dict[str, Any]]:
+        """Each budget's current window per subject: limits, spent, reserved, remaining. A
+        budget that counts one subject (global, or with ``match``) is listed even unused."""
+        now = self.clock()
+        counted = await self.counters.snapshot(now)
+        by_budget: dict[str, list[CounterRow]] = {}
+        for row in counted:
+            by_budget.setdefault(row.budget, []).append(row)
+        out: list[dict[str, Any]] = []
+        for budget in self.budgets:
+            w = self.window(budget.window, now)
+            rows = [r for r in by_budget.get(budget.name, []) if r.window_start == w.start]
+            if not rows and (budget.per == "global" or budget.match is not None):
+                zero = Amounts()
+                rows = [CounterRow(budget.name, budget.match or "", w.start, w.end, zero, zero)]
+            out.extend(_describe(budget, self._limits[budget.name], r) for r in rows)
+        return out
+
+
+def _amounts(a: Amounts) -> dict[str, float | int]:
+    return {"usd": round(a.usd, 10), "requests": a.requests, "tokens": a.tokens}
+
+
+def _describe(budget: BudgetConfig, limits: Limits, row: CounterRow) -> dict[str, Any]:
+    limit = budget.limit.model_dump(exclude_none=True)
+    used = _amounts(row.spent)
+    held = _amounts(row.reserved)
+    remaining = {k: max(v - used[k] - held[k], 0) for k, v in limit.items()}
+    if "usd" in remaining:
+        remaining["usd"] = round(remaining["usd"], 10)
+    return {
+        "name": budget.name, "per": budget.per, "subject": row.subject,
+        "window": budget.window, "action": budget.action,
+        "window_start": _iso(row.window_start), "window_end": _iso(row.window_end),
+        "limit": limit, "spent": used, "reserved": held, "remaining": remaining,
+        "used": round(limits.used(Amounts(row.spent.usd + row.reserved.usd,
+                                          row.spent.requests + row.reserved.requests,
+                                          row.spent.tokens + row.reserved.tokens)), 6),
+    }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def alert_marks(budget: BudgetConfig) -> tuple[float, ...]:
+    """The fractions of its limit at which ``budget`` alerts (an ``alert`` budget with none
+    given alerts at 1)."""
+    return budget.alert_at or ((1.0,) if budget.action == "alert" else ())

@@ -1,0 +1,135 @@
+"""Budgets hold across processes: ``skinflint serve --workers 2`` shares one counter store
+(the SQLite file), ``skinflint budgets`` reads it, and replicas share Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from skinflint.cli import main
+from skinflint.config import settings_from_dict
+from skinflint.server.run import BackgroundServer
+from tests.conftest import base_config
+from tests.fake_upstream import FakeUpstream
+from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
+
+BUDGET = {"name": "limited-daily", "per": "feature", "match": "limited", "window": "day",
+          "limit": {"requests": 10}}
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _serving(config: Path, port: int, workers: int) -> Iterator[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKINFLINT_")}
+    argv = [sys.executable, "-m", "skinflint.cli", "serve", "--config", str(config),
+            "--port", str(port), "--workers", str(workers)]
+    with subprocess.Popen(argv, cwd=config.parent, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE) as proc:
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_for_workers(url, workers, proc)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
+def _worker(response: httpx.Response) -> str:
+    return response.headers["x-skinflint-request-id"][:12]  # each process's own prefix
+
+
+def _wait_for_workers(url: str, workers: int, proc: subprocess.Popen[bytes]) -> None:
+    """Until requests (of a feature no budget counts) have been answered by every worker."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while len(seen) < workers:
+        assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
+        try:
+            with httpx.Client(timeout=5) as http:  # a new connection each round
+                for _ in range(4):
+                    r = http.post(f"{url}/v1/chat/completions", json=BODY,
+                                  headers={"x-skinflint-feature": "warm-up", "connection": "close"})
+                    seen.add(_worker(r))
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+async def _burst(url: str, n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        return list(await asyncio.gather(*(
+            http.post(f"{url}/v1/chat/completions", json=BODY,
+                      headers={"x-skinflint-feature": "limited"}) for _ in range(n))))
+
+
+@pytest.mark.timeout(180)
+def test_two_workers_admit_exactly_the_budget(
+    fake: FakeUpstream, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tmp_path / "skinflint.yaml"
+    config.write_text(yaml.safe_dump(
+        base_config(fake, tmp_path / "skinflint.db", budgets=[BUDGET])))
+    with _serving(config, _free_port(), workers=2) as url:
+        replies = asyncio.run(_burst(url, 200))
+    statuses = [r.status_code for r in replies]
+    assert statuses.count(200) == 10 and statuses.count(429) == 190
+    assert len({_worker(r) for r in replies}) == 2  # both processes answered
+
+    assert main(["budgets", "--json", "--config", str(config)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["name"], row["subject"]) == ("limited-daily", "limited")
+    assert row["spent"]["requests"] == 10 and row["remaining"] == {"requests": 0}
+    assert main(["budgets", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "limited-daily" in text and "10 req" in text and "100%" in text
+
+
+async def _split_burst(urls: list[str], n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        return list(await asyncio.gather(*(
+            http.post(f"{urls[i % len(urls)]}/chat/completions", json=BODY,
+                      headers={"x-skinflint-feature": "limited"}) for i in range(n))))
+
+
+def test_two_replicas_sharing_redis_admit_exactly_the_budget(
+    fake: FakeUpstream, tmp_path: Path, redis_url: str,
+) -> None:
+    servers = []
+    try:
+        for i in range(2):  # each its own ledger file: only Redis is shared
+            config = base_config(fake, tmp_path / f"ledger-{i}.db", budgets=[BUDGET])
+            config["storage"]["redis_url"] = redis_url
+            servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
+        replies = asyncio.run(_split_burst([s.base_url for s in servers], 200))
+        statuses = [r.status_code for r in replies]
+        assert statuses.count(200) == 10 and statuses.count(429) == 190
+        for server in servers:
+            (row,) = httpx.get(f"{server.root_url}/api/budgets").json()["data"]
+            assert row["spent"]["requests"] == 10 and row["reserved"]["requests"] == 0
+    finally:
+        for server in servers:
+            server.__exit__(None, None, None)
