@@ -111,6 +111,28 @@ async def test_a_failed_leader_hands_over_to_one_waiter(
         ["hit-exact"] * (n - 2) + ["miss"])
 
 
+async def test_a_leader_whose_client_leaves_hands_over(
+    make_gateway: GatewayFactory, fake: FakeUpstream
+) -> None:
+    """The first client gives up while its call is on its way: the gateway abandons that call,
+    and a request waiting for it goes upstream at once rather than at the timeout."""
+    gw = make_gateway()
+    fake.fail_next("delay=3")  # the first call only
+    async with _client(gw) as c, openai.AsyncOpenAI(
+        base_url=gw.base_url, api_key="k", max_retries=0, timeout=0.5
+    ) as impatient:
+        leaving = asyncio.ensure_future(_ask(impatient))
+        while _calls(fake) < 1:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        reply = await _ask(c)
+        assert time.monotonic() - started < 2.5
+        with pytest.raises(openai.APITimeoutError):
+            await leaving
+    assert reply.headers["x-skinflint-cache"] == "miss"
+    assert _calls(fake) == 2
+
+
 async def test_an_answer_that_cannot_be_stored_sends_waiters_upstream_together(
     make_gateway: GatewayFactory, fake: FakeUpstream
 ) -> None:
