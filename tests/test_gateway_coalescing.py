@@ -69,7 +69,7 @@ def _in_flight(pool: ThreadPoolExecutor, gw: BackgroundServer, fake: FakeUpstrea
 async def test_concurrent_identical_requests_reach_the_upstream_once(
     make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path
 ) -> None:
-    n = 200
+    n = 500
     async with _client(make_gateway()) as c:
         replies = await asyncio.gather(*(_ask(c) for _ in range(n)))
     assert _calls(fake) == 1
@@ -186,7 +186,7 @@ def test_bypass_and_refresh_never_wait(
     make_gateway: GatewayFactory, fake: FakeUpstream, pool: ThreadPoolExecutor, mode: str
 ) -> None:
     gw = make_gateway()
-    fake.fail_next("delay=3")  # the first call only
+    fake.fail_next("delay=1.5")  # the first call only
     first = _in_flight(pool, gw, fake)
     second = _sync_ask(gw, extra_headers={"x-skinflint-cache": mode})
     assert not first.done()  # answered while the first was still on its way
