@@ -69,7 +69,8 @@ _TAG_HISTORY = 1024  # invalidations remembered, to tell which in-flight answers
 #: What providers use when a request sets no temperature.
 DEFAULT_TEMPERATURE = 1.0
 
-# Failures another try may not repeat (with 5xx): a waiting request then takes over.
+# Besides 5xx, the statuses of failures another try may not repeat (a timeout, a rate limit,
+# the client gone): one request waiting for the failed one then goes upstream in its place.
 _RETRYABLE = frozenset({408, 429, 499})
 
 

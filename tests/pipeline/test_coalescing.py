@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from skinflint.config import CacheConfig
 from skinflint.errors import UpstreamStatusError
@@ -153,6 +154,12 @@ async def test_a_zero_timeout_never_registers_anything() -> None:
     for _ in range(3):
         assert await asyncio.wait_for(cache.lookup(_request()), 1) is None
     assert len(cache._flights) == 0
+
+
+def test_the_timeout_is_validated() -> None:
+    assert CacheConfig().exact.coalesce_timeout_seconds == 30
+    with pytest.raises(ValidationError, match="coalesce_timeout_seconds"):
+        CacheConfig.model_validate({"exact": {"coalesce_timeout_seconds": -1}})
 
 
 async def test_a_flight_expires_by_its_clock() -> None:
