@@ -107,6 +107,8 @@ class ExactCacheConfig(_Frozen):
     memory_bytes: int = Field(default=64 << 20, ge=0)
     max_entries: int = Field(default=200_000, ge=1)
     max_entry_bytes: int = Field(default=1 << 20, ge=1)
+    # how long a request waits for an identical one already on its way upstream; 0: never
+    coalesce_timeout_seconds: float = Field(default=30.0, ge=0)
     features: dict[str, CachePolicy] = Field(default_factory=dict)
     routes: dict[str, CachePolicy] = Field(default_factory=dict)
 

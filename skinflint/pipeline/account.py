@@ -204,6 +204,7 @@ class Account:
         return "route" if ctx.route is not None and ctx.route.routed else ""
 
     def _finish(self, ctx: RequestContext) -> None:
+        self._cache.release(ctx)  # first: whatever fails below, nobody waits in vain
         ctx.costs = self._price(ctx)
         for a in ctx.attempts:  # cascade calls whose answer was not returned: their cost counts
             u = a.usage or Usage()

@@ -14,6 +14,10 @@ longer than ``max_question_chars`` is compared by its last paragraph, and the te
 joins the partition, so it must match exactly. Similarity above the threshold is necessary,
 not sufficient: a word-level verifier rejects candidates whose numbers, dates, names, negations
 or order differ.
+
+Identical requests that miss together are coalesced (see :mod:`skinflint.pipeline.inflight`):
+the first goes upstream, the others wait for its answer to be stored and are served it as exact
+hits. Whoever learns the answer's fate (the account stage) calls :meth:`ResponseCache.release`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from skinflint.pipeline.context import (
     SemanticProbe,
 )
 from skinflint.pipeline.embedding import GuardedEmbedder
+from skinflint.pipeline.inflight import Flights
 from skinflint.semantic.verifier import compare
 from skinflint.streaming import chunks_from_completion, is_complete
 
@@ -63,6 +68,10 @@ _TAG_HISTORY = 1024  # invalidations remembered, to tell which in-flight answers
 
 #: What providers use when a request sets no temperature.
 DEFAULT_TEMPERATURE = 1.0
+
+# Besides 5xx, the statuses of failures another try may not repeat (a timeout, a rate limit,
+# the client gone): one request waiting for the failed one then goes upstream in its place.
+_RETRYABLE = frozenset({408, 429, 499})
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +177,7 @@ class ResponseCache:
         self._verifier = verifier
         self._clock = clock
         self._policies: dict[tuple[str, str], Policy] = {}
+        self._flights = Flights(config.exact.coalesce_timeout_seconds)
         ex, sem = config.exact, config.semantic
         self.exact_enabled = ex.enabled or bool(ex.features) or bool(ex.routes)
         self.semantic_enabled = self.exact_enabled and (
@@ -266,12 +276,23 @@ class ResponseCache:
         digest = (
             request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
         )
-        ctx.cache_plan = CachePlan(self.key_for(ctx, digest), policy.ttl_seconds,
-                                   self.invalidations)
-        if ctx.cache_mode == "refresh":
+        key = self.key_for(ctx, digest)
+        ctx.cache_plan = CachePlan(key, policy.ttl_seconds, self.invalidations)
+        if ctx.cache_mode == "refresh":  # never waits, but those that arrive meanwhile may
+            self._flights.lead(key, ctx)
             return None
-        raw = await self.backend.get(ctx.cache_plan.key, self._clock())
+        raw = await self.backend.get(key, self._clock())
+        if raw is None:  # wait for an identical request in flight, else lead the key
+            raw = await self._flights.join(key, ctx, lambda: self.backend.get(key, self._clock()))
         return None if raw is None else self.serve(ctx, raw, CacheDecision("hit-exact"))
+
+    def release(self, ctx: RequestContext) -> None:
+        """Wake the requests waiting for ``ctx``'s answer: call it once the answer is stored or
+        known never to be (failed, abandoned, not storable), whatever happened. After a failure
+        another try may fix, one of them goes upstream next; otherwise they all do."""
+        if ctx.cache_plan is not None:
+            retry = ctx.status >= 500 or ctx.status in _RETRYABLE
+            self._flights.land(ctx.cache_plan.key, ctx, retry=retry)
 
     def semantic_threshold(self, ctx: RequestContext) -> float | None:
         """The similarity a semantic match needs, or None when the semantic cache does not
