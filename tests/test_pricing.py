@@ -61,3 +61,13 @@ def test_a_configured_price_may_leave_output_out() -> None:
     catalog = price_catalog(settings)
     assert catalog.cost("emb", Usage(input_tokens=10)) == pytest.approx(1e-6)
     assert catalog.cost("emb", Usage(input_tokens=10, output_tokens=1)) is None
+
+
+def test_names_clients_invent_do_not_grow_the_memo_past_its_cap() -> None:
+    catalog = PriceCatalog()
+    catalog.MEMO_LIMIT = 64  # the cap, made small so that the test stays quick
+    catalog.price("gpt-4o-mini")
+    for i in range(1000):
+        assert catalog.price(f"client-model-{i}") is None
+    assert len(catalog._memo) == 64
+    assert catalog.price("gpt-4o-mini") is not None  # memoised first, still answered

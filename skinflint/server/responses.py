@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import orjson
 
-from skinflint.errors import SkinflintError
+from skinflint.errors import SkinflintError, UpstreamStatusError
 from skinflint.models import StreamChunk
 from skinflint.pipeline import RequestContext
 
@@ -89,6 +90,9 @@ class Responder:
         extra = list(headers or ())
         if self.request_id and not extra:
             extra.append((b"x-skinflint-request-id", self.request_id.encode()))
+        if isinstance(exc, UpstreamStatusError) and exc.retry_after is not None:
+            # HTTP wants whole seconds; rounding up never invites a retry too early.
+            extra.append((b"retry-after", str(math.ceil(exc.retry_after)).encode()))
         await self.json(error_body(exc), status or exc.status, extra)
 
     async def sse(self, chunks: AsyncIterator[StreamChunk], headers: Headers) -> None:
