@@ -213,3 +213,23 @@ async def test_every_openai_role_is_accepted(role: str) -> None:
 async def test_a_model_name_may_hold_any_printable_text() -> None:
     ctx = await _attribute(_arrived(chat(model="org/модель-7b:free@v1.5 " + "m" * 200)))
     assert ctx.requested_model.startswith("org/модель")
+
+
+def test_the_serialiser_stops_where_the_depth_check_assumes() -> None:
+    """The depth check relies on orjson's recursion limit being 254 levels."""
+    orjson.dumps(_nested(255))  # 254 lists around a string
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(_nested(256))
+
+
+@pytest.mark.parametrize("depth", [128, 129])
+async def test_depth_is_counted_exactly_in_any_container(depth: int) -> None:
+    inner: Any = {}
+    for i in range(depth - 3):  # body, tools and the innermost object count too
+        inner = {"k": inner} if i % 2 else [inner]
+    ctx = _arrived(chat(tools=[inner]))
+    if depth <= 128:
+        assert (await _attribute(ctx)).body is not None
+    else:
+        with pytest.raises(RequestError, match="128 levels"):
+            await Attribute({})(ctx, Recorder())
