@@ -71,3 +71,26 @@ def test_names_clients_invent_do_not_grow_the_memo_past_its_cap() -> None:
         assert catalog.price(f"client-model-{i}") is None
     assert len(catalog._memo) == 64
     assert catalog.price("gpt-4o-mini") is not None  # memoised first, still answered
+
+
+def test_names_past_the_cap_do_not_grow_the_catalog_librarys_memos() -> None:
+    """genai-prices keeps every name it was asked about; past the cap, nothing may."""
+    import gc
+    import tracemalloc
+
+    catalog = PriceCatalog()
+    catalog.MEMO_LIMIT = 64
+    for i in range(200):  # fill the memo and let the library's memos refill once
+        catalog.price(f"warm-{i}")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3000):
+            catalog.price(f"client-model-{i}")
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000  # 800 kB (270 bytes a name) without the trimming
+    assert catalog.price("gpt-4o-mini") is not None
