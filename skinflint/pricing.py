@@ -114,6 +114,19 @@ def _from_catalog(model: str) -> ModelPrice | None:
     )
 
 
+def _trim_catalog_memos(limit: int) -> None:
+    """genai-prices memoises every name it is asked about, without bound. Past our own memo's
+    cap the names come from clients, so its memos are emptied whenever one outgrows ``limit``
+    (rarely: each refill takes ``limit`` new names)."""
+    from genai_prices import data_snapshot
+
+    snapshot = data_snapshot.get_snapshot()
+    for name in ("_lookup_cache", "_provider_cache", "_provider_misses"):
+        memo = getattr(snapshot, name, None)  # private: absent in another release, that is all
+        if isinstance(memo, dict | set) and len(memo) > limit:
+            memo.clear()
+
+
 class PriceCatalog:
     """Looks prices up by the name a model was asked for or answered under; results are
     memoised (up to ``MEMO_LIMIT`` names: the rest come from clients and are looked up anew).
@@ -157,6 +170,8 @@ class PriceCatalog:
             found = self._resolve(self.aliases.get(model, model))
             if len(self._memo) < self.MEMO_LIMIT:
                 self._memo[model] = found
+            else:
+                _trim_catalog_memos(self.MEMO_LIMIT)
         return found
 
     def _resolve(self, model: str) -> ModelPrice | None:

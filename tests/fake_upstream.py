@@ -548,6 +548,10 @@ class FakeUpstream:
         except asyncio.CancelledError:
             self._count_disconnect()
             raise
+        except (AttributeError, TypeError, ValueError, KeyError) as exc:
+            # A field of the wrong type: a real vendor validates its input and answers 400.
+            render = _anthropic_error if request.path == "/v1/messages" else _openai_error
+            return render(400, f"invalid request: {type(exc).__name__}", None)
 
     def _count_disconnect(self) -> None:
         with self._lock:

@@ -573,3 +573,14 @@ async def test_embeddings_are_not_supported(session: aiohttp.ClientSession) -> N
         await provider.embed(request())
     assert (info.value.status, info.value.code) == (400, "unsupported_endpoint")
     await provider.close()
+
+
+@pytest.mark.parametrize("fields", [
+    {"temperature": []}, {"temperature": {"t": 1}}, {"tools": ["search"]}, {"stop": 5},
+    {"messages": [{"role": "user", "content": [7]}]},
+])
+def test_a_field_of_the_wrong_shape_is_a_400_not_a_crash(fields: dict[str, object]) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    with pytest.raises(UpstreamStatusError) as caught:
+        to_anthropic(body, "claude", 1024)
+    assert caught.value.status == 400 and caught.value.error_type == "invalid_request_error"

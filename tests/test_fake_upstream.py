@@ -231,3 +231,15 @@ def test_fault_parsing() -> None:
     assert Fault.parse("no_usage,length") == Fault(no_usage=True, length=True)
     with pytest.raises(ValueError, match="unknown fault"):
         Fault.parse("explode")
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "m", "messages": ask("hi"), "response_format": 1.5}),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": 3}],
+                              "stream": True, "stream_options": 2}),
+])
+def test_a_field_of_the_wrong_type_is_a_400_as_from_a_real_vendor(
+        fake: FakeUpstream, path: str, body: dict[str, object]) -> None:
+    resp = httpx.post(fake.root_url + path, json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"].startswith("invalid request: ")

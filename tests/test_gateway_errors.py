@@ -69,12 +69,15 @@ def test_unknown_model_without_default_provider(make_gateway: GatewayFactory) ->
 
 
 def test_a_model_name_cannot_inject_headers(make_gateway: GatewayFactory) -> None:
-    """The model name is echoed in x-skinflint-model; control characters are encoded."""
+    """A name with control characters is refused; a printable one is echoed in
+    x-skinflint-model, percent-encoded past ASCII."""
     gw = make_gateway(default_provider=None)
     resp = _post(gw, b'{"model": "x\\r\\nset-cookie: a=b \\u00e9", "messages": [{"role": "user", "content": "x"}]}')
-    _assert_openai_error(resp, 404)
+    assert _assert_openai_error(resp, 400)["code"] == "invalid_model"
     assert "set-cookie" not in resp.headers
-    assert resp.headers["x-skinflint-model"] == "x%0D%0Aset-cookie: a=b %C3%A9"
+    resp = _post(gw, b'{"model": "x set-cookie: a=b \\u00e9", "messages": [{"role": "user", "content": "x"}]}')
+    _assert_openai_error(resp, 404)
+    assert resp.headers["x-skinflint-model"] == "x set-cookie: a=b %C3%A9"
 
 
 def test_retries_5xx_then_succeeds(

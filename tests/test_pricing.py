@@ -61,3 +61,36 @@ def test_a_configured_price_may_leave_output_out() -> None:
     catalog = price_catalog(settings)
     assert catalog.cost("emb", Usage(input_tokens=10)) == pytest.approx(1e-6)
     assert catalog.cost("emb", Usage(input_tokens=10, output_tokens=1)) is None
+
+
+def test_names_clients_invent_do_not_grow_the_memo_past_its_cap() -> None:
+    catalog = PriceCatalog()
+    catalog.MEMO_LIMIT = 64  # the cap, made small so that the test stays quick
+    catalog.price("gpt-4o-mini")
+    for i in range(1000):
+        assert catalog.price(f"client-model-{i}") is None
+    assert len(catalog._memo) == 64
+    assert catalog.price("gpt-4o-mini") is not None  # memoised first, still answered
+
+
+def test_names_past_the_cap_do_not_grow_the_catalog_librarys_memos() -> None:
+    """genai-prices keeps every name it was asked about; past the cap, nothing may."""
+    import gc
+    import tracemalloc
+
+    catalog = PriceCatalog()
+    catalog.MEMO_LIMIT = 64
+    for i in range(200):  # fill the memo and let the library's memos refill once
+        catalog.price(f"warm-{i}")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3000):
+            catalog.price(f"client-model-{i}")
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000  # 800 kB (270 bytes a name) without the trimming
+    assert catalog.price("gpt-4o-mini") is not None

@@ -17,6 +17,18 @@ __all__ = ["Attribute"]
 _CACHE_MODES = frozenset({"default", "bypass", "refresh"})
 
 
+#: Limits on what a request may ask; each breach is a 400 that names the limit.
+MAX_MODEL_NAME = 256
+MAX_MESSAGES = 10_000
+MAX_N = 128
+MAX_OUTPUT_TOKENS = 1_000_000
+#: Below the 254 levels the request hash can serialise, and far above any real request.
+MAX_DEPTH = 128
+_SERIALISER_DEPTH = 254  # the deepest nesting orjson.dumps writes (pinned by a test)
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
 def _parse(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
@@ -26,21 +38,80 @@ def _parse(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", code="invalid_json")
+    _check_depth(raw, body)
     return body
 
 
-def _validate(endpoint: str, body: dict[str, Any]) -> str:
-    model = body.get("model")
+def _check_depth(raw: bytes, body: dict[str, Any]) -> None:
+    """Nesting is at most the number of brackets, which two scans in C count. Past the limit,
+    the body is serialised inside enough extra levels that the serialiser's own recursion
+    limit falls exactly at ``MAX_DEPTH``: a few microseconds, where a walk in Python costs
+    tens."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return
+    probe: Any = body
+    for _ in range(_SERIALISER_DEPTH - MAX_DEPTH):
+        probe = [probe]
+    try:
+        orjson.dumps(probe)
+    except orjson.JSONEncodeError:
+        raise RequestError(
+            f"request body is nested more than {MAX_DEPTH} levels deep", code="too_deep"
+        ) from None
+
+
+def _check_model(model: Any) -> str:
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required and must be a string", code="missing_model")
-    if endpoint == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("'messages' must be a non-empty array", code="invalid_messages")
-        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+    if len(model) > MAX_MODEL_NAME:
+        raise RequestError(
+            f"'model' is longer than {MAX_MODEL_NAME} characters", code="invalid_model"
+        )
+    if not model.isprintable():
+        raise RequestError(
+            "'model' must not contain control characters", code="invalid_model"
+        )
+    return model
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty array", code="invalid_messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(
+            f"'messages' holds more than {MAX_MESSAGES} messages", code="too_many_messages"
+        )
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str):
             raise RequestError(
-                "each message must be an object with a 'role'", code="invalid_messages"
+                f"messages[{i}] must be an object with a 'role'", code="invalid_messages"
             )
+        if role not in ROLES:
+            raise RequestError(
+                f"messages[{i}].role must be one of {sorted(ROLES)}", code="invalid_role"
+            )
+
+
+def _int_field(body: dict[str, Any], name: str, low: int, high: int) -> None:
+    """``body[name]``, when given and not null, must be an integer in ``low..high``."""
+    value = body.get(name)
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(
+            f"'{name}' must be an integer from {low} to {high}", code=f"invalid_{name}"
+        )
+
+
+def _validate(endpoint: str, body: dict[str, Any]) -> str:
+    """Every check of the request's shape, made before anything is sent upstream."""
+    model = _check_model(body.get("model"))
+    if endpoint == "chat":
+        _check_messages(body.get("messages"))
+        _int_field(body, "n", 1, MAX_N)
+        for name in _TOKEN_FIELDS:
+            _int_field(body, name, 1, MAX_OUTPUT_TOKENS)
     elif "input" not in body:
         raise RequestError("'input' is required", code="missing_input")
     return model

@@ -22,6 +22,7 @@ from skinflint.routing.classifier import TaskClassifier
 __all__ = ["Route", "RoutePlan"]
 
 _MEMO_LIMIT = 4096  # resolved names remembered beyond the configured ones
+_NAMES_LISTED = 20  # valid names an unknown-model error lists before "and N more"
 
 
 def _rule_matches(
@@ -108,9 +109,16 @@ class Route:
         if model is not None:
             return Target(name, model.provider, model.model or name)
         if self._default_provider is None:
-            known = ", ".join(sorted([*self._models, *self.plans])) or "none"
-            raise UnknownModelError(f"model {name!r} is not configured (known: {known})")
+            raise UnknownModelError(
+                f"model {name[:64]!r} is not configured (known: {self._known_names()})"
+            )
         return Target(name, self._default_provider, name)
+
+    def _known_names(self) -> str:
+        names = sorted([*self._models, *self.plans])
+        listed = ", ".join(names[:_NAMES_LISTED]) or "none"
+        more = len(names) - _NAMES_LISTED
+        return f"{listed} and {more} more" if more > 0 else listed
 
     def resolve(self, name: str) -> tuple[Target, ...]:
         """The target for ``name`` followed by its fallbacks, in order."""

@@ -33,6 +33,7 @@ from skinflint.providers.http import (
     model_objects,
     retry_after_seconds,
     translate_errors,
+    vendor_message,
 )
 
 __all__ = [
@@ -168,6 +169,7 @@ def _vendor_error(status: int, error: JSON, provider: str,
                   retry_after: float | None = None) -> UpstreamStatusError:
     etype = error.get("type") if isinstance(error.get("type"), str) else None
     message = str(error.get("message") or f"upstream returned HTTP {status}")
+    message = vendor_message(provider, status, message)
     return UpstreamStatusError(status, PREFIX + message, provider=provider,
                                error_type=etype if etype in _OPENAI_TYPES else None,
                                code=etype, retry_after=retry_after)

@@ -42,7 +42,16 @@ def _invalid(message: str, code: str | None = None) -> UpstreamStatusError:
 def to_anthropic(body: JSON, model: str, default_max_tokens: int) -> JSON:
     """The Messages API body for the OpenAI chat-completions ``body``; ``body`` is not modified.
 
-    Raises :class:`UpstreamStatusError` (400) for anything Anthropic cannot express."""
+    Raises :class:`UpstreamStatusError` (400) for anything Anthropic cannot express, and for
+    fields of the wrong type (OpenAI would refuse them; here they would break the translation)."""
+    try:
+        return _translate(body, model, default_max_tokens)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise _invalid(f"a request field has the wrong type or shape ({type(exc).__name__})",
+                       code="invalid_request") from None
+
+
+def _translate(body: JSON, model: str, default_max_tokens: int) -> JSON:
     n = body.get("n")
     if isinstance(n, int) and n > 1:
         raise _invalid("n > 1 is not supported", code="unsupported_parameter")

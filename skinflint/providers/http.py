@@ -4,6 +4,7 @@ reading of vendor error responses."""
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,7 +28,19 @@ __all__ = [
     "retry_after_seconds",
     "status_error",
     "translate_errors",
+    "vendor_message",
 ]
+
+#: What a credential looks like in vendor error text: OpenAI-style ``sk-``/``pk-``/``rk-``
+#: keys (masked fragments too), Google ``AIza`` keys, bearer tokens, ``key=value`` pairs.
+_SECRET = re.compile(
+    r"\b(?:sk|pk|rk)-[\w\-*.]{3,}"
+    r"|\bAIza[\w\-]{10,}"
+    r"|\b[Bb]earer\s+[\w\-.~+/=*]+"
+    r"|\b(?:api[_-]?key|access[_-]?token|token|key)\s*[=:]\s*[^\s,;&\"']+",
+    re.IGNORECASE,
+)
+_MAX_VENDOR_TEXT = 500
 
 
 @functools.lru_cache(maxsize=64)
@@ -112,6 +125,15 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None  # an HTTP date: rare from LLM APIs, and backoff applies anyway
 
 
+def vendor_message(provider: str, status: int, text: str) -> str:
+    """Vendor error text fit to show a tenant: a fixed sentence when the vendor refused the
+    gateway's own credentials, else the text with anything key-like redacted, shortened."""
+    if status in (401, 403):
+        return f"the upstream rejected the gateway's credentials for provider {provider}"
+    text = _SECRET.sub("[redacted]", text[: _MAX_VENDOR_TEXT * 2])
+    return text if len(text) <= _MAX_VENDOR_TEXT else text[:_MAX_VENDOR_TEXT] + "..."
+
+
 def status_error(
     provider: str, status: int, raw: bytes, retry_after: str | None
 ) -> UpstreamStatusError:
@@ -130,7 +152,7 @@ def status_error(
         pass
     return UpstreamStatusError(
         status,
-        f"{provider}: {message}",
+        f"{provider}: {vendor_message(provider, status, message)}",
         provider=provider,
         error_type=etype,
         code=code,

@@ -17,6 +17,7 @@ from skinflint.providers.http import (
     model_objects,
     status_error,
     translate_errors,
+    vendor_message,
 )
 
 __all__ = ["OpenAICompatProvider"]
@@ -106,9 +107,10 @@ class OpenAICompatProvider:
     def _chunk(self, payload: bytes) -> StreamChunk:
         data = json_object(payload, provider=self.name, what="stream chunk")
         if "error" in data and "choices" not in data:
-            err = data["error"] if isinstance(data["error"], dict) else {"message": data["error"]}
+            err = data["error"]
+            text = str(err.get("message", "stream error") if isinstance(err, dict) else err)
             raise UpstreamProtocolError(
-                f"{self.name}: {err.get('message', 'stream error')}",
+                f"{self.name}: {vendor_message(self.name, 0, text)}",
                 provider=self.name,
                 code="upstream_stream_error",
             )

@@ -1,7 +1,7 @@
 """The ASGI application: OpenAI routes, admin API, and the one handler that renders errors.
 
 Hand-written rather than built on a framework because the gateway's whole per-request budget is
-well under a millisecond, and routing seven fixed paths needs no more than a dict.
+well under a millisecond, and routing a dozen fixed paths needs no more than a dict.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from skinflint.gateway import Gateway
 from skinflint.models import CLIENT_LEFT
 from skinflint.pipeline import Reply, RequestContext
 from skinflint.server.model_list import ModelList
+from skinflint.server.openapi import openapi_json
 from skinflint.server.responses import Responder, skinflint_headers
 
 __all__ = ["App"]
@@ -229,6 +230,9 @@ class App:
     async def health(self, scope: Scope, receive: Receive, out: Responder) -> None:
         await out.json(orjson.dumps({"status": "ok", "ready": self.ready}))
 
+    async def openapi(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        await out.json(openapi_json())
+
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None
         self._require_admin(_headers(scope))
@@ -271,5 +275,6 @@ for _path in ("/v1/models", "/models"):
     _ROUTES["GET", _path] = App.models
 _ROUTES["GET", "/health"] = App.health
 _ROUTES["GET", "/metrics"] = App.metrics
+_ROUTES["GET", "/openapi.json"] = App.openapi
 _ROUTES["POST", "/api/cache/invalidate"] = App.invalidate
 _ROUTES["GET", "/api/budgets"] = App.budgets

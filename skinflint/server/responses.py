@@ -11,7 +11,12 @@ from urllib.parse import quote
 
 import orjson
 
-from skinflint.errors import BudgetExceededError, ShuttingDownError, SkinflintError
+from skinflint.errors import (
+    BudgetExceededError,
+    ShuttingDownError,
+    SkinflintError,
+    UpstreamStatusError,
+)
 from skinflint.models import StreamChunk
 from skinflint.pipeline import RequestContext
 
@@ -101,8 +106,12 @@ class Responder:
         extra = list(headers or ())
         if self.request_id and not extra:
             extra.append((b"x-skinflint-request-id", self.request_id.encode()))
-        if isinstance(exc, BudgetExceededError):
-            extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+        retry_after = (
+            exc.retry_after if isinstance(exc, BudgetExceededError | UpstreamStatusError) else None
+        )
+        if retry_after is not None:
+            # HTTP wants whole seconds; rounding up never invites a retry too early.
+            extra.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
         await self.json(error_body(exc), status or exc.status, extra)
 
     async def sse(self, chunks: AsyncIterator[StreamChunk], headers: Headers) -> None:

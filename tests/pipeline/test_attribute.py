@@ -151,3 +151,85 @@ async def test_a_malformed_body_is_a_request_error(raw: bytes, endpoint: str, co
         await Attribute({})(_arrived(raw, endpoint), after)
     assert caught.value.code == code
     assert not after.called
+
+
+def _nested(depth: int) -> Any:
+    """``depth`` levels of JSON containers, the body object counting as the first."""
+    value: Any = "x"
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(("body", "code", "says"), [
+    (chat(model="m\n"), "invalid_model", "control characters"),
+    (chat(model="m\rx"), "invalid_model", "control characters"),
+    (chat(model="m\0"), "invalid_model", "control characters"),
+    (chat(model="m" * 257), "invalid_model", "256 characters"),
+    ({"model": "m" * 7_000_000, "input": "x"}, "invalid_model", "256 characters"),
+    (chat(model=42), "missing_model", "must be a string"),
+    (chat(n=0), "invalid_n", "from 1 to 128"),
+    (chat(n=129), "invalid_n", "from 1 to 128"),
+    (chat(n=2.0), "invalid_n", "integer"),
+    (chat(n=True), "invalid_n", "integer"),
+    (chat(max_tokens=-1), "invalid_max_tokens", "from 1 to 1000000"),
+    (chat(max_tokens=0), "invalid_max_tokens", "from 1"),
+    (chat(max_tokens="10"), "invalid_max_tokens", "integer"),
+    (chat(max_completion_tokens=10**12), "invalid_max_completion_tokens", "to 1000000"),
+    ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "invalid_role", "wizard"),
+    ({"model": "m", "messages": [{"role": ["user"], "content": "x"}]}, "invalid_messages", "'role'"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}] * 10_001},
+     "too_many_messages", "10000"),
+    (chat(metadata=_nested(129)), "too_deep", "128 levels"),
+    ({"model": "m", "input": _nested(200)}, "too_deep", "128 levels"),
+])
+async def test_a_request_outside_the_limits_says_what_is_wrong(body: dict[str, Any], code: str,
+                                                               says: str) -> None:
+    after = Recorder()
+    endpoint = "embeddings" if "input" in body else "chat"
+    with pytest.raises(RequestError) as caught:
+        await Attribute({})(_arrived(body, endpoint), after)
+    assert (caught.value.code, caught.value.status) == (code, 400)
+    assert says.replace("wizard", "") in caught.value.message
+    assert not after.called
+
+
+@pytest.mark.parametrize("fields", [
+    {"n": 1}, {"n": 128}, {"n": None}, {"max_tokens": 1}, {"max_tokens": None},
+    {"max_completion_tokens": 1_000_000}, {"metadata": _nested(128)},
+    {"tools": [{"type": "function", "function": {"parameters": {"type": "object"}}}] * 100},
+])
+async def test_a_request_at_the_limits_goes_on(fields: dict[str, Any]) -> None:
+    ctx = await _attribute(_arrived(chat(**fields)))
+    assert ctx.body == chat(**fields)
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant", "tool", "function"])
+async def test_every_openai_role_is_accepted(role: str) -> None:
+    body = {"model": "m", "messages": [{"role": role, "content": "x"}]}
+    assert (await _attribute(_arrived(body))).body == body
+
+
+async def test_a_model_name_may_hold_any_printable_text() -> None:
+    ctx = await _attribute(_arrived(chat(model="org/модель-7b:free@v1.5 " + "m" * 200)))
+    assert ctx.requested_model.startswith("org/модель")
+
+
+def test_the_serialiser_stops_where_the_depth_check_assumes() -> None:
+    """The depth check relies on orjson's recursion limit being 254 levels."""
+    orjson.dumps(_nested(255))  # 254 lists around a string
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(_nested(256))
+
+
+@pytest.mark.parametrize("depth", [128, 129])
+async def test_depth_is_counted_exactly_in_any_container(depth: int) -> None:
+    inner: Any = {}
+    for i in range(depth - 3):  # body, tools and the innermost object count too
+        inner = {"k": inner} if i % 2 else [inner]
+    ctx = _arrived(chat(tools=[inner]))
+    if depth <= 128:
+        assert (await _attribute(ctx)).body is not None
+    else:
+        with pytest.raises(RequestError, match="128 levels"):
+            await Attribute({})(ctx, Recorder())

@@ -171,3 +171,12 @@ async def test_model_names_from_clients_are_not_remembered_without_bound() -> No
     for i in range(10_000):
         await route(context(chat(model=f"client-model-{i}")), Recorder())
     assert len(route._memo) <= 4096
+
+
+async def test_an_unknown_model_error_lists_a_bounded_number_of_names() -> None:
+    many = {f"m{i:03}": {"provider": "p"} for i in range(500)}
+    with pytest.raises(UnknownModelError) as caught:
+        await _route(models=many, routes={})(context(chat(model="gpt-x")), Recorder())
+    message = caught.value.message
+    assert "known: m000, m001" in message and message.endswith("m019 and 480 more)")
+    assert "m020" not in message

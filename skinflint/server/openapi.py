@@ -1,0 +1,203 @@
+"""The OpenAPI document of the gateway's routes, served at ``GET /openapi.json``.
+
+Written out here rather than derived from the code because the server routes by a dict, not a
+framework that could describe itself; a test checks that every route is in it. The request
+limits are the attribute stage's, so the document says what the gateway really refuses.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import orjson
+
+from skinflint import __version__
+from skinflint.pipeline.attribute import (
+    MAX_MESSAGES,
+    MAX_MODEL_NAME,
+    MAX_N,
+    MAX_OUTPUT_TOKENS,
+    ROLES,
+)
+
+__all__ = ["openapi_document", "openapi_json"]
+
+JSON = dict[str, Any]
+
+
+def _ref(name: str) -> JSON:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: JSON) -> JSON:
+    return {"application/json": {"schema": schema}}
+
+
+_ERRORS: JSON = {
+    status: {"description": text, "content": _json(_ref("Error"))}
+    for status, text in [
+        ("400", "the request is malformed or outside a limit; the message says which"),
+        ("401", "the gateway or admin key is missing or wrong"),
+        ("404", "unknown model or route; the message lists the valid names"),
+        ("413", "the request body is too large"),
+        ("429", "rate limited (by the upstream); Retry-After says when to try again"),
+        ("502", "the upstream failed or sent something unreadable"),
+        ("504", "the upstream timed out"),
+    ]
+}
+
+_TOKENS: JSON = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_OUTPUT_TOKENS}
+
+_SCHEMAS: JSON = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "code": {"type": ["string", "null"]},
+                    "param": {"type": ["string", "null"]},
+                },
+            }
+        },
+    },
+    "Model": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_MODEL_NAME,
+        "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$",
+        "description": "a model, an alias or a route (printable characters only)",
+    },
+    "Message": {
+        "type": "object",
+        "required": ["role"],
+        "properties": {"role": {"enum": sorted(ROLES)}},
+    },
+    "ChatCompletionRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": _ref("Model"),
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_MESSAGES,
+                "items": _ref("Message"),
+            },
+            "n": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_N},
+            "max_tokens": _TOKENS,
+            "max_completion_tokens": _TOKENS,
+            "stream": {"description": "only JSON true streams"},
+            "stream_options": {"description": "include_usage: true adds a usage chunk"},
+            "user": {"description": "end user, when a string (x-skinflint-user wins)"},
+            "metadata": {"description": "metadata.feature names the feature, when an object"},
+        },
+        "description": "OpenAI's chat completion request; other fields are passed through. "
+        "JSON nesting is limited to 128 levels.",
+    },
+    "EmbeddingRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {"model": _ref("Model"), "input": {}},
+    },
+    "Object": {"type": "object", "description": "OpenAI's response, relayed"},
+    "Health": {
+        "type": "object",
+        "properties": {"status": {"const": "ok"}, "ready": {"type": "boolean"}},
+    },
+    "InvalidateRequest": {
+        "type": "object",
+        "required": ["tags"],
+        "properties": {"tags": {"type": "array", "items": {"type": "string"}}},
+    },
+}
+
+_GATEWAY_KEY: list[JSON] = [{"gatewayKey": []}]
+_ADMIN_KEY: list[JSON] = [{"adminKey": []}]
+
+
+def _pipeline_op(summary: str, request: str) -> JSON:
+    return {
+        "summary": summary,
+        "security": _GATEWAY_KEY,
+        "parameters": [
+            {"name": h, "in": "header", "required": False, "schema": {"type": "string"}}
+            for h in (
+                "x-skinflint-feature",
+                "x-skinflint-user",
+                "x-skinflint-tags",
+                "x-skinflint-cache",
+                "x-skinflint-task",
+            )
+        ],
+        "requestBody": {"required": True, "content": _json(_ref(request))},
+        "responses": {
+            "200": {
+                "description": "the answer (server-sent events when streaming)",
+                "content": {**_json(_ref("Object")), "text/event-stream": {}},
+            },
+            **_ERRORS,
+        },
+    }
+
+
+def _get_op(summary: str, content: JSON, security: list[JSON] | None) -> JSON:
+    op: JSON = {"summary": summary, "responses": {"200": {"description": summary,
+                                                         "content": content}, **_ERRORS}}
+    if security is not None:
+        op["security"] = security
+    return op
+
+
+def _paths() -> JSON:
+    chat = {"post": _pipeline_op("Create a chat completion", "ChatCompletionRequest")}
+    embed = {"post": _pipeline_op("Create embeddings", "EmbeddingRequest")}
+    models = {"get": _get_op("List models, aliases and routes", _json(_ref("Object")),
+                             _GATEWAY_KEY)}
+    invalidate = _get_op("Drop cache entries by tag", _json(_ref("Object")), _ADMIN_KEY)
+    invalidate["requestBody"] = {"required": True, "content": _json(_ref("InvalidateRequest"))}
+    return {
+        "/v1/chat/completions": chat,
+        "/chat/completions": chat,
+        "/v1/embeddings": embed,
+        "/embeddings": embed,
+        "/v1/models": models,
+        "/models": models,
+        "/health": {"get": _get_op("Liveness and readiness", _json(_ref("Health")), [])},
+        "/metrics": {"get": _get_op("Prometheus metrics", {"text/plain": {}}, _ADMIN_KEY)},
+        "/openapi.json": {"get": _get_op("This document", _json({"type": "object"}), [])},
+        "/api/cache/invalidate": {"post": invalidate},
+    }
+
+
+def openapi_document() -> JSON:
+    """The document as a dict (a fresh copy each call)."""
+    return orjson.loads(openapi_json())  # type: ignore[no-any-return]
+
+
+@functools.cache
+def openapi_json() -> bytes:
+    """The document, serialised once."""
+    return orjson.dumps(
+        {
+            "openapi": "3.1.0",
+            "info": {
+                "title": "skinflint",
+                "version": __version__,
+                "description": "An OpenAI-compatible gateway that cuts the bill.",
+            },
+            "paths": _paths(),
+            "components": {
+                "schemas": _SCHEMAS,
+                "securitySchemes": {
+                    "gatewayKey": {"type": "http", "scheme": "bearer"},
+                    "adminKey": {"type": "http", "scheme": "bearer"},
+                },
+            },
+        }
+    )
