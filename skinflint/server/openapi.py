@@ -110,6 +110,16 @@ _SCHEMAS: JSON = {
         "type": "object",
         "properties": {"status": {"const": "ok"}, "ready": {"type": "boolean"}},
     },
+    "Budget": {
+        "type": "object",
+        "properties": {
+            **{k: {"type": "string"} for k in ("name", "per", "subject", "window", "action")},
+            **{k: {"type": "string", "format": "date-time"} for k in ("window_start",
+                                                                       "window_end")},
+            "used": {"type": "number", "description": "(spent + reserved) / limit, the most"},
+            **{k: {"type": "object"} for k in ("limit", "spent", "reserved", "remaining")},
+        },
+    },
     "InvalidateRequest": {
         "type": "object",
         "required": ["tags"],
@@ -172,6 +182,9 @@ def _paths() -> JSON:
         "/metrics": {"get": _get_op("Prometheus metrics", {"text/plain": {}}, _ADMIN_KEY)},
         "/openapi.json": {"get": _get_op("This document", _json({"type": "object"}), [])},
         "/api/cache/invalidate": {"post": invalidate},
+        "/api/budgets": {"get": _get_op(
+            "Each budget's window, limit, spent, reserved and remaining",
+            _json({"type": "array", "items": _ref("Budget")}), _ADMIN_KEY)},
     }
 
 
