@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
 from tests.conftest import base_config
 from tests.fake_upstream import FakeUpstream
+from tests.processes import stop
 from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 BUDGET = {"name": "limited-daily", "per": "feature", "match": "limited", "window": "day",
@@ -49,12 +49,7 @@ def _serving(config: Path, port: int, workers: int) -> Iterator[str]:
             _wait_for_workers(url, workers, proc)
             yield url
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            stop(proc)
 
 
 def _worker(response: httpx.Response) -> str:

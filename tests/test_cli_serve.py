@@ -23,6 +23,7 @@ import yaml
 from skinflint.cli.output import describe_storage, mask_url
 from skinflint.config import settings_from_dict
 from skinflint.server.run import GC_THRESHOLDS
+from tests.processes import stop
 from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 LINE = re.compile(
@@ -73,13 +74,7 @@ def _serving(cwd: Path, *argv: str, env: dict[str, str]) -> Iterator[subprocess.
         try:
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.communicate(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.communicate()
+            stop(proc)
 
 
 def _first_line(proc: subprocess.Popen[str], timeout: float = 60.0) -> str:
