@@ -12,7 +12,10 @@ from skinflint.errors import AuthenticationError, RequestError
 from skinflint.models import CacheBypass
 from skinflint.pipeline.context import CacheDecision, Next, Reply, RequestContext
 
-__all__ = ["Attribute"]
+#: The ledger's tenant for a request refused for want of a valid gateway key.
+UNAUTHENTICATED = ""
+
+__all__ = ["UNAUTHENTICATED", "Attribute"]
 
 _CACHE_MODES = frozenset({"default", "bypass", "refresh"})
 
@@ -132,6 +135,8 @@ class Attribute:
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         tenant = self._tenants.get(hashlib.sha256(token.encode()).hexdigest()) if token else None
         if tenant is None:
+            # its ledger row must not count under a real tenant, "default" included
+            ctx.tenant = UNAUTHENTICATED
             raise AuthenticationError("invalid or missing gateway key")
         return tenant
 

@@ -7,6 +7,7 @@ well under a millisecond, and routing a dozen fixed paths needs no more than a d
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -162,7 +163,7 @@ class App:
         if not self._admin_hash:
             return
         token = _bearer(headers)
-        if not token or hash_key(token) != self._admin_hash:
+        if not token or not hmac.compare_digest(hash_key(token), self._admin_hash):
             raise AuthenticationError("admin key required")
 
     def _require_gateway_key(self, headers: dict[str, str]) -> None:

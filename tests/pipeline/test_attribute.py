@@ -10,7 +10,7 @@ import pytest
 
 from skinflint.errors import AuthenticationError, RequestError
 from skinflint.models import CacheBypass
-from skinflint.pipeline.attribute import Attribute
+from skinflint.pipeline.attribute import UNAUTHENTICATED, Attribute
 from skinflint.pipeline.context import MISS, CacheDecision, RequestContext
 from tests.pipeline.parts import Recorder, chat
 
@@ -46,9 +46,11 @@ async def test_the_tenant_is_the_one_whose_key_hash_matches(authorization: str,
 ])
 async def test_without_a_known_key_the_request_goes_no_further(headers: dict[str, str]) -> None:
     after = Recorder()
+    ctx = _arrived(b"not json", **headers)
     with pytest.raises(AuthenticationError):
-        await Attribute(KEYS)(_arrived(b"not json", **headers), after)  # checked before parsing
+        await Attribute(KEYS)(ctx, after)  # checked before parsing
     assert not after.called
+    assert ctx.tenant == UNAUTHENTICATED != "default"  # never counted under a real tenant
 
 
 async def test_with_no_keys_configured_every_request_is_the_default_tenant() -> None:
