@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
 from tests.conftest import base_config
 from tests.fake_upstream import FakeUpstream
+from tests.pg import free_port
 from tests.processes import stop
 from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 BUDGET = {"name": "limited-daily", "per": "feature", "match": "limited", "window": "day",
           "limit": {"requests": 10}}
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -87,7 +81,7 @@ def test_two_workers_admit_exactly_the_budget(
     config = tmp_path / "skinflint.yaml"
     config.write_text(yaml.safe_dump(
         base_config(fake, tmp_path / "skinflint.db", budgets=[BUDGET])))
-    with _serving(config, _free_port(), workers=2) as url:
+    with _serving(config, free_port(), workers=2) as url:
         replies = asyncio.run(_burst(url, 200))
     statuses = [r.status_code for r in replies]
     assert statuses.count(200) == 10 and statuses.count(429) == 190

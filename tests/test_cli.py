@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,7 @@ import yaml
 from skinflint.cli import main
 from tests.conftest import base_config, ledger_rows
 from tests.fake_upstream import FakeUpstream
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.pg import free_port
 
 
 def _write_config(fake: FakeUpstream, tmp_path: Path, **extra: object) -> Path:
@@ -49,7 +43,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 def test_serve_flushes_ledger_on_sigterm(fake: FakeUpstream, tmp_path: Path) -> None:
     config = _write_config(fake, tmp_path)
-    port = _free_port()
+    port = free_port()
     with subprocess.Popen(
         [
             sys.executable,
@@ -88,7 +82,7 @@ def test_serve_flushes_ledger_on_sigterm(fake: FakeUpstream, tmp_path: Path) -> 
 
 
 def test_zero_config_binds_loopback_and_starts_offline(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-x"}
     env.pop("SKINFLINT_CONFIG", None)
     with subprocess.Popen(

@@ -23,6 +23,7 @@ import yaml
 from skinflint.cli.output import describe_storage, mask_url
 from skinflint.config import settings_from_dict
 from skinflint.server.run import GC_THRESHOLDS
+from tests.pg import free_port
 from tests.processes import stop
 from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
@@ -53,12 +54,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKINFLINT_")}
     env.update(OPENAI_BASE_URL="http://127.0.0.1:9/v1", OPENAI_API_KEY="sk-x", **extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -169,7 +164,7 @@ def test_every_worker_runs_with_the_servers_gc_thresholds(tmp_path: Path) -> Non
     records.mkdir()
     (hooks / "sitecustomize.py").write_text(RECORDER)
     env = _env(PYTHONPATH=str(hooks), GC_RECORD_DIR=str(records))
-    port = _free_port()
+    port = free_port()
     argv = ("serve", "--port", str(port), "--workers", "2")
     with _serving(tmp_path, *argv, env=env) as proc:
         line = _first_line(proc)

@@ -25,16 +25,11 @@ from skinflint.storage import invalidations
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.ledger import open_sqlite
 from tests.fake_upstream import FakeUpstream
+from tests.pg import free_port
 
 _SKINFLINT = Path(sys.executable).with_name("skinflint")
 _QUESTION = {"model": "gpt-4o-mini", "temperature": 0,
              "messages": [{"role": "user", "content": "what changed in v1?"}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(fake: FakeUpstream) -> dict[str, str]:
@@ -65,7 +60,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def _serve(cwd: Path, fake: FakeUpstream, *extra: str) -> Iterator[str]:
     """``skinflint serve --port P`` as the README starts it, in ``cwd``; yields its URL."""
-    port = _free_port()
+    port = free_port()
     with subprocess.Popen([str(_SKINFLINT), "serve", "--port", str(port), *extra], cwd=cwd,
                           env=_env(fake), stderr=subprocess.DEVNULL) as proc:
         try:

@@ -23,14 +23,9 @@ from skinflint.config import settings_from_dict
 from skinflint.server.app import App
 from tests.conftest import base_config, ledger_rows
 from tests.fake_upstream import FakeUpstream
+from tests.pg import free_port
 
 SLOW = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "[[fault:delay=20]] hi"}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _call_in_background(url: str) -> tuple[threading.Thread, dict[str, httpx.Response]]:
@@ -60,29 +55,37 @@ def _assert_shut_down(answer: httpx.Response, db: Path) -> None:
     assert [(r["status"], r["error_type"]) for r in rows] == [(503, "shutdown")]
 
 
-def test_a_second_ctrl_c_answers_503_and_writes_the_row(fake: FakeUpstream, tmp_path: Path) -> None:
-    db, config = tmp_path / "skinflint.db", tmp_path / "skinflint.yaml"
-    config.write_text(yaml.safe_dump(base_config(fake, db)))
-    port = _free_port()
+@contextlib.contextmanager
+def _serve(config: Path, cwd: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+    """``skinflint serve`` as a user starts it, once it says it is listening; killed if a test
+    leaves it running."""
     with subprocess.Popen(
         [sys.executable, "-m", "skinflint.cli", "serve", "--config", str(config),
          "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as proc:
         try:
             assert proc.stdout is not None
             assert "listening" in proc.stdout.readline()
-            thread, answer = _call_in_background(f"http://127.0.0.1:{port}")
-            _wait_for(lambda: fake.requests)
-            proc.send_signal(signal.SIGINT)  # waits for the running request...
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)  # ...until the second Ctrl-C
-            thread.join(timeout=20)
-            proc.wait(timeout=20)
+            yield proc
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+def test_a_second_ctrl_c_answers_503_and_writes_the_row(fake: FakeUpstream, tmp_path: Path) -> None:
+    db, config = tmp_path / "skinflint.db", tmp_path / "skinflint.yaml"
+    config.write_text(yaml.safe_dump(base_config(fake, db)))
+    port = free_port()
+    with _serve(config, tmp_path, port) as proc:
+        thread, answer = _call_in_background(f"http://127.0.0.1:{port}")
+        _wait_for(lambda: fake.requests)
+        proc.send_signal(signal.SIGINT)  # waits for the running request...
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # ...until the second Ctrl-C
+        thread.join(timeout=20)
+        proc.wait(timeout=20)
     _assert_shut_down(answer["r"], db)
 
 
@@ -149,44 +152,33 @@ def test_sigkill_loses_at_most_the_last_flush_interval(fake: FakeUpstream, tmp_p
     settings = base_config(fake, db)
     settings["storage"]["ledger_flush_interval"] = 0.2
     config.write_text(yaml.safe_dump(settings))
-    port = _free_port()
+    port = free_port()
     done: list[float] = []  # when each answer arrived
-    with subprocess.Popen(
-        [sys.executable, "-m", "skinflint.cli", "serve", "--config", str(config),
-         "--port", str(port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            assert "listening" in proc.stdout.readline()
-            stop = threading.Event()
+    with _serve(config, tmp_path, port) as proc:
+        stop = threading.Event()
 
-            def load() -> None:
-                with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=10) as c:
-                    for i in range(100_000):
-                        if stop.is_set():
-                            return
-                        body = {"model": "gpt-4o-mini",
-                                "messages": [{"role": "user", "content": f"q {i}"}]}
-                        try:
-                            c.post("/chat/completions", json=body).raise_for_status()
-                        except httpx.TransportError:
-                            return  # killed
-                        done.append(time.monotonic())
+        def load() -> None:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=10) as c:
+                for i in range(100_000):
+                    if stop.is_set():
+                        return
+                    body = {"model": "gpt-4o-mini",
+                            "messages": [{"role": "user", "content": f"q {i}"}]}
+                    try:
+                        c.post("/chat/completions", json=body).raise_for_status()
+                    except httpx.TransportError:
+                        return  # killed
+                    done.append(time.monotonic())
 
-            client = threading.Thread(target=load)
-            client.start()
-            _wait_for(lambda: len(done) >= 50)
-            time.sleep(1.0)
-            killed = time.monotonic()
-            proc.kill()
-            proc.wait(timeout=10)
-            stop.set()
-            client.join(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
+        client = threading.Thread(target=load)
+        client.start()
+        _wait_for(lambda: len(done) >= 50)
+        time.sleep(1.0)
+        killed = time.monotonic()
+        proc.kill()
+        proc.wait(timeout=10)
+        stop.set()
+        client.join(timeout=10)
     calls, rows = len(fake.requests), len(ledger_rows(db))
     window = 0.2 + 0.5  # the flush interval, and slack for a loaded machine
     recent = sum(1 for t in done if t > killed - window)
