@@ -2,7 +2,7 @@
 
 Runs the real stage (budget matching, worst-case estimate, reservation, settling) in front of a
 ``next`` that answers at once, for a requests-only budget and for a USD budget (which counts
-the prompt's tokens), with the in-memory counters and with the SQLite counters that
+the size of the prompt), with the in-memory counters and with the SQLite counters that
 ``serve --workers N`` shares (their thread's CPU included: process time). With no budgets the
 stage is disabled and the pipeline never calls it.
 
@@ -29,7 +29,6 @@ from skinflint.pipeline.context import Costs, Reply, RequestContext
 from skinflint.pipeline.guard import Guard
 from skinflint.pricing import PriceCatalog
 from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
-from skinflint.tokens import TokenCounter
 
 BODY = {"model": "gpt-4o-mini", "max_tokens": 200,
         "messages": [{"role": "system", "content": "You are a helpful assistant."},
@@ -49,10 +48,9 @@ def _context(i: int) -> RequestContext:
 
 def _guard(budgets: list[dict[str, Any]], counters: BudgetCounters) -> Guard:
     settings = settings_from_dict({"budgets": budgets}, env={})
-    catalog, tokens = PriceCatalog(), TokenCounter()
+    catalog = PriceCatalog()
     catalog.warm(["gpt-4o-mini"])
-    tokens.prepare("gpt-4o-mini")
-    book = BudgetBook(settings, counters, catalog=catalog, tokens=tokens)
+    book = BudgetBook(settings, counters, catalog=catalog)
     return Guard(book, Metrics())
 
 

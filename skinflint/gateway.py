@@ -105,8 +105,7 @@ class Gateway:
         )
         budgets = None
         if settings.budgets:
-            budgets = BudgetBook(settings, await storage.budget_counters(), catalog=catalog,
-                                 tokens=tokens)
+            budgets = BudgetBook(settings, await storage.budget_counters(), catalog=catalog)
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             guard=Guard(budgets, metrics),

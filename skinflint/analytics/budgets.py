@@ -10,7 +10,6 @@ from skinflint.config import Settings
 from skinflint.pipeline.budgets import BudgetBook
 from skinflint.pricing import PriceCatalog
 from skinflint.storage.opener import open_storage
-from skinflint.tokens import TokenCounter
 
 __all__ = ["budget_rows"]
 
@@ -27,7 +26,7 @@ async def _rows(settings: Settings, db: str | None) -> list[dict[str, Any]]:
     storage = open_storage(settings, db=db, existing=True)
     try:
         counters = await storage.budget_counters()
-        book = BudgetBook(settings, counters, catalog=PriceCatalog(), tokens=TokenCounter())
+        book = BudgetBook(settings, counters, catalog=PriceCatalog())
         return await book.rows()
     finally:
         await storage.close()

@@ -4,7 +4,11 @@ windows (UTC), what a request may cost at most and what it cost, and the figures
 
 A request's worst case is its prompt tokens plus its output cap (``max_completion_tokens`` or
 ``max_tokens``, else :data:`DEFAULT_OUTPUT_CAP`) times ``n``, priced as the model asked for;
-for a route, as its dearest task (a cascade's tiers all counted)."""
+for a route, as its dearest task (a cascade's tiers all counted). The prompt is bounded by the
+size of the body the client sent, in bytes: a byte-level BPE token (OpenAI's, and most open
+models') is at least one byte, so the bound holds without running a tokenizer on the request
+path. It is generous (about four bytes a token in English), and lasts only until the answer is
+accounted and the reservation is replaced by the real cost."""
 
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from skinflint.config import BudgetConfig, Settings
 from skinflint.interfaces import Amounts, BudgetCounters, Claim, CounterRow, Limits
 from skinflint.models import Usage
 from skinflint.pipeline.context import RequestContext
 from skinflint.pricing import PriceCatalog
-from skinflint.tokens import TokenCounter
 
 __all__ = ["DEFAULT_OUTPUT_CAP", "BudgetBook", "alert_marks", "window_bounds"]
 
@@ -64,6 +69,11 @@ def _subject(budget: BudgetConfig, ctx: RequestContext) -> str | None:
     return value
 
 
+def _prompt_bound(ctx: RequestContext) -> int:
+    """At least the request's prompt tokens: the size of its body in bytes (see the module)."""
+    return len(ctx.raw_body) if ctx.raw_body else len(orjson.dumps(ctx.body))
+
+
 def _route_models(settings: Settings) -> dict[str, tuple[tuple[str, ...], ...]]:
     """Per route, the models each task may call (a cascade's every tier)."""
     return {
@@ -86,13 +96,12 @@ class BudgetBook:
 
     def __init__(
         self, settings: Settings, counters: BudgetCounters, *, catalog: PriceCatalog,
-        tokens: TokenCounter, clock: Clock = time.time,
+        clock: Clock = time.time,
     ) -> None:
         self.budgets = settings.budgets
         self.counters = counters
         self.clock = clock
         self._catalog = catalog
-        self._tokens = tokens
         self._limits = {b.name: _limits(b) for b in self.budgets}
         self._routes = _route_models(settings)
         self._windows: dict[str, _Window] = {}
@@ -126,22 +135,11 @@ class BudgetBook:
             found.append((budget, claim))
         return found
 
-    def needs_tokens(self, ctx: RequestContext) -> str | None:
-        """The model whose tokenizer the estimate needs and that has not loaded yet."""
-        model = ctx.requested_model
-        if self._measures_cost and not self._tokens.ready(model):
-            return model
-        return None
-
-    def prepare_tokens(self, model: str) -> None:
-        """Load ``model``'s tokenizer (blocking: call from a thread)."""
-        self._tokens.prepare(model)
-
     def estimate(self, ctx: RequestContext) -> Amounts:
-        """The most the request may cost: call after :meth:`needs_tokens` was satisfied."""
+        """The most the request may cost (see the module)."""
         if not self._measures_cost:
             return Amounts(requests=1)
-        prompt, output = self._prompt_tokens(ctx), self._output_cap(ctx.body)
+        prompt, output = _prompt_bound(ctx), self._output_cap(ctx.body)
         usage = Usage(input_tokens=prompt, output_tokens=output)
         groups = self._routes.get(ctx.requested_model, ((ctx.requested_model,),))
         usd = max(sum(self._cost(m, usage) for m in group) for group in groups)
@@ -149,14 +147,6 @@ class BudgetBook:
 
     def _cost(self, model: str, usage: Usage) -> float:
         return self._catalog.cost(model, usage) or 0.0  # an unknown price reserves nothing
-
-    def _prompt_tokens(self, ctx: RequestContext) -> int:
-        model, body = ctx.requested_model, ctx.body
-        if ctx.endpoint == "embeddings":
-            inputs = body.get("input")
-            texts = inputs if isinstance(inputs, list) else [inputs]
-            return sum(self._tokens.count_text(model, t) for t in texts if isinstance(t, str))
-        return self._tokens.count_messages(model, body.get("messages") or [])
 
     @staticmethod
     def _output_cap(body: Mapping[str, Any]) -> int:

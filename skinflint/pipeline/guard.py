@@ -10,7 +10,6 @@ reservation is replaced by what it really spent.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from skinflint.config import BudgetConfig
@@ -40,9 +39,6 @@ class Guard:
         applying = book.applying(ctx)
         if not applying:
             return await next(ctx)
-        model = book.needs_tokens(ctx)
-        if model is not None:  # the tokenizer loads once, off the event loop
-            await asyncio.to_thread(book.prepare_tokens, model)
         now = book.clock()
         found = book.claims(applying, book.estimate(ctx), now)
         claims = [c for _, c in found]

@@ -45,8 +45,7 @@ def _guard(*budgets: dict[str, Any], now: float = T0, **extra: Any) -> tuple[Gua
     clock = Clock(now)
     catalog = PriceCatalog({n: (m.price.input, m.price.output, None)
                             for n, m in settings.models.items() if m.price is not None})
-    book = BudgetBook(settings, MemoryBudgetCounters(), catalog=catalog, tokens=TokenCounter(),
-                      clock=clock)
+    book = BudgetBook(settings, MemoryBudgetCounters(), catalog=catalog, clock=clock)
     return Guard(book, Metrics()), clock
 
 
@@ -112,7 +111,9 @@ async def test_reserves_prompt_plus_the_output_cap_and_settles_to_the_real_cost(
     await guard(uncapped, Recorder())
     (row,) = await book.rows()
     prompt = TokenCounter().count_messages("m", chat("hello")["messages"])
-    worst = (prompt * 1.0 + 100 * 2.0) / 1e6 + (prompt * 1.0 + 2 * DEFAULT_OUTPUT_CAP * 2.0) / 1e6
+    assert prompt < len(capped.raw_body) < 10 * prompt  # the body's size bounds the prompt
+    worst = ((len(capped.raw_body) * 1.0 + 100 * 2.0)
+             + (len(uncapped.raw_body) * 1.0 + 2 * DEFAULT_OUTPUT_CAP * 2.0)) / 1e6
     assert row["reserved"]["usd"] == pytest.approx(worst)
     _accounted(capped, 0.0001, Usage(input_tokens=9, output_tokens=3))
     _accounted(uncapped, 0.0)  # failed before any spend
