@@ -26,6 +26,7 @@ __all__ = [
     "AuthenticationError",
     "BodyTooLargeError",
     "BudgetExceededError",
+    "BudgetStoreError",
     "ConfigError",
     "RequestError",
     "ShuttingDownError",
@@ -43,6 +44,7 @@ class SkinflintError(Exception):
     status: int = 500
     error_type: str = "api_error"
     code: str | None = None
+    retry_after: float | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -111,6 +113,17 @@ class BudgetExceededError(RequestError):
         super().__init__(message)
         self.budget = budget
         self.retry_after = retry_after
+
+
+class BudgetStoreError(SkinflintError):
+    """The budget counters could not be read or written in time (the SQLite file locked past
+    its busy timeout, the Redis or PostgreSQL server unreachable). A request whose budgets
+    cannot be checked is refused rather than let through unchecked."""
+
+    status = 503
+    error_type = "server_error"
+    code = "budget_store_unavailable"
+    retry_after = 1.0
 
 
 class UpstreamError(SkinflintError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from skinflint.server.run import BackgroundServer
 from tests.conftest import GatewayFactory
 from tests.fake_upstream import FakeUpstream
+from tests.storage.test_ledger_durability import locked
 
 MSG = [{"role": "user", "content": "hello there"}]
 
@@ -219,3 +221,23 @@ def test_budgets_command_without_budgets(
     assert capsys.readouterr().out.strip() == "[]"
     assert main(["budgets"]) == 0
     assert "no budgets configured" in capsys.readouterr().out
+
+
+def test_budgets_that_cannot_be_checked_refuse_with_503_and_count_what_was_spent(
+    make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path,
+) -> None:
+    """Another process holds the SQLite file's write lock past the busy timeout (5 s): the
+    request is refused with an OpenAI-shaped 503 before any upstream call, and what an earlier
+    request spent is counted once the lock goes."""
+    gw = make_gateway(budgets=[_budget(per="global")])
+    with _client(gw) as client:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        with locked(tmp_path / "skinflint.db"):
+            with pytest.raises(openai.InternalServerError) as refused:
+                client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["retry-after"] == "1"
+    assert refused.value.body["code"] == "budget_store_unavailable"  # type: ignore[index]
+    assert len(fake.requests) == 1
+    row = _row(gw)
+    assert row["spent"]["requests"] == 1 and row["reserved"]["requests"] == 0

@@ -11,12 +11,7 @@ from urllib.parse import quote
 
 import orjson
 
-from skinflint.errors import (
-    BudgetExceededError,
-    ShuttingDownError,
-    SkinflintError,
-    UpstreamStatusError,
-)
+from skinflint.errors import ShuttingDownError, SkinflintError
 from skinflint.models import StreamChunk
 from skinflint.pipeline import RequestContext
 
@@ -106,9 +101,7 @@ class Responder:
         extra = list(headers or ())
         if self.request_id and not extra:
             extra.append((b"x-skinflint-request-id", self.request_id.encode()))
-        retry_after = (
-            exc.retry_after if isinstance(exc, BudgetExceededError | UpstreamStatusError) else None
-        )
+        retry_after = exc.retry_after
         if retry_after is not None:
             # HTTP wants whole seconds; rounding up never invites a retry too early.
             extra.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +24,8 @@ from skinflint.storage.ledger import open_sqlite
 from skinflint.storage.writer import BatchWriter
 
 __all__ = ["MemoryCacheStore", "TieredCacheStore"]
+
+log = logging.getLogger("skinflint.storage")
 
 
 
@@ -317,6 +321,12 @@ class TieredCacheStore:
         await asyncio.to_thread(self._unregister)
 
     def _unregister(self) -> None:
+        """Leave the list of live gateways. When the file is locked, the entry is left to
+        expire (a gateway not heard from is no longer waited for)."""
         with self._lock:  # a poll may still be running in a worker thread
-            shared.unregister(self._conn, self._gateway)
-            self._conn.close()
+            try:
+                shared.unregister(self._conn, self._gateway)
+            except sqlite3.Error as exc:
+                log.warning("cache: could not leave the list of live gateways: %s", exc)
+            finally:
+                self._conn.close()

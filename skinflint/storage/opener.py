@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ __all__ = [
     "locate",
     "open_storage",
 ]
+
+log = logging.getLogger("skinflint.storage")
 
 Kind = Literal["sqlite", "postgres", "redis"]
 
@@ -200,14 +203,19 @@ class Storage:
         return LedgerFigures(*counts, await asyncio.to_thread(ledger.bypass_counts))
 
     async def close(self) -> None:
-        """Close the stores opened: the counters, the cache, then the ledger (which writes what
-        is pending)."""
-        if self._counters is not None:
-            await self._counters.close()
-        if self._cache is not None:
-            await self._cache.close()
-        if self._ledger is not None:
-            await asyncio.to_thread(self._ledger.close)
+        """Close the stores opened: the counters, the cache, then the ledger (which writes or
+        spills what is pending). A store that fails to close is logged and never keeps the
+        ledger from closing."""
+        try:
+            for store in (self._counters, self._cache):
+                if store is not None:
+                    try:
+                        await store.close()
+                    except Exception:
+                        log.exception("storage: could not close %s", type(store).__name__)
+        finally:
+            if self._ledger is not None:
+                await asyncio.to_thread(self._ledger.close)
 
     def _must_exist(self, path: str) -> None:
         if self.existing:

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 
 from skinflint.interfaces import Admission, Amounts, Claim, CounterRow
-from skinflint.storage.counters import SWEEP_SECONDS, Tally, admit
+from skinflint.storage.counters import SWEEP_SECONDS, Tally, admit, persist, unless_abandoned
 from skinflint.storage.pgpool import Pool, open_pool, setup
 
 __all__ = ["PostgresBudgetCounters"]
@@ -67,6 +67,10 @@ class PostgresBudgetCounters:
         return cls(await open_pool(url, size=pool_size, timeout=timeout, op_timeout=op_timeout))
 
     async def reserve(self, claims: Sequence[Claim], now: float) -> Admission:
+        return await unless_abandoned(self._reserve(claims, now),
+                                      lambda: self.settle(claims, Amounts()), (psycopg.Error,))
+
+    async def _reserve(self, claims: Sequence[Claim], now: float) -> Admission:
         ordered = sorted(range(len(claims)), key=lambda i: _key(claims[i]))  # lock order
         async with self._pool.connection() as conn, conn.transaction():
             if now >= self._next_sweep:
@@ -97,12 +101,12 @@ class PostgresBudgetCounters:
         task.add_done_callback(self._pending.discard)
 
     async def _apply(self, rows: list[tuple[Any, ...]]) -> None:
-        try:
+        async def write() -> None:
             async with self._pool.connection() as conn, conn.transaction():
                 async with conn.cursor() as cur:
                     await cur.executemany(_SETTLE, rows)
-        except psycopg.Error:  # runs in the background: nobody else would hear of it
-            log.exception("could not settle budget counters")
+
+        await persist(write, (psycopg.Error,))
 
     async def snapshot(self, now: float) -> list[CounterRow]:
         if self._pending:  # this process's settlements first

@@ -23,11 +23,13 @@ from redis.exceptions import RedisError
 
 from skinflint.errors import ConfigError
 from skinflint.interfaces import Admission, Amounts, Claim, CounterRow
+from skinflint.storage.counters import persist, unless_abandoned
 
 __all__ = ["RedisBudgetCounters"]
 
 log = logging.getLogger("skinflint.budgets")
 
+_ERRORS = (RedisError, OSError)
 _LATE_SECONDS = 86400  # a counter outlives its window by this much, for late settlements
 
 # KEYS: one counter per claim, then the index. ARGV: now, late, then 11 values per claim:
@@ -129,6 +131,10 @@ class RedisBudgetCounters:
         return f"{self._prefix}b:{len(b)}:{b}:{claim.window_start!r}:{claim.subject}"
 
     async def reserve(self, claims: Sequence[Claim], now: float) -> Admission:
+        return await unless_abandoned(self._admit(claims, now),
+                                      lambda: self.settle(claims, Amounts()), _ERRORS)
+
+    async def _admit(self, claims: Sequence[Claim], now: float) -> Admission:
         args: list[Any] = [repr(now), _LATE_SECONDS]
         for c in claims:
             lim, a = c.limits, c.amount
@@ -153,10 +159,10 @@ class RedisBudgetCounters:
         task.add_done_callback(self._pending.discard)
 
     async def _apply(self, keys: list[str], args: list[Any]) -> None:
-        try:
+        async def write() -> None:
             await self._settle(keys=keys, args=args)
-        except (RedisError, OSError):  # runs in the background: nobody else would hear of it
-            log.exception("could not settle budget counters")
+
+        await persist(write, _ERRORS)
 
     async def snapshot(self, now: float) -> list[CounterRow]:
         if self._pending:  # this process's settlements first

@@ -4,6 +4,7 @@ once, settling, snapshots, expiry with the window, and no over-admission under c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from skinflint.errors import BudgetStoreError
 from skinflint.interfaces import Amounts, BudgetCounters, Claim, Limits
 from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+from tests.pg import free_port, pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
+from tests.storage.test_ledger_durability import locked
 
 Opener = Callable[[Path], Awaitable[BudgetCounters]]
 NOW = 1_000_000.0
@@ -103,6 +106,61 @@ async def test_settle_replaces_the_reservation_by_what_was_spent(store: BudgetCo
     store.settle([c], Amounts())  # settling twice never goes below zero
     (row,) = await store.snapshot(NOW)
     assert row.reserved == Amounts(0.0, 0, 0)
+
+
+async def test_a_reservation_whose_caller_left_is_released(store: BudgetCounters) -> None:
+    """A request cancelled (its client gone) while its reservation is on its way is never
+    settled by the gateway: the store releases the reservation itself once it is made."""
+    c = claim(limits=Limits(requests=5), usd=0.5)
+    for _ in range(5):
+        task = asyncio.ensure_future(store.reserve([c], NOW))
+        await asyncio.sleep(0)  # on its way
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not task.cancelled():  # made at once (in memory): the caller has it, and settles
+            store.settle([c], Amounts())
+    for _ in range(100):  # releases are written in the background
+        rows = await store.snapshot(NOW)
+        if all(r.reserved == Amounts() for r in rows):
+            break
+        await asyncio.sleep(0.02)
+    assert all(r.reserved == Amounts() and r.spent == Amounts() for r in rows)
+    assert (await store.reserve([c], NOW)).blocked is None
+
+
+async def test_sqlite_locked_refuses_reservations_and_keeps_settlements(tmp_path: Path) -> None:
+    """Another process holds the file's write lock: a reservation fails after the busy timeout
+    with a 503 error, a settlement waits and is written once the lock goes."""
+    db = tmp_path / "counters.db"
+    store = await asyncio.to_thread(SQLiteBudgetCounters, str(db), busy_timeout=0.2, retry=0.05)
+    try:
+        c = claim(limits=Limits(requests=10))
+        assert (await store.reserve([c], NOW)).blocked is None
+        with locked(db):
+            store.settle([c], Amounts(0.25, 1, 7))
+            with pytest.raises(BudgetStoreError) as refused:
+                await store.reserve([c], NOW)
+            assert refused.value.status == 503 and refused.value.retry_after
+        (row,) = await store.snapshot(NOW)
+        assert row.reserved == Amounts() and row.spent == Amounts(0.25, 1, 7)
+    finally:
+        await store.close()
+
+
+async def test_an_unreachable_redis_is_a_503_not_a_crash() -> None:
+    import redis.asyncio as aioredis
+
+    from skinflint.storage.redis_counters import RedisBudgetCounters
+
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_timeout=1,
+                                     socket_connect_timeout=1)
+    store = RedisBudgetCounters(client)
+    try:
+        with pytest.raises(BudgetStoreError):
+            await store.reserve([claim()], NOW)
+    finally:
+        await client.aclose()
 
 
 async def test_subjects_and_windows_are_counted_apart(store: BudgetCounters) -> None:
