@@ -189,7 +189,9 @@ class PriceCatalog:
     memoised (up to ``MEMO_LIMIT`` names: the rest come from clients and are looked up anew).
 
     ``overrides`` map a model name to ``(input, output | None, cached_input | None)`` USD per
-    million; a ``None`` output means outputs are not billed, as for a catalog entry.
+    million; a ``None`` output means outputs are not billed, as for a catalog entry. An
+    override has no rates for parts of a call: cache writes and audio prompt tokens cost its
+    input rate, reasoning and audio completion tokens its output rate.
     ``aliases`` map a configured alias to the model it stands for, priced as that model
     unless the alias has an override of its own.
     """
