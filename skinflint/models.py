@@ -64,12 +64,12 @@ class Usage:
             output_tokens=int(usage.get("completion_tokens") or 0),
         )
         prompt = usage.get("prompt_tokens_details")
-        if prompt:
+        if isinstance(prompt, dict):
             found.cached_tokens = int(prompt.get("cached_tokens") or 0)
             found.cache_write_tokens = int(prompt.get("cache_write_tokens") or 0)
             found.input_audio_tokens = int(prompt.get("audio_tokens") or 0)
         completion = usage.get("completion_tokens_details")
-        if completion:
+        if isinstance(completion, dict):
             found.reasoning_tokens = int(completion.get("reasoning_tokens") or 0)
             found.output_audio_tokens = int(completion.get("audio_tokens") or 0)
         return found

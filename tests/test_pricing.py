@@ -116,6 +116,8 @@ def test_openai_usage_details_are_read_as_the_catalog_reads_them() -> None:
                           output_audio_tokens=5)
     assert Usage.from_openai({"prompt_tokens": 3, "completion_tokens": 1,
                               "prompt_tokens_details": None}) == Usage(3, 1)
+    assert Usage.from_openai({"prompt_tokens": 3, "completion_tokens": 1,  # not an object
+                              "completion_tokens_details": [5]}) == Usage(3, 1)
 
 
 def test_a_call_without_parts_of_their_own_is_priced_from_the_plain_rates(
