@@ -73,7 +73,9 @@ class ProviderConfig(_Frozen):
 
 class PriceOverride(_Frozen):
     """USD per million tokens. Without ``output`` (an embedding model), a call that produces
-    output tokens has an unknown cost."""
+    output tokens has an unknown cost. Without ``cached_input``, prompt tokens read from the
+    provider's cache cost ``input``. Prompt tokens written to that cache and audio prompt tokens
+    cost ``input``; reasoning and audio completion tokens cost ``output``."""
 
     input: float = Field(ge=0)
     output: float | None = Field(default=None, ge=0)

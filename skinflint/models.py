@@ -38,21 +38,41 @@ class CacheBypass(StrEnum):
 
 @dataclass(slots=True)
 class Usage:
+    """Tokens of one call, counted as OpenAI counts them: ``input_tokens`` is the whole prompt
+    (cache reads, cache writes and audio included) and ``output_tokens`` the whole completion
+    (reasoning and audio included); the other counts are parts of those two, which the price
+    catalog may price at their own rates."""
+
     input_tokens: int = 0
     output_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's prompt cache
     counted: bool = False  # True when we counted tokens ourselves because the provider gave none
+    cache_write_tokens: int = 0  # prompt tokens written to the provider's prompt cache
+    reasoning_tokens: int = 0  # completion tokens spent thinking, not shown
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
 
     @classmethod
     def from_openai(cls, usage: JSON | None) -> Usage | None:
+        """Usage from an OpenAI ``usage`` object, read as the price catalog reads one:
+        ``prompt_tokens_details.{cached_tokens, cache_write_tokens, audio_tokens}`` and
+        ``completion_tokens_details.{reasoning_tokens, audio_tokens}``."""
         if not usage:
             return None
-        details = usage.get("prompt_tokens_details") or {}
-        return cls(
+        found = cls(
             input_tokens=int(usage.get("prompt_tokens") or 0),
             output_tokens=int(usage.get("completion_tokens") or 0),
-            cached_tokens=int(details.get("cached_tokens") or 0),
         )
+        prompt = usage.get("prompt_tokens_details")
+        if isinstance(prompt, dict):
+            found.cached_tokens = int(prompt.get("cached_tokens") or 0)
+            found.cache_write_tokens = int(prompt.get("cache_write_tokens") or 0)
+            found.input_audio_tokens = int(prompt.get("audio_tokens") or 0)
+        completion = usage.get("completion_tokens_details")
+        if isinstance(completion, dict):
+            found.reasoning_tokens = int(completion.get("reasoning_tokens") or 0)
+            found.output_audio_tokens = int(completion.get("audio_tokens") or 0)
+        return found
 
 
 @dataclass(slots=True)
@@ -112,6 +132,10 @@ class LedgerRecord:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
     cost_usd: float | None = 0.0
     baseline_cost_usd: float | None = 0.0
     saved_usd: float | None = 0.0

@@ -4,6 +4,15 @@ A model's rates are resolved once and kept as floats, because computing a cost i
 path and the catalog's own calculation costs tens of microseconds. An unknown price is not an
 error: the cost is recorded as unknown (``None``).
 
+Counts are OpenAI's, as the catalog's: the prompt includes the tokens read from and written
+to the provider's prompt cache and the audio tokens; the completion includes the reasoning and
+audio tokens. The prompt is priced at the input rate, but its cache reads, cache writes and
+audio at their own rates where the catalog lists them (``cache_read_mtok``,
+``cache_write_mtok``, ``input_audio_mtok``); the completion at the output rate, but its audio
+and reasoning at theirs (``output_audio_mtok``, ``output_reasoning_mtok``). A part with no rate
+of its own costs what its whole costs, as in the catalog. A call with none of those parts (most
+calls) costs two or three multiplications.
+
 A model the catalog lists without an output price (an embedding model: only its input is
 billed) costs its input; its cost is unknown only for a call that produced output tokens, so a
 chat model missing a price is never charged a guess.
@@ -18,23 +27,47 @@ from typing import Any
 
 from skinflint.models import Usage
 
-__all__ = ["ModelPrice", "PriceCatalog"]
+__all__ = ["ModelPrice", "Part", "PriceCatalog"]
 
 _PER_TOKEN = 1e-6  # catalog and overrides are in USD per million tokens
 
 
+Tiers = tuple[tuple[int, float], ...]
+
+#: The parts of a prompt or completion the catalog may price at a rate of their own: the
+#: :class:`Usage` count, its price key, and whether it is part of the completion.
+_PARTS = (
+    ("cache_write_tokens", "cache_write_mtok", False),
+    ("input_audio_tokens", "input_audio_mtok", False),
+    ("output_audio_tokens", "output_audio_mtok", True),
+    ("reasoning_tokens", "output_reasoning_mtok", True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A part of the prompt (or completion) priced at its own rate, USD per million."""
+
+    usage: str  # the Usage count
+    rate: float
+    tiers: Tiers = ()
+    output: bool = False  # part of the completion, else of the prompt
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """USD per million tokens, with optional tiers keyed by input tokens (``start`` -> rate)."""
+    """USD per million tokens, with optional tiers keyed by input tokens (``start`` -> rate),
+    and the parts of a call priced at rates of their own (``parts``)."""
 
     model: str
     input: float
     output: float | None  # None: no output price listed (outputs not billed)
     cached_input: float
     source: str
-    input_tiers: tuple[tuple[int, float], ...] = ()
-    output_tiers: tuple[tuple[int, float], ...] = ()
-    cached_tiers: tuple[tuple[int, float], ...] = ()
+    input_tiers: Tiers = ()
+    output_tiers: Tiers = ()
+    cached_tiers: Tiers = ()
+    parts: tuple[Part, ...] = ()
 
     def cost(self, usage: Usage) -> float | None:
         """USD for ``usage``, or ``None`` when it has output tokens and no output price."""
@@ -46,18 +79,41 @@ class ModelPrice:
             if self.output is None:
                 return None
             spent += usage.output_tokens * _tiered(self.output, self.output_tiers, n)
+        for part in self.parts:  # tokens moved from their whole's rate to their own
+            k = getattr(usage, part.usage)
+            if k:
+                spent += k * (_tiered(part.rate, part.tiers, n) - self._whole_rate(part, n))
         return _PER_TOKEN * spent
 
+    def _whole_rate(self, part: Part, input_tokens: int) -> float:
+        if not part.output:
+            return _tiered(self.input, self.input_tiers, input_tokens)
+        if self.output is None:  # reported output tokens without an output price
+            return part.rate
+        return _tiered(self.output, self.output_tiers, input_tokens)
 
-def _tiered(base: float, tiers: tuple[tuple[int, float], ...], input_tokens: int) -> float:
+
+def _tiered(base: float, tiers: Tiers, input_tokens: int) -> float:
+    """The rate for a call of ``input_tokens``: a tier applies above its start, as in the
+    catalog."""
     rate = base
     for start, price in tiers:
-        if input_tokens >= start:
+        if input_tokens > start:
             rate = price
     return rate
 
 
-def _rate(value: Any) -> tuple[float | None, tuple[tuple[int, float], ...]]:
+def _parts(price: Any) -> tuple[Part, ...]:
+    """The parts ``price`` (the catalog's) lists rates of their own for."""
+    found = []
+    for usage, key, output in _PARTS:
+        rate, tiers = _rate(getattr(price, key, None))
+        if rate is not None:
+            found.append(Part(usage, rate, tiers, output))
+    return tuple(found)
+
+
+def _rate(value: Any) -> tuple[float | None, Tiers]:
     """A catalog price field (None, Decimal or TieredPrices) as a base rate and tiers."""
     if value is None:
         return None, ()
@@ -111,6 +167,7 @@ def _from_catalog(model: str) -> ModelPrice | None:
         input_tiers=inp_t,
         output_tiers=out_t,
         cached_tiers=cached_t if cached is not None else inp_t,
+        parts=_parts(mp),
     )
 
 
@@ -132,7 +189,9 @@ class PriceCatalog:
     memoised (up to ``MEMO_LIMIT`` names: the rest come from clients and are looked up anew).
 
     ``overrides`` map a model name to ``(input, output | None, cached_input | None)`` USD per
-    million; a ``None`` output means outputs are not billed, as for a catalog entry.
+    million; a ``None`` output means outputs are not billed, as for a catalog entry. An
+    override has no rates for parts of a call: cache writes and audio prompt tokens cost its
+    input rate, reasoning and audio completion tokens its output rate.
     ``aliases`` map a configured alias to the model it stands for, priced as that model
     unless the alias has an override of its own.
     """

@@ -17,9 +17,20 @@ with arguments ``{"city": "Paris"}``. ``answer_as(model, text)`` makes requests 
 Faults come from the queue (``fail_next``: chat, messages and model-list requests, first in first out)
 or else from markers in the last user message, combinable: ``[[fault:status=429,retry_after=1]]``,
 ``[[fault:delay=0.5]]``, ``[[fault:cut=3]]``, ``[[fault:chunk_delay=0.2]]``,
-``[[fault:no_usage]]``, ``[[fault:length]]``, ``[[fault:malformed]]``. A marker ``[[cached=K]]``
-anywhere in the prompt reports ``min(K, prompt tokens)`` cached prompt tokens. Markers stay in the
-echoed text. Embeddings honour the status, delay and malformed markers of their inputs.
+``[[fault:no_usage]]``, ``[[fault:length]]``, ``[[fault:malformed]]``. Usage markers, anywhere in
+the prompt, report parts of the usage as each API does:
+
+* ``[[cached=K]]``: ``min(K, prompt tokens)`` prompt tokens read from the prompt cache (OpenAI
+  ``prompt_tokens_details.cached_tokens``, Anthropic ``cache_read_input_tokens``);
+* ``[[cache_write=K]]``: ``min(K, prompt tokens - cached)`` prompt tokens written to it
+  (Anthropic ``cache_creation_input_tokens``; OpenAI ``prompt_tokens_details.cache_write_tokens``);
+* ``[[audio_in=K]]``: ``min(K, prompt tokens)`` of the prompt tokens are audio
+  (``prompt_tokens_details.audio_tokens``);
+* ``[[reasoning=K]]`` and ``[[audio_out=K]]``: K more completion tokens, reported as reasoning
+  (``completion_tokens_details.reasoning_tokens``) or audio (``completion_tokens_details.audio_tokens``).
+
+Anthropic's ``input_tokens`` leave out the cache reads and writes. Markers stay in the echoed
+text. Embeddings honour the status, delay and malformed markers of their inputs.
 """
 
 from __future__ import annotations
@@ -57,7 +68,7 @@ TOOL_TOKENS = 10
 EMBEDDING_DIMENSIONS = 8
 
 _FAULT_MARKER = re.compile(r"\[\[fault:([^\]]*)\]\]")
-_CACHED_MARKER = re.compile(r"\[\[cached=(\d+)\]\]")
+_USAGE_MARKER = re.compile(r"\[\[(cached|cache_write|audio_in|reasoning|audio_out)=(\d+)\]\]")
 _LOGPROB_MARKER = re.compile(r"\[\[logprob=(-?[\d.]+)\]\]")
 _WORD_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
 _OPENAI_ERRORS = {400: ("invalid_request_error", "invalid_request"),
@@ -140,6 +151,10 @@ class _Reply:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    reasoning_tokens: int = 0
+    output_audio_tokens: int = 0
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
@@ -182,9 +197,18 @@ def _prompt_tokens(messages: list[Any], system: str) -> int:
     return sum(counted) + len(system.split())
 
 
-def _cached_tokens(prompt_text: str, prompt_tokens: int) -> int:
-    found = _CACHED_MARKER.search(prompt_text)
-    return min(int(found.group(1)), prompt_tokens) if found else 0
+def _usage_parts(reply: _Reply, prompt_text: str) -> _Reply:
+    """``reply`` with the usage its prompt's markers ask for (see the module docstring)."""
+    asked = {name: int(k) for name, k in _USAGE_MARKER.findall(prompt_text)}
+    prompt = reply.prompt_tokens
+    cached = min(asked.get("cached", 0), prompt)
+    reasoning, audio_out = asked.get("reasoning", 0), asked.get("audio_out", 0)
+    return replace(
+        reply, cached_tokens=cached,
+        cache_write_tokens=min(asked.get("cache_write", 0), prompt - cached),
+        input_audio_tokens=min(asked.get("audio_in", 0), prompt),
+        reasoning_tokens=reasoning, output_audio_tokens=audio_out,
+        completion_tokens=reply.completion_tokens + reasoning + audio_out)
 
 
 def _marker_fault(text: str) -> Fault:
@@ -214,9 +238,10 @@ def _plan(body: dict[str, Any], system: str, tool: str | None, fault: Fault,
     messages: list[Any] = body["messages"]
     text, n = _last_user_text(messages), int(body.get("n") or 1)
     prompt = _prompt_tokens(messages, system)
-    cached = _cached_tokens(_all_text(messages, system), prompt)
+    parts = _all_text(messages, system)
     if tool is not None:
-        return _Reply(("",) * n, ("tool_calls",) * n, tool, prompt, cached, TOOL_TOKENS * n)
+        return _usage_parts(
+            _Reply(("",) * n, ("tool_calls",) * n, tool, prompt, 0, TOOL_TOKENS * n), parts)
     json_mode = (body.get("response_format") or {}).get("type") in {"json_object", "json_schema"}
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     answers = [_truncate(_answer(text, i, json_mode, scripted), limit, fault.length)
@@ -224,7 +249,7 @@ def _plan(body: dict[str, Any], system: str, tool: str | None, fault: Fault,
     texts = tuple(answer for answer, _ in answers)
     finishes = tuple("length" if cut else "stop" for _, cut in answers)
     completion = sum(len(answer.split()) for answer in texts)
-    return _Reply(texts, finishes, None, prompt, cached, completion)
+    return _usage_parts(_Reply(texts, finishes, None, prompt, 0, completion), parts)
 
 
 def _answer(text: str, index: int, json_mode: bool, scripted: str | None = None) -> str:
@@ -247,8 +272,11 @@ def _openai_tool(body: dict[str, Any]) -> str | None:
 def _openai_usage(reply: _Reply) -> dict[str, Any]:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": 0}}
+            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens,
+                                      "cache_write_tokens": reply.cache_write_tokens,
+                                      "audio_tokens": reply.input_audio_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens,
+                                          "audio_tokens": reply.output_audio_tokens}}
 
 
 def _openai_message(reply: _Reply, index: int) -> dict[str, Any]:
@@ -319,10 +347,11 @@ def _anthropic_tool(body: dict[str, Any]) -> str | None:
 
 
 def _anthropic_usage(reply: _Reply) -> dict[str, int]:
-    # Anthropic's input_tokens leave out the tokens read from its prompt cache.
-    return {"input_tokens": reply.prompt_tokens - reply.cached_tokens,
+    # Anthropic's input_tokens leave out the tokens read from and written to its prompt cache.
+    return {"input_tokens": reply.prompt_tokens - reply.cached_tokens - reply.cache_write_tokens,
             "output_tokens": reply.completion_tokens,
-            "cache_read_input_tokens": reply.cached_tokens, "cache_creation_input_tokens": 0}
+            "cache_read_input_tokens": reply.cached_tokens,
+            "cache_creation_input_tokens": reply.cache_write_tokens}
 
 
 def _anthropic_block(reply: _Reply) -> dict[str, Any]:

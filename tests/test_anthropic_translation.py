@@ -242,7 +242,7 @@ def test_text_response() -> None:
     assert out["choices"] == [{"index": 0, "logprobs": None, "finish_reason": "stop",
                                "message": {"role": "assistant", "content": "Hello there"}}]
     assert out["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
-                            "prompt_tokens_details": {"cached_tokens": 0}}
+                            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}}
 
 
 def test_tool_use_response() -> None:
@@ -271,7 +271,7 @@ def test_usage_counts_cache_reads_and_writes_as_prompt_tokens() -> None:
     out = from_anthropic(message([], cache_read_input_tokens=100,
                                  cache_creation_input_tokens=20), MODEL)
     assert out["usage"] == {"prompt_tokens": 130, "completion_tokens": 5, "total_tokens": 135,
-                            "prompt_tokens_details": {"cached_tokens": 100}}
+                            "prompt_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20}}
     assert out["choices"][0]["message"]["content"] == ""
 
 
@@ -342,7 +342,8 @@ async def test_text_stream() -> None:
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None, None, None, "stop"]
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == {"prompt_tokens": 30, "completion_tokens": 15, "total_tokens": 45,
-                                   "prompt_tokens_details": {"cached_tokens": 5}}
+                                   "prompt_tokens_details": {"cached_tokens": 5,
+                                                             "cache_write_tokens": 0}}
 
 
 async def test_tool_stream_counts_tool_blocks_only() -> None:

@@ -194,6 +194,15 @@ def test_prices_of_an_embedding_model(capsys: pytest.CaptureFixture[str]) -> Non
     assert max(map(len, piped.stdout.splitlines())) <= 80
 
 
+def test_prices_show_the_rates_of_a_calls_parts(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "prices", "gpt-audio", "--json")
+    row = json.loads(out)[0]
+    assert code == 0 and (row["input_audio_per_mtok"], row["output_audio_per_mtok"]) == (32, 64)
+    assert row["cache_write_per_mtok"] is None and row["reasoning_per_mtok"] is None
+    code, out, _ = _run(capsys, "prices", "claude-3-5-sonnet-latest")
+    assert code == 0 and "cache write 3.75" in " ".join(out.split())
+
+
 def test_bad_config_names_the_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

@@ -197,6 +197,22 @@ def test_anthropic_message(fake: FakeUpstream, claude: anthropic.Anthropic) -> N
     assert fake.calls("/v1/messages")[0].headers["anthropic-version"]
 
 
+def test_usage_markers(oai: openai.OpenAI, claude: anthropic.Anthropic) -> None:
+    text = "hi there [[cached=2]] [[cache_write=3]] [[audio_in=1]] [[reasoning=5]] [[audio_out=4]]"
+    done = oai.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": text}])
+    usage = done.usage
+    assert usage is not None and usage.prompt_tokens_details and usage.completion_tokens_details
+    answer_words = len((done.choices[0].message.content or "").split())
+    assert (usage.prompt_tokens, usage.completion_tokens) == (10, answer_words + 5 + 4)
+    assert usage.prompt_tokens_details.model_dump(exclude_none=True) == {
+        "cached_tokens": 2, "cache_write_tokens": 3, "audio_tokens": 1}
+    assert (usage.completion_tokens_details.reasoning_tokens,
+            usage.completion_tokens_details.audio_tokens) == (5, 4)
+    message = claude.messages.create(model=CLAUDE, max_tokens=50, messages=say(text))
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens,
+            message.usage.cache_creation_input_tokens) == (10 - 2 - 3, 2, 3)
+
+
 def test_anthropic_stream_text_and_tool(claude: anthropic.Anthropic) -> None:
     with claude.messages.stream(model=CLAUDE, max_tokens=50, messages=say("a b c")) as stream:
         assert "".join(stream.text_stream) == "echo: a b c"

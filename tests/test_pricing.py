@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import genai_prices
 import pytest
 
 from skinflint.config import settings_from_dict
 from skinflint.gateway import price_catalog
 from skinflint.models import Usage
-from skinflint.pricing import PriceCatalog
+from skinflint.pricing import ModelPrice, Part, PriceCatalog
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,90 @@ def test_names_past_the_cap_do_not_grow_the_catalog_librarys_memos() -> None:
         tracemalloc.stop()
     assert grown < 100_000  # 800 kB (270 bytes a name) without the trimming
     assert catalog.price("gpt-4o-mini") is not None
+
+
+def catalog_price(model: str, provider_id: str | None = None, **counts: int) -> float:
+    """genai-prices' own answer, in the catalog's usage names."""
+    found = genai_prices.calc_price(genai_prices.Usage(**counts), model_ref=model,
+                                    provider_id=provider_id)
+    return float(found.total_price)
+
+
+def test_openai_usage_details_are_read_as_the_catalog_reads_them() -> None:
+    usage = Usage.from_openai({
+        "prompt_tokens": 100, "completion_tokens": 40, "total_tokens": 140,
+        "prompt_tokens_details": {"cached_tokens": 30, "cache_write_tokens": 20,
+                                  "audio_tokens": 10},
+        "completion_tokens_details": {"reasoning_tokens": 25, "audio_tokens": 5},
+    })
+    assert usage == Usage(input_tokens=100, output_tokens=40, cached_tokens=30,
+                          cache_write_tokens=20, input_audio_tokens=10, reasoning_tokens=25,
+                          output_audio_tokens=5)
+    assert Usage.from_openai({"prompt_tokens": 3, "completion_tokens": 1,
+                              "prompt_tokens_details": None}) == Usage(3, 1)
+    assert Usage.from_openai({"prompt_tokens": 3, "completion_tokens": 1,  # not an object
+                              "completion_tokens_details": [5]}) == Usage(3, 1)
+
+
+def test_a_call_without_parts_of_their_own_is_priced_from_the_plain_rates(
+    catalog: PriceCatalog,
+) -> None:
+    price = catalog.price("gpt-4o-mini")
+    assert price is not None and price.parts == ()  # the fast path: no part priced apart
+    usage = Usage(input_tokens=1000, output_tokens=200, cached_tokens=400, reasoning_tokens=50)
+    assert catalog.cost("gpt-4o-mini", usage) == pytest.approx(catalog_price(
+        "gpt-4o-mini", input_tokens=1000, output_tokens=200, cache_read_tokens=400,
+        output_reasoning_tokens=50), rel=1e-12)
+
+
+@pytest.mark.parametrize("input_tokens", [199_999, 200_000, 200_001, 400_000])
+def test_cache_writes_at_the_catalogs_tiered_rate(catalog: PriceCatalog, input_tokens: int) -> None:
+    """claude-sonnet-4-5 doubles its rates above 200k input tokens, cache writes included."""
+    price = catalog.price("claude-sonnet-4-5")
+    assert price is not None and [p.usage for p in price.parts] == ["cache_write_tokens"]
+    usage = Usage(input_tokens=input_tokens, output_tokens=300, cached_tokens=50_000,
+                  cache_write_tokens=70_000)
+    assert catalog.cost("claude-sonnet-4-5", usage) == pytest.approx(catalog_price(
+        "claude-sonnet-4-5", input_tokens=input_tokens, output_tokens=300,
+        cache_read_tokens=50_000, cache_write_tokens=70_000), rel=1e-12)
+
+
+def test_audio_at_the_catalogs_audio_rates(catalog: PriceCatalog) -> None:
+    usage = Usage(input_tokens=900, output_tokens=500, input_audio_tokens=600,
+                  output_audio_tokens=450)
+    assert catalog.cost("gpt-audio", usage) == pytest.approx(catalog_price(
+        "gpt-audio", input_tokens=900, output_tokens=500, input_audio_tokens=600,
+        output_audio_tokens=450), rel=1e-12)
+
+
+def test_reasoning_at_a_rate_of_its_own() -> None:
+    """Perplexity's deep research bills reasoning tokens apart from its answer."""
+    listed = genai_prices.calc_price(genai_prices.Usage(input_tokens=1, output_tokens=1),
+                                     model_ref="sonar-deep-research", provider_id="perplexity")
+    rates = listed.model_price
+    price = ModelPrice("sonar-deep-research", float(rates.input_mtok), float(rates.output_mtok),
+                       float(rates.input_mtok), "catalog",
+                       parts=(Part("reasoning_tokens", float(rates.output_reasoning_mtok),
+                                   output=True),))
+    usage = Usage(input_tokens=2000, output_tokens=900, reasoning_tokens=700)
+    assert price.cost(usage) == pytest.approx(catalog_price(
+        "sonar-deep-research", "perplexity", input_tokens=2000, output_tokens=900,
+        output_reasoning_tokens=700), rel=1e-12)
+
+
+def test_a_configured_price_bills_each_part_at_the_rate_of_its_whole(
+    catalog: PriceCatalog,
+) -> None:
+    """An override has input, output and cached rates only: cache writes and input audio cost
+    the input rate, reasoning and output audio the output rate."""
+    usage = Usage(input_tokens=1000, output_tokens=100, cached_tokens=200, cache_write_tokens=300,
+                  input_audio_tokens=100, reasoning_tokens=40, output_audio_tokens=10)
+    # house-chat: 1 USD per million in (no cached rate: cached reads cost that too), 2 out
+    assert catalog.cost("house-chat", usage) == pytest.approx((1000 * 1.0 + 100 * 2.0) / 1e6)
+
+
+def test_parts_larger_than_their_whole_are_still_priced(catalog: PriceCatalog) -> None:
+    """A provider's inconsistent counts are priced, not refused: the row is still written."""
+    cost = catalog.cost("claude-3-5-sonnet-latest",
+                        Usage(input_tokens=10, output_tokens=1, cache_write_tokens=50))
+    assert cost is not None and cost > 0

@@ -14,6 +14,7 @@ from skinflint.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
     from skinflint.analytics.report import Group, Report
+    from skinflint.pricing import ModelPrice
 
 __all__ = ["cmd_prices", "cmd_report", "format_report", "format_spend", "format_traffic"]
 
@@ -134,6 +135,7 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
                 "input_per_mtok": price.input,
                 "output_per_mtok": price.output,
                 "cached_input_per_mtok": price.cached_input,
+                **{f"{label}_per_mtok": rate for label, rate in _part_rates(price).items()},
                 "source": price.source,
             }
         )
@@ -144,14 +146,35 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
     table.add_column("model", overflow="fold")  # a name is wrapped, never cut short
     for col in ("input", "output", "cached"):
         table.add_column(col, justify="right", no_wrap=True)
+    others = [_other_rates(r) for r in rows]
+    if any(others):  # rates for parts of a call (cache writes, audio, reasoning)
+        table.add_column("other", overflow="fold")
     table.add_column("source", overflow="fold")
-    for r in rows:
+    for r, other in zip(rows, others, strict=True):
         table.add_row(
             str(r["model"]),
             f"{r['input_per_mtok']:g}",
             "-" if r["output_per_mtok"] is None else f"{r['output_per_mtok']:g}",  # not billed
             f"{r['cached_input_per_mtok']:g}",
+            *([other or "-"] if any(others) else []),
             str(r["source"]),
         )
     new_console().print(table)
     return 0
+
+
+#: The parts of a call a price may bill at rates of their own, as ``skinflint prices`` names them.
+_PARTS = {"cache_write_tokens": "cache_write", "input_audio_tokens": "input_audio",
+          "output_audio_tokens": "output_audio", "reasoning_tokens": "reasoning"}
+
+
+def _part_rates(price: ModelPrice) -> dict[str, float | None]:
+    """Each part's own rate, None for a part billed at the rate of its whole."""
+    own = {part.usage: part.rate for part in price.parts}
+    return {label: own.get(usage) for usage, label in _PARTS.items()}
+
+
+def _other_rates(row: dict[str, Any]) -> str:
+    rates = [(label, row[f"{label}_per_mtok"]) for label in _PARTS.values()]
+    return ", ".join(f"{label.replace('_', ' ')} {rate:g}" for label, rate in rates
+                     if rate is not None)

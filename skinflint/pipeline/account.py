@@ -28,6 +28,19 @@ CLIENT_CLOSED = 499
 _CACHE_STRATEGY = {"hit-exact": "exact_cache", "hit-semantic": "semantic_cache"}
 
 
+def _counts(usage: Usage) -> dict[str, int]:
+    """The ledger's token columns for ``usage``."""
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "input_audio_tokens": usage.input_audio_tokens,
+        "output_audio_tokens": usage.output_audio_tokens,
+    }
+
+
 class Account:
     name = "account"
     enabled = True
@@ -180,9 +193,7 @@ class Account:
             model=ctx.answered_model,
             provider="cache" if ctx.cache.hit else (answered.provider if answered else ""),
             endpoint=ctx.endpoint,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cached_tokens=usage.cached_tokens,
+            **_counts(usage),
             baseline_cost_usd=ctx.costs.baseline_cost_usd,
             saved_usd=ctx.costs.saved_usd,
             cache_status=ctx.cache.status,
@@ -214,9 +225,7 @@ class Account:
                     request_id=f"{ctx.request_id}.{a.tier + 1}",
                     model=a.target.provider_model,
                     provider=a.target.provider,
-                    input_tokens=u.input_tokens,
-                    output_tokens=u.output_tokens,
-                    cached_tokens=u.cached_tokens,
+                    **_counts(u),
                     cost_usd=self._catalog.cost(a.target.name, u),
                     baseline_cost_usd=0.0,
                     saved_usd=0.0,

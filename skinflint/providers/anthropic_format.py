@@ -241,14 +241,17 @@ def finish_reason(stop_reason: object) -> str:
 
 def usage_from_anthropic(usage: JSON | None) -> JSON:
     """OpenAI usage: Anthropic counts cache reads and writes apart from ``input_tokens``, and
-    OpenAI's ``prompt_tokens`` includes both."""
+    OpenAI's ``prompt_tokens`` includes both (as the price catalog's ``input_tokens`` does).
+    Cache writes are told in ``prompt_tokens_details.cache_write_tokens``, where the catalog
+    reads them in OpenAI-shaped usage."""
     u = usage or {}
     cached = int(u.get("cache_read_input_tokens") or 0)
     written = int(u.get("cache_creation_input_tokens") or 0)
     prompt = int(u.get("input_tokens") or 0) + cached + written
     completion = int(u.get("output_tokens") or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written}}
 
 
 def from_anthropic(msg: JSON, model: str) -> JSON:

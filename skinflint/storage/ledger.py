@@ -29,6 +29,7 @@ _COLUMNS = [f.name for f in fields(LedgerRecord)]
 _SQL_TYPES = {"str": "TEXT", "float": "REAL", "int": "INTEGER", "float | None": "REAL"}
 _AS_ROW = operator.attrgetter(*_COLUMNS)  # 20x faster than dataclasses.astuple
 _TYPED = [f"{f.name} {_SQL_TYPES.get(str(f.type), 'TEXT')}" for f in fields(LedgerRecord)]
+_DEFAULTS = {"TEXT": " DEFAULT ''", "INTEGER": " DEFAULT 0"}
 _SCHEMA = "CREATE TABLE IF NOT EXISTS ledger ({})".format(", ".join(_TYPED))
 _INSERT = "INSERT INTO ledger ({}) VALUES ({})".format(
     ", ".join(_COLUMNS), ", ".join("?" for _ in _COLUMNS)
@@ -75,8 +76,8 @@ def _create_table(conn: sqlite3.Connection) -> None:
         conn.execute(_SCHEMA)
         have = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
         for name, typed in zip(_COLUMNS, _TYPED, strict=True):
-            if name not in have:  # earlier rows read as no value: "" for text
-                default = " DEFAULT ''" if typed.endswith(" TEXT") else ""
+            if name not in have:  # earlier rows read as no value: "" for text, 0 for counts
+                default = _DEFAULTS.get(typed.rsplit(" ", 1)[1], "")
                 conn.execute(f"ALTER TABLE ledger ADD COLUMN {typed}{default}")
         conn.execute("CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)")
     except BaseException:

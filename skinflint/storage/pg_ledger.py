@@ -69,7 +69,8 @@ def _ledger_schema() -> list[str]:
         sql_type = _PG_TYPES.get(str(f.type))
         if sql_type is None:
             raise TypeError(f"LedgerRecord.{f.name}: no PostgreSQL type for {f.type}")
-        columns.append(f'"{f.name}" {sql_type}')
+        default = " DEFAULT 0" if sql_type == "BIGINT" else ""  # earlier rows count none
+        columns.append(f'"{f.name}" {sql_type}{default}')
     return [
         f"CREATE TABLE IF NOT EXISTS skinflint_ledger ({', '.join(columns)})",
         *(f"ALTER TABLE skinflint_ledger ADD COLUMN IF NOT EXISTS {c}" for c in columns),
