@@ -131,6 +131,22 @@ async def test_cache_shared_between_replicas(make_store: StoreFactory) -> None:
     assert await one.get("k", 1.0) is None
 
 
+async def test_tiered_stores_learn_what_another_process_wrote(tmp_path: Path) -> None:
+    """Two processes on one file (``serve --workers 2``): an entry one writes after the other
+    opened the file is served by the other once it has polled the file."""
+    path = str(tmp_path / "cache.db")
+    one, two = TieredCacheStore(path, flush_interval=0.01), TieredCacheStore(path)
+    try:
+        await one.set(CacheEntry("k", b"v", 0.0))
+        await settle(one)
+        assert await two.get("k", 1.0) is None  # not known yet: a miss costs no disk read
+        assert await two.invalidations() == []
+        assert await two.get("k", 1.0) == b"v"
+    finally:
+        await one.close()
+        await two.close()
+
+
 # ---------------------------------------------------------------- Redis specifics
 
 

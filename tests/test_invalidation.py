@@ -154,6 +154,17 @@ def test_workers_follow_each_others_invalidations(fake: FakeUpstream, tmp_path: 
         assert len(workers) == 2 and not again & after
 
 
+def test_a_worker_serves_what_another_worker_paid_for(fake: FakeUpstream, tmp_path: Path) -> None:
+    """With `serve --workers 2`, an answer one worker stored is served by the other: the
+    upstream is called once, however the requests are spread."""
+    with _serve(tmp_path, fake, "--workers", "2") as url:
+        assert _ask(url).headers["x-skinflint-cache"] == "miss"
+        time.sleep(3 * invalidations.POLL_SECONDS)  # written, and learnt by the other worker
+        workers = {_ask(url).headers["x-skinflint-request-id"][:12] for _ in range(30)}
+        assert len(workers) == 2, "the requests all went to one worker"
+    assert len(fake.requests) == 1
+
+
 def test_a_gateway_that_does_not_confirm_is_named(tmp_path: Path) -> None:
     """A gateway that registered but stopped reading the log (hung, or killed moments ago)
     is reported, not counted as done."""

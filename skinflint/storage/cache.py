@@ -1,6 +1,8 @@
 """Cache stores: an in-process LRU, and a tiered store (LRU in front of SQLite).
 
 The tiered store keeps the set of keys present on disk in memory, so a miss costs no I/O at all;
+the entries other processes write to the file are learnt with their invalidations, 4 times a
+second, so a worker of ``serve --workers N`` serves what another one paid for;
 disk reads (LRU misses of known keys) run in a worker thread and writes are batched by a writer
 thread, so the event loop never touches the disk. Several processes may share the file
 (``serve --workers N``, the CLI): invalidations reach each one's memory through the log in
@@ -16,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from skinflint.interfaces import CacheEntry
 from skinflint.storage import invalidations as shared
@@ -138,9 +140,9 @@ class TieredCacheStore:
         for stmt in _SCHEMA:
             self._conn.execute(stmt)
         shared.create_tables(self._conn)
-        self._on_disk: set[str] = {
-            row[0] for row in self._conn.execute("SELECT key FROM cache_entries")
-        }
+        self._on_disk: set[str] = set()
+        self._seen_rowid = 0  # rows up to this one are known to be on disk
+        self._learn(self._conn.execute("SELECT rowid, key FROM cache_entries ORDER BY rowid"))
         # Following other processes' invalidations: the last log line applied (those before
         # the keys above were read concern nothing in memory), and the lines written here.
         self.poll_seconds = shared.POLL_SECONDS
@@ -227,7 +229,8 @@ class TieredCacheStore:
     async def invalidations(self) -> list[tuple[str, ...]] | None:
         """The tags other processes invalidated since the last call; None when some could not
         be told (the log was pruned meanwhile): then everything in memory must go."""
-        found = await asyncio.to_thread(self._pending)
+        found, written = await asyncio.to_thread(self._pending)
+        self._learn(written)
         if found.lines:
             self._applied = found.lines[-1][0]
         own = self._own
@@ -236,9 +239,19 @@ class TieredCacheStore:
             return None
         return [tags for line, tags in found.lines if line not in own]
 
-    def _pending(self) -> shared.Pending:
+    def _pending(self) -> tuple[shared.Pending, list[tuple[int, str]]]:
+        """The invalidations logged since the last line applied, and the entries written to
+        the file since the last call (by the other processes sharing it, mostly)."""
         with self._lock:
-            return shared.pending(self._conn, self._applied)
+            return shared.pending(self._conn, self._applied), self._conn.execute(
+                "SELECT rowid, key FROM cache_entries WHERE rowid > ? ORDER BY rowid",
+                (self._seen_rowid,)).fetchall()
+
+    def _learn(self, written: Iterable[tuple[int, str]]) -> None:
+        """Know these rows to be on disk, so that a lookup of their keys reads them."""
+        for rowid, key in written:
+            self._on_disk.add(key)
+            self._seen_rowid = rowid
 
     async def forget_tags(self, tags: Sequence[str] | None) -> None:
         """Apply another process's invalidation: drop the entries tagged with any of ``tags``
