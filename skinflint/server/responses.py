@@ -16,6 +16,7 @@ from skinflint.errors import (
     ShuttingDownError,
     SkinflintError,
     UpstreamStatusError,
+    UpstreamUnavailableError,
 )
 from skinflint.models import StreamChunk
 from skinflint.pipeline import RequestContext
@@ -107,7 +108,9 @@ class Responder:
         if self.request_id and not extra:
             extra.append((b"x-skinflint-request-id", self.request_id.encode()))
         retry_after = (
-            exc.retry_after if isinstance(exc, BudgetExceededError | UpstreamStatusError) else None
+            exc.retry_after
+            if isinstance(exc, BudgetExceededError | UpstreamStatusError | UpstreamUnavailableError)
+            else None
         )
         if retry_after is not None:
             # HTTP wants whole seconds; rounding up never invites a retry too early.
