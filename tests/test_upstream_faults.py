@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from skinflint.cli import main
 from skinflint.config import settings_from_dict
 from skinflint.models import RETRIED_ATTEMPT
 from skinflint.server.run import BackgroundServer
@@ -253,3 +254,20 @@ def test_a_client_leaving_mid_stream_cancels_the_upstream_call(
     assert row["status"] == 499 and row["error_type"] == "client_disconnected"
     _assert_budget_matches_ledger(gw, [row], requests=1)
     assert len(fake.calls(CHAT)) == 1
+
+
+def test_retried_calls_are_not_counted_as_requests(
+    gw: Gateway, fake: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``report`` and ``cache stats`` count client requests; the retried calls are counted
+    apart, their cost included."""
+    FAULTS["timeout"].inject(fake, times=1)
+    assert _ask(gw, "gpt-4o-mini").status == 200
+    assert _ask(gw, "gpt-4o-mini").headers["x-skinflint-cache"] == "hit-exact"
+    ledger_rows(gw.db, expect=3)
+    assert main(["report", "--db", str(gw.db), "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)["total"]
+    assert (total["requests"], total["retried_attempts"], total["cache_hits"]) == (2, 1, 1)
+    assert main(["cache", "stats", "--db", str(gw.db), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["requests"], stats["hit_rate"]) == (2, 0.5)
