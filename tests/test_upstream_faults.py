@@ -62,6 +62,8 @@ def gw(fake: FakeUpstream, tmp_path: Path) -> Iterator[Gateway]:
     config["models"]["ghost"] = {"provider": "dead", "model": "gpt-4o-mini",
                                  "fallbacks": ["backup"]}
     config["models"]["ghost-only"] = {"provider": "dead", "model": "gpt-4o-mini"}
+    config["routes"] = {"smart": {"default_task": "chat", "tasks": {"chat": {"cascade": [
+        {"model": "gpt-4o-mini", "gate": {"format": "choice"}}, {"model": "gpt-4o"}]}}}}
     with BackgroundServer(settings_from_dict(config, env={})) as server:
         with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0,
                            timeout=10) as client:
@@ -271,3 +273,18 @@ def test_retried_calls_are_not_counted_as_requests(
     assert main(["cache", "stats", "--db", str(gw.db), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert (stats["requests"], stats["hit_rate"]) == (2, 0.5)
+
+
+def test_a_retried_call_within_a_cascade_keeps_its_row(gw: Gateway, fake: FakeUpstream) -> None:
+    """The first tier's unreadable answer is retried; the echo is not a choice, so the cascade
+    escalates: a row for the retried call, one for the escalated tier, one for the request."""
+    fake.fail_next("malformed")
+    assert _ask(gw, "smart").status == 200
+    assert [c.body["model"] for c in fake.calls(CHAT)] == ["gpt-4o-mini"] * 2 + ["gpt-4o"]
+    rows = ledger_rows(gw.db, expect=3)
+    own = next(r for r in rows if r["strategy"] == "cascade")
+    assert sorted((r["request_id"].removeprefix(own["request_id"]), r["strategy"], r["model"])
+                  for r in rows) == [("", "cascade", "gpt-4o"),
+                                     (".1", "cascade_escalated", "gpt-4o-mini"),
+                                     (".1.r1", RETRIED_ATTEMPT, "gpt-4o-mini")]
+    _assert_budget_matches_ledger(gw, rows, requests=1)
