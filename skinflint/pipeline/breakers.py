@@ -65,6 +65,11 @@ class ProviderBreaker:
         self.state = BreakerState.CLOSED
         metrics.breaker_state.labels(provider).set(0)
 
+    @property
+    def tripped(self) -> bool:
+        """Whether the circuit is open or half-open (read only: no probe is granted)."""
+        return self._failures >= self._limit
+
     def wait(self) -> float | None:
         """None to make the call now; else the seconds until the provider is tried again.
         A call let through while the circuit is not closed is the probe: report its outcome

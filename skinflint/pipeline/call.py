@@ -34,7 +34,7 @@ from skinflint.pipeline.breakers import ProviderBreaker, counts_against
 from skinflint.pipeline.context import Attempt, Next, Reply, RequestContext, Target
 from skinflint.providers.http import DISCONNECTED
 
-__all__ = ["CallProvider", "RetryPolicy"]
+__all__ = ["CallProvider", "RetryPolicy", "may_have_cost"]
 
 _FALLBACK_STATUSES = frozenset({401, 403, 404})
 
@@ -178,7 +178,7 @@ class CallProvider:
     ) -> float | None:
         """Seconds before trying provider ``name`` again after ``exc``; None: give up on it."""
         self._metrics.child(self._metrics.upstream_errors, name, exc.error_type).inc()
-        if breaker is not None and breaker.wait() is not None:
+        if breaker is not None and breaker.tripped:
             return None  # its circuit just opened: fall back now rather than fail fast later
         if not exc.retryable:
             return None

@@ -60,7 +60,7 @@ def test_it_opens_after_n_failures_in_a_row_then_probes_once_after_the_cooldown(
     for _ in range(3):
         assert b.wait() is None
         b.failed()
-    assert b.state is BreakerState.OPEN and _state(metrics) == 1
+    assert b.state is BreakerState.OPEN and _state(metrics) == 1 and b.tripped
     assert metrics.registry.get_sample_value("skinflint_provider_circuit_opened_total",
                                              {"provider": "p"}) == 1
     clock.now += 4
@@ -74,7 +74,7 @@ def test_it_opens_after_n_failures_in_a_row_then_probes_once_after_the_cooldown(
     clock.now += 10
     assert b.wait() is None
     b.succeeded()
-    assert b.state is BreakerState.CLOSED and _state(metrics) == 0
+    assert b.state is BreakerState.CLOSED and _state(metrics) == 0 and not b.tripped
     assert b.wait() is None and b.wait() is None
     assert metrics.registry.get_sample_value("skinflint_provider_circuit_opened_total",
                                              {"provider": "p"}) == 2
