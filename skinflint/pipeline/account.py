@@ -17,7 +17,7 @@ from skinflint.interfaces import Ledger
 from skinflint.metrics import Metrics
 from skinflint.models import CLIENT_LEFT, LedgerRecord, StreamChunk, Usage
 from skinflint.pipeline.cache import ResponseCache
-from skinflint.pipeline.context import Attempt, Costs, Next, Reply, RequestContext
+from skinflint.pipeline.context import Costs, Next, Reply, RequestContext
 from skinflint.pricing import PriceCatalog
 from skinflint.streaming import StreamAssembler
 from skinflint.tokens import TokenCounter
@@ -197,31 +197,6 @@ class Account:
         row.update(fields)
         return LedgerRecord(**row)
 
-    def _attempt_row(self, ctx: RequestContext, a: Attempt) -> LedgerRecord:
-        """The row of a call within the request; a failed call whose tokens are unknown has an
-        unknown cost (NULL), not a cost of zero."""
-        u = a.usage or Usage()
-        unknown = a.retry and a.usage is None
-        return self._row(
-            ctx,
-            request_id=ctx.request_id + a.suffix,
-            model=a.target.provider_model,
-            provider=a.target.provider,
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            cached_tokens=u.cached_tokens,
-            cost_usd=None if unknown else self._catalog.cost(a.target.name, u),
-            baseline_cost_usd=0.0,
-            saved_usd=0.0,
-            cache_status="miss",
-            cache_reason="",
-            strategy=a.strategy,
-            upstream_latency_ms=a.upstream_ms,
-            status=a.status,
-            error_type=a.error_type or str(a.verdict),
-            similarity=None,
-        )
-
     def _strategy(self, ctx: RequestContext) -> str:
         if ctx.cache.hit:
             return _CACHE_STRATEGY[ctx.cache.status]
@@ -232,8 +207,32 @@ class Account:
     def _finish(self, ctx: RequestContext) -> None:
         self._cache.release(ctx)  # first: whatever fails below, nobody waits in vain
         ctx.costs = self._price(ctx)
-        for a in ctx.attempts:  # calls whose answer was not returned: their cost counts
-            self._ledger.record(self._attempt_row(ctx, a))
+        # Calls whose answer was not returned (cascade tiers, retried calls): their cost
+        # counts. A retried call of unknown tokens has an unknown cost (NULL), not zero.
+        for a in ctx.attempts:
+            u = a.usage or Usage()
+            self._ledger.record(
+                self._row(
+                    ctx,
+                    request_id=ctx.request_id + a.suffix,
+                    model=a.target.provider_model,
+                    provider=a.target.provider,
+                    input_tokens=u.input_tokens,
+                    output_tokens=u.output_tokens,
+                    cached_tokens=u.cached_tokens,
+                    cost_usd=(None if a.retry and a.usage is None
+                              else self._catalog.cost(a.target.name, u)),
+                    baseline_cost_usd=0.0,
+                    saved_usd=0.0,
+                    cache_status="miss",
+                    cache_reason="",
+                    strategy=a.strategy,
+                    upstream_latency_ms=a.upstream_ms,
+                    status=a.status,
+                    error_type=a.error_type or str(a.verdict),
+                    similarity=None,
+                )
+            )
             if not a.retry:
                 self._metrics.child(
                     self._metrics.cascade_escalations, a.target.name, a.verdict.reason
