@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from skinflint.errors import ConfigError
 
 __all__ = [
+    "BreakerConfig",
     "BudgetConfig",
     "BudgetLimit",
     "CachePolicy",
@@ -51,6 +52,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class BreakerConfig(_Frozen):
+    """A provider's circuit breaker: after ``failures`` failed calls in a row it is skipped
+    for ``cooldown`` seconds, then probed; ``failures: 0`` turns it off."""
+
+    failures: int = Field(default=5, ge=0)
+    cooldown: float = Field(default=30.0, gt=0)
+
+
 class ProviderConfig(_Frozen):
     kind: Literal["openai-compatible", "anthropic", "replay"] = "openai-compatible"
     base_url: str = ""
@@ -61,6 +70,7 @@ class ProviderConfig(_Frozen):
     backoff_base: float = Field(default=0.25, ge=0)
     backoff_max: float = Field(default=8.0, ge=0)
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    breaker: BreakerConfig = BreakerConfig()
     latency_scale: float = Field(default=1.0, ge=0)  # replay only
     data_path: str | None = None  # replay only: RouterBench CSV(s) or extract; default shipped
 

@@ -12,7 +12,8 @@
         ├── UpstreamStatusError         the provider's own 4xx/5xx, relayed with its status
         ├── UpstreamTimeoutError        504 timeout
         ├── UpstreamConnectionError     502 connection_error
-        └── UpstreamProtocolError       502 bad upstream payload or a cut stream
+        ├── UpstreamProtocolError       502 bad upstream payload or a cut stream
+        └── UpstreamUnavailableError    503 upstream_unavailable (circuit open, Retry-After)
 
 The server renders any of them with :func:`SkinflintError.to_body`; upstream keys never appear in
 messages because providers build messages from status codes and vendor error text only.
@@ -37,6 +38,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamStatusError",
     "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
 ]
 
 
@@ -181,4 +183,26 @@ class UpstreamConnectionError(UpstreamError):
 
 
 class UpstreamProtocolError(UpstreamError):
-    """The provider sent something we cannot read, or cut a stream short."""
+    """The provider sent something we cannot read, or cut an answer short. Retryable: before
+    the client has seen any of it, another try may well succeed."""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """The provider's circuit is open after failing repeatedly: the call was not made.
+    ``retry_after``: seconds until it is tried again, sent as ``Retry-After``."""
+
+    status = 503
+    error_type = "upstream_error"
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str, *, provider: str, retry_after: float) -> None:
+        super().__init__(message, provider=provider)
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return True  # another target may be healthy

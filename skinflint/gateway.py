@@ -21,6 +21,7 @@ from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
+from skinflint.pipeline.breakers import ProviderBreaker
 from skinflint.pipeline.budgets import BudgetBook
 from skinflint.pipeline.cache import ResponseCache, semantic_setting
 from skinflint.pipeline.cache_exact import ExactCache
@@ -53,6 +54,15 @@ def price_catalog(settings: Settings) -> PriceCatalog:
             overrides[alias] = (model.price.input, model.price.output, model.price.cached_input)
     aliases = {alias: m.model for alias, m in settings.models.items() if m.model}
     return PriceCatalog(overrides, aliases)
+
+
+def _breakers(settings: Settings, metrics: Metrics) -> dict[str, ProviderBreaker]:
+    """A circuit breaker for each provider that keeps one (``breaker.failures`` > 0)."""
+    return {
+        name: ProviderBreaker(name, failures=c.breaker.failures, cooldown=c.breaker.cooldown,
+                              metrics=metrics)
+        for name, c in settings.providers.items() if c.breaker.failures > 0
+    }
 
 
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
@@ -112,7 +122,7 @@ class Gateway:
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
             route=route,
-            call_provider=CallProvider(providers, policies, metrics),
+            call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),
             account=account,
         )
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,

@@ -88,6 +88,12 @@ class Metrics:
             "skinflint_budget_used_ratio",
             "The largest share of a budget's limit spent or reserved by any one subject",
             ["budget"], registry=self.registry)
+        self.breaker_state = Gauge(
+            "skinflint_provider_circuit_state",
+            "Each provider's circuit breaker: 0 closed, 1 open (skipped), 2 half-open (probing)",
+            ["provider"], registry=self.registry)
+        self.breaker_opened = counter("skinflint_provider_circuit_opened",
+                                      "Times a provider's circuit opened", ["provider"])
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

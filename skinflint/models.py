@@ -12,8 +12,10 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "ATTEMPTS",
     "CASCADE_ATTEMPT",
     "CLIENT_LEFT",
+    "RETRIED_ATTEMPT",
     "CacheBypass",
     "Completion",
     "LedgerRecord",
@@ -109,6 +111,13 @@ class StreamChunk:
 #: not returned (escalated or failed): its cost counts, but it is not a client request.
 CASCADE_ATTEMPT = "cascade_escalated"
 
+#: The ``strategy`` of a ledger row for an upstream call that failed in a way that may have
+#: cost money (a timeout, an answer cut short or unreadable) and was retried or fell back.
+RETRIED_ATTEMPT = "retried_attempt"
+
+#: The strategies of rows that record a call within a request rather than a client request.
+ATTEMPTS = (CASCADE_ATTEMPT, RETRIED_ATTEMPT)
+
 #: The message a request is cancelled with when its client disconnects. A request cancelled
 #: with no message was cancelled by the server shutting down.
 CLIENT_LEFT = "client disconnected"
@@ -116,8 +125,10 @@ CLIENT_LEFT = "client disconnected"
 
 @dataclass(slots=True)
 class LedgerRecord:
-    """One row of the ledger: one request through the gateway, or one cascade attempt within a
-    request (``strategy`` :data:`CASCADE_ATTEMPT`, ``request_id`` ``<request>.<tier>``)."""
+    """One row of the ledger: one request through the gateway, or one call within a request:
+    a cascade attempt (``strategy`` :data:`CASCADE_ATTEMPT`, ``request_id``
+    ``<request>.<tier>``) or a retried attempt (:data:`RETRIED_ATTEMPT`,
+    ``<request>.<tier>.r<n>``)."""
 
     request_id: str
     ts: float

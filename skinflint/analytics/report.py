@@ -12,7 +12,7 @@ from typing import Any
 
 from skinflint.config import Settings
 from skinflint.errors import ConfigError
-from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
+from skinflint.models import CASCADE_ATTEMPT, RETRIED_ATTEMPT, LedgerRecord
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 
 __all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since", "percentile",
@@ -39,12 +39,14 @@ def parse_since(text: str, now: float | None = None) -> float:
 @dataclass
 class Group:
     """Figures of one group. ``requests`` are client requests; ``cascade_attempts`` are the
-    cascade tiers called on their behalf whose answer was not returned. Cost and tokens count
-    both; errors, cache hits, baseline, saving and latency are those of client requests."""
+    cascade tiers called on their behalf whose answer was not returned; ``retried_attempts``
+    the failed calls that may have cost money and were retried. Cost and tokens count all;
+    errors, cache hits, baseline, saving and latency are those of client requests."""
 
     key: str
     requests: int = 0
     cascade_attempts: int = 0
+    retried_attempts: int = 0
     errors: int = 0
     cache_hits: int = 0
     input_tokens: int = 0
@@ -64,6 +66,9 @@ class Group:
             self.cost_usd += r.cost_usd
         if r.strategy == CASCADE_ATTEMPT:
             self.cascade_attempts += 1
+            return
+        if r.strategy == RETRIED_ATTEMPT:
+            self.retried_attempts += 1
             return
         self.requests += 1
         self.errors += r.status >= 400

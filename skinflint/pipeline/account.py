@@ -15,7 +15,7 @@ from typing import Any
 from skinflint.errors import ShuttingDownError, SkinflintError
 from skinflint.interfaces import Ledger
 from skinflint.metrics import Metrics
-from skinflint.models import CASCADE_ATTEMPT, CLIENT_LEFT, LedgerRecord, StreamChunk, Usage
+from skinflint.models import CLIENT_LEFT, LedgerRecord, StreamChunk, Usage
 from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.context import Costs, Next, Reply, RequestContext
 from skinflint.pricing import PriceCatalog
@@ -163,8 +163,9 @@ class Account:
                 or ctx.requested_model)
 
     def _price(self, ctx: RequestContext) -> Costs:
-        """The request's total cost (cascade tiers that did not answer included), baseline and
-        saving, and the answering call's own cost."""
+        """The request's total cost (the calls that did not answer included: a retried call
+        of unknown tokens adds nothing), baseline and saving, and the answering call's own
+        cost."""
         baseline = self._baseline_for(ctx)
         baseline_cost = self._catalog.cost(baseline, ctx.usage or Usage())
         if ctx.cache.hit or ctx.answered is None:
@@ -210,37 +211,41 @@ class Account:
     def _strategy(self, ctx: RequestContext) -> str:
         if ctx.cache.hit:
             return _CACHE_STRATEGY[ctx.cache.status]
-        if ctx.attempts:
+        if any(not a.retry for a in ctx.attempts):
             return "cascade"
         return "route" if ctx.route is not None and ctx.route.routed else ""
 
     def _finish(self, ctx: RequestContext) -> None:
         self._cache.release(ctx)  # first: whatever fails below, nobody waits in vain
         ctx.costs = self._price(ctx)
-        for a in ctx.attempts:  # cascade calls whose answer was not returned: their cost counts
+        # Calls whose answer was not returned (cascade tiers, retried calls): their cost
+        # counts. A retried call of unknown tokens has an unknown cost (NULL), not zero.
+        for a in ctx.attempts:
             u = a.usage or Usage()
             self._ledger.record(
                 self._row(
                     ctx,
-                    request_id=f"{ctx.request_id}.{a.tier + 1}",
+                    request_id=ctx.request_id + a.suffix,
                     model=a.target.provider_model,
                     provider=a.target.provider,
                     **_counts(u),
-                    cost_usd=self._catalog.cost(a.target.name, u),
+                    cost_usd=(None if a.retry and a.usage is None
+                              else self._catalog.cost(a.target.name, u)),
                     baseline_cost_usd=0.0,
                     saved_usd=0.0,
                     cache_status="miss",
                     cache_reason="",
-                    strategy=CASCADE_ATTEMPT,
+                    strategy=a.strategy,
                     upstream_latency_ms=a.upstream_ms,
                     status=a.status,
                     error_type=a.error_type or str(a.verdict),
                     similarity=None,
                 )
             )
-            self._metrics.child(
-                self._metrics.cascade_escalations, a.target.name, a.verdict.reason
-            ).inc()
+            if not a.retry:
+                self._metrics.child(
+                    self._metrics.cascade_escalations, a.target.name, a.verdict.reason
+                ).inc()
         self._ledger.record(
             self._row(
                 ctx,

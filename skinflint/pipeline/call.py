@@ -3,6 +3,12 @@ failures with capped exponential backoff and jitter, honouring ``Retry-After``.
 
 A stream is retried only until its first chunk arrives; after that the client has seen output
 and an upstream failure ends the stream with an error event.
+
+A failed call after which the provider may have done (and billed) the work, a timeout or an
+answer cut short or unreadable, is kept on the context as an :class:`Attempt` when it is
+retried or falls back, so that the account stage writes its ledger row; the call that ends the
+request is the request's own row. Each provider's :class:`ProviderBreaker` hears the outcome of
+every call, and a provider whose circuit is open is skipped without a call.
 """
 
 from __future__ import annotations
@@ -13,13 +19,22 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from skinflint.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
+from skinflint.errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
 from skinflint.interfaces import Provider
 from skinflint.metrics import Metrics
 from skinflint.models import StreamChunk, UpstreamRequest
-from skinflint.pipeline.context import Next, Reply, RequestContext, Target
+from skinflint.pipeline.breakers import ProviderBreaker, counts_against
+from skinflint.pipeline.context import Attempt, Next, Reply, RequestContext, Target
+from skinflint.providers.http import DISCONNECTED
 
-__all__ = ["CallProvider", "RetryPolicy"]
+__all__ = ["CallProvider", "RetryPolicy", "may_have_cost"]
 
 _FALLBACK_STATUSES = frozenset({401, 403, 404})
 
@@ -47,12 +62,33 @@ def _falls_back(error: UpstreamError) -> bool:
     )
 
 
+def may_have_cost(error: UpstreamError) -> bool:
+    """Whether the provider may have done the work of a call that failed with ``error``: it
+    was sent and no error status came back (a refused connection or an error answer is free)."""
+    if isinstance(error, UpstreamConnectionError):
+        return error.code == DISCONNECTED
+    return isinstance(error, UpstreamTimeoutError | UpstreamProtocolError)
+
+
+def _attempt(ctx: RequestContext, target: Target, error: UpstreamError, ms: float) -> Attempt:
+    tier = ctx.route.tier if ctx.route is not None else 0
+    number = sum(1 for a in ctx.attempts if a.retry) + 1
+    return Attempt(tier, target, None, ms, error.status, error.code or error.error_type,
+                   retry=number)
+
+
 async def _prepend(
-    first: StreamChunk, rest: AsyncIterator[StreamChunk]
+    first: StreamChunk, rest: AsyncIterator[StreamChunk], breaker: ProviderBreaker | None
 ) -> AsyncIterator[StreamChunk]:
+    """The whole stream; a failure after its first chunk still tells the breaker."""
     yield first
-    async for chunk in rest:
-        yield chunk
+    try:
+        async for chunk in rest:
+            yield chunk
+    except UpstreamError as exc:
+        if breaker is not None and counts_against(exc):
+            breaker.failed()
+        raise
 
 
 class CallProvider:
@@ -64,10 +100,13 @@ class CallProvider:
         providers: Mapping[str, Provider],
         policies: Mapping[str, RetryPolicy],
         metrics: Metrics,
+        breakers: Mapping[str, ProviderBreaker] | None = None,
     ) -> None:
+        """``breakers``: the circuit of each provider that has one."""
         self._providers = providers
         self._policies = policies
         self._metrics = metrics
+        self._breakers = dict(breakers or {})
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         """Terminal stage: ``next`` is never called."""
@@ -77,6 +116,8 @@ class CallProvider:
             except UpstreamError as exc:
                 ctx.errors.append(exc)
                 if i == len(ctx.targets) - 1 or not _falls_back(exc):
+                    if may_have_cost(exc):
+                        ctx.attempts.pop()  # the request's own row records the last call
                     raise
         raise AssertionError("route stage produced no target")
 
@@ -95,24 +136,29 @@ class CallProvider:
         return UpstreamRequest(target.provider_model, body, timeout)
 
     async def _try_target(self, ctx: RequestContext, target: Target) -> Reply:
+        """The target's answer, after retries; a call that may have cost money and failed is
+        added to ``ctx.attempts`` (:meth:`__call__` takes back the one it raises)."""
         provider = self._providers[target.provider]
         policy = self._policies[target.provider]
+        breaker = self._breakers.get(target.provider)
         request = self._request(ctx, target, policy.timeout)
         ctx.answered = target
         attempt = 0
         while True:
+            if breaker is not None and (closed_for := breaker.wait()) is not None:
+                raise UpstreamUnavailableError(
+                    f"{provider.name}: upstream failing, skipped for {closed_for:.1f} s",
+                    provider=provider.name,
+                    retry_after=closed_for,
+                )
             started = time.perf_counter()
             try:
-                return await self._send(ctx, provider, request)
+                return await self._send(ctx, provider, request, breaker)
             except UpstreamError as exc:
-                self._metrics.child(
-                    self._metrics.upstream_errors, provider.name, exc.error_type
-                ).inc()
-                wait = (
-                    policy.delay(attempt, getattr(exc, "retry_after", None))
-                    if exc.retryable
-                    else None
-                )
+                ms = (time.perf_counter() - started) * 1000
+                if may_have_cost(exc):
+                    ctx.attempts.append(_attempt(ctx, target, exc, ms))
+                wait = self._retry_wait(provider.name, policy, attempt, exc, breaker)
                 if wait is None:
                     raise
                 ctx.errors.append(exc)
@@ -122,8 +168,52 @@ class CallProvider:
             await asyncio.sleep(wait)
             attempt += 1
 
+    def _retry_wait(
+        self,
+        name: str,
+        policy: RetryPolicy,
+        attempt: int,
+        exc: UpstreamError,
+        breaker: ProviderBreaker | None,
+    ) -> float | None:
+        """Seconds before trying provider ``name`` again after ``exc``; None: give up on it."""
+        self._metrics.child(self._metrics.upstream_errors, name, exc.error_type).inc()
+        if breaker is not None and breaker.tripped:
+            return None  # its circuit just opened: fall back now rather than fail fast later
+        if not exc.retryable:
+            return None
+        return policy.delay(attempt, getattr(exc, "retry_after", None))
+
     async def _send(
-        self, ctx: RequestContext, provider: Provider, request: UpstreamRequest
+        self,
+        ctx: RequestContext,
+        provider: Provider,
+        request: UpstreamRequest,
+        breaker: ProviderBreaker | None,
+    ) -> Reply:
+        """One call; ``breaker`` hears how it went."""
+        if breaker is None:
+            return await self._call(ctx, provider, request, None)
+        try:
+            reply = await self._call(ctx, provider, request, breaker)
+        except UpstreamError as exc:
+            if counts_against(exc):
+                breaker.failed()
+            else:
+                breaker.succeeded()  # it answered: the request, not the provider, was wrong
+            raise
+        except BaseException:
+            breaker.abandoned()
+            raise
+        breaker.succeeded()
+        return reply
+
+    async def _call(
+        self,
+        ctx: RequestContext,
+        provider: Provider,
+        request: UpstreamRequest,
+        breaker: ProviderBreaker | None,
     ) -> Reply:
         if ctx.endpoint == "embeddings":
             done = await provider.embed(request)
@@ -138,4 +228,4 @@ class CallProvider:
             raise UpstreamProtocolError(
                 f"{provider.name}: empty stream", provider=provider.name
             ) from None
-        return Reply(chunks=_prepend(first, chunks))
+        return Reply(chunks=_prepend(first, chunks, breaker))

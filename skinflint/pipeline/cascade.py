@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -184,6 +185,9 @@ class Cascade:
     def _finish(self, ctx: RequestContext, calls: list[_Call], chosen: _Call) -> Reply:
         for call in calls:
             ctx.upstream_ms += call.ctx.upstream_ms
+            for retried in call.ctx.attempts:  # numbered anew: each call counted from 1
+                number = sum(1 for a in ctx.attempts if a.retry) + 1
+                ctx.attempts.append(dataclasses.replace(retried, retry=number))
             if call is not chosen and call.ctx.answered is not None:
                 body = call.reply.body if call.reply and call.reply.body else {}
                 status = call.error.status if call.error else 200

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from skinflint.interfaces import Vector
-from skinflint.models import CacheBypass, StreamChunk, Usage
+from skinflint.models import CASCADE_ATTEMPT, RETRIED_ATTEMPT, CacheBypass, StreamChunk, Usage
 
 __all__ = [
     "MISS",
@@ -140,8 +140,10 @@ class GateVerdict:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """A cascade tier that was called and did not answer the request (escalated or failed).
-    Its cost counts: the account stage writes a ledger row for it."""
+    """An upstream call whose answer was not returned but whose cost counts: a cascade tier
+    that was called and escalated or failed, or (``retry`` > 0, the request's n-th such call)
+    a call that failed after the provider may have done the work, and was retried or fell
+    back. The account stage writes a ledger row for each; ``usage`` None: tokens unknown."""
 
     tier: int
     target: Target
@@ -150,6 +152,16 @@ class Attempt:
     status: int = 200
     error_type: str = ""
     verdict: GateVerdict = GateVerdict("not chosen")
+    retry: int = 0
+
+    @property
+    def strategy(self) -> str:
+        return RETRIED_ATTEMPT if self.retry else CASCADE_ATTEMPT
+
+    @property
+    def suffix(self) -> str:
+        """What follows the request id in the attempt's ledger row."""
+        return f".{self.tier + 1}.r{self.retry}" if self.retry else f".{self.tier + 1}"
 
 
 @dataclass(frozen=True, slots=True)

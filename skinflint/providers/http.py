@@ -21,6 +21,7 @@ from skinflint.errors import (
 )
 
 __all__ = [
+    "DISCONNECTED",
     "client_timeout",
     "json_object",
     "model_objects",
@@ -41,6 +42,10 @@ _SECRET = re.compile(
     re.IGNORECASE,
 )
 _MAX_VENDOR_TEXT = 500
+
+#: The ``code`` of a connection error that happened after the request was sent: unlike a
+#: refused connection, the provider may have done (and billed) the work.
+DISCONNECTED = "upstream_disconnected"
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,7 +83,17 @@ def translate_errors(provider: str) -> Iterator[None]:
         raise UpstreamProtocolError(
             f"{provider}: upstream cut the response short", provider=provider, code="upstream_cut"
         ) from None
-    except (aiohttp.ClientConnectionError, OSError) as exc:
+    except aiohttp.ClientConnectorError as exc:  # never reached the provider
+        raise UpstreamConnectionError(
+            f"{provider}: cannot reach upstream ({type(exc).__name__})", provider=provider
+        ) from None
+    except aiohttp.ClientConnectionError as exc:  # the request may have gone out
+        raise UpstreamConnectionError(
+            f"{provider}: upstream closed the connection ({type(exc).__name__})",
+            provider=provider,
+            code=DISCONNECTED,
+        ) from None
+    except OSError as exc:
         raise UpstreamConnectionError(
             f"{provider}: cannot reach upstream ({type(exc).__name__})", provider=provider
         ) from None

@@ -43,6 +43,8 @@ _ERRORS: JSON = {
         ("413", "the request body is too large"),
         ("429", "rate limited (by the upstream); Retry-After says when to try again"),
         ("502", "the upstream failed or sent something unreadable"),
+        ("503", "the provider keeps failing and is skipped for a while (its circuit is open);"
+                " Retry-After says when it is tried again"),
         ("504", "the upstream timed out"),
     ]
 }

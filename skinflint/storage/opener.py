@@ -88,9 +88,10 @@ class NotStoredError(LookupError):
 
 @dataclass(frozen=True, slots=True)
 class LedgerFigures:
-    """Client requests (chat and embeddings, not cascade attempts), those served by a cache
-    and by the semantic cache, the USD those hits saved, and the calls the cache neither
-    served nor stored by reason ("" for rows written before reasons were recorded)."""
+    """Client requests (chat and embeddings, not the cascade or retried calls within one),
+    those served by a cache and by the semantic cache, the USD those hits saved, and the calls
+    the cache neither served nor stored by reason ("" for rows written before reasons were
+    recorded)."""
 
     requests: int
     hits: int

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
+from skinflint.models import ATTEMPTS, LedgerRecord
 from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
 from skinflint.storage.spill import LedgerSpill
@@ -167,7 +167,7 @@ class PostgresLedger:
 
     def hit_counts(self) -> tuple[int, int, int, float]:
         """``(requests, hits, semantic hits, USD saved by hits)`` over chat and embeddings
-        client requests (not cascade attempts), counted by the database after writing what is
+        client requests (not the calls within one), counted by the database after writing what is
         pending."""
         self.flush()
         with self._lock:
@@ -176,8 +176,8 @@ class PostgresLedger:
                 " COUNT(*) FILTER (WHERE cache_status = 'hit-semantic'),"
                 " COALESCE(SUM(saved_usd) FILTER (WHERE cache_status LIKE 'hit%%'), 0)"
                 " FROM skinflint_ledger WHERE endpoint IN ('chat', 'embeddings')"
-                " AND strategy <> %s",
-                (CASCADE_ATTEMPT,),
+                " AND strategy NOT IN (%s, %s)",
+                ATTEMPTS,
             ).fetchone()
         assert row is not None  # an aggregate always returns one row
         return int(row[0]), int(row[1]), int(row[2]), float(row[3])

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
-from skinflint.models import CASCADE_ATTEMPT
+from skinflint.models import ATTEMPTS
 from skinflint.storage.ledger import open_sqlite
 
 __all__ = ["bypass_counts", "cache_figures", "hit_counts", "holds_cache"]
@@ -80,8 +80,8 @@ def _hit_counts(
         "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
         " COALESCE(SUM(cache_status = 'hit-semantic'), 0),"
         " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
-        f" FROM ledger WHERE {_CLIENT_REQUESTS} AND strategy <> ?",
-        (CASCADE_ATTEMPT,),
+        f" FROM ledger WHERE {_CLIENT_REQUESTS} AND strategy NOT IN (?, ?)",
+        ATTEMPTS,
     ).fetchone()
     return int(total), int(hits), int(semantic_hits), float(saved)
 

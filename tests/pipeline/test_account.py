@@ -17,6 +17,7 @@ from skinflint.metrics import Metrics
 from skinflint.models import (
     CASCADE_ATTEMPT,
     CLIENT_LEFT,
+    RETRIED_ATTEMPT,
     CacheBypass,
     LedgerRecord,
     StreamChunk,
@@ -220,6 +221,30 @@ async def test_every_cascade_call_not_returned_gets_a_row_and_counts() -> None:
     assert books.sample("skinflint_cascade_escalations_total", model="small",
                         reason="score") == 1
     assert books.sample("skinflint_saved_usd_total", cache="miss") is None  # it saved nothing
+
+
+async def test_a_retried_call_gets_its_own_row_and_is_not_a_request() -> None:
+    """A retried call of unknown tokens has an unknown cost (NULL), adds nothing to the
+    request's cost, and does not make the request a cascade."""
+    books = Books()
+    attempts = [Attempt(0, SMALL, None, 7.0, 504, "timeout", retry=1),
+                Attempt(0, SMALL, None, 2.0, 502, "upstream_cut", retry=2)]
+    ctx = _asked(answered=SMALL, attempts=attempts, route=RouteDecision("small"))
+    await books(ctx, Recorder(Reply(body=answer(model="s-1", usage=USED))))
+    assert ctx.costs.cost_usd == pytest.approx(0.002)
+    first, second, own = books.ledger.records
+    names = ("request_id", "provider", "input_tokens", "cost_usd", "strategy", "status",
+             "error_type", "upstream_latency_ms")
+    assert _fields(first, *names) == {
+        "request_id": "r.1.r1", "provider": "p", "input_tokens": 0, "cost_usd": None,
+        "strategy": RETRIED_ATTEMPT, "status": 504, "error_type": "timeout",
+        "upstream_latency_ms": 7.0}
+    assert _fields(second, "request_id", "error_type") == {
+        "request_id": "r.1.r2", "error_type": "upstream_cut"}
+    assert _fields(own, "request_id", "strategy", "cost_usd") == {
+        "request_id": "r", "strategy": "", "cost_usd": pytest.approx(0.002)}
+    assert books.sample("skinflint_cascade_escalations_total", model="small",
+                        reason="not chosen") is None
 
 
 async def test_an_unpriced_call_leaves_the_cost_unknown() -> None:

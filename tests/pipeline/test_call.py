@@ -86,6 +86,7 @@ async def test_a_retry_after_beyond_the_backoff_cap_is_not_waited_for() -> None:
     UpstreamStatusError(401, "bad key"), UpstreamStatusError(403, "forbidden"),
     UpstreamStatusError(404, "no such model"), UpstreamStatusError(429, "slow down"),
     UpstreamStatusError(500, "oops"), UpstreamConnectionError("refused"),
+    UpstreamProtocolError("garbled"),
 ])
 async def test_the_next_target_is_tried_after_an_auth_model_or_transient_error(
         error: UpstreamError) -> None:
@@ -101,7 +102,6 @@ async def test_the_next_target_is_tried_after_an_auth_model_or_transient_error(
 
 @pytest.mark.parametrize("error", [
     UpstreamStatusError(400, "bad request"), UpstreamStatusError(422, "unprocessable"),
-    UpstreamProtocolError("garbled"),
 ])
 async def test_an_error_of_the_request_itself_is_raised_at_once(error: UpstreamError) -> None:
     p, q = Scripted("p", error, answer()), Scripted("q", answer())
@@ -160,11 +160,16 @@ async def test_a_stream_failing_before_its_first_chunk_is_retried_then_falls_bac
     assert ctx.answered == B
 
 
-async def test_an_empty_stream_is_a_protocol_error() -> None:
-    p, q = Scripted("p", []), Scripted("q", [_chunk("b")])
+async def test_an_empty_stream_is_a_protocol_error_retried_then_fallen_back_from() -> None:
+    p = Scripted("p", [], [], [])
     with pytest.raises(UpstreamProtocolError, match="p: empty stream"):
-        await _stage(p, q)(_request(A, B, stream=True), Recorder())
-    assert len(p.requests) == 1 and q.requests == []
+        await _stage(p)(_request(A, stream=True), Recorder())
+    assert len(p.requests) == 3
+
+    p, q = Scripted("p", [], [], []), Scripted("q", [_chunk("b")])
+    reply = await _stage(p, q)(_request(A, B, stream=True), Recorder())
+    assert reply.chunks is not None and [c.data async for c in reply.chunks] == [_chunk("b")]
+    assert len(p.requests) == 3 and len(q.requests) == 1
 
 
 async def test_an_embedding_is_sent_to_the_embeddings_call() -> None:
@@ -174,3 +179,40 @@ async def test_an_embedding_is_sent_to_the_embeddings_call() -> None:
     reply = await _stage(p)(ctx, Recorder())
     assert reply.body == vectors
     assert p.requests[0].body == {"model": "a-1", "input": "hello"}
+
+
+def _cut() -> UpstreamProtocolError:
+    return UpstreamProtocolError("cut", provider="p", code="upstream_cut")
+
+
+async def test_a_retried_call_that_may_have_cost_is_kept_as_an_attempt() -> None:
+    p = Scripted("p", UpstreamTimeoutError("slow"), _cut(), answer())
+    ctx = _request()
+    await _stage(p)(ctx, Recorder())
+    assert [(a.retry, a.status, a.error_type, a.target, a.usage) for a in ctx.attempts] == [
+        (1, 504, "timeout", A, None), (2, 502, "upstream_cut", A, None)]
+    assert all(a.upstream_ms > 0 for a in ctx.attempts)
+
+
+async def test_free_failures_and_the_call_that_ends_the_request_are_not_attempts() -> None:
+    """A refused connection or an error answer cost nothing; the last call is the request's
+    own ledger row."""
+    p = Scripted("p", UpstreamConnectionError("refused"), _unavailable(), answer())
+    ctx = _request()
+    await _stage(p)(ctx, Recorder())
+    assert ctx.attempts == []
+
+    p = Scripted("p", _cut(), _cut(), UpstreamTimeoutError("slow"))
+    ctx = _request()
+    with pytest.raises(UpstreamTimeoutError):
+        await _stage(p)(ctx, Recorder())
+    assert [a.error_type for a in ctx.attempts] == ["upstream_cut", "upstream_cut"]
+
+
+async def test_a_call_fallen_back_from_is_an_attempt_too() -> None:
+    p = Scripted("p", _cut(), _cut(), UpstreamTimeoutError("slow"))
+    q = Scripted("q", answer("from q"))
+    ctx = _request(A, B)
+    await _stage(p, q)(ctx, Recorder())
+    assert [(a.retry, a.target) for a in ctx.attempts] == [(1, A), (2, A), (3, A)]
+    assert ctx.answered == B
