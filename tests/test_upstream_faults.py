@@ -258,6 +258,26 @@ def test_a_client_leaving_mid_stream_cancels_the_upstream_call(
     assert len(fake.calls(CHAT)) == 1
 
 
+def test_a_client_leaving_before_the_first_chunk_is_recorded_and_releases_its_budget(
+    gw: Gateway, fake: FakeUpstream
+) -> None:
+    """The client gives up while the upstream has not sent a byte yet: the upstream call is
+    cancelled, the request has its 499 row, and nothing stays reserved."""
+    body = {"model": "gpt-4o-mini", "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": f"{PROMPT} [[fault:delay=0.4]]"}]}
+    with pytest.raises(httpx.ReadTimeout):  # the upstream would answer after 0.4 s
+        with httpx.stream("POST", gw.server.base_url + "/chat/completions", json=body,
+                          timeout=httpx.Timeout(5, read=0.1)) as response:
+            response.read()
+    assert fake.wait_for_disconnects(1, timeout=3)
+    (row,) = ledger_rows(gw.db, expect=1)
+    assert row["status"] == 499 and row["error_type"] == "client_disconnected"
+    _assert_budget_matches_ledger(gw, [row], requests=1)
+    # the same request, asked again, is not left waiting for the abandoned one
+    again = gw.client.chat.completions.create(**{**body, "stream": False})
+    assert again.choices[0].message.content and len(fake.calls(CHAT)) == 2
+
+
 def test_retried_calls_are_not_counted_as_requests(
     gw: Gateway, fake: FakeUpstream, capsys: pytest.CaptureFixture[str]
 ) -> None:
