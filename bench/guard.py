@@ -31,7 +31,8 @@ from skinflint.pipeline.budgets import BudgetBook
 from skinflint.pipeline.context import Costs, Reply, RequestContext
 from skinflint.pipeline.guard import Guard
 from skinflint.pricing import PriceCatalog
-from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
+from skinflint.storage.counters import MemoryBudgetCounters
+from skinflint.storage.sqlite_counters import SQLiteBudgetCounters
 
 CLIENTS = (1, 50)  # requests in flight at once
 BODY = {"model": "gpt-4o-mini", "max_tokens": 200,

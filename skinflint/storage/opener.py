@@ -33,10 +33,11 @@ from skinflint.config import Settings
 from skinflint.interfaces import BudgetCounters, CacheStore, Ledger, SemanticIndex
 from skinflint.storage import sqlite_queries
 from skinflint.storage.cache import TieredCacheStore
-from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
+from skinflint.storage.counters import MemoryBudgetCounters
 from skinflint.storage.ledger import SQLiteLedger
 from skinflint.storage.semantic import LocalSemanticIndex
 from skinflint.storage.spill import SPILL_NAME
+from skinflint.storage.sqlite_counters import SQLiteBudgetCounters
 
 __all__ = [
     "LedgerFigures",

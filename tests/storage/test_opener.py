@@ -246,8 +246,9 @@ async def test_redis_holds_the_cache_and_the_ledger_stays_local(
 async def test_budget_counters_live_where_the_settings_share_them(
     tmp_path: Path, redis_url: str,
 ) -> None:
-    from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
+    from skinflint.storage.counters import MemoryBudgetCounters
     from skinflint.storage.redis_counters import RedisBudgetCounters
+    from skinflint.storage.sqlite_counters import SQLiteBudgetCounters
 
     db = str(tmp_path / "s.db")
     for settings, expected in (
