@@ -167,11 +167,12 @@ def test_retries_run_out(gw: Gateway, fake: FakeUpstream, fault: Fault) -> None:
         assert again.status == fault.status
 
 
-@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+ANSWERING = {k: f for k, f in FAULTS.items() if f.calls_made}  # a closed port never answers
+
+
+@pytest.mark.parametrize("fault", ANSWERING.values(), ids=ANSWERING.keys())
 def test_a_retry_succeeds(gw: Gateway, fake: FakeUpstream, fault: Fault) -> None:
     """One failed call, then the answer; a failed call that may have cost money keeps a row."""
-    if not fault.calls_made:
-        pytest.skip("a closed port never answers")
     fault.inject(fake, times=1)
     done = _ask(gw, fault.model)
     assert done.status == 200 and done.text == f"echo: {PROMPT}"
