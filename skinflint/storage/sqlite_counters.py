@@ -79,17 +79,9 @@ class _Reservation:
     waiter: asyncio.Future[Admission]
 
 
-@dataclass(slots=True)
-class _Change:
+class _Change(Tally):
     """What to add to a counter: spent (``s*``) and reserved (``r*``, negative to release).
     A counter that no longer exists (its window ended) is not created to take it."""
-
-    su: float = 0.0
-    sr: int = 0
-    st: int = 0
-    ru: float = 0.0
-    rr: int = 0
-    rt: int = 0
 
     def spend(self, a: Amounts) -> None:
         self.su += a.usd
@@ -220,7 +212,7 @@ class SQLiteBudgetCounters:
     def _change(self, key: Key) -> _Change:
         found = self._changes.get(key)
         if found is None:
-            found = self._changes[key] = _Change()
+            found = self._changes[key] = _Change(0.0)
         return found
 
     def _expire_soon(self) -> None:
