@@ -97,6 +97,8 @@ class ModelConfig(_Frozen):
     model: str = ""  # the provider's name for it; defaults to the alias
     fallbacks: tuple[str, ...] = ()
     price: PriceOverride | None = None
+    # the most one answer may hold: what a budget reserves when the client sets no max_tokens
+    max_output_tokens: int | None = Field(default=None, gt=0)
 
 
 class CachePolicy(_Frozen):

@@ -3,7 +3,8 @@ windows (UTC), what a request may cost at most and what it cost, and the figures
 ``GET /api/budgets``, ``/metrics`` and ``skinflint budgets`` show.
 
 A request's worst case is its prompt tokens plus its output cap (``max_completion_tokens`` or
-``max_tokens``, else :data:`DEFAULT_OUTPUT_CAP`) times ``n``, priced as the model asked for;
+``max_tokens``, else the model's ``max_output_tokens``, else :data:`DEFAULT_OUTPUT_CAP`) times
+``n``, priced as the model asked for;
 for a route, as its dearest task (a cascade's tiers all counted). The prompt is bounded by the
 size of the body the client sent, in bytes: a byte-level BPE token (OpenAI's, and most open
 models') is at least one byte, so the bound holds without running a tokenizer on the request
@@ -74,6 +75,17 @@ def _prompt_bound(ctx: RequestContext) -> int:
     return len(ctx.raw_body) if ctx.raw_body else len(orjson.dumps(ctx.body))
 
 
+def _asked_output(body: Mapping[str, Any]) -> tuple[int | None, int]:
+    """The client's output cap (``max_completion_tokens`` or ``max_tokens``; None when it set
+    none) and its number of choices."""
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    n = body.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        return None, choices
+    return cap, choices
+
+
 def _route_models(settings: Settings) -> dict[str, tuple[tuple[str, ...], ...]]:
     """Per route, the models each task may call (a cascade's every tier)."""
     return {
@@ -104,6 +116,8 @@ class BudgetBook:
         self._catalog = catalog
         self._limits = {b.name: _limits(b) for b in self.budgets}
         self._routes = _route_models(settings)
+        self._caps = {name: m.max_output_tokens for name, m in settings.models.items()
+                      if m.max_output_tokens is not None}
         self._windows: dict[str, _Window] = {}
         self._measures_cost = any(
             b.limit.usd is not None or b.limit.tokens is not None for b in self.budgets)
@@ -139,23 +153,21 @@ class BudgetBook:
         """The most the request may cost (see the module)."""
         if not self._measures_cost:
             return Amounts(requests=1)
-        prompt, output = _prompt_bound(ctx), self._output_cap(ctx.body)
-        usage = Usage(input_tokens=prompt, output_tokens=output)
+        prompt, asked = _prompt_bound(ctx), _asked_output(ctx.body)
         groups = self._routes.get(ctx.requested_model, ((ctx.requested_model,),))
-        usd = max(sum(self._cost(m, usage) for m in group) for group in groups)
+        usd = max(sum(self._cost(m, prompt, asked) for m in group) for group in groups)
+        output = max(self._output(m, asked) for group in groups for m in group)
         return Amounts(usd, 1, prompt + output)
 
-    def _cost(self, model: str, usage: Usage) -> float:
-        return self._catalog.cost(model, usage) or 0.0  # an unknown price reserves nothing
+    def _output(self, model: str, asked: tuple[int | None, int]) -> int:
+        """The most output tokens a call to ``model`` may produce: the client's cap, else the
+        model's configured ``max_output_tokens``, else :data:`DEFAULT_OUTPUT_CAP`; times n."""
+        cap, choices = asked
+        return (cap if cap is not None else self._caps.get(model, DEFAULT_OUTPUT_CAP)) * choices
 
-    @staticmethod
-    def _output_cap(body: Mapping[str, Any]) -> int:
-        cap = body.get("max_completion_tokens", body.get("max_tokens"))
-        n = body.get("n")
-        choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
-            cap = DEFAULT_OUTPUT_CAP
-        return cap * choices
+    def _cost(self, model: str, prompt: int, asked: tuple[int | None, int]) -> float:
+        usage = Usage(input_tokens=prompt, output_tokens=self._output(model, asked))
+        return self._catalog.cost(model, usage) or 0.0  # an unknown price reserves nothing
 
     @staticmethod
     def actual(ctx: RequestContext) -> Amounts:

@@ -122,6 +122,21 @@ async def test_reserves_prompt_plus_the_output_cap_and_settles_to_the_real_cost(
     assert row["spent"] == {"usd": 0.0001, "requests": 2, "tokens": 12}
 
 
+async def test_without_a_client_cap_a_model_reserves_its_configured_max_output() -> None:
+    models = {"m": {"provider": "p", "price": {"input": 1.0, "output": 2.0},
+                    "max_output_tokens": 500},
+              "small": {"provider": "p", "price": {"input": 0.1, "output": 0.2}}}
+    guard, _ = _guard({"name": "usd", "limit": {"usd": 1.0}}, models=models)
+    assert guard._book is not None
+    configured = context(chat("hello"))
+    assert guard._book.estimate(configured).tokens == len(configured.raw_body) + 500
+    default = context(chat("hello", model="small"))
+    assert guard._book.estimate(default).tokens == len(default.raw_body) + DEFAULT_OUTPUT_CAP
+    capped = context(chat("hello", max_tokens=20))
+    assert guard._book.estimate(capped).usd == pytest.approx(
+        (len(capped.raw_body) * 1.0 + 20 * 2.0) / 1e6)
+
+
 async def test_a_route_reserves_its_dearest_task_with_every_cascade_tier() -> None:
     routes = {"auto": {"default_task": "cheap", "tasks": {
         "cheap": {"model": "small"},
