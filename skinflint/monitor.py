@@ -128,6 +128,7 @@ class AlertMonitor:
         self._judged: dict[str, int] = {}  # rule -> the last window judged
         self._loop: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[bool]] = set()
+        self._last: dict[str, asyncio.Task[bool]] = {}  # per URL: changes arrive in order
 
     def start(self) -> None:
         self._loop = asyncio.ensure_future(self._run())
@@ -212,6 +213,15 @@ class AlertMonitor:
         self.metrics.child(self.metrics.alert_events, rule.name, event.state).inc()
         if rule.webhook and self.webhook is not None:
             payload = {**event_json(event), "window": rule.window, "text": describe(rule, event)}
-            task = asyncio.ensure_future(self.webhook.deliver(rule.webhook, payload))
+            task = asyncio.ensure_future(self._deliver(rule.webhook, payload,
+                                                       self._last.get(rule.webhook)))
+            self._last[rule.webhook] = task
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, url: str, payload: dict[str, Any],
+                       after: asyncio.Task[bool] | None) -> bool:
+        assert self.webhook is not None
+        if after is not None:
+            await asyncio.wait([after])
+        return await self.webhook.deliver(url, payload)
