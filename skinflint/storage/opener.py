@@ -166,6 +166,7 @@ class Storage:
             where = self.location.ledger
             if where is None or where == ":memory:":
                 raise NotStoredError(f"{where or self.location.cache} keeps no shared ledger")
+            await self.ledger()  # whose table the store reads
             if kind(where) == "postgres":
                 from skinflint.storage.pg_alert_store import PostgresAlertStore
 
