@@ -144,6 +144,32 @@ def test_rounds_come_a_grace_after_each_window() -> None:
     assert m.next_round(T0 + 3) == T0 + 6  # the window before has not had its grace yet
 
 
+async def test_the_background_rounds_follow_the_clock(
+    tmp_path: Path, storages: list[Storage]
+) -> None:
+    db = tmp_path / "skinflint.db"
+    write_ledger(db, SEARCH)
+    clock, delays, done = [T0 + 5 * 60 + 30.0], [], asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        clock[0] += seconds
+        if clock[0] > after(len(SEARCH)):
+            done.set()
+            await asyncio.Event().wait()  # until closed
+
+    config = settings(db)
+    storage = open_storage(config)
+    storages.append(storage)
+    m = AlertMonitor(config.alerts, await storage.alert_store(), Metrics(),
+                     clock=lambda: clock[0], sleep=sleep)
+    m.start()
+    await asyncio.wait_for(done.wait(), 10)
+    await m.close()
+    assert [(e.start, e.end) for e in await m.store.recent(5)] == [(T0 + 720, T0 + 840)]
+    assert delays[0] == 36 and set(delays[1:]) == {60}  # each window's end, plus 6 s
+
+
 class Receiver:
     """A webhook receiver on loopback that fails the first ``fail`` POSTs with ``status``."""
 
