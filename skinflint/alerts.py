@@ -52,6 +52,7 @@ __all__ = [
     "min_history",
     "replay",
     "scope_name",
+    "window_of",
     "window_seconds",
 ]
 

@@ -68,12 +68,15 @@ def test_a_noisy_series_never_fires() -> None:
 
 
 def test_a_firing_alert_does_not_flap_on_a_noisy_level() -> None:
-    noise = random.Random(3)
-    # fires, then hovers between low and high (about 1.5x a baseline that climbs towards it):
-    # neither three high nor three low windows make a second alert or a resolution
-    tail = [noise.choice([1.45, 1.6, 2.5]) for _ in range(4)]
-    events = replay([rule(baseline_windows=12)], points([1.0] * 12 + [4.0] * 3 + tail))
-    assert len(events) == 1 and events[0].end is None
+    # fires, then hovers around 1.5x its baseline: between resolve_below and rise, with a
+    # high window now and then, it neither resolves nor fires a second time
+    tail = [1.6, 1.45, 1.6, 2.5, 1.6, 1.45, 1.6, 2.5, 1.45]
+    spends = [1.0] * 12 + [4.0] * 3 + tail
+    events = replay([rule(baseline_windows=24)], points(spends))
+    assert [e.end for e in events] == [None]
+    # without the band between the two thresholds, the same series resolves on the noise
+    no_band = replay([rule(baseline_windows=24, resolve_below=2.0)], points(spends))
+    assert [e.end for e in no_band] == [at(17)]
 
 
 def test_it_resolves_after_for_windows_low_windows() -> None:
