@@ -14,11 +14,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from skinflint.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_ALERT_RULES",
+    "AlertRule",
     "BreakerConfig",
     "BudgetConfig",
     "BudgetLimit",
@@ -329,6 +338,39 @@ class BudgetConfig(_Frozen):
         return self
 
 
+class AlertRule(_Frozen):
+    """A cost alert with hysteresis (see :mod:`skinflint.alerts` for how it reads spend): it
+    fires after ``for_windows`` windows in a row whose spend is above ``rise`` x the median of
+    the ``baseline_windows`` windows before and at least ``min_usd`` above it, and resolves
+    after ``for_windows`` windows in a row at most ``resolve_below`` x that median. Changes
+    are also POSTed to ``webhook`` when one is given ("" gives none)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    per: Literal["global", "tenant", "feature", "model", "user"] = "global"
+    window: Literal["minute", "hour", "day"] = "hour"
+    baseline_windows: int = Field(default=24, ge=1, le=1000)
+    rise: float = Field(default=2.0, gt=1)
+    for_windows: int = Field(default=3, ge=1, le=1000)
+    min_usd: float = Field(default=0.05, ge=0)
+    resolve_below: float = Field(default=1.3, gt=0)
+    webhook: str = Field(default="", repr=False)
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not re.fullmatch(r"https?://[^\s/]+\S*", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+#: The rule that applies when the configuration has no ``alerts`` section: a feature whose
+#: hourly spend is over 3x its median hour of the last day, by at least $1, two hours running.
+DEFAULT_ALERT_RULES = (
+    AlertRule(name="feature-spend", per="feature", window="hour", baseline_windows=24,
+              rise=3.0, for_windows=2, min_usd=1.0, resolve_below=1.5),
+)
+
+
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
@@ -347,6 +389,8 @@ class Settings(_Frozen):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     keys: tuple[KeyConfig, ...] = ()
     budgets: tuple[BudgetConfig, ...] = ()
+    # absent: the default rule; an empty list (or an empty section): no alerts
+    alerts: tuple[AlertRule, ...] = DEFAULT_ALERT_RULES
     admin_key_sha256: str = Field(default="", repr=False)
     admin_key: str = Field(default="", repr=False, exclude=True)
 
@@ -370,7 +414,22 @@ class Settings(_Frozen):
         if self.default_provider and self.default_provider not in self.providers:
             raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
         self._check_budgets()
+        self._check_alerts()
         return self
+
+    @field_validator("alerts", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any) -> Any:
+        return () if value is None else value
+
+    def _check_alerts(self) -> None:
+        seen: set[str] = set()
+        for i, rule in enumerate(self.alerts):
+            if rule.name in seen:
+                raise ValueError(f"alerts[{i}].name: {rule.name!r} is used twice")
+            seen.add(rule.name)
+            if rule.resolve_below > rule.rise:
+                raise ValueError(f"alerts[{i}].resolve_below: must be <= rise ({rule.rise:g})")
 
     def _check_budgets(self) -> None:
         seen: set[str] = set()

@@ -18,6 +18,7 @@ from skinflint.config import Settings
 from skinflint.embed import embedder_for
 from skinflint.interfaces import InvalidationFeed, Ledger, Provider
 from skinflint.metrics import Metrics
+from skinflint.monitor import AlertMonitor, Webhook
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
@@ -35,7 +36,7 @@ from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
 from skinflint.routing.artifacts import load_classifiers, load_scorer
-from skinflint.storage.opener import Storage, open_storage
+from skinflint.storage.opener import NotStoredError, Storage, open_storage
 from skinflint.tokens import TokenCounter
 
 __all__ = ["Gateway", "price_catalog"]
@@ -84,6 +85,7 @@ class Gateway:
     budgets: BudgetBook | None = field(default=None)  # None: no budgets configured
     warmed: asyncio.Future[None] | None = field(default=None)
     following: asyncio.Future[None] | None = field(default=None)  # others' invalidations
+    alerts: AlertMonitor | None = field(default=None)  # None: no rules, or no shared ledger
     # unique per process start, then a counter: cheaper than 16 random bytes per request
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -94,6 +96,7 @@ class Gateway:
         continues in a thread so start-up does not wait for it."""
         tokens, catalog = TokenCounter(), price_catalog(settings)
         metrics = Metrics(settings.model_names() | catalog.overrides.keys())
+        watch_alerts = bool(settings.alerts) and ledger is None  # a ledger of the caller's own
         storage = open_storage(settings, ledger=ledger)
         ledger = await storage.ledger()
         threshold, verifier = semantic_setting(settings)
@@ -131,7 +134,24 @@ class Gateway:
         gw.warmed.add_done_callback(_report_warm_failure)
         if isinstance(cache.backend, InvalidationFeed):
             gw.following = asyncio.ensure_future(cache.follow(cache.backend))
+        if watch_alerts:
+            try:
+                gw.alerts = await gw._watch_alerts()
+            except BaseException:
+                await gw.close()
+                raise
         return gw
+
+    async def _watch_alerts(self) -> AlertMonitor | None:
+        """Start judging the alert rules over the ledger, if it is shared (not ``:memory:``)."""
+        try:
+            store = await self.storage.alert_store()
+        except NotStoredError:
+            log.info("cost alerts are off: the ledger is in memory")
+            return None
+        monitor = AlertMonitor(self.settings.alerts, store, self.metrics, Webhook(self.session))
+        monitor.start()
+        return monitor
 
     async def _warm(self) -> None:
         """Load what start-up need not wait for; requests arriving meanwhile are served, with
@@ -166,6 +186,8 @@ class Gateway:
         if self.following is not None:
             self.following.cancel()
             await asyncio.gather(self.following, return_exceptions=True)
+        if self.alerts is not None:
+            await self.alerts.close()
         for provider in self.providers.values():
             await provider.close()
         await self.session.close()

@@ -4,7 +4,7 @@ Every label set is bounded, so that clients cannot grow the registry (and the me
 scraper) without limit. The only label whose values come from clients is ``model``: a name
 the gateway knows (configured, or listed by the price catalog; see :class:`Metrics`) is kept,
 any other is counted as :data:`OTHER`. The other labels take values the gateway chooses
-(endpoints, cache statuses, reasons, configured providers, routes and tasks).
+(endpoints, cache statuses, reasons, configured providers, routes, tasks and alert rules).
 """
 
 from __future__ import annotations
@@ -94,6 +94,12 @@ class Metrics:
             ["provider"], registry=self.registry)
         self.breaker_opened = counter("skinflint_provider_circuit_opened",
                                       "Times a provider's circuit opened", ["provider"])
+        self.alerts_active = Gauge(
+            "skinflint_alerts_active", "Cost alerts firing, as the alert table holds them",
+            ["rule"], registry=self.registry)
+        self.alert_events = counter("skinflint_alert_events",
+                                    "Cost alert changes this process recorded and notified",
+                                    ["rule", "state"])
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

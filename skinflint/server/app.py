@@ -24,12 +24,16 @@ from skinflint.errors import (
 )
 from skinflint.gateway import Gateway
 from skinflint.models import CLIENT_LEFT
+from skinflint.monitor import event_json
 from skinflint.pipeline import Reply, RequestContext
 from skinflint.server.model_list import ModelList
 from skinflint.server.openapi import openapi_json
 from skinflint.server.responses import Responder, skinflint_headers
 
 __all__ = ["App"]
+
+#: How many alerts ``GET /api/alerts`` lists, newest first.
+ALERTS_LISTED = 200
 
 log = logging.getLogger("skinflint.server")
 
@@ -253,6 +257,17 @@ class App:
         rows = await book.rows() if book is not None else []
         await out.json(orjson.dumps({"object": "list", "data": rows}))
 
+    async def alerts(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """The newest cost alerts, firing or resolved, and how many fire."""
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        monitor = self.gateway.alerts
+        data, active = [], 0
+        if monitor is not None:
+            data = [event_json(e) for e in await monitor.store.recent(ALERTS_LISTED)]
+            active = sum((await monitor.store.active()).values())
+        await out.json(orjson.dumps({"data": data, "active": active}))
+
     async def invalidate(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None
         self._require_admin(_headers(scope))
@@ -279,3 +294,4 @@ _ROUTES["GET", "/metrics"] = App.metrics
 _ROUTES["GET", "/openapi.json"] = App.openapi
 _ROUTES["POST", "/api/cache/invalidate"] = App.invalidate
 _ROUTES["GET", "/api/budgets"] = App.budgets
+_ROUTES["GET", "/api/alerts"] = App.alerts

@@ -122,6 +122,30 @@ _SCHEMAS: JSON = {
             **{k: {"type": "object"} for k in ("limit", "spent", "reserved", "remaining")},
         },
     },
+    "Alert": {
+        "type": "object",
+        "required": ["rule", "per", "name", "state", "start", "end", "spend_usd",
+                     "baseline_usd"],
+        "properties": {
+            "rule": {"type": "string"},
+            "per": {"enum": ["global", "tenant", "feature", "model", "user"]},
+            "name": {"type": "string", "description": "the scope's value; empty for global"},
+            "state": {"enum": ["firing", "resolved"]},
+            "start": {"type": "string", "format": "date-time", "description": "when it fired"},
+            "end": {"type": ["string", "null"], "format": "date-time",
+                    "description": "when it resolved; null while it fires"},
+            "spend_usd": {"type": "number", "description": "spend of the window it fired on"},
+            "baseline_usd": {"type": "number", "description": "that window's baseline"},
+        },
+    },
+    "Alerts": {
+        "type": "object",
+        "required": ["data", "active"],
+        "properties": {
+            "data": {"type": "array", "items": _ref("Alert"), "description": "newest first"},
+            "active": {"type": "integer", "minimum": 0, "description": "alerts firing"},
+        },
+    },
     "InvalidateRequest": {
         "type": "object",
         "required": ["tags"],
@@ -187,6 +211,8 @@ def _paths() -> JSON:
         "/api/budgets": {"get": _get_op(
             "Each budget's window, limit, spent, reserved and remaining",
             _json({"type": "array", "items": _ref("Budget")}), _ADMIN_KEY)},
+        "/api/alerts": {"get": _get_op(
+            "The newest cost alerts, firing or resolved", _json(_ref("Alerts")), _ADMIN_KEY)},
     }
 
 

@@ -7,6 +7,8 @@ each store. The gateway, the commands and the analytics all open storage here.
   could not see each other's invalidations);
 * the semantic index: PostgreSQL (pgvector) when ``postgres_url`` is set, else the SQLite file,
   searched in process;
+* the alert store (the alerts raised; spend per window is read from the ledger): beside the
+  ledger, in PostgreSQL or the SQLite file (none for ``:memory:``);
 * the budget counters: Redis when ``redis_url`` is set, else PostgreSQL when
   ``postgres_url`` is, else the SQLite file (shared by ``serve --workers N``), in memory when
   that file is ``:memory:``.
@@ -32,6 +34,7 @@ from typing import Literal
 from skinflint.config import Settings
 from skinflint.interfaces import BudgetCounters, CacheStore, Ledger, SemanticIndex
 from skinflint.storage import sqlite_queries
+from skinflint.storage.alert_store import AlertStore, SQLiteAlertStore
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.counters import MemoryBudgetCounters
 from skinflint.storage.ledger import SQLiteLedger
@@ -119,6 +122,7 @@ class Storage:
         self._ledger = ledger
         self._cache: CacheStore | None = None
         self._counters: BudgetCounters | None = None
+        self._alerts: AlertStore | None = None
 
     async def ledger(self) -> Ledger:
         """The request ledger. Raises ConfigError when its server cannot be reached."""
@@ -155,6 +159,24 @@ class Storage:
                 self._must_exist(path)
                 self._counters = await asyncio.to_thread(SQLiteBudgetCounters, path)
         return self._counters
+
+    async def alert_store(self) -> AlertStore:
+        """The alerts raised, and spend per window read from the ledger, wherever the ledger
+        is. Raises NotStoredError for a ledger that is not shared (``:memory:``, a Redis
+        target), ConfigError when its server cannot be reached."""
+        if self._alerts is None:
+            where = self.location.ledger
+            if where is None or where == ":memory:":
+                raise NotStoredError(f"{where or self.location.cache} keeps no shared ledger")
+            await self.ledger()  # whose table the store reads
+            if kind(where) == "postgres":
+                from skinflint.storage.pg_alert_store import PostgresAlertStore
+
+                self._alerts = await PostgresAlertStore.create(where)
+            else:
+                self._must_exist(where)
+                self._alerts = await SQLiteAlertStore.create(where)
+        return self._alerts
 
     async def semantic_index(self, space: str, dim: int) -> SemanticIndex:
         """A new handle on the semantic index for vectors of ``space`` (the embedder's name) of
@@ -209,7 +231,7 @@ class Storage:
         spills what is pending). A store that fails to close is logged and never keeps the
         ledger from closing."""
         try:
-            for store in (self._counters, self._cache):
+            for store in (self._alerts, self._counters, self._cache):
                 if store is not None:
                     try:
                         await store.close()

@@ -1,0 +1,155 @@
+"""What cost alerts read and write: spend per window and scope, from the ledger (the truth
+every gateway process and replica shares), and the alerts raised, in a table of their own.
+
+The alert table holds one row per alert, keyed by ``(rule, per, name, started)``, and at most
+one open row (``ended`` NULL) per ``(rule, per, name)``: both are unique indexes. So when
+several processes judge the same window, exactly one records each change: the one whose
+``INSERT ... ON CONFLICT DO NOTHING`` inserts the alert, or whose ``UPDATE ... WHERE ended IS
+NULL`` closes it. That process, and only it, notifies.
+
+:class:`SQLiteAlertStore` keeps the table in the SQLite file of the ledger;
+:class:`~skinflint.storage.pg_alert_store.PostgresAlertStore` in PostgreSQL beside its ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from skinflint.alerts import AlertEvent
+from skinflint.storage.ledger import open_sqlite
+
+__all__ = ["SCOPE_COLUMNS", "AlertStore", "SQLiteAlertStore", "Spend"]
+
+T = TypeVar("T")
+
+#: The ledger column each ``per`` reads (quoted: ``user`` is a reserved word in PostgreSQL).
+SCOPE_COLUMNS = {"global": "''", "tenant": '"tenant"', "feature": '"feature"',
+                 "model": '"model"', "user": '"user"'}
+
+#: ``(window index, scope name, USD)``
+Spend = tuple[int, str, float]
+
+_COLUMNS = "rule, per, name, started, ended, spend_usd, baseline_usd"
+
+
+class AlertStore(Protocol):
+    """Spend from the ledger, and the alerts raised (see the module docstring)."""
+
+    async def spend(self, per: str, seconds: int, since: float, until: float) -> list[Spend]:
+        """Spend per window of ``seconds`` and scope of ``per`` between two window bounds."""
+        ...
+
+    async def first_ts(self) -> float | None:
+        """When the ledger's first row was written; None when it has none."""
+        ...
+
+    async def open_at(self, rule: str, per: str, at: float) -> list[AlertEvent]:
+        """The rule's alerts firing at ``at``."""
+        ...
+
+    async def fire(self, event: AlertEvent) -> bool:
+        """Record an alert fired; False when it is recorded already, or another alert of the
+        same scope is open."""
+        ...
+
+    async def resolve(self, event: AlertEvent) -> AlertEvent | None:
+        """Close the open alert of ``event``'s scope at ``event.end``; the alert as recorded,
+        or None when none was open (another process closed it)."""
+        ...
+
+    async def recent(self, limit: int) -> list[AlertEvent]:
+        """The newest alerts, newest first."""
+        ...
+
+    async def active(self) -> dict[str, int]:
+        """Alerts firing, per rule."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def event_from_row(row: Sequence[Any]) -> AlertEvent:
+    rule, per, name, started, ended, spend, baseline = row
+    return AlertEvent(str(rule), str(per), str(name), float(started),
+                      None if ended is None else float(ended), float(spend), float(baseline))
+
+
+_SQLITE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS alert_events (rule TEXT NOT NULL, per TEXT NOT NULL,"
+    " name TEXT NOT NULL, started REAL NOT NULL, ended REAL, spend_usd REAL NOT NULL,"
+    " baseline_usd REAL NOT NULL, PRIMARY KEY (rule, per, name, started))",
+    "CREATE UNIQUE INDEX IF NOT EXISTS alert_events_open ON alert_events (rule, per, name)"
+    " WHERE ended IS NULL",
+    "CREATE INDEX IF NOT EXISTS alert_events_started ON alert_events (started)",
+)
+
+
+class SQLiteAlertStore:
+    """The alert store in the ledger's SQLite file; every call runs in a worker thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn = open_sqlite(path)
+        self._lock = threading.Lock()  # one statement at a time on the connection
+        for statement in _SQLITE_SCHEMA:
+            self._conn.execute(statement)
+
+    @classmethod
+    async def create(cls, path: str) -> SQLiteAlertStore:
+        return await asyncio.to_thread(cls, path)
+
+    async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        def locked() -> T:
+            with self._lock:
+                return job(self._conn)
+
+        return await asyncio.to_thread(locked)
+
+    async def spend(self, per: str, seconds: int, since: float, until: float) -> list[Spend]:
+        column = SCOPE_COLUMNS[per]
+        sql = (f"SELECT CAST(ts / ? AS INTEGER), {column}, SUM(COALESCE(cost_usd, 0))"
+               " FROM ledger WHERE ts >= ? AND ts < ? GROUP BY 1, 2")
+        rows = await self._run(lambda c: c.execute(sql, (seconds, since, until)).fetchall())
+        return [(int(w), str(name or ""), float(usd)) for w, name, usd in rows]
+
+    async def first_ts(self) -> float | None:
+        row = await self._run(lambda c: c.execute("SELECT MIN(ts) FROM ledger").fetchone())
+        return None if row[0] is None else float(row[0])
+
+    async def open_at(self, rule: str, per: str, at: float) -> list[AlertEvent]:
+        sql = (f"SELECT {_COLUMNS} FROM alert_events WHERE rule = ? AND per = ?"
+               " AND started <= ? AND (ended IS NULL OR ended > ?)")
+        rows = await self._run(lambda c: c.execute(sql, (rule, per, at, at)).fetchall())
+        return [event_from_row(r) for r in rows]
+
+    async def fire(self, event: AlertEvent) -> bool:
+        sql = (f"INSERT INTO alert_events ({_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?)"
+               " ON CONFLICT DO NOTHING")
+        values = (event.rule, event.per, event.name, event.start, event.spend_usd,
+                  event.baseline_usd)
+        return await self._run(lambda c: c.execute(sql, values).rowcount == 1)
+
+    async def resolve(self, event: AlertEvent) -> AlertEvent | None:
+        sql = (f"UPDATE alert_events SET ended = ? WHERE rule = ? AND per = ? AND name = ?"
+               f" AND ended IS NULL AND started < ? RETURNING {_COLUMNS}")
+        values = (event.end, event.rule, event.per, event.name, event.end)
+        rows = await self._run(lambda c: c.execute(sql, values).fetchall())  # ends the statement
+        return event_from_row(rows[0]) if rows else None
+
+    async def recent(self, limit: int) -> list[AlertEvent]:
+        sql = (f"SELECT {_COLUMNS} FROM alert_events"
+               " ORDER BY started DESC, rule, name LIMIT ?")
+        return [event_from_row(r) for r in
+                await self._run(lambda c: c.execute(sql, (limit,)).fetchall())]
+
+    async def active(self) -> dict[str, int]:
+        sql = "SELECT rule, COUNT(*) FROM alert_events WHERE ended IS NULL GROUP BY rule"
+        return {str(rule): int(n) for rule, n in
+                await self._run(lambda c: c.execute(sql).fetchall())}
+
+    async def close(self) -> None:
+        await self._run(lambda c: c.close())

@@ -1,0 +1,92 @@
+"""The alert store in PostgreSQL, beside the ledger every replica writes (see
+:mod:`skinflint.storage.alert_store`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skinflint.alerts import AlertEvent
+from skinflint.storage.alert_store import SCOPE_COLUMNS, Spend, event_from_row
+from skinflint.storage.pgpool import Pool, open_pool, setup
+
+__all__ = ["PostgresAlertStore"]
+
+_COLUMNS = "rule, per, name, started, ended, spend_usd, baseline_usd"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS skinflint_alert_events (rule TEXT NOT NULL, per TEXT NOT NULL,"
+    " name TEXT NOT NULL, started DOUBLE PRECISION NOT NULL, ended DOUBLE PRECISION,"
+    " spend_usd DOUBLE PRECISION NOT NULL, baseline_usd DOUBLE PRECISION NOT NULL,"
+    " PRIMARY KEY (rule, per, name, started))",
+    "CREATE UNIQUE INDEX IF NOT EXISTS skinflint_alert_events_open"
+    " ON skinflint_alert_events (rule, per, name) WHERE ended IS NULL",
+    "CREATE INDEX IF NOT EXISTS skinflint_alert_events_started"
+    " ON skinflint_alert_events (started)",
+)
+
+
+class PostgresAlertStore:
+    """An :class:`~skinflint.storage.alert_store.AlertStore` shared by every replica. Owns a
+    small pool; a statement may run ``op_timeout`` seconds (a spend query reads a few windows
+    of the ledger through its ``ts`` index)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def create(cls, url: str, *, op_timeout: float = 30.0) -> PostgresAlertStore:
+        """Create the table if needed and connect. Raises ConfigError when that fails."""
+        await setup(url, _SCHEMA)
+        return cls(await open_pool(url, size=2, timeout=10.0, op_timeout=op_timeout))
+
+    async def _rows(self, sql: str, params: Any) -> tuple[int, list[Any]]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return cur.rowcount, (await cur.fetchall() if cur.description else [])
+
+    async def spend(self, per: str, seconds: int, since: float, until: float) -> list[Spend]:
+        column = SCOPE_COLUMNS[per]
+        _, rows = await self._rows(
+            f"SELECT FLOOR(ts / %s)::bigint, {column}, SUM(COALESCE(cost_usd, 0))"
+            " FROM skinflint_ledger WHERE ts >= %s AND ts < %s GROUP BY 1, 2",
+            (seconds, since, until))
+        return [(int(w), str(name or ""), float(usd)) for w, name, usd in rows]
+
+    async def first_ts(self) -> float | None:
+        _, rows = await self._rows("SELECT MIN(ts) FROM skinflint_ledger", None)
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    async def open_at(self, rule: str, per: str, at: float) -> list[AlertEvent]:
+        _, rows = await self._rows(
+            f"SELECT {_COLUMNS} FROM skinflint_alert_events WHERE rule = %s AND per = %s"
+            " AND started <= %s AND (ended IS NULL OR ended > %s)", (rule, per, at, at))
+        return [event_from_row(r) for r in rows]
+
+    async def fire(self, event: AlertEvent) -> bool:
+        count, _ = await self._rows(
+            f"INSERT INTO skinflint_alert_events ({_COLUMNS})"
+            " VALUES (%s, %s, %s, %s, NULL, %s, %s) ON CONFLICT DO NOTHING",
+            (event.rule, event.per, event.name, event.start, event.spend_usd,
+             event.baseline_usd))
+        return count == 1
+
+    async def resolve(self, event: AlertEvent) -> AlertEvent | None:
+        _, rows = await self._rows(
+            "UPDATE skinflint_alert_events SET ended = %s WHERE rule = %s AND per = %s"
+            f" AND name = %s AND ended IS NULL AND started < %s RETURNING {_COLUMNS}",
+            (event.end, event.rule, event.per, event.name, event.end))
+        return event_from_row(rows[0]) if rows else None
+
+    async def recent(self, limit: int) -> list[AlertEvent]:
+        _, rows = await self._rows(
+            f"SELECT {_COLUMNS} FROM skinflint_alert_events"
+            " ORDER BY started DESC, rule, name LIMIT %s", (limit,))
+        return [event_from_row(r) for r in rows]
+
+    async def active(self) -> dict[str, int]:
+        _, rows = await self._rows(
+            "SELECT rule, COUNT(*) FROM skinflint_alert_events WHERE ended IS NULL"
+            " GROUP BY rule", None)
+        return {str(rule): int(n) for rule, n in rows}
+
+    async def close(self) -> None:
+        await self._pool.close()

@@ -1,0 +1,110 @@
+"""The alert store's contract, on the SQLite file and on PostgreSQL (a real server, see
+:mod:`tests.pg`): spend per window and scope read from the ledger, and alerts recorded once
+whoever records them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from skinflint.alerts import AlertEvent
+from skinflint.config import settings_from_dict
+from skinflint.metrics import Metrics
+from skinflint.models import LedgerRecord
+from skinflint.monitor import AlertMonitor
+from skinflint.storage.alert_store import AlertStore
+from skinflint.storage.opener import Storage, open_storage
+from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+
+T0 = 28_333_333 * 60
+Opener = Callable[[], Awaitable[Storage]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_one(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens another storage (another process, as it were) on the same database."""
+    storage: dict[str, Any] = {"sqlite_path": str(tmp_path / "skinflint.db")}
+    if request.param == "postgres":
+        storage["postgres_url"] = request.getfixturevalue("pg_url")
+    settings = settings_from_dict({"storage": storage, "alerts": [{
+        "name": "spend", "per": "user", "window": "minute", "baseline_windows": 4,
+        "for_windows": 2, "rise": 2.0, "min_usd": 0.05, "resolve_below": 1.3}]}, env={})
+    opened: list[Storage] = []
+
+    async def one() -> Storage:
+        opened.append(open_storage(settings))
+        return opened[-1]
+
+    yield one
+    for storage_ in opened:
+        await storage_.close()
+
+
+async def write(storage: Storage, rows: list[LedgerRecord]) -> None:
+    ledger = await storage.ledger()
+    for row in rows:
+        ledger.record(row)
+    await asyncio.to_thread(ledger.flush)
+
+
+def row(ts: float, usd: float | None, user: str = "ann", feature: str = "f") -> LedgerRecord:
+    return LedgerRecord(f"r{ts}{user}", ts, user=user, feature=feature, cost_usd=usd)
+
+
+async def test_spend_is_summed_per_window_and_scope(open_one: Opener) -> None:
+    storage = await open_one()
+    await write(storage, [row(T0 + 1, 0.5), row(T0 + 59, 0.25), row(T0 + 60, 1.0),
+                          row(T0 + 61, None), row(T0 + 62, 2.0, user="bob"),
+                          row(T0 + 180, 9.0)])
+    store = await storage.alert_store()
+    w = T0 // 60
+    by_user = await store.spend("user", 60, T0, T0 + 180)  # the last row is outside
+    assert sorted(by_user) == [(w, "ann", 0.75), (w + 1, "ann", 1.0), (w + 1, "bob", 2.0)]
+    assert sorted(await store.spend("global", 60, T0, T0 + 180)) == [(w, "", 0.75),
+                                                                       (w + 1, "", 3.0)]
+    assert await store.spend("feature", 3600, T0 + 1000, T0 + 2000) == []
+    assert await store.first_ts() == T0 + 1
+
+
+def alert(start: float, end: float | None = None, name: str = "ann") -> AlertEvent:
+    return AlertEvent("spend", "user", name, start, end, 1.0, 0.1)
+
+
+async def test_an_alert_is_recorded_once_and_one_per_scope_is_open(open_one: Opener) -> None:
+    one, other = [await (await open_one()).alert_store() for _ in range(2)]
+    assert await one.first_ts() is None
+    fired = await asyncio.gather(one.fire(alert(T0)), other.fire(alert(T0)))
+    assert sorted(fired) == [False, True]
+    assert not await other.fire(alert(T0 + 60))  # another alert of a scope that fires
+    assert await other.fire(alert(T0 + 60, name="bob"))
+    assert await one.active() == {"spend": 2}
+    assert await one.open_at("spend", "user", T0) == [alert(T0)]
+    resolving = [store.resolve(alert(T0 + 60, T0 + 120)) for store in (one, other)]
+    resolved = await asyncio.gather(*resolving)
+    assert resolved.count(None) == 1
+    assert [r for r in resolved if r is not None] == [alert(T0, T0 + 120)]  # as recorded
+    assert await one.open_at("spend", "user", T0 + 60) == [alert(T0, T0 + 120),
+                                                            alert(T0 + 60, name="bob")]
+    assert await one.open_at("spend", "user", T0 + 120) == [alert(T0 + 60, name="bob")]
+    assert await one.fire(alert(T0 + 180))  # fires again once resolved
+    assert [(e.name, e.start) for e in await other.recent(10)] == [
+        ("ann", T0 + 180), ("bob", T0 + 60), ("ann", T0)]
+    assert len(await other.recent(1)) == 1
+
+
+async def test_monitors_on_one_database_record_each_alert_once(open_one: Opener) -> None:
+    first = await open_one()
+    spends = [0.1] * 6 + [1.0] * 2
+    await write(first, [row(T0 + i * 60 + 5, usd) for i, usd in enumerate(spends)])
+    monitors = []
+    for storage in (first, await open_one()):
+        store: AlertStore = await storage.alert_store()
+        monitors.append(AlertMonitor(storage.settings.alerts, store, Metrics()))
+    now = T0 + len(spends) * 60 + 10
+    recorded = await asyncio.gather(*(m.evaluate(now) for m in monitors))
+    assert sorted(len(r) for r in recorded) == [0, 1]
+    assert [e.start for e in await monitors[0].store.recent(5)] == [now - 10]
