@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "ATTEMPT_STRATEGIES",
     "CASCADE_ATTEMPT",
     "CLIENT_LEFT",
     "CacheBypass",
@@ -20,6 +21,7 @@ __all__ = [
     "StreamChunk",
     "UpstreamRequest",
     "Usage",
+    "is_attempt",
 ]
 
 JSON = dict[str, Any]
@@ -108,6 +110,17 @@ class StreamChunk:
 #: The ``strategy`` of a ledger row for a cascade tier that was called but whose answer was
 #: not returned (escalated or failed): its cost counts, but it is not a client request.
 CASCADE_ATTEMPT = "cascade_escalated"
+
+#: Every ``strategy`` of a ledger row for an upstream call made on behalf of a request whose
+#: answer was not the one returned (a cascade tier escalated from, an attempt retried): such a
+#: row counts cost and tokens, never a client request. A new kind of attempt row joins here,
+#: and reports, rollups and the spend API follow.
+ATTEMPT_STRATEGIES: frozenset[str] = frozenset({CASCADE_ATTEMPT})
+
+
+def is_attempt(strategy: str) -> bool:
+    """Whether a ledger row of this ``strategy`` is an attempt, not a client request."""
+    return strategy in ATTEMPT_STRATEGIES
 
 #: The message a request is cancelled with when its client disconnects. A request cancelled
 #: with no message was cancelled by the server shutting down.

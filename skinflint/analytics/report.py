@@ -12,7 +12,7 @@ from typing import Any
 
 from skinflint.config import Settings
 from skinflint.errors import ConfigError
-from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
+from skinflint.models import LedgerRecord, is_attempt
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 
 __all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since", "percentile",
@@ -62,7 +62,7 @@ class Group:
             self.unknown_cost += 1
         else:
             self.cost_usd += r.cost_usd
-        if r.strategy == CASCADE_ATTEMPT:
+        if is_attempt(r.strategy):
             self.cascade_attempts += 1
             return
         self.requests += 1

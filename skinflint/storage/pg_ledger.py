@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
+from skinflint.storage import rollup
 from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
 from skinflint.storage.spill import LedgerSpill
@@ -31,7 +32,16 @@ _PG_TYPES = {"str": "TEXT", "float": "DOUBLE PRECISION", "int": "BIGINT",
 _COLUMNS = [f.name for f in fields(LedgerRecord)]
 _QUOTED = ", ".join(f'"{name}"' for name in _COLUMNS)  # "user" is a reserved word
 _AS_ROW = operator.attrgetter(*_COLUMNS)
-_COPY = f"COPY skinflint_ledger ({_QUOTED}) FROM STDIN"
+_ROLLUP = "skinflint_ledger_rollup"
+_BATCH = "skinflint_ledger_batch"  # the rows of one write, in a temporary table
+_NEW_BATCH = (f"CREATE TEMP TABLE IF NOT EXISTS {_BATCH} (LIKE skinflint_ledger)"
+              " ON COMMIT DELETE ROWS")
+_COPY = f"COPY {_BATCH} ({_QUOTED}) FROM STDIN"
+_FROM_BATCH = f"INSERT INTO skinflint_ledger ({_QUOTED}) SELECT {_QUOTED} FROM {_BATCH}"
+_ROLL_BATCH = rollup.upsert_sql(_ROLLUP, _BATCH, "postgres")
+_SPEND = rollup.spend_sql(_ROLLUP, "postgres")
+_RECENT = "SELECT {} FROM skinflint_ledger ORDER BY ts DESC LIMIT %s".format(
+    ", ".join(f'"{c}"' for c in rollup.RECENT_COLUMNS))
 
 
 @contextlib.contextmanager
@@ -103,8 +113,13 @@ class PostgresLedger:
         try:
             with self._conn.transaction():
                 self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                row = self._conn.execute(f"SELECT to_regclass('{_ROLLUP}')").fetchone()
                 for statement in _ledger_schema():
                     self._conn.execute(statement)
+                if row is None or row[0] is None:  # made before rollups: built once, here
+                    self._conn.execute(rollup.rollup_schema(_ROLLUP, "postgres"))
+                    self._conn.execute(rollup.upsert_sql(_ROLLUP, "skinflint_ledger",
+                                                         "postgres"))
         except psycopg.Error as exc:
             self._conn.close()
             raise config_error(url, exc) from exc
@@ -142,15 +157,20 @@ class PostgresLedger:
 
     @contextlib.contextmanager
     def _copy(self) -> Iterator[Insert]:
-        """One COPY (all or nothing), cut off after ``write_timeout``."""
+        """One transaction (all or nothing), cut off after ``write_timeout``: the rows are
+        COPYed to a temporary table, then added to the ledger and to its rollups."""
         with self._lock:
             conn = self._connection()
-            with _cut_off_after(conn, self.write_timeout), conn.cursor() as cur, \
-                    cur.copy(_COPY) as copy:
+            with _cut_off_after(conn, self.write_timeout), conn.transaction(), \
+                    conn.cursor() as cur:
 
                 def insert(rows: list[LedgerRecord]) -> None:
-                    for record in rows:
-                        copy.write_row(_AS_ROW(record))
+                    cur.execute(_NEW_BATCH)
+                    with cur.copy(_COPY) as copy:
+                        for record in rows:
+                            copy.write_row(_AS_ROW(record))
+                    cur.execute(_FROM_BATCH)
+                    cur.execute(_ROLL_BATCH)
 
                 yield insert
 
@@ -193,6 +213,21 @@ class PostgresLedger:
                 " GROUP BY 1"
             ).fetchall()
         return {str(reason): int(n) for reason, n in rows}
+
+    def spend(self, by: str, since: float, until: float, bucket: str) -> rollup.Spend:
+        """Spend by ``by`` from ``since`` to ``until`` (unix seconds) per ``bucket``, from the
+        rollups (see :func:`skinflint.storage.rollup.window`). Blocking."""
+        with self._lock:
+            rows = self._connection().execute(
+                _SPEND, rollup.spend_params(by, since, until, bucket)).fetchall()
+        return rollup.spend_from_rows(rows, by=by, bucket=bucket, since=since, until=until)
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` rows, newest first, with the columns of ``GET /api/requests``.
+        Blocking."""
+        with self._lock:
+            rows = self._connection().execute(_RECENT, (limit,)).fetchall()
+        return [dict(zip(rollup.RECENT_COLUMNS, row, strict=True)) for row in rows]
 
     def close(self) -> None:
         self._writer.close()
