@@ -39,11 +39,9 @@ _INSERT = "INSERT INTO ledger ({}) VALUES ({})".format(
     ", ".join(_COLUMNS), ", ".join("?" for _ in _COLUMNS)
 )
 _ROLLUP = "ledger_rollup"
-#: Adds the rows inserted after rowid ``:after`` to the rollups.
-_ROLL_NEW = rollup.upsert_sql(_ROLLUP, "(SELECT * FROM ledger WHERE rowid > :after) AS added",
-                              "sqlite")
+_ROLL = rollup.insert_sql(_ROLLUP)
 _SPEND = rollup.spend_sql(_ROLLUP, "sqlite")
-_RECENT = "SELECT {} FROM ledger ORDER BY ts DESC LIMIT ?".format(
+_RECENT = "SELECT {} FROM ledger ORDER BY ts DESC, rowid DESC LIMIT ?".format(
     ", ".join(f'"{c}"' for c in rollup.RECENT_COLUMNS))
 
 log = logging.getLogger("skinflint.storage")
@@ -150,9 +148,8 @@ class SQLiteLedger:
 
     def _insert(self, batch: list[LedgerRecord]) -> None:
         """Every write of rows, spilled ones included: the rows and their rollups."""
-        after = self._conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM ledger").fetchone()[0]
         self._conn.executemany(_INSERT, [_AS_ROW(r) for r in batch])
-        self._conn.execute(_ROLL_NEW, {"after": after})
+        self._conn.executemany(_ROLL, rollup.aggregate(batch))
 
     @property
     def held(self) -> int:

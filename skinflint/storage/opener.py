@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from skinflint.config import Settings
 from skinflint.interfaces import BudgetCounters, CacheStore, Ledger, SemanticIndex
@@ -35,6 +35,7 @@ from skinflint.storage import sqlite_queries
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
 from skinflint.storage.ledger import SQLiteLedger
+from skinflint.storage.rollup import Spend, SpendSource
 from skinflint.storage.semantic import LocalSemanticIndex
 from skinflint.storage.spill import SPILL_NAME
 
@@ -201,6 +202,25 @@ class Storage:
         assert isinstance(ledger, PostgresLedger)  # what a PostgreSQL location opens
         counts = await asyncio.to_thread(ledger.hit_counts)
         return LedgerFigures(*counts, await asyncio.to_thread(ledger.bypass_counts))
+
+    async def spend(self, by: str, since: float, until: float, bucket: str) -> Spend:
+        """Spend by ``by`` (a :data:`~skinflint.storage.rollup.DIMENSIONS` name) per ``bucket``
+        (``hour`` or ``day``) from ``since`` to ``until`` (unix seconds), from the ledger's
+        rollups, in a worker thread. Raises NotStoredError for a ledger without them."""
+        source = await self._spend_source()
+        return await asyncio.to_thread(source.spend, by, since, until, bucket)
+
+    async def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The ledger's newest ``limit`` rows, newest first (see
+        :data:`~skinflint.storage.rollup.RECENT_COLUMNS`), read in a worker thread."""
+        source = await self._spend_source()
+        return await asyncio.to_thread(source.recent, limit)
+
+    async def _spend_source(self) -> SpendSource:
+        ledger = await self.ledger()
+        if not isinstance(ledger, SpendSource):
+            raise NotStoredError(f"a {type(ledger).__name__} keeps no spend figures")
+        return ledger
 
     async def close(self) -> None:
         """Close the stores opened: the counters, the cache, then the ledger (which writes or
