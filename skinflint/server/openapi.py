@@ -22,6 +22,7 @@ from skinflint.pipeline.attribute import (
 )
 from skinflint.server.spend_api import MAX_LIMIT
 from skinflint.storage.rollup import BUCKETS, DIMENSIONS, FIGURES, RECENT_COLUMNS
+from skinflint.storage.spend import OTHER, SERIES_TOP
 
 __all__ = ["openapi_document", "openapi_json"]
 
@@ -159,7 +160,8 @@ _SCHEMAS: JSON = {
             "groups": {"type": "array", "description": "by cost, highest first",
                        "items": _figures("name", "requests", "cost_usd", "saved_usd",
                                          "cache_hits")},
-            "series": {"type": "array", "description": "by start, then name",
+            "series": {"type": "array", "description": f"by start, then name; the "
+                       f"{SERIES_TOP} costliest groups by name, the others summed as {OTHER}",
                        "items": _figures("start", "name", "requests", "cost_usd",
                                          "saved_usd")},
         },

@@ -11,7 +11,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from skinflint.errors import RequestError
-from skinflint.storage.rollup import BUCKETS, DIMENSIONS, Spend
+from skinflint.storage.rollup import BUCKETS, DIMENSIONS
+from skinflint.storage.spend import Spend
 
 __all__ = ["MAX_LIMIT", "SpendQuery", "iso", "recent_json", "requests_limit", "spend_json",
            "spend_query"]

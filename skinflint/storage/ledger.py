@@ -24,6 +24,7 @@ from typing import Any
 from skinflint.models import LedgerRecord
 from skinflint.storage import rollup
 from skinflint.storage.ledger_writer import Insert, LedgerWriter
+from skinflint.storage.spend import Spend, SpendQueries
 from skinflint.storage.spill import LedgerSpill
 
 __all__ = ["MemoryLedger", "SQLiteLedger", "open_sqlite"]
@@ -38,9 +39,9 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS ledger ({})".format(", ".join(_TYPED))
 _INSERT = "INSERT INTO ledger ({}) VALUES ({})".format(
     ", ".join(_COLUMNS), ", ".join("?" for _ in _COLUMNS)
 )
-_ROLLUP = "ledger_rollup"
-_ROLL = rollup.insert_sql(_ROLLUP)
-_SPEND = rollup.spend_sql(_ROLLUP, "sqlite")
+_ROLL_HOURS = rollup.insert_sql(rollup.table_for("ledger", "hour"))
+_ROLL_DAYS = rollup.insert_sql(rollup.table_for("ledger", "day"))
+_SPEND = SpendQueries("ledger", "sqlite")
 _RECENT = "SELECT {} FROM ledger ORDER BY ts DESC, rowid DESC LIMIT ?".format(
     ", ".join(f'"{c}"' for c in rollup.RECENT_COLUMNS))
 
@@ -99,15 +100,15 @@ def _create_table(conn: sqlite3.Connection) -> None:
 
 
 def _create_rollups(conn: sqlite3.Connection) -> None:
-    """The rollups table; in a ledger made before it, built once from the rows there."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    if _ROLLUP in tables:
-        return
-    conn.execute(rollup.rollup_schema(_ROLLUP, "sqlite"))
-    rows = conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
-    if rows:
-        log.warning("ledger: building the spend rollups of %d earlier rows, once", rows)
-        conn.execute(rollup.upsert_sql(_ROLLUP, "ledger", "sqlite"))
+    """The rollups tables; in a ledger made before them, built once from the rows there."""
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    statements = rollup.create_statements("ledger", "sqlite", have)
+    if len(statements) > 1:  # more than the index
+        rows = conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+        if rows:
+            log.warning("ledger: building the spend rollups of %d earlier rows, once", rows)
+    for statement in statements:
+        conn.execute(statement)
 
 
 class SQLiteLedger:
@@ -149,7 +150,9 @@ class SQLiteLedger:
     def _insert(self, batch: list[LedgerRecord]) -> None:
         """Every write of rows, spilled ones included: the rows and their rollups."""
         self._conn.executemany(_INSERT, [_AS_ROW(r) for r in batch])
-        self._conn.executemany(_ROLL, rollup.aggregate(batch))
+        hours = rollup.aggregate(batch)
+        self._conn.executemany(_ROLL_HOURS, hours)
+        self._conn.executemany(_ROLL_DAYS, rollup.by_day(hours))
 
     @property
     def held(self) -> int:
@@ -177,11 +180,10 @@ class SQLiteLedger:
                 self._reader = open_sqlite(self.path)
             return self._reader.execute(sql, params).fetchall()
 
-    def spend(self, by: str, since: float, until: float, bucket: str) -> rollup.Spend:
+    def spend(self, by: str, since: float, until: float, bucket: str) -> Spend:
         """Spend by ``by`` from ``since`` to ``until`` (unix seconds) per ``bucket``, from the
-        rollups (see :func:`skinflint.storage.rollup.window`). Blocking."""
-        rows = self._read(_SPEND, rollup.spend_params(by, since, until, bucket))
-        return rollup.spend_from_rows(rows, by=by, bucket=bucket, since=since, until=until)
+        rollups (see :class:`~skinflint.storage.spend.SpendQueries`). Blocking."""
+        return _SPEND.run(self._read, by, since, until, bucket)
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` rows, newest first, with the columns of ``GET /api/requests``.

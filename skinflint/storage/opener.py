@@ -35,8 +35,8 @@ from skinflint.storage import sqlite_queries
 from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.counters import MemoryBudgetCounters, SQLiteBudgetCounters
 from skinflint.storage.ledger import SQLiteLedger
-from skinflint.storage.rollup import Spend, SpendSource
 from skinflint.storage.semantic import LocalSemanticIndex
+from skinflint.storage.spend import Spend, SpendSource
 from skinflint.storage.spill import SPILL_NAME
 
 __all__ = [
@@ -204,7 +204,7 @@ class Storage:
         return LedgerFigures(*counts, await asyncio.to_thread(ledger.bypass_counts))
 
     async def spend(self, by: str, since: float, until: float, bucket: str) -> Spend:
-        """Spend by ``by`` (a :data:`~skinflint.storage.rollup.DIMENSIONS` name) per ``bucket``
+        """Spend by ``by`` (one of :data:`~skinflint.storage.rollup.DIMENSIONS`) per ``bucket``
         (``hour`` or ``day``) from ``since`` to ``until`` (unix seconds), from the ledger's
         rollups, in a worker thread. Raises NotStoredError for a ledger without them."""
         source = await self._spend_source()

@@ -20,6 +20,7 @@ from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
 from skinflint.storage import rollup
 from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
+from skinflint.storage.spend import Spend, SpendQueries
 from skinflint.storage.spill import LedgerSpill
 
 __all__ = ["PostgresLedger"]
@@ -32,14 +33,14 @@ _PG_TYPES = {"str": "TEXT", "float": "DOUBLE PRECISION", "int": "BIGINT",
 _COLUMNS = [f.name for f in fields(LedgerRecord)]
 _QUOTED = ", ".join(f'"{name}"' for name in _COLUMNS)  # "user" is a reserved word
 _AS_ROW = operator.attrgetter(*_COLUMNS)
-_ROLLUP = "skinflint_ledger_rollup"
 _BATCH = "skinflint_ledger_batch"  # the rows of one write, in a temporary table
 _NEW_BATCH = (f"CREATE TEMP TABLE IF NOT EXISTS {_BATCH} (LIKE skinflint_ledger)"
               " ON COMMIT DELETE ROWS")
 _COPY = f"COPY {_BATCH} ({_QUOTED}) FROM STDIN"
 _FROM_BATCH = f"INSERT INTO skinflint_ledger ({_QUOTED}) SELECT {_QUOTED} FROM {_BATCH}"
-_ROLL_BATCH = rollup.upsert_sql(_ROLLUP, _BATCH, "postgres")
-_SPEND = rollup.spend_sql(_ROLLUP, "postgres")
+_ROLL_BATCH = [rollup.upsert_sql(rollup.table_for("skinflint_ledger", bucket), _BATCH,
+                                 "postgres", size) for bucket, size in rollup.BUCKETS.items()]
+_SPEND = SpendQueries("skinflint_ledger", "postgres")
 _RECENT = "SELECT {} FROM skinflint_ledger ORDER BY ts DESC LIMIT %s".format(
     ", ".join(f'"{c}"' for c in rollup.RECENT_COLUMNS))
 
@@ -113,13 +114,13 @@ class PostgresLedger:
         try:
             with self._conn.transaction():
                 self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                row = self._conn.execute(f"SELECT to_regclass('{_ROLLUP}')").fetchone()
                 for statement in _ledger_schema():
                     self._conn.execute(statement)
-                if row is None or row[0] is None:  # made before rollups: built once, here
-                    self._conn.execute(rollup.rollup_schema(_ROLLUP, "postgres"))
-                    self._conn.execute(rollup.upsert_sql(_ROLLUP, "skinflint_ledger",
-                                                         "postgres"))
+                have = {r[0] for r in self._conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+                # made before rollups: built once, here
+                for statement in rollup.create_statements("skinflint_ledger", "postgres", have):
+                    self._conn.execute(statement)
         except psycopg.Error as exc:
             self._conn.close()
             raise config_error(url, exc) from exc
@@ -170,7 +171,8 @@ class PostgresLedger:
                         for record in rows:
                             copy.write_row(_AS_ROW(record))
                     cur.execute(_FROM_BATCH)
-                    cur.execute(_ROLL_BATCH)
+                    for statement in _ROLL_BATCH:
+                        cur.execute(statement)
 
                 yield insert
 
@@ -214,13 +216,14 @@ class PostgresLedger:
             ).fetchall()
         return {str(reason): int(n) for reason, n in rows}
 
-    def spend(self, by: str, since: float, until: float, bucket: str) -> rollup.Spend:
+    def spend(self, by: str, since: float, until: float, bucket: str) -> Spend:
         """Spend by ``by`` from ``since`` to ``until`` (unix seconds) per ``bucket``, from the
-        rollups (see :func:`skinflint.storage.rollup.window`). Blocking."""
+        rollups (see :class:`~skinflint.storage.spend.SpendQueries`). Blocking."""
+        return _SPEND.run(self._fetch, by, since, until, bucket)
+
+    def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
-            rows = self._connection().execute(
-                _SPEND, rollup.spend_params(by, since, until, bucket)).fetchall()
-        return rollup.spend_from_rows(rows, by=by, bucket=bucket, since=since, until=until)
+            return self._connection().execute(sql, params).fetchall()
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` rows, newest first, with the columns of ``GET /api/requests``.

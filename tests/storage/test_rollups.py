@@ -1,6 +1,7 @@
-"""The ledger's hourly spend rollups, in SQLite and PostgreSQL: written with the rows (spilled
-rows too), built once for a ledger made before them, and always equal to the report's own
-count of the raw rows, attempt rows included; the spend query's day is the sum of its hours."""
+"""The ledger's spend rollups per hour and per day, in SQLite and PostgreSQL: written with the
+rows (spilled rows too), built once for a ledger made before them, and always equal to the
+report's own count of the raw rows, attempt rows included; the spend query's day is the sum of
+its hours, and its series names the costliest groups and sums the others."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from skinflint.analytics.report import Group
 from skinflint.models import CASCADE_ATTEMPT, LedgerRecord
 from skinflint.storage.ledger import SQLiteLedger
 from skinflint.storage.rollup import DIMENSIONS, FIGURES
+from skinflint.storage.spend import OTHER, SERIES_TOP
 from skinflint.storage.spill import LedgerSpill
 from tests import pg
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
@@ -53,11 +55,12 @@ def random_rows(n: int, seed: int, *, prefix: str = "r") -> list[LedgerRecord]:
     return rows
 
 
-def recomputed(rows: list[LedgerRecord]) -> dict[Key, tuple[Any, ...]]:
-    """The rollups as the report's :class:`Group` counts the raw rows."""
+def recomputed(rows: list[LedgerRecord], size: int = 3600) -> dict[Key, tuple[Any, ...]]:
+    """The rollups of buckets of ``size`` seconds as the report's :class:`Group` counts the
+    raw rows."""
     groups: dict[Key, Group] = {}
     for r in rows:
-        hour = int(r.ts // 3600) * 3600
+        hour = int(r.ts // size) * size
         for dim in ("total", *DIMENSIONS):
             name = "" if dim == "total" else getattr(r, dim)
             groups.setdefault((dim, hour, name), Group(name)).add(r)
@@ -70,10 +73,15 @@ def assert_same(stored: dict[Key, tuple[Any, ...]], expected: dict[Key, tuple[An
         assert stored[key] == pytest.approx(figures, abs=1e-9), key
 
 
-def sqlite_rollups(db: Path) -> dict[Key, tuple[Any, ...]]:
+def assert_rollups(db: Path, rows: list[LedgerRecord]) -> None:
+    assert_same(sqlite_rollups(db, "ledger_rollup"), recomputed(rows))
+    assert_same(sqlite_rollups(db, "ledger_rollup_day"), recomputed(rows, 86400))
+
+
+def sqlite_rollups(db: Path, table: str) -> dict[Key, tuple[Any, ...]]:
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute(f"SELECT dim, hour, name, {', '.join(FIGURES)} FROM ledger_rollup")
+        rows = conn.execute(f"SELECT dim, start, name, {', '.join(FIGURES)} FROM {table}")
         return {(d, h, n): tuple(rest) for d, h, n, *rest in rows}
     finally:
         conn.close()
@@ -102,7 +110,7 @@ def test_sqlite_rollups_equal_the_rows_recounted(
         for r in rows[start:start + 97]:
             ledger.record(r)
         ledger.flush()
-    assert_same(sqlite_rollups(tmp_path / "l.db"), recomputed(rows))
+    assert_rollups(tmp_path / "l.db", rows)
 
 
 def test_spilled_rows_reach_the_rollups(
@@ -115,7 +123,7 @@ def test_spilled_rows_reach_the_rollups(
         ledger.record(r)
     ledger.flush()
     assert len(list(ledger.query())) == 100
-    assert_same(sqlite_rollups(tmp_path / "l.db"), recomputed(spilled + live))
+    assert_rollups(tmp_path / "l.db", spilled + live)
 
 
 def old_sqlite_ledger(db: Path, rows: list[LedgerRecord]) -> None:
@@ -139,7 +147,7 @@ def test_an_old_sqlite_ledger_gets_its_rollups_once(
     for r in new:
         ledger.record(r)
     ledger.flush()
-    assert_same(sqlite_rollups(tmp_path / "l.db"), recomputed(old + new))
+    assert_rollups(tmp_path / "l.db", old + new)
 
 
 def test_a_day_is_the_sum_of_its_utc_hours(sqlite_ledger: Callable[..., SQLiteLedger]) -> None:
@@ -187,11 +195,10 @@ def test_strategy_names_none_for_a_plain_call(sqlite_ledger: Callable[..., SQLit
 # ---- PostgreSQL
 
 
-def pg_rollups(url: str) -> dict[Key, tuple[Any, ...]]:
+def pg_rollups(url: str, table: str) -> dict[Key, tuple[Any, ...]]:
     psycopg = pg.import_or_skip("psycopg")
     with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            f"SELECT dim, hour, name, {', '.join(FIGURES)} FROM skinflint_ledger_rollup")
+        rows = conn.execute(f"SELECT dim, start, name, {', '.join(FIGURES)} FROM {table}")
         return {(d, int(h), n): tuple(rest) for d, h, n, *rest in rows}
 
 
@@ -208,7 +215,7 @@ def test_postgres_rollups_equal_the_rows_recounted_and_old_ledgers_get_them(
         first.record(r)
     first.close()
     with psycopg.connect(pg_url, autocommit=True) as conn:  # as a version before rollups
-        conn.execute("DROP TABLE skinflint_ledger_rollup")
+        conn.execute("DROP TABLE skinflint_ledger_rollup, skinflint_ledger_rollup_day")
     LedgerSpill(tmp_path / "spill.jsonl").save(spilled)
     ledger = PostgresLedger(pg_url, flush_interval=60, spill=tmp_path / "spill.jsonl")
     try:
@@ -216,7 +223,10 @@ def test_postgres_rollups_equal_the_rows_recounted_and_old_ledgers_get_them(
             for r in new[start:start + 77]:
                 ledger.record(r)
             ledger.flush()
-        assert_same(pg_rollups(pg_url), recomputed(old + spilled + new))
+        everything = old + spilled + new
+        assert_same(pg_rollups(pg_url, "skinflint_ledger_rollup"), recomputed(everything))
+        assert_same(pg_rollups(pg_url, "skinflint_ledger_rollup_day"),
+                    recomputed(everything, 86400))
         spend = ledger.spend("user", NOW - 86400, NOW, "day")
         recent = ledger.recent(3)
     finally:
@@ -226,3 +236,70 @@ def test_postgres_rollups_equal_the_rows_recounted_and_old_ledgers_get_them(
     assert spend.totals["cost_usd"] == pytest.approx(sum(r.cost_usd or 0 for r in kept))
     newest = sorted(old + spilled + new, key=lambda r: -r.ts)[:3]
     assert [r["request_id"] for r in recent] == [r.request_id for r in newest]
+
+
+def test_an_sqlite_ledger_with_hours_only_gets_its_days(
+    sqlite_ledger: Callable[..., SQLiteLedger], tmp_path: Path
+) -> None:
+    rows = random_rows(300, 12)
+    ledger = sqlite_ledger()
+    for r in rows:
+        ledger.record(r)
+    ledger.close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    conn.execute("DROP TABLE ledger_rollup_day")
+    conn.commit()
+    conn.close()
+    sqlite_ledger().flush()
+    assert_rollups(tmp_path / "l.db", rows)
+
+
+def test_series_names_the_costliest_groups_and_sums_the_others(
+    sqlite_ledger: Callable[..., SQLiteLedger]
+) -> None:
+    rnd = random.Random(5)
+    rows = [LedgerRecord(f"r{i}", NOW - rnd.uniform(0, 3 * 86400), user=f"user-{i % 60}",
+                         cost_usd=rnd.uniform(0, 1), saved_usd=rnd.uniform(0, 0.1),
+                         strategy=CASCADE_ATTEMPT if i % 7 == 0 else "")
+            for i in range(900)]
+    ledger = sqlite_ledger()
+    for r in rows:
+        ledger.record(r)
+    ledger.flush()
+    for bucket, size in (("hour", 3600), ("day", 86400)):
+        spend = ledger.spend("user", NOW - 3 * 86400, NOW, bucket)
+        assert len(spend.groups) == 60
+        top = [g["name"] for g in spend.groups[:SERIES_TOP]]
+        assert {s["name"] for s in spend.series} == {*top, OTHER}
+        kept = [r for r in rows if r.ts >= spend.since]
+        for start in {int(r.ts // size) * size for r in kept}:
+            points = {s["name"]: s for s in spend.series if s["start"] == start}
+            mine = [r for r in kept if int(r.ts // size) * size == start]
+            others = [r for r in mine if r.user not in top]
+            other = points.get(OTHER, {"cost_usd": 0.0, "requests": 0})  # none: all on top
+            assert other["cost_usd"] == pytest.approx(sum(r.cost_usd or 0 for r in others))
+            assert other["requests"] == sum(r.strategy == "" for r in others)
+            assert sum(p["requests"] for p in points.values()) == sum(
+                r.strategy == "" for r in mine)
+        assert [(s["start"], s["name"]) for s in spend.series] == sorted(
+            (s["start"], s["name"]) for s in spend.series)
+
+
+@pytest.mark.parametrize("days", [3, 10, 40])  # a short window of a long history, and a long one
+def test_day_groups_are_the_same_whatever_the_window(
+    sqlite_ledger: Callable[..., SQLiteLedger], days: int
+) -> None:
+    rnd = random.Random(days)
+    rows = [LedgerRecord(f"r{i}", NOW - rnd.uniform(0, 40 * 86400), user=f"u{i % 30}",
+                         cost_usd=rnd.uniform(0, 1)) for i in range(600)]
+    ledger = sqlite_ledger()
+    for r in rows:
+        ledger.record(r)
+    ledger.flush()
+    spend = ledger.spend("user", NOW - days * 86400, NOW, "day")
+    by_user: dict[str, Group] = {}
+    for r in rows:
+        if r.ts >= spend.since:
+            by_user.setdefault(r.user, Group(r.user)).add(r)
+    assert {g["name"]: (g["requests"], pytest.approx(g["cost_usd"])) for g in spend.groups} == {
+        u: (g.requests, g.cost_usd) for u, g in by_user.items()}
