@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
-    "ATTEMPTS",
+    "ATTEMPT_STRATEGIES",
     "CASCADE_ATTEMPT",
     "CLIENT_LEFT",
     "RETRIED_ATTEMPT",
@@ -22,6 +22,7 @@ __all__ = [
     "StreamChunk",
     "UpstreamRequest",
     "Usage",
+    "is_attempt",
 ]
 
 JSON = dict[str, Any]
@@ -115,8 +116,16 @@ CASCADE_ATTEMPT = "cascade_escalated"
 #: cost money (a timeout, an answer cut short or unreadable) and was retried or fell back.
 RETRIED_ATTEMPT = "retried_attempt"
 
-#: The strategies of rows that record a call within a request rather than a client request.
-ATTEMPTS = (CASCADE_ATTEMPT, RETRIED_ATTEMPT)
+#: Every ``strategy`` of a ledger row for an upstream call made on behalf of a request whose
+#: answer was not the one returned (a cascade tier escalated from, a call retried): such a
+#: row counts cost and tokens, never a client request. A new kind of attempt row joins here,
+#: and reports, rollups and the spend API follow.
+ATTEMPT_STRATEGIES: tuple[str, ...] = (CASCADE_ATTEMPT, RETRIED_ATTEMPT)
+
+
+def is_attempt(strategy: str) -> bool:
+    """Whether a ledger row of this ``strategy`` is an attempt, not a client request."""
+    return strategy in ATTEMPT_STRATEGIES
 
 #: The message a request is cancelled with when its client disconnects. A request cancelled
 #: with no message was cancelled by the server shutting down.

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ from rich.console import Console
 
 from skinflint.cli import main
 from skinflint.cli.cache import format_cache_stats
+from skinflint.models import LedgerRecord
 from skinflint.money import format_usd
 from skinflint.server.run import BackgroundServer
+from skinflint.storage.ledger import SQLiteLedger
 from tests.conftest import GatewayFactory, ledger_rows
 from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 
@@ -212,3 +216,131 @@ def test_replay_rows_use_the_money_formatter() -> None:
     rows = format_replay_rows(result)
     assert [r[1] for r in rows] == ["$0.000255 (0.1%)", "$0.510 (100.0%)", "$0.00000340 (0.0%)",
                                     "$0.510 (100.0%)"]
+
+
+# ---- strategies, the ledger export, week over week (from rows written to a ledger file)
+
+DAY = 86400.0
+
+
+def _ledger_file(path: Path, records: list[LedgerRecord]) -> Path:
+    ledger = SQLiteLedger(str(path), flush_interval=60)
+    for r in records:
+        ledger.record(r)
+    ledger.close()
+    return path
+
+
+def _every_field(i: int, ts: float) -> LedgerRecord:
+    """A row whose every field differs from its default (and from the other rows')."""
+    return LedgerRecord(
+        f"req-{i}", ts, request_hash=f"{i:024x}", tenant=f"t{i}", feature=f"f\u00e9{i}",
+        user=f"u{i}", requested_model="auto", model="gpt-4o", provider="fake",
+        endpoint="embeddings", input_tokens=100 + i, output_tokens=7 + i, cached_tokens=3,
+        cache_write_tokens=4, reasoning_tokens=5, input_audio_tokens=6, output_audio_tokens=1,
+        cost_usd=0.1 / 3 + i, baseline_cost_usd=None if i % 2 else 1e-12, saved_usd=-0.25,
+        cache_status="bypass", strategy="route", latency_ms=12.5, upstream_latency_ms=10.25,
+        status=502, error_type="upstream_error", route="auto: chat -> gpt-4o",
+        similarity=0.9375 if i % 2 else None, cache_reason="client-bypass")
+
+
+def test_report_by_strategy_names_a_plain_call_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = time.time()
+    db = _ledger_file(tmp_path / "l.db", [
+        LedgerRecord("a", now, strategy="", cost_usd=0.5, status=502),
+        LedgerRecord("b", now, strategy="", cost_usd=0.25),
+        LedgerRecord("c", now, strategy="exact_cache", cache_status="hit-exact"),
+        LedgerRecord("c.1", now, strategy="cascade_escalated", cost_usd=0.125)])
+    report = _cli(capsys, "report", "--db", str(db), "--by", "strategy", "--json")
+    groups = {g["key"]: g for g in report["groups"]}
+    assert groups.keys() == {"none", "exact_cache", "cascade_escalated"}
+    assert (groups["none"]["requests"], groups["none"]["errors"]) == (2, 1)
+    assert groups["cascade_escalated"]["cascade_attempts"] == 1
+    lines = _fits(_piped(tmp_path, "report", "--db", str(db), "--by", "strategy"))
+    assert _figures(lines, "Spend by strategy", "none")[:2] == ["2", "$0.750"]
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz", "-"])
+def test_export_writes_every_field_of_the_rows_in_the_window(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes], name: str
+) -> None:
+    now = time.time()
+    rows = [_every_field(i, now - (10 - i) * DAY + 3600) for i in range(10)]
+    db = _ledger_file(tmp_path / "l.db", rows)
+    target = name if name == "-" else str(tmp_path / name)
+    assert main(["report", "--db", str(db), "--since", "5d", "--export", target]) == 0
+    out = capsysbinary.readouterr().out
+    if name == "-":
+        data = out
+    else:
+        assert b"5 ledger rows written to" in out
+        raw = Path(target).read_bytes()
+        data = gzip.decompress(raw) if name.endswith(".gz") else raw
+        assert raw[:2] == b"\x1f\x8b" if name.endswith(".gz") else raw[:1] == b"{"
+    lines = [json.loads(line) for line in data.decode().splitlines()]
+    assert all(line.pop("kind") == "skinflint.ledger" for line in lines)
+    assert all(list(line) == [f.name for f in fields(LedgerRecord)] for line in lines)
+    assert [LedgerRecord(**line) for line in lines] == rows[5:]  # exactly, oldest first
+
+
+def test_export_json_says_how_many(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = _ledger_file(tmp_path / "l.db", [_every_field(1, time.time())])
+    out = tmp_path / "x.jsonl"
+    assert _cli(capsys, "report", "--db", str(db), "--export", str(out), "--json") == {
+        "exported": 1, "path": str(out)}
+
+
+def _weeks(now: float) -> list[LedgerRecord]:
+    def spent(feature: str, days_ago: float, usd: float) -> LedgerRecord:
+        return LedgerRecord(f"{feature}-{days_ago}", now - days_ago * DAY, feature=feature,
+                            cost_usd=usd)
+
+    return [
+        spent("search", 1, 0.5), spent("search", 6.9, 0.68), spent("search", 8, 1.0),
+        spent("chat", 2, 0.97), spent("chat", 13.9, 1.0),
+        spent("summarise", 3, 0.2),  # new this week
+        spent("legacy", 10, 0.3),  # nothing this week
+        spent("steady", 1, 1.001), spent("steady", 9, 1.0),
+        spent("old", 15, 9.0),  # before both weeks
+        LedgerRecord("free", now - DAY, feature="cached", cost_usd=0.0),
+        LedgerRecord("unpriced", now - DAY, feature="cached", cost_usd=None),
+    ]
+
+
+def test_week_over_week_per_feature() -> None:
+    from skinflint.analytics.report import build_report, change_text
+
+    now = 1_790_000_000.0
+    report = build_report(_weeks(now), since=now - 30 * DAY, now=now)
+    got = [(w.feature, round(w.this_week_usd, 6), round(w.last_week_usd, 6),
+            None if w.change is None else round(w.change, 6), change_text(w))
+           for w in report.week_over_week]
+    assert got == [
+        ("search", 1.18, 1.0, 0.18, "up 18%"),
+        ("steady", 1.001, 1.0, 0.001, "flat"),
+        ("chat", 0.97, 1.0, -0.03, "down 3%"),
+        ("summarise", 0.2, 0.0, None, "new"),
+        ("legacy", 0.0, 0.3, -1.0, "down 100%"),
+    ]
+    assert report.to_json()["week_over_week"][0] == {
+        "feature": "search", "this_week_usd": pytest.approx(1.18), "last_week_usd": 1.0,
+        "change": pytest.approx(0.18)}
+    assert build_report(_weeks(now)).week_over_week == []  # no now, no comparison
+
+
+def test_week_over_week_in_the_report_whatever_its_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = _ledger_file(tmp_path / "l.db", _weeks(time.time()))
+    report = _cli(capsys, "report", "--db", str(db), "--since", "1d", "--json")
+    assert report["total"]["requests"] == 0  # the rows of the window: none within a day
+    weeks = {w["feature"]: w for w in report["week_over_week"]}
+    assert weeks["search"]["change"] == pytest.approx(0.18)
+    assert weeks["summarise"]["change"] is None
+    lines = _fits(_piped(tmp_path, "report", "--db", str(db)))
+    title = "Spend by feature, week over week"
+    assert _figures(lines, title, "search") == ["$1.18", "$1.00", "up", "18%"]
+    assert _figures(lines, title, "chat") == ["$0.970", "$1.00", "down", "3%"]
+    assert _figures(lines, title, "summarise") == ["$0.200", "$0", "new"]

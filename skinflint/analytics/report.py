@@ -12,14 +12,17 @@ from typing import Any
 
 from skinflint.config import Settings
 from skinflint.errors import ConfigError
-from skinflint.models import CASCADE_ATTEMPT, RETRIED_ATTEMPT, LedgerRecord
+from skinflint.models import RETRIED_ATTEMPT, LedgerRecord, is_attempt
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 
-__all__ = ["GROUPINGS", "Group", "Report", "build_report", "parse_since", "percentile",
-           "read_records"]
+__all__ = ["GROUPINGS", "WEEK", "Group", "Report", "WeekChange", "build_report", "change_text",
+           "parse_since", "percentile", "read_records", "week_over_week"]
 
 GROUPINGS = ("feature", "model", "user", "strategy", "tenant")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+WEEK = 7 * 86400
+#: How the strategy of a plain call to the provider (the ledger's "") is shown.
+NO_STRATEGY = "none"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -64,11 +67,11 @@ class Group:
             self.unknown_cost += 1
         else:
             self.cost_usd += r.cost_usd
-        if r.strategy == CASCADE_ATTEMPT:
-            self.cascade_attempts += 1
-            return
         if r.strategy == RETRIED_ATTEMPT:
             self.retried_attempts += 1
+            return
+        if is_attempt(r.strategy):
+            self.cascade_attempts += 1
             return
         self.requests += 1
         self.errors += r.status >= 400
@@ -86,12 +89,25 @@ class Group:
         return out
 
 
+@dataclass(frozen=True)
+class WeekChange:
+    """A feature's spend (cost of every row, attempts included) in the 7 days before the
+    report and in the 7 days before those; ``change`` is the fraction gained (-0.03 is 3%
+    less), None when the feature spent nothing the week before."""
+
+    feature: str
+    this_week_usd: float
+    last_week_usd: float
+    change: float | None
+
+
 @dataclass
 class Report:
     by: str
     since: float
     total: Group
     groups: list[Group]
+    week_over_week: list[WeekChange] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,20 +115,49 @@ class Report:
             "since": self.since,
             "total": self.total.summary(),
             "groups": [g.summary() for g in self.groups],
+            "week_over_week": [asdict(w) for w in self.week_over_week],
         }
 
 
 def _key(record: LedgerRecord, by: str) -> str:
     if by == "strategy":
-        return record.strategy or ("error" if record.status >= 400 else "provider")
+        return record.strategy or NO_STRATEGY
     return str(getattr(record, by)) or "(none)"
 
 
+def week_over_week(records: Iterable[LedgerRecord], now: float) -> list[WeekChange]:
+    """Each feature's spend in ``[now - 7d, now)`` against ``[now - 14d, now - 7d)``, the
+    biggest spender this week first; features with no spend in either week are left out."""
+    weeks: dict[str, list[float]] = {}
+    for r in records:
+        age = now - r.ts
+        if 0 <= age <= 2 * WEEK and r.cost_usd:
+            spent = weeks.setdefault(r.feature or "(none)", [0.0, 0.0])
+            spent[age > WEEK] += r.cost_usd
+    changes = [WeekChange(name, this, last, (this - last) / last if last else None)
+               for name, (this, last) in weeks.items()]
+    return sorted(changes, key=lambda w: (-w.this_week_usd, -w.last_week_usd, w.feature))
+
+
+def change_text(change: WeekChange) -> str:
+    """"up 18%", "down 3%", "flat" (under half a percent either way), or "new"."""
+    if change.change is None:
+        return "new"
+    percent = round(change.change * 100)
+    if percent == 0:
+        return "flat"
+    return f"{'up' if percent > 0 else 'down'} {abs(percent):,}%"
+
+
 def build_report(
-    records: Iterable[LedgerRecord], *, by: str = "feature", since: float = 0.0
+    records: Iterable[LedgerRecord], *, by: str = "feature", since: float = 0.0,
+    now: float | None = None,
 ) -> Report:
+    """The report of the records newer than ``since``; with ``now``, the week-over-week
+    change of each feature too, from all the records given."""
     if by not in GROUPINGS:
         raise ValueError(f"--by must be one of {', '.join(GROUPINGS)}")
+    records = list(records)
     total, groups = Group("total"), dict[str, Group]()
     for r in records:
         if r.ts < since:
@@ -121,7 +166,8 @@ def build_report(
         key = _key(r, by)
         groups.setdefault(key, Group(key)).add(r)
     ordered = sorted(groups.values(), key=lambda g: (-g.cost_usd, g.key))
-    return Report(by, since, total, ordered)
+    weeks = week_over_week(records, now) if now is not None else []
+    return Report(by, since, total, ordered, weeks)
 
 
 def read_records(

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--by", default="feature", choices=["feature", "model", "user", "strategy", "tenant"]
     )
+    r.add_argument("--export", metavar="FILE.jsonl",
+                   help="write the ledger rows (of --since) as JSON lines instead of the report"
+                   " (- for standard output, a .gz name for gzip)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
 

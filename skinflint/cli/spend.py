@@ -13,10 +13,11 @@ from skinflint.config import Settings
 from skinflint.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
-    from skinflint.analytics.report import Group, Report
+    from skinflint.analytics.report import Group, Report, WeekChange
     from skinflint.pricing import ModelPrice
 
-__all__ = ["cmd_prices", "cmd_report", "format_report", "format_spend", "format_traffic"]
+__all__ = ["cmd_prices", "cmd_report", "format_report", "format_spend", "format_traffic",
+           "format_week_over_week"]
 
 
 def _table(title: str, first: str, columns: tuple[str, ...]) -> Table:
@@ -94,25 +95,60 @@ def format_traffic(report: Report) -> Table:
     return table
 
 
+def format_week_over_week(changes: list[WeekChange]) -> Table:
+    """Each feature's spend in the last 7 days against the 7 days before."""
+    from skinflint.analytics.report import change_text
+
+    table = _table("Spend by feature, week over week", "feature",
+                   ("last 7 days", "7 days before", "change"))
+    for w in changes:
+        table.add_row(w.feature, usd(w.this_week_usd), usd(w.last_week_usd), change_text(w))
+    return table
+
+
 def format_report(report: Report) -> list[Table]:
-    """The report as two tables that each fit 80 columns: spend, then requests and tokens."""
-    return [format_spend(report), format_traffic(report)]
+    """The report as tables that each fit 80 columns: spend, then requests and tokens, then
+    (when the last two weeks saw spend) each feature's week over week."""
+    tables = [format_spend(report), format_traffic(report)]
+    if report.week_over_week:
+        tables.append(format_week_over_week(report.week_over_week))
+    return tables
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from skinflint.analytics.report import build_report, parse_since, read_records
+    import time
 
-    since = parse_since(args.since) if args.since else 0.0
-    records = read_records(settings, db=args.db, since=since)
-    report = build_report(records, by=args.by, since=since)
+    from skinflint.analytics.report import WEEK, build_report, parse_since, read_records
+
+    now = time.time()
+    since = parse_since(args.since, now) if args.since else 0.0
+    if args.export:
+        return _export(args, settings, since)
+    # two full weeks for the week-over-week comparison, whatever the report's window
+    records = read_records(settings, db=args.db, since=min(since, now - 2 * WEEK))
+    report = build_report(records, by=args.by, since=since, now=now)
     if args.json:
         print_json(report.to_json())
     else:
         console = new_console()
-        spend, traffic = format_report(report)
-        console.print(spend)
-        console.print()
-        console.print(traffic)
+        for i, table in enumerate(format_report(report)):
+            if i:
+                console.print()
+            console.print(table)
+    return 0
+
+
+def _export(args: argparse.Namespace, settings: Settings, since: float) -> int:
+    from skinflint.analytics.export import write_export
+    from skinflint.analytics.report import read_records
+
+    written = write_export(read_records(settings, db=args.db, since=since), args.export)
+    if args.export != "-":
+        if args.json:
+            print_json({"exported": written, "path": args.export})
+        else:
+            new_console().print(f"{written:,} ledger rows written to {args.export}",
+                                markup=False)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ from skinflint.pipeline import Reply, RequestContext
 from skinflint.server.model_list import ModelList
 from skinflint.server.openapi import openapi_json
 from skinflint.server.responses import Responder, skinflint_headers
+from skinflint.server.spend_api import recent_json, requests_limit, spend_json, spend_query
+from skinflint.storage.opener import NotStoredError
 
 __all__ = ["App"]
 
@@ -268,6 +271,30 @@ class App:
             active = sum((await monitor.store.active()).values())
         await out.json(orjson.dumps({"data": data, "active": active}))
 
+    async def spend(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """Spend by feature, model, user, tenant or strategy, from the ledger's rollups."""
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        query = spend_query(scope.get("query_string", b""))
+        now = time.time()
+        try:
+            spend = await self.gateway.storage.spend(
+                query.by, now - query.seconds, now, query.bucket)
+        except NotStoredError as exc:
+            raise RequestError(str(exc), code="not_found") from None
+        await out.json(orjson.dumps(spend_json(spend)))
+
+    async def recent_requests(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """The newest ledger rows, newest first."""
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        limit = requests_limit(scope.get("query_string", b""))
+        try:
+            rows = await self.gateway.storage.recent(limit)
+        except NotStoredError as exc:
+            raise RequestError(str(exc), code="not_found") from None
+        await out.json(orjson.dumps(recent_json(rows)))
+
     async def invalidate(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None
         self._require_admin(_headers(scope))
@@ -295,3 +322,5 @@ _ROUTES["GET", "/openapi.json"] = App.openapi
 _ROUTES["POST", "/api/cache/invalidate"] = App.invalidate
 _ROUTES["GET", "/api/budgets"] = App.budgets
 _ROUTES["GET", "/api/alerts"] = App.alerts
+_ROUTES["GET", "/api/spend"] = App.spend
+_ROUTES["GET", "/api/requests"] = App.recent_requests

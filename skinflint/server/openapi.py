@@ -20,6 +20,9 @@ from skinflint.pipeline.attribute import (
     MAX_OUTPUT_TOKENS,
     ROLES,
 )
+from skinflint.server.spend_api import MAX_LIMIT
+from skinflint.storage.rollup import BUCKETS, DIMENSIONS, FIGURES, RECENT_COLUMNS
+from skinflint.storage.spend import OTHER, SERIES_TOP
 
 __all__ = ["openapi_document", "openapi_json"]
 
@@ -50,6 +53,30 @@ _ERRORS: JSON = {
 }
 
 _TOKENS: JSON = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_OUTPUT_TOKENS}
+_TIME: JSON = {"type": "string", "format": "date-time", "description": "UTC, ending in Z"}
+_TEXT = {"name", "request_id", "tenant", "feature", "user", "model", "route", "cache_status",
+         "strategy"}
+
+
+def _figures(*names: str) -> JSON:
+    """An object of these required fields: times, names, or numbers (a cost may be null)."""
+    types = {n: _TIME if n in ("start", "ts") else {"type": "string"} if n in _TEXT
+             else {"type": ["number", "null"]} for n in names}
+    return {"type": "object", "required": list(names), "properties": types}
+
+
+def _query(name: str, schema: JSON, description: str) -> JSON:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+_SPEND_QUERY = [
+    _query("by", {"enum": list(DIMENSIONS), "default": "feature"}, "what to group by"),
+    _query("since", {"type": "string", "pattern": "^[1-9][0-9]{0,5}[mhd]$", "default": "7d"},
+           "how far back, e.g. 30m, 12h, 7d"),
+    _query("bucket", {"enum": list(BUCKETS)}, "series bucket (UTC); default hour up to 2d, "
+           "else day. since is taken back to the start of its bucket"),
+]
 
 _SCHEMAS: JSON = {
     "Error": {
@@ -146,6 +173,33 @@ _SCHEMAS: JSON = {
             "active": {"type": "integer", "minimum": 0, "description": "alerts firing"},
         },
     },
+    "Spend": {
+        "type": "object",
+        "required": ["by", "bucket", "since", "until", "totals", "groups", "series"],
+        "properties": {
+            "by": {"enum": list(DIMENSIONS)},
+            "bucket": {"enum": list(BUCKETS)},
+            "since": _TIME,
+            "until": _TIME,
+            "totals": {"type": "object", "required": list(FIGURES),
+                       "properties": {f: {"type": "number"} for f in FIGURES}},
+            "groups": {"type": "array", "description": "by cost, highest first",
+                       "items": _figures("name", "requests", "cost_usd", "saved_usd",
+                                         "cache_hits")},
+            "series": {"type": "array", "description": f"by start, then name; the "
+                       f"{SERIES_TOP} costliest groups by name, the others summed as {OTHER}",
+                       "items": _figures("start", "name", "requests", "cost_usd",
+                                         "saved_usd")},
+        },
+        "description": "requests counts client requests: cascade and retried attempts are "
+        "not requests, their cost counts. The strategy of a plain call is named none.",
+    },
+    "RecentRequests": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": "array", "description": "newest first",
+                                "items": _figures(*RECENT_COLUMNS)}},
+    },
     "InvalidateRequest": {
         "type": "object",
         "required": ["tags"],
@@ -208,6 +262,14 @@ def _paths() -> JSON:
         "/metrics": {"get": _get_op("Prometheus metrics", {"text/plain": {}}, _ADMIN_KEY)},
         "/openapi.json": {"get": _get_op("This document", _json({"type": "object"}), [])},
         "/api/cache/invalidate": {"post": invalidate},
+        "/api/spend": {"get": {**_get_op(
+            "Spend, requests, savings and cache hits by group and over time",
+            _json(_ref("Spend")), _ADMIN_KEY), "parameters": _SPEND_QUERY}},
+        "/api/requests": {"get": {**_get_op(
+            "The newest ledger rows", _json(_ref("RecentRequests")), _ADMIN_KEY),
+            "parameters": [_query("limit", {"type": "integer", "minimum": 1,
+                                            "maximum": MAX_LIMIT, "default": 50},
+                                  "how many rows")]}},
         "/api/budgets": {"get": _get_op(
             "Each budget's window, limit, spent, reserved and remaining",
             _json({"type": "array", "items": _ref("Budget")}), _ADMIN_KEY)},

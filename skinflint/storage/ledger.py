@@ -12,14 +12,19 @@ nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import operator
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from skinflint.models import LedgerRecord
+from skinflint.storage import rollup
 from skinflint.storage.ledger_writer import Insert, LedgerWriter
+from skinflint.storage.spend import Spend, SpendQueries
 from skinflint.storage.spill import LedgerSpill
 
 __all__ = ["MemoryLedger", "SQLiteLedger", "open_sqlite"]
@@ -34,6 +39,13 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS ledger ({})".format(", ".join(_TYPED))
 _INSERT = "INSERT INTO ledger ({}) VALUES ({})".format(
     ", ".join(_COLUMNS), ", ".join("?" for _ in _COLUMNS)
 )
+_ROLL_HOURS = rollup.insert_sql(rollup.table_for("ledger", "hour"))
+_ROLL_DAYS = rollup.insert_sql(rollup.table_for("ledger", "day"))
+_SPEND = SpendQueries("ledger", "sqlite")
+_RECENT = "SELECT {} FROM ledger ORDER BY ts DESC, rowid DESC LIMIT ?".format(
+    ", ".join(f'"{c}"' for c in rollup.RECENT_COLUMNS))
+
+log = logging.getLogger("skinflint.storage")
 
 
 def open_sqlite(
@@ -80,10 +92,23 @@ def _create_table(conn: sqlite3.Connection) -> None:
                 default = _DEFAULTS.get(typed.rsplit(" ", 1)[1], "")
                 conn.execute(f"ALTER TABLE ledger ADD COLUMN {typed}{default}")
         conn.execute("CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)")
+        _create_rollups(conn)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _create_rollups(conn: sqlite3.Connection) -> None:
+    """The rollups tables; in a ledger made before them, built once from the rows there."""
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    statements = rollup.create_statements("ledger", "sqlite", have)
+    if len(statements) > 1:  # more than the index
+        rows = conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+        if rows:
+            log.warning("ledger: building the spend rollups of %d earlier rows, once", rows)
+    for statement in statements:
+        conn.execute(statement)
 
 
 class SQLiteLedger:
@@ -103,6 +128,8 @@ class SQLiteLedger:
             spill=LedgerSpill(spill) if spill is not None else None,
             close_timeout=2 * busy_timeout + 5)
         self._writer.start()
+        self._reader: sqlite3.Connection | None = None  # the spend API's, opened on first use
+        self._reading = threading.Lock()
 
     def record(self, record: LedgerRecord) -> None:
         self._writer.append(record)
@@ -121,7 +148,11 @@ class SQLiteLedger:
             raise
 
     def _insert(self, batch: list[LedgerRecord]) -> None:
+        """Every write of rows, spilled ones included: the rows and their rollups."""
         self._conn.executemany(_INSERT, [_AS_ROW(r) for r in batch])
+        hours = rollup.aggregate(batch)
+        self._conn.executemany(_ROLL_HOURS, hours)
+        self._conn.executemany(_ROLL_DAYS, rollup.by_day(hours))
 
     @property
     def held(self) -> int:
@@ -142,6 +173,27 @@ class SQLiteLedger:
             conn.close()
         return [LedgerRecord(*row) for row in rows]
 
+    def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """Rows of a query on the reading connection (blocking), as written so far."""
+        with self._reading:
+            if self._reader is None:
+                self._reader = open_sqlite(self.path)
+            return self._reader.execute(sql, params).fetchall()
+
+    def spend(self, by: str, since: float, until: float, bucket: str) -> Spend:
+        """Spend by ``by`` from ``since`` to ``until`` (unix seconds) per ``bucket``, from the
+        rollups (see :class:`~skinflint.storage.spend.SpendQueries`). Blocking."""
+        return _SPEND.run(self._read, by, since, until, bucket)
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` rows, newest first, with the columns of ``GET /api/requests``.
+        Blocking."""
+        rows = self._read(_RECENT, (limit,))
+        return [dict(zip(rollup.RECENT_COLUMNS, row, strict=True)) for row in rows]
+
     def close(self) -> None:
         self._writer.close()
         self._conn.close()
+        with self._reading:
+            if self._reader is not None:
+                self._reader.close()

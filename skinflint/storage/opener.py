@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from skinflint.config import Settings
 from skinflint.interfaces import BudgetCounters, CacheStore, Ledger, SemanticIndex
@@ -39,6 +39,7 @@ from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.counters import MemoryBudgetCounters
 from skinflint.storage.ledger import SQLiteLedger
 from skinflint.storage.semantic import LocalSemanticIndex
+from skinflint.storage.spend import Spend, SpendSource
 from skinflint.storage.spill import SPILL_NAME
 from skinflint.storage.sqlite_counters import SQLiteBudgetCounters
 
@@ -225,6 +226,25 @@ class Storage:
         assert isinstance(ledger, PostgresLedger)  # what a PostgreSQL location opens
         counts = await asyncio.to_thread(ledger.hit_counts)
         return LedgerFigures(*counts, await asyncio.to_thread(ledger.bypass_counts))
+
+    async def spend(self, by: str, since: float, until: float, bucket: str) -> Spend:
+        """Spend by ``by`` (one of :data:`~skinflint.storage.rollup.DIMENSIONS`) per ``bucket``
+        (``hour`` or ``day``) from ``since`` to ``until`` (unix seconds), from the ledger's
+        rollups, in a worker thread. Raises NotStoredError for a ledger without them."""
+        source = await self._spend_source()
+        return await asyncio.to_thread(source.spend, by, since, until, bucket)
+
+    async def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The ledger's newest ``limit`` rows, newest first (see
+        :data:`~skinflint.storage.rollup.RECENT_COLUMNS`), read in a worker thread."""
+        source = await self._spend_source()
+        return await asyncio.to_thread(source.recent, limit)
+
+    async def _spend_source(self) -> SpendSource:
+        ledger = await self.ledger()
+        if not isinstance(ledger, SpendSource):
+            raise NotStoredError(f"a {type(ledger).__name__} keeps no spend figures")
+        return ledger
 
     async def close(self) -> None:
         """Close the stores opened: the counters, the cache, then the ledger (which writes or

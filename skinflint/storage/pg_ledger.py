@@ -16,9 +16,11 @@ from typing import Any
 
 import psycopg
 
-from skinflint.models import ATTEMPTS, LedgerRecord
+from skinflint.models import ATTEMPT_STRATEGIES, LedgerRecord
+from skinflint.storage import rollup
 from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
+from skinflint.storage.spend import Spend, SpendQueries
 from skinflint.storage.spill import LedgerSpill
 
 __all__ = ["PostgresLedger"]
@@ -31,7 +33,16 @@ _PG_TYPES = {"str": "TEXT", "float": "DOUBLE PRECISION", "int": "BIGINT",
 _COLUMNS = [f.name for f in fields(LedgerRecord)]
 _QUOTED = ", ".join(f'"{name}"' for name in _COLUMNS)  # "user" is a reserved word
 _AS_ROW = operator.attrgetter(*_COLUMNS)
-_COPY = f"COPY skinflint_ledger ({_QUOTED}) FROM STDIN"
+_BATCH = "skinflint_ledger_batch"  # the rows of one write, in a temporary table
+_NEW_BATCH = (f"CREATE TEMP TABLE IF NOT EXISTS {_BATCH} (LIKE skinflint_ledger)"
+              " ON COMMIT DELETE ROWS")
+_COPY = f"COPY {_BATCH} ({_QUOTED}) FROM STDIN"
+_FROM_BATCH = f"INSERT INTO skinflint_ledger ({_QUOTED}) SELECT {_QUOTED} FROM {_BATCH}"
+_ROLL_BATCH = [rollup.upsert_sql(rollup.table_for("skinflint_ledger", bucket), _BATCH,
+                                 "postgres", size) for bucket, size in rollup.BUCKETS.items()]
+_SPEND = SpendQueries("skinflint_ledger", "postgres")
+_RECENT = "SELECT {} FROM skinflint_ledger ORDER BY ts DESC LIMIT %s".format(
+    ", ".join(f'"{c}"' for c in rollup.RECENT_COLUMNS))
 
 
 @contextlib.contextmanager
@@ -105,6 +116,11 @@ class PostgresLedger:
                 self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 for statement in _ledger_schema():
                     self._conn.execute(statement)
+                have = {r[0] for r in self._conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+                # made before rollups: built once, here
+                for statement in rollup.create_statements("skinflint_ledger", "postgres", have):
+                    self._conn.execute(statement)
         except psycopg.Error as exc:
             self._conn.close()
             raise config_error(url, exc) from exc
@@ -142,15 +158,21 @@ class PostgresLedger:
 
     @contextlib.contextmanager
     def _copy(self) -> Iterator[Insert]:
-        """One COPY (all or nothing), cut off after ``write_timeout``."""
+        """One transaction (all or nothing), cut off after ``write_timeout``: the rows are
+        COPYed to a temporary table, then added to the ledger and to its rollups."""
         with self._lock:
             conn = self._connection()
-            with _cut_off_after(conn, self.write_timeout), conn.cursor() as cur, \
-                    cur.copy(_COPY) as copy:
+            with _cut_off_after(conn, self.write_timeout), conn.transaction(), \
+                    conn.cursor() as cur:
 
                 def insert(rows: list[LedgerRecord]) -> None:
-                    for record in rows:
-                        copy.write_row(_AS_ROW(record))
+                    cur.execute(_NEW_BATCH)
+                    with cur.copy(_COPY) as copy:
+                        for record in rows:
+                            copy.write_row(_AS_ROW(record))
+                    cur.execute(_FROM_BATCH)
+                    for statement in _ROLL_BATCH:
+                        cur.execute(statement)
 
                 yield insert
 
@@ -176,8 +198,8 @@ class PostgresLedger:
                 " COUNT(*) FILTER (WHERE cache_status = 'hit-semantic'),"
                 " COALESCE(SUM(saved_usd) FILTER (WHERE cache_status LIKE 'hit%%'), 0)"
                 " FROM skinflint_ledger WHERE endpoint IN ('chat', 'embeddings')"
-                " AND strategy NOT IN (%s, %s)",
-                ATTEMPTS,
+                " AND NOT (strategy = ANY(%s))",
+                (list(ATTEMPT_STRATEGIES),),
             ).fetchone()
         assert row is not None  # an aggregate always returns one row
         return int(row[0]), int(row[1]), int(row[2]), float(row[3])
@@ -193,6 +215,22 @@ class PostgresLedger:
                 " GROUP BY 1"
             ).fetchall()
         return {str(reason): int(n) for reason, n in rows}
+
+    def spend(self, by: str, since: float, until: float, bucket: str) -> Spend:
+        """Spend by ``by`` from ``since`` to ``until`` (unix seconds) per ``bucket``, from the
+        rollups (see :class:`~skinflint.storage.spend.SpendQueries`). Blocking."""
+        return _SPEND.run(self._fetch, by, since, until, bucket)
+
+    def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._connection().execute(sql, params).fetchall()
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` rows, newest first, with the columns of ``GET /api/requests``.
+        Blocking."""
+        with self._lock:
+            rows = self._connection().execute(_RECENT, (limit,)).fetchall()
+        return [dict(zip(rollup.RECENT_COLUMNS, row, strict=True)) for row in rows]
 
     def close(self) -> None:
         self._writer.close()

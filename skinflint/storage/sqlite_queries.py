@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
-from skinflint.models import ATTEMPTS
+from skinflint.models import ATTEMPT_STRATEGIES
 from skinflint.storage.ledger import open_sqlite
 
 __all__ = ["bypass_counts", "cache_figures", "hit_counts", "holds_cache"]
@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 #: The requests a client sent (not the cascade tiers called on their behalf).
 _CLIENT_REQUESTS = "endpoint IN ('chat', 'embeddings')"
+_ATTEMPTS = ", ".join("?" * len(ATTEMPT_STRATEGIES))  # placeholders of the attempt strategies
 
 
 def _tables(conn: sqlite3.Connection) -> set[str]:
@@ -80,8 +81,8 @@ def _hit_counts(
         "SELECT COUNT(*), COALESCE(SUM(cache_status LIKE 'hit%'), 0),"
         " COALESCE(SUM(cache_status = 'hit-semantic'), 0),"
         " COALESCE(SUM(CASE WHEN cache_status LIKE 'hit%' THEN saved_usd END), 0)"
-        f" FROM ledger WHERE {_CLIENT_REQUESTS} AND strategy NOT IN (?, ?)",
-        ATTEMPTS,
+        f" FROM ledger WHERE {_CLIENT_REQUESTS} AND strategy NOT IN ({_ATTEMPTS})",
+        ATTEMPT_STRATEGIES,
     ).fetchone()
     return int(total), int(hits), int(semantic_hits), float(saved)
 
