@@ -26,10 +26,13 @@
   function usd(v) {
     if (v === null || v === undefined) { return "—"; }
     var a = Math.abs(v);
-    if (a === 0) { return "$0"; }
-    if (a >= 1000) { return "$" + Math.round(v).toLocaleString("en-US"); }
-    if (a >= 1) { return "$" + v.toFixed(2); }
-    return "$" + Number(v.toPrecision(3)).toString();
+    var sign = v < 0 ? "-$" : "$";
+    if (a >= 1000) { return sign + Math.round(a).toLocaleString("en-US"); }
+    if (a >= 1) { return sign + a.toFixed(2); }
+    if (a < 1e-10) { return "$0"; }
+    // three significant digits, written out in full: $0.000004, not $4e-6
+    var digits = 2 - Math.floor(Math.log10(a));
+    return sign + a.toFixed(digits).replace(/\.?0+$/, "");
   }
 
   function count(v) { return v === null || v === undefined ? "—" : v.toLocaleString("en-US"); }
@@ -292,7 +295,9 @@
     draw("budgets", {
       type: "bar",
       data: {
-        labels: rows.map(function (r) { return r.subject ? r.name + " · " + r.subject : r.name; }),
+        labels: rows.map(function (r, i) {
+          return (r.subject ? r.name + " · " + r.subject : r.name) + " (" + used[i] + "%)";
+        }),
         datasets: [{ label: "% of limit used", data: used, backgroundColor: used.map(function (u) {
           return u >= 100 ? COST : u >= 80 ? "#e8833a" : SAVED;
         }) }]
