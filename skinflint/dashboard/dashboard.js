@@ -18,6 +18,7 @@
 
   var charts = {};
   var generation = 0; // a newer load makes the answers of an older one moot
+  var STALE = new Error("stale"); // thrown for an answer that a newer load has made moot
 
   function $(id) { return document.getElementById(id); }
 
@@ -67,8 +68,10 @@
   }
 
   async function fetchText(path) {
+    var asked = generation;
     var answer = await fetch(path, { headers: authHeaders(), cache: "no-store" });
     var text = await answer.text();
+    if (asked !== generation) { throw STALE; }
     if (!answer.ok) {
       var message = "HTTP " + answer.status;
       try { message = JSON.parse(text).error.message || message; } catch (ignored) { /* keep */ }
@@ -214,6 +217,7 @@
     try {
       $("kpi-alerts").textContent = count((await alerts).active);
     } catch (error) {
+      if (error === STALE) { throw error; }
       $("kpi-alerts").textContent = "—";
     }
   }
@@ -364,6 +368,7 @@
 
   function settle(ids, work) {
     return work.catch(function (error) {
+      if (error === STALE) { return; }
       [].concat(ids).forEach(function (id) { fail(id, error); });
     });
   }
