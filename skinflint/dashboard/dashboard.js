@@ -4,7 +4,8 @@
  * Every panel loads on its own, in parallel, and marks its <section> with data-state:
  * loading, ready, empty (no data in the range), unavailable (the endpoint is missing),
  * error, or locked (the admin key is needed). <body data-ready> is set once every panel has
- * settled. Data is written with textContent only, never parsed as HTML. */
+ * settled, and a performance measure "skinflint:load" records how long that took. Data is
+ * written with textContent only, never parsed as HTML. */
 (function () {
   "use strict";
 
@@ -116,7 +117,10 @@
     }
   }
 
-  function draw(name, config) {
+  /* Shows the panel, then draws (or redraws) its chart: Chart.js sizes a chart by its
+   * container, which a panel without data hides. */
+  function draw(id, name, config) {
+    setState(id, "ready");
     var chart = charts[name];
     if (chart) {
       chart.data = config.data;
@@ -198,9 +202,8 @@
           setState(panel[0], "empty", "No requests in this range.");
           return;
         }
-        draw(panel[1], { type: "bar", data: stackedSeries(data, panel[2]),
+        draw(panel[0], panel[1], { type: "bar", data: stackedSeries(data, panel[2]),
           options: barOptions(true, panel[3], false, true) });
-        setState(panel[0], "ready");
       });
   }
 
@@ -225,7 +228,7 @@
   async function savings(spend) {
     var data = await spend("strategy");
     if (!data.groups.length) { setState("savings", "empty", "No requests in this range."); return; }
-    draw("savings", {
+    draw("savings", "savings", {
       type: "bar",
       data: {
         labels: data.groups.map(function (g) { return g.name || "none"; }),
@@ -236,7 +239,6 @@
       },
       options: barOptions(true, true, false)
     });
-    setState("savings", "ready");
   }
 
   function hitsOf(groups, strategy) {
@@ -255,7 +257,7 @@
     var parts = [["exact hit", exact, "#2f6fdf"], ["semantic hit", semantic, "#8a63d2"],
       ["other hit", other, "#3bb0c9"], ["not from cache", t.requests - t.cache_hits, "#d0d5db"]]
       .filter(function (p) { return p[1] > 0; });
-    draw("cache", {
+    draw("cache", "cache", {
       type: "doughnut",
       data: {
         labels: parts.map(function (p) { return p[0]; }),
@@ -264,7 +266,6 @@
       },
       options: { plugins: { legend: { position: "bottom", labels: { boxWidth: 12 } } } }
     });
-    setState("cache", "ready");
   }
 
   /* Prometheus text: the samples of the counters named, as {reason: value}. */
@@ -283,20 +284,19 @@
     reasons(text, "skinflint_semantic_skipped_total", "semantic: ", found);
     var names = Object.keys(found).sort(function (a, b) { return found[b] - found[a]; });
     if (!names.length) { setState("skips", "empty", "No request has skipped the cache."); return; }
-    draw("skips", {
+    draw("skips", "skips", {
       type: "bar",
       data: { labels: names, datasets: [{ label: "requests", backgroundColor: "#e8833a",
         data: names.map(function (n) { return found[n]; }) }] },
       options: barOptions(false, false, true)
     });
-    setState("skips", "ready");
   }
 
   async function budgets() {
     var rows = (await fetchJSON("api/budgets")).data;
     if (!rows.length) { setState("budgets", "empty", "No budgets are configured."); return; }
     var used = rows.map(function (r) { return Math.round(1000 * r.used) / 10; });
-    draw("budgets", {
+    draw("budgets", "budgets", {
       type: "bar",
       data: {
         labels: rows.map(function (r, i) {
@@ -310,7 +310,6 @@
         scales: { x: { beginAtZero: true, suggestedMax: 100 }, y: { ticks: { autoSkip: false } } }
       })
     });
-    setState("budgets", "ready");
   }
 
   function fill(id, rows, cells) {
@@ -375,6 +374,7 @@
 
   async function load() {
     var mine = ++generation;
+    var started = performance.now();
     delete document.body.dataset.ready;
     var spend = spendLoader();
     var alerts = fetchJSON("api/alerts");
@@ -394,6 +394,7 @@
     if (mine === generation) {
       $("updated").textContent = "updated " + new Date().toLocaleTimeString();
       document.body.dataset.ready = "1";
+      performance.measure("skinflint:load", { start: started }); // for bench/dashboard.py
     }
   }
 
