@@ -5,6 +5,7 @@ screenshot is kept in ``tests/artifacts/`` (``$SKINFLINT_ARTIFACTS`` when set)."
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -15,7 +16,9 @@ import httpx
 import openai
 import pytest
 
+from skinflint.models import LedgerRecord
 from skinflint.server.run import BackgroundServer
+from skinflint.storage.ledger import SQLiteLedger
 from tests.browser import browser_fixture, console_errors  # noqa: F401  (fixture)
 from tests.conftest import GatewayFactory, ledger_rows
 
@@ -186,3 +189,42 @@ def test_with_an_admin_key_the_page_asks_for_it_once_and_never_puts_it_in_a_url(
     assert not any("admin-secret" in url for url in urls)
     assert browser.execute_script(
         "return sessionStorage.getItem('skinflint.adminKey')") == "admin-secret"
+
+
+def _seed_a_spike(db: Path) -> None:
+    """Six minutes at $0.10 for the feature "search", then the minute just ended at $1.00,
+    once the monitor's grace after that minute has passed and the next is still young."""
+    while not 8 <= time.time() % 60 <= 40:
+        time.sleep(0.5)
+    minute = int(time.time() // 60) * 60
+    ledger = SQLiteLedger(str(db))
+    for back in range(7, 0, -1):
+        ledger.record(LedgerRecord(f"seed-{back}", minute - back * 60 + 5, feature="search",
+                                   model="gpt-4o", cost_usd=1.0 if back == 1 else 0.10))
+    ledger.close()
+
+
+def test_a_firing_alert_shows_in_the_alerts_panel(
+    make_gateway: GatewayFactory, browser: Any, tmp_path: Path
+) -> None:
+    if importlib.util.find_spec("skinflint.alerts") is None:
+        pytest.skip("alerts engine not merged yet")
+    _seed_a_spike(tmp_path / "skinflint.db")
+    rule = {"name": "search-spike", "per": "feature", "window": "minute", "baseline_windows": 6,
+            "rise": 2.0, "for_windows": 1, "min_usd": 0.05, "resolve_below": 1.3}
+    gw = make_gateway(alerts=[rule])
+    _needs_the_data_api(gw)
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{gw.root_url}/api/alerts").json()["active"] != 1:
+        assert time.monotonic() < deadline, "the alert did not fire"
+        time.sleep(0.1)
+    _open(browser, f"{gw.root_url}/dashboard")
+    _wait(browser, "return document.body.dataset.ready")
+    assert _states(browser)["alerts"] == "ready"
+    assert browser.find_element("id", "kpi-alerts").text == "1"
+    assert browser.find_element("id", "alerts-active").text == "1 active"
+    row = browser.execute_script(
+        "return [...document.querySelectorAll('#alerts tbody tr')[0].children].map(td => td.textContent)")
+    assert row[:3] == ["firing", "search-spike", "feature: search"]
+    assert row[4] == "—" and row[5] == "$1.00" and row[6] == "$0.1"
+    assert console_errors(browser) == []
