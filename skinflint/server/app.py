@@ -27,6 +27,7 @@ from skinflint.gateway import Gateway
 from skinflint.models import CLIENT_LEFT
 from skinflint.monitor import event_json
 from skinflint.pipeline import Reply, RequestContext
+from skinflint.server.dashboard import PAGE, STATIC, Dashboard
 from skinflint.server.model_list import ModelList
 from skinflint.server.openapi import openapi_json
 from skinflint.server.responses import Responder, skinflint_headers
@@ -89,6 +90,7 @@ class App:
         self._admin_hash = settings.admin_key_sha256
         self._key_hashes = frozenset(k.key_sha256 for k in settings.keys)
         self._model_list: ModelList | None = None
+        self._dashboard = Dashboard(admin_key_required=bool(self._admin_hash))
         #: Why start-up failed, when the configuration is at fault (e.g. its database is down).
         self.startup_error: SkinflintError | None = None
         self._running: set[asyncio.Task[Any]] = set()  # pipeline requests not yet answered
@@ -241,6 +243,15 @@ class App:
     async def openapi(self, scope: Scope, receive: Receive, out: Responder) -> None:
         await out.json(openapi_json())
 
+    async def dashboard(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """The dashboard page and its files. They hold no data, so they need no key: the page
+        sends the admin key on its requests for data (see :mod:`skinflint.server.dashboard`)."""
+        path: str = scope["path"]
+        name = PAGE if path == "/dashboard" else path.rpartition("/")[2]
+        asset = await self._dashboard.asset(name)
+        status, headers, body = self._dashboard.response(asset, name, _headers(scope))
+        await out.send_bytes(body, status, headers)
+
     async def metrics(self, scope: Scope, receive: Receive, out: Responder) -> None:
         assert self.gateway is not None
         self._require_admin(_headers(scope))
@@ -317,6 +328,9 @@ for _path in ("/v1/embeddings", "/embeddings"):
 for _path in ("/v1/models", "/models"):
     _ROUTES["GET", _path] = App.models
 _ROUTES["GET", "/health"] = App.health
+_ROUTES["GET", "/dashboard"] = App.dashboard
+for _name in STATIC:
+    _ROUTES["GET", f"/dashboard/static/{_name}"] = App.dashboard
 _ROUTES["GET", "/metrics"] = App.metrics
 _ROUTES["GET", "/openapi.json"] = App.openapi
 _ROUTES["POST", "/api/cache/invalidate"] = App.invalidate

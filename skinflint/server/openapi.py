@@ -20,6 +20,7 @@ from skinflint.pipeline.attribute import (
     MAX_OUTPUT_TOKENS,
     ROLES,
 )
+from skinflint.server.dashboard import STATIC
 from skinflint.server.spend_api import MAX_LIMIT
 from skinflint.storage.rollup import BUCKETS, DIMENSIONS, FIGURES, RECENT_COLUMNS
 from skinflint.storage.spend import OTHER, SERIES_TOP
@@ -258,6 +259,11 @@ def _paths() -> JSON:
         "/embeddings": embed,
         "/v1/models": models,
         "/models": models,
+        "/dashboard": {"get": _get_op("The dashboard page (its data needs the admin key)",
+                                      {"text/html": {}}, [])},
+        **{f"/dashboard/static/{name}": {"get": _get_op(
+            "A file of the dashboard page", {kind.decode().partition(";")[0]: {}}, [])}
+           for name, kind in STATIC.items()},
         "/health": {"get": _get_op("Liveness and readiness", _json(_ref("Health")), [])},
         "/metrics": {"get": _get_op("Prometheus metrics", {"text/plain": {}}, _ADMIN_KEY)},
         "/openapi.json": {"get": _get_op("This document", _json({"type": "object"}), [])},
