@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from skinflint.alerts import AlertEvent
+from skinflint.storage import rollup
 from skinflint.storage.ledger import open_sqlite
 
-__all__ = ["SCOPE_COLUMNS", "AlertStore", "SQLiteAlertStore", "Spend"]
+__all__ = ["SCOPE_COLUMNS", "AlertStore", "SQLiteAlertStore", "Spend", "spend_query"]
 
 T = TypeVar("T")
 
@@ -34,6 +35,25 @@ SCOPE_COLUMNS = {"global": "''", "tenant": '"tenant"', "feature": '"feature"',
 Spend = tuple[int, str, float]
 
 _COLUMNS = "rule, per, name, started, ended, spend_usd, baseline_usd"
+
+
+def spend_query(ledger: str, mark: str, per: str, seconds: int, since: float,
+                until: float) -> tuple[str, tuple[Any, ...]]:
+    """The statement that sums spend per window of ``seconds`` and scope of ``per`` in the
+    ledger table ``ledger`` (``mark``: the driver's placeholder, ``?`` for SQLite, ``%s`` for
+    PostgreSQL). Hour and day windows read
+    the ledger's rollups, which hold those sums already (a day of rows at 1M rows a month
+    reads 24 rows a scope, not 33,000); other windows group the rows themselves."""
+    bucket = next((b for b, length in rollup.BUCKETS.items() if length == seconds), None)
+    if bucket is not None and since % seconds == 0:
+        dim = "total" if per == "global" else per
+        return (f"SELECT start / {seconds}, name, cost_usd FROM {rollup.table_for(ledger, bucket)}"
+                f" WHERE dim = {mark} AND start >= {mark} AND start < {mark}",
+                (dim, int(since), until))
+    window = f"CAST(ts / {mark} AS INTEGER)" if mark == "?" else f"FLOOR(ts / {mark})::bigint"
+    return (f"SELECT {window}, {SCOPE_COLUMNS[per]}, SUM(COALESCE(cost_usd, 0))"
+            f" FROM {ledger} WHERE ts >= {mark} AND ts < {mark} GROUP BY 1, 2",
+            (seconds, since, until))
 
 
 class AlertStore(Protocol):
@@ -110,10 +130,8 @@ class SQLiteAlertStore:
         return await asyncio.to_thread(locked)
 
     async def spend(self, per: str, seconds: int, since: float, until: float) -> list[Spend]:
-        column = SCOPE_COLUMNS[per]
-        sql = (f"SELECT CAST(ts / ? AS INTEGER), {column}, SUM(COALESCE(cost_usd, 0))"
-               " FROM ledger WHERE ts >= ? AND ts < ? GROUP BY 1, 2")
-        rows = await self._run(lambda c: c.execute(sql, (seconds, since, until)).fetchall())
+        sql, params = spend_query("ledger", "?", per, seconds, since, until)
+        rows = await self._run(lambda c: c.execute(sql, params).fetchall())
         return [(int(w), str(name or ""), float(usd)) for w, name, usd in rows]
 
     async def first_ts(self) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from skinflint.alerts import AlertEvent
-from skinflint.storage.alert_store import SCOPE_COLUMNS, Spend, event_from_row
+from skinflint.storage.alert_store import Spend, event_from_row, spend_query
 from skinflint.storage.pgpool import Pool, open_pool, setup
 
 __all__ = ["PostgresAlertStore"]
@@ -44,11 +44,8 @@ class PostgresAlertStore:
             return cur.rowcount, (await cur.fetchall() if cur.description else [])
 
     async def spend(self, per: str, seconds: int, since: float, until: float) -> list[Spend]:
-        column = SCOPE_COLUMNS[per]
         _, rows = await self._rows(
-            f"SELECT FLOOR(ts / %s)::bigint, {column}, SUM(COALESCE(cost_usd, 0))"
-            " FROM skinflint_ledger WHERE ts >= %s AND ts < %s GROUP BY 1, 2",
-            (seconds, since, until))
+            *spend_query("skinflint_ledger", "%s", per, seconds, since, until))
         return [(int(w), str(name or ""), float(usd)) for w, name, usd in rows]
 
     async def first_ts(self) -> float | None:

@@ -5,6 +5,7 @@ whoever records them."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from skinflint.alerts import AlertEvent
 from skinflint.config import settings_from_dict
 from skinflint.metrics import Metrics
-from skinflint.models import LedgerRecord
+from skinflint.models import ATTEMPT_STRATEGIES, LedgerRecord
 from skinflint.monitor import AlertMonitor
 from skinflint.storage.alert_store import AlertStore
 from skinflint.storage.opener import Storage, open_storage
@@ -68,6 +69,33 @@ async def test_spend_is_summed_per_window_and_scope(open_one: Opener) -> None:
                                                                        (w + 1, "", 3.0)]
     assert await store.spend("feature", 3600, T0 + 1000, T0 + 2000) == []
     assert await store.first_ts() == T0 + 1
+
+
+@pytest.mark.parametrize("per", ["global", "tenant", "feature", "model", "user"])
+@pytest.mark.parametrize("seconds", [60, 3600, 86400])
+async def test_every_window_sums_as_the_rows_do(open_one: Opener, per: str,
+                                                 seconds: int) -> None:
+    """Hour and day windows are read from the ledger's rollups, minutes from its rows: the
+    same sums either way, attempts' cost and unknown costs included."""
+    rng = random.Random(seconds)
+    start = T0 - T0 % 86400
+    rows = [LedgerRecord(f"r{i}", start + rng.uniform(0, 3 * 86400), tenant=rng.choice("ab"),
+                         feature=rng.choice("xyz"), model=rng.choice(["m1", "m2"]),
+                         user=rng.choice(["ann", "bob", ""]),
+                         cost_usd=rng.choice([None, 0.01, 0.5, 2.0]),
+                         strategy=rng.choice(["", "cascade", *ATTEMPT_STRATEGIES]))
+            for i in range(300)]
+    storage = await open_one()
+    await write(storage, rows)
+    store = await storage.alert_store()
+    found = await store.spend(per, seconds, start, start + 2 * 86400)
+    expected: dict[tuple[int, str], float] = {}
+    for r in rows:
+        if r.ts < start + 2 * 86400:
+            name = "" if per == "global" else getattr(r, per)
+            key = (int(r.ts // seconds), name)
+            expected[key] = expected.get(key, 0.0) + (r.cost_usd or 0.0)
+    assert {(w, n): pytest.approx(usd) for w, n, usd in found} == expected
 
 
 def alert(start: float, end: float | None = None, name: str = "ann") -> AlertEvent:
