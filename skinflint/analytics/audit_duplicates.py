@@ -1,0 +1,177 @@
+"""Duplicates in a log, found as the caches would find them.
+
+Exact: a request whose exact-cache key (the request hash, default normalisation, within the
+cache's scope) was seen before. Near: a request that is not an exact duplicate whose last user
+message matches an earlier question of the same semantic partition (scope, model, system prompt,
+parameters and earlier turns: :func:`skinflint.pipeline.cache.context_digest`) at the semantic
+cache's threshold, with its embedder, and passes its verifier when that is on. As in the cache,
+a question that was itself served from the semantic cache is not indexed, so it matches nothing.
+
+The embedder costs milliseconds a text, so it only sees texts that could match: a question
+whose bag of words has a cosine of at least :data:`PREFILTER_COSINE` with an earlier question
+of its partition (its :data:`PREFILTER_TOP_K` closest). On labelled Quora question pairs every
+pair the default embedder scored above the shipped threshold had a word-bag cosine above that
+bound (see ``bench/audit.py``), so the prefilter changes speed, not the answer, as far as was
+measured.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from skinflint.analytics.audit_input import Call
+from skinflint.embed import Embedder
+from skinflint.messages import last_user_text
+from skinflint.pipeline.cache import context_digest, split_question
+from skinflint.semantic.verifier import compare
+
+__all__ = [
+    "PREFILTER_COSINE",
+    "PREFILTER_TOP_K",
+    "NearSetting",
+    "exact_duplicates",
+    "near_duplicates",
+    "scope_of",
+    "word_bags",
+]
+
+PREFILTER_COSINE = 0.5
+PREFILTER_TOP_K = 8
+_BAG_DIM = 4096
+_BLOCK = 512  # rows compared at once: a block of a partition against all before it
+_WORD = re.compile(r"\w+")
+
+Matrix = npt.NDArray[np.float32]
+
+
+def scope_of(call: Call, scope: str) -> str:
+    """The cache scope (``cache.exact.scope``) a call's entries live in."""
+    if scope == "shared":
+        return "shared"
+    if scope == "user":
+        return f"u:{len(call.tenant)}:{call.tenant}:{call.user}"
+    return f"t:{call.tenant}"
+
+
+def exact_duplicates(calls: Sequence[Call], scope: str) -> list[bool]:
+    """For each call (in time order), whether its key was seen before in its scope."""
+    seen: set[tuple[str, str]] = set()
+    marks = []
+    for call in calls:
+        if not call.is_request or not call.request_hash:
+            marks.append(False)
+            continue
+        key = (scope_of(call, scope), call.request_hash)
+        marks.append(key in seen)
+        seen.add(key)
+    return marks
+
+
+@dataclass(frozen=True)
+class NearSetting:
+    embedder: Embedder
+    threshold: float
+    verifier: bool
+    max_question_chars: int
+    scope: str
+
+
+def _partitions(
+    calls: Sequence[Call], exact: Sequence[bool], setting: NearSetting
+) -> dict[tuple[str, str], list[tuple[int, str]]]:
+    """``(scope, context digest) -> [(call index, question)]`` in time order."""
+    found: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    for i, call in enumerate(calls):
+        if call.body is None or exact[i] or not call.is_request:
+            continue
+        split = split_question(last_user_text(call.body["messages"]), setting.max_question_chars)
+        if split is None or not split[1].strip():
+            continue
+        context, question = split
+        key = (scope_of(call, setting.scope), context_digest(call.body, context))
+        found[key].append((i, question))
+    return found
+
+
+def word_bags(texts: Sequence[str]) -> Matrix:
+    """Unit rows of hashed lower-case word counts: the prefilter's cheap vectors."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, text in enumerate(texts):
+        words = _WORD.findall(text.lower())
+        rows.extend([row] * len(words))
+        cols.extend(zlib.crc32(w.encode()) % _BAG_DIM for w in words)
+    bags = np.zeros((len(texts), _BAG_DIM), dtype=np.float32)
+    np.add.at(bags, (np.asarray(rows, dtype=np.intp), np.asarray(cols, dtype=np.intp)), 1.0)
+    norms = np.linalg.norm(bags, axis=1, keepdims=True)
+    out: Matrix = bags / np.maximum(norms, 1e-12)
+    return out
+
+
+def _candidates(questions: Sequence[str]) -> list[list[int]]:
+    """For each question, the earlier ones (indices) the prefilter lets through."""
+    bags = word_bags(questions)
+    found: list[list[int]] = []
+    for start in range(0, len(questions), _BLOCK):
+        block = bags[start:start + _BLOCK] @ bags[:start + _BLOCK].T
+        for r in range(block.shape[0]):
+            j = start + r
+            row = block[r, :j]
+            hits = np.flatnonzero(row >= PREFILTER_COSINE)
+            if len(hits) > PREFILTER_TOP_K:
+                hits = hits[np.argsort(-row[hits], kind="stable")[:PREFILTER_TOP_K]]
+            found.append(hits.tolist())
+    return found
+
+
+def near_duplicates(
+    calls: Sequence[Call],
+    exact: Sequence[bool],
+    setting: NearSetting,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[bool]:
+    """For each call (in time order), whether the semantic cache would have served it."""
+    plans = [
+        (entries, _candidates([q for _, q in entries]))
+        for entries in _partitions(calls, exact, setting).values() if len(entries) > 1
+    ]
+    texts = sorted({entries[k][1] for entries, cands in plans
+                    for j, cs in enumerate(cands) if cs for k in (j, *cs)})
+    vectors = _embed(setting.embedder, texts, on_progress)
+    marks = [False] * len(calls)
+    for entries, cands in plans:
+        served: set[int] = set()
+        for j, earlier in enumerate(cands):
+            question = entries[j][1]
+            for i in earlier:
+                if i in served:
+                    continue  # a semantic hit is not indexed: nothing matches it
+                other = entries[i][1]
+                if float(vectors[question] @ vectors[other]) < setting.threshold:
+                    continue
+                if setting.verifier and compare(question, other).kind:
+                    continue
+                served.add(j)
+                marks[entries[j][0]] = True
+                break
+    return marks
+
+
+def _embed(
+    embedder: Embedder, texts: list[str], on_progress: Callable[[int, int], None] | None
+) -> dict[str, Matrix]:
+    found: dict[str, Matrix] = {}
+    step = 256
+    for start in range(0, len(texts), step):
+        chunk = texts[start:start + step]
+        found.update(zip(chunk, embedder.embed(chunk), strict=True))
+        if on_progress is not None:
+            on_progress(min(start + step, len(texts)), len(texts))
+    return found
