@@ -13,6 +13,7 @@ and the audit goes on.
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,10 +108,15 @@ def _open(path: Path) -> IO[bytes]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with _open(path) as f:
-        for number, raw in enumerate(f, 1):
-            if raw.strip():
-                yield number, raw
+    """Non-blank lines with their numbers. Raises ValueError for a damaged gzip file."""
+    number = 0
+    try:
+        with _open(path) as f:
+            for number, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield number, raw
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{path}: damaged gzip file after line {number}: {exc}") from None
 
 
 def _text(value: Any) -> str:
