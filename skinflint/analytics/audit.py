@@ -58,6 +58,7 @@ def run_audit(
     """Audit the log at ``path`` (calls in ``[since, until)``) under ``settings``: its prices,
     cache rules, semantic threshold and verifier, routes and alert rules. ``embedder``
     replaces the semantic cache's configured one."""
+    on_progress("reading", 0, None)
     log = read_log(path, since=since, until=until,
                    on_line=lambda n: on_progress("reading", n, None) if n % 1000 == 0 else None)
     calls = _in_time_order(log.calls)
@@ -69,6 +70,7 @@ def run_audit(
     threshold, verifier = semantic_setting(settings)
     near = [False] * len(calls)
     if len(log.calls) > log.ledger_lines:
+        on_progress("finding near duplicates", 0, None)
         setting = NearSetting(embedder or embedder_for(settings), threshold, verifier,
                               settings.cache.semantic.max_question_chars,
                               settings.cache.exact.scope)

@@ -17,10 +17,12 @@ measured.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,8 @@ __all__ = [
 PREFILTER_COSINE = 0.5
 PREFILTER_TOP_K = 8
 _BAG_DIM = 4096
+_EMBED_CHUNK = 128
+_EMBED_THREADS = 4
 _BLOCK = 512  # rows compared at once: a block of a partition against all before it
 _WORD = re.compile(r"\w+")
 
@@ -167,11 +171,13 @@ def near_duplicates(
 def _embed(
     embedder: Embedder, texts: list[str], on_progress: Callable[[int, int], None] | None
 ) -> dict[str, Matrix]:
+    """Vectors of ``texts``, embedded by as many threads as there are cores (embedders are
+    thread-safe, and the local one runs each text on one core)."""
+    chunks = [texts[i:i + _EMBED_CHUNK] for i in range(0, len(texts), _EMBED_CHUNK)]
     found: dict[str, Matrix] = {}
-    step = 256
-    for start in range(0, len(texts), step):
-        chunk = texts[start:start + step]
-        found.update(zip(chunk, embedder.embed(chunk), strict=True))
-        if on_progress is not None:
-            on_progress(min(start + step, len(texts)), len(texts))
+    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, _EMBED_THREADS))) as pool:
+        for chunk, vectors in zip(chunks, pool.map(embedder.embed, chunks), strict=True):
+            found.update(zip(chunk, vectors, strict=True))
+            if on_progress is not None:
+                on_progress(len(found), len(texts))
     return found
