@@ -17,7 +17,12 @@ from typing import Any
 
 from skinflint.analytics import audit_projection as proj
 from skinflint.analytics.audit_bloat import Bloat, find_bloat
-from skinflint.analytics.audit_duplicates import NearSetting, exact_duplicates, near_duplicates
+from skinflint.analytics.audit_duplicates import (
+    PREFILTER_NOTE,
+    NearSetting,
+    exact_duplicates,
+    near_duplicates,
+)
 from skinflint.analytics.audit_figures import by_group, output_lengths, price_calls, totals
 from skinflint.analytics.audit_input import AuditLog, Call, read_log
 from skinflint.analytics.audit_routing import Overpowered, overpowered
@@ -83,7 +88,8 @@ def run_audit(
     whole = totals(calls)
     result["exact_duplicates"] = _dup_figures(calls, exact, whole.requests)
     result["near_duplicates"] = {**_dup_figures(calls, near, whole.requests),
-                                 "threshold": threshold, "verifier": verifier}
+                                 "threshold": threshold, "verifier": verifier,
+                                 "method": PREFILTER_NOTE}
     result["bloat"] = bloat.figures
     result["overpowered"] = routed.figures(whole.requests, bool(settings.routes))
     result["alerts"], result["alerts_note"] = _alerts(calls, settings)
