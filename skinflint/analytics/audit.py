@@ -145,13 +145,12 @@ def _dup_figures(calls: Sequence[Call], marks: Sequence[bool], requests: int) ->
 
 def _alerts(calls: Sequence[Call], settings: Settings) -> tuple[list[dict[str, Any]], str]:
     """The alerts the rules would have fired over the log: the configuration's ``alerts:``
-    rules, else the documented defaults."""
+    rules (which are the documented defaults when the section is absent)."""
     try:
         alerts: Any = importlib.import_module("skinflint.alerts")
     except ImportError:
         return [], "the alert engine is not installed with this version"
-    configured = tuple(getattr(settings, "alerts", ()) or ())
-    rules = configured or alerts.DEFAULT_RULES
+    rules = tuple(getattr(settings, "alerts", alerts.DEFAULT_RULES))
     points = [(c.ts, {"tenant": c.tenant, "feature": c.feature, "model": c.model,
                       "user": c.user}, c.cost)
               for c in calls if c.ts is not None and c.cost is not None]
@@ -159,7 +158,10 @@ def _alerts(calls: Sequence[Call], settings: Settings) -> tuple[list[dict[str, A
     found = [{"rule": e.rule, "scope": e.per, "name": e.name, "start": iso(e.start),
               "end": iso(e.end), "spend_usd": e.spend_usd, "baseline_usd": e.baseline_usd}
              for e in events]
-    source = "the configuration's alerts: rules" if configured else "the default alert rules"
+    if not rules:
+        return found, "no alert rules: the configuration's alerts: section is empty"
+    source = "the default alert rules" if rules == tuple(alerts.DEFAULT_RULES) else (
+        "the configuration's alerts: rules")
     return found, f"replayed {source} over the log's calls with a time and a price"
 
 
