@@ -73,7 +73,7 @@ def test_html_is_one_self_contained_page_with_charts(files: Path) -> None:
     page = _Page()
     page.feed((files / "audit.html").read_text())
     page.close()
-    assert page.tags.count("svg") >= 4 and "table" in page.tags and "style" in page.tags
+    assert page.tags.count("svg") >= 5 and "table" in page.tags and "style" in page.tags
     assert page.external == [] and "link" not in page.tags
 
 

@@ -23,7 +23,13 @@ from skinflint.analytics.audit_duplicates import (
     exact_duplicates,
     near_duplicates,
 )
-from skinflint.analytics.audit_figures import by_group, output_lengths, price_calls, totals
+from skinflint.analytics.audit_figures import (
+    by_group,
+    output_lengths,
+    price_calls,
+    spend_over_time,
+    totals,
+)
 from skinflint.analytics.audit_input import AuditLog, Call, read_log
 from skinflint.analytics.audit_routing import Overpowered, overpowered
 from skinflint.config import Settings
@@ -134,7 +140,15 @@ def _figures(path: str | Path, log: AuditLog, calls: Sequence[Call],
         "by_user": by_group(calls, lambda c: c.user),
         "by_tenant": by_group(calls, lambda c: c.tenant),
         "output_length": output_lengths(calls),
+        **_series(calls),
     }
+
+
+def _series(calls: Sequence[Call]) -> dict[str, Any]:
+    bucket, rows = spend_over_time(calls)
+    return {"bucket": bucket, "series": [
+        {"start": iso(start), "requests": n, "cost_usd": round(cost, 9)}
+        for start, n, cost in rows]}
 
 
 def _dup_figures(calls: Sequence[Call], marks: Sequence[bool], requests: int) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from skinflint.tokens import TokenCounter
 
 JSONRow = dict[str, Any]
 
-__all__ = ["GroupFigures", "by_group", "output_lengths", "price_calls", "system_prompt", "totals"]
+__all__ = ["GroupFigures", "by_group", "output_lengths", "price_calls", "spend_over_time",
+           "system_prompt", "totals"]
 
 
 def price_calls(calls: Iterable[Call], catalog: PriceCatalog, counter: TokenCounter) -> None:
@@ -138,3 +139,19 @@ def _length_row(feature: str, values: list[float], limits: Counter[int], cut: in
         "cut": cut, "cut_share": cut / n if n else 0.0,
     }
 
+
+
+def spend_over_time(calls: Iterable[Call]) -> tuple[str, list[tuple[float, int, float]]]:
+    """``(bucket, [(start, requests, cost)])`` by hour when the timed calls span at most two
+    days, else by day (UTC); calls without a time are left out."""
+    timed = [c for c in calls if c.ts is not None]
+    if not timed:
+        return "day", []
+    times = [c.ts for c in timed if c.ts is not None]
+    bucket, size = ("hour", 3600) if max(times) - min(times) <= 2 * 86400 else ("day", 86400)
+    found: dict[float, list[float]] = defaultdict(lambda: [0, 0.0])
+    for c in timed:
+        row = found[(c.ts or 0.0) // size * size]
+        row[0] += c.is_request
+        row[1] += c.cost or 0.0
+    return bucket, [(start, int(r[0]), r[1]) for start, r in sorted(found.items())]

@@ -9,7 +9,7 @@ from typing import Any
 
 from skinflint.money import format_usd
 
-__all__ = ["bar_chart", "render_html"]
+__all__ = ["bar_chart", "column_chart", "render_html"]
 
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1000px;
@@ -60,6 +60,30 @@ def bar_chart(title: str, rows: Sequence[tuple[str, float]], *, width: int = 460
     return "".join(parts)
 
 
+def column_chart(title: str, rows: Sequence[tuple[str, float]], *, width: int = 940) -> str:
+    """Spend over time as inline SVG: one column per ``(label, value)``, labels underneath
+    (a few of them when there are many)."""
+    height, top_pad, base = 220, 34, 190
+    top = max((v for _, v in rows), default=0.0) or 1.0
+    step = (width - 80) / max(len(rows), 1)
+    every = max(1, len(rows) // 8)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"'
+             f' role="img" aria-label="{escape(title)}">',
+             f'<text x="10" y="20" font-weight="bold" font-size="14">{escape(title)}</text>',
+             f'<text x="10" y="{top_pad + 10}" font-size="11" fill="#667">{_usd(top)}</text>']
+    for i, (label, value) in enumerate(rows):
+        h = value / top * (base - top_pad)
+        x = 70 + i * step
+        parts.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{max(step - 2, 1):.1f}"'
+                     f' height="{h:.1f}" fill="{_BAR_COLOURS[0]}"><title>{escape(label)}:'
+                     f" {escape(_usd(value))}</title></rect>")
+        if i % every == 0:
+            parts.append(f'<text x="{x:.1f}" y="{base + 16}" font-size="10">'
+                         f"{escape(label)}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _clip(text: str, limit: int = 24) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -91,7 +115,10 @@ def _spend_charts(r: dict[str, Any]) -> str:
                                  ("by_user", "user"))]
     charts.append(bar_chart("Saving by strategy",
                             [(s["name"], s["saving_usd"]) for s in r["strategies"]]))
-    return '<div class="grid">' + "".join(charts) + "</div>"
+    cut = 13 if r["bucket"] == "hour" else 10  # "2026-01-01T05" or "2026-01-01"
+    over_time = column_chart(f"Spend by {r['bucket']} (UTC)",
+                             [(p["start"][:cut], p["cost_usd"]) for p in r["series"]])
+    return over_time + '<div class="grid">' + "".join(charts) + "</div>"
 
 
 def _waste(r: dict[str, Any]) -> str:

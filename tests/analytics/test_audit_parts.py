@@ -108,3 +108,11 @@ def test_compound_never_exceeds_the_spend() -> None:
 def test_monthly_factor_needs_every_call_timed(result: dict[str, Any]) -> None:
     assert result["monthly_factor"] == pytest.approx(30 * 86400 / 5800)
     assert monthly_factor([]) == (None, 0.0)
+
+
+def test_spend_over_time_adds_up_to_the_total(result: dict[str, Any]) -> None:
+    assert result["bucket"] == "hour"  # the log spans less than two days
+    assert [p["start"] for p in result["series"]] == [
+        "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z"]
+    assert sum(p["requests"] for p in result["series"]) == result["requests"] == 40
+    assert sum(p["cost_usd"] for p in result["series"]) == pytest.approx(result["cost_usd"])
