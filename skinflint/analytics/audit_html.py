@@ -88,9 +88,13 @@ def _clip(text: str, limit: int = 24) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _cell(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{escape(_cell(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -99,7 +103,7 @@ def _cards(r: dict[str, Any]) -> str:
     c = r["compound"]
     period = "a month" if r["monthly_factor"] is not None else "this log"
     cards = (
-        ("spend", _usd(r["cost_usd"])), ("requests", f"{r['requests']:,}"),
+        ("spend in the log", _usd(r["cost_usd"])), ("requests", f"{r['requests']:,}"),
         ("exact duplicates", f"{r['exact_duplicates']['share']:.1%}"),
         ("near duplicates", f"{r['near_duplicates']['share']:.1%}"),
         (f"saving, all strategies, {period}", f"{_usd(c['saving_usd'])} ({c['saving_share']:.1%})"),
@@ -113,7 +117,8 @@ def _spend_charts(r: dict[str, Any]) -> str:
     charts = [bar_chart(f"Spend by {label}", [(g["name"], g["cost_usd"]) for g in r[key][:10]])
               for key, label in (("by_feature", "feature"), ("by_model", "model"),
                                  ("by_user", "user"))]
-    charts.append(bar_chart("Saving by strategy",
+    period = "a month" if r["monthly_factor"] is not None else "on the log"
+    charts.append(bar_chart(f"Saving by strategy, {period}",
                             [(s["name"], s["saving_usd"]) for s in r["strategies"]]))
     cut = 13 if r["bucket"] == "hour" else 10  # "2026-01-01T05" or "2026-01-01"
     over_time = column_chart(f"Spend by {r['bucket']} (UTC)",
