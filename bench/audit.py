@@ -144,8 +144,10 @@ def main() -> None:
         total = time.perf_counter() - began
         cpu = time.process_time() - cpu
     marks = sorted(stages.items(), key=lambda kv: kv[1])
-    for (stage, at), nxt in zip(marks, [*marks[1:], ("end", total)], strict=True):
-        print(f"  {stage:<28} {nxt[1] - at:6.1f} s")
+    took = {stage: nxt[1] - at
+            for (stage, at), nxt in zip(marks, [*marks[1:], ("end", total)], strict=True)}
+    for stage, seconds in took.items():
+        print(f"  {stage:<28} {seconds:6.1f} s")
     print(f"audit of {args.lines:,} lines: {total:.1f} s (target < 60 s), {cpu:.1f} s of CPU"
           f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores);"
           f" exact duplicates {result['exact_duplicates']['share']:.1%},"
@@ -153,7 +155,7 @@ def main() -> None:
           f" compound saving {result['compound']['saving_share']:.1%}")
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "lines": args.lines,
               "seconds": round(total, 2), "cpu_seconds": round(cpu, 2),
-              "stages": {k: round(v, 2) for k, v in marks},
+              "stages": {k: round(v, 2) for k, v in took.items()},
               "cpus": os.cpu_count(), "python": platform.python_version(),
               "load_avg": os.getloadavg()[0],
               "exact_share": result["exact_duplicates"]["share"],
