@@ -95,3 +95,26 @@ def test_bad_input_is_one_line_and_exit_2(files: Path, argv: list[str], expected
     assert run.returncode == 2
     assert run.stderr.startswith("skinflint") and run.stderr.count("\n") == 1, run.stderr
     assert expected in run.stderr and "Traceback" not in run.stderr
+
+
+def test_since_and_until_bound_the_calls(built: Built, files: Path) -> None:
+    times = sorted(line["timestamp"] if isinstance(line["timestamp"], float) else
+                   _epoch(line["timestamp"]) for line in built.lines)
+    since, until = _iso(times[3]), _iso(times[10])
+    run = _skinflint(files, "audit", "calls.jsonl", "--since", since, "--until", until,
+                     "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["requests"] == 7 and (out["since"], out["until"]) == (since, until)
+
+
+def _epoch(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
