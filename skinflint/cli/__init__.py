@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from skinflint.cli.args import existing_path, fraction, port_number, positive_int
+from skinflint.cli.args import existing_path, fraction, moment, port_number, positive_int
+from skinflint.cli.audit import cmd_audit
 from skinflint.cli.budgets import cmd_budgets
 from skinflint.cli.cache import cmd_cache, cmd_cache_calibrate, cmd_cache_eval
 from skinflint.cli.errors import describe, input_errors
@@ -72,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--db", help="SQLite path (default: storage settings)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_budgets)
+
+    au = add("audit", help="where a traffic log's money went and what would save it")
+    au.add_argument("file", type=existing_path,
+                    help="JSON Lines, plain or gzipped: calls ({request, response, ...}) or a"
+                    " ledger export")
+    au.add_argument("--since", type=moment, help="only calls at or after this time"
+                    " (ISO 8601 or epoch seconds)")
+    au.add_argument("--until", type=moment, help="only calls before this time")
+    au.add_argument("--html", metavar="OUT.html", help="also write a self-contained HTML page")
+    au.add_argument("--json", action="store_true")
+    au.set_defaults(func=cmd_audit)
 
     pr = add("prices", help="the price the gateway charges for a model")
     pr.add_argument("model", nargs="?")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["existing_path", "fraction", "port_number", "positive_int"]
+__all__ = ["existing_path", "fraction", "moment", "port_number", "positive_int"]
 
 
 def _int(text: str) -> int:
@@ -47,3 +47,13 @@ def existing_path(text: str) -> str:
     if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
     return text
+
+
+def moment(text: str) -> float:
+    """A point in time, ISO 8601 (UTC unless it says otherwise) or epoch seconds."""
+    from skinflint.analytics.audit_input import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_TEMPERATURE",
     "Policy",
     "ResponseCache",
+    "context_digest",
     "semantic_defaults",
     "semantic_setting",
     "split_question",
@@ -134,9 +135,14 @@ def split_question(text: str, limit: int) -> tuple[str, str] | None:
 
 
 def _context_digest(ctx: RequestContext, context: str) -> str:
-    """The request hash with the last user message replaced by the part of it that must match
-    exactly: everything but the question."""
-    messages = list(ctx.body.get("messages") or [])
+    return context_digest(ctx.body, context)
+
+
+def context_digest(body: dict[str, Any], context: str) -> str:
+    """The semantic partition of a chat request body before its scope: the request hash with
+    the last user message replaced by the part of it that must match exactly (everything but
+    the question). Offline analyses (the audit) partition logged requests with it too."""
+    messages = list(body.get("messages") or [])
     for i in range(len(messages) - 1, -1, -1):
         if isinstance(messages[i], dict) and messages[i].get("role") == "user":
             content = messages[i].get("content")
@@ -146,7 +152,7 @@ def _context_digest(ctx: RequestContext, context: str) -> str:
             else:
                 messages[i] = {**messages[i], "content": context}
             break
-    return request_hash("semantic", {**ctx.body, "messages": messages})
+    return request_hash("semantic", {**body, "messages": messages})
 
 
 async def _replay(chunks: list[dict[str, Any]]) -> AsyncIterator[StreamChunk]:

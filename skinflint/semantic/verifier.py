@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = ["Evidence", "compare", "verify"]
 
@@ -176,7 +177,7 @@ def verify(a: str, b: str) -> tuple[bool, str]:
 
 def compare(a: str, b: str) -> Evidence:
     """All the differences :func:`verify` looks for, for use as features."""
-    left, right = _Parsed.of(a), _Parsed.of(b)
+    left, right = _parsed(a), _parsed(b)
     return Evidence(
         numbers=_differ(left.numbers, right.numbers),
         dates=_differ(left.dates, right.dates),
@@ -245,6 +246,11 @@ class _Parsed:
             ),
             negated=any(w in _NEGATIONS or w.endswith("n't") for w in lower),
         )
+
+
+# Parsing costs far more than comparing, and a stored question is compared again and again (by
+# the cache, by an audit of a log); a parse is immutable, so recent ones are kept.
+_parsed = lru_cache(maxsize=4096)(_Parsed.of)
 
 
 def _tokens(text: str) -> list[tuple[str, bool]]:
