@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -40,6 +40,7 @@ __all__ = [
     "ProviderConfig",
     "RouteConfig",
     "RuleConfig",
+    "Scoped",
     "SemanticCacheConfig",
     "Settings",
     "TaskConfig",
@@ -99,6 +100,31 @@ class PriceOverride(_Frozen):
     input: float = Field(ge=0)
     output: float | None = Field(default=None, ge=0)
     cached_input: float | None = Field(default=None, ge=0)
+
+
+PolicyT = TypeVar("PolicyT", bound=BaseModel)
+
+
+class Scoped(_Frozen, Generic[PolicyT]):
+    """A setting given per feature, per route (``routes:``, keyed by the route's name) or as a
+    ``default:``, as the ``compression`` and ``token_budgets`` sections give theirs. A request
+    takes its feature's, else its route's, else the default: the whole setting, not a merge."""
+
+    default: PolicyT | None = None
+    features: dict[str, PolicyT] = Field(default_factory=dict)
+    routes: dict[str, PolicyT] = Field(default_factory=dict)
+
+    def find(self, feature: str, route: str) -> PolicyT | None:
+        """The setting of a request of ``feature`` asking for ``route`` (a model name when it
+        asked for a model: no route of that name then)."""
+        found = self.features.get(feature)
+        if found is None:
+            found = self.routes.get(route, self.default)
+        return found
+
+    @property
+    def configured(self) -> bool:
+        return self.default is not None or bool(self.features) or bool(self.routes)
 
 
 class ModelConfig(_Frozen):
