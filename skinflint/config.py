@@ -23,11 +23,13 @@ from pydantic import (
     model_validator,
 )
 
+from skinflint.answers import AnswerRule
 from skinflint.errors import ConfigError
 
 __all__ = [
     "DEFAULT_ALERT_RULES",
     "AlertRule",
+    "AnswerRule",
     "BreakerConfig",
     "BudgetConfig",
     "BudgetLimit",
@@ -415,6 +417,7 @@ class Settings(_Frozen):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     keys: tuple[KeyConfig, ...] = ()
     budgets: tuple[BudgetConfig, ...] = ()
+    rules: tuple[AnswerRule, ...] = ()  # deterministic answers, tried in order
     # absent: the default rule; an empty list (or an empty section): no alerts
     alerts: tuple[AlertRule, ...] = DEFAULT_ALERT_RULES
     admin_key_sha256: str = Field(default="", repr=False)
@@ -441,9 +444,17 @@ class Settings(_Frozen):
             raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
         self._check_budgets()
         self._check_alerts()
+        self._check_rules()
         return self
 
-    @field_validator("alerts", mode="before")
+    def _check_rules(self) -> None:
+        seen: set[str] = set()
+        for i, rule in enumerate(self.rules):
+            if rule.name in seen:
+                raise ValueError(f"rules[{i}].name: {rule.name!r} is used twice")
+            seen.add(rule.name)
+
+    @field_validator("alerts", "rules", mode="before")
     @classmethod
     def _empty_section(cls, value: Any) -> Any:
         return () if value is None else value

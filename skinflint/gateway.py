@@ -31,6 +31,7 @@ from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
+from skinflint.pipeline.rules import Rules
 from skinflint.pricing import PriceCatalog
 from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
@@ -122,6 +123,7 @@ class Gateway:
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             guard=Guard(budgets, metrics),
+            rules=Rules(settings.rules, tokens, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
             route=route,

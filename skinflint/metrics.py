@@ -4,7 +4,8 @@ Every label set is bounded, so that clients cannot grow the registry (and the me
 scraper) without limit. The only label whose values come from clients is ``model``: a name
 the gateway knows (configured, or listed by the price catalog; see :class:`Metrics`) is kept,
 any other is counted as :data:`OTHER`. The other labels take values the gateway chooses
-(endpoints, cache statuses, reasons, configured providers, routes, tasks and alert rules).
+(endpoints, cache statuses, reasons, configured providers, routes, tasks, alert rules and
+answer rules).
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ class Metrics:
         self.alerts_active = Gauge(
             "skinflint_alerts_active", "Cost alerts firing, as the alert table holds them",
             ["rule"], registry=self.registry)
+        self.rule_answers = counter("skinflint_rule_answers",
+                                    "Requests a configured rule answered without a provider",
+                                    ["rule"])
         self.alert_events = counter("skinflint_alert_events",
                                     "Cost alert changes this process recorded and notified",
                                     ["rule", "state"])

@@ -12,7 +12,8 @@ from skinflint.pipeline.call import CallProvider
 from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
-from skinflint.pipeline.slots import BudgetTokens, Compress, Rules
+from skinflint.pipeline.rules import Rules
+from skinflint.pipeline.slots import BudgetTokens, Compress
 
 __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 
@@ -21,6 +22,7 @@ def build_stages(
     *,
     attribute: Attribute,
     guard: Guard,
+    rules: Rules,
     exact_cache: ExactCache,
     semantic_cache: SemanticCache,
     route: Route,
@@ -31,7 +33,7 @@ def build_stages(
     return [
         attribute,  # 1  request id, hash, tenant/feature/user/tags
         guard,  # 2  budgets and rate limits
-        Rules(),  # 3  deterministic answers
+        rules,  # 3  deterministic answers
         exact_cache,  # 4  exact cache lookup
         semantic_cache,  # 5  semantic cache lookup
         Compress(),  # 6  prompt compression

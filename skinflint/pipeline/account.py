@@ -25,6 +25,7 @@ from skinflint.tokens import TokenCounter
 __all__ = ["Account"]
 
 CLIENT_CLOSED = 499
+RULE_STRATEGY = "rule"  # the ledger's strategy (and provider) for a rule's answer
 _CACHE_STRATEGY = {"hit-exact": "exact_cache", "hit-semantic": "semantic_cache"}
 
 
@@ -39,6 +40,15 @@ def _counts(usage: Usage) -> dict[str, int]:
         "input_audio_tokens": usage.input_audio_tokens,
         "output_audio_tokens": usage.output_audio_tokens,
     }
+
+
+def _provider(ctx: RequestContext) -> str:
+    """The ledger's ``provider``: who answered (``cache`` and ``rule`` are the gateway)."""
+    if ctx.rule is not None:
+        return RULE_STRATEGY
+    if ctx.cache.hit:
+        return "cache"
+    return ctx.answered.provider if ctx.answered is not None else ""
 
 
 class Account:
@@ -73,7 +83,7 @@ class Account:
             self._failed(ctx, exc)
             raise
         if reply.chunks is not None:
-            if ctx.cache.hit:  # priced already: its headers can say so
+            if ctx.served_locally:  # priced already: its headers can say so
                 ctx.costs = self._price(ctx)
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
@@ -118,7 +128,7 @@ class Account:
         finally:
             ctx.model = assembler.model or ctx.answered_model
             try:
-                if not ctx.cache.hit:
+                if not ctx.served_locally:
                     ctx.upstream_ms += (time.perf_counter() - started) * 1000
                     completion = assembler.completion()
                     ctx.usage = await self._usage(ctx, completion)
@@ -168,7 +178,7 @@ class Account:
         cost."""
         baseline = self._baseline_for(ctx)
         baseline_cost = self._catalog.cost(baseline, ctx.usage or Usage())
-        if ctx.cache.hit or ctx.answered is None:
+        if ctx.served_locally or ctx.answered is None:
             own: float | None = 0.0  # served without a provider, or never reached one
         else:
             own = self._cost(ctx.answered.name, ctx.usage)
@@ -182,7 +192,6 @@ class Account:
     def _row(ctx: RequestContext, **fields: Any) -> LedgerRecord:
         """A ledger row for ``ctx``; ``fields`` set what differs from the request's own row."""
         usage = ctx.usage or Usage()
-        answered = ctx.answered
         row: dict[str, Any] = dict(
             request_id=ctx.request_id,
             ts=ctx.ts,
@@ -192,7 +201,7 @@ class Account:
             user=ctx.user,
             requested_model=ctx.requested_model,
             model=ctx.answered_model,
-            provider="cache" if ctx.cache.hit else (answered.provider if answered else ""),
+            provider=_provider(ctx),
             endpoint=ctx.endpoint,
             **_counts(usage),
             baseline_cost_usd=ctx.costs.baseline_cost_usd,
@@ -209,6 +218,8 @@ class Account:
         return LedgerRecord(**row)
 
     def _strategy(self, ctx: RequestContext) -> str:
+        if ctx.rule is not None:
+            return RULE_STRATEGY
         if ctx.cache.hit:
             return _CACHE_STRATEGY[ctx.cache.status]
         if any(not a.retry for a in ctx.attempts):

@@ -171,8 +171,9 @@ class BudgetBook:
 
     @staticmethod
     def actual(ctx: RequestContext) -> Amounts:
-        """What the request spent, once accounted: a cache hit costs nothing."""
-        if ctx.cache.hit:
+        """What the request spent, once accounted: an answer the gateway gave by itself (a
+        cache hit, a rule) costs nothing."""
+        if ctx.served_locally:
             return Amounts(requests=1)
         tokens = sum(u.input_tokens + u.output_tokens
                      for u in [ctx.usage, *(a.usage for a in ctx.attempts)] if u is not None)

@@ -27,6 +27,7 @@ __all__ = [
     "Reply",
     "RequestContext",
     "RouteDecision",
+    "RuleAnswer",
     "SemanticProbe",
     "Stage",
     "Target",
@@ -112,6 +113,18 @@ class RouteDecision:
         if not self.tiers:
             return f"{self.route};task={self.task}"
         return f"{self.route};task={self.task};tier={self.tier + 1}/{self.tiers}"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleAnswer:
+    """The rule that answered the request itself (the rules stage): no provider was called."""
+
+    name: str  # a configured rule's name
+
+    @property
+    def label(self) -> str:
+        """The ``x-skinflint-route`` header: ``rule;name=<rule>``."""
+        return f"rule;name={self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +226,7 @@ class RequestContext:
     request_hash: str = ""
     # decisions (each set by the stage that makes it)
     budget: BudgetDecision | None = None  # None: no budget applies
+    rule: RuleAnswer | None = None  # set when a rule answered
     cache: CacheDecision = MISS
     cache_plan: CachePlan | None = None  # None: the cache neither serves nor stores it
     semantic: SemanticProbe | None = None
@@ -240,7 +254,15 @@ class RequestContext:
         return self.answered.provider_model if self.answered else self.requested_model
 
     @property
+    def served_locally(self) -> bool:
+        """True when the gateway answered by itself (a cache hit or a rule): no provider was
+        called for the answer, which costs nothing and counts only as a request."""
+        return self.cache.hit or self.rule is not None
+
+    @property
     def route_label(self) -> str:
+        if self.rule is not None:
+            return self.rule.label
         return self.route.label if self.route is not None else self.requested_model
 
 

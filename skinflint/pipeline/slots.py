@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from skinflint.pipeline.context import Next, Reply, RequestContext
 
-__all__ = ["BudgetTokens", "Compress", "Rules"]
+__all__ = ["BudgetTokens", "Compress"]
 
 
 class _Slot:
@@ -14,12 +14,6 @@ class _Slot:
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         return await next(ctx)
-
-
-class Rules(_Slot):
-    """Stage 3: deterministic answers that need no LLM."""
-
-    name = "rules"
 
 
 class Compress(_Slot):

@@ -40,7 +40,8 @@ def _header_value(text: str) -> bytes:
 
 def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Headers:
     """The response headers of DESIGN section 3. A stream's cost is not known when its headers
-    go out, so streams carry cost headers only when served from cache."""
+    go out, so streams carry cost headers only when the gateway answered by itself (a cache
+    hit, a rule)."""
     headers = [
         (b"x-skinflint-request-id", ctx.request_id.encode()),
         (b"x-skinflint-cache", ctx.cache.status.encode()),
@@ -49,7 +50,7 @@ def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Header
     ]
     if ctx.cache.reason is not None:  # one of our fixed values, never the client's text
         headers.append((b"x-skinflint-cache-reason", ctx.cache.reason.encode()))
-    if not streaming or ctx.cache.hit:
+    if not streaming or ctx.served_locally:
         headers.append((b"x-skinflint-cost-usd", _usd(ctx.costs.cost_usd)))
         headers.append((b"x-skinflint-saved-usd", _usd(ctx.costs.saved_usd)))
     return headers

@@ -19,6 +19,7 @@ from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.context import MISS, Next, Reply, RequestContext
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
+from skinflint.pipeline.rules import Rules
 from skinflint.pricing import PriceCatalog
 from skinflint.storage.cache import MemoryCacheStore
 from skinflint.storage.ledger import MemoryLedger
@@ -91,6 +92,7 @@ def _built(exact: bool, provider: Scripted | None = None) -> tuple[Pipeline, Mem
     stages = build_stages(
         attribute=Attribute({}),
         guard=Guard(None, metrics),
+        rules=Rules(settings.rules, TokenCounter(), metrics),
         exact_cache=ExactCache(cache),
         semantic_cache=SemanticCache(cache),
         route=Route(settings, classifiers={}, scorer=None, metrics=metrics),
