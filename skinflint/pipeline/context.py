@@ -30,6 +30,7 @@ __all__ = [
     "SemanticProbe",
     "Stage",
     "Target",
+    "TokenCap",
 ]
 
 JSON = dict[str, Any]
@@ -112,6 +113,17 @@ class RouteDecision:
         if not self.tiers:
             return f"{self.route};task={self.task}"
         return f"{self.route};task={self.task};tier={self.tier + 1}/{self.tiers}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCap:
+    """What the budget-tokens stage did: the configured cap, whether it lowered (or set) the
+    request's output limit (False: the client's own limit was smaller and stands) and whether
+    it appended the brevity instruction."""
+
+    max_tokens: int
+    capped: bool
+    brevity: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +230,7 @@ class RequestContext:
     semantic: SemanticProbe | None = None
     targets: tuple[Target, ...] = ()
     route: RouteDecision | None = None
+    token_cap: TokenCap | None = None  # None: no token budget applies
     answered: Target | None = None  # the target whose provider answered
     usage: Usage | None = None
     model: str = ""  # the model the answer names (a cache hit's, or account's), else unknown
@@ -241,7 +254,11 @@ class RequestContext:
 
     @property
     def route_label(self) -> str:
-        return self.route.label if self.route is not None else self.requested_model
+        """The route's label (see :class:`RouteDecision`), then ``;cap=<n>`` when a token
+        budget lowered the request's output limit."""
+        label = self.route.label if self.route is not None else self.requested_model
+        cap = self.token_cap
+        return f"{label};cap={cap.max_tokens}" if cap is not None and cap.capped else label
 
 
 Next = Callable[[RequestContext], Awaitable[Reply]]
