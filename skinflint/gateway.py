@@ -96,7 +96,8 @@ class Gateway:
         """Open storage and providers; heavy loading (price catalog, tokenizer, recorded data)
         continues in a thread so start-up does not wait for it."""
         tokens, catalog = TokenCounter(), price_catalog(settings)
-        metrics = Metrics(settings.model_names() | catalog.overrides.keys())
+        metrics = Metrics(settings.model_names() | catalog.overrides.keys(),
+                          known_features=settings.feature_names())
         watch_alerts = bool(settings.alerts) and ledger is None  # a ledger of the caller's own
         storage = open_storage(settings, ledger=ledger)
         ledger = await storage.ledger()

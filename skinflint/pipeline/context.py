@@ -240,6 +240,7 @@ class RequestContext:
     upstream_ms: float = 0.0
     status: int = 200
     error_type: str = ""
+    truncated: bool = False  # the answer was cut at its output limit (finish_reason length)
     errors: list[Exception] = field(default_factory=list)
     # told by the account stage once the request's cost is known, however it ended
     on_accounted: Callable[[RequestContext], None] | None = None
