@@ -21,7 +21,8 @@ BUDGETS: dict[str, Any] = {
 }
 ROUTES: dict[str, Any] = {
     "auto": {"default_task": "chat",
-             "tasks": {"code": {"model": "gpt-4o-mini"}, "chat": {"model": "gpt-4o-mini"}}},
+             "tasks": {"code": {"model": "gpt-4o-mini"}, "chat": {"model": "gpt-4o-mini"},
+                       "tiered": {"cascade": [{"model": "gpt-4o-mini"}, {"model": "gpt-4o"}]}}},
 }
 
 
@@ -72,6 +73,9 @@ def test_the_task_a_route_chose_has_its_own_cap(client: openai.OpenAI, fake: Fak
     assert raw.headers["x-skinflint-route"] == "auto;task=code;cap=64"
     _ask(client, "chat with me", "summarize", model="auto")
     assert _sent(fake)["max_tokens"] == 150
+    raw = _ask(client, "tiers", "summarize", model="auto", task="tiered")
+    assert _sent(fake)["max_tokens"] == 150  # each tier's call
+    assert raw.headers["x-skinflint-route"] == "auto;task=tiered;tier=1/2;cap=150"
 
 
 def test_answers_cut_short_are_counted_per_feature(
