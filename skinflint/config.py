@@ -47,6 +47,8 @@ __all__ = [
     "Settings",
     "TaskConfig",
     "TierConfig",
+    "TokenBudget",
+    "TokenBudgets",
     "hash_key",
     "load_settings",
     "update_config_file",
@@ -127,6 +129,44 @@ class Scoped(_Frozen, Generic[PolicyT]):
     @property
     def configured(self) -> bool:
         return self.default is not None or bool(self.features) or bool(self.routes)
+
+
+class TokenBudget(_Frozen):
+    """An output-token cap: ``max_tokens`` (a client's smaller limit stands) and an optional
+    ``brevity`` instruction appended to the system prompt."""
+
+    max_tokens: int = Field(gt=0)
+    brevity: str | None = Field(default=None, min_length=1)
+
+
+class TokenBudgets(Scoped[TokenBudget]):
+    """The ``token_budgets`` section: a :class:`Scoped` cap, plus ``tasks:`` keyed by the task
+    a route chose. A request takes its task's, else its feature's, else its route's, else the
+    default."""
+
+    tasks: dict[str, TokenBudget] = Field(default_factory=dict)
+
+    def resolve(self, feature: str, route: str, task: str = "") -> TokenBudget | None:
+        """The cap of a request of ``feature`` asking for ``route`` whose route chose
+        ``task`` (empty: no route chose one)."""
+        found = self.tasks.get(task) if task else None
+        return found if found is not None else self.find(feature, route)
+
+    @property
+    def configured(self) -> bool:
+        return super().configured or bool(self.tasks)
+
+    def cache_scope(self, feature: str, route: str, *, routed: bool) -> str:
+        """What of this section decides the cap of such a request, as text for its cache key:
+        an answer written under one cap is never served under another. Without a route the
+        cap is known now; with one, it may depend on the task the route will choose, which
+        the rest of the key determines, so every task cap takes part."""
+        budget = self.find(feature, route)
+        scope = "-" if budget is None else f"{budget.max_tokens}\0{budget.brevity or ''}"
+        if routed and self.tasks:
+            scope += "".join(f"\0{t}\0{b.max_tokens}\0{b.brevity or ''}"
+                             for t, b in sorted(self.tasks.items()))
+        return scope
 
 
 class ModelConfig(_Frozen):
@@ -418,6 +458,7 @@ class Settings(_Frozen):
     keys: tuple[KeyConfig, ...] = ()
     budgets: tuple[BudgetConfig, ...] = ()
     rules: tuple[AnswerRule, ...] = ()  # deterministic answers, tried in order
+    token_budgets: TokenBudgets = Field(default_factory=TokenBudgets)
     # absent: the default rule; an empty list (or an empty section): no alerts
     alerts: tuple[AlertRule, ...] = DEFAULT_ALERT_RULES
     admin_key_sha256: str = Field(default="", repr=False)
@@ -478,6 +519,15 @@ class Settings(_Frozen):
             known = self.default_provider or target in self.models or target in self.routes
             if target is not None and not known:
                 raise ValueError(f"budgets[{i}].downgrade_to: unknown model {target!r}")
+
+    def feature_names(self) -> frozenset[str]:
+        """Every feature the configuration names: in token budgets, cache policies, route pins
+        and feature budgets."""
+        names = {*self.token_budgets.features, *self.cache.exact.features,
+                 *self.cache.semantic.features}
+        names.update(f for route in self.routes.values() for f in route.pins)
+        names.update(b.match for b in self.budgets if b.per == "feature" and b.match)
+        return frozenset(names)
 
     def model_names(self) -> frozenset[str]:
         """Every model name the configuration mentions: aliases and the provider models they

@@ -23,6 +23,7 @@ from skinflint.pipeline import Pipeline, RequestContext, build_stages
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
 from skinflint.pipeline.breakers import ProviderBreaker
+from skinflint.pipeline.budget_tokens import BudgetTokens
 from skinflint.pipeline.budgets import BudgetBook
 from skinflint.pipeline.cache import ResponseCache, semantic_setting
 from skinflint.pipeline.cache_exact import ExactCache
@@ -96,14 +97,15 @@ class Gateway:
         """Open storage and providers; heavy loading (price catalog, tokenizer, recorded data)
         continues in a thread so start-up does not wait for it."""
         tokens, catalog = TokenCounter(), price_catalog(settings)
-        metrics = Metrics(settings.model_names() | catalog.overrides.keys())
+        metrics = Metrics(settings.model_names() | catalog.overrides.keys(),
+                          known_features=settings.feature_names())
         watch_alerts = bool(settings.alerts) and ledger is None  # a ledger of the caller's own
         storage = open_storage(settings, ledger=ledger)
         ledger = await storage.ledger()
         threshold, verifier = semantic_setting(settings)
         cache = ResponseCache(settings.cache, await storage.cache(), metrics,
                               routes=frozenset(settings.routes), threshold=threshold,
-                              verifier=verifier)
+                              verifier=verifier, token_budgets=settings.token_budgets)
         route = Route(settings, classifiers=load_classifiers(settings),
                       scorer=load_scorer(settings), metrics=metrics)
         session = new_session()  # after what may fail on a bad configuration: nothing to close
@@ -127,6 +129,7 @@ class Gateway:
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
             route=route,
+            budget_tokens=BudgetTokens(settings.token_budgets),
             call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),
             account=account,
         )

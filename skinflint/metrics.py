@@ -45,11 +45,15 @@ class Metrics:
     empty name too); any other name is labelled :data:`OTHER`. None keeps every name, for
     callers whose names are their own."""
 
-    def __init__(self, known_models: Iterable[str] | None = None) -> None:
+    def __init__(
+        self, known_models: Iterable[str] | None = None, *,
+        known_features: Iterable[str] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._known = None if known_models is None else frozenset(["", *known_models])
         self._model_at: dict[int, int] = {}  # id(metric) -> index of its ``model`` label
+        self._features = None if known_features is None else frozenset(["", *known_features])
         counter = self._counter
         self.requests = counter("skinflint_requests", "Requests handled",
                                 ["endpoint", "model", "cache", "status"])
@@ -79,6 +83,9 @@ class Metrics:
         self.cache_bypassed = counter("skinflint_cache_bypassed",
                                       "Requests neither served from nor stored in the cache",
                                       ["reason"])
+        self.truncated = counter("skinflint_truncated_answers",
+                                 "Answers cut at their output-token limit (finish_reason length)",
+                                 ["feature"])
         self.budget_alerts = counter("skinflint_budget_alerts",
                                      "Budget alert thresholds crossed", ["budget", "at"])
         self.budget_amount = Gauge(
@@ -118,6 +125,13 @@ class Metrics:
         if "model" in labels:
             self._model_at[id(found)] = labels.index("model")
         return found
+
+    def feature(self, name: str) -> str:
+        """``name`` as a ``feature`` label: a feature the configuration names, else
+        :data:`OTHER`."""
+        if self._features is None or name in self._features:
+            return name
+        return OTHER
 
     def know(self, models: Iterable[str]) -> None:
         """Keep these model names as labels too (the price catalog's, once it has loaded).

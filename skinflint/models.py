@@ -168,3 +168,4 @@ class LedgerRecord:
     route: str = ""
     similarity: float | None = None
     cache_reason: str = ""  # a CacheBypass value when cache_status is "bypass"
+    truncated: int = 0  # 1 when the answer was cut at its output limit (finish_reason length)

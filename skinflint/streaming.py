@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StreamAssembler", "chunks_from_completion", "is_complete"]
+__all__ = ["StreamAssembler", "chunks_from_completion", "is_complete", "is_truncated"]
 
 JSON = dict[str, Any]
 _FINISHED_OK = frozenset({"stop", "tool_calls", "function_call"})
@@ -104,6 +104,13 @@ def is_complete(completion: JSON) -> bool:
     if not choices:
         return False
     return all(c.get("finish_reason") in _FINISHED_OK for c in choices)
+
+
+def is_truncated(completion: JSON) -> bool:
+    """True when a choice was cut at its output-token limit (``finish_reason: length``)."""
+    choices = completion.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") == "length" for c in choices)
 
 
 def chunks_from_completion(completion: JSON, *, include_usage: bool) -> list[JSON]:

@@ -241,7 +241,7 @@ def _every_field(i: int, ts: float) -> LedgerRecord:
         cost_usd=0.1 / 3 + i, baseline_cost_usd=None if i % 2 else 1e-12, saved_usd=-0.25,
         cache_status="bypass", strategy="route", latency_ms=12.5, upstream_latency_ms=10.25,
         status=502, error_type="upstream_error", route="auto: chat -> gpt-4o",
-        similarity=0.9375 if i % 2 else None, cache_reason="client-bypass")
+        similarity=0.9375 if i % 2 else None, cache_reason="client-bypass", truncated=1)
 
 
 def test_report_by_strategy_names_a_plain_call_none(
@@ -344,3 +344,81 @@ def test_week_over_week_in_the_report_whatever_its_window(
     assert _figures(lines, title, "search") == ["$1.18", "$1.00", "up", "18%"]
     assert _figures(lines, title, "chat") == ["$0.970", "$1.00", "down", "3%"]
     assert _figures(lines, title, "summarise") == ["$0.200", "$0", "new"]
+
+
+# ---- answers cut short, and the caps the ledger suggests
+
+
+def _lengths(now: float) -> list[LedgerRecord]:
+    """summarize: 200 whole answers (198 of 10 tokens, one of 500, one of 1000) and 3 cut at
+    their limit, beside rows that are not answers; chat: only answers cut short."""
+    rows = [LedgerRecord(f"s{i}", now, feature="summarize", output_tokens=10)
+            for i in range(198)]
+    rows += [LedgerRecord("s-500", now, feature="summarize", output_tokens=500),
+             LedgerRecord("s-1000", now, feature="summarize", output_tokens=1000)]
+    rows += [LedgerRecord(f"s-cut{i}", now, feature="summarize", output_tokens=150, truncated=1)
+             for i in range(3)]
+    rows += [  # none of these is an answer the provider gave a client request
+        LedgerRecord("hit", now, feature="summarize", output_tokens=5000,
+                     cache_status="hit-exact", strategy="exact_cache"),
+        LedgerRecord("x.1", now, feature="summarize", output_tokens=5000,
+                     strategy="cascade_escalated"),
+        LedgerRecord("err", now, feature="summarize", output_tokens=5000, status=502),
+        LedgerRecord("emb", now, feature="summarize", output_tokens=5000, endpoint="embeddings"),
+        LedgerRecord("old", now - 40 * DAY, feature="summarize", output_tokens=5000)]
+    rows += [LedgerRecord(f"c{i}", now, feature="chat", output_tokens=64, truncated=1)
+             for i in range(2)]
+    return rows
+
+
+def test_suggest_caps_from_the_lengths_of_answers_not_cut_short() -> None:
+    from skinflint.analytics.caps import suggest_caps
+    from skinflint.config import TokenBudgets
+
+    now = time.time()
+    budgets = TokenBudgets.model_validate({"default": {"max_tokens": 300},
+                                           "features": {"chat": {"max_tokens": 64}}})
+    found = {c.feature: c for c in suggest_caps(_lengths(now), since=now - 30 * DAY,
+                                                budgets=budgets)}
+    s = found["summarize"]
+    assert (s.answers, s.truncated, s.p50, s.p95, s.p99) == (200, 3, 10, 10, 500)
+    assert s.suggested == 512  # p99 rounded up to a multiple of 16
+    assert s.would_cut == pytest.approx(1 / 200)  # the answer of 1000 tokens
+    assert s.current == 300  # the default's
+    c = found["chat"]  # every answer cut: how long they would have been is unknown
+    assert (c.answers, c.truncated, c.suggested, c.would_cut, c.current) == (0, 2, None, None, 64)
+    with_old = {c.feature: c for c in suggest_caps(_lengths(now))}
+    old = with_old["summarize"]  # the row of 40 days ago counts too
+    assert (old.answers, old.would_cut) == (201, pytest.approx(2 / 201))
+
+
+def test_report_suggest_caps_as_json_and_as_a_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = _ledger_file(tmp_path / "l.db", _lengths(time.time()))
+    config = tmp_path / "c.yaml"
+    config.write_text("token_budgets:\n  features:\n    summarize: {max_tokens: 256}\n")
+    out = _cli(capsys, "report", "--config", str(config), "--db", str(db), "--since", "30d",
+               "--suggest-caps", "--json")
+    found = {c["feature"]: c for c in out["features"]}
+    assert found["summarize"]["suggested"] == 512 and found["summarize"]["current"] == 256
+    assert found["chat"]["suggested"] is None and found["chat"]["current"] is None
+    lines = _fits(_piped(tmp_path, "report", "--config", str(config), "--db", str(db),
+                         "--since", "30d", "--suggest-caps"))
+    title = "Output-token caps by feature"
+    assert _figures(lines, title, "summarize") == [
+        "200", "3", "10", "10", "500", "512", "256", "0.5%"]
+    assert _figures(lines, title, "chat") == ["0", "2", "-", "-", "-", "-", "-", "-"]
+
+
+def test_report_counts_answers_cut_short_per_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = _ledger_file(tmp_path / "l.db", _lengths(time.time()))
+    report = _cli(capsys, "report", "--db", str(db), "--json")
+    groups = {g["key"]: g for g in report["groups"]}
+    assert (groups["summarize"]["truncated"], groups["chat"]["truncated"]) == (3, 2)
+    assert report["total"]["truncated"] == 5
+    lines = _fits(_piped(tmp_path, "report", "--db", str(db)))
+    assert "cut" in lines[lines.index("Requests by feature") + 1]
+    assert _figures(lines, "Requests by feature", "chat")[4] == "2"

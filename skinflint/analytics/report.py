@@ -52,6 +52,7 @@ class Group:
     retried_attempts: int = 0
     errors: int = 0
     cache_hits: int = 0
+    truncated: int = 0  # answers cut at their output-token limit
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
@@ -76,6 +77,7 @@ class Group:
         self.requests += 1
         self.errors += r.status >= 400
         self.cache_hits += r.cache_status.startswith("hit")
+        self.truncated += r.truncated
         self.baseline_cost_usd += r.baseline_cost_usd or 0.0
         self.saved_usd += r.saved_usd or 0.0
         self.latency_ms.append(r.latency_ms)

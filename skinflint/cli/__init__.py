@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--export", metavar="FILE.jsonl",
                    help="write the ledger rows (of --since) as JSON lines instead of the report"
                    " (- for standard output, a .gz name for gzip)")
+    r.add_argument("--suggest-caps", action="store_true",
+                   help="per feature: output tokens p50/p95/p99 of answers not cut short, and"
+                   " the cap they suggest (p99 rounded up to a multiple of 16)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_report)
 

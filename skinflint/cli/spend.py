@@ -13,11 +13,12 @@ from skinflint.config import Settings
 from skinflint.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
+    from skinflint.analytics.caps import CapSuggestion
     from skinflint.analytics.report import Group, Report, WeekChange
     from skinflint.pricing import ModelPrice
 
-__all__ = ["cmd_prices", "cmd_report", "format_report", "format_spend", "format_traffic",
-           "format_week_over_week"]
+__all__ = ["cmd_prices", "cmd_report", "format_caps", "format_report", "format_spend",
+           "format_traffic", "format_week_over_week"]
 
 
 def _table(title: str, first: str, columns: tuple[str, ...]) -> Table:
@@ -70,11 +71,14 @@ def format_spend(report: Report) -> Table:
 
 
 def format_traffic(report: Report) -> Table:
+    """Requests, tokens and latency; a ``cut short`` column (answers that reached their
+    output-token limit) when any was."""
+    cut = bool(report.total.truncated)
     table = _table(
         f"Requests by {report.by}",
         report.by,
-        ("requests", "cascade\nattempts", "errors", "cache\nhits", "tokens\nin", "tokens\nout",
-         "p50 ms"),
+        ("requests", "cascade\nattempts", "errors", "cache\nhits", *(("cut\nshort",) * cut),
+         "tokens\nin", "tokens\nout", "p50 ms"),
     )
     for g, options in _rows(report):
         s = g.summary()
@@ -84,6 +88,7 @@ def format_traffic(report: Report) -> Table:
             f"{g.cascade_attempts:,}",
             f"{g.errors:,}",
             f"{s['cache_hit_rate']:.0%}",
+            *((f"{g.truncated:,}",) * cut),
             count(g.input_tokens),
             count(g.output_tokens),
             _ms(s["p50_latency_ms"]),
@@ -106,6 +111,25 @@ def format_week_over_week(changes: list[WeekChange]) -> Table:
     return table
 
 
+def _tokens(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def format_caps(suggestions: list[CapSuggestion]) -> Table:
+    """Each feature's output lengths and the cap they suggest."""
+    table = _table("Output-token caps by feature", "feature",
+                   ("answers", "cut\nshort", "p50", "p95", "p99", "suggested\ncap",
+                    "current\ncap", "would\ncut"))
+    for c in suggestions:
+        table.add_row(c.feature, f"{c.answers:,}", f"{c.truncated:,}", _tokens(c.p50),
+                      _tokens(c.p95), _tokens(c.p99), _tokens(c.suggested), _tokens(c.current),
+                      "-" if c.would_cut is None else f"{c.would_cut:.1%}")
+    table.caption = ("percentiles of the output tokens of answers not cut short; suggested: "
+                     "p99 rounded up to a multiple of 16; would cut: the share of those "
+                     "answers longer than it")
+    return table
+
+
 def format_report(report: Report) -> list[Table]:
     """The report as tables that each fit 80 columns: spend, then requests and tokens, then
     (when the last two weeks saw spend) each feature's week over week."""
@@ -124,6 +148,8 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     since = parse_since(args.since, now) if args.since else 0.0
     if args.export:
         return _export(args, settings, since)
+    if args.suggest_caps:
+        return _suggest_caps(args, settings, since)
     # two full weeks for the week-over-week comparison, whatever the report's window
     records = read_records(settings, db=args.db, since=min(since, now - 2 * WEEK))
     report = build_report(records, by=args.by, since=since, now=now)
@@ -135,6 +161,19 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
             if i:
                 console.print()
             console.print(table)
+    return 0
+
+
+def _suggest_caps(args: argparse.Namespace, settings: Settings, since: float) -> int:
+    from skinflint.analytics.caps import suggest_caps
+    from skinflint.analytics.report import read_records
+
+    records = read_records(settings, db=args.db, since=since)
+    found = suggest_caps(records, since=since, budgets=settings.token_budgets)
+    if args.json:
+        print_json({"since": since, "features": [c.to_json() for c in found]})
+    else:
+        new_console().print(format_caps(found))
     return 0
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
+from skinflint.pipeline.budget_tokens import BudgetTokens
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider
@@ -13,7 +14,7 @@ from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
-from skinflint.pipeline.slots import BudgetTokens, Compress
+from skinflint.pipeline.slots import Compress
 
 __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 
@@ -26,6 +27,7 @@ def build_stages(
     exact_cache: ExactCache,
     semantic_cache: SemanticCache,
     route: Route,
+    budget_tokens: BudgetTokens,
     call_provider: CallProvider,
     account: Account,
 ) -> list[Stage]:
@@ -38,7 +40,7 @@ def build_stages(
         semantic_cache,  # 5  semantic cache lookup
         Compress(),  # 6  prompt compression
         route,  # 7  model / cascade choice
-        BudgetTokens(),  # 8  output-token caps
+        budget_tokens,  # 8  output-token caps
         call_provider,  # 9  the upstream call (terminal)
         account,  # 10 usage, cost, ledger, cache writes
     ]

@@ -19,7 +19,7 @@ from skinflint.models import CLIENT_LEFT, LedgerRecord, StreamChunk, Usage
 from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.context import Costs, Next, Reply, RequestContext
 from skinflint.pricing import PriceCatalog
-from skinflint.streaming import StreamAssembler
+from skinflint.streaming import StreamAssembler, is_truncated
 from skinflint.tokens import TokenCounter
 
 __all__ = ["Account"]
@@ -88,6 +88,7 @@ class Account:
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
         ctx.model = reply.body.get("model") or ctx.answered_model
+        ctx.truncated = is_truncated(reply.body)
         try:  # the client may leave (cancelling this task) while usage is counted or stored
             if ctx.usage is None:
                 ctx.usage = await self._usage(ctx, reply.body)
@@ -131,6 +132,7 @@ class Account:
                 if not ctx.served_locally:
                     ctx.upstream_ms += (time.perf_counter() - started) * 1000
                     completion = assembler.completion()
+                    ctx.truncated = is_truncated(completion)
                     ctx.usage = await self._usage(ctx, completion)
                     if failure is None:
                         await self._cache.store(ctx, completion, None)
@@ -213,6 +215,7 @@ class Account:
             route=ctx.route_label,
             similarity=ctx.cache.similarity,
             cache_reason=ctx.cache.reason.value if ctx.cache.reason is not None else "",
+            truncated=int(ctx.truncated),
         )
         row.update(fields)
         return LedgerRecord(**row)
@@ -251,6 +254,7 @@ class Account:
                     status=a.status,
                     error_type=a.error_type or str(a.verdict),
                     similarity=None,
+                    truncated=0,
                 )
             )
             if not a.retry:
@@ -280,6 +284,8 @@ class Account:
             m.child(m.cost, model).inc(ctx.costs.cost_usd)
         if ctx.costs.saved_usd is not None and ctx.costs.saved_usd > 0:  # a fallback can cost more
             m.child(m.saved, status).inc(ctx.costs.saved_usd)
+        if ctx.truncated:
+            m.child(m.truncated, m.feature(ctx.feature)).inc()
         if usage.input_tokens:
             m.child(m.tokens, model, "input").inc(usage.input_tokens)
         if usage.output_tokens:

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from skinflint.cachekey import request_hash, scoped_key
-from skinflint.config import CacheConfig, CachePolicy, Settings
+from skinflint.config import CacheConfig, CachePolicy, Settings, TokenBudgets
 from skinflint.embed import canonical_name
 from skinflint.errors import ConfigError
 from skinflint.interfaces import CacheEntry, CacheStore, InvalidationFeed, SemanticIndex
@@ -171,10 +171,12 @@ class ResponseCache:
         threshold: float = 1.0,
         verifier: bool = True,
         clock: Callable[[], float] = time.time,
+        token_budgets: TokenBudgets | None = None,
     ) -> None:
         """``routes``: names whose answer also depends on the task header and the feature.
         ``threshold`` and ``verifier``: the semantic cache's defaults (see
-        :func:`semantic_setting`). ``clock``: the time entries expire by."""
+        :func:`semantic_setting`). ``clock``: the time entries expire by. ``token_budgets``:
+        the output caps the budget-tokens stage applies after the lookup; keys include them."""
         self.config = config
         self.backend = store
         self._routes = routes
@@ -182,6 +184,8 @@ class ResponseCache:
         self._threshold = threshold
         self._verifier = verifier
         self._clock = clock
+        capped = token_budgets is not None and token_budgets.configured
+        self._caps = token_budgets if capped else None
         self._policies: dict[tuple[str, str], Policy] = {}
         self._flights = Flights(config.exact.coalesce_timeout_seconds)
         ex, sem = config.exact, config.semantic
@@ -262,12 +266,21 @@ class ResponseCache:
     def key_for(self, ctx: RequestContext, digest: str) -> str:
         """``digest`` within the request's scope; for a route, also within its task and
         feature, and for a feature with a policy of its own (a TTL, say), within that feature,
-        so that no request is served an answer stored under another feature's policy."""
+        so that no request is served an answer stored under another feature's policy; with
+        token budgets, also within the output cap that applies to it."""
+        if self._caps is not None:
+            digest = scoped_key(f"cap\0{self._cap_scope(ctx)}", digest)
         if ctx.requested_model in self._routes:
             digest = scoped_key(f"route\0{ctx.task}\0{ctx.feature}", digest)
         elif ctx.feature in self.config.exact.features:
             digest = scoped_key(f"feature\0{ctx.feature}", digest)
         return scoped_key(self._scope(ctx), digest)
+
+    def _cap_scope(self, ctx: RequestContext) -> str:
+        assert self._caps is not None
+        downgrade = ctx.budget.downgrade_to if ctx.budget is not None else ""
+        routed = ctx.requested_model in self._routes or downgrade in self._routes
+        return self._caps.cache_scope(ctx.feature, ctx.requested_model, routed=routed)
 
     # ---- serving
 

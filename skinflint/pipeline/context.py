@@ -31,6 +31,7 @@ __all__ = [
     "SemanticProbe",
     "Stage",
     "Target",
+    "TokenCap",
 ]
 
 JSON = dict[str, Any]
@@ -125,6 +126,17 @@ class RuleAnswer:
     def label(self) -> str:
         """The ``x-skinflint-route`` header: ``rule;name=<rule>``."""
         return f"rule;name={self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCap:
+    """What the budget-tokens stage did: the configured cap, whether it lowered (or set) the
+    request's output limit (False: the client's own limit was smaller and stands) and whether
+    it appended the brevity instruction."""
+
+    max_tokens: int
+    capped: bool
+    brevity: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +244,7 @@ class RequestContext:
     semantic: SemanticProbe | None = None
     targets: tuple[Target, ...] = ()
     route: RouteDecision | None = None
+    token_cap: TokenCap | None = None  # None: no token budget applies
     answered: Target | None = None  # the target whose provider answered
     usage: Usage | None = None
     model: str = ""  # the model the answer names (a cache hit's, or account's), else unknown
@@ -241,6 +254,7 @@ class RequestContext:
     upstream_ms: float = 0.0
     status: int = 200
     error_type: str = ""
+    truncated: bool = False  # the answer was cut at its output limit (finish_reason length)
     errors: list[Exception] = field(default_factory=list)
     # told by the account stage once the request's cost is known, however it ended
     on_accounted: Callable[[RequestContext], None] | None = None
@@ -261,9 +275,13 @@ class RequestContext:
 
     @property
     def route_label(self) -> str:
+        """The rule's label for a rule answer, else the route's (see :class:`RouteDecision`),
+        then ``;cap=<n>`` when a token budget lowered the request's output limit."""
         if self.rule is not None:
             return self.rule.label
-        return self.route.label if self.route is not None else self.requested_model
+        label = self.route.label if self.route is not None else self.requested_model
+        cap = self.token_cap
+        return f"{label};cap={cap.max_tokens}" if cap is not None and cap.capped else label
 
 
 Next = Callable[[RequestContext], Awaitable[Reply]]

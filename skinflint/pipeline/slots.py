@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from skinflint.pipeline.context import Next, Reply, RequestContext
 
-__all__ = ["BudgetTokens", "Compress"]
+__all__ = ["Compress"]
 
 
 class _Slot:
@@ -20,9 +20,3 @@ class Compress(_Slot):
     """Stage 6: prompt compression."""
 
     name = "compress"
-
-
-class BudgetTokens(_Slot):
-    """Stage 8: output-token caps."""
-
-    name = "budget_tokens"

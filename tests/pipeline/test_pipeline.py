@@ -12,6 +12,7 @@ from skinflint.metrics import Metrics
 from skinflint.pipeline import Pipeline, build_stages
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
+from skinflint.pipeline.budget_tokens import BudgetTokens
 from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
@@ -96,6 +97,7 @@ def _built(exact: bool, provider: Scripted | None = None) -> tuple[Pipeline, Mem
         exact_cache=ExactCache(cache),
         semantic_cache=SemanticCache(cache),
         route=Route(settings, classifiers={}, scorer=None, metrics=metrics),
+        budget_tokens=BudgetTokens(settings.token_budgets),
         call_provider=CallProvider({"p": provider}, {"p": RetryPolicy()}, metrics),
         account=Account(catalog=PriceCatalog(), tokens=TokenCounter(), ledger=ledger,
                         metrics=metrics, cache=cache),
