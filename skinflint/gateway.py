@@ -28,6 +28,7 @@ from skinflint.pipeline.cache import ResponseCache, semantic_setting
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
+from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
@@ -124,6 +125,8 @@ class Gateway:
             guard=Guard(budgets, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
+            compress=Compress(settings.compression, tokens, metrics,
+                              embedder=lambda: cache.embedder),
             route=route,
             call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),
             account=account,

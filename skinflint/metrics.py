@@ -78,6 +78,9 @@ class Metrics:
         self.cache_bypassed = counter("skinflint_cache_bypassed",
                                       "Requests neither served from nor stored in the cache",
                                       ["reason"])
+        self.compression_saved = counter("skinflint_compression_tokens_saved",
+                                         "Prompt tokens removed by the compress stage",
+                                         ["strategy"])
         self.budget_alerts = counter("skinflint_budget_alerts",
                                      "Budget alert thresholds crossed", ["budget", "at"])
         self.budget_amount = Gauge(

@@ -168,3 +168,4 @@ class LedgerRecord:
     route: str = ""
     similarity: float | None = None
     cache_reason: str = ""  # a CacheBypass value when cache_status is "bypass"
+    tokens_saved: int = 0  # prompt tokens the compress stage removed before the call

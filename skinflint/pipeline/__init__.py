@@ -9,10 +9,11 @@ from skinflint.pipeline.attribute import Attribute
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider
+from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
-from skinflint.pipeline.slots import BudgetTokens, Compress, Rules
+from skinflint.pipeline.slots import BudgetTokens, Rules
 
 __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 
@@ -23,6 +24,7 @@ def build_stages(
     guard: Guard,
     exact_cache: ExactCache,
     semantic_cache: SemanticCache,
+    compress: Compress,
     route: Route,
     call_provider: CallProvider,
     account: Account,
@@ -34,7 +36,7 @@ def build_stages(
         Rules(),  # 3  deterministic answers
         exact_cache,  # 4  exact cache lookup
         semantic_cache,  # 5  semantic cache lookup
-        Compress(),  # 6  prompt compression
+        compress,  # 6  prompt compression
         route,  # 7  model / cascade choice
         BudgetTokens(),  # 8  output-token caps
         call_provider,  # 9  the upstream call (terminal)

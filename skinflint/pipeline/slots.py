@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from skinflint.pipeline.context import Next, Reply, RequestContext
 
-__all__ = ["BudgetTokens", "Compress", "Rules"]
+__all__ = ["BudgetTokens", "Rules"]
 
 
 class _Slot:
@@ -20,12 +20,6 @@ class Rules(_Slot):
     """Stage 3: deterministic answers that need no LLM."""
 
     name = "rules"
-
-
-class Compress(_Slot):
-    """Stage 6: prompt compression."""
-
-    name = "compress"
 
 
 class BudgetTokens(_Slot):

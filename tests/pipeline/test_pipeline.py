@@ -16,6 +16,7 @@ from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
+from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import MISS, Next, Reply, RequestContext
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
@@ -93,6 +94,7 @@ def _built(exact: bool, provider: Scripted | None = None) -> tuple[Pipeline, Mem
         guard=Guard(None, metrics),
         exact_cache=ExactCache(cache),
         semantic_cache=SemanticCache(cache),
+        compress=Compress(settings.compression, TokenCounter(), metrics),
         route=Route(settings, classifiers={}, scorer=None, metrics=metrics),
         call_provider=CallProvider({"p": provider}, {"p": RetryPolicy()}, metrics),
         account=Account(catalog=PriceCatalog(), tokens=TokenCounter(), ledger=ledger,

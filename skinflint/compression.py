@@ -1,0 +1,348 @@
+"""Prompt compression as pure functions over OpenAI chat messages, shared by the compress stage
+and by offline analysis.
+
+Every function returns new message lists and leaves its input alone; a message it does not
+change is the same object in the result. What the client sent as code or data is never
+altered: fenced code blocks and JSON-looking paragraphs are kept whole, messages with tool
+calls, tool results and list (multi-part) content are never edited, and the last user
+message's question (its final paragraph, or its final worked-example block) stays
+byte-identical. Text is split at blank lines (paragraphs); a blank line inside a fence does
+not split.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "Examples",
+    "Span",
+    "find_examples",
+    "keep_examples",
+    "lexical_similarity",
+    "normalize_system",
+    "paragraphs",
+    "trim_context",
+    "trim_history",
+]
+
+Message = dict[str, Any]
+Count = Callable[[str], int]
+
+_FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
+_BLANK = re.compile(r"\n[ \t]*\n\s*")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_WORD = re.compile(r"\w+")
+_STOP = frozenset(
+    ("a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "how",
+     "in", "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were",
+     "what", "when", "which", "who", "why", "will", "with")
+)
+_MIN_BLOCKS = 3  # a template line repeated in fewer paragraphs is not a few-shot pattern
+_MIN_TEMPLATE_CHARS = 5  # "A", "B", "Yes": answers, not instructions
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins."""
+
+    start: int
+    end: int
+    sep: int
+    protected: bool  # code or JSON: kept whole, never dropped
+
+    def piece(self, text: str) -> str:
+        return text[self.start:self.end]
+
+
+def _protected(piece: str) -> bool:
+    if "```" in piece or "~~~" in piece:
+        return True
+    stripped = piece.strip()
+    if stripped[:1] in ("{", "[") and stripped[-1:] in ("}", "]"):
+        try:
+            orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            return False
+        return True
+    return False
+
+
+def paragraphs(text: str) -> list[Span]:
+    """The paragraphs of ``text``; a fenced code block is one protected paragraph."""
+    fences = [m.span() for m in _FENCE.finditer(text)] if "```" in text or "~~~" in text else []
+    spans: list[Span] = []
+    start = 0
+    for m in _BLANK.finditer(text):
+        if any(a < m.start() < b for a, b in fences):
+            continue
+        if m.start() > start:
+            spans.append(_span(text, start, m.start(), m.end()))
+        start = m.end()
+    if start < len(text):
+        spans.append(_span(text, start, len(text), len(text)))
+    return spans
+
+
+def _span(text: str, start: int, end: int, sep: int) -> Span:
+    return Span(start, end, sep, _protected(text[start:end]))
+
+
+def _sentences(text: str, para: Span) -> list[Span]:
+    """``para`` cut into sentences (a protected paragraph stays whole)."""
+    if para.protected:
+        return [para]
+    out: list[Span] = []
+    start = para.start
+    for m in _SENTENCE.finditer(text, para.start, para.end):
+        out.append(Span(start, m.start(), m.end(), False))
+        start = m.end()
+    out.append(Span(start, para.end, para.sep, False))
+    return out
+
+
+def _words(text: str) -> Counter[str]:
+    return Counter(w for w in _WORD.findall(text.lower()) if w not in _STOP)
+
+
+def lexical_similarity(a: str, b: str) -> float:
+    """Cosine of the two texts' word bags (lower-cased, common English words left out)."""
+    wa, wb = _words(a), _words(b)
+    dot = sum(n * wb[w] for w, n in wa.items() if w in wb)
+    if not dot:
+        return 0.0
+    norm = math.sqrt(sum(n * n for n in wa.values()) * sum(n * n for n in wb.values()))
+    return dot / norm
+
+
+def _editable(message: Any) -> bool:
+    return (isinstance(message, dict) and isinstance(message.get("content"), str)
+            and not message.get("tool_calls") and message.get("role") != "tool")
+
+
+def _last_user(messages: Sequence[Any]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], dict) and messages[i].get("role") == "user":
+            return i
+    return -1
+
+
+# ---- system prompt
+
+
+def normalize_system(messages: list[Message]) -> list[Message]:
+    """System (and developer) prompts with trailing spaces, runs of blank lines and repeated
+    paragraphs removed, and any prompt that repeats an earlier one dropped."""
+    out: list[Message] = []
+    seen: set[str] = set()
+    for message in messages:
+        if not (_editable(message) and message.get("role") in ("system", "developer")):
+            out.append(message)
+            continue
+        text = _normalize(message["content"])
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append(message if text == message["content"] else {**message, "content": text})
+    unchanged = len(out) == len(messages) and all(
+        a is b for a, b in zip(out, messages, strict=True))
+    return messages if unchanged else out
+
+
+def _normalize(text: str) -> str:
+    if _protected(text) and not paragraphs(text)[1:]:
+        return text  # one code block or JSON document: as sent
+    kept: list[str] = []
+    seen: set[str] = set()
+    for span in paragraphs(text):
+        piece = span.piece(text)
+        if not span.protected:
+            piece = "\n".join(line.rstrip() for line in piece.strip().split("\n"))
+            if piece in seen:
+                continue
+            seen.add(piece)
+        kept.append(piece)
+    return "\n\n".join(kept).rstrip()  # after a closing fence or a JSON document: not code
+
+
+# ---- few-shot examples
+
+
+@dataclass(frozen=True, slots=True)
+class Examples:
+    """The worked examples of a prompt and the question they precede. ``pairs``: example i is
+    the user/assistant messages ``pairs[i]``; ``blocks``: example i is the text
+    ``blocks[i]`` of message ``message`` (its template blocks, the question's excluded)."""
+
+    question: str
+    texts: tuple[str, ...]
+    pinned: frozenset[int]  # examples holding code or JSON: always kept
+    pairs: tuple[tuple[int, int], ...] = ()
+    message: int = -1
+    blocks: tuple[tuple[int, int], ...] = ()  # (start, next start) in the message's content
+
+
+def find_examples(messages: list[Message]) -> list[Examples]:
+    """The example sets of ``messages``: user/assistant pairs before the last user message, and
+    repeated template blocks inside the last user message."""
+    last = _last_user(messages)
+    if last < 0 or not isinstance(messages[last].get("content"), str):
+        return []
+    question = messages[last]["content"]
+    found = [e for e in (_pair_examples(messages, last, question), _block_examples(messages, last))
+             if e is not None]
+    return found
+
+
+def _pair_examples(messages: list[Message], last: int, question: str) -> Examples | None:
+    pairs = tuple(
+        (i, i + 1) for i in range(last - 1)
+        if messages[i].get("role") == "user" and messages[i + 1].get("role") == "assistant"
+        and _editable(messages[i]) and _editable(messages[i + 1])
+    )
+    if len(pairs) < 2:
+        return None
+    texts = tuple(f"{messages[u]['content']}\n{messages[a]['content']}" for u, a in pairs)
+    pinned = frozenset(i for i, t in enumerate(texts) if _protected_any(t))
+    return Examples(question, texts, pinned, pairs=pairs)
+
+
+def _protected_any(text: str) -> bool:
+    return any(s.protected for s in paragraphs(text))
+
+
+def _template_line(text: str, spans: list[Span]) -> str | None:
+    seen: Counter[str] = Counter()
+    for span in spans:
+        if not span.protected:
+            seen.update({line.strip() for line in span.piece(text).split("\n")})
+    best = max(((n, len(line), line) for line, n in seen.items()
+                if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), default=None)
+    return best[2] if best is not None else None
+
+
+def _block_examples(messages: list[Message], last: int) -> Examples | None:
+    text: str = messages[last]["content"]
+    spans = paragraphs(text)
+    line = _template_line(text, spans)
+    if line is None:
+        return None
+    marked = [i for i, s in enumerate(spans) if not s.protected
+              and line in (x.strip() for x in s.piece(text).split("\n"))]
+    first = marked[0]
+    repeated = Counter(s.piece(text) for s in spans)
+    while first > 0 and repeated[spans[first - 1].piece(text)] > 1:
+        first -= 1  # a repeated header paragraph belongs to the first example
+    starts = [first, *(m + 1 for m in marked[:-1])]
+    ends = marked[:-1]
+    bounds = [(spans[a].start, spans[b + 1].start)
+              for a, b in zip(starts[:-1], ends, strict=True)]
+    final = spans[marked[-1]]
+    question = text[spans[starts[-1]].start:final.end]
+    texts = tuple(text[a:b] for a, b in bounds)
+    pinned = frozenset(i for i, t in enumerate(texts) if _protected_any(t))
+    return Examples(question, texts, pinned, message=last, blocks=tuple(bounds))
+
+
+def keep_examples(messages: list[Message], examples: Examples,
+                  scores: Sequence[float], keep: int) -> list[Message]:
+    """``messages`` with only the ``keep`` best-scoring examples (and pinned ones) left, in
+    their original order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    kept = set(order[:keep]) | examples.pinned
+    if len(kept) >= len(scores):
+        return messages
+    if examples.pairs:
+        gone = {m for i, pair in enumerate(examples.pairs) if i not in kept for m in pair}
+        return [m for i, m in enumerate(messages) if i not in gone]
+    text: str = messages[examples.message]["content"]
+    pieces, at = [], 0
+    for i, (a, b) in enumerate(examples.blocks):
+        pieces.append(text[at:a])
+        if i in kept:
+            pieces.append(text[a:b])
+        at = b
+    pieces.append(text[at:])
+    out = list(messages)
+    out[examples.message] = {**messages[examples.message], "content": "".join(pieces)}
+    return out
+
+
+# ---- context
+
+
+def trim_context(messages: list[Message], max_tokens: int, count: Count) -> list[Message]:
+    """The last user message cut to about ``max_tokens`` tokens: its final paragraph (the
+    question) and its code and JSON stay; of the rest, the paragraphs (sentences, for a
+    paragraph longer than the budget) that share most words with the question, in their
+    original order."""
+    last = _last_user(messages)
+    if last < 0 or not _editable(messages[last]):
+        return messages
+    text: str = messages[last]["content"]
+    if len(text) <= max_tokens or count(text) <= max_tokens:  # a token is at least a char
+        return messages
+    spans = paragraphs(text)
+    if len(spans) < 2:
+        return messages
+    *context, question = spans
+    units = [u for p in context for u in
+             ([p] if p.protected or count(p.piece(text)) <= max_tokens else _sentences(text, p))]
+    kept = _select(text, units, question, max_tokens - count(question.piece(text)), count)
+    if len(kept) == len(units):
+        return messages
+    trimmed = "".join(text[u.start:u.sep] for u in kept) + text[question.start:]
+    out = list(messages)
+    out[last] = {**messages[last], "content": trimmed}
+    return out
+
+
+def _select(text: str, units: list[Span], question: Span, budget: int,
+            count: Count) -> list[Span]:
+    asked = question.piece(text)
+    sizes = [count(u.piece(text)) for u in units]
+    left = budget - sum(n for u, n in zip(units, sizes, strict=True) if u.protected)
+    ranked = sorted((i for i, u in enumerate(units) if not u.protected),
+                    key=lambda i: (-lexical_similarity(units[i].piece(text), asked), i))
+    chosen = {i for i, u in enumerate(units) if u.protected}
+    for i in ranked:
+        if sizes[i] <= left:
+            chosen.add(i)
+            left -= sizes[i]
+    return [units[i] for i in sorted(chosen)]
+
+
+# ---- history
+
+
+def trim_history(messages: list[Message], max_tokens: int,
+                 count: Callable[[list[Message]], int]) -> list[Message]:
+    """``messages`` without their oldest turns (a user message and what followed it, tool
+    calls and results together) until they fit ``max_tokens``; system prompts, and the last
+    user message and what follows it, always stay."""
+    if count(messages) <= max_tokens:
+        return messages
+    last = _last_user(messages)
+    turns: list[list[int]] = []
+    for i in range(last if last >= 0 else 0):
+        role = messages[i].get("role") if isinstance(messages[i], dict) else None
+        if role in ("system", "developer"):
+            continue
+        if role == "user" or not turns:
+            turns.append([])
+        turns[-1].append(i)
+    gone: set[int] = set()
+    total = count(messages)
+    for turn in turns:
+        if total <= max_tokens:
+            break
+        total -= count([messages[i] for i in turn]) - count([])
+        gone.update(turn)
+    return [m for i, m in enumerate(messages) if i not in gone]
