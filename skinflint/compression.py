@@ -26,7 +26,7 @@ __all__ = [
     "Span",
     "find_examples",
     "keep_examples",
-    "lexical_similarity",
+    "lexical_similarities",
     "normalize_system",
     "paragraphs",
     "trim_context",
@@ -108,18 +108,22 @@ def _sentences(text: str, para: Span) -> list[Span]:
     return out
 
 
-def _words(text: str) -> Counter[str]:
-    return Counter(w for w in _WORD.findall(text.lower()) if w not in _STOP)
+def _words(text: str) -> frozenset[str]:
+    return frozenset(_WORD.findall(text.lower())) - _STOP
 
 
-def lexical_similarity(a: str, b: str) -> float:
-    """Cosine of the two texts' word bags (lower-cased, common English words left out)."""
-    wa, wb = _words(a), _words(b)
-    dot = sum(n * wb[w] for w, n in wa.items() if w in wb)
-    if not dot:
-        return 0.0
-    norm = math.sqrt(sum(n * n for n in wa.values()) * sum(n * n for n in wb.values()))
-    return dot / norm
+def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
+    """Each text's word-bag cosine with ``question``: shared distinct words over the geometric
+    mean of the two texts' distinct words (lower-cased, common English words left out)."""
+    asked = _words(question)
+    if not asked:
+        return [0.0] * len(texts)
+    out: list[float] = []
+    for text in texts:
+        words = _words(text)
+        shared = len(asked & words)
+        out.append(shared / math.sqrt(len(asked) * len(words)) if shared else 0.0)
+    return out
 
 
 def _editable(message: Any) -> bool:
@@ -247,7 +251,8 @@ def _block_examples(messages: list[Message], last: int) -> Examples | None:
     final = spans[marked[-1]]
     question = text[spans[starts[-1]].start:final.end]
     texts = tuple(text[a:b] for a, b in bounds)
-    pinned = frozenset(i for i, t in enumerate(texts) if _protected_any(t))
+    code = [s.start for s in spans if s.protected]
+    pinned = frozenset(i for i, (a, b) in enumerate(bounds) if any(a <= c < b for c in code))
     return Examples(question, texts, pinned, message=last, blocks=tuple(bounds))
 
 
@@ -309,8 +314,9 @@ def _select(text: str, units: list[Span], question: Span, budget: int,
     asked = question.piece(text)
     sizes = [count(u.piece(text)) for u in units]
     left = budget - sum(n for u, n in zip(units, sizes, strict=True) if u.protected)
+    scores = lexical_similarities(asked, [u.piece(text) for u in units])
     ranked = sorted((i for i, u in enumerate(units) if not u.protected),
-                    key=lambda i: (-lexical_similarity(units[i].piece(text), asked), i))
+                    key=lambda i: (-scores[i], i))
     chosen = {i for i, u in enumerate(units) if u.protected}
     for i in ranked:
         if sizes[i] <= left:

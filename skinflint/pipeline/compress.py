@@ -115,7 +115,7 @@ class Compress:
             q, *rest = vectors
             if q is not None and all(v is not None for v in rest):
                 return [_cosine(q, v) for v in rest if v is not None]
-        return [cx.lexical_similarity(t, question) for t in texts]
+        return cx.lexical_similarities(question, texts)
 
     def _record(self, ctx: RequestContext, done: list[tuple[str, Messages]],
                 final: Messages) -> None:
