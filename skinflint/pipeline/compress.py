@@ -18,6 +18,7 @@ word-bag cosine until then (or when the semantic cache is off, or the embedder i
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.tokens import TokenCounter
 
 __all__ = ["Compress"]
+
+log = logging.getLogger("skinflint")
 
 Messages = list[dict[str, Any]]
 Allowed = Callable[[str, str], bool]
@@ -57,6 +60,9 @@ class Compress:
         self._embedder = embedder or (lambda: None)
         self._allowed = allowed
         self.enabled = policies.configured
+        if any(p.system_prompt.rewrite_with for p in _policies(policies)):
+            log.warning("compression: system_prompt.rewrite_with is not applied yet; "
+                        "system prompts are normalised only")
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         messages = ctx.body.get("messages")
@@ -142,6 +148,11 @@ class Compress:
 
     def _count_messages(self, model: str, messages: Messages) -> int:
         return self._tokens.count_messages(model, messages)
+
+
+def _policies(scoped: Scoped[CompressionPolicy]) -> list[CompressionPolicy]:
+    found = [*scoped.features.values(), *scoped.routes.values()]
+    return found if scoped.default is None else [scoped.default, *found]
 
 
 def _cosine(a: Vector, b: Vector) -> float:

@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 
 from skinflint.config import CompressionPolicy, Scoped, settings_from_dict
+from skinflint.embed import load_embedder
 from skinflint.errors import ConfigError
 from skinflint.metrics import Metrics
 from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import RequestContext
+from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.tokens import TokenCounter
 from tests.pipeline.parts import Recorder, context
 
@@ -216,3 +218,34 @@ def test_configuration_names_and_checks_the_models_it_uses() -> None:
             "shadow": {"judge": "nope"}}}}}, env={})
     with pytest.raises(ConfigError, match="keep"):
         settings_from_dict({**base, "compression": {"default": {"few_shot": {}}}}, env={})
+
+
+async def test_few_shot_uses_the_local_embedder_once_loaded_else_word_bags() -> None:
+    pairs: list[JSON] = []
+    for q, a in [("How many legs does a spider have?", "Eight"),
+                 ("What is the capital of France?", "Paris"),
+                 ("What colour is grass?", "Green"),
+                 ("Name the largest city in Japan.", "Tokyo")]:
+        pairs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages = [*pairs, {"role": "user", "content": "Which city is Spain's seat of government?"}]
+    scoped = Scoped[CompressionPolicy].model_validate({"default": {"few_shot": {"keep": 2}}})
+    embedder = GuardedEmbedder(load_embedder("local"), Metrics())
+    loaded: list[GuardedEmbedder | None] = [None]
+    stage = Compress(scoped, TOKENS, Metrics(), embedder=lambda: loaded[0])
+    try:
+        _, by_words = await _run(stage, messages)  # not loaded yet: shared words decide
+        loaded[0] = embedder
+        _, by_meaning = await _run(stage, messages)
+    finally:
+        embedder.close()
+    assert [m["content"] for m in by_words[:4:2]] == [
+        "How many legs does a spider have?", "Name the largest city in Japan."]
+    assert [m["content"] for m in by_meaning[:4:2]] == [
+        "What is the capital of France?", "Name the largest city in Japan."]
+
+
+def test_a_rewrite_model_is_accepted_and_said_to_be_not_applied_yet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _stage({"system_prompt": {"rewrite_with": "mini"}})
+    assert "rewrite_with is not applied yet" in caplog.text
