@@ -12,7 +12,9 @@ byte for byte.
 CPU: the main thread's CPU time (``time.thread_time``) per call of the stage, p50/p99, on the
 same prompts and on longer ones built by joining the worked examples of several prompts before
 one question, up to about 8k tokens, with ``few_shot: {keep: 2}`` and with every strategy
-(``few_shot`` + ``context: {max_tokens: 2000}`` + ``history: {max_tokens: 4000}``). The
+(``few_shot`` + ``context: {max_tokens: 2000}`` + ``history: {max_tokens: 4000}``), and, for
+context trimming alone (``context: {max_tokens: 500}``), on prompts made of distinct questions
+(each prompt's last) as context paragraphs before one more question. The
 unconfigured cost is that of a request whose feature has no setting, while others do (a lookup)
 and of a gateway without a ``compression`` section (the stage is disabled: the pipeline never
 calls it, so that cost is zero).
@@ -124,11 +126,28 @@ def long_prompts(texts: list[str], size: int, count: int) -> list[str]:
     return built
 
 
+def documents(texts: list[str], size: int, count: int) -> list[str]:
+    """``count`` prompts of about ``size`` tokens with no repeated example: the questions of
+    successive prompts (each different) as paragraphs of context, then one more question."""
+    questions = [t[t.rfind("\n\n") + 2:] for t in texts]
+    built: list[str] = []
+    at = 0
+    while len(built) < count:
+        parts: list[str] = []
+        while TOKENS.count_text(MODEL, "\n\n".join(parts)) < size - 100:
+            parts.append(questions[at % len(questions)])
+            at += 1
+        built.append("\n\n".join(parts))
+    return built
+
+
 async def cpu_by_size(texts: list[str], count: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in (1000, 2000, 4000, 8000):
-        prompts = long_prompts(texts, size, count)
-        for label, policy in (("few_shot", FEW_SHOT), ("all", EVERYTHING)):
+        shots, docs = long_prompts(texts, size, count), documents(texts, size, count)
+        for label, policy, prompts in (("few_shot", FEW_SHOT, shots),
+                                       ("all", EVERYTHING, shots),
+                                       ("context_500", {"context": {"max_tokens": 500}}, docs)):
             compress = stage(policy)
             cpu = [await run_once(compress, request(t)) for t in prompts]
             out[f"{size}/{label}"] = {"cpu_ms_p50": round(pct(cpu, 0.5), 4),

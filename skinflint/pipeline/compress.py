@@ -80,6 +80,7 @@ class Compress:
         model, feature = ctx.requested_model, ctx.feature
         if not self._tokens.ready(model):  # the tokenizer loads once, off the event loop
             await asyncio.to_thread(self._tokens.prepare, model)
+        counter = _Counts(self._tokens, model)
         done: list[tuple[str, Messages]] = []
         messages = original
         if policy.system_prompt.normalize and self._may(feature, "system_prompt"):
@@ -88,15 +89,13 @@ class Compress:
             pruned = await self._prune(messages, policy.few_shot.keep)
             messages = self._step(done, "few_shot", messages, pruned)
         if policy.context is not None and self._may(feature, "context"):
-            cut = cx.trim_context(messages, policy.context.max_tokens,
-                                  lambda text: self._count_text(model, text))
+            cut = cx.trim_context(messages, policy.context.max_tokens, counter.text)
             messages = self._step(done, "context", messages, cut)
         if policy.history is not None and self._may(feature, "history"):
-            cut = cx.trim_history(messages, policy.history.max_tokens,
-                                  lambda ms: self._count_messages(model, ms))
+            cut = cx.trim_history(messages, policy.history.max_tokens, counter.messages)
             messages = self._step(done, "history", messages, cut)
         if done:
-            self._record(ctx, done, messages)
+            self._record(ctx, done, messages, counter)
 
     @staticmethod
     def _step(done: list[tuple[str, Messages]], strategy: str, before: Messages,
@@ -124,30 +123,55 @@ class Compress:
         return cx.lexical_similarities(question, texts)
 
     def _record(self, ctx: RequestContext, done: list[tuple[str, Messages]],
-                final: Messages) -> None:
-        model = ctx.requested_model
+                final: Messages, counter: _Counts) -> None:
         after = [before for _, before in done[1:]] + [final]
         removed = 0
         for (strategy, before), result in zip(done, after, strict=True):
-            saved = self._changed_tokens(model, before, result)
+            saved = counter.changed(before, result)
             removed += saved
             if saved > 0:
                 self._metrics.child(self._metrics.compression_saved, strategy).inc(saved)
         ctx.compression = Compression(tuple(s for s, _ in done), removed, ctx.body)
         ctx.body = {**ctx.body, "messages": final}
 
-    def _changed_tokens(self, model: str, before: Messages, after: Messages) -> int:
+
+class _Counts:
+    """One request's token counts, each text counted once however often it is asked for."""
+
+    def __init__(self, tokens: TokenCounter, model: str) -> None:
+        self._tokens = tokens
+        self._model = model
+        self._known: dict[str, int] = {}
+
+    def text(self, text: str) -> int:
+        found = self._known.get(text)
+        if found is None:
+            found = self._known[text] = self._tokens.count_text(self._model, text)
+        return found
+
+    def message(self, message: dict[str, Any]) -> int:
+        """``count_messages([message])`` without the reply priming: its framing and other
+        fields, plus its text content (a message's count is their sum)."""
+        content = message.get("content")
+        if not isinstance(content, str):
+            return self._tokens.count_messages(self._model, [message]) - self._priming
+        framing = self._tokens.count_messages(self._model, [{**message, "content": ""}])
+        return framing - self._priming + self.text(content)
+
+    @property
+    def _priming(self) -> int:
+        return self._tokens.count_messages(self._model, [])
+
+    def messages(self, messages: Messages) -> int:
+        """``count_messages(messages)``."""
+        return self._priming + sum(self.message(m) for m in messages)
+
+    def changed(self, before: Messages, after: Messages) -> int:
         """Prompt tokens of ``before`` minus those of ``after``, counting only the messages
         that differ (a chat prompt's count is a sum over its messages)."""
         kept = {id(m) for m in after} & {id(m) for m in before}
-        return (self._count_messages(model, [m for m in before if id(m) not in kept])
-                - self._count_messages(model, [m for m in after if id(m) not in kept]))
-
-    def _count_text(self, model: str, text: str) -> int:
-        return self._tokens.count_text(model, text)
-
-    def _count_messages(self, model: str, messages: Messages) -> int:
-        return self._tokens.count_messages(model, messages)
+        return (sum(self.message(m) for m in before if id(m) not in kept)
+                - sum(self.message(m) for m in after if id(m) not in kept))
 
 
 def _policies(scoped: Scoped[CompressionPolicy]) -> list[CompressionPolicy]:
