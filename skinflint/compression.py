@@ -303,16 +303,28 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count) -> list
     if len(spans) < 2:
         return messages
     *context, question = spans
-    units = [u for p in context for u in
+    parts = [(u, p) for p in context for u in
              ([p] if p.protected or p.end - p.start <= max_tokens * _CHARS_PER_TOKEN
               else _sentences(text, p))]
-    kept = _select(text, units, question, max_tokens - count(question.piece(text)), count)
+    units = [u for u, _ in parts]
+    kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count))
     if len(kept) == len(units):
         return messages
-    trimmed = "".join(text[u.start:u.sep] for u in kept) + text[question.start:]
+    trimmed = _join(text, [(u, p) for u, p in parts if u in kept]) + text[question.start:]
     out = list(messages)
     out[last] = {**messages[last], "content": trimmed}
     return out
+
+
+def _join(text: str, parts: list[tuple[Span, Span]]) -> str:
+    """The kept units (each with its paragraph) with their separators: a paragraph's last
+    kept unit is followed by the paragraph's own separator."""
+    pieces: list[str] = []
+    for i, (unit, para) in enumerate(parts):
+        last = i + 1 == len(parts) or parts[i + 1][1] is not para
+        pieces.append(text[unit.start:unit.end] + text[para.end:para.sep] if last
+                      else text[unit.start:unit.sep])
+    return "".join(pieces)
 
 
 def _select(text: str, units: list[Span], question: Span, budget: int,

@@ -139,6 +139,21 @@ async def test_context_keeps_relevant_chunks_data_and_question_within_the_budget
     assert TOKENS.count_text("gpt-4o", trimmed) <= 210
     assert TOKENS.count_text("gpt-4o", text) > 1000
     assert ctx.compression is not None and ctx.compression.strategies == ("context",)
+    assert ctx.compression.tokens_removed == (
+        TOKENS.count_messages("gpt-4o", [{"role": "user", "content": text}])
+        - TOKENS.count_messages("gpt-4o", sent))
+
+
+async def test_context_cuts_a_long_paragraph_into_sentences() -> None:
+    noise = " ".join(f"Sentence {i} is about harbours and ships." for i in range(300))
+    text = (f"{noise} The kettle warranty lasts two years. {noise}\n\n"
+            "How long is the kettle warranty?")
+    _, sent = await _run(_stage({"context": {"max_tokens": 60}}),
+                         [{"role": "user", "content": text}])
+    trimmed = sent[0]["content"]
+    assert "The kettle warranty lasts two years." in trimmed
+    assert trimmed.endswith("\n\nHow long is the kettle warranty?")
+    assert TOKENS.count_text("gpt-4o", trimmed) <= 60
 
 
 async def test_context_below_the_budget_is_untouched() -> None:
@@ -168,6 +183,8 @@ async def test_history_drops_oldest_turns_and_keeps_tool_pairs_together() -> Non
     ctx, sent = await _run(_stage({"history": {"max_tokens": 120}}), messages)
     assert sent == [messages[0], *messages[3:]]
     assert ctx.compression is not None and ctx.compression.strategies == ("history",)
+    assert ctx.compression.tokens_removed == (
+        TOKENS.count_messages("gpt-4o", messages) - TOKENS.count_messages("gpt-4o", sent))
     ctx, sent = await _run(_stage({"history": {"max_tokens": 30}}), messages)
     assert sent == [messages[0], messages[7]]  # the tool call went with its result
 
