@@ -414,7 +414,10 @@ class SystemPromptPolicy(_Frozen):
 
 
 class FewShotPolicy(_Frozen):
-    """Few-shot pruning: keep the ``keep`` worked examples most similar to the question."""
+    """Few-shot pruning: keep the ``keep`` worked examples most similar to the question.
+    Examples are the blocks of the last user message that repeat one template line, and every
+    plain user/assistant pair before the last user message: set it only for features whose
+    earlier turns are examples, not a conversation."""
 
     keep: int = Field(ge=0)
 
