@@ -34,8 +34,12 @@ __all__ = [
     "BudgetConfig",
     "BudgetLimit",
     "CachePolicy",
+    "CompressionPolicy",
+    "ContextPolicy",
     "ExactCacheConfig",
+    "FewShotPolicy",
     "GateConfig",
+    "HistoryPolicy",
     "KeyConfig",
     "ModelConfig",
     "PriceOverride",
@@ -45,6 +49,8 @@ __all__ = [
     "Scoped",
     "SemanticCacheConfig",
     "Settings",
+    "ShadowPolicy",
+    "SystemPromptPolicy",
     "TaskConfig",
     "TierConfig",
     "TokenBudget",
@@ -439,6 +445,66 @@ DEFAULT_ALERT_RULES = (
 )
 
 
+class SystemPromptPolicy(_Frozen):
+    """System-prompt compaction: whitespace and repeated paragraphs normalised (``normalize``),
+    and, for a prompt of at least ``min_tokens`` tokens, a one-time rewrite by the model
+    ``rewrite_with`` (cached by the prompt's content hash)."""
+
+    normalize: bool = True
+    rewrite_with: str | None = None
+    min_tokens: int = Field(default=500, ge=0)
+
+
+class FewShotPolicy(_Frozen):
+    """Few-shot pruning: keep the ``keep`` worked examples most similar to the question.
+    Examples are the blocks of the last user message that repeat one template line, and every
+    plain user/assistant pair before the last user message: set it only for features whose
+    earlier turns are examples, not a conversation."""
+
+    keep: int = Field(ge=0)
+
+
+class ContextPolicy(_Frozen):
+    """Context trimming: the last user message is cut to ``max_tokens``, keeping the chunks
+    most relevant to its question."""
+
+    max_tokens: int = Field(gt=0)
+
+
+class HistoryPolicy(_Frozen):
+    """Conversation trimming: the oldest turns go until the prompt fits ``max_tokens``."""
+
+    max_tokens: int = Field(gt=0)
+
+
+class ShadowPolicy(_Frozen):
+    """Sampled shadow evaluation of compressed requests: a ``sample`` share of them is also
+    sent uncompressed, and a strategy whose answers agree less than ``floor`` of the time is
+    switched off for the feature. ``judge``: ``exact``, ``similarity`` or a model or alias."""
+
+    sample: float = Field(default=0.05, ge=0, le=1)
+    floor: float = Field(default=0.9, ge=0, le=1)
+    judge: str = Field(default="similarity", min_length=1)
+
+
+class CompressionPolicy(_Frozen):
+    """The ``compression`` setting of a feature or route: the strategies it uses (the system
+    prompt is normalised unless ``system_prompt: {normalize: false}``)."""
+
+    system_prompt: SystemPromptPolicy = SystemPromptPolicy()
+    few_shot: FewShotPolicy | None = None
+    context: ContextPolicy | None = None
+    history: HistoryPolicy | None = None
+    shadow: ShadowPolicy | None = None
+
+    def models(self) -> list[tuple[str, str]]:
+        """(key, model) of every model this setting names."""
+        named = [("system_prompt.rewrite_with", self.system_prompt.rewrite_with)]
+        if self.shadow is not None and self.shadow.judge not in ("exact", "similarity"):
+            named.append(("shadow.judge", self.shadow.judge))
+        return [(key, model) for key, model in named if model]
+
+
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
@@ -461,6 +527,7 @@ class Settings(_Frozen):
     token_budgets: TokenBudgets = Field(default_factory=TokenBudgets)
     # absent: the default rule; an empty list (or an empty section): no alerts
     alerts: tuple[AlertRule, ...] = DEFAULT_ALERT_RULES
+    compression: Scoped[CompressionPolicy] = Field(default_factory=Scoped[CompressionPolicy])
     admin_key_sha256: str = Field(default="", repr=False)
     admin_key: str = Field(default="", repr=False, exclude=True)
 
@@ -486,6 +553,7 @@ class Settings(_Frozen):
         self._check_budgets()
         self._check_alerts()
         self._check_rules()
+        self._check_compression()
         return self
 
     def _check_rules(self) -> None:
@@ -494,6 +562,16 @@ class Settings(_Frozen):
             if rule.name in seen:
                 raise ValueError(f"rules[{i}].name: {rule.name!r} is used twice")
             seen.add(rule.name)
+
+    def _check_compression(self) -> None:
+        scoped = self.compression
+        settings = [("default", scoped.default)] if scoped.default is not None else []
+        settings += [(f"features.{n}", p) for n, p in scoped.features.items()]
+        settings += [(f"routes.{n}", p) for n, p in scoped.routes.items()]
+        for where, policy in settings:
+            for key, model in policy.models():
+                if not (self.default_provider or model in self.models or model in self.routes):
+                    raise ValueError(f"compression.{where}.{key}: unknown model {model!r}")
 
     @field_validator("alerts", "rules", mode="before")
     @classmethod

@@ -29,6 +29,7 @@ from skinflint.pipeline.cache import ResponseCache, semantic_setting
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
+from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
@@ -128,6 +129,8 @@ class Gateway:
             rules=Rules(settings.rules, tokens, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
+            compress=Compress(settings.compression, tokens, metrics,
+                              embedder=lambda: cache.embedder),
             route=route,
             budget_tokens=BudgetTokens(settings.token_budgets),
             call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),

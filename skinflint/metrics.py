@@ -86,6 +86,9 @@ class Metrics:
         self.truncated = counter("skinflint_truncated_answers",
                                  "Answers cut at their output-token limit (finish_reason length)",
                                  ["feature"])
+        self.compression_saved = counter("skinflint_compression_tokens_saved",
+                                         "Prompt tokens removed by the compress stage",
+                                         ["strategy"])
         self.budget_alerts = counter("skinflint_budget_alerts",
                                      "Budget alert thresholds crossed", ["budget", "at"])
         self.budget_amount = Gauge(

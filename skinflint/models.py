@@ -169,3 +169,4 @@ class LedgerRecord:
     similarity: float | None = None
     cache_reason: str = ""  # a CacheBypass value when cache_status is "bypass"
     truncated: int = 0  # 1 when the answer was cut at its output limit (finish_reason length)
+    tokens_saved: int = 0  # prompt tokens the compress stage removed before the call

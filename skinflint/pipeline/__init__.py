@@ -10,11 +10,11 @@ from skinflint.pipeline.budget_tokens import BudgetTokens
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider
+from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
-from skinflint.pipeline.slots import Compress
 
 __all__ = ["Pipeline", "Reply", "RequestContext", "build_stages"]
 
@@ -26,6 +26,7 @@ def build_stages(
     rules: Rules,
     exact_cache: ExactCache,
     semantic_cache: SemanticCache,
+    compress: Compress,
     route: Route,
     budget_tokens: BudgetTokens,
     call_provider: CallProvider,
@@ -38,7 +39,7 @@ def build_stages(
         rules,  # 3  deterministic answers
         exact_cache,  # 4  exact cache lookup
         semantic_cache,  # 5  semantic cache lookup
-        Compress(),  # 6  prompt compression
+        compress,  # 6  prompt compression
         route,  # 7  model / cascade choice
         budget_tokens,  # 8  output-token caps
         call_provider,  # 9  the upstream call (terminal)

@@ -216,6 +216,7 @@ class Account:
             similarity=ctx.cache.similarity,
             cache_reason=ctx.cache.reason.value if ctx.cache.reason is not None else "",
             truncated=int(ctx.truncated),
+            tokens_saved=ctx.compression.tokens_removed if ctx.compression is not None else 0,
         )
         row.update(fields)
         return LedgerRecord(**row)
@@ -250,6 +251,7 @@ class Account:
                     cache_status="miss",
                     cache_reason="",
                     strategy=a.strategy,
+                    tokens_saved=0,
                     upstream_latency_ms=a.upstream_ms,
                     status=a.status,
                     error_type=a.error_type or str(a.verdict),

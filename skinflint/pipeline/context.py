@@ -21,6 +21,7 @@ __all__ = [
     "BudgetDecision",
     "CacheDecision",
     "CachePlan",
+    "Compression",
     "Costs",
     "GateVerdict",
     "Next",
@@ -140,6 +141,22 @@ class TokenCap:
 
 
 @dataclass(frozen=True, slots=True)
+class Compression:
+    """What the compress stage removed from a request's prompt: the strategies that changed it
+    (among ``system_prompt``, ``few_shot``, ``context``, ``history``, in that order), the
+    prompt tokens removed, and the request body as the client sent it (for a shadow call)."""
+
+    strategies: tuple[str, ...]
+    tokens_removed: int
+    original_body: JSON
+
+    @property
+    def label(self) -> str:
+        """``few_shot+context``: what ``;compressed=`` names in ``x-skinflint-route``."""
+        return "+".join(self.strategies)
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetDecision:
     """What the guard decided for an admitted request: the budgets that count it, the model a
     downgrade budget sends it to (and that budget), the alert thresholds it crossed."""
@@ -242,6 +259,7 @@ class RequestContext:
     cache: CacheDecision = MISS
     cache_plan: CachePlan | None = None  # None: the cache neither serves nor stores it
     semantic: SemanticProbe | None = None
+    compression: Compression | None = None  # None: the prompt was sent as the client sent it
     targets: tuple[Target, ...] = ()
     route: RouteDecision | None = None
     token_cap: TokenCap | None = None  # None: no token budget applies
@@ -282,6 +300,14 @@ class RequestContext:
         label = self.route.label if self.route is not None else self.requested_model
         cap = self.token_cap
         return f"{label};cap={cap.max_tokens}" if cap is not None and cap.capped else label
+
+    @property
+    def route_header(self) -> str:
+        """The ``x-skinflint-route`` header: the route's label, then ``;compressed=`` and the
+        strategies that shrank the prompt, if any did."""
+        if self.compression is None:
+            return self.route_label
+        return f"{self.route_label};compressed={self.compression.label}"
 
 
 Next = Callable[[RequestContext], Awaitable[Reply]]

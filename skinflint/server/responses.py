@@ -46,7 +46,7 @@ def skinflint_headers(ctx: RequestContext, *, streaming: bool = False) -> Header
         (b"x-skinflint-request-id", ctx.request_id.encode()),
         (b"x-skinflint-cache", ctx.cache.status.encode()),
         (b"x-skinflint-model", _header_value(ctx.answered_model)),
-        (b"x-skinflint-route", _header_value(ctx.route_label)),
+        (b"x-skinflint-route", _header_value(ctx.route_header)),
     ]
     if ctx.cache.reason is not None:  # one of our fixed values, never the client's text
         headers.append((b"x-skinflint-cache-reason", ctx.cache.reason.encode()))

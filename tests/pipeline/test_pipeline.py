@@ -1,4 +1,4 @@
-"""The pipeline's fold: the stages in order, empty slots skipped, account outermost."""
+"""The pipeline's fold: the stages in order, stages not configured skipped, account outermost."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
+from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import MISS, Next, Reply, RequestContext
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
@@ -96,6 +97,7 @@ def _built(exact: bool, provider: Scripted | None = None) -> tuple[Pipeline, Mem
         rules=Rules(settings.rules, TokenCounter(), metrics),
         exact_cache=ExactCache(cache),
         semantic_cache=SemanticCache(cache),
+        compress=Compress(settings.compression, TokenCounter(), metrics),
         route=Route(settings, classifiers={}, scorer=None, metrics=metrics),
         budget_tokens=BudgetTokens(settings.token_budgets),
         call_provider=CallProvider({"p": provider}, {"p": RetryPolicy()}, metrics),

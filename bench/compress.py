@@ -1,0 +1,206 @@
+"""Compress stage benchmark: tokens removed by few-shot pruning, and the stage's CPU per request.
+
+Data: the 5-shot prompts of RouterBench (``shared/data/routerbench/arc_challenge_train.csv``
+and ``winograde_train.csv``; each ``prompt`` is a Python-list literal holding one string of
+five worked examples then the question; see ``shared/data/README.md`` for their provenance).
+Each prompt is sent as one user message through the real :class:`Compress` stage configured
+``few_shot: {keep: 2}`` (word-bag similarity: the embedder is not loaded here), and the run
+reports input tokens before and after (``TokenCounter.count_messages`` for gpt-4o) and checks
+that the question (the text after the prompt's last blank line) ends the compressed prompt
+byte for byte.
+
+CPU: the main thread's CPU time (``time.thread_time``) per call of the stage, p50/p99, on the
+same prompts and on longer ones built by joining the worked examples of several prompts before
+one question, up to about 8k tokens, with ``few_shot: {keep: 2}`` and with every strategy
+(``few_shot`` + ``context: {max_tokens: 2000}`` + ``history: {max_tokens: 4000}``), and, for
+context trimming alone (``context: {max_tokens: 500}``), on prompts made of distinct questions
+(each prompt's last) as context paragraphs before one more question. The
+unconfigured cost is that of a request whose feature has no setting, while others do (a lookup)
+and of a gateway without a ``compression`` section (the stage is disabled: the pipeline never
+calls it, so that cost is zero).
+
+Each run appends one JSON object to ``bench/results/compress.jsonl`` and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import csv
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from skinflint.config import CompressionPolicy, Scoped
+from skinflint.metrics import Metrics
+from skinflint.pipeline.compress import Compress
+from skinflint.pipeline.context import Reply, RequestContext
+from skinflint.tokens import TokenCounter
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
+FILES = ("arc_challenge_train.csv", "winograde_train.csv")
+RESULTS = Path(__file__).resolve().parent / "results" / "compress.jsonl"
+MODEL = "gpt-4o"
+TOKENS = TokenCounter()
+FEW_SHOT = {"few_shot": {"keep": 2}}
+EVERYTHING = {**FEW_SHOT, "context": {"max_tokens": 2000}, "history": {"max_tokens": 4000}}
+
+
+def load_prompts(data: Path) -> dict[str, list[str]]:
+    csv.field_size_limit(1 << 30)
+    found: dict[str, list[str]] = {}
+    for name in FILES:
+        with (data / name).open(newline="") as f:
+            found[name] = [ast.literal_eval(row["prompt"])[0] for row in csv.DictReader(f)]
+    return found
+
+
+def stage(policy: dict[str, Any]) -> Compress:
+    scoped = Scoped[CompressionPolicy].model_validate({"features": {"quiz": policy}})
+    return Compress(scoped, TOKENS, Metrics())
+
+
+def request(text: str, feature: str = "quiz") -> RequestContext:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+    return RequestContext("r", 0.0, 0.0, "chat", b"", {}, body=body, feature=feature,
+                          requested_model=MODEL)
+
+
+async def _answer(ctx: RequestContext) -> Reply:
+    return Reply(body={})
+
+
+async def run_once(compress: Compress, ctx: RequestContext) -> float:
+    """The stage's main-thread CPU time for ``ctx``, in ms."""
+    start = time.thread_time()
+    await compress(ctx, _answer)
+    return (time.thread_time() - start) * 1e3
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def few_shot_savings(prompts: dict[str, list[str]]) -> dict[str, Any]:
+    compress, out = stage(FEW_SHOT), {}
+    for name, texts in prompts.items():
+        before = after = identical = pruned = 0
+        cpu: list[float] = []
+        for text in texts:
+            ctx = request(text)
+            cpu.append(await run_once(compress, ctx))
+            sent = ctx.body["messages"][0]["content"]
+            question = text[text.rfind("\n\n") + 2:]
+            identical += sent.endswith(question) and sent.count(question) >= 1
+            pruned += ctx.compression is not None
+            before += TOKENS.count_messages(MODEL, [{"role": "user", "content": text}])
+            after += TOKENS.count_messages(MODEL, ctx.body["messages"])
+        out[name] = {"prompts": len(texts), "pruned": pruned, "question_identical": identical,
+                     "input_tokens_before": before, "input_tokens_after": after,
+                     "reduction": round(1 - after / before, 4),
+                     "cpu_ms_p50": round(pct(cpu, 0.5), 4),
+                     "cpu_ms_p99": round(pct(cpu, 0.99), 4)}
+    return out
+
+
+def long_prompts(texts: list[str], size: int, count: int) -> list[str]:
+    """``count`` prompts of about ``size`` tokens: worked examples of successive prompts joined
+    before the question of the last one."""
+    built: list[str] = []
+    at = 0
+    while len(built) < count:
+        parts: list[str] = []
+        while True:
+            text = texts[at % len(texts)]
+            at += 1
+            parts.append(text[:text.rfind("\n\n")])
+            if TOKENS.count_text(MODEL, "\n\n".join(parts)) >= size - 200:
+                break
+        built.append("\n\n".join(parts) + text[text.rfind("\n\n"):])
+    return built
+
+
+def documents(texts: list[str], size: int, count: int) -> list[str]:
+    """``count`` prompts of about ``size`` tokens with no repeated example: the questions of
+    successive prompts (each different) as paragraphs of context, then one more question."""
+    questions = [t[t.rfind("\n\n") + 2:] for t in texts]
+    built: list[str] = []
+    at = 0
+    while len(built) < count:
+        parts: list[str] = []
+        while TOKENS.count_text(MODEL, "\n\n".join(parts)) < size - 100:
+            parts.append(questions[at % len(questions)])
+            at += 1
+        built.append("\n\n".join(parts))
+    return built
+
+
+async def cpu_by_size(texts: list[str], count: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for size in (1000, 2000, 4000, 8000):
+        shots, docs = long_prompts(texts, size, count), documents(texts, size, count)
+        for label, policy, prompts in (("few_shot", FEW_SHOT, shots),
+                                       ("all", EVERYTHING, shots),
+                                       ("context_500", {"context": {"max_tokens": 500}}, docs)):
+            compress = stage(policy)
+            cpu = [await run_once(compress, request(t)) for t in prompts]
+            out[f"{size}/{label}"] = {"cpu_ms_p50": round(pct(cpu, 0.5), 4),
+                                      "cpu_ms_p99": round(pct(cpu, 0.99), 4),
+                                      "cpu_ms_max": round(max(cpu), 4)}
+    return out
+
+
+async def unconfigured_cost(calls: int) -> dict[str, Any]:
+    compress, ctx = stage(FEW_SHOT), request("What is the capital of France?", "other")
+    start = time.perf_counter()
+    for _ in range(calls):
+        await compress(ctx, _answer)
+    other_feature = (time.perf_counter() - start) / calls * 1e3
+    start = time.perf_counter()
+    for _ in range(calls):
+        await _answer(ctx)
+    bare = (time.perf_counter() - start) / calls * 1e3
+    disabled = Compress(Scoped[CompressionPolicy](), TOKENS, Metrics())
+    return {"other_feature_ms": round(max(0.0, other_feature - bare), 6),
+            "no_compression_section": "stage disabled (enabled=False): never called",
+            "disabled": not disabled.enabled}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.data.exists():
+        sys.exit(f"no RouterBench data at {args.data}: this benchmark needs shared/data")
+    TOKENS.warm()
+    prompts = load_prompts(args.data)
+    savings = await few_shot_savings(prompts)
+    everything = [t for texts in prompts.values() for t in texts]
+    sizes = await cpu_by_size(prompts["arc_challenge_train.csv"], args.long)
+    return {"ts": time.time(), "commit": _commit(), "machine": platform.machine(),
+            "python": platform.python_version(), "few_shot_keep_2": savings,
+            "total_reduction": round(1 - sum(s["input_tokens_after"] for s in savings.values())
+                                     / sum(s["input_tokens_before"] for s in savings.values()), 4),
+            "prompts": len(everything), "cpu_by_size": sizes,
+            "unconfigured": await unconfigured_cost(args.calls)}
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False)
+    return done.stdout.strip()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--long", type=int, default=200, help="prompts per size")
+    parser.add_argument("--calls", type=int, default=100_000)
+    result = asyncio.run(main(parser.parse_args()))
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps(result, indent=2))
