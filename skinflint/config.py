@@ -32,6 +32,7 @@ __all__ = [
     "BudgetConfig",
     "BudgetLimit",
     "CachePolicy",
+    "CompressionPolicy",
     "ExactCacheConfig",
     "GateConfig",
     "KeyConfig",
@@ -43,6 +44,7 @@ __all__ = [
     "Scoped",
     "SemanticCacheConfig",
     "Settings",
+    "ShadowPolicy",
     "TaskConfig",
     "TierConfig",
     "hash_key",
@@ -125,6 +127,25 @@ class Scoped(_Frozen, Generic[PolicyT]):
     @property
     def configured(self) -> bool:
         return self.default is not None or bool(self.features) or bool(self.routes)
+
+
+class ShadowPolicy(_Frozen):
+    """Sampled shadow evaluation of a compressed feature (``compression.<scope>.shadow``): a
+    ``sample`` fraction of its compressed requests is also sent uncompressed, the two answers
+    are scored by ``judge`` (``exact``, ``similarity``, or a model or alias asked whether they
+    agree), and a strategy whose score is confidently below ``floor`` after ``min_samples``
+    samples is switched off for the feature."""
+
+    sample: float = Field(default=0.05, ge=0, le=1)
+    floor: float = Field(default=0.9, ge=0, le=1)
+    judge: str = Field(default="similarity", min_length=1)
+    min_samples: int = Field(default=20, ge=1)
+
+
+class CompressionPolicy(_Frozen):
+    """A feature's (or route's, or the default) prompt compression."""
+
+    shadow: ShadowPolicy | None = None
 
 
 class ModelConfig(_Frozen):
@@ -417,6 +438,7 @@ class Settings(_Frozen):
     budgets: tuple[BudgetConfig, ...] = ()
     # absent: the default rule; an empty list (or an empty section): no alerts
     alerts: tuple[AlertRule, ...] = DEFAULT_ALERT_RULES
+    compression: Scoped[CompressionPolicy] = Field(default_factory=Scoped[CompressionPolicy])
     admin_key_sha256: str = Field(default="", repr=False)
     admin_key: str = Field(default="", repr=False, exclude=True)
 

@@ -10,13 +10,14 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from skinflint.config import Settings
+from skinflint.config import Settings, ShadowPolicy
 from skinflint.embed import embedder_for
-from skinflint.interfaces import InvalidationFeed, Ledger, Provider
+from skinflint.interfaces import InvalidationFeed, Ledger, Provider, Vector
 from skinflint.metrics import Metrics
 from skinflint.monitor import AlertMonitor, Webhook
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
@@ -31,6 +32,7 @@ from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
+from skinflint.pipeline.shadow import ProviderUpstream, ShadowGuard
 from skinflint.pricing import PriceCatalog
 from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
@@ -66,6 +68,43 @@ def _breakers(settings: Settings, metrics: Metrics) -> dict[str, ProviderBreaker
     }
 
 
+def shadow_policies(settings: Settings) -> Callable[[str, str], ShadowPolicy | None] | None:
+    """A request's shadow policy, by feature and route; None when no scope sets one."""
+    scoped = settings.compression
+    scopes = [scoped.default, *scoped.features.values(), *scoped.routes.values()]
+    if all(p is None or p.shadow is None for p in scopes):
+        return None
+
+    def find(feature: str, route: str) -> ShadowPolicy | None:
+        policy = scoped.find(feature, route)
+        return policy.shadow if policy is not None else None
+
+    return find
+
+
+async def _shadow_guard(settings: Settings, storage: Storage, upstream: ProviderUpstream,
+                        catalog: PriceCatalog, metrics: Metrics,
+                        cache: ResponseCache) -> ShadowGuard | None:
+    """The shadow-evaluation guard, when a compression scope asks for it."""
+    policies = shadow_policies(settings)
+    if policies is None:
+        return None
+    try:
+        alerts = await storage.alert_store()
+    except NotStoredError:
+        log.info("the shadow guard's switches last until restart: the ledger is in memory")
+        alerts = None
+
+    async def vector(text: str) -> Vector | None:
+        embedder = cache.embedder  # the semantic cache's, once loaded
+        return None if embedder is None else await embedder.vector(text)
+
+    guard = ShadowGuard(policies, upstream, ledger=await storage.ledger(), catalog=catalog,
+                        metrics=metrics, alerts=alerts, vector=vector)
+    await guard.restore()
+    return guard
+
+
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("background loading failed; the semantic cache stays off: %s", done.exception())
@@ -86,6 +125,7 @@ class Gateway:
     warmed: asyncio.Future[None] | None = field(default=None)
     following: asyncio.Future[None] | None = field(default=None)  # others' invalidations
     alerts: AlertMonitor | None = field(default=None)  # None: no rules, or no shared ledger
+    shadow: ShadowGuard | None = field(default=None)  # None: no feature is shadowed
     # unique per process start, then a counter: cheaper than 16 random bytes per request
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -111,10 +151,16 @@ class Gateway:
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
             for n, c in settings.providers.items()
         }
+        shadow = await _shadow_guard(
+            settings, storage,
+            ProviderUpstream(providers, {n: p.timeout for n, p in policies.items()},
+                             route.resolve),
+            catalog, metrics, cache)
         account = Account(
             catalog=catalog, tokens=tokens, ledger=ledger, metrics=metrics, cache=cache,
             baseline_model=settings.baseline_model,
             route_baselines={n: r.baseline for n, r in settings.routes.items() if r.baseline},
+            shadow=shadow,
         )
         budgets = None
         if settings.budgets:
@@ -129,7 +175,7 @@ class Gateway:
             account=account,
         )
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
-                 providers, session, budgets)
+                 providers, session, budgets, shadow=shadow)
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
         if isinstance(cache.backend, InvalidationFeed):
@@ -188,6 +234,8 @@ class Gateway:
             await asyncio.gather(self.following, return_exceptions=True)
         if self.alerts is not None:
             await self.alerts.close()
+        if self.shadow is not None:
+            await self.shadow.close()
         for provider in self.providers.values():
             await provider.close()
         await self.session.close()

@@ -100,6 +100,9 @@ class Metrics:
         self.alert_events = counter("skinflint_alert_events",
                                     "Cost alert changes this process recorded and notified",
                                     ["rule", "state"])
+        self.shadow_calls = counter("skinflint_shadow_calls",
+                                    "Sampled shadow evaluations: scored, failed or dropped",
+                                    ["outcome"])
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

@@ -447,6 +447,11 @@ class ResponseCache:
 
     # ---- life cycle
 
+    @property
+    def embedder(self) -> GuardedEmbedder | None:
+        """The semantic cache's embedder, once loaded (None before, or without one)."""
+        return self._embedder
+
     def open_semantic(self, embedder: GuardedEmbedder, index: SemanticIndex) -> None:
         """Start the semantic cache (called once loading is done, from the loading thread:
         the two assignments are atomic, and requests treat a missing index as 'not yet')."""

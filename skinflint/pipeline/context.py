@@ -21,6 +21,7 @@ __all__ = [
     "BudgetDecision",
     "CacheDecision",
     "CachePlan",
+    "Compression",
     "Costs",
     "GateVerdict",
     "Next",
@@ -77,6 +78,16 @@ class SemanticProbe:
     partition: str
     question: str
     vector: Vector
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    """What the compress stage removed from a request: the strategies that changed it, the
+    prompt tokens they saved, and the body as the client sent it (for shadow evaluation)."""
+
+    strategies: tuple[str, ...]
+    tokens_removed: int
+    original_body: JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +227,7 @@ class RequestContext:
     cache: CacheDecision = MISS
     cache_plan: CachePlan | None = None  # None: the cache neither serves nor stores it
     semantic: SemanticProbe | None = None
+    compression: Compression | None = None  # None: nothing was compressed
     targets: tuple[Target, ...] = ()
     route: RouteDecision | None = None
     answered: Target | None = None  # the target whose provider answered
