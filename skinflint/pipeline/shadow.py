@@ -107,7 +107,7 @@ class _Job:
 @dataclass(slots=True)
 class _Watch:
     window: Window
-    floor: float
+    floor: float | None = None  # None: not scored since the process started
     off_since: float | None = None
 
 
@@ -187,6 +187,7 @@ class ShadowGuard:
         for event in await self._alerts.open_at(ALERT_RULE, _PER, time.time()):
             feature, _, strategy = event.name.rpartition("/")
             self._off.add((feature, strategy))
+            self._watches.setdefault((feature, strategy), _Watch(Window()))
             log.info("shadow guard: %s stays off for feature %r until enabled", strategy, feature)
 
     async def enable(self, feature: str, strategy: str) -> bool:
@@ -207,17 +208,14 @@ class ShadowGuard:
 
     def rows(self) -> list[JSON]:
         """Each watched (feature, strategy): its samples, mean score, bound, floor, state."""
-        keys = sorted(set(self._watches) | self._off)
-        return [self._row(f, s) for f, s in keys]
+        return [self._row(f, s, self._watches[f, s]) for f, s in sorted(self._watches)]
 
-    def _row(self, feature: str, strategy: str) -> JSON:
-        watch = self._watches.get((feature, strategy))
-        window = watch.window if watch is not None else Window()
+    def _row(self, feature: str, strategy: str, watch: _Watch) -> JSON:
+        window = watch.window
         return {
             "feature": feature, "strategy": strategy, "samples": window.samples,
             "mean": round(window.mean, 4), "bound": round(window.bound, 4),
-            "floor": watch.floor if watch is not None else None,
-            "state": "on" if self.enabled(feature, strategy) else "off",
+            "floor": watch.floor, "state": "on" if self.enabled(feature, strategy) else "off",
         }
 
     async def _shadow(self, job: _Job) -> None:
@@ -287,23 +285,24 @@ class ShadowGuard:
         feature = job.ctx.feature
         for strategy in job.strategies:
             key = (feature, strategy)
-            watch = self._watches.setdefault(key, _Watch(Window(), job.policy.floor))
-            watch.floor = job.policy.floor
+            watch = self._watches.setdefault(key, _Watch(Window()))
+            watch.floor = floor = job.policy.floor
             watch.window.add(score)
             window = watch.window
             if key in self._off or window.samples < job.policy.min_samples:
                 continue
-            if window.bound < watch.floor:
-                await self._switch_off(feature, strategy, watch)
+            if window.bound < floor:
+                await self._switch_off(feature, strategy, watch, floor)
 
-    async def _switch_off(self, feature: str, strategy: str, watch: _Watch) -> None:
+    async def _switch_off(self, feature: str, strategy: str, watch: _Watch,
+                          floor: float) -> None:
         self._off.add((feature, strategy))
         watch.off_since = time.time()
         w = watch.window
         log.warning(
             "shadow guard: %s switched off for feature %r: mean score %.3f over %d samples,"
             " upper bound %.3f below the floor %.3f; enable it again with POST /api/shadow/enable",
-            strategy, feature, w.mean, w.samples, w.bound, watch.floor)
+            strategy, feature, w.mean, w.samples, w.bound, floor)
         if self._alerts is None:
             return
         try:
