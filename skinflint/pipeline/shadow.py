@@ -6,7 +6,8 @@ For a ``shadow.sample`` fraction of a feature's compressed requests (``compressi
 shadow``), :meth:`ShadowGuard.observe` starts a background call, never on the request's path:
 at most ``max_in_flight`` run at once, and a request sampled while they all run is dropped and
 counted. Each call (and a judge model's, when one scores) is a ledger row of strategy
-``shadow``: its cost counts, it is not a client request. The score goes to a rolling window per
+``shadow``: its cost counts, it is not a client request; the uncompressed call's row holds the
+pair's score in its ``similarity`` column. The score goes to a rolling window per
 (feature, strategy) (:mod:`skinflint.pipeline.shadow_score`); once it holds ``min_samples``
 scores and their upper confidence bound is below ``floor``, the strategy is switched off for
 the feature: :meth:`enabled` says False, the log says why, and an alert of rule
@@ -22,6 +23,7 @@ of a switch (either way) when it restarts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -219,9 +221,15 @@ class ShadowGuard:
         }
 
     async def _shadow(self, job: _Job) -> None:
+        """The uncompressed call, its score, and its ledger row, which holds the score in its
+        ``similarity`` column (None when the sample was lost)."""
+        score = None
         try:
-            reference = await self._call(job, job.target, job.original, ".shadow")
-            score = await self._score(job, answer_text(reference.body), job.answer)
+            reference, row = await self._call(job, job.target, job.original, ".shadow")
+            try:
+                score = await self._score(job, answer_text(reference.body), job.answer)
+            finally:
+                self._ledger.record(dataclasses.replace(row, similarity=score))
         except SkinflintError as exc:  # a sample lost, not a request: logged and counted
             log.info("shadow call for %s failed: %s", job.ctx.request_id, exc)
             self._count("failed")
@@ -229,23 +237,25 @@ class ShadowGuard:
         self._count("scored")
         await self._add(job, score)
 
-    async def _call(self, job: _Job, target: Target, body: JSON, suffix: str) -> Completion:
-        """One call, ledgered as ``shadow`` whatever its outcome."""
+    async def _call(self, job: _Job, target: Target, body: JSON,
+                    suffix: str) -> tuple[Completion, LedgerRecord]:
+        """One call, and its ledger row (of strategy ``shadow``) to record; recorded here if
+        the call fails."""
         started = time.perf_counter()
-        status, error, usage = 200, "", None
         try:
             completion = await self._upstream.complete(target, body)
-            usage = Usage.from_openai(completion.body.get("usage"))
-            return completion
         except SkinflintError as exc:
-            status, error = exc.status, exc.code or exc.error_type
+            self._ledger.record(self._ledger_row(
+                job, target, suffix, None, (exc.status, exc.code or exc.error_type),
+                (time.perf_counter() - started) * 1000))
             raise
-        finally:
-            self._ledger.record(self._ledger_row(job, target, suffix, usage, status, error,
-                                                 (time.perf_counter() - started) * 1000))
+        usage = Usage.from_openai(completion.body.get("usage"))
+        row = self._ledger_row(job, target, suffix, usage, (200, ""),
+                               (time.perf_counter() - started) * 1000)
+        return completion, row
 
     def _ledger_row(self, job: _Job, target: Target, suffix: str, usage: Usage | None,
-                    status: int, error: str, ms: float) -> LedgerRecord:
+                    outcome: tuple[int, str], ms: float) -> LedgerRecord:
         ctx, known = job.ctx, usage or Usage()
         return LedgerRecord(
             request_id=ctx.request_id + suffix, ts=time.time(), request_hash=ctx.request_hash,
@@ -255,7 +265,8 @@ class ShadowGuard:
             output_tokens=known.output_tokens, cached_tokens=known.cached_tokens,
             cost_usd=None if usage is None else self._catalog.cost(target.name, usage),
             baseline_cost_usd=0.0, saved_usd=0.0, strategy=SHADOW_CALL, latency_ms=ms,
-            upstream_latency_ms=ms, status=status, error_type=error, route=ctx.route_label,
+            upstream_latency_ms=ms, status=outcome[0], error_type=outcome[1],
+            route=ctx.route_label,
         )
 
     async def _score(self, job: _Job, reference: str, answer: str) -> float:
@@ -269,7 +280,9 @@ class ShadowGuard:
         messages = [{"role": "system", "content": _JUDGE_PROMPT},
                     {"role": "user", "content": f"Answer A:\n{reference}\n\nAnswer B:\n{answer}"}]
         body: JSON = {"messages": messages, "temperature": 0, "max_tokens": 3}
-        verdict = await self._call(job, self._upstream.resolve(judge), body, ".shadow.judge")
+        verdict, row = await self._call(job, self._upstream.resolve(judge), body,
+                                        ".shadow.judge")
+        self._ledger.record(row)
         return float(answer_text(verdict.body).strip().upper().startswith("YES"))
 
     async def _similarity(self, reference: str, answer: str) -> float:

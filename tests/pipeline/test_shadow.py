@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from skinflint.config import CacheConfig, ShadowPolicy
+from skinflint.errors import UpstreamStatusError
 from skinflint.metrics import Metrics
 from skinflint.models import SHADOW_CALL, Completion, UpstreamRequest, is_attempt
 from skinflint.pipeline.account import Account
@@ -50,11 +51,14 @@ class Upstream(Scripted):
         super().__init__(name)
         self.text = text
         self.gate: asyncio.Event | None = None
+        self.failure: Exception | None = None
 
     async def complete(self, request: UpstreamRequest) -> Completion:
         self.requests.append(request)
         if self.gate is not None:
             await self.gate.wait()
+        if self.failure is not None:
+            raise self.failure
         return Completion(answer(self.text, model=request.provider_model, usage=(100, 20)))
 
 
@@ -165,7 +169,18 @@ async def test_the_uncompressed_request_goes_to_the_answering_model_and_is_ledge
     assert (row.feature, row.model, row.provider) == ("docs", "s-1", "p")
     assert (row.input_tokens, row.output_tokens) == (100, 20)
     assert row.cost_usd == pytest.approx((100 * 1.0 + 20 * 2.0) / 1e6)
+    assert row.similarity == 1.0  # the pair's score
     assert rig.calls("scored") == 1
+
+
+async def test_a_failed_shadow_call_is_ledgered_and_scores_nothing() -> None:
+    rig = Rig(_policy())
+    rig.provider.failure = UpstreamStatusError(503, "overloaded", provider="p")
+    await rig.serve(WRONG)
+    [row] = rig.ledger.records
+    assert (row.strategy, row.status, row.cost_usd, row.similarity) == (
+        SHADOW_CALL, 503, None, None)
+    assert rig.calls("failed") == 1 and rig.guard.rows() == []
 
 
 async def test_a_healthy_strategy_stays_on() -> None:
