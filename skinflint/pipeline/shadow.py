@@ -5,7 +5,9 @@ client has its answer, and scoring the two answers.
 For a ``shadow.sample`` fraction of a feature's compressed requests (``compression.<scope>.
 shadow``), :meth:`ShadowGuard.observe` starts a background call, never on the request's path:
 at most ``max_in_flight`` run at once, and a request sampled while they all run is dropped and
-counted. Each call (and a judge model's, when one scores) is a ledger row of strategy
+counted. Each call is tried once, with its provider's timeout: a failure loses the sample,
+logged and counted, never retried. Each call (and a judge model's, when one scores) is a
+ledger row of strategy
 ``shadow``: its cost counts, it is not a client request; the uncompressed call's row holds the
 pair's score in its ``similarity`` column. The score goes to a rolling window per
 (feature, strategy) (:mod:`skinflint.pipeline.shadow_score`); once it holds ``min_samples``
@@ -167,7 +169,7 @@ class ShadowGuard:
             return
         job = _Job(ctx, policy, ctx.answered, compression.strategies,
                    compression.original_body, answer_text(answer_body))
-        task = asyncio.ensure_future(self._shadow(job))
+        task = asyncio.ensure_future(self._run(job))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -219,6 +221,14 @@ class ShadowGuard:
             "mean": round(window.mean, 4), "bound": round(window.bound, 4),
             "floor": watch.floor, "state": "on" if self.enabled(feature, strategy) else "off",
         }
+
+    async def _run(self, job: _Job) -> None:
+        """A sample in the background, which must never fail unseen."""
+        try:
+            await self._shadow(job)
+        except Exception:  # a bug or an answer of a shape nobody expected: logged, counted
+            log.exception("shadow evaluation of %s failed", job.ctx.request_id)
+            self._count("failed")
 
     async def _shadow(self, job: _Job) -> None:
         """The uncompressed call, its score, and its ledger row, which holds the score in its

@@ -52,6 +52,7 @@ class Upstream(Scripted):
         self.text = text
         self.gate: asyncio.Event | None = None
         self.failure: Exception | None = None
+        self.body: dict[str, Any] | None = None  # answered instead of ``text``, when set
 
     async def complete(self, request: UpstreamRequest) -> Completion:
         self.requests.append(request)
@@ -59,6 +60,8 @@ class Upstream(Scripted):
             await self.gate.wait()
         if self.failure is not None:
             raise self.failure
+        if self.body is not None:
+            return Completion(self.body)
         return Completion(answer(self.text, model=request.provider_model, usage=(100, 20)))
 
 
@@ -233,6 +236,16 @@ async def test_the_switch_survives_a_restart(tmp_path: Path) -> None:
     await third.guard.restore()
     assert third.guard.enabled("docs", "context")
     await store.close()
+
+
+async def test_an_answer_of_an_unexpected_shape_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(_policy())
+    rig.provider.body = {"choices": ["not an object"]}
+    await rig.serve(RIGHT)
+    assert rig.calls("failed") == 1 and rig.guard.rows() == []
+    assert "shadow evaluation of r failed" in caplog.text
 
 
 # ---- judges
