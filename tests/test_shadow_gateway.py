@@ -89,17 +89,21 @@ def test_the_guard_switches_a_degrading_strategy_off(
     make_gateway: GatewayFactory, tmp_path: Path
 ) -> None:
     """The fake upstream echoes the last user message: trimming its context changes the
-    answer, so each shadowed request scores 0 and the third switches ``context`` off."""
+    answer, so each shadowed request (streamed or not) scores 0 and the third switches
+    ``context`` off."""
     docs = {"context": {"max_tokens": 200}, **SHADOWED["features"]["docs"]}
     gw = make_gateway(compression={"features": {"docs": docs}}, admin_key="admin-secret")
     question = f"{LONG_CONTEXT}\n\nWhat does the manual say?"
     with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0, timeout=10) as client:
-        def ask() -> None:
-            client.chat.completions.create(
+        def ask(stream: bool = False) -> None:
+            answer = client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": question}],
-                extra_headers={"x-skinflint-feature": "docs"})
+                extra_headers={"x-skinflint-feature": "docs"}, stream=stream)
+            if stream:
+                list(answer)
 
-        for _ in range(3):
+        ask(stream=True)  # a stream is shadowed once it ends
+        for _ in range(2):
             ask()
         deadline = time.monotonic() + 10
         while _get(gw, "/api/shadow").json()["data"][0]["state"] != "off":
