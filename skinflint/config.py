@@ -463,6 +463,7 @@ class Settings(_Frozen):
             raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
         self._check_budgets()
         self._check_alerts()
+        self._check_shadow_judges()
         return self
 
     @field_validator("alerts", mode="before")
@@ -478,6 +479,20 @@ class Settings(_Frozen):
             seen.add(rule.name)
             if rule.resolve_below > rule.rise:
                 raise ValueError(f"alerts[{i}].resolve_below: must be <= rise ({rule.rise:g})")
+
+    def _check_shadow_judges(self) -> None:
+        """A judge model must be one the gateway can call."""
+        scoped = self.compression
+        scopes = [("default", scoped.default),
+                  *((f"features.{k}", v) for k, v in scoped.features.items()),
+                  *((f"routes.{k}", v) for k, v in scoped.routes.items())]
+        for where, policy in scopes:
+            judge = policy.shadow.judge if policy is not None and policy.shadow else None
+            if judge in (None, "exact", "similarity") or judge in self.models:
+                continue
+            if not self.default_provider:
+                raise ValueError(f"compression.{where}.shadow.judge: {judge!r} is not exact,"
+                                 " similarity or a configured model")
 
     def _check_budgets(self) -> None:
         seen: set[str] = set()
