@@ -103,6 +103,9 @@ class Metrics:
         self.shadow_calls = counter("skinflint_shadow_calls",
                                     "Sampled shadow evaluations: scored, failed or dropped",
                                     ["outcome"])
+        self.shadow_off = Gauge(
+            "skinflint_shadow_switched_off",
+            "Feature and strategy pairs the shadow guard has switched off", registry=self.registry)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

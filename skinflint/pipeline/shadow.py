@@ -191,6 +191,7 @@ class ShadowGuard:
         for event in await self._alerts.open_at(ALERT_RULE, _PER, time.time()):
             feature, _, strategy = event.name.rpartition("/")
             self._off.add((feature, strategy))
+            self._metrics.shadow_off.set(len(self._off))
             self._watches.setdefault((feature, strategy), _Watch(Window()))
             log.info("shadow guard: %s stays off for feature %r until enabled", strategy, feature)
 
@@ -200,6 +201,7 @@ class ShadowGuard:
         if key not in self._off:
             return False
         self._off.discard(key)
+        self._metrics.shadow_off.set(len(self._off))
         watch = self._watches.get(key)
         if watch is not None:
             watch.window.clear()
@@ -320,6 +322,7 @@ class ShadowGuard:
     async def _switch_off(self, feature: str, strategy: str, watch: _Watch,
                           floor: float) -> None:
         self._off.add((feature, strategy))
+        self._metrics.shadow_off.set(len(self._off))
         watch.off_since = time.time()
         w = watch.window
         log.warning(

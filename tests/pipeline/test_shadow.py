@@ -151,6 +151,7 @@ async def test_a_degrading_strategy_is_switched_off_at_min_samples(tmp_path: Pat
     await rig.serve(WRONG)
     assert not rig.guard.enabled("docs", "context")
     assert rig.guard.enabled("docs", "history") and rig.guard.enabled("quiz", "context")
+    assert rig.metrics.registry.get_sample_value("skinflint_shadow_switched_off") == 1
     [event] = await store.recent(10)
     assert (event.rule, event.per, event.name, event.end) == (
         ALERT_RULE, "feature", "docs/context", None)
@@ -211,6 +212,7 @@ async def test_an_operator_switches_it_back_on_with_a_fresh_window(tmp_path: Pat
     assert not rig.guard.enabled("docs", "context")
     assert await rig.guard.enable("docs", "context")
     assert rig.guard.enabled("docs", "context")
+    assert rig.metrics.registry.get_sample_value("skinflint_shadow_switched_off") == 0
     assert not await rig.guard.enable("docs", "context")  # it was on
     assert await store.active() == {}
     [event] = await store.recent(10)
@@ -230,6 +232,7 @@ async def test_the_switch_survives_a_restart(tmp_path: Path) -> None:
     assert second.guard.enabled("docs", "context")
     await second.guard.restore()
     assert not second.guard.enabled("docs", "context")
+    assert second.metrics.registry.get_sample_value("skinflint_shadow_switched_off") == 1
     assert second.guard.rows()[0]["state"] == "off"
     assert await second.guard.enable("docs", "context")
     third = Rig(_policy(min_samples=2), alerts=store)
