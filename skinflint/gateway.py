@@ -38,6 +38,7 @@ from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
 from skinflint.routing.artifacts import load_classifiers, load_scorer
+from skinflint.storage.alert_store import AlertStore
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 from skinflint.tokens import TokenCounter
 
@@ -82,25 +83,27 @@ def shadow_policies(settings: Settings) -> Callable[[str, str], ShadowPolicy | N
     return find
 
 
-async def _shadow_guard(settings: Settings, storage: Storage, upstream: ProviderUpstream,
-                        catalog: PriceCatalog, metrics: Metrics,
-                        cache: ResponseCache) -> ShadowGuard | None:
-    """The shadow-evaluation guard, when a compression scope asks for it."""
-    policies = shadow_policies(settings)
-    if policies is None:
-        return None
+async def _shadow_alerts(storage: Storage) -> AlertStore | None:
+    """Where the shadow guard keeps its switches: the alert table beside the ledger."""
     try:
-        alerts = await storage.alert_store()
+        return await storage.alert_store()
     except NotStoredError:
         log.info("the shadow guard's switches last until restart: the ledger is in memory")
-        alerts = None
+        return None
+
+
+async def _shadow_guard(policies: Callable[[str, str], ShadowPolicy | None],
+                        alerts: AlertStore | None, upstream: ProviderUpstream, ledger: Ledger,
+                        catalog: PriceCatalog, metrics: Metrics,
+                        cache: ResponseCache) -> ShadowGuard:
+    """The shadow-evaluation guard, with the switches it made before a restart."""
 
     async def vector(text: str) -> Vector | None:
         embedder = cache.embedder  # the semantic cache's, once loaded
         return None if embedder is None else await embedder.vector(text)
 
-    guard = ShadowGuard(policies, upstream, ledger=await storage.ledger(), catalog=catalog,
-                        metrics=metrics, alerts=alerts, vector=vector)
+    guard = ShadowGuard(policies, upstream, ledger=ledger, catalog=catalog, metrics=metrics,
+                        alerts=alerts, vector=vector)
     await guard.restore()
     return guard
 
@@ -145,17 +148,20 @@ class Gateway:
                               verifier=verifier)
         route = Route(settings, classifiers=load_classifiers(settings),
                       scorer=load_scorer(settings), metrics=metrics)
+        shadowed = shadow_policies(settings)
+        shadow_alerts = await _shadow_alerts(storage) if shadowed is not None else None
         session = new_session()  # after what may fail on a bad configuration: nothing to close
         providers = {n: open_provider(n, c, session) for n, c in settings.providers.items()}
         policies = {
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
             for n, c in settings.providers.items()
         }
-        shadow = await _shadow_guard(
-            settings, storage,
-            ProviderUpstream(providers, {n: p.timeout for n, p in policies.items()},
-                             route.resolve),
-            catalog, metrics, cache)
+        shadow = None
+        if shadowed is not None:
+            upstream = ProviderUpstream(providers, {n: p.timeout for n, p in policies.items()},
+                                        route.resolve)
+            shadow = await _shadow_guard(shadowed, shadow_alerts, upstream, ledger, catalog,
+                                         metrics, cache)
         account = Account(
             catalog=catalog, tokens=tokens, ledger=ledger, metrics=metrics, cache=cache,
             baseline_model=settings.baseline_model,
