@@ -478,13 +478,16 @@ class HistoryPolicy(_Frozen):
 
 
 class ShadowPolicy(_Frozen):
-    """Sampled shadow evaluation of compressed requests: a ``sample`` share of them is also
-    sent uncompressed, and a strategy whose answers agree less than ``floor`` of the time is
-    switched off for the feature. ``judge``: ``exact``, ``similarity`` or a model or alias."""
+    """Sampled shadow evaluation of a compressed feature (``compression.<scope>.shadow``): a
+    ``sample`` fraction of its compressed requests is also sent uncompressed, the two answers
+    are scored by ``judge`` (``exact``, ``similarity``, or a model or alias asked whether they
+    agree), and a strategy whose score is confidently below ``floor`` after ``min_samples``
+    samples is switched off for the feature."""
 
     sample: float = Field(default=0.05, ge=0, le=1)
     floor: float = Field(default=0.9, ge=0, le=1)
     judge: str = Field(default="similarity", min_length=1)
+    min_samples: int = Field(default=20, ge=1)
 
 
 class CompressionPolicy(_Frozen):

@@ -10,13 +10,14 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from skinflint.config import Settings
+from skinflint.config import Settings, ShadowPolicy
 from skinflint.embed import embedder_for
-from skinflint.interfaces import InvalidationFeed, Ledger, Provider
+from skinflint.interfaces import InvalidationFeed, Ledger, Provider, Vector
 from skinflint.metrics import Metrics
 from skinflint.monitor import AlertMonitor, Webhook
 from skinflint.pipeline import Pipeline, RequestContext, build_stages
@@ -34,11 +35,13 @@ from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
+from skinflint.pipeline.shadow import ProviderUpstream, ShadowGuard
 from skinflint.pricing import PriceCatalog
 from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
 from skinflint.routing.artifacts import load_classifiers, load_scorer
+from skinflint.storage.alert_store import AlertStore
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 from skinflint.tokens import TokenCounter
 
@@ -69,6 +72,45 @@ def _breakers(settings: Settings, metrics: Metrics) -> dict[str, ProviderBreaker
     }
 
 
+def shadow_policies(settings: Settings) -> Callable[[str, str], ShadowPolicy | None] | None:
+    """A request's shadow policy, by feature and route; None when no scope sets one."""
+    scoped = settings.compression
+    scopes = [scoped.default, *scoped.features.values(), *scoped.routes.values()]
+    if all(p is None or p.shadow is None for p in scopes):
+        return None
+
+    def find(feature: str, route: str) -> ShadowPolicy | None:
+        policy = scoped.find(feature, route)
+        return policy.shadow if policy is not None else None
+
+    return find
+
+
+async def _shadow_alerts(storage: Storage) -> AlertStore | None:
+    """Where the shadow guard keeps its switches: the alert table beside the ledger."""
+    try:
+        return await storage.alert_store()
+    except NotStoredError:
+        log.info("the shadow guard's switches last until restart: the ledger is in memory")
+        return None
+
+
+async def _shadow_guard(policies: Callable[[str, str], ShadowPolicy | None],
+                        alerts: AlertStore | None, upstream: ProviderUpstream, ledger: Ledger,
+                        catalog: PriceCatalog, metrics: Metrics,
+                        cache: ResponseCache) -> ShadowGuard:
+    """The shadow-evaluation guard, with the switches it made before a restart."""
+
+    async def vector(text: str) -> Vector | None:
+        embedder = cache.embedder  # the semantic cache's, once loaded
+        return None if embedder is None else await embedder.vector(text)
+
+    guard = ShadowGuard(policies, upstream, ledger=ledger, catalog=catalog, metrics=metrics,
+                        alerts=alerts, vector=vector)
+    await guard.restore()
+    return guard
+
+
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("background loading failed; the semantic cache stays off: %s", done.exception())
@@ -89,6 +131,7 @@ class Gateway:
     warmed: asyncio.Future[None] | None = field(default=None)
     following: asyncio.Future[None] | None = field(default=None)  # others' invalidations
     alerts: AlertMonitor | None = field(default=None)  # None: no rules, or no shared ledger
+    shadow: ShadowGuard | None = field(default=None)  # None: no feature is shadowed
     # unique per process start, then a counter: cheaper than 16 random bytes per request
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -109,16 +152,25 @@ class Gateway:
                               verifier=verifier, token_budgets=settings.token_budgets)
         route = Route(settings, classifiers=load_classifiers(settings),
                       scorer=load_scorer(settings), metrics=metrics)
+        shadowed = shadow_policies(settings)
+        shadow_alerts = await _shadow_alerts(storage) if shadowed is not None else None
         session = new_session()  # after what may fail on a bad configuration: nothing to close
         providers = {n: open_provider(n, c, session) for n, c in settings.providers.items()}
         policies = {
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
             for n, c in settings.providers.items()
         }
+        shadow = None
+        if shadowed is not None:
+            upstream = ProviderUpstream(providers, {n: p.timeout for n, p in policies.items()},
+                                        route.resolve)
+            shadow = await _shadow_guard(shadowed, shadow_alerts, upstream, ledger, catalog,
+                                         metrics, cache)
         account = Account(
             catalog=catalog, tokens=tokens, ledger=ledger, metrics=metrics, cache=cache,
             baseline_model=settings.baseline_model,
             route_baselines={n: r.baseline for n, r in settings.routes.items() if r.baseline},
+            shadow=shadow,
         )
         budgets = None
         if settings.budgets:
@@ -130,14 +182,15 @@ class Gateway:
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
             compress=Compress(settings.compression, tokens, metrics,
-                              embedder=lambda: cache.embedder),
+                              embedder=lambda: cache.embedder,
+                              allowed=shadow.enabled if shadow is not None else None),
             route=route,
             budget_tokens=BudgetTokens(settings.token_budgets),
             call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),
             account=account,
         )
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
-                 providers, session, budgets)
+                 providers, session, budgets, shadow=shadow)
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
         if isinstance(cache.backend, InvalidationFeed):
@@ -196,6 +249,8 @@ class Gateway:
             await asyncio.gather(self.following, return_exceptions=True)
         if self.alerts is not None:
             await self.alerts.close()
+        if self.shadow is not None:
+            await self.shadow.close()
         for provider in self.providers.values():
             await provider.close()
         await self.session.close()

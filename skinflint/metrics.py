@@ -114,6 +114,12 @@ class Metrics:
         self.alert_events = counter("skinflint_alert_events",
                                     "Cost alert changes this process recorded and notified",
                                     ["rule", "state"])
+        self.shadow_calls = counter("skinflint_shadow_calls",
+                                    "Sampled shadow evaluations: scored, failed or dropped",
+                                    ["outcome"])
+        self.shadow_off = Gauge(
+            "skinflint_shadow_switched_off",
+            "Feature and strategy pairs the shadow guard has switched off", registry=self.registry)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

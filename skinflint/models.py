@@ -16,6 +16,7 @@ __all__ = [
     "CASCADE_ATTEMPT",
     "CLIENT_LEFT",
     "RETRIED_ATTEMPT",
+    "SHADOW_CALL",
     "CacheBypass",
     "Completion",
     "LedgerRecord",
@@ -116,11 +117,15 @@ CASCADE_ATTEMPT = "cascade_escalated"
 #: cost money (a timeout, an answer cut short or unreadable) and was retried or fell back.
 RETRIED_ATTEMPT = "retried_attempt"
 
+#: The ``strategy`` of a ledger row for a call the shadow-evaluation guard made after the
+#: request was answered (the uncompressed request, or its judge model): its cost counts.
+SHADOW_CALL = "shadow"
+
 #: Every ``strategy`` of a ledger row for an upstream call made on behalf of a request whose
 #: answer was not the one returned (a cascade tier escalated from, a call retried): such a
 #: row counts cost and tokens, never a client request. A new kind of attempt row joins here,
 #: and reports, rollups and the spend API follow.
-ATTEMPT_STRATEGIES: tuple[str, ...] = (CASCADE_ATTEMPT, RETRIED_ATTEMPT)
+ATTEMPT_STRATEGIES: tuple[str, ...] = (CASCADE_ATTEMPT, RETRIED_ATTEMPT, SHADOW_CALL)
 
 
 def is_attempt(strategy: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 from skinflint.config import Settings
 from skinflint.errors import ConfigError
-from skinflint.models import RETRIED_ATTEMPT, LedgerRecord, is_attempt
+from skinflint.models import RETRIED_ATTEMPT, SHADOW_CALL, LedgerRecord, is_attempt
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 
 __all__ = ["GROUPINGS", "WEEK", "Group", "Report", "WeekChange", "build_report", "change_text",
@@ -43,8 +43,10 @@ def parse_since(text: str, now: float | None = None) -> float:
 class Group:
     """Figures of one group. ``requests`` are client requests; ``cascade_attempts`` are the
     cascade tiers called on their behalf whose answer was not returned; ``retried_attempts``
-    the failed calls that may have cost money and were retried. Cost and tokens count all;
-    errors, cache hits, baseline, saving and latency are those of client requests."""
+    the failed calls that may have cost money and were retried; ``shadow_calls`` the calls the
+    shadow-evaluation guard made, whose mean score is ``shadow_score`` (None: none scored).
+    Cost and tokens count all; errors, cache hits, baseline, saving and latency are those of
+    client requests."""
 
     key: str
     requests: int = 0
@@ -59,7 +61,10 @@ class Group:
     baseline_cost_usd: float = 0.0
     saved_usd: float = 0.0
     unknown_cost: int = 0
+    shadow_calls: int = 0
+    shadow_cost_usd: float = 0.0
     latency_ms: list[float] = field(default_factory=list, repr=False)
+    shadow_scores: list[float] = field(default_factory=list, repr=False)
 
     def add(self, r: LedgerRecord) -> None:
         self.input_tokens += r.input_tokens
@@ -70,6 +75,12 @@ class Group:
             self.cost_usd += r.cost_usd
         if r.strategy == RETRIED_ATTEMPT:
             self.retried_attempts += 1
+            return
+        if r.strategy == SHADOW_CALL:
+            self.shadow_calls += 1
+            self.shadow_cost_usd += r.cost_usd or 0.0
+            if r.similarity is not None:  # the uncompressed call's row holds the pair's score
+                self.shadow_scores.append(r.similarity)
             return
         if is_attempt(r.strategy):
             self.cascade_attempts += 1
@@ -85,6 +96,8 @@ class Group:
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         lat = out.pop("latency_ms")
+        scores = out.pop("shadow_scores")
+        out["shadow_score"] = sum(scores) / len(scores) if scores else None
         out["p50_latency_ms"] = percentile(lat, 0.5)
         out["p95_latency_ms"] = percentile(lat, 0.95)
         out["cache_hit_rate"] = self.cache_hits / self.requests if self.requests else 0.0

@@ -16,6 +16,7 @@ from skinflint.cli.cache import cmd_cache, cmd_cache_calibrate, cmd_cache_eval
 from skinflint.cli.errors import describe, input_errors
 from skinflint.cli.replay import cmd_replay, cmd_train_router
 from skinflint.cli.run import cmd_demo, cmd_serve
+from skinflint.cli.shadow import cmd_shadow
 from skinflint.cli.spend import cmd_prices, cmd_report
 from skinflint.config import load_settings
 
@@ -145,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "calibrate":
             sp.add_argument("--precision", type=fraction, default=0.95)
             sp.set_defaults(creates_config=True)
+
+    sh = add("shadow", help="the shadow-evaluation guard's switches")
+    shsub = sh.add_subparsers(dest="shadow_command", required=True)
+    se = shsub.add_parser("enable", parents=[common],
+                          help="switch a strategy the guard switched off back on for a feature")
+    se.add_argument("--feature", required=True)
+    se.add_argument("--strategy", required=True)
+    se.add_argument("--db", help="the ledger's SQLite path or postgresql:// URL"
+                    " (default: storage settings)")
+    se.add_argument("--url", help="a running gateway to do it through its admin API, at once")
+    se.add_argument("--admin-key", default=None)
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_shadow)
     return p
 
 

@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
     from skinflint.analytics.report import Group, Report, WeekChange
     from skinflint.pricing import ModelPrice
 
-__all__ = ["cmd_prices", "cmd_report", "format_caps", "format_report", "format_spend",
+__all__ = ["cmd_prices", "cmd_report", "format_caps", "format_report", "format_shadow",
+           "format_spend",
            "format_traffic", "format_week_over_week"]
 
 
@@ -100,6 +101,19 @@ def format_traffic(report: Report) -> Table:
     return table
 
 
+def format_shadow(report: Report) -> Table:
+    """The shadow-evaluation guard's calls, their cost and mean score, per group with any."""
+    table = _table(f"Shadow evaluation by {report.by}", report.by, ("calls", "cost", "score"))
+    for g, options in _rows(report):
+        if g.shadow_calls:
+            score = g.summary()["shadow_score"]
+            table.add_row(g.key, f"{g.shadow_calls:,}", usd(g.shadow_cost_usd),
+                          "-" if score is None else f"{score:.2f}", **options)
+    table.caption = ("score: how far the answers to compressed prompts agreed with the "
+                     "answers to the prompts as sent, from 0 to 1")
+    return table
+
+
 def format_week_over_week(changes: list[WeekChange]) -> Table:
     """Each feature's spend in the last 7 days against the 7 days before."""
     from skinflint.analytics.report import change_text
@@ -132,8 +146,11 @@ def format_caps(suggestions: list[CapSuggestion]) -> Table:
 
 def format_report(report: Report) -> list[Table]:
     """The report as tables that each fit 80 columns: spend, then requests and tokens, then
-    (when the last two weeks saw spend) each feature's week over week."""
+    (when the guard made any) shadow calls, then (when the last two weeks saw spend) each
+    feature's week over week."""
     tables = [format_spend(report), format_traffic(report)]
+    if report.total.shadow_calls:
+        tables.append(format_shadow(report))
     if report.week_over_week:
         tables.append(format_week_over_week(report.week_over_week))
     return tables

@@ -1,5 +1,5 @@
 /* The skinflint dashboard: plain ES2017, no build step. It draws the public admin API
- * (/api/spend, /api/requests, /api/alerts, /api/budgets, /metrics) with Chart.js.
+ * (/api/spend, /api/requests, /api/alerts, /api/budgets, /api/shadow, /metrics) with Chart.js.
  *
  * Every panel loads on its own, in parallel, and marks its <section> with data-state:
  * loading, ready, empty (no data in the range), unavailable (the endpoint is missing),
@@ -354,6 +354,17 @@
     setState("alerts", rows.length ? "ready" : "empty", rows.length ? "" : "No alerts.");
   }
 
+  async function shadow() {
+    var rows = (await fetchJSON("api/shadow")).data;
+    fill("shadow", rows, function (r) {
+      return [badge(r.state), r.feature, r.strategy, count(r.samples),
+        r.samples ? r.mean.toFixed(2) : "—", r.samples ? r.bound.toFixed(2) : "—",
+        r.floor === null ? "—" : r.floor.toFixed(2)];
+    });
+    setState("shadow", rows.length ? "ready" : "empty",
+      rows.length ? "" : "No compressed request has been shadowed yet.");
+  }
+
   async function recent() {
     var rows = (await fetchJSON("api/requests?limit=50")).data;
     fill("recent", rows, function (r) {
@@ -388,6 +399,7 @@
       settle("budgets", budgets()),
       settle("top-features", top(spend, "feature", "top-features")),
       settle("top-users", top(spend, "user", "top-users")),
+      settle("shadow", shadow()),
       settle("alerts", alertList(alerts)),
       settle("recent", recent())
     ]);

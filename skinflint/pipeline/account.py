@@ -18,6 +18,7 @@ from skinflint.metrics import Metrics
 from skinflint.models import CLIENT_LEFT, LedgerRecord, StreamChunk, Usage
 from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.context import Costs, Next, Reply, RequestContext
+from skinflint.pipeline.shadow import ShadowGuard
 from skinflint.pricing import PriceCatalog
 from skinflint.streaming import StreamAssembler, is_truncated
 from skinflint.tokens import TokenCounter
@@ -65,9 +66,11 @@ class Account:
         cache: ResponseCache,
         baseline_model: str | None = None,
         route_baselines: Mapping[str, str] | None = None,
+        shadow: ShadowGuard | None = None,
     ) -> None:
         """Savings are measured against ``baseline_model`` (a route's own baseline for a
-        route), else against the model asked for."""
+        route), else against the model asked for. ``shadow`` is shown each compressed request
+        answered."""
         self._catalog = catalog
         self._tokens = tokens
         self._ledger = ledger
@@ -75,6 +78,7 @@ class Account:
         self._cache = cache
         self._baseline_model = baseline_model
         self._route_baselines = dict(route_baselines or {})
+        self._shadow = shadow
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         try:
@@ -95,6 +99,8 @@ class Account:
             await self._cache.store(ctx, reply.body, reply.raw)
         finally:
             self._finish(ctx)
+        if self._shadow is not None and ctx.compression is not None:
+            self._shadow.observe(ctx, reply.body)
         return reply
 
     def _failed(self, ctx: RequestContext, exc: BaseException) -> None:
@@ -118,6 +124,7 @@ class Account:
         """Relay the stream, rebuilding the completion; account once it ends, however it ends."""
         assembler = StreamAssembler()
         started, failure = time.perf_counter(), None
+        completion: dict[str, Any] | None = None
         try:
             async for chunk in chunks:
                 assembler.add(chunk.data)
@@ -140,6 +147,8 @@ class Account:
                 if failure is not None:
                     self._mark_failure(ctx, failure)
                 self._finish(ctx)
+            if completion is not None and failure is None and self._shadow is not None:
+                self._shadow.observe(ctx, completion)
 
     async def _usage(self, ctx: RequestContext, body: dict[str, Any]) -> Usage:
         usage = Usage.from_openai(body.get("usage"))

@@ -275,12 +275,46 @@ class App:
         """The newest cost alerts, firing or resolved, and how many fire."""
         assert self.gateway is not None
         self._require_admin(_headers(scope))
-        monitor = self.gateway.alerts
+        gw = self.gateway
+        store = gw.alerts.store if gw.alerts is not None else None
+        if store is None and gw.shadow is not None:  # the shadow guard's switches
+            store = gw.shadow.alert_store
         data, active = [], 0
-        if monitor is not None:
-            data = [event_json(e) for e in await monitor.store.recent(ALERTS_LISTED)]
-            active = sum((await monitor.store.active()).values())
+        if store is not None:
+            data = [event_json(e) for e in await store.recent(ALERTS_LISTED)]
+            active = sum((await store.active()).values())
         await out.json(orjson.dumps({"data": data, "active": active}))
+
+    async def shadow(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """The shadow guard's score per feature and strategy, and whether it is on."""
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        guard = self.gateway.shadow
+        rows = guard.rows() if guard is not None else []
+        dropped = guard.dropped if guard is not None else 0
+        await out.json(orjson.dumps({"object": "list", "data": rows, "dropped": dropped}))
+
+    async def shadow_enable(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """Switch a strategy the shadow guard switched off back on for a feature."""
+        assert self.gateway is not None
+        self._require_admin(_headers(scope))
+        raw = await _read_body(receive, self.settings.server.max_body_bytes)
+        try:
+            asked = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            asked = None
+        if not isinstance(asked, dict) or not all(
+                isinstance(asked.get(k), str) for k in ("feature", "strategy")):
+            raise RequestError('body must be {"feature": "...", "strategy": "..."}',
+                               code="invalid_shadow_switch")
+        guard = self.gateway.shadow
+        if guard is None:
+            raise RequestError("no feature is shadowed (compression.<scope>.shadow)",
+                               code="not_found")
+        feature, strategy = asked["feature"], asked["strategy"]
+        was_off = await guard.enable(feature, strategy)
+        await out.json(orjson.dumps({"feature": feature, "strategy": strategy,
+                                     "state": "on", "switched_on": was_off}))
 
     async def spend(self, scope: Scope, receive: Receive, out: Responder) -> None:
         """Spend by feature, model, user, tenant or strategy, from the ledger's rollups."""
@@ -336,5 +370,7 @@ _ROUTES["GET", "/openapi.json"] = App.openapi
 _ROUTES["POST", "/api/cache/invalidate"] = App.invalidate
 _ROUTES["GET", "/api/budgets"] = App.budgets
 _ROUTES["GET", "/api/alerts"] = App.alerts
+_ROUTES["GET", "/api/shadow"] = App.shadow
+_ROUTES["POST", "/api/shadow/enable"] = App.shadow_enable
 _ROUTES["GET", "/api/spend"] = App.spend
 _ROUTES["GET", "/api/requests"] = App.recent_requests

@@ -206,6 +206,28 @@ _SCHEMAS: JSON = {
         "required": ["tags"],
         "properties": {"tags": {"type": "array", "items": {"type": "string"}}},
     },
+    "ShadowScores": {
+        "type": "object",
+        "required": ["data", "dropped"],
+        "properties": {
+            "data": {"type": "array", "items": {
+                "type": "object",
+                "required": ["feature", "strategy", "samples", "mean", "bound", "floor",
+                             "state"],
+                "properties": {
+                    "feature": {"type": "string"}, "strategy": {"type": "string"},
+                    "samples": {"type": "integer"}, "mean": {"type": "number"},
+                    "bound": {"type": "number"}, "floor": {"type": ["number", "null"]},
+                    "state": {"enum": ["on", "off"]},
+                }}},
+            "dropped": {"type": "integer"},
+        },
+    },
+    "ShadowSwitch": {
+        "type": "object",
+        "required": ["feature", "strategy"],
+        "properties": {"feature": {"type": "string"}, "strategy": {"type": "string"}},
+    },
 }
 
 _GATEWAY_KEY: list[JSON] = [{"gatewayKey": []}]
@@ -252,6 +274,9 @@ def _paths() -> JSON:
                              _GATEWAY_KEY)}
     invalidate = _get_op("Drop cache entries by tag", _json(_ref("Object")), _ADMIN_KEY)
     invalidate["requestBody"] = {"required": True, "content": _json(_ref("InvalidateRequest"))}
+    enable = _get_op("Switch a strategy the shadow guard switched off back on for a feature",
+                     _json(_ref("Object")), _ADMIN_KEY)
+    enable["requestBody"] = {"required": True, "content": _json(_ref("ShadowSwitch"))}
     return {
         "/v1/chat/completions": chat,
         "/chat/completions": chat,
@@ -281,6 +306,10 @@ def _paths() -> JSON:
             _json({"type": "array", "items": _ref("Budget")}), _ADMIN_KEY)},
         "/api/alerts": {"get": _get_op(
             "The newest cost alerts, firing or resolved", _json(_ref("Alerts")), _ADMIN_KEY)},
+        "/api/shadow": {"get": _get_op(
+            "The shadow guard's score per feature and strategy, and whether it is on",
+            _json(_ref("ShadowScores")), _ADMIN_KEY)},
+        "/api/shadow/enable": {"post": enable},
     }
 
 

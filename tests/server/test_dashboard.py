@@ -45,7 +45,7 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
     script = (FOLDER / "dashboard.js").read_text()
     fetched = re.findall(r'fetch\w*\("([^"]*)', script)
     assert sorted(set(fetched)) == ["api/alerts", "api/budgets", "api/requests?limit=50",
-                                    "api/spend?by=", "metrics"]
+                                    "api/shadow", "api/spend?by=", "metrics"]
     assert "//" not in "".join(fetched)
 
 

@@ -120,6 +120,7 @@ def test_the_dashboard_draws_every_panel_from_the_gateway(
 
     states = _states(browser)
     assert states.pop("alerts") in {"ready", "empty"}  # no alert rule fires on this traffic
+    assert states.pop("shadow") == "empty"  # no feature is shadowed
     assert set(states.values()) == {"ready"}, states
     for chart in CHARTS:
         assert _painted(browser, chart) > 500, chart
@@ -172,6 +173,7 @@ def test_with_an_admin_key_the_page_asks_for_it_once_and_never_puts_it_in_a_url(
     _wait(browser, "return document.body.dataset.ready")
     states = _states(browser)
     assert states.pop("alerts") in {"ready", "empty"}
+    assert states.pop("shadow") == "empty"
     assert set(states.values()) == {"ready"}, states
     assert console_errors(browser) == []
     urls = browser.execute_script(

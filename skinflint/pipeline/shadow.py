@@ -1,0 +1,344 @@
+"""The shadow-evaluation guard: a shared service that watches a cost-saving strategy's quality
+by sampling the requests it changed, sending the client's unchanged request upstream after the
+client has its answer, and scoring the two answers.
+
+For a ``shadow.sample`` fraction of a feature's compressed requests (``compression.<scope>.
+shadow``), :meth:`ShadowGuard.observe` starts a background call, never on the request's path:
+at most ``max_in_flight`` run at once, and a request sampled while they all run is dropped and
+counted. Each call is tried once, with its provider's timeout: a failure loses the sample,
+logged and counted, never retried. Each call (and a judge model's, when one scores) is a
+ledger row of strategy
+``shadow``: its cost counts, it is not a client request; the uncompressed call's row holds the
+pair's score in its ``similarity`` column. The score goes to a rolling window per
+(feature, strategy) (:mod:`skinflint.pipeline.shadow_score`); once it holds ``min_samples``
+scores and their upper confidence bound is below ``floor``, the strategy is switched off for
+the feature: :meth:`enabled` says False, the log says why, and an alert of rule
+``shadow-guard`` (name ``<feature>/<strategy>``) is recorded for ``GET /api/alerts``. Only an
+operator switches it back on (:meth:`enable`), which closes the alert and starts a fresh
+window.
+
+The switch survives a restart through the alert table: at start the guard reads the open
+``shadow-guard`` alerts back. Scores are kept in memory, per process; another replica learns
+of a switch (either way) when it restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from skinflint.alerts import AlertEvent
+from skinflint.config import ShadowPolicy
+from skinflint.errors import SkinflintError
+from skinflint.interfaces import Ledger, Provider, Vector
+from skinflint.metrics import Metrics
+from skinflint.models import SHADOW_CALL, Completion, LedgerRecord, UpstreamRequest, Usage
+from skinflint.pipeline.context import RequestContext, Target
+from skinflint.pipeline.shadow_score import (
+    Window,
+    answer_text,
+    cosine,
+    exact_score,
+    is_structured,
+    word_cosine,
+)
+from skinflint.pricing import PriceCatalog
+from skinflint.storage.alert_store import AlertStore
+
+__all__ = ["ALERT_RULE", "ProviderUpstream", "ShadowGuard", "ShadowUpstream"]
+
+log = logging.getLogger("skinflint.shadow")
+
+JSON = dict[str, Any]
+ALERT_RULE = "shadow-guard"
+_PER = "feature"
+_JUDGE_PROMPT = (
+    "Two answers to the same request follow. Reply YES if they agree in substance (the same "
+    "facts, decisions and format), NO otherwise. Reply with one word."
+)
+
+
+class ShadowUpstream(Protocol):
+    """Where shadow calls go: the providers the gateway answers with."""
+
+    def resolve(self, name: str) -> Target:
+        """The target a model name or alias stands for (a judge model's)."""
+        ...
+
+    async def complete(self, target: Target, body: JSON) -> Completion:
+        """One non-streaming call of ``body`` to ``target``."""
+        ...
+
+
+class ProviderUpstream:
+    """:class:`ShadowUpstream` over the gateway's providers, with each one's timeout."""
+
+    def __init__(self, providers: Mapping[str, Provider], timeouts: Mapping[str, float],
+                 resolve: Callable[[str], tuple[Target, ...]]) -> None:
+        self._providers = providers
+        self._timeouts = timeouts
+        self._resolve = resolve
+
+    def resolve(self, name: str) -> Target:
+        return self._resolve(name)[0]
+
+    async def complete(self, target: Target, body: JSON) -> Completion:
+        body = {**body, "model": target.provider_model, "stream": False}
+        body.pop("stream_options", None)
+        timeout = self._timeouts.get(target.provider, 600.0)
+        request = UpstreamRequest(target.provider_model, body, timeout)
+        return await self._providers[target.provider].complete(request)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What a shadow call needs of the request it shadows."""
+
+    ctx: RequestContext
+    policy: ShadowPolicy
+    target: Target
+    strategies: tuple[str, ...]
+    original: JSON
+    answer: str
+
+
+@dataclass(slots=True)
+class _Watch:
+    window: Window
+    floor: float | None = None  # None: not scored since the process started
+    off_since: float | None = None
+
+
+class ShadowGuard:
+    """See the module docstring. ``policies(feature, route)`` gives a request's shadow policy
+    (None: not shadowed); ``vector`` embeds a text for the ``similarity`` judge (None, or a
+    None vector: word counts instead)."""
+
+    def __init__(
+        self,
+        policies: Callable[[str, str], ShadowPolicy | None],
+        upstream: ShadowUpstream,
+        *,
+        ledger: Ledger,
+        catalog: PriceCatalog,
+        metrics: Metrics,
+        alerts: AlertStore | None = None,
+        vector: Callable[[str], Awaitable[Vector | None]] | None = None,
+        max_in_flight: int = 4,
+        sampler: Callable[[], float] = random.random,
+    ) -> None:
+        self._policies = policies
+        self._upstream = upstream
+        self._ledger = ledger
+        self._catalog = catalog
+        self._metrics = metrics
+        self._alerts = alerts
+        self._vector = vector
+        self._max_in_flight = max_in_flight
+        self._sample = sampler
+        self._watches: dict[tuple[str, str], _Watch] = {}
+        self._off: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dropped = 0
+
+    @property
+    def alert_store(self) -> AlertStore | None:
+        return self._alerts
+
+    def enabled(self, feature: str, strategy: str) -> bool:
+        """False once the guard switched ``strategy`` off for ``feature``."""
+        return (feature, strategy) not in self._off
+
+    def observe(self, ctx: RequestContext, answer_body: JSON) -> None:
+        """Maybe shadow a request that was answered: cheap, never waits."""
+        compression = ctx.compression
+        if compression is None or ctx.answered is None or ctx.status != 200:
+            return
+        policy = self._policies(ctx.feature, ctx.requested_model)
+        if policy is None or self._sample() >= policy.sample:
+            return
+        if len(self._tasks) >= self._max_in_flight:
+            self.dropped += 1
+            self._count("dropped")
+            return
+        job = _Job(ctx, policy, ctx.answered, compression.strategies,
+                   compression.original_body, answer_text(answer_body))
+        task = asyncio.ensure_future(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for the shadow calls under way."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Abandon the shadow calls under way: they are samples, not requests."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def restore(self) -> None:
+        """Switch off again what the open ``shadow-guard`` alerts say was switched off."""
+        if self._alerts is None:
+            return
+        for event in await self._alerts.open_at(ALERT_RULE, _PER, time.time()):
+            feature, _, strategy = event.name.rpartition("/")
+            self._off.add((feature, strategy))
+            self._metrics.shadow_off.set(len(self._off))
+            self._watches.setdefault((feature, strategy), _Watch(Window()))
+            log.info("shadow guard: %s stays off for feature %r until enabled", strategy, feature)
+
+    async def enable(self, feature: str, strategy: str) -> bool:
+        """Switch a strategy back on for a feature, with a fresh window; False if it was on."""
+        key = (feature, strategy)
+        if key not in self._off:
+            return False
+        self._off.discard(key)
+        self._metrics.shadow_off.set(len(self._off))
+        watch = self._watches.get(key)
+        if watch is not None:
+            watch.window.clear()
+            watch.off_since = None
+        if self._alerts is not None:
+            await self._alerts.resolve(self._event(feature, strategy, time.time(), time.time()))
+        log.warning("shadow guard: %s switched back on for feature %r by an operator",
+                    strategy, feature)
+        return True
+
+    def rows(self) -> list[JSON]:
+        """Each watched (feature, strategy): its samples, mean score, bound, floor, state."""
+        return [self._row(f, s, self._watches[f, s]) for f, s in sorted(self._watches)]
+
+    def _row(self, feature: str, strategy: str, watch: _Watch) -> JSON:
+        window = watch.window
+        return {
+            "feature": feature, "strategy": strategy, "samples": window.samples,
+            "mean": round(window.mean, 4), "bound": round(window.bound, 4),
+            "floor": watch.floor, "state": "on" if self.enabled(feature, strategy) else "off",
+        }
+
+    async def _run(self, job: _Job) -> None:
+        """A sample in the background, which must never fail unseen."""
+        try:
+            await self._shadow(job)
+        except Exception:  # a bug or an answer of a shape nobody expected: logged, counted
+            log.exception("shadow evaluation of %s failed", job.ctx.request_id)
+            self._count("failed")
+
+    async def _shadow(self, job: _Job) -> None:
+        """The uncompressed call, its score, and its ledger row, which holds the score in its
+        ``similarity`` column (None when the sample was lost)."""
+        score = None
+        try:
+            reference, row = await self._call(job, job.target, job.original, ".shadow")
+            try:
+                score = await self._score(job, answer_text(reference.body), job.answer)
+            finally:
+                self._ledger.record(dataclasses.replace(row, similarity=score))
+        except SkinflintError as exc:  # a sample lost, not a request: logged and counted
+            log.info("shadow call for %s failed: %s", job.ctx.request_id, exc)
+            self._count("failed")
+            return
+        self._count("scored")
+        await self._add(job, score)
+
+    async def _call(self, job: _Job, target: Target, body: JSON,
+                    suffix: str) -> tuple[Completion, LedgerRecord]:
+        """One call, and its ledger row (of strategy ``shadow``) to record; recorded here if
+        the call fails."""
+        started = time.perf_counter()
+        try:
+            completion = await self._upstream.complete(target, body)
+        except SkinflintError as exc:
+            self._ledger.record(self._ledger_row(
+                job, target, suffix, None, (exc.status, exc.code or exc.error_type),
+                (time.perf_counter() - started) * 1000))
+            raise
+        usage = Usage.from_openai(completion.body.get("usage"))
+        row = self._ledger_row(job, target, suffix, usage, (200, ""),
+                               (time.perf_counter() - started) * 1000)
+        return completion, row
+
+    def _ledger_row(self, job: _Job, target: Target, suffix: str, usage: Usage | None,
+                    outcome: tuple[int, str], ms: float) -> LedgerRecord:
+        ctx, known = job.ctx, usage or Usage()
+        return LedgerRecord(
+            request_id=ctx.request_id + suffix, ts=time.time(), request_hash=ctx.request_hash,
+            tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
+            requested_model=ctx.requested_model, model=target.provider_model,
+            provider=target.provider, input_tokens=known.input_tokens,
+            output_tokens=known.output_tokens, cached_tokens=known.cached_tokens,
+            cost_usd=None if usage is None else self._catalog.cost(target.name, usage),
+            baseline_cost_usd=0.0, saved_usd=0.0, strategy=SHADOW_CALL, latency_ms=ms,
+            upstream_latency_ms=ms, status=outcome[0], error_type=outcome[1],
+            route=ctx.route_label,
+        )
+
+    async def _score(self, job: _Job, reference: str, answer: str) -> float:
+        judge = job.policy.judge
+        if judge == "exact":
+            return exact_score(reference, answer)
+        if judge == "similarity":
+            return await self._similarity(reference, answer)
+        if exact_score(reference, answer) == 1.0:
+            return 1.0  # no need to ask
+        messages = [{"role": "system", "content": _JUDGE_PROMPT},
+                    {"role": "user", "content": f"Answer A:\n{reference}\n\nAnswer B:\n{answer}"}]
+        body: JSON = {"messages": messages, "temperature": 0, "max_tokens": 3}
+        verdict, row = await self._call(job, self._upstream.resolve(judge), body,
+                                        ".shadow.judge")
+        self._ledger.record(row)
+        return float(answer_text(verdict.body).strip().upper().startswith("YES"))
+
+    async def _similarity(self, reference: str, answer: str) -> float:
+        if is_structured(reference) or is_structured(answer):
+            return exact_score(reference, answer)
+        if self._vector is not None:
+            a, b = await self._vector(reference), await self._vector(answer)
+            if a is not None and b is not None:
+                return cosine([float(x) for x in a], [float(x) for x in b])
+        return word_cosine(reference, answer)
+
+    async def _add(self, job: _Job, score: float) -> None:
+        feature = job.ctx.feature
+        for strategy in job.strategies:
+            key = (feature, strategy)
+            watch = self._watches.setdefault(key, _Watch(Window()))
+            watch.floor = floor = job.policy.floor
+            watch.window.add(score)
+            window = watch.window
+            if key in self._off or window.samples < job.policy.min_samples:
+                continue
+            if window.bound < floor:
+                await self._switch_off(feature, strategy, watch, floor)
+
+    async def _switch_off(self, feature: str, strategy: str, watch: _Watch,
+                          floor: float) -> None:
+        self._off.add((feature, strategy))
+        self._metrics.shadow_off.set(len(self._off))
+        watch.off_since = time.time()
+        w = watch.window
+        log.warning(
+            "shadow guard: %s switched off for feature %r: mean score %.3f over %d samples,"
+            " upper bound %.3f below the floor %.3f; enable it again with POST /api/shadow/enable",
+            strategy, feature, w.mean, w.samples, w.bound, floor)
+        if self._alerts is None:
+            return
+        try:
+            await self._alerts.fire(self._event(feature, strategy, watch.off_since, None))
+        except Exception:  # the switch holds; only its record is lost, and said so
+            log.exception("shadow guard: the alert for %s/%s was not recorded", feature, strategy)
+
+    @staticmethod
+    def _event(feature: str, strategy: str, start: float, end: float | None) -> AlertEvent:
+        return AlertEvent(ALERT_RULE, _PER, f"{feature}/{strategy}", start, end, 0.0, 0.0)
+
+    def _count(self, outcome: str) -> None:
+        self._metrics.child(self._metrics.shadow_calls, outcome).inc()

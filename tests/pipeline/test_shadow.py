@@ -1,0 +1,363 @@
+"""The shadow-evaluation guard: its scores and bound, switching a strategy off on a degrading
+series (and not on a healthy one), the operator's re-enable, the switch kept in the alert
+table, sampling, and the bound on calls in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from skinflint.config import CacheConfig, ShadowPolicy
+from skinflint.errors import UpstreamStatusError
+from skinflint.metrics import Metrics
+from skinflint.models import SHADOW_CALL, Completion, UpstreamRequest, is_attempt
+from skinflint.pipeline.account import Account
+from skinflint.pipeline.cache import ResponseCache
+from skinflint.pipeline.context import Compression, Reply, RequestContext, Target
+from skinflint.pipeline.shadow import ALERT_RULE, ProviderUpstream, ShadowGuard
+from skinflint.pipeline.shadow_score import (
+    WINDOW,
+    Window,
+    exact_score,
+    is_structured,
+    upper_bound,
+    word_cosine,
+)
+from skinflint.pricing import PriceCatalog
+from skinflint.storage.alert_store import SQLiteAlertStore
+from skinflint.storage.cache import MemoryCacheStore
+from skinflint.storage.ledger import MemoryLedger
+from skinflint.tokens import TokenCounter
+from tests.pipeline.parts import Scripted, answer, chat, context
+
+PRICES: dict[str, tuple[float, float | None, float | None]] = {
+    "small": (1.0, 2.0, None), "judge": (0.1, 0.2, None)}
+SMALL = Target("small", "p", "s-1")
+JUDGE = Target("judge", "j", "j-1")
+ORIGINAL = chat("Summarise the whole long document about the harbour", model="small")
+RIGHT = "The harbour opened in 1850 and handles grain and timber today"
+WRONG = "The document is about a harbour"
+
+
+class Upstream(Scripted):
+    """A provider answering every call with ``text`` (changeable), or waiting for ``gate``."""
+
+    def __init__(self, name: str, text: str = RIGHT) -> None:
+        super().__init__(name)
+        self.text = text
+        self.gate: asyncio.Event | None = None
+        self.failure: Exception | None = None
+        self.body: dict[str, Any] | None = None  # answered instead of ``text``, when set
+
+    async def complete(self, request: UpstreamRequest) -> Completion:
+        self.requests.append(request)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failure is not None:
+            raise self.failure
+        if self.body is not None:
+            return Completion(self.body)
+        return Completion(answer(self.text, model=request.provider_model, usage=(100, 20)))
+
+
+class Rig:
+    """A guard over an answering provider and a judge, an in-memory ledger and, when given a
+    path, the alert table in a SQLite file."""
+
+    def __init__(self, policy: ShadowPolicy | None, *, alerts: SQLiteAlertStore | None = None,
+                 sampler: Any = None, max_in_flight: int = 4) -> None:
+        self.provider, self.judge = Upstream("p"), Upstream("j", "YES")
+        self.ledger, self.metrics = MemoryLedger(), Metrics()
+        targets = {"judge": JUDGE, "small": SMALL}
+        upstream = ProviderUpstream({"p": self.provider, "j": self.judge}, {"p": 5.0},
+                                    lambda name: (targets[name],))
+        self.guard = ShadowGuard(lambda feature, route: policy if feature == "docs" else None,
+                                 upstream, ledger=self.ledger, catalog=PriceCatalog(PRICES),
+                                 metrics=self.metrics, alerts=alerts,
+                                 sampler=sampler or (lambda: 0.0), max_in_flight=max_in_flight)
+
+    async def serve(self, answered: str, *, feature: str = "docs",
+                    strategies: tuple[str, ...] = ("context",)) -> RequestContext:
+        """One compressed request answered ``answered``, shown to the guard, which is waited
+        for."""
+        compressed = chat("Summarise the document", model="small")
+        ctx = context(compressed, feature=feature, answered=SMALL,
+                      compression=Compression(strategies, 12, ORIGINAL))
+        self.guard.observe(ctx, answer(answered, model="s-1"))
+        await self.guard.drain()
+        return ctx
+
+    def calls(self, outcome: str) -> float:
+        found = self.metrics.registry.get_sample_value("skinflint_shadow_calls_total",
+                                                       {"outcome": outcome})
+        return found or 0.0
+
+
+def _policy(**fields: Any) -> ShadowPolicy:
+    return ShadowPolicy(**{"sample": 1.0, "floor": 0.9, "judge": "exact",
+                           "min_samples": 20, **fields})
+
+
+# ---- scores and bound
+
+
+def test_the_bound_is_hoeffdings_upper_bound() -> None:
+    assert upper_bound(0.5, 20) == pytest.approx(0.5 + math.sqrt(math.log(20) / 40))
+    assert upper_bound(0.5, 20) == pytest.approx(0.7737, abs=1e-4)
+    assert upper_bound(0.95, 200) == 1.0  # clipped
+    assert upper_bound(0.0, 0) == 1.0  # nothing known: nothing to switch off
+    assert upper_bound(0.0, 2) < 0.9 < upper_bound(0.0, 1)
+
+
+def test_a_window_keeps_the_newest_scores() -> None:
+    window = Window()
+    for _ in range(WINDOW):
+        window.add(0.0)
+    for _ in range(WINDOW // 2):
+        window.add(1.0)
+    assert window.samples == WINDOW
+    assert window.mean == pytest.approx(0.5)
+
+
+def test_exact_sets_aside_case_spacing_and_key_order() -> None:
+    assert exact_score("Paris.", "  paris ") == 1.0
+    assert exact_score('{"a": 1, "b": [2]}', '{"b":[2],"a":1}') == 1.0
+    assert exact_score('{"a": 1}', '{"a": 2}') == 0.0
+    assert exact_score("Paris", "Lyon") == 0.0
+    assert is_structured("Yes, it is.") and is_structured('{"k": "a b c d e f g"}')
+    assert not is_structured(RIGHT)
+
+
+def test_word_cosine_sees_shared_words() -> None:
+    assert word_cosine(RIGHT, RIGHT.upper()) == pytest.approx(1.0)
+    assert 0.0 < word_cosine(RIGHT, WRONG) < 0.5
+    assert word_cosine("alpha beta gamma delta epsilon zeta", "one two three four five six") == 0.0
+
+
+# ---- switching off and on
+
+
+async def test_a_degrading_strategy_is_switched_off_at_min_samples(tmp_path: Path) -> None:
+    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
+    rig = Rig(_policy(), alerts=store)
+    for _ in range(19):
+        await rig.serve(WRONG)
+    assert rig.guard.enabled("docs", "context")
+    await rig.serve(WRONG)
+    assert not rig.guard.enabled("docs", "context")
+    assert rig.guard.enabled("docs", "history") and rig.guard.enabled("quiz", "context")
+    assert rig.metrics.registry.get_sample_value("skinflint_shadow_switched_off") == 1
+    [event] = await store.recent(10)
+    assert (event.rule, event.per, event.name, event.end) == (
+        ALERT_RULE, "feature", "docs/context", None)
+    [row] = rig.guard.rows()
+    assert row == {"feature": "docs", "strategy": "context", "samples": 20, "mean": 0.0,
+                   "bound": pytest.approx(0.2737, abs=1e-4), "floor": 0.9, "state": "off"}
+    await store.close()
+
+
+async def test_the_uncompressed_request_goes_to_the_answering_model_and_is_ledgered() -> None:
+    rig = Rig(_policy())
+    ctx = await rig.serve(RIGHT)
+    [request] = rig.provider.requests
+    assert request.provider_model == "s-1"
+    assert request.body == {**ORIGINAL, "model": "s-1", "stream": False}
+    [row] = rig.ledger.records
+    assert row.strategy == SHADOW_CALL and is_attempt(row.strategy)
+    assert row.request_id == ctx.request_id + ".shadow"
+    assert (row.feature, row.model, row.provider) == ("docs", "s-1", "p")
+    assert (row.input_tokens, row.output_tokens) == (100, 20)
+    assert row.cost_usd == pytest.approx((100 * 1.0 + 20 * 2.0) / 1e6)
+    assert row.similarity == 1.0  # the pair's score
+    assert rig.calls("scored") == 1
+
+
+async def test_a_failed_shadow_call_is_ledgered_and_scores_nothing() -> None:
+    rig = Rig(_policy())
+    rig.provider.failure = UpstreamStatusError(503, "overloaded", provider="p")
+    await rig.serve(WRONG)
+    [row] = rig.ledger.records
+    assert (row.strategy, row.status, row.cost_usd, row.similarity) == (
+        SHADOW_CALL, 503, None, None)
+    assert rig.calls("failed") == 1 and rig.guard.rows() == []
+
+
+async def test_a_healthy_strategy_stays_on() -> None:
+    rig = Rig(_policy(judge="similarity"))
+    for i in range(100):  # nine answers in ten agree, the tenth misses: a mean about 0.93
+        await rig.serve(WRONG if i % 10 == 0 else RIGHT)
+    assert rig.guard.enabled("docs", "context")
+    [row] = rig.guard.rows()
+    assert row["samples"] == 100 and 0.9 < row["mean"] < 0.95 and row["state"] == "on"
+
+
+async def test_every_strategy_of_the_request_is_scored() -> None:
+    rig = Rig(_policy(min_samples=2))
+    for _ in range(2):
+        await rig.serve(WRONG, strategies=("context", "history"))
+    assert not rig.guard.enabled("docs", "context")
+    assert not rig.guard.enabled("docs", "history")
+
+
+async def test_an_operator_switches_it_back_on_with_a_fresh_window(tmp_path: Path) -> None:
+    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
+    rig = Rig(_policy(min_samples=3), alerts=store)
+    for _ in range(3):
+        await rig.serve(WRONG)
+    assert not rig.guard.enabled("docs", "context")
+    assert await rig.guard.enable("docs", "context")
+    assert rig.guard.enabled("docs", "context")
+    assert rig.metrics.registry.get_sample_value("skinflint_shadow_switched_off") == 0
+    assert not await rig.guard.enable("docs", "context")  # it was on
+    assert await store.active() == {}
+    [event] = await store.recent(10)
+    assert event.state == "resolved"
+    await rig.serve(WRONG)  # one more bad sample does not switch it off at once
+    assert rig.guard.enabled("docs", "context")
+    assert rig.guard.rows()[0]["samples"] == 1
+    await store.close()
+
+
+async def test_the_switch_survives_a_restart(tmp_path: Path) -> None:
+    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
+    first = Rig(_policy(min_samples=2), alerts=store)
+    for _ in range(2):
+        await first.serve(WRONG)
+    second = Rig(_policy(min_samples=2), alerts=store)
+    assert second.guard.enabled("docs", "context")
+    await second.guard.restore()
+    assert not second.guard.enabled("docs", "context")
+    assert second.metrics.registry.get_sample_value("skinflint_shadow_switched_off") == 1
+    assert second.guard.rows()[0]["state"] == "off"
+    assert await second.guard.enable("docs", "context")
+    third = Rig(_policy(min_samples=2), alerts=store)
+    await third.guard.restore()
+    assert third.guard.enabled("docs", "context")
+    await store.close()
+
+
+async def test_an_answer_of_an_unexpected_shape_is_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(_policy())
+    rig.provider.body = {"choices": ["not an object"]}
+    await rig.serve(RIGHT)
+    assert rig.calls("failed") == 1 and rig.guard.rows() == []
+    assert "shadow evaluation of r failed" in caplog.text
+
+
+# ---- judges
+
+
+async def test_a_judge_model_decides_and_its_call_is_ledgered() -> None:
+    rig = Rig(_policy(judge="judge", min_samples=2))
+    rig.judge.text = "NO, they differ."
+    for _ in range(2):
+        ctx = await rig.serve(WRONG)
+    assert not rig.guard.enabled("docs", "context")
+    verdict = rig.judge.requests[0]
+    assert verdict.provider_model == "j-1" and verdict.body["max_tokens"] == 3
+    assert RIGHT in verdict.body["messages"][1]["content"]
+    rows = [r for r in rig.ledger.records if r.request_id == ctx.request_id + ".shadow.judge"]
+    assert len(rows) == 2 and all(r.strategy == SHADOW_CALL for r in rows)
+    assert rows[0].cost_usd == pytest.approx((100 * 0.1 + 20 * 0.2) / 1e6)
+
+
+async def test_a_judge_saying_yes_keeps_it_on_and_is_not_asked_about_equal_answers() -> None:
+    rig = Rig(_policy(judge="judge", min_samples=2))
+    for _ in range(3):
+        await rig.serve(WRONG)
+    await rig.serve(RIGHT)
+    assert rig.guard.enabled("docs", "context")
+    assert len(rig.judge.requests) == 3
+
+
+async def test_similarity_uses_the_embedder_when_it_has_one() -> None:
+    rig = Rig(_policy(judge="similarity", min_samples=2))
+    vectors = {RIGHT: [1.0, 0.0], WRONG: [0.0, 1.0]}
+
+    async def vector(text: str) -> Any:
+        return vectors[text]
+
+    rig.guard._vector = vector
+    for _ in range(2):
+        await rig.serve(WRONG)
+    assert not rig.guard.enabled("docs", "context")
+
+
+# ---- sampling and the bound on calls
+
+
+async def test_only_the_configured_share_is_shadowed() -> None:
+    rig = Rig(_policy(sample=0.25), sampler=random.Random(7).random)
+    for _ in range(400):
+        await rig.serve(RIGHT)
+    assert 70 <= len(rig.provider.requests) <= 130
+    assert len(rig.ledger.records) == len(rig.provider.requests)
+
+
+async def test_requests_not_compressed_or_not_configured_are_not_shadowed() -> None:
+    rig = Rig(_policy())
+    await rig.serve(RIGHT, feature="quiz")  # no shadow policy
+    plain = context(chat(), feature="docs", answered=SMALL)
+    rig.guard.observe(plain, answer(RIGHT))
+    failed = context(chat(), feature="docs", answered=SMALL, status=502,
+                     compression=Compression(("context",), 3, ORIGINAL))
+    rig.guard.observe(failed, answer(RIGHT))
+    await rig.guard.drain()
+    assert rig.provider.requests == []
+
+
+async def test_calls_in_flight_are_bounded_and_the_rest_dropped() -> None:
+    rig = Rig(_policy(), max_in_flight=4)
+    rig.provider.gate = asyncio.Event()
+    for _ in range(10):  # observe never waits, even with every call stuck
+        ctx = context(chat(), feature="docs", answered=SMALL,
+                      compression=Compression(("context",), 3, ORIGINAL))
+        rig.guard.observe(ctx, answer(RIGHT))
+    await asyncio.sleep(0)
+    assert len(rig.provider.requests) == 4
+    assert rig.guard.dropped == 6 and rig.calls("dropped") == 6
+    rig.provider.gate.set()
+    await rig.guard.drain()
+    assert rig.calls("scored") == 4
+
+
+async def test_closing_abandons_calls_under_way() -> None:
+    rig = Rig(_policy())
+    rig.provider.gate = asyncio.Event()
+    ctx = context(chat(), feature="docs", answered=SMALL,
+                  compression=Compression(("context",), 3, ORIGINAL))
+    rig.guard.observe(ctx, answer(RIGHT))
+    await asyncio.sleep(0)
+    await rig.guard.close()
+    assert rig.calls("scored") == 0
+
+
+# ---- the account stage shows it compressed answers
+
+
+async def test_the_account_stage_shows_the_guard_each_compressed_answer() -> None:
+    rig = Rig(_policy())
+    metrics = Metrics()
+    account = Account(catalog=PriceCatalog(PRICES), tokens=TokenCounter(), ledger=MemoryLedger(),
+                      metrics=metrics, cache=ResponseCache(CacheConfig(), MemoryCacheStore(),
+                                                           metrics),
+                      shadow=rig.guard)
+
+    async def answered(ctx: RequestContext) -> Reply:
+        ctx.answered = SMALL
+        return Reply(body=answer(WRONG, model="s-1"))
+
+    compressed = context(chat(model="small"), feature="docs", targets=(SMALL,),
+                         compression=Compression(("context",), 3, ORIGINAL))
+    await account(compressed, answered)
+    await account(context(chat(model="small"), feature="docs", targets=(SMALL,)), answered)
+    await rig.guard.drain()
+    assert len(rig.provider.requests) == 1
+    assert rig.guard.rows()[0]["mean"] == 0.0
