@@ -422,3 +422,20 @@ def test_report_counts_answers_cut_short_per_group(
     lines = _fits(_piped(tmp_path, "report", "--db", str(db)))
     assert "cut" in lines[lines.index("Requests by feature") + 1]
     assert _figures(lines, "Requests by feature", "chat")[4] == "2"
+
+
+def test_report_shows_the_prompt_tokens_compression_saved_per_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = time.time()
+    rows = [LedgerRecord("d1", now, feature="docs", input_tokens=400, tokens_saved=100),
+            LedgerRecord("d2", now, feature="docs", input_tokens=300, tokens_saved=50),
+            LedgerRecord("c1", now, feature="chat", input_tokens=20)]
+    db = _ledger_file(tmp_path / "l.db", rows)
+    report = _cli(capsys, "report", "--db", str(db), "--json")
+    groups = {g["key"]: g for g in report["groups"]}
+    assert (groups["docs"]["tokens_saved"], groups["chat"]["tokens_saved"]) == (150, 0)
+    assert report["total"]["tokens_saved"] == 150
+    lines = _fits(_piped(tmp_path, "report", "--db", str(db)))
+    assert "saved" in lines[lines.index("Requests by feature") + 2]
+    assert _figures(lines, "Requests by feature", "docs")[4:7] == ["700", "150", "0"]

@@ -55,6 +55,7 @@ class Group:
     errors: int = 0
     cache_hits: int = 0
     truncated: int = 0  # answers cut at their output-token limit
+    tokens_saved: int = 0  # prompt tokens the compress stage removed
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
@@ -89,6 +90,7 @@ class Group:
         self.errors += r.status >= 400
         self.cache_hits += r.cache_status.startswith("hit")
         self.truncated += r.truncated
+        self.tokens_saved += r.tokens_saved
         self.baseline_cost_usd += r.baseline_cost_usd or 0.0
         self.saved_usd += r.saved_usd or 0.0
         self.latency_ms.append(r.latency_ms)

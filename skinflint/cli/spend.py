@@ -73,13 +73,15 @@ def format_spend(report: Report) -> Table:
 
 def format_traffic(report: Report) -> Table:
     """Requests, tokens and latency; a ``cut short`` column (answers that reached their
-    output-token limit) when any was."""
+    output-token limit) when any was, and ``tokens saved`` (prompt tokens compression
+    removed) when any were."""
     cut = bool(report.total.truncated)
+    compressed = bool(report.total.tokens_saved)
     table = _table(
         f"Requests by {report.by}",
         report.by,
         ("requests", "cascade\nattempts", "errors", "cache\nhits", *(("cut\nshort",) * cut),
-         "tokens\nin", "tokens\nout", "p50 ms"),
+         "tokens\nin", *(("tokens\nsaved",) * compressed), "tokens\nout", "p50 ms"),
     )
     for g, options in _rows(report):
         s = g.summary()
@@ -91,6 +93,7 @@ def format_traffic(report: Report) -> Table:
             f"{s['cache_hit_rate']:.0%}",
             *((f"{g.truncated:,}",) * cut),
             count(g.input_tokens),
+            *((count(g.tokens_saved),) * compressed),
             count(g.output_tokens),
             _ms(s["p50_latency_ms"]),
             **options,
