@@ -16,13 +16,11 @@ The response cache does the work, on the store the storage layer opens:
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from skinflint.analytics.admin_call import GatewayRefused, post_admin
 from skinflint.config import Settings
 from skinflint.metrics import Metrics
 from skinflint.pipeline.cache import ResponseCache
@@ -56,24 +54,12 @@ class Invalidation:
 
 def _tell_gateway(url: str, tags: list[str], admin_key: str | None) -> int | str:
     """Ask the gateway at ``url`` to invalidate; the count it dropped, else why it did not."""
-    req = urllib.request.Request(
-        url.rstrip("/") + "/api/cache/invalidate",
-        data=json.dumps({"tags": tags}).encode(),
-        method="POST",
-        headers={"content-type": "application/json"},
-    )
-    if admin_key:
-        req.add_header("authorization", f"Bearer {admin_key}")
     try:
-        with urllib.request.urlopen(req, timeout=3) as resp:
-            return int(json.loads(resp.read())["invalidated"])
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            return "it refused: it needs its admin key (--admin-key)"
-        return f"it answered HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        return f"it did not answer ({getattr(exc, 'reason', exc)})"
-    except (ValueError, KeyError):
+        answer = post_admin(url, "/api/cache/invalidate", {"tags": tags}, admin_key, timeout=3)
+        return int(answer["invalidated"])
+    except GatewayRefused as exc:
+        return str(exc)
+    except (KeyError, TypeError, ValueError):
         return "its answer was not a skinflint gateway's"
 
 

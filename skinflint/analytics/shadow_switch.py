@@ -10,14 +10,12 @@ until it restarts (or is told through ``--url``).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from skinflint.alerts import AlertEvent
+from skinflint.analytics.admin_call import GatewayRefused, post_admin
 from skinflint.config import Settings
 from skinflint.pipeline.shadow import ALERT_RULE
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
@@ -65,23 +63,13 @@ async def _close_alert(storage: Storage, feature: str, strategy: str) -> Switch:
 
 
 def _tell_gateway(url: str, feature: str, strategy: str, admin_key: str | None) -> bool:
-    req = urllib.request.Request(
-        url.rstrip("/") + "/api/shadow/enable",
-        data=json.dumps({"feature": feature, "strategy": strategy}).encode(),
-        method="POST", headers={"content-type": "application/json"})
-    if admin_key:
-        req.add_header("authorization", f"Bearer {admin_key}")
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return bool(json.loads(resp.read())["switched_on"])
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            raise ValueError(f"the gateway at {url} needs its admin key (--admin-key)") from None
-        raise ValueError(f"the gateway at {url} answered HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ValueError(f"the gateway at {url} did not answer "
-                         f"({getattr(exc, 'reason', exc)})") from None
-    except (ValueError, KeyError):
+        answer = post_admin(url, "/api/shadow/enable", {"feature": feature, "strategy": strategy},
+                            admin_key, timeout=5)
+        return bool(answer["switched_on"])
+    except GatewayRefused as exc:
+        raise ValueError(f"the gateway at {url} did not do it: {exc}") from None
+    except KeyError:
         raise ValueError(f"the answer of {url} was not a skinflint gateway's") from None
 
 
