@@ -182,7 +182,7 @@ class CallProvider:
             return None  # its circuit just opened: fall back now rather than fail fast later
         if not exc.retryable:
             return None
-        return policy.delay(attempt, getattr(exc, "retry_after", None))
+        return policy.delay(attempt, exc.retry_after)
 
     async def _send(
         self,
