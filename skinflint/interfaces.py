@@ -13,11 +13,20 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from skinflint.models import Completion, LedgerRecord, StreamChunk, UpstreamRequest
+from skinflint.models import (
+    BatchLine,
+    BatchOutcome,
+    BatchStatus,
+    Completion,
+    LedgerRecord,
+    StreamChunk,
+    UpstreamRequest,
+)
 
 __all__ = [
     "Admission",
     "Amounts",
+    "BatchAPI",
     "BudgetCounters",
     "CacheEntry",
     "CacheStore",
@@ -58,6 +67,26 @@ class Provider(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchAPI(Protocol):
+    """A provider's discounted batch API (OpenAI files + batches, Anthropic message batches),
+    offered by the providers that have one. Raises :class:`skinflint.errors.UpstreamError`
+    subclasses only. Lines and results are in the OpenAI chat-completions format whatever the
+    provider's own."""
+
+    async def submit_batch(self, lines: Sequence[BatchLine], timeout: float) -> str:
+        """Send ``lines`` as one batch; the provider's batch id."""
+        ...
+
+    async def batch_status(self, batch_id: str, timeout: float) -> BatchStatus: ...
+
+    async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
+        """Every line's outcome, once :meth:`batch_status` says ``ended``."""
+        ...
+
+    async def cancel_batch(self, batch_id: str, timeout: float) -> None: ...
 
 
 @dataclass(slots=True)

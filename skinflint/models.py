@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "ATTEMPT_STRATEGIES",
@@ -17,6 +17,9 @@ __all__ = [
     "CLIENT_LEFT",
     "RETRIED_ATTEMPT",
     "SHADOW_CALL",
+    "BatchLine",
+    "BatchOutcome",
+    "BatchStatus",
     "CacheBypass",
     "Completion",
     "LedgerRecord",
@@ -175,3 +178,39 @@ class LedgerRecord:
     cache_reason: str = ""  # a CacheBypass value when cache_status is "bypass"
     truncated: int = 0  # 1 when the answer was cut at its output limit (finish_reason length)
     tokens_saved: int = 0  # prompt tokens the compress stage removed before the call
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    """One request of a provider batch: an OpenAI chat-completions body whose ``model`` is the
+    provider's own name, and the id its result comes back under."""
+
+    custom_id: str
+    body: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """A provider batch's progress. ``state`` is ``running`` until its results can be read,
+    then ``ended`` (completed, expired or cancelled: :class:`BatchOutcome` says per line) or
+    ``failed`` (the batch as a whole was refused: no line ran). ``detail`` is the provider's
+    own word for it (``in_progress``, ``finalizing``, ``expired``...)."""
+
+    id: str
+    state: Literal["running", "ended", "failed"]
+    detail: str
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """One line's result: ``completion`` (an OpenAI ``chat.completion``) when it ran, else
+    ``error``: ``expired`` or ``cancelled`` (the line never ran and was not billed) or
+    ``failed`` (it ran and the provider answered an error), with the provider's ``message``."""
+
+    custom_id: str
+    completion: Completion | None = None
+    error: Literal["expired", "cancelled", "failed"] | None = None
+    message: str = ""

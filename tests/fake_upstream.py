@@ -55,6 +55,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_batches import FakeBatches
+
 __all__ = ["FakeUpstream", "Fault", "Recorded", "main"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -462,6 +464,8 @@ class FakeUpstream:
         self._lock = threading.Lock()
         self._faults: deque[Fault] = deque()
         self._scripts: dict[str, str] = {}
+        self._answerers: list[Callable[[dict[str, Any]], str | None]] = []
+        self.batches = FakeBatches(self._offline_answer, lambda: self.root_url)
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -500,7 +504,9 @@ class FakeUpstream:
             self.requests.clear()
             self._faults.clear()
             self._scripts.clear()
+            self._answerers.clear()
             self.disconnects = 0
+        self.batches.reset()
 
     def fail_next(self, fault: Fault | str, times: int = 1, **params: Any) -> None:
         """Break the next ``times`` chat, messages or model-list requests with ``fault``.
@@ -518,9 +524,37 @@ class FakeUpstream:
         with self._lock:
             self._scripts[model] = text
 
+    def add_answerer(self, answerer: Callable[[dict[str, Any]], str | None]) -> None:
+        """Let ``answerer(body)`` answer chat and messages requests it recognises (it returns
+        the answer's text, or None to pass) until :meth:`reset`; ``answer_as`` scripts win."""
+        with self._lock:
+            self._answerers.append(answerer)
+
     def _script(self, body: dict[str, Any]) -> str | None:
         with self._lock:
-            return self._scripts.get(str(body.get("model")))
+            scripted = self._scripts.get(str(body.get("model")))
+            answerers = list(self._answerers)
+        if scripted is not None:
+            return scripted
+        for answerer in answerers:
+            text = answerer(body)
+            if text is not None:
+                return text
+        return None
+
+    def _offline_answer(self, body: dict[str, Any], api: str) -> dict[str, Any]:
+        """What the live endpoint answers ``body`` (no faults): a batch line's result."""
+        ident = next(self._ids)
+        if api == "anthropic":
+            reply = _plan({**body, "n": 1}, _text(body.get("system")), _anthropic_tool(body),
+                          Fault(), self._script(body))
+            head = {"id": f"msg_fake_{ident}", "type": "message", "role": "assistant",
+                    "model": body.get("model")}
+            return _anthropic_message(head, reply, Fault())
+        reply = _plan(body, "", _openai_tool(body), Fault(), self._script(body))
+        head = {"id": f"chatcmpl-fake-{ident}", "created": int(time.time()),
+                "model": body.get("model"), "system_fingerprint": "fp_fake"}
+        return _chat_completion(head, reply, Fault())
 
     def calls(self, path: str = "/v1/chat/completions") -> list[Recorded]:
         """The recorded requests to ``path``, in order."""
@@ -564,6 +598,7 @@ class FakeUpstream:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        self.batches.routes(app)
         return app
 
     @web.middleware
