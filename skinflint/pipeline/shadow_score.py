@@ -19,7 +19,7 @@ The bound is checked at every sample once the window holds ``min_samples``: what
 often a strategy exactly at the floor is switched off over many checks. Hoeffding's slack keeps
 that below ``DELTA`` (0.2-0.7% over 1,000 samples, 1.5-2.7% over 5,000: ``bench/shadow.py``);
 the tighter Chernoff (KL) bound at the same 95% would switch off 13-15% and 53% of them, and at
-99.9%, where its rate is Hoeffding's, it switches off at the same counts: no gain.
+99.9%, where its rate is Hoeffding's, it switches off at the same scores or later: no gain.
 """
 
 from __future__ import annotations
