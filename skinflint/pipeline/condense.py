@@ -185,7 +185,7 @@ class Condenser:
         target = self._upstream.resolve(job.model)
         started = time.perf_counter()
         usage: Usage | None = None
-        outcome = (599, "cancelled")
+        outcome = (499, "cancelled")  # timed out or shut down: it may have cost
         try:
             completion = await self._upstream.complete(target, job.body())
             usage = Usage.from_openai(completion.body.get("usage"))
