@@ -179,7 +179,8 @@ class Gateway:
                                          metrics, cache)
         condenser = None
         if _condenses(settings):
-            condenser = Condenser(upstream, ledger=ledger, catalog=catalog, store=cache.backend)
+            condenser = Condenser(upstream, ledger=ledger, catalog=catalog, metrics=metrics,
+                                  store=cache.backend)
         account = Account(
             catalog=catalog, tokens=tokens, ledger=ledger, metrics=metrics, cache=cache,
             baseline_model=settings.baseline_model,

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -99,6 +100,8 @@ def test_a_long_system_prompt_is_rewritten_once_and_the_rewrite_sent_from_then_o
     requests = [r for r in rows if r["strategy"] != COMPRESS_CALL]
     assert len(requests) == 7
     assert requests[-1]["tokens_saved"] > 50  # the rewrite counts as saved prompt tokens
+    metrics = httpx.get(gw.root_url + "/metrics").text
+    assert 'skinflint_compress_calls_total{kind="rewrite",outcome="used"} 1.0' in metrics
 
 
 def test_a_rewrite_no_shorter_than_the_prompt_is_not_used_nor_asked_for_again(
@@ -113,6 +116,8 @@ def test_a_rewrite_no_shorter_than_the_prompt_is_not_used_nor_asked_for_again(
     assert [b["messages"][0]["content"] for b in _calls(fake, "gpt-4o")] == [SYSTEM] * 4
     row = _compress_rows(tmp_path / "skinflint.db", 5)[0]
     assert row["status"] == 200 and row["cost_usd"] > 0  # paid for, though not used
+    metrics = httpx.get(gw.root_url + "/metrics").text
+    assert 'skinflint_compress_calls_total{kind="rewrite",outcome="rejected"} 1.0' in metrics
 
 
 def test_a_failed_rewrite_is_ledgered_and_leaves_the_prompt_as_it_is(

@@ -30,6 +30,7 @@ from typing import Any
 
 from skinflint.errors import SkinflintError
 from skinflint.interfaces import CacheEntry, CacheStore, Ledger
+from skinflint.metrics import Metrics
 from skinflint.models import COMPRESS_CALL, Usage
 from skinflint.pipeline.context import RequestContext
 from skinflint.pipeline.shadow_score import answer_text
@@ -66,8 +67,13 @@ class Job:
 
     @property
     def key(self) -> str:
-        digest = hashlib.sha256(f"{self.kind}\0{self.model}\0{self.text}".encode()).hexdigest()
-        return f"compress:{self.kind}:{digest}"
+        return self.key_of(self.kind, self.model, self.text)
+
+    @staticmethod
+    def key_of(kind: str, model: str, text: str) -> str:
+        """Where the result of a job is kept: by its kind, model and text's content hash."""
+        digest = hashlib.sha256(f"{kind}\0{model}\0{text}".encode()).hexdigest()
+        return f"compress:{kind}:{digest}"
 
     def body(self) -> JSON:
         system = _REWRITE if self.kind == "rewrite" else _SUMMARY.format(
@@ -82,12 +88,13 @@ class Condenser:
     only)."""
 
     def __init__(self, upstream: ServiceUpstream, *, ledger: Ledger, catalog: PriceCatalog,
-                 store: CacheStore | None = None, memory: int = 1024, ttl: float = 30 * 86400,
-                 retry_after: float = 600.0, max_in_flight: int = 2,
+                 metrics: Metrics, store: CacheStore | None = None, memory: int = 1024,
+                 ttl: float = 30 * 86400, retry_after: float = 600.0, max_in_flight: int = 2,
                  clock: Callable[[], float] = time.time) -> None:
         self._upstream = upstream
         self._ledger = ledger
         self._catalog = catalog
+        self._metrics = metrics
         self._store = store
         self._memory = memory
         self._ttl = ttl
@@ -97,6 +104,7 @@ class Condenser:
         self._known: OrderedDict[str, str] = OrderedDict()
         self._failed: OrderedDict[str, float] = OrderedDict()  # key -> when to try again
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # a prompt's tokens, by key
 
     def rewritten(self, ctx: RequestContext, text: str, model: str, min_tokens: int,
                   count: Count) -> str | None:
@@ -105,14 +113,18 @@ class Condenser:
         Never waits."""
         if len(text) < min_tokens:  # a token holds at least one character
             return None
-        size = count(text)
-        if size < min_tokens:
-            return None
-        job = Job("rewrite", model, text, size)
-        key = job.key
+        key = Job.key_of("rewrite", model, text)
         found = self._recall(key)
         if found is not None or key in self._pending or self._failing(key):
             return found
+        size = self._sizes.get(key)
+        if size is None:  # counted once per prompt, however often it is sent
+            size = self._sizes[key] = count(text)
+            while len(self._sizes) > self._memory:
+                self._sizes.popitem(last=False)
+        if size < min_tokens:
+            return None
+        job = Job("rewrite", model, text, size)
         if len(self._pending) < self._max_in_flight:
             task = asyncio.ensure_future(self._rewrite(ctx, job, count))
             self._pending[key] = task
@@ -169,12 +181,12 @@ class Condenser:
             if raw is not None:
                 return self._remember(key, raw.decode())
         made = (await self._call(ctx, job, ctx.request_id + suffix)).strip()
-        if not made:
+        if not made or count(made) >= count(job.text):
+            log.warning("compress: the %s by %s was empty or not shorter than its text; "
+                        "not used", job.kind, job.model)
+            self._count(job, "rejected")
             return None
-        if count(made) >= count(job.text):
-            log.warning("compress: the %s by %s was not shorter than its text; not used",
-                        job.kind, job.model)
-            return None
+        self._count(job, "used")
         if self._store is not None:
             await self._store.set(CacheEntry(key, made.encode(), self._clock() + self._ttl,
                                              (TAG,)))
@@ -192,12 +204,16 @@ class Condenser:
             outcome = (200, "")
             choices = completion.body.get("choices") or [{}]
             if choices[0].get("finish_reason") == "length":
-                log.warning("compress: the %s by %s was cut at its token limit; not used",
+                log.warning("compress: the %s by %s was cut at its token limit",
                             job.kind, job.model)
-                return ""
+                return ""  # rejected as empty
             return answer_text(completion.body)
         except SkinflintError as exc:
             outcome = (exc.status, exc.code or exc.error_type)
+            self._count(job, "failed")
+            raise
+        except asyncio.CancelledError:
+            self._count(job, "failed")
             raise
         finally:
             ms = (time.perf_counter() - started) * 1000
@@ -226,6 +242,9 @@ class Condenser:
             return True
         del self._failed[key]
         return False
+
+    def _count(self, job: Job, outcome: str) -> None:
+        self._metrics.child(self._metrics.compress_calls, job.kind, outcome).inc()
 
     def _fail(self, key: str) -> None:
         self._failed[key] = self._clock() + self._retry_after

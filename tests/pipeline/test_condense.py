@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from skinflint.errors import UpstreamStatusError
+from skinflint.metrics import Metrics
 from skinflint.models import COMPRESS_CALL, Completion, UpstreamRequest, is_attempt
 from skinflint.pipeline.condense import TAG, Condenser, Job
 from skinflint.pipeline.context import RequestContext, Target
@@ -63,7 +64,7 @@ def _condenser(model: Model, *, store: Any = None, **options: Any) -> tuple[Cond
                                                                              MemoryLedger]:
     ledger = MemoryLedger()
     upstream = ProviderUpstream({"p": model}, {"p": 5.0}, lambda name: (MINI,))
-    condenser = Condenser(upstream, ledger=ledger, store=store,
+    condenser = Condenser(upstream, ledger=ledger, store=store, metrics=Metrics(),
                           catalog=PriceCatalog({"mini": (1.0, 2.0, None)}), **options)
     return condenser, ledger
 
