@@ -12,7 +12,6 @@ not split.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import string
@@ -25,11 +24,8 @@ import orjson
 
 __all__ = [
     "Examples",
-    "Omitted",
     "Span",
-    "context_omitted",
     "find_examples",
-    "history_omitted",
     "keep_examples",
     "lexical_similarities",
     "normalize_system",
@@ -37,8 +33,6 @@ __all__ = [
     "replace_system",
     "trim_context",
     "trim_history",
-    "with_context_summary",
-    "with_history_summary",
 ]
 
 Message = dict[str, Any]
@@ -400,85 +394,3 @@ def trim_history(messages: list[Message], max_tokens: int,
         gone.update(turn)
     return [m for i, m in enumerate(messages) if i not in gone]
 
-
-# ---- what trimming left out, and a summary in its place
-
-
-@dataclass(frozen=True, slots=True)
-class Omitted:
-    """What trimming left out of a prompt: ``text``, and where a summary of it goes in the
-    trimmed prompt: before message ``index``, or (``offset`` >= 0) at that character of that
-    message's content."""
-
-    text: str
-    index: int
-    offset: int = -1
-
-
-def _units(text: str) -> list[Span]:
-    return [u for p in paragraphs(text) for u in _sentences(text, p)]
-
-
-def context_omitted(before: list[Message], after: list[Message]) -> Omitted | None:
-    """The paragraphs and sentences :func:`trim_context` left out of the last user message
-    (``before`` its input, ``after`` its result), placed where the first of them was."""
-    last = _last_user(before)
-    if last < 0 or len(before) != len(after) or before[last] is after[last]:
-        return None
-    old, new = before[last]["content"], after[last]["content"]
-    a, b = _units(old), _units(new)
-    matcher = difflib.SequenceMatcher(
-        None, [u.piece(old).strip() for u in a], [u.piece(new).strip() for u in b],
-        autojunk=False)
-    runs = [(i1, i2, j1) for op, i1, i2, j1, _ in matcher.get_opcodes()
-            if op in ("delete", "replace")]
-    if not runs:
-        return None
-    gone = "\n\n".join(old[a[i1].start:a[i2 - 1].end] for i1, i2, _ in runs)
-    j = runs[0][2]
-    return Omitted(gone, last, b[j].start if j < len(b) else len(new))
-
-
-def with_context_summary(messages: list[Message], omitted: Omitted,
-                         summary: str) -> list[Message]:
-    """``messages`` (trimmed) with ``[Summary of omitted text: ...]`` where ``omitted`` says."""
-    text: str = messages[omitted.index]["content"]
-    at = omitted.offset
-    marked = f"[Summary of omitted text: {summary.strip()}]"
-    text = f"{text[:at]}{marked}\n\n{text[at:]}" if at < len(text) else f"{text}\n\n{marked}"
-    out = list(messages)
-    out[omitted.index] = {**messages[omitted.index], "content": text}
-    return out
-
-
-def _message_text(message: Any) -> str:
-    if not isinstance(message, dict):
-        return ""
-    content = message.get("content")
-    if isinstance(content, list):
-        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    text = content if isinstance(content, str) else ""
-    calls = [str((c.get("function") or {}).get("name", "")) for c in message.get("tool_calls") or []
-             if isinstance(c, dict)]
-    if calls:
-        text = f"{text} (called {', '.join(calls)})".strip()
-    return f"{message.get('role', 'user')}: {text}"
-
-
-def history_omitted(before: list[Message], after: list[Message]) -> Omitted | None:
-    """The turns :func:`trim_history` dropped (``before`` its input, ``after`` its result),
-    as ``role: text`` lines, placed where the first of them was."""
-    kept = {id(m) for m in after}
-    gone = [i for i, m in enumerate(before) if id(m) not in kept]
-    if not gone:
-        return None
-    return Omitted("\n".join(_message_text(before[i]) for i in gone), gone[0])
-
-
-def with_history_summary(messages: list[Message], omitted: Omitted,
-                         summary: str) -> list[Message]:
-    """``messages`` (trimmed) with one system message summarising the dropped turns where
-    the first of them was."""
-    note = {"role": "system",
-            "content": f"[Summary of earlier conversation: {summary.strip()}]"}
-    return [*messages[:omitted.index], note, *messages[omitted.index:]]

@@ -1,12 +1,13 @@
-"""The pure helpers of :mod:`skinflint.compression` that place cheap-model output: system
-prompts replaced, and what context and history trimming left out found and summarised in
-its place."""
+"""The pure helpers that place cheap-model output: system prompts replaced
+(:mod:`skinflint.compression`), and what context and history trimming left out found and
+summarised in its place (:mod:`skinflint.omission`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from skinflint import compression as cx
+from skinflint import omission
 from skinflint.tokens import TokenCounter
 
 JSON = dict[str, Any]
@@ -40,12 +41,12 @@ def test_context_omitted_finds_the_left_out_runs_and_the_place_of_the_first() ->
     after = cx.trim_context(before, 30, _count)
     trimmed = after[1]["content"]
     assert trimmed != text
-    omitted = cx.context_omitted(before, after)
+    omitted = omission.context_omitted(before, after)
     assert omitted is not None and omitted.index == 1
     gone = [p for p in PARAS if p not in trimmed]
     assert gone and all(p in omitted.text for p in gone)
     assert not any(p in omitted.text for p in PARAS if p in trimmed)
-    summarised = cx.with_context_summary(after, omitted, " A cat, a fence. ")
+    summarised = omission.with_context_summary(after, omitted, " A cat, a fence. ")
     new = summarised[1]["content"]
     assert new.replace("[Summary of omitted text: A cat, a fence.]\n\n", "") == trimmed
     assert after[1]["content"] == trimmed and summarised[0] is after[0]
@@ -54,9 +55,9 @@ def test_context_omitted_finds_the_left_out_runs_and_the_place_of_the_first() ->
 def test_context_omitted_places_the_summary_where_the_first_left_out_chunk_was() -> None:
     before = [{"role": "user", "content": "keep one\n\ndrop two\n\nkeep three\n\nquestion"}]
     after = [{"role": "user", "content": "keep one\n\nkeep three\n\nquestion"}]
-    omitted = cx.context_omitted(before, after)
-    assert omitted == cx.Omitted("drop two", 0, len("keep one\n\n"))
-    out = cx.with_context_summary(after, omitted, "two")
+    omitted = omission.context_omitted(before, after)
+    assert omitted == omission.Omitted("drop two", 0, len("keep one\n\n"))
+    out = omission.with_context_summary(after, omitted, "two")
     assert out[0]["content"] == (
         "keep one\n\n[Summary of omitted text: two]\n\nkeep three\n\nquestion")
 
@@ -64,15 +65,15 @@ def test_context_omitted_places_the_summary_where_the_first_left_out_chunk_was()
 def test_a_kept_sentence_of_a_cut_paragraph_is_not_counted_as_left_out() -> None:
     before = [{"role": "user", "content": "One. Two. Three.\n\nquestion"}]
     after = [{"role": "user", "content": "One. Three.\n\nquestion"}]
-    omitted = cx.context_omitted(before, after)
+    omitted = omission.context_omitted(before, after)
     assert omitted is not None and omitted.text == "Two."
     assert after[0]["content"][omitted.offset:].startswith("Three.")
 
 
 def test_nothing_left_out_is_nothing_to_summarise() -> None:
     messages = [{"role": "user", "content": "a\n\nb"}]
-    assert cx.context_omitted(messages, messages) is None
-    assert cx.history_omitted(messages, list(messages)) is None
+    assert omission.context_omitted(messages, messages) is None
+    assert omission.history_omitted(messages, list(messages)) is None
 
 
 def test_history_omitted_lists_the_dropped_turns_and_the_summary_takes_their_place() -> None:
@@ -86,9 +87,9 @@ def test_history_omitted_lists_the_dropped_turns_and_the_summary_takes_their_pla
     last: JSON = {"role": "user", "content": "now?"}
     before = [system, *old, last]
     after = [system, last]
-    omitted = cx.history_omitted(before, after)
+    omitted = omission.history_omitted(before, after)
     assert omitted is not None and omitted.index == 1
     assert omitted.text == "user: hi\nassistant: (called lookup)\ntool: found\nuser: parts"
-    out = cx.with_history_summary(after, omitted, "greetings")
+    out = omission.with_history_summary(after, omitted, "greetings")
     assert out == [system, {"role": "system",
                             "content": "[Summary of earlier conversation: greetings]"}, last]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from skinflint import compression as cx
+from skinflint import omission
 from skinflint.config import (
     CompressionPolicy,
     ContextPolicy,
@@ -142,9 +143,9 @@ class Compress:
         if self._condenser is None or policy.summarize_with is None:
             return cut
         if kind == "context":
-            omitted = cx.context_omitted(before, cut)
+            omitted = omission.context_omitted(before, cut)
         else:
-            omitted = cx.history_omitted(before, cut)
+            omitted = omission.history_omitted(before, cut)
         if omitted is None:
             return cut
         job = Job(f"summary.{kind}", policy.summarize_with, omitted.text,
@@ -153,8 +154,8 @@ class Compress:
         if summary is None:
             return cut
         if kind == "context":
-            return cx.with_context_summary(cut, omitted, summary)
-        return cx.with_history_summary(cut, omitted, summary)
+            return omission.with_context_summary(cut, omitted, summary)
+        return omission.with_history_summary(cut, omitted, summary)
 
     @staticmethod
     def _step(done: list[tuple[str, Messages]], strategy: str, before: Messages,
