@@ -176,10 +176,9 @@ class Condenser:
                     suffix: str) -> str | None:
         """The stored result of ``job``, else the model's, kept if it is shorter."""
         key = job.key
-        if self._store is not None:
-            raw = await self._store.get(key, self._clock())
-            if raw is not None:
-                return self._remember(key, raw.decode())
+        stored = await self._stored(key)
+        if stored is not None:
+            return self._remember(key, stored)
         made = (await self._call(ctx, job, ctx.request_id + suffix)).strip()
         if not made or count(made) >= count(job.text):
             log.warning("compress: the %s by %s was empty or not shorter than its text; "
@@ -187,10 +186,28 @@ class Condenser:
             self._count(job, "rejected")
             return None
         self._count(job, "used")
-        if self._store is not None:
-            await self._store.set(CacheEntry(key, made.encode(), self._clock() + self._ttl,
-                                             (TAG,)))
+        await self._keep(key, made)
         return self._remember(key, made)
+
+    async def _stored(self, key: str) -> str | None:
+        """What another replica (or this one before a restart) stored; None on any error."""
+        if self._store is None:
+            return None
+        try:
+            raw = await self._store.get(key, self._clock())
+        except Exception as exc:  # the store is a saving: asking the model is the fallback
+            log.warning("compress: reading %s from the cache store failed: %s", key, exc)
+            return None
+        return None if raw is None else raw.decode()
+
+    async def _keep(self, key: str, text: str) -> None:
+        if self._store is None:
+            return
+        entry = CacheEntry(key, text.encode(), self._clock() + self._ttl, (TAG,))
+        try:
+            await self._store.set(entry)
+        except Exception as exc:  # kept in this process all the same
+            log.warning("compress: storing %s in the cache store failed: %s", key, exc)
 
     async def _call(self, ctx: RequestContext, job: Job, request_id: str) -> str:
         """The model's answer to ``job``; the call is a ledger row whatever happens."""

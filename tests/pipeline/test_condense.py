@@ -192,3 +192,17 @@ async def test_draining_cancels_what_does_not_finish_in_time_and_ledgers_it() ->
     await _rewrite(condenser)
     await condenser.drain(timeout=0.05)
     assert [r.status for r in ledger.records] == [499]
+
+
+async def test_an_unreachable_store_only_costs_the_sharing() -> None:
+    import redis.asyncio as aioredis
+
+    store = RedisCacheStore(aioredis.from_url("redis://127.0.0.1:9", socket_connect_timeout=0.2))
+    try:
+        model = Model()
+        condenser, ledger = _condenser(model, store=store)
+        await _rewrite(condenser)
+        await condenser.drain()
+        assert await _rewrite(condenser) == SHORT and len(ledger.records) == 1
+    finally:
+        await store.close()
