@@ -147,6 +147,9 @@ class Condenser:
         except TimeoutError:
             log.warning("compress: the %s of %s by %s took over %gs; trimmed without it",
                         job.kind, ctx.request_id, job.model, timeout)
+        except SkinflintError as exc:
+            log.warning("compress: the %s of %s by %s failed (%s); trimmed without it",
+                        job.kind, ctx.request_id, job.model, exc)
         except Exception:  # a summary is a saving, never a reason to fail the request
             log.exception("compress: the %s of %s by %s failed; trimmed without it",
                           job.kind, ctx.request_id, job.model)
@@ -168,7 +171,10 @@ class Condenser:
         try:
             if await self._make(ctx, job, count, ".rewrite") is None:
                 self._fail(job.key)
-        except Exception:  # a failed rewrite leaves the prompt as it is: logged, not retried
+        except SkinflintError as exc:  # the prompt stays as it is: logged, not retried
+            log.warning("compress: rewriting a system prompt by %s failed: %s", job.model, exc)
+            self._fail(job.key)
+        except Exception:  # a bug or an answer of a shape nobody expected
             log.exception("compress: rewriting a system prompt by %s failed", job.model)
             self._fail(job.key)
 
