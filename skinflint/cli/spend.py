@@ -17,9 +17,8 @@ if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
     from skinflint.analytics.report import Group, Report, WeekChange
     from skinflint.pricing import ModelPrice
 
-__all__ = ["cmd_prices", "cmd_report", "format_caps", "format_report", "format_shadow",
-           "format_spend",
-           "format_traffic", "format_week_over_week"]
+__all__ = ["cmd_prices", "cmd_report", "format_caps", "format_compress_calls", "format_report",
+           "format_shadow", "format_spend", "format_traffic", "format_week_over_week"]
 
 
 def _table(title: str, first: str, columns: tuple[str, ...]) -> Table:
