@@ -30,6 +30,7 @@ __all__ = [
     "lexical_similarities",
     "normalize_system",
     "paragraphs",
+    "replace_system",
     "trim_context",
     "trim_history",
 ]
@@ -162,6 +163,21 @@ def normalize_system(messages: list[Message]) -> list[Message]:
     unchanged = len(out) == len(messages) and all(
         a is b for a, b in zip(out, messages, strict=True))
     return messages if unchanged else out
+
+
+def replace_system(messages: list[Message],
+                   replacement: Callable[[str], str | None]) -> list[Message]:
+    """``messages`` with each system (and developer) prompt that ``replacement`` gives a new
+    text for (None: kept) replaced by it."""
+    out: list[Message] | None = None
+    for i, message in enumerate(messages):
+        if not (_editable(message) and message.get("role") in ("system", "developer")):
+            continue
+        new = replacement(message["content"])
+        if new is not None and new != message["content"]:
+            out = list(messages) if out is None else out
+            out[i] = {**message, "content": new}
+    return messages if out is None else out
 
 
 def _normalize(text: str) -> str:
@@ -377,3 +393,4 @@ def trim_history(messages: list[Message], max_tokens: int,
         total -= count([messages[i] for i in turn]) - count([])
         gone.update(turn)
     return [m for i, m in enumerate(messages) if i not in gone]
+

@@ -451,7 +451,7 @@ class SystemPromptPolicy(_Frozen):
     ``rewrite_with`` (cached by the prompt's content hash)."""
 
     normalize: bool = True
-    rewrite_with: str | None = None
+    rewrite_with: str | None = Field(default=None, min_length=1)
     min_tokens: int = Field(default=500, ge=0)
 
 
@@ -464,15 +464,26 @@ class FewShotPolicy(_Frozen):
     keep: int = Field(ge=0)
 
 
-class ContextPolicy(_Frozen):
+class _Summarized(_Frozen):
+    """What trimming leaves out may be summarised by the model ``summarize_with`` (in at most
+    ``summary_max_tokens`` tokens, within ``summary_timeout`` seconds, else plain trimming)."""
+
+    summarize_with: str | None = Field(default=None, min_length=1)
+    summary_max_tokens: int = Field(default=256, gt=0)
+    summary_timeout: float = Field(default=10.0, gt=0)
+
+
+class ContextPolicy(_Summarized):
     """Context trimming: the last user message is cut to ``max_tokens``, keeping the chunks
-    most relevant to its question."""
+    most relevant to its question; with ``summarize_with``, a summary of the chunks left out
+    takes the place of the first of them."""
 
     max_tokens: int = Field(gt=0)
 
 
-class HistoryPolicy(_Frozen):
-    """Conversation trimming: the oldest turns go until the prompt fits ``max_tokens``."""
+class HistoryPolicy(_Summarized):
+    """Conversation trimming: the oldest turns go until the prompt fits ``max_tokens``; with
+    ``summarize_with``, one system message summarising them takes their place."""
 
     max_tokens: int = Field(gt=0)
 
@@ -502,7 +513,11 @@ class CompressionPolicy(_Frozen):
 
     def models(self) -> list[tuple[str, str]]:
         """(key, model) of every model this setting names."""
+        named: list[tuple[str, str | None]]
         named = [("system_prompt.rewrite_with", self.system_prompt.rewrite_with)]
+        for key, trimmed in (("context", self.context), ("history", self.history)):
+            if trimmed is not None:
+                named.append((f"{key}.summarize_with", trimmed.summarize_with))
         if self.shadow is not None and self.shadow.judge not in ("exact", "similarity"):
             named.append(("shadow.judge", self.shadow.judge))
         return [(key, model) for key, model in named if model]

@@ -31,11 +31,13 @@ from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.compress import Compress
+from skinflint.pipeline.condense import Condenser
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
-from skinflint.pipeline.shadow import ProviderUpstream, ShadowGuard
+from skinflint.pipeline.shadow import ShadowGuard
+from skinflint.pipeline.upstream import ProviderUpstream
 from skinflint.pricing import PriceCatalog
 from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
@@ -86,6 +88,14 @@ def shadow_policies(settings: Settings) -> Callable[[str, str], ShadowPolicy | N
     return find
 
 
+def _condenses(settings: Settings) -> bool:
+    """Whether a compression setting names a model to rewrite or summarise with."""
+    scoped = settings.compression
+    scopes = [scoped.default, *scoped.features.values(), *scoped.routes.values()]
+    return any(key.endswith(("rewrite_with", "summarize_with"))
+               for p in scopes if p is not None for key, _ in p.models())
+
+
 async def _shadow_alerts(storage: Storage) -> AlertStore | None:
     """Where the shadow guard keeps its switches: the alert table beside the ledger."""
     try:
@@ -132,6 +142,7 @@ class Gateway:
     following: asyncio.Future[None] | None = field(default=None)  # others' invalidations
     alerts: AlertMonitor | None = field(default=None)  # None: no rules, or no shared ledger
     shadow: ShadowGuard | None = field(default=None)  # None: no feature is shadowed
+    condenser: Condenser | None = field(default=None)  # None: no rewrites or summaries
     # unique per process start, then a counter: cheaper than 16 random bytes per request
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -160,12 +171,16 @@ class Gateway:
             n: RetryPolicy(c.max_retries, c.backoff_base, c.backoff_max, c.timeout)
             for n, c in settings.providers.items()
         }
+        upstream = ProviderUpstream(providers, {n: p.timeout for n, p in policies.items()},
+                                    route.resolve)
         shadow = None
         if shadowed is not None:
-            upstream = ProviderUpstream(providers, {n: p.timeout for n, p in policies.items()},
-                                        route.resolve)
             shadow = await _shadow_guard(shadowed, shadow_alerts, upstream, ledger, catalog,
                                          metrics, cache)
+        condenser = None
+        if _condenses(settings):
+            condenser = Condenser(upstream, ledger=ledger, catalog=catalog, metrics=metrics,
+                                  store=cache.backend)
         account = Account(
             catalog=catalog, tokens=tokens, ledger=ledger, metrics=metrics, cache=cache,
             baseline_model=settings.baseline_model,
@@ -183,14 +198,15 @@ class Gateway:
             semantic_cache=SemanticCache(cache),
             compress=Compress(settings.compression, tokens, metrics,
                               embedder=lambda: cache.embedder,
-                              allowed=shadow.enabled if shadow is not None else None),
+                              allowed=shadow.enabled if shadow is not None else None,
+                              condenser=condenser),
             route=route,
             budget_tokens=BudgetTokens(settings.token_budgets),
             call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),
             account=account,
         )
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
-                 providers, session, budgets, shadow=shadow)
+                 providers, session, budgets, shadow=shadow, condenser=condenser)
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
         if isinstance(cache.backend, InvalidationFeed):
@@ -251,6 +267,8 @@ class Gateway:
             await self.alerts.close()
         if self.shadow is not None:
             await self.shadow.close()
+        if self.condenser is not None:  # a rewrite under way is a paid call: let it finish
+            await self.condenser.drain(timeout=5.0)
         for provider in self.providers.values():
             await provider.close()
         await self.session.close()

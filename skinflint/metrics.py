@@ -114,6 +114,10 @@ class Metrics:
         self.alert_events = counter("skinflint_alert_events",
                                     "Cost alert changes this process recorded and notified",
                                     ["rule", "state"])
+        self.compress_calls = counter("skinflint_compress_calls",
+                                      "Cheap-model calls of the compress stage, by kind "
+                                      "(rewrite, summary.context, summary.history) and outcome "
+                                      "(used, rejected, failed)", ["kind", "outcome"])
         self.shadow_calls = counter("skinflint_shadow_calls",
                                     "Sampled shadow evaluations: scored, failed or dropped",
                                     ["outcome"])

@@ -15,6 +15,7 @@ __all__ = [
     "ATTEMPT_STRATEGIES",
     "CASCADE_ATTEMPT",
     "CLIENT_LEFT",
+    "COMPRESS_CALL",
     "RETRIED_ATTEMPT",
     "SHADOW_CALL",
     "BatchLine",
@@ -124,11 +125,18 @@ RETRIED_ATTEMPT = "retried_attempt"
 #: request was answered (the uncompressed request, or its judge model): its cost counts.
 SHADOW_CALL = "shadow"
 
+#: The ``strategy`` of a ledger row for a call the compress stage made to a cheap model: the
+#: one-time rewrite of a long system prompt (``request_id`` ``<request>.rewrite``, of the
+#: request that first sent it) or the summary of what trimming left out of a request
+#: (``<request>.summary.context`` or ``<request>.summary.history``): its cost counts.
+COMPRESS_CALL = "compress_call"
+
 #: Every ``strategy`` of a ledger row for an upstream call made on behalf of a request whose
 #: answer was not the one returned (a cascade tier escalated from, a call retried): such a
 #: row counts cost and tokens, never a client request. A new kind of attempt row joins here,
 #: and reports, rollups and the spend API follow.
-ATTEMPT_STRATEGIES: tuple[str, ...] = (CASCADE_ATTEMPT, RETRIED_ATTEMPT, SHADOW_CALL)
+ATTEMPT_STRATEGIES: tuple[str, ...] = (CASCADE_ATTEMPT, RETRIED_ATTEMPT, SHADOW_CALL,
+                                       COMPRESS_CALL)
 
 
 def is_attempt(strategy: str) -> bool:

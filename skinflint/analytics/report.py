@@ -12,7 +12,13 @@ from typing import Any
 
 from skinflint.config import Settings
 from skinflint.errors import ConfigError
-from skinflint.models import RETRIED_ATTEMPT, SHADOW_CALL, LedgerRecord, is_attempt
+from skinflint.models import (
+    COMPRESS_CALL,
+    RETRIED_ATTEMPT,
+    SHADOW_CALL,
+    LedgerRecord,
+    is_attempt,
+)
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 
 __all__ = ["GROUPINGS", "WEEK", "Group", "Report", "WeekChange", "build_report", "change_text",
@@ -44,7 +50,9 @@ class Group:
     """Figures of one group. ``requests`` are client requests; ``cascade_attempts`` are the
     cascade tiers called on their behalf whose answer was not returned; ``retried_attempts``
     the failed calls that may have cost money and were retried; ``shadow_calls`` the calls the
-    shadow-evaluation guard made, whose mean score is ``shadow_score`` (None: none scored).
+    shadow-evaluation guard made, whose mean score is ``shadow_score`` (None: none scored);
+    ``compress_calls`` the system-prompt rewrites and summaries the compress stage asked a
+    cheap model for, which cost ``compress_cost_usd``.
     Cost and tokens count all; errors, cache hits, baseline, saving and latency are those of
     client requests."""
 
@@ -64,6 +72,8 @@ class Group:
     unknown_cost: int = 0
     shadow_calls: int = 0
     shadow_cost_usd: float = 0.0
+    compress_calls: int = 0
+    compress_cost_usd: float = 0.0
     latency_ms: list[float] = field(default_factory=list, repr=False)
     shadow_scores: list[float] = field(default_factory=list, repr=False)
 
@@ -82,6 +92,10 @@ class Group:
             self.shadow_cost_usd += r.cost_usd or 0.0
             if r.similarity is not None:  # the uncompressed call's row holds the pair's score
                 self.shadow_scores.append(r.similarity)
+            return
+        if r.strategy == COMPRESS_CALL:
+            self.compress_calls += 1
+            self.compress_cost_usd += r.cost_usd or 0.0
             return
         if is_attempt(r.strategy):
             self.cascade_attempts += 1

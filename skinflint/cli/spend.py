@@ -17,9 +17,8 @@ if TYPE_CHECKING:  # numpy must not load before main() has set its thread count
     from skinflint.analytics.report import Group, Report, WeekChange
     from skinflint.pricing import ModelPrice
 
-__all__ = ["cmd_prices", "cmd_report", "format_caps", "format_report", "format_shadow",
-           "format_spend",
-           "format_traffic", "format_week_over_week"]
+__all__ = ["cmd_prices", "cmd_report", "format_caps", "format_compress_calls", "format_report",
+           "format_shadow", "format_spend", "format_traffic", "format_week_over_week"]
 
 
 def _table(title: str, first: str, columns: tuple[str, ...]) -> Table:
@@ -117,6 +116,18 @@ def format_shadow(report: Report) -> Table:
     return table
 
 
+def format_compress_calls(report: Report) -> Table:
+    """The compress stage's cheap-model calls (rewrites, summaries) and their cost, per
+    group with any."""
+    table = _table(f"Compression model calls by {report.by}", report.by, ("calls", "cost"))
+    for g, options in _rows(report):
+        if g.compress_calls:
+            table.add_row(g.key, f"{g.compress_calls:,}", usd(g.compress_cost_usd), **options)
+    table.caption = "system-prompt rewrites and summaries of trimmed text; counted in spend"
+    table.min_width = 48  # the title on one line
+    return table
+
+
 def format_week_over_week(changes: list[WeekChange]) -> Table:
     """Each feature's spend in the last 7 days against the 7 days before."""
     from skinflint.analytics.report import change_text
@@ -149,11 +160,14 @@ def format_caps(suggestions: list[CapSuggestion]) -> Table:
 
 def format_report(report: Report) -> list[Table]:
     """The report as tables that each fit 80 columns: spend, then requests and tokens, then
-    (when the guard made any) shadow calls, then (when the last two weeks saw spend) each
+    (when the guard made any) shadow calls, then (when compression made any) its model calls,
+    then (when the last two weeks saw spend) each
     feature's week over week."""
     tables = [format_spend(report), format_traffic(report)]
     if report.total.shadow_calls:
         tables.append(format_shadow(report))
+    if report.total.compress_calls:
+        tables.append(format_compress_calls(report))
     if report.week_over_week:
         tables.append(format_week_over_week(report.week_over_week))
     return tables

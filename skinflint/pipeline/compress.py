@@ -8,6 +8,12 @@ paragraphs), ``few_shot`` (keep the k worked examples most similar to the questi
 ``history`` (drop the oldest turns past a token budget). The functions live in
 :mod:`skinflint.compression`; this stage picks them and records what they removed.
 
+With a cheap model configured, the system prompt step also uses a prompt's one-time rewrite
+(``system_prompt.rewrite_with``, made in the background: the request that first sends a
+prompt goes on without it), and context and history trimming put a summary of what they
+left out in its place (``summarize_with``, made on the request's path; plain trimming when
+it fails). The calls are the :class:`~skinflint.pipeline.condense.Condenser`'s.
+
 The cache stages have already looked the request up by the body the client sent, and its
 answer is stored under that same key: compression never changes what a request is cached as.
 
@@ -25,9 +31,17 @@ from typing import Any
 import numpy as np
 
 from skinflint import compression as cx
-from skinflint.config import CompressionPolicy, Scoped
+from skinflint import omission
+from skinflint.config import (
+    CompressionPolicy,
+    ContextPolicy,
+    HistoryPolicy,
+    Scoped,
+    SystemPromptPolicy,
+)
 from skinflint.interfaces import Vector
 from skinflint.metrics import Metrics
+from skinflint.pipeline.condense import Condenser, Job
 from skinflint.pipeline.context import Compression, Next, Reply, RequestContext
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.tokens import TokenCounter
@@ -51,18 +65,23 @@ class Compress:
         *,
         embedder: Callable[[], GuardedEmbedder | None] | None = None,
         allowed: Allowed | None = None,
+        condenser: Condenser | None = None,
     ) -> None:
         """``embedder`` gives the local embedder once it is loaded (else None); ``allowed``
-        says whether a strategy may run for a feature (None: all may)."""
+        says whether a strategy may run for a feature (None: all may); ``condenser`` asks
+        the cheap models for rewrites and summaries (None: none are made)."""
         self._policies = policies
         self._tokens = tokens
         self._metrics = metrics
         self._embedder = embedder or (lambda: None)
         self._allowed = allowed
         self.enabled = policies.configured
-        if any(p.system_prompt.rewrite_with for p in _policies(policies)):
-            log.warning("compression: system_prompt.rewrite_with is not applied yet; "
-                        "system prompts are normalised only")
+        self._condenser = condenser
+        if condenser is None and any(
+                key.endswith(("rewrite_with", "summarize_with"))
+                for p in _policies(policies) for key, _ in p.models()):
+            log.warning("compression: no model to rewrite or summarise with; "
+                        "system prompts are normalised and trimmed text dropped only")
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         messages = ctx.body.get("messages")
@@ -83,19 +102,60 @@ class Compress:
         counter = _Counts(self._tokens, model)
         done: list[tuple[str, Messages]] = []
         messages = original
-        if policy.system_prompt.normalize and self._may(feature, "system_prompt"):
-            messages = self._step(done, "system_prompt", messages, cx.normalize_system(messages))
+        system = policy.system_prompt
+        if (system.normalize or system.rewrite_with) and self._may(feature, "system_prompt"):
+            shorter = cx.normalize_system(messages) if system.normalize else messages
+            if system.rewrite_with and self._condenser is not None:
+                shorter = self._rewrite(ctx, shorter, system, counter)
+            messages = self._step(done, "system_prompt", messages, shorter)
         if policy.few_shot is not None and self._may(feature, "few_shot"):
             pruned = await self._prune(messages, policy.few_shot.keep)
             messages = self._step(done, "few_shot", messages, pruned)
         if policy.context is not None and self._may(feature, "context"):
             cut = cx.trim_context(messages, policy.context.max_tokens, counter.text)
+            if policy.context.summarize_with and cut is not messages:
+                cut = await self._summarize(ctx, policy.context, "context", messages, cut,
+                                            counter)
             messages = self._step(done, "context", messages, cut)
         if policy.history is not None and self._may(feature, "history"):
             cut = cx.trim_history(messages, policy.history.max_tokens, counter.messages)
+            if policy.history.summarize_with and cut is not messages:
+                cut = await self._summarize(ctx, policy.history, "history", messages, cut,
+                                            counter)
             messages = self._step(done, "history", messages, cut)
         if done:
             self._record(ctx, done, messages, counter)
+
+    def _rewrite(self, ctx: RequestContext, messages: Messages, policy: SystemPromptPolicy,
+                 counter: _Counts) -> Messages:
+        """The system prompts replaced by their cheap-model rewrites, where there is one yet
+        (a long prompt without one gets it made in the background)."""
+        condenser, model = self._condenser, policy.rewrite_with
+        assert condenser is not None and model is not None
+        return cx.replace_system(messages, lambda text: condenser.rewritten(
+            ctx, text, model, policy.min_tokens, counter.text))
+
+    async def _summarize(self, ctx: RequestContext, policy: ContextPolicy | HistoryPolicy,
+                         kind: str, before: Messages, cut: Messages,
+                         counter: _Counts) -> Messages:
+        """``cut`` with a summary of what trimming left out of ``before`` in its place, or
+        ``cut`` as it is when there is no summary to be had."""
+        if self._condenser is None or policy.summarize_with is None:
+            return cut
+        if kind == "context":
+            omitted = omission.context_omitted(before, cut)
+        else:
+            omitted = omission.history_omitted(before, cut)
+        if omitted is None:
+            return cut
+        job = Job(f"summary.{kind}", policy.summarize_with, omitted.text,
+                  policy.summary_max_tokens)
+        summary = await self._condenser.summary(ctx, job, counter.text, policy.summary_timeout)
+        if summary is None:
+            return cut
+        if kind == "context":
+            return omission.with_context_summary(cut, omitted, summary)
+        return omission.with_history_summary(cut, omitted, summary)
 
     @staticmethod
     def _step(done: list[tuple[str, Messages]], strategy: str, before: Messages,

@@ -29,16 +29,16 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from skinflint.alerts import AlertEvent
 from skinflint.config import ShadowPolicy
 from skinflint.errors import SkinflintError
-from skinflint.interfaces import Ledger, Provider, Vector
+from skinflint.interfaces import Ledger, Vector
 from skinflint.metrics import Metrics
-from skinflint.models import SHADOW_CALL, Completion, LedgerRecord, UpstreamRequest, Usage
+from skinflint.models import SHADOW_CALL, Completion, LedgerRecord, Usage
 from skinflint.pipeline.context import RequestContext, Target
 from skinflint.pipeline.shadow_score import (
     Window,
@@ -48,6 +48,7 @@ from skinflint.pipeline.shadow_score import (
     is_structured,
     word_cosine,
 )
+from skinflint.pipeline.upstream import ProviderUpstream, ServiceUpstream, side_call_row
 from skinflint.pricing import PriceCatalog
 from skinflint.storage.alert_store import AlertStore
 
@@ -64,36 +65,8 @@ _JUDGE_PROMPT = (
 )
 
 
-class ShadowUpstream(Protocol):
-    """Where shadow calls go: the providers the gateway answers with."""
-
-    def resolve(self, name: str) -> Target:
-        """The target a model name or alias stands for (a judge model's)."""
-        ...
-
-    async def complete(self, target: Target, body: JSON) -> Completion:
-        """One non-streaming call of ``body`` to ``target``."""
-        ...
-
-
-class ProviderUpstream:
-    """:class:`ShadowUpstream` over the gateway's providers, with each one's timeout."""
-
-    def __init__(self, providers: Mapping[str, Provider], timeouts: Mapping[str, float],
-                 resolve: Callable[[str], tuple[Target, ...]]) -> None:
-        self._providers = providers
-        self._timeouts = timeouts
-        self._resolve = resolve
-
-    def resolve(self, name: str) -> Target:
-        return self._resolve(name)[0]
-
-    async def complete(self, target: Target, body: JSON) -> Completion:
-        body = {**body, "model": target.provider_model, "stream": False}
-        body.pop("stream_options", None)
-        timeout = self._timeouts.get(target.provider, 600.0)
-        request = UpstreamRequest(target.provider_model, body, timeout)
-        return await self._providers[target.provider].complete(request)
+#: Where shadow calls go (the name the guard has always used for it).
+ShadowUpstream = ServiceUpstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,18 +241,9 @@ class ShadowGuard:
 
     def _ledger_row(self, job: _Job, target: Target, suffix: str, usage: Usage | None,
                     outcome: tuple[int, str], ms: float) -> LedgerRecord:
-        ctx, known = job.ctx, usage or Usage()
-        return LedgerRecord(
-            request_id=ctx.request_id + suffix, ts=time.time(), request_hash=ctx.request_hash,
-            tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
-            requested_model=ctx.requested_model, model=target.provider_model,
-            provider=target.provider, input_tokens=known.input_tokens,
-            output_tokens=known.output_tokens, cached_tokens=known.cached_tokens,
-            cost_usd=None if usage is None else self._catalog.cost(target.name, usage),
-            baseline_cost_usd=0.0, saved_usd=0.0, strategy=SHADOW_CALL, latency_ms=ms,
-            upstream_latency_ms=ms, status=outcome[0], error_type=outcome[1],
-            route=ctx.route_label,
-        )
+        ctx = job.ctx
+        return side_call_row(ctx, target, ctx.request_id + suffix, SHADOW_CALL, usage, outcome,
+                             ms, self._catalog)
 
     async def _score(self, job: _Job, reference: str, answer: str) -> float:
         judge = job.policy.judge

@@ -259,10 +259,3 @@ async def test_few_shot_uses_the_local_embedder_once_loaded_else_word_bags() -> 
         "How many legs does a spider have?", "Name the largest city in Japan."]
     assert [m["content"] for m in by_meaning[:4:2]] == [
         "What is the capital of France?", "Name the largest city in Japan."]
-
-
-def test_a_rewrite_model_is_accepted_and_said_to_be_not_applied_yet(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    _stage({"system_prompt": {"rewrite_with": "mini"}})
-    assert "rewrite_with is not applied yet" in caplog.text
