@@ -31,9 +31,10 @@ import numpy as np
 
 from skinflint.analytics.evaluation import default_replay_config
 from skinflint.analytics.report import percentile, read_records
+from skinflint.analytics.savings import Saved, ledger_savings
 from skinflint.config import Settings, settings_from_dict
 from skinflint.embed import Embedder, Vectors, load_embedder
-from skinflint.models import LedgerRecord
+from skinflint.models import LedgerRecord, is_attempt
 from skinflint.pipeline.cache import semantic_setting, split_question
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.server.run import BackgroundServer
@@ -269,15 +270,17 @@ def _strategy(row: LedgerRecord) -> str:
     return "cascade" if "tier=" in row.route else "routed"
 
 
-def _strategies(answered: list[LedgerRecord], saving: float) -> list[dict[str, Any]]:
-    """Each strategy's requests and saving: the baseline cost of the requests it answered
-    less what they cost, cascade tiers that did not answer included (the ledger's saving)."""
+def _strategies(rows: list[LedgerRecord], saving: float) -> list[dict[str, Any]]:
+    """Each strategy's requests and saving (see :mod:`skinflint.analytics.savings`): dollars
+    are the baseline cost of the requests it answered less what they cost, cascade tiers that
+    did not answer included (the ledger's saving); tokens are those no provider processed
+    (a cache hit's whole call), less what the tiers a cascade escalated from processed."""
+    saved = {s.strategy: s for s in ledger_savings(rows, name=_strategy)}
     out = []
     for name in STRATEGIES:
-        mine = [r for r in answered if _strategy(r) == name]
-        saved = math.fsum(r.saved_usd or 0.0 for r in mine)
-        out.append({"name": name, "requests": len(mine), "saving_usd": saved,
-                    "share": saved / saving if saving else 0.0})
+        s = saved.get(name) or Saved(name)
+        out.append({**s.as_dict(), "saving_usd": s.usd,
+                    "share": s.usd / saving if saving else 0.0})
     return out
 
 
@@ -318,9 +321,19 @@ def _summarise(
         "saving_usd": baseline - spend,
         "cut": 1 - spend / baseline if baseline else 0.0,
         "quality_retained": quality / baseline_quality if baseline_quality else 1.0,
-        "strategies": _strategies(answered, baseline - spend),
+        "tokens": _tokens(rows),
+        "strategies": _strategies(rows, baseline - spend),
         "answered_by": _answered_by(answers),
     }
+
+
+def _tokens(rows: list[LedgerRecord]) -> dict[str, int]:
+    """Tokens the baseline would have had processed (every request's prompt and answer) and
+    those providers processed (cache hits none; escalated cascade tiers on top)."""
+    baseline = sum(r.input_tokens + r.output_tokens for r in rows if not is_attempt(r.strategy))
+    sent = sum(r.input_tokens + r.output_tokens for r in rows
+               if not r.cache_status.startswith("hit"))
+    return {"baseline": baseline, "processed": sent, "saved": baseline - sent}
 
 
 def _timings(answers: list[Answered], wall: float) -> dict[str, Any]:

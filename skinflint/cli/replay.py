@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json, usd
+from skinflint.cli.output import new_console, print_json, savings_table, usd
 from skinflint.config import Settings
 
 __all__ = ["cmd_replay", "cmd_train_router", "format_replay_rows"]
@@ -75,6 +75,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     for name, share in result["traffic"].items():
         traffic.add_row(name, f"{share:.1%}")
     console.print(traffic)
+    console.print(savings_table(result["strategies"], "Saved by each strategy, against the"
+                                f" baseline ({usd(result['ledger_baseline_usd'])} for the"
+                                " tokens sent)"))
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import RenderableType
 from rich.table import Table
 
-from skinflint.cli.output import describe_storage, new_console, print_json, usd
+from skinflint.cli.output import count, describe_storage, new_console, print_json, signed_count, usd
 from skinflint.config import Settings
 
 __all__ = ["cmd_demo", "cmd_serve", "format_demo"]
@@ -90,12 +90,13 @@ def format_demo(result: dict[str, Any]) -> list[RenderableType]:
 
 def _saving_table(result: dict[str, Any]) -> Table:
     table = Table(title="Where the saving comes from")
-    for name in ("strategy", "requests", "saving", "share"):
+    for name in ("strategy", "requests", "tokens", "saving", "share"):
         table.add_column(name, justify="left" if name == "strategy" else "right")
     for s in result["strategies"]:
         if s["requests"]:
             table.add_row(_STRATEGY_LABELS[s["name"]], str(s["requests"]),
-                          _usd(s["saving_usd"]), f"{s['share']:.1%}")
+                          signed_count(s["tokens_saved"]), _usd(s["saving_usd"]),
+                          f"{s['share']:.1%}")
     return table
 
 
@@ -108,6 +109,8 @@ def _totals_table(result: dict[str, Any]) -> Table:
         (f"baseline: every request to {base['model']}", _usd(base["cost_usd"])),
         ("through skinflint", _usd(ours["cost_usd"])),
         ("total cut", f"{result['cut']:.1%} ({_usd(result['saving_usd'])} saved)"),
+        ("tokens processed: baseline / skinflint",
+         f"{count(result['tokens']['baseline'])} / {count(result['tokens']['processed'])}"),
         ("answers correct: baseline / skinflint",
          f"{base['quality']:.1%} / {ours['quality']:.1%}"),
         ("quality retained", f"{result['quality_retained']:.1%}"),
