@@ -75,10 +75,20 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     for name, share in result["traffic"].items():
         traffic.add_row(name, f"{share:.1%}")
     console.print(traffic)
-    console.print(savings_table(result["strategies"], "Saved by each strategy, against the"
-                                f" baseline ({usd(result['ledger_baseline_usd'])} for the"
-                                " tokens sent)"))
+    console.print(_savings(result))
     return 0
+
+
+def _savings(result: dict[str, Any]) -> Table:
+    """Each strategy's tokens and dollars saved against the ledger's baseline (the tokens
+    sent, at the baseline's prices), and how that baseline differs from the recorded one."""
+    base, ledger = result["baseline"], result["ledger_baseline_usd"]
+    table = savings_table(result["strategies"], "Saved by each strategy")
+    table.caption = (
+        f"Against {base['model']} answering the same tokens: {usd(ledger)}. Always"
+        f" {base['model']} cost {usd(base['cost_usd'])} (its own answers' lengths). Tokens"
+        " below zero: sent on top of the baseline's (cascade tiers escalated from).")
+    return table
 
 
 def cmd_train_router(args: argparse.Namespace, settings: Settings) -> int:
