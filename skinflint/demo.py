@@ -227,27 +227,35 @@ def run_demo(
     concurrency: int = 16,
     seed: int = 7,
     on_progress: Progress | None = None,
+    ledger: Path | None = None,
 ) -> dict[str, Any]:
     """Replay ``requests`` requests built from ``seed`` through a gateway of its own; the
     summary (see ``skinflint demo --json``). Every figure but the timings depends only on
-    ``requests`` and ``seed``."""
+    ``requests`` and ``seed``. ``ledger``: a SQLite file to keep the run's ledger in (added
+    to when it exists; the summary counts this run's rows only), else a temporary one."""
+    with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
+        db = ledger if ledger is not None else Path(tmp) / "skinflint.db"
+        return _run_demo(requests, concurrency, seed, on_progress, db)
+
+
+def _run_demo(requests: int, concurrency: int, seed: int, on_progress: Progress | None,
+              db: Path) -> dict[str, Any]:
     replay = ReplayProvider()
     workload = build_workload(replay.samples(), requests, seed)
     raw = default_replay_config()
     raw["providers"]["replay"]["latency_scale"] = 1 / LATENCY_SPEEDUP
     raw["cache"] = {"semantic": {"enabled": True}}
-    with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
-        db = str(Path(tmp) / "skinflint.db")
-        settings = settings_from_dict({**raw, "storage": {"sqlite_path": db}}, env={})
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            order = pool.submit(_order, settings)  # loads the embedder while the gateway starts
-            with BackgroundServer(settings) as server:
-                answers = asyncio.run(
-                    _drive(server.base_url, workload, order.result(), concurrency, on_progress)
-                )
-        wall = time.perf_counter() - started
-        rows = read_records(settings)
+    settings = settings_from_dict({**raw, "storage": {"sqlite_path": str(db)}}, env={})
+    since = time.time()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        order = pool.submit(_order, settings)  # loads the embedder while the gateway starts
+        with BackgroundServer(settings) as server:
+            answers = asyncio.run(
+                _drive(server.base_url, workload, order.result(), concurrency, on_progress)
+            )
+    wall = time.perf_counter() - started
+    rows = read_records(settings, since=since)
     return {"seed": seed, **_summarise(replay, answers, rows), **_timings(answers, wall)}
 
 

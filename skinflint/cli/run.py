@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from rich.console import RenderableType
@@ -49,7 +50,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             progress.update(task, completed=done, total=total)
 
         result = run_demo(
-            requests=args.requests, concurrency=args.concurrency, seed=args.seed, on_progress=tick
+            requests=args.requests, concurrency=args.concurrency, seed=args.seed,
+            on_progress=tick, ledger=Path(args.ledger) if args.ledger else None,
         )
     if args.json:
         print_json(result)
