@@ -26,6 +26,7 @@ routing prices what is left (the ledger's ``saved_usd``, measured on the tokens 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -110,13 +111,14 @@ def ledger_savings(rows: Iterable[LedgerRecord],
     name_of = name or _ledger_name
     parents = {r.request_id: name_of(r) for r in rows if not is_attempt(r.strategy)}
     out: dict[str, Saved] = {}
+    dollars: dict[str, list[float]] = {}  # summed with fsum: the same whatever the rows' order
 
     def add(key: str, inp: int, outp: int, usd: float, requests: int = 1) -> None:
         s = out.setdefault(key, Saved(key))
         s.requests += requests
         s.input_tokens += inp
         s.output_tokens += outp
-        s.usd += usd
+        dollars.setdefault(key, []).append(usd)
 
     for r in rows:
         if r.strategy == SHADOW_CALL:
@@ -136,6 +138,8 @@ def ledger_savings(rows: Iterable[LedgerRecord],
                 add("compression", *tokens_saved("compression", input_tokens=r.input_tokens,
                                                  output_tokens=r.output_tokens,
                                                  removed_input=r.tokens_saved), usd)
+    for key, s in out.items():
+        s.usd = math.fsum(dollars[key])
     return sorted(out.values(), key=lambda s: (-s.usd, -s.tokens, s.strategy))
 
 
