@@ -31,10 +31,10 @@ import numpy as np
 
 from skinflint.analytics.evaluation import default_replay_config
 from skinflint.analytics.report import percentile, read_records
-from skinflint.analytics.savings import Saved, ledger_savings
+from skinflint.analytics.savings import Saved, ledger_savings, token_totals
 from skinflint.config import Settings, settings_from_dict
 from skinflint.embed import Embedder, Vectors, load_embedder
-from skinflint.models import LedgerRecord, is_attempt
+from skinflint.models import LedgerRecord
 from skinflint.pipeline.cache import semantic_setting, split_question
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.server.run import BackgroundServer
@@ -329,19 +329,10 @@ def _summarise(
         "saving_usd": baseline - spend,
         "cut": 1 - spend / baseline if baseline else 0.0,
         "quality_retained": quality / baseline_quality if baseline_quality else 1.0,
-        "tokens": _tokens(rows),
+        "tokens": token_totals(rows),
         "strategies": _strategies(rows, baseline - spend),
         "answered_by": _answered_by(answers),
     }
-
-
-def _tokens(rows: list[LedgerRecord]) -> dict[str, int]:
-    """Tokens the baseline would have had processed (every request's prompt and answer) and
-    those providers processed (cache hits none; escalated cascade tiers on top)."""
-    baseline = sum(r.input_tokens + r.output_tokens for r in rows if not is_attempt(r.strategy))
-    sent = sum(r.input_tokens + r.output_tokens for r in rows
-               if not r.cache_status.startswith("hit"))
-    return {"baseline": baseline, "processed": sent, "saved": baseline - sent}
 
 
 def _timings(answers: list[Answered], wall: float) -> dict[str, Any]:

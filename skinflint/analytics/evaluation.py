@@ -18,7 +18,12 @@ from typing import Any
 import orjson
 import yaml
 
-from skinflint.analytics.savings import baseline_prompt_usd, ledger_savings, savings_json
+from skinflint.analytics.savings import (
+    baseline_prompt_usd,
+    ledger_savings,
+    savings_json,
+    token_totals,
+)
 from skinflint.config import Settings, settings_from_dict
 from skinflint.errors import SkinflintError
 from skinflint.gateway import Gateway, price_catalog
@@ -183,9 +188,7 @@ def _savings(rows: list[LedgerRecord], raw: dict[str, Any]) -> dict[str, Any]:
     clients = [r for r in rows if not is_attempt(r.strategy)]
     return {
         "ledger_baseline_usd": math.fsum(r.baseline_cost_usd or 0.0 for r in clients),
-        "tokens": {"baseline": sum(r.input_tokens + r.output_tokens for r in clients),
-                   "processed": sum(r.input_tokens + r.output_tokens for r in rows
-                                    if not r.cache_status.startswith("hit"))},
+        "tokens": token_totals(rows),
         "strategies": savings_json(ledger_savings(rows, rate)),
     }
 

@@ -35,7 +35,7 @@ from skinflint.models import CASCADE_ATTEMPT, SHADOW_CALL, LedgerRecord, Usage, 
 from skinflint.pricing import PriceCatalog
 
 __all__ = ["EFFECTS", "NO_STRATEGY", "Saved", "baseline_prompt_usd", "ledger_savings",
-           "savings_json", "tokens_saved"]
+           "savings_json", "token_totals", "tokens_saved"]
 
 #: How the strategy of a plain call to the provider (the ledger's "") is shown.
 NO_STRATEGY = "none"
@@ -159,6 +159,19 @@ def baseline_prompt_usd(catalog: PriceCatalog, baseline_model: str | None,
         return (catalog.cost(model, million) or 0.0) / 1_000_000
 
     return rate
+
+
+def token_totals(rows: Iterable[LedgerRecord]) -> dict[str, int]:
+    """Tokens the baseline would have had processed (every client request's prompt, as sent
+    before compression, and answer), those providers processed (cache hits and rules none;
+    cascade tiers, retried and shadow calls on top), and the difference: the sum of what
+    :func:`ledger_savings` gives each strategy."""
+    rows = list(rows)
+    baseline = sum(r.input_tokens + r.tokens_saved + r.output_tokens
+                   for r in rows if not is_attempt(r.strategy))
+    processed = sum(r.input_tokens + r.output_tokens for r in rows
+                    if not r.cache_status.startswith("hit") and r.strategy != "rule")
+    return {"baseline": baseline, "processed": processed, "saved": baseline - processed}
 
 
 def savings_json(saved: Iterable[Saved]) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from skinflint.analytics.savings import (
     Saved,
     baseline_prompt_usd,
     ledger_savings,
+    token_totals,
     tokens_saved,
 )
 from skinflint.config import settings_from_dict
@@ -81,6 +82,10 @@ def test_each_strategy_saves_what_the_rows_say(
         assert s[name].input_tokens > 0 and s[name].output_tokens > 0
         assert s[name].usd == pytest.approx(row.saved_usd) and s[name].usd > 0
     assert hit.input_tokens == sent.input_tokens  # a hit saves the call it repeats
+    totals = token_totals(rows)
+    assert totals["processed"] == sent.input_tokens + sent.output_tokens
+    assert totals["saved"] == sum(x.tokens for x in s.values())
+    assert totals["baseline"] == totals["processed"] + totals["saved"]
 
 
 def _row(request_id: str, strategy: str, inp: int, out: int, **kw: float) -> LedgerRecord:
@@ -105,6 +110,7 @@ def test_tiers_count_against_their_request_and_shadow_calls_against_the_saving()
         1, -90, -25)
     assert s["shadow"].usd == pytest.approx(-0.03)
     assert [x.strategy for x in ledger_savings(rows)] == ["cascade", "route", "shadow"]
+    assert token_totals(rows)["saved"] == sum(x.tokens for x in s.values()) == -345
 
 
 @pytest.mark.parametrize(("strategy", "expected"), [
