@@ -10,6 +10,12 @@ caches could answer from an earlier request (the same prompt, or a question the 
 could find similar) is sent only once that earlier one has been answered and stored, as when
 real repeats arrive minutes or days apart; otherwise whether it hit would depend on which
 request happened to finish first.
+
+Compression, token budgets and rules stay off: the replay provider finds a recording by the
+exact prompt, so a compressed prompt has no recorded answer (inventing one would fake the
+quality); a recorded answer cut at a token cap has no correctness label; and no benchmark
+question has a deterministic answer a rule could give. Tokens and dollars saved per strategy
+follow :mod:`skinflint.analytics.savings`.
 """
 
 from __future__ import annotations
