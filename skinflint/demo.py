@@ -10,6 +10,12 @@ caches could answer from an earlier request (the same prompt, or a question the 
 could find similar) is sent only once that earlier one has been answered and stored, as when
 real repeats arrive minutes or days apart; otherwise whether it hit would depend on which
 request happened to finish first.
+
+Compression, token budgets and rules stay off: the replay provider finds a recording by the
+exact prompt, so a compressed prompt has no recorded answer (inventing one would fake the
+quality); a recorded answer cut at a token cap has no correctness label; and no benchmark
+question has a deterministic answer a rule could give. Tokens and dollars saved per strategy
+follow :mod:`skinflint.analytics.savings`.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 
 from skinflint.analytics.evaluation import default_replay_config
 from skinflint.analytics.report import percentile, read_records
+from skinflint.analytics.savings import Saved, ledger_savings, token_totals
 from skinflint.config import Settings, settings_from_dict
 from skinflint.embed import Embedder, Vectors, load_embedder
 from skinflint.models import LedgerRecord
@@ -226,27 +233,35 @@ def run_demo(
     concurrency: int = 16,
     seed: int = 7,
     on_progress: Progress | None = None,
+    ledger: Path | None = None,
 ) -> dict[str, Any]:
     """Replay ``requests`` requests built from ``seed`` through a gateway of its own; the
     summary (see ``skinflint demo --json``). Every figure but the timings depends only on
-    ``requests`` and ``seed``."""
+    ``requests`` and ``seed``. ``ledger``: a SQLite file to keep the run's ledger in (added
+    to when it exists; the summary counts this run's rows only), else a temporary one."""
+    with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
+        db = ledger if ledger is not None else Path(tmp) / "skinflint.db"
+        return _run_demo(requests, concurrency, seed, on_progress, db)
+
+
+def _run_demo(requests: int, concurrency: int, seed: int, on_progress: Progress | None,
+              db: Path) -> dict[str, Any]:
     replay = ReplayProvider()
     workload = build_workload(replay.samples(), requests, seed)
     raw = default_replay_config()
     raw["providers"]["replay"]["latency_scale"] = 1 / LATENCY_SPEEDUP
     raw["cache"] = {"semantic": {"enabled": True}}
-    with tempfile.TemporaryDirectory(prefix="skinflint-demo-") as tmp:
-        db = str(Path(tmp) / "skinflint.db")
-        settings = settings_from_dict({**raw, "storage": {"sqlite_path": db}}, env={})
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            order = pool.submit(_order, settings)  # loads the embedder while the gateway starts
-            with BackgroundServer(settings) as server:
-                answers = asyncio.run(
-                    _drive(server.base_url, workload, order.result(), concurrency, on_progress)
-                )
-        wall = time.perf_counter() - started
-        rows = read_records(settings)
+    settings = settings_from_dict({**raw, "storage": {"sqlite_path": str(db)}}, env={})
+    since = time.time()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        order = pool.submit(_order, settings)  # loads the embedder while the gateway starts
+        with BackgroundServer(settings) as server:
+            answers = asyncio.run(
+                _drive(server.base_url, workload, order.result(), concurrency, on_progress)
+            )
+    wall = time.perf_counter() - started
+    rows = read_records(settings, since=since)
     return {"seed": seed, **_summarise(replay, answers, rows), **_timings(answers, wall)}
 
 
@@ -269,15 +284,17 @@ def _strategy(row: LedgerRecord) -> str:
     return "cascade" if "tier=" in row.route else "routed"
 
 
-def _strategies(answered: list[LedgerRecord], saving: float) -> list[dict[str, Any]]:
-    """Each strategy's requests and saving: the baseline cost of the requests it answered
-    less what they cost, cascade tiers that did not answer included (the ledger's saving)."""
+def _strategies(rows: list[LedgerRecord], saving: float) -> list[dict[str, Any]]:
+    """Each strategy's requests and saving (see :mod:`skinflint.analytics.savings`): dollars
+    are the baseline cost of the requests it answered less what they cost, cascade tiers that
+    did not answer included (the ledger's saving); tokens are those no provider processed
+    (a cache hit's whole call), less what the tiers a cascade escalated from processed."""
+    saved = {s.strategy: s for s in ledger_savings(rows, name=_strategy)}
     out = []
     for name in STRATEGIES:
-        mine = [r for r in answered if _strategy(r) == name]
-        saved = math.fsum(r.saved_usd or 0.0 for r in mine)
-        out.append({"name": name, "requests": len(mine), "saving_usd": saved,
-                    "share": saved / saving if saving else 0.0})
+        s = saved.get(name) or Saved(name)
+        out.append({**s.as_dict(), "saving_usd": s.usd,
+                    "share": s.usd / saving if saving else 0.0})
     return out
 
 
@@ -318,7 +335,8 @@ def _summarise(
         "saving_usd": baseline - spend,
         "cut": 1 - spend / baseline if baseline else 0.0,
         "quality_retained": quality / baseline_quality if baseline_quality else 1.0,
-        "strategies": _strategies(answered, baseline - spend),
+        "tokens": token_totals(rows),
+        "strategies": _strategies(rows, baseline - spend),
         "answered_by": _answered_by(answers),
     }
 

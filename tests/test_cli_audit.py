@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from skinflint.cli.output import count
 from tests.analytics.auditlog import CONFIG, Built, build_log
 
 
@@ -118,3 +119,27 @@ def _iso(ts: float) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_tokens_saved_per_strategy_in_json_text_and_html(built: Built, files: Path) -> None:
+    """The exact cache saves every token of the exact duplicates; text and HTML print the
+    same projected figures as the JSON."""
+    run = _skinflint(files, "audit", "calls.jsonl", "--config", "skinflint.yaml", "--json")
+    assert run.returncode == 0, run.stderr
+    out = {s["name"]: s for s in json.loads(run.stdout)["strategies"]}
+    exact = out["exact_cache"]
+    assert exact["log_input_tokens_saved"] == sum(p for p, _ in built.truth.exact_tokens)
+    assert exact["log_output_tokens_saved"] == sum(c for _, c in built.truth.exact_tokens)
+    assert exact["input_tokens_saved"] > exact["log_input_tokens_saved"]  # a month > the log
+    run = _skinflint(files, "audit", "calls.jsonl", "--config", "skinflint.yaml",
+                     "--html", "audit.html")
+    assert run.returncode == 0, run.stderr
+    text = " ".join(run.stdout.split())
+    assert "prompt tok answer tok saving share" in text
+    row = next(line for line in run.stdout.splitlines() if "exact_cache:" in line)
+    assert row.split()[-4:-2] == [count(exact["input_tokens_saved"]),
+                                  count(exact["output_tokens_saved"])]
+    html = (files / "audit.html").read_text()
+    assert "<th>prompt tokens saved</th><th>answer tokens saved</th>" in html
+    assert (f"<td>exact_cache</td><td>{exact['input_tokens_saved']:,}</td>"
+            f"<td>{exact['output_tokens_saved']:,}</td>") in html

@@ -11,15 +11,20 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
 
+from skinflint.analytics.report import read_records
 from skinflint.cli import main
+from skinflint.cli.output import count
 from skinflint.cli.run import format_demo
+from skinflint.config import settings_from_dict
 from skinflint.demo import STRATEGIES, RequestOrder, build_workload
 from skinflint.embed import load_embedder
+from skinflint.models import LedgerRecord
 from skinflint.pipeline.cache import semantic_defaults
 from skinflint.providers.replay import ReplayProvider
 
@@ -115,9 +120,12 @@ def test_the_same_seed_gives_the_same_figures() -> None:
     assert runs[0]["seed"] == 11 and runs[0]["strategies"][0]["requests"] > 0
 
 
-def test_demo_splits_the_saving_by_strategy(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--requests", "150", "--json"]) == 0
+def test_demo_splits_the_saving_by_strategy(capsys: pytest.CaptureFixture[str],
+                                            tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    assert main(["demo", "--requests", "150", "--json", "--ledger", str(db)]) == 0
     result = json.loads(capsys.readouterr().out)
+    _check_tokens_against_the_ledger(result, read_records(settings_from_dict({}), db=str(db)))
     assert result["requests"] == 150 and result["ledger_rows"] >= 150
     base, ours = result["baseline"], result["skinflint"]
     assert 0 < ours["cost_usd"] < base["cost_usd"]
@@ -144,7 +152,35 @@ def test_demo_splits_the_saving_by_strategy(capsys: pytest.CaptureFixture[str]) 
         console.print(part)
     text = console.file.getvalue()  # type: ignore[attr-defined]
     _check_text(text)
-    assert re.search(r"│ exact cache \(same request\) +│ +\d+ │ +\$\d[\d.,]* +│ +\d+\.\d%", text)
+    exact = strategies["exact_cache"]
+    assert re.search(r"│ exact cache \(same request\) +│ +\d+ │ +"
+                     + re.escape(count(exact["tokens_saved"]))
+                     + r" │ +\$\d[\d.,]* +│ +\d+\.\d%", text)
+    assert f"{count(result['tokens']['baseline'])} / {count(result['tokens']['processed'])}" in text
+
+
+def _check_tokens_against_the_ledger(result: dict[str, Any], rows: list[LedgerRecord]) -> None:
+    """Tokens saved, from the rows the run wrote: an exact hit saves its whole call; a cascade
+    spends the tokens of the tiers it escalated from on top of the baseline's."""
+    assert len(rows) == result["ledger_rows"]
+    s = {x["name"]: x for x in result["strategies"]}
+    hits = [r for r in rows if r.cache_status == "hit-exact"]
+    escalated = [r for r in rows if r.strategy == "cascade_escalated"]
+    assert escalated and len(hits) == s["exact_cache"]["requests"]
+    assert s["exact_cache"]["input_tokens_saved"] == sum(r.input_tokens for r in hits) > 0
+    assert s["exact_cache"]["output_tokens_saved"] == sum(r.output_tokens for r in hits) > 0
+    assert s["exact_cache"]["saving_usd"] == pytest.approx(math.fsum(r.saved_usd or 0.0
+                                                                     for r in hits))
+    assert s["cascade"]["input_tokens_saved"] == -sum(r.input_tokens for r in escalated)
+    assert s["cascade"]["output_tokens_saved"] == -sum(r.output_tokens for r in escalated)
+    assert s["routed"]["tokens_saved"] == 0
+    clients = [r for r in rows if r.strategy != "cascade_escalated"]
+    baseline = sum(r.input_tokens + r.output_tokens for r in clients)
+    processed = sum(r.input_tokens + r.output_tokens for r in rows
+                    if not r.cache_status.startswith("hit"))
+    assert result["tokens"] == {"baseline": baseline, "processed": processed,
+                                "saved": baseline - processed}
+    assert sum(x["tokens_saved"] for x in s.values()) == baseline - processed
 
 
 def test_demo_prints_a_table_that_fits_80_columns(

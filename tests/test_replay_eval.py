@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from skinflint.analytics.evaluation import default_replay_config, evaluate, run_dataset
+from skinflint.analytics.evaluation import (
+    default_replay_config,
+    evaluate,
+    replay_dataset,
+    run_dataset,
+)
 from skinflint.cli import main
 from skinflint.providers.replay import ReplayProvider
 from skinflint.routing.classifier import TaskClassifier
@@ -134,3 +140,37 @@ def test_a_missing_recording_is_a_failed_request_not_a_crash(subset: Path, tmp_p
     failed = [o for o in outcomes if o.tier == "error"]
     assert len(failed) == 1 and failed[0].correct == 0
     assert len(outcomes) == len(rows) - 1
+
+
+def test_replay_shows_each_strategys_tokens_and_dollars_saved(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """On the shipped extract: the saving of each strategy is what its ledger rows say; a
+    cascade spends the tokens of the tiers it escalated from; the parts add up to the ledger
+    baseline less what was spent."""
+    assert main(["replay", "--json", "--no-curve"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    _, rows = replay_dataset(default_replay_config(), None)
+    attempts = ("cascade_escalated", "retried_attempt")
+    clients = [r for r in rows if r.strategy not in attempts]
+    s = {x["name"]: x for x in report["strategies"]}
+    assert set(s) == {r.strategy or "none" for r in clients}
+    for name, mine in s.items():
+        answered = [r for r in clients if (r.strategy or "none") == name]
+        ids = {r.request_id for r in answered}
+        extra = [r for r in rows if r.strategy in attempts and r.request_id.split(".")[0] in ids]
+        assert mine["requests"] == len(answered)
+        assert mine["saved_usd"] == pytest.approx(sum(r.saved_usd or 0.0 for r in answered))
+        assert mine["input_tokens_saved"] == -sum(r.input_tokens for r in extra)
+        assert mine["output_tokens_saved"] == -sum(r.output_tokens for r in extra)
+    assert s["cascade"]["input_tokens_saved"] < 0 and s["route"]["tokens_saved"] == 0
+    assert report["ledger_baseline_usd"] == pytest.approx(
+        sum(r.baseline_cost_usd or 0.0 for r in clients))
+    assert sum(x["saved_usd"] for x in s.values()) == pytest.approx(
+        report["ledger_baseline_usd"] - report["skinflint"]["cost_usd"])
+    assert report["tokens"]["processed"] - report["tokens"]["baseline"] == -sum(
+        x["tokens_saved"] for x in s.values())
+
+    assert main(["replay", "--no-curve"]) == 0
+    text = capsys.readouterr().out
+    assert "Saved by each strategy" in text
+    assert re.search(r"cascade +│ +[\d,]+ │ +-[\d.,]+[kM]? │ +-[\d.,]+[kM]? │ +\$[\d.]+", text)

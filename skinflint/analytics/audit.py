@@ -184,35 +184,36 @@ def _strategies(calls: Sequence[Call], exact: Sequence[bool], near: Sequence[boo
                 threshold: float) -> list[proj.Strategy]:
     precision = proj.precision_at(semantic_defaults(), threshold)
     return [
-        proj.Strategy("exact_cache", proj.saving_of_marked(calls, exact), (
+        proj.Strategy(proj.saving_by_marked("exact_cache", calls, exact), (
             "every exact duplicate (same request, default normalisation, same scope) is served"
-            " from the cache, so its whole cost is saved; assumes its entry has not expired"
-            " and the cache may serve it (temperature within cache.exact.max_temperature, or"
-            " cache_any_temperature for its feature)")),
-        proj.Strategy("semantic_cache", proj.saving_of_marked(calls, near, precision), (
+            " from the cache, so its whole cost and all its prompt and answer tokens are"
+            " saved; assumes its entry has not expired and the cache may serve it (temperature"
+            " within cache.exact.max_temperature, or cache_any_temperature for its feature)")),
+        proj.Strategy(proj.saving_by_marked("semantic_cache", calls, near, precision), (
             f"near duplicates (similarity >= {threshold} with the semantic cache's embedder,"
             f" verifier passed) are served from the cache; only {precision:.1%} of them, the"
             " calibrated precision at this threshold on held-out labelled question pairs, are"
-            " counted as saved: the others would get a wrong answer")),
-        proj.Strategy("compression",
-                      proj.saving_by_compression(calls, bloat.trimmable, catalog), (
+            " counted as saved (their cost and tokens): the others would get a wrong answer")),
+        proj.Strategy(proj.saving_by_compression(calls, bloat.trimmable, catalog), (
             "system prompts lose their repeated lines and runs of whitespace (what"
-            " deduplication removes without changing what they say), saved at each call's"
-            " input rate; no rewording or dropping of instructions is assumed")),
-        proj.Strategy("routing", sum(routed.saving.values()), (
+            " deduplication removes without changing what they say): those prompt tokens are"
+            " saved, at each call's input rate; no rewording or dropping of instructions is"
+            " assumed")),
+        proj.Strategy(proj.saving_by_routing(routed.saving), (
             "calls the configured route's classifier assigns to a task with a cheaper single"
-            " model are sent there, with the same token counts; quality is the route's"
+            " model are sent there, with the same token counts (no token saved, only the price"
+            " difference); quality is the route's"
             " assumption, not measured here; cascades are not counted"
             if routed.route or routed.saving else
             "not estimated: no routes configured (give --config with a routes: section)")),
-        proj.Strategy("token_budgets", proj.saving_by_budgets(calls, catalog), (
+        proj.Strategy(proj.saving_by_budgets(calls, catalog), (
             "max_tokens is capped at each feature's p95 answer length: the output tokens of"
             " the longest 5% beyond the cap are saved at the output rate, and those answers"
             " are cut short (their quality cost is not assessed)")),
-        proj.Strategy("batching",
-                      proj.saving_by_batching(calls, bloat.system_tokens, catalog), (
+        proj.Strategy(proj.saving_by_batching(calls, bloat.system_tokens, catalog), (
             "calls of one feature, model and system prompt within the same minute are sent"
-            " together with their instructions once, assuming no one waits for those answers"
+            " together with their instructions once (the others' system prompt tokens are"
+            " saved), assuming no one waits for those answers"
             " (background work); the batch API's own discount is not counted")),
     ]
 

@@ -174,13 +174,15 @@ def _alerts(r: dict[str, Any]) -> str:
 
 
 def _strategies(r: dict[str, Any]) -> str:
-    rows = [(s["name"], _usd(s["saving_usd"]), f"{s['saving_share']:.1%}", s["assumptions"])
-            for s in r["strategies"]]
+    rows = [(s["name"], s["input_tokens_saved"], s["output_tokens_saved"], _usd(s["saving_usd"]),
+             f"{s['saving_share']:.1%}", s["assumptions"]) for s in r["strategies"]]
     c = r["compound"]
-    rows.append(("all together", _usd(c["saving_usd"]), f"{c['saving_share']:.1%}",
+    rows.append(("all together", "", "", _usd(c["saving_usd"]), f"{c['saving_share']:.1%}",
                  c["assumptions"]))
     title = "Projected monthly saving" if r["monthly_factor"] is not None else "Saving on the log"
-    return f"<h2>{title}</h2>" + _table(("strategy", "saving", "share", "assumptions"), rows)
+    return f"<h2>{title}</h2>" + _table(
+        ("strategy", "prompt tokens saved", "answer tokens saved", "saving", "share",
+         "assumptions"), rows)
 
 
 def _footer(r: dict[str, Any]) -> str:

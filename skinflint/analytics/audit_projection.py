@@ -18,11 +18,12 @@ from typing import Any
 from skinflint.analytics.audit_figures import system_prompt
 from skinflint.analytics.audit_input import Call
 from skinflint.analytics.report import percentile
+from skinflint.analytics.savings import EFFECTS, PRICE_ONLY, Saved, tokens_saved
 from skinflint.pricing import PriceCatalog
 
 __all__ = ["MONTH_SECONDS", "Strategy", "compound", "monthly_factor", "output_caps",
            "precision_at", "saving_by_batching", "saving_by_budgets", "saving_by_compression",
-           "saving_of_marked"]
+           "saving_by_marked", "saving_by_routing", "saving_of_marked"]
 
 MONTH_SECONDS = 30 * 86400
 BATCH_WINDOW_SECONDS = 60
@@ -30,16 +31,31 @@ BATCH_WINDOW_SECONDS = 60
 
 @dataclass
 class Strategy:
-    name: str
-    saving_usd: float  # on the log
+    """A strategy's projection: what it saves on the log (see
+    :mod:`skinflint.analytics.savings` for what counts as a token or a dollar saved)."""
+
+    saved: Saved
     assumptions: str
+
+    @property
+    def name(self) -> str:
+        return self.saved.strategy
+
+    @property
+    def saving_usd(self) -> float:
+        return self.saved.usd
 
     def as_dict(self, total: float, factor: float | None) -> dict[str, Any]:
         share = min(self.saving_usd / total, 1.0) if total > 0 else 0.0
         scale = factor if factor is not None else 1.0
+        s = self.saved
         return {"name": self.name, "saving_usd": round(self.saving_usd * scale, 6),
                 "log_saving_usd": round(self.saving_usd, 9), "saving_share": share,
-                "assumptions": self.assumptions}
+                "input_tokens_saved": round(s.input_tokens * scale),
+                "output_tokens_saved": round(s.output_tokens * scale),
+                "log_requests": s.requests, "log_input_tokens_saved": s.input_tokens,
+                "log_output_tokens_saved": s.output_tokens,
+                "effect": EFFECTS.get(self.name, PRICE_ONLY), "assumptions": self.assumptions}
 
 
 def monthly_factor(calls: Sequence[Call]) -> tuple[float | None, float]:
@@ -75,6 +91,35 @@ def saving_of_marked(calls: Sequence[Call], marks: Sequence[bool], factor: float
     return factor * sum(c.cost or 0.0 for c, m in zip(calls, marks, strict=True) if m)
 
 
+def _add(saved: Saved, name: str, call: Call, usd: float, less_in: int = 0,
+         less_out: int = 0) -> None:
+    """Count one call ``name`` saved on: ``usd``, and its tokens as :func:`tokens_saved`
+    defines them (none when the call's usage is unknown)."""
+    saved.requests += 1
+    saved.usd += usd
+    if call.usage is not None:
+        inp, out = tokens_saved(name, input_tokens=call.usage.input_tokens,
+                                output_tokens=call.usage.output_tokens,
+                                removed_input=min(less_in, call.usage.input_tokens),
+                                removed_output=min(less_out, call.usage.output_tokens))
+        saved.input_tokens += inp
+        saved.output_tokens += out
+
+
+def saving_by_marked(name: str, calls: Sequence[Call], marks: Sequence[bool],
+                     factor: float = 1.0) -> Saved:
+    """Marked calls served without a call: their whole cost and tokens, times ``factor``
+    (the share of them counted)."""
+    saved = Saved(name)
+    for call, marked in zip(calls, marks, strict=True):
+        if marked:
+            _add(saved, name, call, call.cost or 0.0)
+    saved.usd *= factor
+    saved.input_tokens = round(saved.input_tokens * factor)
+    saved.output_tokens = round(saved.output_tokens * factor)
+    return saved
+
+
 def _cheaper(catalog: PriceCatalog, call: Call, less_in: int = 0, less_out: int = 0) -> float:
     """What ``call`` costs minus what it would with fewer input or output tokens."""
     if call.cost is None or call.usage is None or (less_in <= 0 and less_out <= 0):
@@ -88,9 +133,25 @@ def _cheaper(catalog: PriceCatalog, call: Call, less_in: int = 0, less_out: int 
     return 0.0 if cost is None else max(call.cost - cost, 0.0)
 
 
+def _fewer(name: str, calls: Sequence[Call], less: dict[int, int], catalog: PriceCatalog, *,
+           output: bool = False) -> Saved:
+    """Calls that send ``less[i]`` fewer prompt (or, ``output``, completion) tokens."""
+    saved = Saved(name)
+    for i, n in less.items():
+        if n > 0:
+            kind = {"less_out" if output else "less_in": n}
+            _add(saved, name, calls[i], _cheaper(catalog, calls[i], **kind), **kind)
+    return saved
+
+
 def saving_by_compression(calls: Sequence[Call], trimmable: dict[int, int],
-                          catalog: PriceCatalog) -> float:
-    return sum(_cheaper(catalog, calls[i], less_in=n) for i, n in trimmable.items())
+                          catalog: PriceCatalog) -> Saved:
+    return _fewer("compression", calls, trimmable, catalog)
+
+
+def saving_by_routing(saving: dict[int, float]) -> Saved:
+    """Calls moved to a cheaper model: the same tokens, a lower price."""
+    return Saved("routing", requests=len(saving), usd=sum(saving.values()))
 
 
 def output_caps(calls: Sequence[Call]) -> dict[str, float]:
@@ -102,27 +163,28 @@ def output_caps(calls: Sequence[Call]) -> dict[str, float]:
     return {f: percentile(v, 0.95) for f, v in lengths.items()}
 
 
-def saving_by_budgets(calls: Sequence[Call], catalog: PriceCatalog) -> float:
+def saving_by_budgets(calls: Sequence[Call], catalog: PriceCatalog) -> Saved:
     caps = output_caps(calls)
-    return sum(
-        _cheaper(catalog, c, less_out=int(c.usage.output_tokens - caps[c.feature]))
-        for c in calls
+    beyond = {
+        i: int(c.usage.output_tokens - caps[c.feature])
+        for i, c in enumerate(calls)
         if c.body is not None and c.response is not None and c.usage is not None
-    )
+    }
+    return _fewer("token_budgets", calls, beyond, catalog, output=True)
 
 
 def saving_by_batching(calls: Sequence[Call], system_tokens: dict[int, int],
-                       catalog: PriceCatalog) -> float:
+                       catalog: PriceCatalog) -> Saved:
     """Calls of one feature, model and system prompt within the same minute: all but the first
     send their system prompt for nothing."""
     firsts: set[tuple[str, str, str, int]] = set()
-    saving = 0.0
+    repeats: dict[int, int] = {}
     for i, c in enumerate(calls):
         if c.ts is None or i not in system_tokens:
             continue
         key = (c.feature, c.model, system_prompt(c), int(c.ts // BATCH_WINDOW_SECONDS))
         if key in firsts:
-            saving += _cheaper(catalog, c, less_in=system_tokens[i])
+            repeats[i] = system_tokens[i]
         else:
             firsts.add(key)
-    return saving
+    return _fewer("batching", calls, repeats, catalog)

@@ -5,6 +5,7 @@ provider, scored with the recorded correctness of the answer that was finally re
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import tempfile
 from collections import Counter
@@ -17,13 +18,21 @@ from typing import Any
 import orjson
 import yaml
 
+from skinflint.analytics.savings import (
+    baseline_prompt_usd,
+    ledger_savings,
+    savings_json,
+    token_totals,
+)
 from skinflint.config import Settings, settings_from_dict
 from skinflint.errors import SkinflintError
-from skinflint.gateway import Gateway
+from skinflint.gateway import Gateway, price_catalog
+from skinflint.models import LedgerRecord, is_attempt
 from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.storage.ledger import MemoryLedger
 
-__all__ = ["DEFAULT_ROUTE", "Outcome", "default_replay_config", "evaluate", "run_dataset"]
+__all__ = ["DEFAULT_ROUTE", "Outcome", "default_replay_config", "evaluate", "replay_dataset",
+           "run_dataset"]
 
 DEFAULT_ROUTE = "auto"
 Progress = Callable[[int, int], None]
@@ -76,8 +85,9 @@ async def _ask(gw: Gateway, replay: ReplayProvider, sample: ReplaySample, model:
 
 
 async def _run(settings: Settings, model: str, on_progress: Progress | None,
-               concurrency: int) -> list[Outcome]:
-    gw = await Gateway.open(settings, ledger=MemoryLedger())
+               concurrency: int) -> tuple[list[Outcome], list[LedgerRecord]]:
+    ledger = MemoryLedger()
+    gw = await Gateway.open(settings, ledger=ledger)
     try:
         replay = next(p for p in gw.providers.values() if isinstance(p, ReplayProvider))
         await asyncio.to_thread(replay.load)
@@ -93,13 +103,22 @@ async def _run(settings: Settings, model: str, on_progress: Progress | None,
                 on_progress(len(done), len(samples))
             return outcome
 
-        return list(await asyncio.gather(*(one(s) for s in samples)))
+        outcomes = list(await asyncio.gather(*(one(s) for s in samples)))
     finally:
         await gw.close()
+    return outcomes, ledger.records
 
 
 def run_dataset(raw_config: dict[str, Any], dataset: Path | None, *, model: str = DEFAULT_ROUTE,
                 on_progress: Progress | None = None, concurrency: int = 32) -> list[Outcome]:
+    return replay_dataset(raw_config, dataset, model=model, on_progress=on_progress,
+                          concurrency=concurrency)[0]
+
+
+def replay_dataset(raw_config: dict[str, Any], dataset: Path | None, *,
+                   model: str = DEFAULT_ROUTE, on_progress: Progress | None = None,
+                   concurrency: int = 32) -> tuple[list[Outcome], list[LedgerRecord]]:
+    """Every sample through the gateway: the outcomes and the ledger rows they wrote."""
     with tempfile.TemporaryDirectory(prefix="skinflint-replay-") as tmp:
         settings = _replay_settings(raw_config, dataset, Path(tmp) / "replay.db")
         return asyncio.run(_run(settings, model, on_progress, concurrency))
@@ -128,7 +147,7 @@ def evaluate(dataset: Path | None, raw_config: dict[str, Any] | None = None, *,
     raw = raw_config if raw_config is not None else default_replay_config()
     if not ReplayProvider(data_path=dataset).samples():  # fail before any work
         raise ValueError(f"no recorded samples in {dataset or 'the shipped extract'}")
-    outcomes = run_dataset(raw, dataset, model=model, on_progress=on_progress)
+    outcomes, rows = replay_dataset(raw, dataset, model=model, on_progress=on_progress)
     samples = [o.sample for o in outcomes]
     singles = _single_models(samples)
     route = (raw.get("routes") or {}).get(model) or {}
@@ -149,6 +168,7 @@ def evaluate(dataset: Path | None, raw_config: dict[str, Any] | None = None, *,
         "best_single": {"model": best, **singles[best]},
         "traffic": _shares(Counter(o.tier for o in outcomes), len(outcomes)),
         "models": singles,
+        **_savings(rows, raw),
     }
     if curve:
         report["curve"] = sorted(
@@ -156,6 +176,21 @@ def evaluate(dataset: Path | None, raw_config: dict[str, Any] | None = None, *,
             + [_curve_point(raw, dataset, r, base) for r in raw.get("routes") or {} if r != model],
             key=lambda p: p["cost_usd"])
     return report
+
+
+def _savings(rows: list[LedgerRecord], raw: dict[str, Any]) -> dict[str, Any]:
+    """Tokens and dollars each strategy saved (:mod:`skinflint.analytics.savings`), against
+    the ledger's baseline: the tokens sent, priced at the baseline model. That differs from
+    the recorded always-baseline cost above by the baseline model's own answer lengths."""
+    settings = settings_from_dict(raw, env={})
+    rate = baseline_prompt_usd(price_catalog(settings), settings.baseline_model,
+                               {n: r.baseline for n, r in settings.routes.items() if r.baseline})
+    clients = [r for r in rows if not is_attempt(r.strategy)]
+    return {
+        "ledger_baseline_usd": math.fsum(r.baseline_cost_usd or 0.0 for r in clients),
+        "tokens": token_totals(rows),
+        "strategies": savings_json(ledger_savings(rows, rate)),
+    }
 
 
 def _shares(counts: Counter[str], total: int) -> dict[str, float]:

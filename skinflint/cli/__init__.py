@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--concurrency", type=positive_int, default=16)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--json", action="store_true")
+    d.add_argument("--ledger", metavar="PATH",
+                   help="keep the run's ledger in this SQLite file (for skinflint report --db)")
     d.set_defaults(func=cmd_demo)
 
     r = add("report", help="spend, tokens and savings from the ledger")

@@ -10,7 +10,7 @@ from rich import box
 from rich.console import RenderableType
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json, usd
+from skinflint.cli.output import count, new_console, print_json, usd
 from skinflint.config import Settings
 
 __all__ = ["cmd_audit", "format_audit"]
@@ -155,11 +155,13 @@ def _alerts(result: dict[str, Any]) -> RenderableType:
 def _strategies(result: dict[str, Any]) -> Table:
     monthly = result["monthly_factor"] is not None
     title = "Projected monthly saving" if monthly else "Saving on this log"
-    table = _table(title, "strategy (assumptions)", "saving", "share")
+    table = _table(title, "strategy (assumptions)", "prompt tok", "answer tok", "saving",
+                   "share")
     for s in result["strategies"]:
-        table.add_row(f"{s['name']}: {s['assumptions']}", usd(s["saving_usd"]),
+        table.add_row(f"{s['name']}: {s['assumptions']}", count(s["input_tokens_saved"]),
+                      count(s["output_tokens_saved"]), usd(s["saving_usd"]),
                       f"{s['saving_share']:.1%}", end_section=True)
     c = result["compound"]
-    table.add_row(f"all together: {c['assumptions']}", usd(c["saving_usd"]),
+    table.add_row(f"all together: {c['assumptions']}", "", "", usd(c["saving_usd"]),
                   f"{c['saving_share']:.1%}", style="bold")
     return table

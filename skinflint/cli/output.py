@@ -9,11 +9,13 @@ from typing import Any
 
 import orjson
 from rich.console import Console
+from rich.table import Table
 
 from skinflint.config import Settings
 from skinflint.money import format_usd
 
-__all__ = ["count", "describe_storage", "mask_url", "new_console", "print_json", "usd"]
+__all__ = ["count", "describe_storage", "mask_url", "new_console", "print_json", "savings_table",
+           "signed_count", "signed_usd", "usd"]
 
 _SECRET_PARAMS = ("pass", "secret", "token", "key")
 
@@ -35,6 +37,27 @@ def count(n: int) -> str:
         if "e" not in text and float(text) < 1000:
             return text + unit
     return f"{n:,}"
+
+
+def signed_count(n: int) -> str:
+    """:func:`count` with a minus sign below zero."""
+    return f"-{count(-n)}" if n < 0 else count(n)
+
+
+def signed_usd(value: float) -> str:
+    return f"-{usd(-value)}" if value < 0 else usd(value)
+
+
+def savings_table(strategies: list[dict[str, Any]], title: str) -> Table:
+    """Each strategy's requests, prompt and completion tokens saved and dollars saved (the
+    ``strategies`` of :func:`skinflint.analytics.savings.savings_json`)."""
+    table = Table(title=title)
+    for name in ("strategy", "requests", "prompt tok", "answer tok", "saved"):
+        table.add_column(name, justify="left" if name == "strategy" else "right")
+    for s in strategies:
+        table.add_row(s["name"], count(s["requests"]), signed_count(s["input_tokens_saved"]),
+                      signed_count(s["output_tokens_saved"]), signed_usd(s["saved_usd"]))
+    return table
 
 
 def print_json(data: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from skinflint.cli.output import new_console, print_json, usd
+from skinflint.cli.output import new_console, print_json, savings_table, usd
 from skinflint.config import Settings
 
 __all__ = ["cmd_replay", "cmd_train_router", "format_replay_rows"]
@@ -75,7 +75,20 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     for name, share in result["traffic"].items():
         traffic.add_row(name, f"{share:.1%}")
     console.print(traffic)
+    console.print(_savings(result))
     return 0
+
+
+def _savings(result: dict[str, Any]) -> Table:
+    """Each strategy's tokens and dollars saved against the ledger's baseline (the tokens
+    sent, at the baseline's prices), and how that baseline differs from the recorded one."""
+    base, ledger = result["baseline"], result["ledger_baseline_usd"]
+    table = savings_table(result["strategies"], "Saved by each strategy")
+    table.caption = (
+        f"Against {base['model']} answering the same tokens: {usd(ledger)}. Always"
+        f" {base['model']} cost {usd(base['cost_usd'])} (its own answers' lengths). Tokens"
+        " below zero: sent on top of the baseline's (cascade tiers escalated from).")
+    return table
 
 
 def cmd_train_router(args: argparse.Namespace, settings: Settings) -> int:

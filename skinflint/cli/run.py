@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from rich.console import RenderableType
 from rich.table import Table
 
-from skinflint.cli.output import describe_storage, new_console, print_json, usd
+from skinflint.cli.output import count, describe_storage, new_console, print_json, signed_count, usd
 from skinflint.config import Settings
 
 __all__ = ["cmd_demo", "cmd_serve", "format_demo"]
@@ -49,7 +50,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             progress.update(task, completed=done, total=total)
 
         result = run_demo(
-            requests=args.requests, concurrency=args.concurrency, seed=args.seed, on_progress=tick
+            requests=args.requests, concurrency=args.concurrency, seed=args.seed,
+            on_progress=tick, ledger=Path(args.ledger) if args.ledger else None,
         )
     if args.json:
         print_json(result)
@@ -90,12 +92,13 @@ def format_demo(result: dict[str, Any]) -> list[RenderableType]:
 
 def _saving_table(result: dict[str, Any]) -> Table:
     table = Table(title="Where the saving comes from")
-    for name in ("strategy", "requests", "saving", "share"):
+    for name in ("strategy", "requests", "tokens", "saving", "share"):
         table.add_column(name, justify="left" if name == "strategy" else "right")
     for s in result["strategies"]:
         if s["requests"]:
             table.add_row(_STRATEGY_LABELS[s["name"]], str(s["requests"]),
-                          _usd(s["saving_usd"]), f"{s['share']:.1%}")
+                          signed_count(s["tokens_saved"]), _usd(s["saving_usd"]),
+                          f"{s['share']:.1%}")
     return table
 
 
@@ -108,6 +111,8 @@ def _totals_table(result: dict[str, Any]) -> Table:
         (f"baseline: every request to {base['model']}", _usd(base["cost_usd"])),
         ("through skinflint", _usd(ours["cost_usd"])),
         ("total cut", f"{result['cut']:.1%} ({_usd(result['saving_usd'])} saved)"),
+        ("tokens processed: baseline / skinflint",
+         f"{count(result['tokens']['baseline'])} / {count(result['tokens']['processed'])}"),
         ("answers correct: baseline / skinflint",
          f"{base['quality']:.1%} / {ours['quality']:.1%}"),
         ("quality retained", f"{result['quality_retained']:.1%}"),

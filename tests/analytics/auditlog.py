@@ -69,6 +69,9 @@ class Truth:
         default_factory=lambda: defaultdict(lambda: defaultdict(lambda: [0, 0.0])))
     exact: list[float] = field(default_factory=list)  # costs of exact duplicates
     near: list[float] = field(default_factory=list)
+    #: (prompt, completion) tokens of the exact and of the near duplicates
+    exact_tokens: list[tuple[int, int]] = field(default_factory=list)
+    near_tokens: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -124,8 +127,10 @@ class _Builder:
         t.cost += cost or 0.0
         if kind == "exact":
             t.exact.append(cost or 0.0)
+            t.exact_tokens.append((prompt, completion))
         elif kind == "near":
             t.near.append(cost or 0.0)
+            t.near_tokens.append((prompt, completion))
         self.lines.append(line)
         self.times.append(self.t)
         return line

@@ -210,3 +210,82 @@ def _calls(built: Built) -> list[Any]:
 
     calls = [C(line) for line in built.lines if line["request"]["model"] in PRICES]
     return sorted(calls, key=lambda c: c.ts)
+
+
+def _p95(values: list[int]) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(len(ordered) * 0.95), len(ordered) - 1)]
+
+
+def test_each_strategy_counts_the_tokens_it_saves(built: Built, audited: dict[str, Any]) -> None:
+    """Caches save every prompt and answer token of the calls they serve (the semantic cache
+    only its calibrated share), token budgets the answer tokens beyond each feature's p95,
+    routing none; the projection scales them as it scales dollars."""
+    s = {x["name"]: x for x in audited["strategies"]}
+    factor = audited["monthly_factor"]
+    t = built.truth
+    exact_in, exact_out = map(sum, zip(*t.exact_tokens, strict=True))
+    assert (s["exact_cache"]["log_input_tokens_saved"],
+            s["exact_cache"]["log_output_tokens_saved"]) == (exact_in, exact_out)
+    assert s["exact_cache"]["input_tokens_saved"] == round(exact_in * factor)
+    assert s["exact_cache"]["output_tokens_saved"] == round(exact_out * factor)
+    assert s["exact_cache"]["log_requests"] == len(t.exact)
+    precision = semantic_defaults()["precision"]
+    near_in, near_out = map(sum, zip(*t.near_tokens, strict=True))
+    assert s["semantic_cache"]["log_input_tokens_saved"] == round(near_in * precision)
+    assert s["semantic_cache"]["log_output_tokens_saved"] == round(near_out * precision)
+    lengths: dict[str, list[int]] = {}
+    for line in built.lines:
+        lengths.setdefault(line["feature"], []).append(line["response"]["usage"]
+                                                       ["completion_tokens"])
+    beyond = sum(int(n - _p95(v)) for v in lengths.values() for n in v if n > _p95(v))
+    budgets = s["token_budgets"]
+    assert (budgets["log_input_tokens_saved"], budgets["log_output_tokens_saved"]) == (0, beyond)
+    assert budgets["effect"] == "tokens removed from the call"
+    assert s["routing"]["input_tokens_saved"] == s["routing"]["output_tokens_saved"] == 0
+    assert s["exact_cache"]["effect"] == "whole call not made"
+
+
+def test_compression_batching_and_budgets_count_the_tokens_they_remove(tmp_path: Path) -> None:
+    """21 calls, ten seconds apart, with a system prompt that says each line three times and
+    one long answer: compression saves what deduplication removes from each prompt; batching
+    the whole system prompt of all but the first call of each minute (at gpt-4o's input
+    rate); a token budget the long answer's tokens beyond the p95 (at the output rate)."""
+    from skinflint.analytics.audit_bloat import compact
+    from skinflint.tokens import TokenCounter
+
+    system = "\n".join(["Answer in English.", "Be   brief.", "Cite the manual."] * 3)
+    t0, n = 1_767_225_600, 21
+    answers = [20] * (n - 1) + [500]
+
+    def line(i: int) -> dict[str, Any]:
+        return {"request": {"model": "gpt-4o", "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"Question number {i}?"}]},
+                "timestamp": t0 + 10 * i, "feature": "help",
+                "response": {"id": "x", "object": "chat.completion", "model": "gpt-4o",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": "ok"}}],
+                             "usage": {"prompt_tokens": 300, "completion_tokens": answers[i],
+                                       "total_tokens": 300 + answers[i]}}}
+
+    result = run_audit(_write(tmp_path / "calls.jsonl", [line(i) for i in range(n)]),
+                       settings_from_dict({"models": _models()}))
+    counter = TokenCounter()
+    whole = counter.count_text("gpt-4o", system)
+    trimmed = whole - counter.count_text("gpt-4o", compact(system))
+    assert 0 < trimmed < whole
+    later = n - len({(t0 + 10 * i) // 60 for i in range(n)})  # not first in their minute
+    s = {x["name"]: x for x in result["strategies"]}
+    rate_in, rate_out = (p / 1e6 for p in PRICES["gpt-4o"])
+    compression, batching, budgets = s["compression"], s["batching"], s["token_budgets"]
+    assert (compression["log_input_tokens_saved"], compression["log_output_tokens_saved"]) == (
+        n * trimmed, 0)
+    assert compression["log_saving_usd"] == pytest.approx(n * trimmed * rate_in, abs=1e-9)
+    assert (batching["log_input_tokens_saved"], batching["log_requests"]) == (
+        later * whole, later)
+    assert batching["log_saving_usd"] == pytest.approx(later * whole * rate_in, abs=1e-9)
+    assert (budgets["log_input_tokens_saved"], budgets["log_output_tokens_saved"]) == (0, 480)
+    assert budgets["log_saving_usd"] == pytest.approx(480 * rate_out, abs=1e-9)
+    factor = result["monthly_factor"]
+    assert budgets["output_tokens_saved"] == round(480 * factor)
