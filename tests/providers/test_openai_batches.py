@@ -11,7 +11,7 @@ import pytest
 from skinflint.errors import UpstreamConnectionError, UpstreamStatusError
 from skinflint.models import BatchLine, BatchStatus, UpstreamRequest, Usage
 from skinflint.providers.http import new_session
-from skinflint.providers.openai_batches import ENDPOINT
+from skinflint.providers.openai_batches import ENDPOINT, state_of
 from skinflint.providers.openai_compat import OpenAICompatProvider
 from tests.fake_batches import FAIL_MARKER
 from tests.fake_upstream import FakeUpstream
@@ -171,3 +171,14 @@ async def test_an_unreachable_upstream_is_a_connection_error(
     with pytest.raises(UpstreamConnectionError) as info:
         await dead.submit_batch([_line("a", "one")], 2)
     assert KEY not in str(info.value) and KEY not in repr(dead)
+
+
+@pytest.mark.parametrize(("status", "state"), [
+    ("validating", "running"), ("in_progress", "running"), ("finalizing", "running"),
+    ("cancelling", "running"), ("completed", "ended"), ("expired", "ended"),
+    ("cancelled", "ended"), ("failed", "failed"), ("a_new_status", "running")])
+def test_every_openai_status_has_its_state(status: str, state: str) -> None:
+    found = state_of({"id": "b1", "status": status,
+                      "request_counts": {"total": 5, "completed": 3, "failed": 1}})
+    assert (found.state, found.detail, found.total, found.succeeded, found.failed) == (
+        state, status, 5, 3, 1)
