@@ -36,7 +36,7 @@ from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
 from skinflint.pipeline.shadow import ProviderUpstream, ShadowGuard
-from skinflint.pricing import PriceCatalog
+from skinflint.pricing import DEFAULT_BATCH_DISCOUNT, PriceCatalog
 from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
@@ -60,7 +60,22 @@ def price_catalog(settings: Settings) -> PriceCatalog:
         if model.price is not None:
             overrides[alias] = (model.price.input, model.price.output, model.price.cached_input)
     aliases = {alias: m.model for alias, m in settings.models.items() if m.model}
-    return PriceCatalog(overrides, aliases)
+    discounts, default = _batch_discounts(settings)
+    return PriceCatalog(overrides, aliases, batch_discounts=discounts,
+                        default_batch_discount=default)
+
+
+def _batch_discounts(settings: Settings) -> tuple[dict[str, float], float]:
+    """Each model's ``batch_discount``: its provider's, under its alias and its provider's name
+    for it; a name not configured takes the default provider's."""
+    discounts: dict[str, float] = {}
+    for alias, model in settings.models.items():
+        provider = settings.providers.get(model.provider)
+        if provider is not None:
+            discounts[alias] = provider.batch_discount
+            discounts.setdefault(model.model or alias, provider.batch_discount)
+    default = settings.providers.get(settings.default_provider or "")
+    return discounts, default.batch_discount if default else DEFAULT_BATCH_DISCOUNT
 
 
 def _breakers(settings: Settings, metrics: Metrics) -> dict[str, ProviderBreaker]:
