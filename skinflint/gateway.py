@@ -36,7 +36,7 @@ from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
 from skinflint.pipeline.shadow import ProviderUpstream, ShadowGuard
-from skinflint.pricing import DEFAULT_BATCH_DISCOUNT, PriceCatalog
+from skinflint.pricing import BatchDiscount, PriceCatalog
 from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
@@ -65,17 +65,21 @@ def price_catalog(settings: Settings) -> PriceCatalog:
                         default_batch_discount=default)
 
 
-def _batch_discounts(settings: Settings) -> tuple[dict[str, float], float]:
+def _batch_discounts(settings: Settings) -> tuple[dict[str, BatchDiscount], BatchDiscount]:
     """Each model's ``batch_discount``: its provider's, under its alias and its provider's name
     for it; a name not configured takes the default provider's."""
-    discounts: dict[str, float] = {}
+
+    def of(name: str) -> BatchDiscount:
+        return BatchDiscount(settings.providers[name].batch_discount,
+                             f"providers.{name}.batch_discount")
+
+    discounts: dict[str, BatchDiscount] = {}
     for alias, model in settings.models.items():
-        provider = settings.providers.get(model.provider)
-        if provider is not None:
-            discounts[alias] = provider.batch_discount
-            discounts.setdefault(model.model or alias, provider.batch_discount)
-    default = settings.providers.get(settings.default_provider or "")
-    return discounts, default.batch_discount if default else DEFAULT_BATCH_DISCOUNT
+        if model.provider in settings.providers:
+            discounts[alias] = of(model.provider)
+            discounts.setdefault(model.model or alias, discounts[alias])
+    default = settings.default_provider
+    return discounts, of(default) if default in settings.providers else BatchDiscount()
 
 
 def _breakers(settings: Settings, metrics: Metrics) -> dict[str, ProviderBreaker]:

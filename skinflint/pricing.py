@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from skinflint.models import Usage
 
-__all__ = ["DEFAULT_BATCH_DISCOUNT", "ModelPrice", "Part", "PriceCatalog"]
+__all__ = ["DEFAULT_BATCH_DISCOUNT", "BatchDiscount", "ModelPrice", "Part", "PriceCatalog"]
 
 _PER_TOKEN = 1e-6  # catalog and overrides are in USD per million tokens
 
@@ -41,6 +41,15 @@ _PER_TOKEN = 1e-6  # catalog and overrides are in USD per million tokens
 #: configuration says otherwise: OpenAI's and Anthropic's batch APIs both halve prices.
 DEFAULT_BATCH_DISCOUNT = 0.5
 _BATCH_CONTEXT = {"processing": "batch"}  # the catalog's name for batch processing
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDiscount:
+    """A batch price as a fraction of the real-time price, and the setting it comes from (told
+    in a discounted price's ``source``)."""
+
+    rate: float = DEFAULT_BATCH_DISCOUNT
+    setting: str = "the default batch_discount"
 
 
 Tiers = tuple[tuple[int, float], ...]
@@ -205,8 +214,9 @@ def _from_catalog(model: str, batch: bool = False) -> ModelPrice | None:
     )
 
 
-def _discounted(price: ModelPrice, discount: float) -> ModelPrice:
-    """``price`` with every rate times ``discount``: a batch price the catalog does not list."""
+def _discounted(price: ModelPrice, by: BatchDiscount) -> ModelPrice:
+    """``price`` with every rate times ``by.rate``: a batch price the catalog does not list."""
+    discount = by.rate
 
     def scaled(tiers: Tiers) -> Tiers:
         return tuple((start, rate * discount) for start, rate in tiers)
@@ -221,7 +231,7 @@ def _discounted(price: ModelPrice, discount: float) -> ModelPrice:
         cached_tiers=scaled(price.cached_tiers),
         parts=tuple(replace(p, rate=p.rate * discount, tiers=scaled(p.tiers))
                     for p in price.parts),
-        source=f"{price.source} x {discount:g} (batch_discount)",
+        source=f"{price.source} x {discount:g} ({by.setting})",
         batch="discount",
     )
 
@@ -261,8 +271,8 @@ class PriceCatalog:
         overrides: dict[str, tuple[float, float | None, float | None]] | None = None,
         aliases: Mapping[str, str] | None = None,
         *,
-        batch_discounts: Mapping[str, float] | None = None,
-        default_batch_discount: float = DEFAULT_BATCH_DISCOUNT,
+        batch_discounts: Mapping[str, BatchDiscount] | None = None,
+        default_batch_discount: BatchDiscount = BatchDiscount(),
     ) -> None:
         self.overrides = dict(overrides or {})
         self.aliases = {a: m for a, m in (aliases or {}).items() if a not in self.overrides}

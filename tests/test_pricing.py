@@ -9,7 +9,7 @@ from skinflint.config import settings_from_dict
 from skinflint.errors import ConfigError
 from skinflint.gateway import price_catalog
 from skinflint.models import Usage
-from skinflint.pricing import ModelPrice, Part, PriceCatalog
+from skinflint.pricing import BatchDiscount, ModelPrice, Part, PriceCatalog
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def _catalog_batch_cost(model: str, usage: Usage, provider_id: str | None = None
 
 @pytest.mark.parametrize("model", ["claude-haiku-4-5", "claude-sonnet-4-5", "gpt-4o-mini"])
 def test_a_batch_price_the_catalog_lists_is_the_catalogs(model: str) -> None:
-    catalog = PriceCatalog(default_batch_discount=0.9)  # not used: the catalog has a price
+    catalog = PriceCatalog(default_batch_discount=BatchDiscount(0.9))  # the catalog's wins
     usage = Usage(input_tokens=12_000, cached_tokens=3_000, cache_write_tokens=2_000,
                   output_tokens=900)
     price = catalog.price(model, batch=True)
@@ -233,7 +233,8 @@ def test_without_a_catalog_batch_price_the_providers_discount_applies() -> None:
     for name in ("chat", "deepseek-chat"):  # the alias and the provider's name for it
         price = catalog.price(name, batch=True)
         assert price is not None and price.batch == "discount"
-        assert price.source == "genai-prices (deepseek/deepseek-chat) x 0.4 (batch_discount)"
+        assert price.source == ("genai-prices (deepseek/deepseek-chat)"
+                                " x 0.4 (providers.ds.batch_discount)")
         assert catalog.cost(name, usage, batch=True) == pytest.approx(0.4 * standard, rel=1e-9)
         assert catalog.cost(name, usage) == pytest.approx(standard, rel=1e-9)
 
@@ -243,16 +244,18 @@ def test_a_configured_price_is_discounted_at_the_default_half() -> None:
         _settings(None, price={"input": 2.0, "output": 6.0}), env={}))
     price = catalog.price("chat", batch=True)
     assert price is not None and (price.input, price.output, price.cached_input) == (1.0, 3.0, 1.0)
-    assert (price.batch, price.source) == ("discount", "config x 0.5 (batch_discount)")
+    assert (price.batch, price.source) == (
+        "discount", "config x 0.5 (providers.ds.batch_discount)")
     usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
     assert catalog.cost("chat", usage, batch=True) == pytest.approx(4.0)
 
 
 def test_a_discount_scales_every_rate_of_a_call() -> None:
-    catalog = PriceCatalog(default_batch_discount=0.25)
+    catalog = PriceCatalog(default_batch_discount=BatchDiscount(0.25, "a test's discount"))
     realtime = catalog.price("gpt-audio")  # the catalog lists no batch price for it
     price = catalog.price("gpt-audio", batch=True)
     assert realtime is not None and price is not None and price.batch == "discount"
+    assert price.source.endswith(" x 0.25 (a test's discount)")
     usage = Usage(input_tokens=2_000, output_tokens=800, input_audio_tokens=500,
                   output_audio_tokens=300)
     assert price.cost(usage) == pytest.approx(0.25 * (realtime.cost(usage) or 0), rel=1e-9)
