@@ -155,8 +155,13 @@ class OpenAIBatches:
 
     async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
         """Every line's outcome, in the input file's order when a line is missing from both
-        result files (the input is then read to name it), else in the files' order."""
+        result files (the input is then read to name it), else in the files' order. Raises
+        :class:`UpstreamProtocolError` (code ``batch_not_ended``) while the batch runs."""
         batch = await self._batch(batch_id, timeout)
+        if state_of(batch).state == "running":  # its lines would all look unrun
+            raise UpstreamProtocolError(
+                f"{self.name}: batch {batch_id[:64]!r} has not ended", provider=self.name,
+                code="batch_not_ended")
         found: dict[str, BatchOutcome] = {}
         for key in ("output_file_id", "error_file_id"):
             if batch.get(key):
