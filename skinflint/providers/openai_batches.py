@@ -94,6 +94,14 @@ def _error_text(status: int, body: object) -> str:
     return err if isinstance(err, str) else f"the line was answered with HTTP {status}"
 
 
+def _why(batch: JSON) -> str:
+    """The first of a failed batch's errors (``{"data": [{"code", "message", "line"}]}``)."""
+    data = _dict(batch.get("errors")).get("data")
+    first = _dict(data[0]) if isinstance(data, list) and data else {}
+    text = first.get("message") or first.get("code")
+    return f" ({vendor_message('', 0, str(text))})" if text else ""
+
+
 def _jsonl(raw: bytes, provider: str) -> Iterator[JSON]:
     """The objects of a JSONL file; an unreadable line is a protocol error (never skipped: a
     line skipped would be reported unrun, and perhaps paid for twice)."""
@@ -171,15 +179,14 @@ class OpenAIBatches:
         total = int(_dict(batch.get("request_counts")).get("total") or 0)
         if (total and len(found) >= total) or not batch.get("input_file_id"):
             return list(found.values())
-        return await self._with_unrun(found, str(batch["input_file_id"]),
-                                      str(batch.get("status")), timeout)
+        return await self._with_unrun(found, batch, timeout)
 
-    async def _with_unrun(self, found: dict[str, BatchOutcome], input_file_id: str,
-                          status: str, timeout: float) -> list[BatchOutcome]:
+    async def _with_unrun(self, found: dict[str, BatchOutcome], batch: JSON,
+                          timeout: float) -> list[BatchOutcome]:
         """Every line of the input file: its outcome, or expired when it has none."""
-        unrun = f"the line has no result: the batch is {status}"
+        unrun = f"the line has no result: the batch is {batch.get('status')}{_why(batch)}"
         out = []
-        for line in _jsonl(await self._content(input_file_id, timeout), self.name):
+        for line in _jsonl(await self._content(str(batch["input_file_id"]), timeout), self.name):
             custom_id = str(line.get("custom_id"))
             outcome = found.pop(custom_id, None)
             out.append(outcome or BatchOutcome(custom_id, error="expired", message=unrun))

@@ -196,3 +196,16 @@ def test_the_http_providers_offer_the_batch_api(session: aiohttp.ClientSession) 
     assert isinstance(provider("openai-compatible"), BatchAPI)
     assert isinstance(provider("anthropic"), BatchAPI)
     assert not isinstance(provider("replay"), BatchAPI)
+
+
+async def test_a_batch_that_fails_validation_ran_no_line(
+    provider: OpenAICompatProvider, fake: FakeUpstream
+) -> None:
+    fake.batches.refuse_next()
+    batch_id = await provider.submit_batch([_line("a", "one"), _line("b", "two")], 5)
+    (status,) = await finish(provider, batch_id)
+    assert (status.state, status.detail) == ("failed", "failed")
+    outcomes = await provider.batch_results(batch_id, 5)
+    assert [(o.custom_id, o.error, o.completion) for o in outcomes] == [
+        ("a", "expired", None), ("b", "expired", None)]
+    assert "model is not available" in outcomes[0].message
