@@ -40,13 +40,23 @@ _UNRUN: dict[str, Literal["expired", "cancelled"]] = {"batch_expired": "expired"
                                                        "batch_cancelled": "cancelled"}
 
 
+#: Fields of a chat request a batch line cannot honour (a batch answers whole completions).
+_UNBATCHABLE = ("stream", "stream_options")
+
+
 def batch_jsonl(lines: Sequence[BatchLine]) -> bytes:
-    """The input file for ``lines``: one request object per line."""
+    """The input file for ``lines``: one request object per line, ``stream`` left out."""
     return b"".join(
         orjson.dumps({"custom_id": line.custom_id, "method": "POST", "url": ENDPOINT,
-                      "body": line.body}) + b"\n"
+                      "body": _batchable(line.body)}) + b"\n"
         for line in lines
     )
+
+
+def _batchable(body: JSON) -> JSON:
+    if not any(k in body for k in _UNBATCHABLE):
+        return body
+    return {k: v for k, v in body.items() if k not in _UNBATCHABLE}
 
 
 def state_of(batch: JSON) -> BatchStatus:

@@ -79,7 +79,9 @@ async def test_usage_is_the_same_as_a_live_call_of_the_same_line(
 async def test_the_upload_and_the_batch_are_what_openai_expects(
     provider: OpenAICompatProvider, fake: FakeUpstream
 ) -> None:
-    batch_id = await provider.submit_batch([_line("x", "hi"), _line("y", "there")], 5)
+    streamed = _line("y", "there")
+    streamed.body.update(stream=True, stream_options={"include_usage": True})
+    batch_id = await provider.submit_batch([_line("x", "hi"), streamed], 5)
     (upload,) = fake.calls("/v1/files")
     assert upload.headers["authorization"] == f"Bearer {KEY}"
     assert upload.headers["x-org"] == "acme"
@@ -95,6 +97,8 @@ async def test_the_upload_and_the_batch_are_what_openai_expects(
     assert [r["custom_id"] for r in rows] == ["x", "y"]
     assert rows[0] == {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
                        "body": _line("x", "hi").body}
+    assert rows[1]["body"] == _line("y", "there").body  # a batch line is never streamed
+    assert streamed.body["stream"] is True  # the caller's line is left as it was
 
 
 async def test_an_expired_batch_ends_with_every_line_expired(
