@@ -25,7 +25,13 @@ from skinflint.providers.anthropic_format import (
     status_error,
     to_anthropic,
 )
-from skinflint.providers.http import client_timeout, json_object, translate_errors, vendor_message
+from skinflint.providers.http import (
+    client_timeout,
+    json_object,
+    parse_off_loop,
+    translate_errors,
+    vendor_message,
+)
 
 __all__ = ["AnthropicBatches", "outcome_of", "request_of", "state_of"]
 
@@ -153,7 +159,9 @@ class AnthropicBatches:
                                         provider=self.name, code="batch_not_ended")
         if _origin(url) != _origin(self._url):
             url = self._url_of(batch_id, "/results")
-        raw = await self._call("GET", url, timeout)
+        return await parse_off_loop(self._outcomes, await self._call("GET", url, timeout))
+
+    def _outcomes(self, raw: bytes) -> list[BatchOutcome]:
         return [outcome_of(json_object(row, provider=self.name, what="batch result"), self.name)
                 for row in raw.splitlines() if row.strip()]
 

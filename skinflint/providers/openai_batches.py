@@ -22,6 +22,7 @@ from skinflint.models import BatchLine, BatchOutcome, BatchStatus, Completion
 from skinflint.providers.http import (
     client_timeout,
     json_object,
+    parse_off_loop,
     status_error,
     translate_errors,
     vendor_message,
@@ -183,8 +184,8 @@ class OpenAIBatches:
         found: dict[str, BatchOutcome] = {}
         for key in ("output_file_id", "error_file_id"):
             if batch.get(key):
-                for line in _jsonl(await self._content(str(batch[key]), timeout), self.name):
-                    outcome = outcome_of(line, self.name)
+                raw = await self._content(str(batch[key]), timeout)
+                for outcome in await parse_off_loop(self._outcomes, raw):
                     found.setdefault(outcome.custom_id, outcome)
         total = int(_dict(batch.get("request_counts")).get("total") or 0)
         if (total and len(found) >= total) or not batch.get("input_file_id"):
@@ -196,11 +197,17 @@ class OpenAIBatches:
         """Every line of the input file: its outcome, or expired when it has none."""
         unrun = f"the line has no result: the batch is {batch.get('status')}{_why(batch)}"
         out = []
-        for line in _jsonl(await self._content(str(batch["input_file_id"]), timeout), self.name):
-            custom_id = str(line.get("custom_id"))
+        raw = await self._content(str(batch["input_file_id"]), timeout)
+        for custom_id in await parse_off_loop(self._custom_ids, raw):
             outcome = found.pop(custom_id, None)
             out.append(outcome or BatchOutcome(custom_id, error="expired", message=unrun))
         return out + list(found.values())
+
+    def _outcomes(self, raw: bytes) -> list[BatchOutcome]:
+        return [outcome_of(line, self.name) for line in _jsonl(raw, self.name)]
+
+    def _custom_ids(self, raw: bytes) -> list[str]:
+        return [str(line.get("custom_id")) for line in _jsonl(raw, self.name)]
 
     async def cancel_batch(self, batch_id: str, timeout: float) -> None:
         await self._object("POST", f"/batches/{quote(batch_id, safe='')}/cancel", timeout)

@@ -166,3 +166,13 @@ def test_an_errored_result_is_failed_with_the_vendors_message_redacted(
                          "claude")
     assert (outcome.custom_id, outcome.error) == ("z", "failed")
     assert outcome.message == "anthropic: bad [redacted]"
+
+
+async def test_a_large_batch_comes_back_whole(provider: AnthropicProvider) -> None:
+    # Its results pass OFF_LOOP_BYTES, so they are parsed and translated in a worker thread.
+    lines = [_line(f"r{i}", f"item {i} to classify") for i in range(4000)]
+    outcomes = await run_batch(provider, lines, timeout=30)
+    assert len(outcomes) == 4000
+    assert all(outcomes[f"r{i}"].completion is not None for i in range(4000))
+    assert outcomes["r3999"].completion.body["choices"][0]["message"]["content"] == (  # type: ignore[union-attr]
+        "echo: item 3999 to classify")

@@ -213,3 +213,12 @@ async def test_a_batch_that_fails_validation_ran_no_line(
     assert [(o.custom_id, o.error, o.completion) for o in outcomes] == [
         ("a", "expired", None), ("b", "expired", None)]
     assert "model is not available" in outcomes[0].message
+
+
+async def test_a_large_batch_comes_back_whole(provider: OpenAICompatProvider) -> None:
+    # Its result file passes OFF_LOOP_BYTES, so it is parsed in a worker thread.
+    lines = [_line(f"r{i}", f"item {i} to classify") for i in range(4000)]
+    outcomes = await run_batch(provider, lines, timeout=30)
+    assert len(outcomes) == 4000
+    assert all(o.completion is not None and o.completion.body["choices"][0]["message"]["content"]
+               == f"echo: item {i} to classify" for i, o in enumerate(outcomes.values()))
