@@ -36,6 +36,8 @@ __all__ = [
 
 Message = dict[str, Any]
 Count = Callable[[str], int]
+# ``within(text, limit)``: the text's count when at most ``limit``, else any number above it
+Within = Callable[[str, int], int]
 
 _FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
 _BLANK = re.compile(r"\n[ \t]*\n\s*")
@@ -287,17 +289,19 @@ def keep_examples(messages: list[Message], examples: Examples,
 # ---- context
 
 
-def trim_context(messages: list[Message], max_tokens: int, count: Count) -> list[Message]:
+def trim_context(messages: list[Message], max_tokens: int, count: Count,
+                 within: Within | None = None) -> list[Message]:
     """The last user message cut to at most ``max_tokens`` tokens: its final paragraph (the
     question) and its code and JSON stay; of the rest, the paragraphs (sentences, for a
     paragraph longer than the budget) that share most words with the question, in their
-    original order."""
+    original order. ``within`` (else ``count``) decides whether the message fits: given one
+    that stops counting past the limit, a long message costs a count of about the budget."""
     last = _last_user(messages)
     if last < 0 or not _editable(messages[last]):
         return messages
     text: str = messages[last]["content"]
     # a token holds at least one character: a short text needs no count
-    if len(text) <= max_tokens or count(text) <= max_tokens:
+    if len(text) <= max_tokens or (within or _within(count))(text, max_tokens) <= max_tokens:
         return messages
     spans = paragraphs(text)
     if len(spans) < 2:
@@ -314,6 +318,10 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count) -> list
     out = list(messages)
     out[last] = {**messages[last], "content": trimmed}
     return out
+
+
+def _within(count: Count) -> Within:
+    return lambda text, limit: count(text)
 
 
 def _join(text: str, parts: list[tuple[Span, Span]]) -> str:
