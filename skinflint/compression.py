@@ -366,8 +366,6 @@ def trim_history(messages: list[Message], max_tokens: int,
     """``messages`` without their oldest turns (a user message and what followed it, tool
     calls and results together) until they fit ``max_tokens``; system prompts, and the last
     user message and what follows it, always stay."""
-    if count(messages) <= max_tokens:
-        return messages
     last = _last_user(messages)
     turns: list[list[int]] = []
     for i in range(last if last >= 0 else 0):
@@ -377,11 +375,20 @@ def trim_history(messages: list[Message], max_tokens: int,
         if role == "user" or not turns:
             turns.append([])
         turns[-1].append(i)
-    gone: set[int] = set()
-    total = count(messages)
-    for turn in turns:
-        if total <= max_tokens:
+    # A prompt's count is its priming plus each message's: the oldest turns go until the rest
+    # fits, so the turns kept are the newest that fit beside what always stays. Counted from
+    # the newest back, only they (and the first one that does not fit) are counted.
+    empty = count([])
+    in_turns = {i for turn in turns for i in turn}
+    total = count([m for i, m in enumerate(messages) if i not in in_turns])
+    keep = len(turns)
+    while keep > 0:
+        size = count([messages[i] for i in turns[keep - 1]]) - empty
+        if total + size > max_tokens:
             break
-        total -= count([messages[i] for i in turn]) - count([])
-        gone.update(turn)
+        total += size
+        keep -= 1
+    if keep == 0 and total <= max_tokens:
+        return messages
+    gone = {i for turn in turns[:keep] for i in turn}
     return [m for i, m in enumerate(messages) if i not in gone]

@@ -187,6 +187,8 @@ class _Counts:
         self._tokens = tokens
         self._model = model
         self._known: dict[str, int] = {}
+        self._messages: dict[int, tuple[dict[str, Any], int]] = {}  # the dict, kept: its id
+        self._primed: int | None = None
 
     def text(self, text: str) -> int:
         found = self._known.get(text)
@@ -205,7 +207,14 @@ class _Counts:
 
     def message(self, message: dict[str, Any]) -> int:
         """``count_messages([message])`` without the reply priming: its framing and other
-        fields, plus its text content (a message's count is their sum)."""
+        fields, plus its text content (a message's count is their sum). A message is counted
+        once: the strategies return new dicts for what they change, never edit one."""
+        found = self._messages.get(id(message))
+        if found is None:
+            found = self._messages[id(message)] = (message, self._message(message))
+        return found[1]
+
+    def _message(self, message: dict[str, Any]) -> int:
         content = message.get("content")
         if not isinstance(content, str):
             return self._tokens.count_messages(self._model, [message]) - self._priming
@@ -214,7 +223,9 @@ class _Counts:
 
     @property
     def _priming(self) -> int:
-        return self._tokens.count_messages(self._model, [])
+        if self._primed is None:
+            self._primed = self._tokens.count_messages(self._model, [])
+        return self._primed
 
     def messages(self, messages: Messages) -> int:
         """``count_messages(messages)``."""
