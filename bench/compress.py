@@ -10,12 +10,13 @@ that the question (the text after the prompt's last blank line) ends the compres
 byte for byte.
 
 CPU, per call of the stage, p50/p99, at about 2k, 4k and 8k tokens, per strategy: ``few_shot``
-(``keep: 2``) on prompts built by joining the worked examples of several prompts before one
-question; ``all`` (``few_shot`` + ``context: {max_tokens: 2000}`` + ``history: {max_tokens:
-4000}``) on the same; ``context_500`` (``context: {max_tokens: 500}``) on prompts made of distinct
-questions (each prompt's last) as context paragraphs before one more question; ``history_1000``
-on a conversation of whole prompts each answered by one letter; ``system_prompt`` on a system
-prompt of worked examples with trailing spaces and every paragraph twice. Two figures:
+(``keep: 2``) on prompts of distinct worked examples (the questions of successive prompts, each
+answered by a letter) before one more question; ``all`` (``few_shot`` + ``context: {max_tokens:
+2000}`` + ``history: {max_tokens: 4000}``) on the same; ``context_500`` (``context: {max_tokens:
+500}``) on prompts made of distinct questions (each prompt's last) as context paragraphs before
+one more question; ``history_1000`` on a conversation of whole prompts each answered by one
+letter; ``system_prompt`` on a system prompt of worked examples with trailing spaces and every
+paragraph twice. Two figures:
 
 * ``loop``: the event loop thread's CPU time (``time.thread_time``) during the call: what the
   request's own task costs on the loop;
@@ -130,19 +131,18 @@ async def few_shot_savings(prompts: dict[str, list[str]]) -> dict[str, Any]:
 
 
 def long_prompts(texts: list[str], size: int, count: int) -> list[str]:
-    """``count`` prompts of about ``size`` tokens: worked examples of successive prompts joined
-    before the question of the last one."""
+    """``count`` prompts of about ``size`` tokens: the questions of successive prompts (each
+    different), each answered by one letter, as worked examples before one more question."""
+    questions = [t[t.rfind("\n\n") + 2:] for t in texts]
     built: list[str] = []
     at = 0
     while len(built) < count:
         parts: list[str] = []
-        while True:
-            text = texts[at % len(texts)]
+        while TOKENS.count_text(MODEL, "\n\n".join(parts)) < size - 200:
+            parts.append(f"{questions[at % len(questions)]}\n{'ABCD'[at % 4]}")
             at += 1
-            parts.append(text[:text.rfind("\n\n")])
-            if TOKENS.count_text(MODEL, "\n\n".join(parts)) >= size - 200:
-                break
-        built.append("\n\n".join(parts) + text[text.rfind("\n\n"):])
+        built.append("\n\n".join([*parts, questions[at % len(questions)]]))
+        at += 1
     return built
 
 

@@ -18,7 +18,8 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -54,9 +55,10 @@ _MIN_BLOCKS = 3  # a template line repeated in fewer paragraphs is not a few-sho
 _MIN_TEMPLATE_CHARS = 5  # "A", "B", "Yes": answers, not instructions
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
-    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins."""
+class Span(NamedTuple):
+    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins.
+    (A named tuple: a long prompt has hundreds, and a tuple is several times faster to make
+    than a frozen dataclass.)"""
 
     start: int
     end: int
@@ -70,6 +72,9 @@ class Span:
 def _protected(piece: str) -> bool:
     if "```" in piece or "~~~" in piece:
         return True
+    first = piece[:1]
+    if first not in ("{", "[") and not first.isspace():
+        return False  # what the check below finds without copying the piece
     stripped = piece.strip()
     if stripped[:1] in ("{", "[") and stripped[-1:] in ("}", "]"):
         try:
@@ -86,18 +91,15 @@ def paragraphs(text: str) -> list[Span]:
     spans: list[Span] = []
     start = 0
     for m in _BLANK.finditer(text):
-        if any(a < m.start() < b for a, b in fences):
+        if fences and any(a < m.start() < b for a, b in fences):
             continue
-        if m.start() > start:
-            spans.append(_span(text, start, m.start(), m.end()))
+        end = m.start()
+        if end > start:
+            spans.append(Span(start, end, m.end(), _protected(text[start:end])))
         start = m.end()
     if start < len(text):
-        spans.append(_span(text, start, len(text), len(text)))
+        spans.append(Span(start, len(text), len(text), _protected(text[start:])))
     return spans
-
-
-def _span(text: str, start: int, end: int, sep: int) -> Span:
-    return Span(start, end, sep, _protected(text[start:end]))
 
 
 def _sentences(text: str, para: Span) -> list[Span]:
@@ -125,10 +127,12 @@ def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
     if not asked:
         return [0.0] * len(texts)
     out: list[float] = []
-    for text in texts:
-        words = _words(text)
-        shared = len(asked & words)
-        out.append(shared / math.sqrt(len(asked) * len(words)) if shared else 0.0)
+    n = len(asked)
+    for text in texts:  # _words inlined, the set built in place: most of the cost is here
+        words = set(text.lower().encode().translate(_PUNCTUATION).split())
+        words -= _STOP
+        shared = len(asked.intersection(words))
+        out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
 
 
@@ -229,9 +233,7 @@ def _protected_any(text: str) -> bool:
 
 
 def _template_line(lines: list[frozenset[str]]) -> str | None:
-    seen: Counter[str] = Counter()
-    for found in lines:
-        seen.update(found)
+    seen = Counter(chain.from_iterable(lines))
     best = max(((n, len(line), line) for line, n in seen.items()
                 if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), default=None)
     return best[2] if best is not None else None
@@ -240,14 +242,14 @@ def _template_line(lines: list[frozenset[str]]) -> str | None:
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
     text: str = messages[last]["content"]
     spans = paragraphs(text)
-    lines = [frozenset() if s.protected else frozenset(x.strip() for x in s.piece(text).split("\n"))
+    lines = [frozenset() if s.protected else frozenset(map(str.strip, s.piece(text).split("\n")))
              for s in spans]
     line = _template_line(lines)
     if line is None:
         return None
     marked = [i for i, found in enumerate(lines) if line in found]
     first = marked[0]
-    repeated = Counter(s.piece(text) for s in spans)
+    repeated = Counter(s.piece(text) for s in spans) if first > 0 else Counter()
     while first > 0 and repeated[spans[first - 1].piece(text)] > 1:
         first -= 1  # a repeated header paragraph belongs to the first example
     starts = [first, *(m + 1 for m in marked[:-1])]
@@ -258,7 +260,8 @@ def _block_examples(messages: list[Message], last: int) -> Examples | None:
     question = text[spans[starts[-1]].start:final.end]
     texts = tuple(text[a:b] for a, b in bounds)
     code = [s.start for s in spans if s.protected]
-    pinned = frozenset(i for i, (a, b) in enumerate(bounds) if any(a <= c < b for c in code))
+    pinned = frozenset(i for i, (a, b) in enumerate(bounds)
+                       if code and any(a <= c < b for c in code))
     return Examples(question, texts, pinned, message=last, blocks=tuple(bounds))
 
 

@@ -119,7 +119,8 @@ class Compress:
         return after
 
     async def _prune(self, messages: Messages, keep: int) -> Messages:
-        for examples in cx.find_examples(messages):
+        # the last user message's blocks first: pruning pairs moves the messages after them
+        for examples in reversed(cx.find_examples(messages)):
             if len(examples.texts) > keep:
                 scores = await self._similarities(examples.question, examples.texts)
                 messages = cx.keep_examples(messages, examples, scores, keep)
