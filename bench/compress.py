@@ -84,7 +84,7 @@ def request(text: str | list[dict[str, str]], feature: str = "quiz") -> RequestC
                           requested_model=MODEL)
 
 
-UPSTREAM_S = 0.005
+UPSTREAM_S = 0.02
 
 
 async def _answer(ctx: RequestContext) -> Reply:
@@ -278,7 +278,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--long", type=int, default=200, help="prompts per size")
     parser.add_argument("--calls", type=int, default=100_000)
-    parser.add_argument("--upstream-ms", type=float, default=5.0,
+    parser.add_argument("--upstream-ms", type=float, default=20.0,
                         help="how long the stand-in upstream takes to answer")
     result = asyncio.run(main(parser.parse_args()))
     RESULTS.parent.mkdir(exist_ok=True)
