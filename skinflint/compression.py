@@ -18,7 +18,8 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import chain
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -37,6 +38,8 @@ __all__ = [
 
 Message = dict[str, Any]
 Count = Callable[[str], int]
+# ``within(text, limit)``: the text's count when at most ``limit``, else any number above it
+Within = Callable[[str, int], int]
 
 _FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
 _BLANK = re.compile(r"\n[ \t]*\n\s*")
@@ -53,9 +56,10 @@ _MIN_BLOCKS = 3  # a template line repeated in fewer paragraphs is not a few-sho
 _MIN_TEMPLATE_CHARS = 5  # "A", "B", "Yes": answers, not instructions
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
-    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins."""
+class Span(NamedTuple):
+    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins.
+    (A named tuple: a long prompt has hundreds, and a tuple is several times faster to make
+    than a frozen dataclass.)"""
 
     start: int
     end: int
@@ -69,6 +73,9 @@ class Span:
 def _protected(piece: str) -> bool:
     if "```" in piece or "~~~" in piece:
         return True
+    first = piece[:1]
+    if first not in ("{", "[") and not first.isspace():
+        return False  # what the check below finds without copying the piece
     stripped = piece.strip()
     if stripped[:1] in ("{", "[") and stripped[-1:] in ("}", "]"):
         try:
@@ -85,18 +92,15 @@ def paragraphs(text: str) -> list[Span]:
     spans: list[Span] = []
     start = 0
     for m in _BLANK.finditer(text):
-        if any(a < m.start() < b for a, b in fences):
+        if fences and any(a < m.start() < b for a, b in fences):
             continue
-        if m.start() > start:
-            spans.append(_span(text, start, m.start(), m.end()))
+        end = m.start()
+        if end > start:
+            spans.append(Span(start, end, m.end(), _protected(text[start:end])))
         start = m.end()
     if start < len(text):
-        spans.append(_span(text, start, len(text), len(text)))
+        spans.append(Span(start, len(text), len(text), _protected(text[start:])))
     return spans
-
-
-def _span(text: str, start: int, end: int, sep: int) -> Span:
-    return Span(start, end, sep, _protected(text[start:end]))
 
 
 def _sentences(text: str, para: Span) -> list[Span]:
@@ -124,10 +128,12 @@ def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
     if not asked:
         return [0.0] * len(texts)
     out: list[float] = []
-    for text in texts:
-        words = _words(text)
-        shared = len(asked & words)
-        out.append(shared / math.sqrt(len(asked) * len(words)) if shared else 0.0)
+    n = len(asked)
+    for text in texts:  # _words inlined, the set built in place: most of the cost is here
+        words = set(text.lower().encode().translate(_PUNCTUATION).split())
+        words -= _STOP
+        shared = len(asked.intersection(words))
+        out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
 
 
@@ -243,9 +249,7 @@ def _protected_any(text: str) -> bool:
 
 
 def _template_line(lines: list[frozenset[str]]) -> str | None:
-    seen: Counter[str] = Counter()
-    for found in lines:
-        seen.update(found)
+    seen = Counter(chain.from_iterable(lines))
     best = max(((n, len(line), line) for line, n in seen.items()
                 if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), default=None)
     return best[2] if best is not None else None
@@ -254,14 +258,14 @@ def _template_line(lines: list[frozenset[str]]) -> str | None:
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
     text: str = messages[last]["content"]
     spans = paragraphs(text)
-    lines = [frozenset() if s.protected else frozenset(x.strip() for x in s.piece(text).split("\n"))
+    lines = [frozenset() if s.protected else frozenset(map(str.strip, s.piece(text).split("\n")))
              for s in spans]
     line = _template_line(lines)
     if line is None:
         return None
     marked = [i for i, found in enumerate(lines) if line in found]
     first = marked[0]
-    repeated = Counter(s.piece(text) for s in spans)
+    repeated = Counter(s.piece(text) for s in spans) if first > 0 else Counter()
     while first > 0 and repeated[spans[first - 1].piece(text)] > 1:
         first -= 1  # a repeated header paragraph belongs to the first example
     starts = [first, *(m + 1 for m in marked[:-1])]
@@ -272,7 +276,8 @@ def _block_examples(messages: list[Message], last: int) -> Examples | None:
     question = text[spans[starts[-1]].start:final.end]
     texts = tuple(text[a:b] for a, b in bounds)
     code = [s.start for s in spans if s.protected]
-    pinned = frozenset(i for i, (a, b) in enumerate(bounds) if any(a <= c < b for c in code))
+    pinned = frozenset(i for i, (a, b) in enumerate(bounds)
+                       if code and any(a <= c < b for c in code))
     return Examples(question, texts, pinned, message=last, blocks=tuple(bounds))
 
 
@@ -303,17 +308,19 @@ def keep_examples(messages: list[Message], examples: Examples,
 # ---- context
 
 
-def trim_context(messages: list[Message], max_tokens: int, count: Count) -> list[Message]:
+def trim_context(messages: list[Message], max_tokens: int, count: Count,
+                 within: Within | None = None) -> list[Message]:
     """The last user message cut to at most ``max_tokens`` tokens: its final paragraph (the
     question) and its code and JSON stay; of the rest, the paragraphs (sentences, for a
     paragraph longer than the budget) that share most words with the question, in their
-    original order."""
+    original order. ``within`` (else ``count``) decides whether the message fits: given one
+    that stops counting past the limit, a long message costs a count of about the budget."""
     last = _last_user(messages)
     if last < 0 or not _editable(messages[last]):
         return messages
     text: str = messages[last]["content"]
     # a token holds at least one character: a short text needs no count
-    if len(text) <= max_tokens or count(text) <= max_tokens:
+    if len(text) <= max_tokens or (within or _within(count))(text, max_tokens) <= max_tokens:
         return messages
     spans = paragraphs(text)
     if len(spans) < 2:
@@ -330,6 +337,10 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count) -> list
     out = list(messages)
     out[last] = {**messages[last], "content": trimmed}
     return out
+
+
+def _within(count: Count) -> Within:
+    return lambda text, limit: count(text)
 
 
 def _join(text: str, parts: list[tuple[Span, Span]]) -> str:
@@ -374,8 +385,6 @@ def trim_history(messages: list[Message], max_tokens: int,
     """``messages`` without their oldest turns (a user message and what followed it, tool
     calls and results together) until they fit ``max_tokens``; system prompts, and the last
     user message and what follows it, always stay."""
-    if count(messages) <= max_tokens:
-        return messages
     last = _last_user(messages)
     turns: list[list[int]] = []
     for i in range(last if last >= 0 else 0):
@@ -385,12 +394,21 @@ def trim_history(messages: list[Message], max_tokens: int,
         if role == "user" or not turns:
             turns.append([])
         turns[-1].append(i)
-    gone: set[int] = set()
-    total = count(messages)
-    for turn in turns:
-        if total <= max_tokens:
+    # A prompt's count is its priming plus each message's: the oldest turns go until the rest
+    # fits, so the turns kept are the newest that fit beside what always stays. Counted from
+    # the newest back, only they (and the first one that does not fit) are counted.
+    empty = count([])
+    in_turns = {i for turn in turns for i in turn}
+    total = count([m for i, m in enumerate(messages) if i not in in_turns])
+    keep = len(turns)
+    while keep > 0:
+        size = count([messages[i] for i in turns[keep - 1]]) - empty
+        if total + size > max_tokens:
             break
-        total -= count([messages[i] for i in turn]) - count([])
-        gone.update(turn)
+        total += size
+        keep -= 1
+    if keep == 0 and total <= max_tokens:
+        return messages
+    gone = {i for turn in turns[:keep] for i in turn}
     return [m for i, m in enumerate(messages) if i not in gone]
 

@@ -19,6 +19,7 @@ import base64
 import gzip
 import hashlib
 import importlib.util
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,15 @@ _PER_MESSAGE: Final = 3
 _PER_NAME: Final = 1
 _REPLY_PRIMING: Final = 3
 _IMAGE_TOKENS: Final = 85
+
+# Where both split patterns always start a new piece: a line that begins with an ASCII letter
+# or digit. No piece of either pattern holds a newline and then a letter or digit (a word's
+# optional lead character excludes newlines; a punctuation run may end in newlines, and in
+# o200k in slashes, never in letters), and no lookaround looks back, so the pieces before the
+# line are those of the text before it: a text's count is the sum of its lines' counts.
+_SAFE_CUT: Final = re.compile(r"\n(?=[A-Za-z0-9])")
+_CHARS_PER_TOKEN: Final = 4  # English text, on average: how far to look before counting
+_MIN_CHUNK: Final = 1024
 
 _CL100K_PATTERN: Final = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
@@ -142,6 +152,20 @@ class TokenCounter:
     def count_text(self, model: str, text: str) -> int:
         """Tokens of ``text`` alone; special-token markers in it count as plain text."""
         return _text_tokens(self._encoding(model), text)
+
+    def count_text_within(self, model: str, text: str, limit: int) -> int:
+        """``count_text(model, text)`` when it is at most ``limit``; past that, some number
+        above ``limit`` (counting stops at the first line that crosses it), so deciding
+        whether a long text fits a small budget costs a count of about the budget."""
+        encoding = self._encoding(model)
+        total, start = 0, 0
+        while start < len(text) and total <= limit:
+            ahead = max(_MIN_CHUNK, (limit - total) * _CHARS_PER_TOKEN)  # what could still fit
+            cut = _SAFE_CUT.search(text, start + ahead)
+            end = cut.end() if cut is not None else len(text)
+            total += len(encoding.encode_ordinary(text[start:end]))
+            start = end
+        return total
 
     def count_messages(self, model: str, messages: list[dict[str, Any]]) -> int:
         """Prompt tokens of OpenAI chat ``messages``, reply priming included (cookbook method).

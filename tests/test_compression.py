@@ -1,95 +1,138 @@
-"""The pure helpers that place cheap-model output: system prompts replaced
-(:mod:`skinflint.compression`), and what context and history trimming left out found and
-summarised in its place (:mod:`skinflint.omission`)."""
+"""The compression functions select exactly what they selected before their speed work (the
+reference copy in tests/reference_compression.py), on random long prompts: paragraphs, worked
+examples and their scores, the examples kept, the context kept and the history kept."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import pytest
+
 from skinflint import compression as cx
-from skinflint import omission
 from skinflint.tokens import TokenCounter
+from tests import reference_compression as ref
 
 JSON = dict[str, Any]
+MODEL = "gpt-4o"
 TOKENS = TokenCounter()
+_VOCABULARY = ("the planet gas plants sunlight energy water moves force river wind boat north east "
+         "why how which what is of and metal liquid room temperature moon orbit cell sugar "
+         "Oxygen Hydrogen 42 3.5 x-ray e.g. don't it's résumé naïve 中文")
+WORDS = _VOCABULARY.split(" ")
+TEMPLATE = 'Print only a single choice from "A" or "B" or "C" or "D" without explanation.'
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) + rng.choice(".?!")
+
+
+def _paragraph(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.05:
+        return "```python\nx = 1\n\ny = [x]  \n```"
+    if kind < 0.08:
+        return '{"a": [1, 2], "b": "two"}'
+    if kind < 0.10:
+        return "[not json}"
+    if kind < 0.25:
+        return " ".join(_sentence(rng) for _ in range(rng.randint(8, 40)))  # long: sentences
+    return "\n".join(_sentence(rng) for _ in range(rng.randint(1, 4)))
+
+
+def _example(rng: random.Random, answer: bool = True) -> str:
+    body = f"{_sentence(rng)}\nA) {rng.choice(WORDS)}\nB) {rng.choice(WORDS)}\n{TEMPLATE}\nAnswer:"
+    return f"{body}\n{rng.choice('ABCD')}" if answer else body
+
+
+def _document(rng: random.Random, size: int) -> str:
+    parts = [_paragraph(rng) for _ in range(size)]
+    seps = [rng.choice(["\n\n", "\n\n\n", "\n \n", "\n\n  "]) for _ in parts]
+    return "".join(p + s for p, s in zip(parts, seps, strict=True)) + _sentence(rng)
+
+
+def _few_shot(rng: random.Random, size: int) -> str:
+    header = ["Answer the questions."] if rng.random() < 0.5 else []
+    shots = [_example(rng) if rng.random() > 0.05 else _paragraph(rng) for _ in range(size)]
+    return "\n\n".join([*header, *header, *shots, _example(rng, answer=False)])
+
+
+def _conversation(rng: random.Random, turns: int) -> list[JSON]:
+    messages: list[JSON] = [{"role": "system", "content": "Be brief.  \n\n\n\nBe brief."}]
+    for _ in range(turns):
+        messages.append({"role": "user", "content": _document(rng, rng.randint(1, 6))})
+        if rng.random() < 0.2:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+            messages.append({"role": "tool", "tool_call_id": "t", "content": "42"})
+        messages.append({"role": "assistant", "content": _sentence(rng)})
+    messages.append({"role": "user", "content": _few_shot(rng, rng.randint(2, 12))})
+    return messages
 
 
 def _count(text: str) -> int:
-    return TOKENS.count_text("gpt-4o", text)
+    return TOKENS.count_text(MODEL, text)
 
 
-def test_replace_system_replaces_only_what_it_is_given_a_text_for() -> None:
-    messages = [{"role": "system", "content": "long rules"},
-                {"role": "developer", "content": "keep"},
-                {"role": "user", "content": "long rules"}]
-    out = cx.replace_system(messages, lambda t: "short" if t == "long rules" else None)
-    assert out == [{"role": "system", "content": "short"}, messages[1], messages[2]]
-    assert out[1] is messages[1] and messages[0]["content"] == "long rules"
-    assert cx.replace_system(messages, lambda t: None) is messages
-    assert cx.replace_system(messages, lambda t: t) is messages
+def _within(text: str, limit: int) -> int:
+    return TOKENS.count_text_within(MODEL, text, limit)
 
 
-PARAS = ["Oak benches were sold in March, twelve of them.",
-         "The cat sleeps on the windowsill. It likes the sun. It purrs loudly all day.",
-         "Teak tables were sold in April, eight of them.",
-         "Painting the fence took three weekends."]
+def _messages(messages: list[JSON]) -> int:
+    return TOKENS.count_messages(MODEL, messages)
 
 
-def test_context_omitted_finds_the_left_out_runs_and_the_place_of_the_first() -> None:
-    text = "\n\n".join([*PARAS, "How many benches and tables were sold?"])
-    before = [{"role": "system", "content": "s"}, {"role": "user", "content": text}]
-    after = cx.trim_context(before, 30, _count)
-    trimmed = after[1]["content"]
-    assert trimmed != text
-    omitted = omission.context_omitted(before, after)
-    assert omitted is not None and omitted.index == 1
-    gone = [p for p in PARAS if p not in trimmed]
-    assert gone and all(p in omitted.text for p in gone)
-    assert not any(p in omitted.text for p in PARAS if p in trimmed)
-    summarised = omission.with_context_summary(after, omitted, " A cat, a fence. ")
-    new = summarised[1]["content"]
-    assert new.replace("[Summary of omitted text: A cat, a fence.]\n\n", "") == trimmed
-    assert after[1]["content"] == trimmed and summarised[0] is after[0]
+def _spans(spans: list[Any]) -> list[tuple[int, int, int, bool]]:
+    return [(s.start, s.end, s.sep, s.protected) for s in spans]
 
 
-def test_context_omitted_places_the_summary_where_the_first_left_out_chunk_was() -> None:
-    before = [{"role": "user", "content": "keep one\n\ndrop two\n\nkeep three\n\nquestion"}]
-    after = [{"role": "user", "content": "keep one\n\nkeep three\n\nquestion"}]
-    omitted = omission.context_omitted(before, after)
-    assert omitted == omission.Omitted("drop two", 0, len("keep one\n\n"))
-    out = omission.with_context_summary(after, omitted, "two")
-    assert out[0]["content"] == (
-        "keep one\n\n[Summary of omitted text: two]\n\nkeep three\n\nquestion")
+@pytest.mark.parametrize("seed", range(6))
+def test_paragraphs_and_examples_are_found_as_before(seed: int) -> None:
+    rng = random.Random(seed)
+    for size in (5, 40, 120):
+        text = _few_shot(rng, size)
+        assert _spans(cx.paragraphs(text)) == _spans(ref.paragraphs(text))
+        messages = [{"role": "user", "content": text}]
+        found, before = cx.find_examples(messages), ref.find_examples(messages)
+        assert [(e.question, e.texts, e.pinned, e.pairs, e.message, e.blocks) for e in found] \
+            == [(e.question, e.texts, e.pinned, e.pairs, e.message, e.blocks) for e in before]
+        for examples in found:
+            scores = cx.lexical_similarities(examples.question, examples.texts)
+            assert scores == ref.lexical_similarities(examples.question, examples.texts)
+            for keep in (1, 2, 5):
+                assert (cx.keep_examples(messages, examples, scores, keep)
+                        == ref.keep_examples(messages, examples, scores, keep))
 
 
-def test_a_kept_sentence_of_a_cut_paragraph_is_not_counted_as_left_out() -> None:
-    before = [{"role": "user", "content": "One. Two. Three.\n\nquestion"}]
-    after = [{"role": "user", "content": "One. Three.\n\nquestion"}]
-    omitted = omission.context_omitted(before, after)
-    assert omitted is not None and omitted.text == "Two."
-    assert after[0]["content"][omitted.offset:].startswith("Three.")
+@pytest.mark.parametrize("seed", range(6))
+def test_the_context_kept_is_the_same_as_before(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    for size in (3, 30, 150):
+        messages = [{"role": "system", "content": "Use the context."},
+                    {"role": "user", "content": _document(rng, size)}]
+        for budget in (20, 200, 500, 2000, 100_000):
+            cut = cx.trim_context(messages, budget, _count, _within)
+            before = ref.trim_context(messages, budget, _count)
+            assert cut == before and (cut is messages) == (before is messages)
 
 
-def test_nothing_left_out_is_nothing_to_summarise() -> None:
-    messages = [{"role": "user", "content": "a\n\nb"}]
-    assert omission.context_omitted(messages, messages) is None
-    assert omission.history_omitted(messages, list(messages)) is None
+@pytest.mark.parametrize("seed", range(6))
+def test_the_history_kept_is_the_same_as_before(seed: int) -> None:
+    rng = random.Random(200 + seed)
+    for turns in (0, 1, 4, 20):
+        messages = _conversation(rng, turns)
+        total = _messages(messages)
+        for budget in (10, total // 4, total // 2, total - 1, total, total + 50):
+            cut = cx.trim_history(messages, budget, _messages)
+            before = ref.trim_history(messages, budget, _messages)
+            assert cut == before and (cut is messages) == (before is messages)
 
 
-def test_history_omitted_lists_the_dropped_turns_and_the_summary_takes_their_place() -> None:
-    system = {"role": "system", "content": "rules"}
-    old: list[JSON] = [{"role": "user", "content": "hi"},
-           {"role": "assistant", "content": None,
-            "tool_calls": [{"id": "1", "type": "function",
-                            "function": {"name": "lookup", "arguments": "{}"}}]},
-           {"role": "tool", "tool_call_id": "1", "content": "found"},
-           {"role": "user", "content": [{"type": "text", "text": "parts"}]}]
-    last: JSON = {"role": "user", "content": "now?"}
-    before = [system, *old, last]
-    after = [system, last]
-    omitted = omission.history_omitted(before, after)
-    assert omitted is not None and omitted.index == 1
-    assert omitted.text == "user: hi\nassistant: (called lookup)\ntool: found\nuser: parts"
-    out = omission.with_history_summary(after, omitted, "greetings")
-    assert out == [system, {"role": "system",
-                            "content": "[Summary of earlier conversation: greetings]"}, last]
+@pytest.mark.parametrize("seed", range(3))
+def test_system_prompts_are_normalised_as_before(seed: int) -> None:
+    rng = random.Random(300 + seed)
+    for size in (2, 20, 80):
+        text = _document(rng, size).replace(".\n", ".   \n")
+        messages = [{"role": "system", "content": f"{text}\n\n\n{text}"},
+                    {"role": "developer", "content": text}, {"role": "user", "content": "Hi"}]
+        assert cx.normalize_system(messages) == ref.normalize_system(messages)

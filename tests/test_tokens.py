@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -217,3 +218,37 @@ def test_works_with_network_unavailable_and_empty_cache(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "2", "9"]
     assert list(cache.iterdir()) == []
+
+
+# ---- counting up to a limit
+
+_PIECES = ["word", "Word", "42", "1234", " ", "  ", "\n", "\n\n", "\r\n", "\t", ".", ",", "!?",
+           "'s", "'LL", "/", "//", "é", "中文", "🙂", "```", "{", "}", "-", "\u0301", "x2"]
+
+
+@pytest.mark.parametrize("model", ["gpt-4", "gpt-4o"])
+def test_a_text_counts_as_the_sum_of_its_lines_that_begin_with_a_letter_or_digit(
+        model: str) -> None:
+    """What ``count_text_within`` relies on: cut where a line begins with an ASCII letter or
+    digit, a text's count is the sum of its parts' (random texts of tricky pieces)."""
+    rng = random.Random(7)
+    counter = TokenCounter()
+    for _ in range(3000):
+        text = "".join(rng.choice(_PIECES) for _ in range(rng.randint(1, 30)))
+        cuts = [m.end() for m in tokens._SAFE_CUT.finditer(text)]
+        parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert sum(counter.count_text(model, p) for p in parts) == counter.count_text(model, text)
+
+
+@pytest.mark.parametrize("model", ["gpt-4", "gpt-4o"])
+def test_counting_within_a_limit_is_exact_up_to_it_and_above_it_past_it(model: str) -> None:
+    rng = random.Random(11)
+    counter = TokenCounter()
+    lines = [" ".join(rng.choice(["alpha", "Beta", "7", "gamma.", "δ", "(x)", "\n"])
+                      for _ in range(rng.randint(0, 60))) for _ in range(400)]
+    for _ in range(60):
+        text = "\n".join(rng.sample(lines, rng.randint(1, 200)))
+        exact = counter.count_text(model, text)
+        for limit in (0, 1, 50, 500, exact - 1, exact, exact + 1, 10 * exact):
+            found = counter.count_text_within(model, text, limit)
+            assert found == exact if exact <= limit else found > limit

@@ -17,6 +17,10 @@ it fails). The calls are the :class:`~skinflint.pipeline.condense.Condenser`'s.
 The cache stages have already looked the request up by the body the client sent, and its
 answer is stored under that same key: compression never changes what a request is cached as.
 
+The tokens each strategy removed (the ledger's ``tokens_saved``, exact) are counted on a worker
+thread while the request goes on; the ledger row, written after the answer, asks for the figure
+and counts it itself if that thread has not got to it yet.
+
 Few-shot similarity uses the semantic cache's local embedder once it has loaded, and a
 word-bag cosine until then (or when the semantic cache is off, or the embedder is busy).
 """
@@ -24,8 +28,11 @@ word-bag cosine until then (or when the semantic cache is off, or the embedder i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -52,6 +59,9 @@ log = logging.getLogger("skinflint")
 
 Messages = list[dict[str, Any]]
 Allowed = Callable[[str, str], bool]
+
+# Counts of what compression removed, off the event loop (tiktoken releases the GIL).
+_COUNTING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skinflint-count")
 
 
 class Compress:
@@ -89,7 +99,10 @@ class Compress:
             policy = self._policies.find(ctx.feature, ctx.requested_model)
             if policy is not None:
                 await self._compress(ctx, policy, messages)
-        return await next(ctx)
+        reply = await next(ctx)
+        if ctx.compression is not None:  # counted during the call: its metrics are set now
+            _ = ctx.compression.tokens_removed
+        return reply
 
     def _may(self, feature: str, strategy: str) -> bool:
         return self._allowed is None or self._allowed(feature, strategy)
@@ -112,7 +125,8 @@ class Compress:
             pruned = await self._prune(messages, policy.few_shot.keep)
             messages = self._step(done, "few_shot", messages, pruned)
         if policy.context is not None and self._may(feature, "context"):
-            cut = cx.trim_context(messages, policy.context.max_tokens, counter.text)
+            cut = cx.trim_context(messages, policy.context.max_tokens, counter.text,
+                                  counter.within)
             if policy.context.summarize_with and cut is not messages:
                 cut = await self._summarize(ctx, policy.context, "context", messages, cut,
                                             counter)
@@ -165,7 +179,8 @@ class Compress:
         return after
 
     async def _prune(self, messages: Messages, keep: int) -> Messages:
-        for examples in cx.find_examples(messages):
+        # the last user message's blocks first: pruning pairs moves the messages after them
+        for examples in reversed(cx.find_examples(messages)):
             if len(examples.texts) > keep:
                 scores = await self._similarities(examples.question, examples.texts)
                 messages = cx.keep_examples(messages, examples, scores, keep)
@@ -185,14 +200,49 @@ class Compress:
     def _record(self, ctx: RequestContext, done: list[tuple[str, Messages]],
                 final: Messages, counter: _Counts) -> None:
         after = [before for _, before in done[1:]] + [final]
+        steps = [(strategy, before, result)
+                 for (strategy, before), result in zip(done, after, strict=True)]
+        removed = _Removed(lambda: self._saved(steps, counter))
+        ctx.compression = Compression(tuple(s for s, _ in done), removed, ctx.body)
+        ctx.body = {**ctx.body, "messages": final}
+
+    def _saved(self, steps: list[tuple[str, Messages, Messages]], counter: _Counts) -> int:
+        """The prompt tokens the steps removed, each strategy's added to its metric."""
         removed = 0
-        for (strategy, before), result in zip(done, after, strict=True):
+        for strategy, before, result in steps:
             saved = counter.changed(before, result)
             removed += saved
             if saved > 0:
                 self._metrics.child(self._metrics.compression_saved, strategy).inc(saved)
-        ctx.compression = Compression(tuple(s for s, _ in done), removed, ctx.body)
-        ctx.body = {**ctx.body, "messages": final}
+        return removed
+
+
+class _Removed:
+    """The tokens removed, counted on the counting thread; asked for before that thread got to
+    it, counted by the caller (once either way: nothing is lost if the thread never runs)."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+        self._lock = threading.Lock()
+        self._value: int | None = None
+        self.done = threading.Event()
+        with contextlib.suppress(RuntimeError):  # shutting down: counted when asked for
+            _COUNTING.submit(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            if self._value is None:
+                try:
+                    self._value = self._count()
+                except Exception:  # counts never raise; if one did, the ledger row must stay
+                    log.exception("compression: counting the tokens removed failed")
+                    self._value = 0
+                self.done.set()
+
+    def result(self) -> int:
+        self._run()
+        assert self._value is not None
+        return self._value
 
 
 class _Counts:
@@ -202,6 +252,8 @@ class _Counts:
         self._tokens = tokens
         self._model = model
         self._known: dict[str, int] = {}
+        self._messages: dict[int, tuple[dict[str, Any], int]] = {}  # the dict, kept: its id
+        self._primed: int | None = None
 
     def text(self, text: str) -> int:
         found = self._known.get(text)
@@ -209,9 +261,25 @@ class _Counts:
             found = self._known[text] = self._tokens.count_text(self._model, text)
         return found
 
+    def within(self, text: str, limit: int) -> int:
+        """``text``'s count when at most ``limit``, else a number above it (not remembered)."""
+        found = self._known.get(text)
+        if found is None:
+            found = self._tokens.count_text_within(self._model, text, limit)
+            if found <= limit:
+                self._known[text] = found
+        return found
+
     def message(self, message: dict[str, Any]) -> int:
         """``count_messages([message])`` without the reply priming: its framing and other
-        fields, plus its text content (a message's count is their sum)."""
+        fields, plus its text content (a message's count is their sum). A message is counted
+        once: the strategies return new dicts for what they change, never edit one."""
+        found = self._messages.get(id(message))
+        if found is None:
+            found = self._messages[id(message)] = (message, self._message(message))
+        return found[1]
+
+    def _message(self, message: dict[str, Any]) -> int:
         content = message.get("content")
         if not isinstance(content, str):
             return self._tokens.count_messages(self._model, [message]) - self._priming
@@ -220,7 +288,9 @@ class _Counts:
 
     @property
     def _priming(self) -> int:
-        return self._tokens.count_messages(self._model, [])
+        if self._primed is None:
+            self._primed = self._tokens.count_messages(self._model, [])
+        return self._primed
 
     def messages(self, messages: Messages) -> int:
         """``count_messages(messages)``."""

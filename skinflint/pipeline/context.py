@@ -23,6 +23,7 @@ __all__ = [
     "CachePlan",
     "Compression",
     "Costs",
+    "Counting",
     "GateVerdict",
     "Next",
     "Reply",
@@ -140,15 +141,27 @@ class TokenCap:
     brevity: bool
 
 
+class Counting(Protocol):
+    """A token count under way off the event loop; ``result`` waits for it (or does it)."""
+
+    def result(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Compression:
     """What the compress stage removed from a request's prompt: the strategies that changed it
     (among ``system_prompt``, ``few_shot``, ``context``, ``history``, in that order), the
-    prompt tokens removed, and the request body as the client sent it (for a shadow call)."""
+    prompt tokens removed (exact; a count under way when the stage left it to a thread), and
+    the request body as the client sent it (for a shadow call)."""
 
     strategies: tuple[str, ...]
-    tokens_removed: int
+    removed: int | Counting
     original_body: JSON
+
+    @property
+    def tokens_removed(self) -> int:
+        """The exact count (read when the ledger row is written: by then it is done)."""
+        return self.removed if isinstance(self.removed, int) else self.removed.result()
 
     @property
     def label(self) -> str:

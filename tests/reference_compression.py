@@ -1,0 +1,372 @@
+"""skinflint/compression.py as it was before its speed work (counting only what decides,
+faster scoring), kept verbatim as the reference that tests/test_compression.py compares the
+current functions with: what the strategies select must not change."""
+# ruff: noqa
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "Examples",
+    "Span",
+    "find_examples",
+    "keep_examples",
+    "lexical_similarities",
+    "normalize_system",
+    "paragraphs",
+    "trim_context",
+    "trim_history",
+]
+
+Message = dict[str, Any]
+Count = Callable[[str], int]
+
+_FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
+_BLANK = re.compile(r"\n[ \t]*\n\s*")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_PUNCTUATION = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
+_STOP = frozenset(w.encode() for w in (
+    "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "how",
+    "in", "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were",
+    "what", "when", "which", "who", "why", "will", "with"))
+_MAX_TOKEN_CHARS = 32  # no token of the tokenizers counted with is longer (in practice)
+_CHARS_PER_TOKEN = 4  # English text, on average
+_MISSES = 8  # units in a row that did not fit: the budget is as full as it gets
+_MIN_BLOCKS = 3  # a template line repeated in fewer paragraphs is not a few-shot pattern
+_MIN_TEMPLATE_CHARS = 5  # "A", "B", "Yes": answers, not instructions
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins."""
+
+    start: int
+    end: int
+    sep: int
+    protected: bool  # code or JSON: kept whole, never dropped
+
+    def piece(self, text: str) -> str:
+        return text[self.start:self.end]
+
+
+def _protected(piece: str) -> bool:
+    if "```" in piece or "~~~" in piece:
+        return True
+    stripped = piece.strip()
+    if stripped[:1] in ("{", "[") and stripped[-1:] in ("}", "]"):
+        try:
+            orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            return False
+        return True
+    return False
+
+
+def paragraphs(text: str) -> list[Span]:
+    """The paragraphs of ``text``; a fenced code block is one protected paragraph."""
+    fences = [m.span() for m in _FENCE.finditer(text)] if "```" in text or "~~~" in text else []
+    spans: list[Span] = []
+    start = 0
+    for m in _BLANK.finditer(text):
+        if any(a < m.start() < b for a, b in fences):
+            continue
+        if m.start() > start:
+            spans.append(_span(text, start, m.start(), m.end()))
+        start = m.end()
+    if start < len(text):
+        spans.append(_span(text, start, len(text), len(text)))
+    return spans
+
+
+def _span(text: str, start: int, end: int, sep: int) -> Span:
+    return Span(start, end, sep, _protected(text[start:end]))
+
+
+def _sentences(text: str, para: Span) -> list[Span]:
+    """``para`` cut into sentences (a protected paragraph stays whole)."""
+    if para.protected:
+        return [para]
+    out: list[Span] = []
+    start = para.start
+    for m in _SENTENCE.finditer(text, para.start, para.end):
+        out.append(Span(start, m.start(), m.end(), False))
+        start = m.end()
+    out.append(Span(start, para.end, para.sep, False))
+    return out
+
+
+def _words(text: str) -> frozenset[bytes]:
+    # bytes.translate and split are several times faster than a regex over str
+    return frozenset(text.lower().encode().translate(_PUNCTUATION).split()) - _STOP
+
+
+def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
+    """Each text's word-bag cosine with ``question``: shared distinct words over the geometric
+    mean of the two texts' distinct words (lower-cased, common English words left out)."""
+    asked = _words(question)
+    if not asked:
+        return [0.0] * len(texts)
+    out: list[float] = []
+    for text in texts:
+        words = _words(text)
+        shared = len(asked & words)
+        out.append(shared / math.sqrt(len(asked) * len(words)) if shared else 0.0)
+    return out
+
+
+def _editable(message: Any) -> bool:
+    return (isinstance(message, dict) and isinstance(message.get("content"), str)
+            and not message.get("tool_calls") and message.get("role") != "tool")
+
+
+def _last_user(messages: Sequence[Any]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], dict) and messages[i].get("role") == "user":
+            return i
+    return -1
+
+
+# ---- system prompt
+
+
+def normalize_system(messages: list[Message]) -> list[Message]:
+    """System (and developer) prompts with trailing spaces, runs of blank lines and repeated
+    paragraphs removed, and any prompt that repeats an earlier one dropped."""
+    out: list[Message] = []
+    seen: set[str] = set()
+    for message in messages:
+        if not (_editable(message) and message.get("role") in ("system", "developer")):
+            out.append(message)
+            continue
+        text = _normalize(message["content"])
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append(message if text == message["content"] else {**message, "content": text})
+    unchanged = len(out) == len(messages) and all(
+        a is b for a, b in zip(out, messages, strict=True))
+    return messages if unchanged else out
+
+
+def _normalize(text: str) -> str:
+    if _protected(text) and not paragraphs(text)[1:]:
+        return text  # one code block or JSON document: as sent
+    kept: list[str] = []
+    seen: set[str] = set()
+    for span in paragraphs(text):
+        piece = span.piece(text)
+        if not span.protected:
+            piece = "\n".join(line.rstrip() for line in piece.strip().split("\n"))
+            if piece in seen:
+                continue
+            seen.add(piece)
+        kept.append(piece)
+    return "\n\n".join(kept).rstrip()  # after a closing fence or a JSON document: not code
+
+
+# ---- few-shot examples
+
+
+@dataclass(frozen=True, slots=True)
+class Examples:
+    """The worked examples of a prompt and the question they precede. ``pairs``: example i is
+    the user/assistant messages ``pairs[i]``; ``blocks``: example i is the text
+    ``blocks[i]`` of message ``message`` (its template blocks, the question's excluded)."""
+
+    question: str
+    texts: tuple[str, ...]
+    pinned: frozenset[int]  # examples holding code or JSON: always kept
+    pairs: tuple[tuple[int, int], ...] = ()
+    message: int = -1
+    blocks: tuple[tuple[int, int], ...] = ()  # (start, next start) in the message's content
+
+
+def find_examples(messages: list[Message]) -> list[Examples]:
+    """The example sets of ``messages``: user/assistant pairs before the last user message, and
+    repeated template blocks inside the last user message."""
+    last = _last_user(messages)
+    if last < 0 or not isinstance(messages[last].get("content"), str):
+        return []
+    question = messages[last]["content"]
+    found = [e for e in (_pair_examples(messages, last, question), _block_examples(messages, last))
+             if e is not None]
+    return found
+
+
+def _pair_examples(messages: list[Message], last: int, question: str) -> Examples | None:
+    pairs = tuple(
+        (i, i + 1) for i in range(last - 1)
+        if messages[i].get("role") == "user" and messages[i + 1].get("role") == "assistant"
+        and _editable(messages[i]) and _editable(messages[i + 1])
+    )
+    if len(pairs) < 2:
+        return None
+    texts = tuple(f"{messages[u]['content']}\n{messages[a]['content']}" for u, a in pairs)
+    pinned = frozenset(i for i, t in enumerate(texts) if _protected_any(t))
+    return Examples(question, texts, pinned, pairs=pairs)
+
+
+def _protected_any(text: str) -> bool:
+    return any(s.protected for s in paragraphs(text))
+
+
+def _template_line(lines: list[frozenset[str]]) -> str | None:
+    seen: Counter[str] = Counter()
+    for found in lines:
+        seen.update(found)
+    best = max(((n, len(line), line) for line, n in seen.items()
+                if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), default=None)
+    return best[2] if best is not None else None
+
+
+def _block_examples(messages: list[Message], last: int) -> Examples | None:
+    text: str = messages[last]["content"]
+    spans = paragraphs(text)
+    lines = [frozenset() if s.protected else frozenset(x.strip() for x in s.piece(text).split("\n"))
+             for s in spans]
+    line = _template_line(lines)
+    if line is None:
+        return None
+    marked = [i for i, found in enumerate(lines) if line in found]
+    first = marked[0]
+    repeated = Counter(s.piece(text) for s in spans)
+    while first > 0 and repeated[spans[first - 1].piece(text)] > 1:
+        first -= 1  # a repeated header paragraph belongs to the first example
+    starts = [first, *(m + 1 for m in marked[:-1])]
+    ends = marked[:-1]
+    bounds = [(spans[a].start, spans[b + 1].start)
+              for a, b in zip(starts[:-1], ends, strict=True)]
+    final = spans[marked[-1]]
+    question = text[spans[starts[-1]].start:final.end]
+    texts = tuple(text[a:b] for a, b in bounds)
+    code = [s.start for s in spans if s.protected]
+    pinned = frozenset(i for i, (a, b) in enumerate(bounds) if any(a <= c < b for c in code))
+    return Examples(question, texts, pinned, message=last, blocks=tuple(bounds))
+
+
+def keep_examples(messages: list[Message], examples: Examples,
+                  scores: Sequence[float], keep: int) -> list[Message]:
+    """``messages`` with only the ``keep`` best-scoring examples (and pinned ones) left, in
+    their original order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    kept = set(order[:keep]) | examples.pinned
+    if len(kept) >= len(scores):
+        return messages
+    if examples.pairs:
+        gone = {m for i, pair in enumerate(examples.pairs) if i not in kept for m in pair}
+        return [m for i, m in enumerate(messages) if i not in gone]
+    text: str = messages[examples.message]["content"]
+    pieces, at = [], 0
+    for i, (a, b) in enumerate(examples.blocks):
+        pieces.append(text[at:a])
+        if i in kept:
+            pieces.append(text[a:b])
+        at = b
+    pieces.append(text[at:])
+    out = list(messages)
+    out[examples.message] = {**messages[examples.message], "content": "".join(pieces)}
+    return out
+
+
+# ---- context
+
+
+def trim_context(messages: list[Message], max_tokens: int, count: Count) -> list[Message]:
+    """The last user message cut to at most ``max_tokens`` tokens: its final paragraph (the
+    question) and its code and JSON stay; of the rest, the paragraphs (sentences, for a
+    paragraph longer than the budget) that share most words with the question, in their
+    original order."""
+    last = _last_user(messages)
+    if last < 0 or not _editable(messages[last]):
+        return messages
+    text: str = messages[last]["content"]
+    # a token holds at least one character: a short text needs no count
+    if len(text) <= max_tokens or count(text) <= max_tokens:
+        return messages
+    spans = paragraphs(text)
+    if len(spans) < 2:
+        return messages
+    *context, question = spans
+    parts = [(u, p) for p in context for u in
+             ([p] if p.protected or p.end - p.start <= max_tokens * _CHARS_PER_TOKEN
+              else _sentences(text, p))]
+    units = [u for u, _ in parts]
+    kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count))
+    if len(kept) == len(units):
+        return messages
+    trimmed = _join(text, [(u, p) for u, p in parts if u in kept]) + text[question.start:]
+    out = list(messages)
+    out[last] = {**messages[last], "content": trimmed}
+    return out
+
+
+def _join(text: str, parts: list[tuple[Span, Span]]) -> str:
+    """The kept units (each with its paragraph) with their separators: a paragraph's last
+    kept unit is followed by the paragraph's own separator."""
+    pieces: list[str] = []
+    for i, (unit, para) in enumerate(parts):
+        last = i + 1 == len(parts) or parts[i + 1][1] is not para
+        pieces.append(text[unit.start:unit.end] + text[para.end:para.sep] if last
+                      else text[unit.start:unit.sep])
+    return "".join(pieces)
+
+
+def _select(text: str, units: list[Span], question: Span, budget: int,
+            count: Count) -> list[Span]:
+    """The protected units and, best first, the others that fit, until the budget is spent
+    or several in a row did not fit (counting every unit of a long text costs more than the
+    last few tokens of budget are worth)."""
+    chosen = {i for i, u in enumerate(units) if u.protected}
+    left = budget - sum(count(units[i].piece(text)) for i in chosen)
+    scores = lexical_similarities(question.piece(text), [u.piece(text) for u in units])
+    misses = 0
+    for i in sorted((i for i in range(len(units)) if i not in chosen),
+                    key=lambda i: (-scores[i], i)):
+        if left <= 0 or misses >= _MISSES:
+            break
+        piece = units[i].piece(text)
+        size = left + 1 if len(piece) > left * _MAX_TOKEN_CHARS else count(piece)
+        if size <= left:
+            chosen.add(i)
+            left, misses = left - size, 0
+        else:
+            misses += 1
+    return [units[i] for i in sorted(chosen)]
+
+
+# ---- history
+
+
+def trim_history(messages: list[Message], max_tokens: int,
+                 count: Callable[[list[Message]], int]) -> list[Message]:
+    """``messages`` without their oldest turns (a user message and what followed it, tool
+    calls and results together) until they fit ``max_tokens``; system prompts, and the last
+    user message and what follows it, always stay."""
+    if count(messages) <= max_tokens:
+        return messages
+    last = _last_user(messages)
+    turns: list[list[int]] = []
+    for i in range(last if last >= 0 else 0):
+        role = messages[i].get("role") if isinstance(messages[i], dict) else None
+        if role in ("system", "developer"):
+            continue
+        if role == "user" or not turns:
+            turns.append([])
+        turns[-1].append(i)
+    gone: set[int] = set()
+    total = count(messages)
+    for turn in turns:
+        if total <= max_tokens:
+            break
+        total -= count([messages[i] for i in turn]) - count([])
+        gone.update(turn)
+    return [m for i, m in enumerate(messages) if i not in gone]
