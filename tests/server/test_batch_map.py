@@ -186,3 +186,15 @@ def test_a_missing_key_is_refused_before_anything_is_sent(
     with _client(gw, key="sk-gw-1") as client:
         answer = _batch_map(client, model="gpt-4o-mini", instruction="x", items=["bad"])
     assert answer["results"] == [{"id": "0", "output": "negative", "status": "ok"}]
+
+
+def test_an_anthropic_model_is_asked_in_its_own_format(
+        fake: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    fake.add_answerer(PackedAnswerer())
+    items = _reviews(8)
+    with _client(make_gateway()) as client:
+        answer = _batch_map(client, model="claude-sonnet", instruction=INSTRUCTION, items=items)
+    assert [r["output"] for r in answer["results"]] == [classify(t) for t in items]
+    sent = fake.calls("/v1/messages")
+    assert len(sent) == answer["calls"] == 1 and sent[0].body is not None
+    assert "JSON" in str(sent[0].body["system"])  # response_format, as an instruction
