@@ -126,7 +126,8 @@ def _item(i: int, value: Any) -> Item:
 
 def item_json(item: Item) -> str:
     """The item as the packed prompt shows it (what its input tokens are counted on)."""
-    return json.dumps({"id": item.id, "input": item.input}, ensure_ascii=False)
+    return json.dumps({"id": item.id, "input": item.input}, ensure_ascii=False,
+                      separators=(",", ":"))
 
 
 def item_digest(spec: PackSpec, item: Item) -> str:
@@ -185,7 +186,7 @@ def packed_body(spec: PackSpec, items: Sequence[Item]) -> JSON:
     if spec.response_schema is not None:
         schema = json.dumps(spec.response_schema, ensure_ascii=False, sort_keys=True)
         system += f" Each output must match this JSON schema: {schema}"
-    listed = "[" + ",\n".join(item_json(item) for item in items) + "]"
+    listed = "[" + ",\n".join(item_json(item) for item in items) + "]"  # one item a line
     body: JSON = {
         "model": spec.model,
         "messages": [{"role": "system", "content": system},

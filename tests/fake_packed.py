@@ -19,6 +19,7 @@ import hashlib
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["ALWAYS_MALFORMED", "NEGATIVE_WORDS", "PackedAnswerer", "classify", "packed_items"]
@@ -63,7 +64,10 @@ def packed_items(body: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 class PackedAnswerer:
     def __init__(self, *, drop: float = 0.0, duplicate: float = 0.0, malformed: float = 0.0,
-                 seed: int = 0, as_object: bool = False) -> None:
+                 seed: int = 0, as_object: bool = False,
+                 label: Callable[[Any], str] | None = None) -> None:
+        """``label``: what an input is answered (default :func:`classify`)."""
+        self.label = label or classify
         self.drop, self.duplicate, self.malformed = drop, duplicate, malformed
         self.seed = seed
         self.as_object = as_object
@@ -81,7 +85,7 @@ class PackedAnswerer:
         return int.from_bytes(digest[:8], "big") / 2**64
 
     def output(self, text: Any) -> Any:
-        label = classify(text)
+        label = self.label(text)
         return {"label": label} if self.as_object else label
 
     def _results(self, item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -95,8 +99,7 @@ class PackedAnswerer:
             return []
         if draw < self.drop + self.duplicate:
             self.faults["duplicate"] += 1
-            other = "negative" if classify(text) == "positive" else "positive"
-            return [good, {"id": ident, "output": other}]
+            return [good, {"id": ident, "output": f"not {good['output']}"}]
         if draw < self.drop + self.duplicate + self.malformed:
             self.faults["malformed"] += 1
             return [{"id": ident, "answer": good["output"]}]
