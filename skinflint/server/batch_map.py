@@ -29,6 +29,9 @@ MAX_ITEMS_PER_CALL = 1000
 #: Request headers not passed on to the packed calls: they describe the batch_map request's
 #: own body, or would make a packed call anything but a real-time call.
 _NOT_FORWARDED = frozenset({"content-length", "content-type", "x-skinflint-priority"})
+#: Statuses of a packed call's failure that every call would meet (a refused key, a model
+#: the gateway does not know): the batch_map request fails with it instead of each item.
+_WHOLE_REQUEST = frozenset({401, 404})
 
 
 def _field_error(message: str, code: str) -> RequestError:
@@ -87,7 +90,7 @@ class _ThroughPipeline:
         except UpstreamError as exc:  # another try may be answered
             raise CallFailed(exc.message) from None
         except SkinflintError as exc:
-            if exc.status == 401:
+            if exc.status in _WHOLE_REQUEST:
                 raise
             raise CallFailed(exc.message, retryable=False) from None
         body: dict[str, Any] = reply.body if reply.body is not None else {}

@@ -198,3 +198,23 @@ def test_an_anthropic_model_is_asked_in_its_own_format(
     sent = fake.calls("/v1/messages")
     assert len(sent) == answer["calls"] == 1 and sent[0].body is not None
     assert "JSON" in str(sent[0].body["system"])  # response_format, as an instruction
+
+
+def test_an_answer_cut_short_is_retried_in_smaller_batches(
+        fake: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    fake.add_answerer(PackedAnswerer())
+    fake.fail_next("length")  # the first call's JSON is cut in half: none of it can be read
+    items = _reviews(12)
+    with _client(make_gateway()) as client:
+        answer = _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION, items=items)
+    assert [r["output"] for r in answer["results"]] == [classify(t) for t in items]
+    assert {r["status"] for r in answer["results"]} == {"retried"}
+    assert [len(c) for c in _sent(fake)] == [12, 3, 3, 3, 3]
+
+
+def test_an_unknown_model_fails_the_request(fake: FakeUpstream,
+                                            make_gateway: GatewayFactory) -> None:
+    with _client(make_gateway(default_provider=None)) as client, \
+            pytest.raises(openai.NotFoundError):
+        _batch_map(client, model="no-such-model", instruction="x", items=["a", "b"])
+    assert fake.calls() == []
