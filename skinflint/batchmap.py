@@ -157,8 +157,14 @@ class _Run:
                     cap: int | None = None) -> list[_Failure]:
         """Send ``items`` in batches; the failures, in input order."""
         batches = plan_batches(items, [self.weights[i.id] for i in items], self.spec, cap)
-        found = await asyncio.gather(*(self._call(b, attempt) for b in batches))
-        return sorted((f for fs in found for f in fs), key=lambda f: f.item.position)
+        # every call runs to its end (each is paid and ledgered) before one's error is raised
+        found = await asyncio.gather(*(self._call(b, attempt) for b in batches),
+                                     return_exceptions=True)
+        for outcome in found:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sorted((f for fs in found if isinstance(fs, list) for f in fs),
+                      key=lambda f: f.item.position)
 
     async def _call(self, batch: list[Item], attempt: int) -> list[_Failure]:
         call = PackedCall(packed_body(self.spec, batch), tuple(batch),
