@@ -12,7 +12,7 @@ SDK). Through the gateway, each packed call is ledgered and its cost read from t
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,8 +37,24 @@ __all__ = ["DEFAULT_BASE_URL", "abatch_map", "batch_map"]
 DEFAULT_BASE_URL = "http://127.0.0.1:8787/v1"
 _COST_HEADER = "x-skinflint-cost-usd"
 
-_tokens = TokenCounter()  # shared: the tokenizer loads once per process
-_catalog = PriceCatalog()
+
+
+@functools.cache
+def _services() -> tuple[TokenCounter, PriceCatalog]:
+    """The token counter and price catalog, made once: their data loads once per process."""
+    return TokenCounter(), PriceCatalog()
+
+
+def _client(base_url: str, api_key: str | None, timeout: float,
+            max_retries: int) -> openai.AsyncOpenAI:
+    """The SDK's client; without a key (given, or in the SDK's ``OPENAI_API_KEY``), one
+    that sends a placeholder, which a gateway configured without keys accepts."""
+    try:
+        return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
+                                  max_retries=max_retries)
+    except openai.OpenAIError:
+        return openai.AsyncOpenAI(base_url=base_url, api_key="none", timeout=timeout,
+                                  max_retries=max_retries)
 
 
 def _retryable(exc: openai.APIError) -> bool:
@@ -79,7 +95,8 @@ async def _cost(header: str | None, completion: dict[str, Any]) -> float | None:
     model = completion.get("model")
     if usage is None or not isinstance(model, str):
         return None
-    return await asyncio.to_thread(_catalog.cost, model, usage)  # loads the catalog once
+    _, catalog = _services()
+    return await asyncio.to_thread(catalog.cost, model, usage)  # loads the catalog once
 
 
 async def abatch_map(
@@ -104,10 +121,9 @@ async def abatch_map(
     sent = dict(headers or {})
     if feature:
         sent["x-skinflint-feature"] = feature
-    key = api_key or os.environ.get("SKINFLINT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    async with openai.AsyncOpenAI(base_url=base_url, api_key=key or "none", timeout=timeout,
-                                  max_retries=max_retries) as client:
-        return await run_batch_map(parsed, spec, _Sender(client, sent), tokens=_tokens,
+    tokens, _ = _services()
+    async with _client(base_url, api_key, timeout, max_retries) as client:
+        return await run_batch_map(parsed, spec, _Sender(client, sent), tokens=tokens,
                                    concurrency=concurrency)
 
 
@@ -124,9 +140,9 @@ def batch_map(
     items into each chat call; the result holds one ``{"id", "output", "status"}`` per item,
     in input order, the calls made, their usage and cost. Items answered badly are retried in
     a smaller batch, then alone; one still failing has status ``error``. ``options``:
-    ``response_schema``, ``api_key``, ``feature`` (sent as ``x-skinflint-feature``),
-    ``headers``, ``concurrency``, ``timeout``, ``max_retries``. Inside a running event loop,
-    await :func:`abatch_map` instead."""
+    ``response_schema``, ``api_key`` (else the openai SDK's ``OPENAI_API_KEY``),
+    ``feature`` (sent as ``x-skinflint-feature``), ``headers``, ``concurrency``,
+    ``timeout``, ``max_retries``. Inside a running event loop, await :func:`abatch_map`."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:

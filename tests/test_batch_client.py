@@ -25,6 +25,13 @@ def _sizes(fake: FakeUpstream) -> list[int]:
     return [len(c) for c in found if c is not None]
 
 
+def test_the_package_exports_it() -> None:
+    assert {"batch_map", "abatch_map"} <= set(skinflint.__all__)
+    from skinflint import abatch_map, batch_map
+
+    assert callable(batch_map) and callable(abatch_map)
+
+
 def test_against_an_openai_compatible_endpoint(fake: FakeUpstream) -> None:
     answerer = PackedAnswerer(drop=0.1, seed=4)
     fake.add_answerer(answerer)
@@ -51,7 +58,8 @@ def test_through_the_gateway_each_item_is_ledgered_under_the_feature(
     fake.add_answerer(PackedAnswerer())
     gw = make_gateway()
     result = skinflint.batch_map(REVIEWS[:20], INSTRUCTION, model="cheap",
-                                 base_url=gw.base_url, feature="support-triage")
+                                 base_url=gw.base_url, feature="support-triage",
+                                 api_key=None)  # no key needed by this gateway
     assert result.outputs == [classify(r) for r in REVIEWS[:20]]
     rows = ledger_rows(tmp_path / "skinflint.db", expect=20)
     # the library talks chat completions: one row per call, its cost read from the gateway
