@@ -27,6 +27,7 @@ from skinflint.packing import (
     parse_answer,
     plan_batches,
     retry_caps,
+    solo_messages,
     validator_for,
 )
 from skinflint.tokens import TokenCounter
@@ -57,11 +58,13 @@ _COUNT_INLINE = 64
 @dataclass(frozen=True, slots=True)
 class PackedCall:
     """One packed chat call: its request body, the items it carries, their input tokens (each
-    item's share of the call's cost follows them) and which try it is (0: the first)."""
+    item's share of the call's cost follows them), the prompt tokens each would take asked
+    alone, and which try it is (0: the first)."""
 
     body: JSON
     items: tuple[Item, ...]
     weights: tuple[int, ...]
+    solo_tokens: tuple[int, ...] = ()
     attempt: int = 0
 
 
@@ -129,10 +132,12 @@ class BatchResult:
         return [r.output for r in self.results]
 
 
-def weigh(items: Sequence[Item], model: str, tokens: TokenCounter) -> list[int]:
-    """Each item's input tokens, as the packed prompt shows it (blocking: loads the
-    tokenizer the first time)."""
-    return [tokens.count_text(model, item_json(item)) + 1 for item in items]
+def weigh(items: Sequence[Item], spec: PackSpec, tokens: TokenCounter) -> list[tuple[int, int]]:
+    """Each item's input tokens as the packed prompt shows it, and its prompt's tokens asked
+    alone (blocking: loads the tokenizer the first time)."""
+    model = spec.model
+    return [(tokens.count_text(model, item_json(item)) + 1,
+             tokens.count_messages(model, solo_messages(spec, item))) for item in items]
 
 
 @dataclass(slots=True)
@@ -143,11 +148,12 @@ class _Failure:
 
 
 class _Run:
-    def __init__(self, spec: PackSpec, complete: Complete, weights: dict[str, int],
-                 concurrency: int) -> None:
+    def __init__(self, spec: PackSpec, complete: Complete,
+                 weights: dict[str, tuple[int, int]], concurrency: int) -> None:
         self.spec = spec
         self.complete = complete
-        self.weights = weights
+        self.weights = {ident: packed for ident, (packed, _) in weights.items()}
+        self.solo = {ident: solo for ident, (_, solo) in weights.items()}
         self.validator = validator_for(spec.response_schema)
         self.answered: dict[int, ItemResult] = {}
         self.result = BatchResult([])
@@ -168,7 +174,8 @@ class _Run:
 
     async def _call(self, batch: list[Item], attempt: int) -> list[_Failure]:
         call = PackedCall(packed_body(self.spec, batch), tuple(batch),
-                          tuple(self.weights[i.id] for i in batch), attempt)
+                          tuple(self.weights[i.id] for i in batch),
+                          tuple(self.solo[i.id] for i in batch), attempt)
         async with self._gate:
             self.result.calls += 1
             try:
@@ -219,9 +226,9 @@ async def run_batch_map(items: Sequence[Item], spec: PackSpec, complete: Complet
     """Answer every item (see the module docstring). Exceptions other than
     :class:`CallFailed` raised by ``complete`` (a refused key, say) stop the run."""
     if len(items) > _COUNT_INLINE or not tokens.ready(spec.model):
-        counts = await asyncio.to_thread(weigh, items, spec.model, tokens)
+        counts = await asyncio.to_thread(weigh, items, spec, tokens)
     else:
-        counts = weigh(items, spec.model, tokens)
+        counts = weigh(items, spec, tokens)
     run = _Run(spec, complete, {i.id: w for i, w in zip(items, counts, strict=True)},
                concurrency)
     pending, digests = list(items), list[str]()

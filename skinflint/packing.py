@@ -36,6 +36,7 @@ __all__ = [
     "parse_items",
     "plan_batches",
     "retry_caps",
+    "solo_messages",
     "validator_for",
 ]
 
@@ -128,6 +129,13 @@ def item_json(item: Item) -> str:
     """The item as the packed prompt shows it (what its input tokens are counted on)."""
     return json.dumps({"id": item.id, "input": item.input}, ensure_ascii=False,
                       separators=(",", ":"))
+
+
+def solo_messages(spec: PackSpec, item: Item) -> list[JSON]:
+    """The prompt that asks about ``item`` alone: what batching is measured against."""
+    text = item.input if isinstance(item.input, str) else json.dumps(item.input,
+                                                                     ensure_ascii=False)
+    return [{"role": "system", "content": spec.instruction}, {"role": "user", "content": text}]
 
 
 def item_digest(spec: PackSpec, item: Item) -> str:

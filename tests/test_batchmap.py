@@ -40,7 +40,7 @@ async def test_batches_stay_within_the_input_token_budget() -> None:
     complete = Answering(PackedAnswerer())
     result = await run_batch_map(items, spec, complete, tokens=TOKENS)
     assert result.outputs == [classify(t) for t in [*short, *long]]
-    weights = dict(zip([i.id for i in items], weigh(items, spec.model, TOKENS), strict=True))
+    weights = {i.id: w for i, (w, _) in zip(items, weigh(items, spec, TOKENS), strict=True)}
     for call in complete.calls:
         assert sum(call.weights) <= 500 or len(call.items) == 1
         assert list(call.weights) == [weights[i.id] for i in call.items]

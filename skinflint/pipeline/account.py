@@ -297,7 +297,9 @@ class Account:
         """A packed call's row, split into one row per item it carried: each with its share
         (by weight) of the call's tokens and cost; the shares sum to the call's figures."""
         counts = _counts(ctx.usage or Usage())
-        split = {name: packed.shares(n) for name, n in counts.items()}
+        removed = ctx.compression.tokens_removed if ctx.compression is not None else 0
+        split = {name: packed.shares(n) for name, n in (*counts.items(),
+                                                         ("tokens_saved", removed))}
         fractions = packed.fractions()
         costs = ctx.costs
         money = {"cost_usd": costs.own_usd, "baseline_cost_usd": costs.baseline_cost_usd,
@@ -305,10 +307,23 @@ class Account:
         last = len(fractions) - 1
         for i, position in enumerate(packed.positions):
             shared = {name: _share(total, fractions, i, last) for name, total in money.items()}
+            if packed.solo_tokens or packed.retry:
+                alone = Usage(input_tokens=packed.solo_tokens[i] if packed.solo_tokens else 0,
+                              output_tokens=split["output_tokens"][i])
+                shared.update(self._item_baseline(costs.baseline_model, alone, packed.retry,
+                                                  shared["cost_usd"]))
             self._ledger.record(self._row(
                 ctx, request_id=f"{ctx.request_id}.i{position}",
                 **{name: parts[i] for name, parts in split.items()}, **shared,
                 strategy=BATCH_MAP_STRATEGY, latency_ms=latency_ms))
+
+    def _item_baseline(self, model: str, alone: Usage, retry: bool,
+                       cost: float | None) -> dict[str, float | None]:
+        """An item's baseline: the item asked alone (its prompt, its share of the output) on
+        the baseline model; none for a retry, whose cost is what batching lost."""
+        baseline = 0.0 if retry else self._catalog.cost(model, alone)
+        saved = baseline - cost if baseline is not None and cost is not None else None
+        return {"baseline_cost_usd": baseline, "saved_usd": saved}
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
         m = self._metrics

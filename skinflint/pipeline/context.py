@@ -224,12 +224,16 @@ NO_COSTS = Costs(None, None, "", None, None)
 @dataclass(frozen=True, slots=True)
 class PackedItems:
     """The request is one packed call of a batch_map request (set by whoever packed it): the
-    items it carries, by their position in the batch_map request, and each one's weight (its
-    input tokens). The account stage writes a ledger row per item, each with its share of the
-    call's tokens and cost, instead of one row for the call."""
+    items it carries, by their position in the batch_map request, each one's weight (its
+    input tokens), the prompt tokens each would have taken asked alone, and whether the call
+    retries items. The account stage writes a ledger row per item, each with its share of the
+    call's tokens and cost, instead of one row for the call; its baseline is the item asked
+    alone (a retry's rows have none: their cost is what batching lost)."""
 
     positions: tuple[int, ...]
     weights: tuple[int, ...]
+    solo_tokens: tuple[int, ...] = ()  # empty: no baseline of its own (the call's is shared)
+    retry: bool = False
 
     def shares(self, total: int) -> list[int]:
         """``total`` split by weight into whole parts that sum to it (largest remainders)."""

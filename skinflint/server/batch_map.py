@@ -84,7 +84,8 @@ class _ThroughPipeline:
     async def __call__(self, call: PackedCall) -> CallAnswer:
         headers = self._retry_headers if call.attempt else self._headers
         ctx = self._gateway.context("chat", orjson.dumps(call.body), headers)
-        ctx.packed = PackedItems(tuple(i.position for i in call.items), call.weights)
+        ctx.packed = PackedItems(tuple(i.position for i in call.items), call.weights,
+                                 call.solo_tokens, retry=call.attempt > 0)
         try:
             reply = await self._gateway.pipeline.handle(ctx)
         except UpstreamError as exc:  # another try may be answered

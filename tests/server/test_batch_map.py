@@ -9,11 +9,14 @@ from typing import Any
 import openai
 import pytest
 
+from skinflint.packing import Item, PackSpec, solo_messages
+from skinflint.tokens import TokenCounter
 from tests.conftest import GatewayFactory, ledger_rows
 from tests.fake_packed import ALWAYS_MALFORMED, PackedAnswerer, classify, packed_items
 from tests.fake_upstream import FakeUpstream
 
 INSTRUCTION = "Classify the sentiment of the review: positive or negative."
+TOKENS = TokenCounter()
 
 
 def _reviews(n: int, start: int = 0) -> list[str]:
@@ -105,6 +108,18 @@ def test_each_item_has_a_ledger_row_with_its_share_of_the_call(
     assert sum(r["output_tokens"] for r in rows) == answer["usage"]["completion_tokens"]
     first = sorted(int(r["request_id"].rsplit(".i", 1)[1]) for r in rows)
     assert set(first) == set(range(30))
+    # each item's baseline is the item asked alone, counted once (a retry's rows have none)
+    spec = PackSpec("cheap", INSTRUCTION)
+    for position in range(30):
+        mine = [r for r in rows if r["request_id"].endswith(f".i{position}")]
+        based = [r for r in mine if r["baseline_cost_usd"] > 0]
+        assert len(based) == 1
+        alone = TOKENS.count_messages("cheap", solo_messages(spec, Item("", items[position], 0)))
+        expected = (alone * 0.01 + based[0]["output_tokens"] * 0.02) / 1e6
+        assert based[0]["baseline_cost_usd"] == pytest.approx(expected)
+        for r in mine:
+            assert r["saved_usd"] == pytest.approx(r["baseline_cost_usd"] - r["cost_usd"])
+    assert sum(r["saved_usd"] for r in rows) > 0
 
 
 def test_items_already_answered_are_served_from_the_cache(
