@@ -148,21 +148,30 @@ class _Failure:
 
 
 class _Run:
-    def __init__(self, spec: PackSpec, complete: Complete,
-                 weights: dict[str, tuple[int, int]], concurrency: int) -> None:
+    def __init__(self, spec: PackSpec, complete: Complete, concurrency: int) -> None:
         self.spec = spec
         self.complete = complete
-        self.weights = {ident: packed for ident, (packed, _) in weights.items()}
-        self.solo = {ident: solo for ident, (_, solo) in weights.items()}
+        self.weights: dict[str, int] = {}
+        self.solo: dict[str, int] = {}
         self.validator = validator_for(spec.response_schema)
         self.answered: dict[int, ItemResult] = {}
         self.result = BatchResult([])
+        self.largest = 1  # the largest batch sent
         self._gate = asyncio.Semaphore(concurrency)
+
+    async def weigh(self, items: Sequence[Item], tokens: TokenCounter) -> None:
+        if len(items) > _COUNT_INLINE or not tokens.ready(self.spec.model):
+            counts = await asyncio.to_thread(weigh, items, self.spec, tokens)
+        else:
+            counts = weigh(items, self.spec, tokens)
+        for item, (packed, solo) in zip(items, counts, strict=True):
+            self.weights[item.id], self.solo[item.id] = packed, solo
 
     async def round(self, items: Sequence[Item], attempt: int,
                     cap: int | None = None) -> list[_Failure]:
         """Send ``items`` in batches; the failures, in input order."""
         batches = plan_batches(items, [self.weights[i.id] for i in items], self.spec, cap)
+        self.largest = max(self.largest, *map(len, batches))
         # every call runs to its end (each is paid and ledgered) before one's error is raised
         found = await asyncio.gather(*(self._call(b, attempt) for b in batches),
                                      return_exceptions=True)
@@ -225,20 +234,13 @@ async def run_batch_map(items: Sequence[Item], spec: PackSpec, complete: Complet
                         concurrency: int = CONCURRENCY) -> BatchResult:
     """Answer every item (see the module docstring). Exceptions other than
     :class:`CallFailed` raised by ``complete`` (a refused key, say) stop the run."""
-    if len(items) > _COUNT_INLINE or not tokens.ready(spec.model):
-        counts = await asyncio.to_thread(weigh, items, spec, tokens)
-    else:
-        counts = weigh(items, spec, tokens)
-    run = _Run(spec, complete, {i.id: w for i, w in zip(items, counts, strict=True)},
-               concurrency)
+    run = _Run(spec, complete, concurrency)
     pending, digests = list(items), list[str]()
     if cache is not None:
         pending, digests = await _cached(list(items), spec, cache, run)
-    fresh = {item.position for item in pending}
+    await run.weigh(pending, tokens)
     failures = await run.round(pending, 0) if pending else []
-    first = max((len(b) for b in plan_batches(pending, [run.weights[i.id] for i in pending],
-                                              spec)), default=1)
-    for attempt, cap in enumerate(retry_caps(first), start=1):
+    for attempt, cap in enumerate(retry_caps(run.largest), start=1):
         retry = [f.item for f in failures if f.retryable]
         if not retry:
             break
@@ -246,6 +248,7 @@ async def run_batch_map(items: Sequence[Item], spec: PackSpec, complete: Complet
     for f in failures:
         run.answered[f.item.position] = ItemResult(f.item.id, None, "error", f.message)
     if cache is not None:
+        fresh = {item.position for item in pending}
         await cache.put([(digests[i], orjson.dumps({"output": r.output}))
                          for i, r in _answered_now(items, run, fresh)])
     run.result.results = [run.answered[item.position] for item in items]
