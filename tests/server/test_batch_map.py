@@ -233,3 +233,15 @@ def test_an_unknown_model_fails_the_request(fake: FakeUpstream,
             pytest.raises(openai.NotFoundError):
         _batch_map(client, model="no-such-model", instruction="x", items=["a", "b"])
     assert fake.calls() == []
+
+
+def test_a_packed_call_goes_whole_through_a_compressing_feature(
+        fake: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    fake.add_answerer(PackedAnswerer())
+    items = [f"{text} " * 30 for text in _reviews(20)]  # long enough for the context budget
+    gw = make_gateway(compression={"features": {"reviews": {"context": {"max_tokens": 100}}}})
+    with _client(gw, **{"x-skinflint-feature": "reviews"}) as client:
+        answer = _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION, items=items)
+    assert [r["status"] for r in answer["results"]] == ["ok"] * 20
+    assert sum(len(c) for c in _sent(fake)) == 20 == sum(len(c) for c in _sent(fake)[:2])
+    assert len(fake.calls()) == answer["calls"] == 2  # the items' tokens made two calls
