@@ -340,8 +340,11 @@ class ResponseCache:
 
     def semantic_threshold(self, ctx: RequestContext) -> float | None:
         """The similarity a semantic match needs, or None when the semantic cache does not
-        look ``ctx`` up (off for it, not yet loaded, or not cacheable)."""
+        look ``ctx`` up (off for it, not yet loaded, not cacheable, or a batch_map packed
+        call)."""
         if self._index is None or ctx.cache_plan is None or ctx.endpoint != "chat":
+            return None
+        if ctx.packed is not None:  # a similar list of items is other items: never the same
             return None
         return self.policy(ctx.feature, ctx.requested_model).threshold
 

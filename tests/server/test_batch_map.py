@@ -245,3 +245,19 @@ def test_a_packed_call_goes_whole_through_a_compressing_feature(
     assert [r["status"] for r in answer["results"]] == ["ok"] * 20
     assert sum(len(c) for c in _sent(fake)) == 20 == sum(len(c) for c in _sent(fake)[:2])
     assert len(fake.calls()) == answer["calls"] == 2  # the items' tokens made two calls
+
+
+def test_a_similar_list_of_items_is_never_a_semantic_hit(
+        fake: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    fake.add_answerer(PackedAnswerer())
+    cache = {"exact": {}, "semantic": {"enabled": True, "embedder": "hashing",
+                                       "threshold": 0.5}}
+    gw = make_gateway(cache=cache)
+    liked = [f"review {i}: the blender is quiet and I love it" for i in range(6)]
+    hated = [f"review {i}: the blender is quiet and I hate it" for i in range(6)]
+    with _client(gw) as client:
+        first = _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION, items=liked)
+        second = _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION, items=hated)
+    assert [r["output"] for r in first["results"]] == ["positive"] * 6
+    assert [r["output"] for r in second["results"]] == ["negative"] * 6
+    assert len(_sent(fake)) == 2
