@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+from referencing.exceptions import Unresolvable
 
 from skinflint.cachekey import request_hash
 from skinflint.errors import RequestError
@@ -246,7 +247,10 @@ def _entries(completion: JSON) -> list[Any] | str:
 def _checked(output: Any, validator: jsonschema.protocols.Validator | None) -> str | None:
     if validator is None:
         return None
-    error = jsonschema.exceptions.best_match(validator.iter_errors(output))
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(output))
+    except Unresolvable as exc:  # a $ref only this output's branch of the schema reaches
+        return f"response_schema cannot be checked: unresolvable $ref {exc.ref!r}"
     return None if error is None else f"output does not match response_schema: {error.message}"
 
 
@@ -260,7 +264,13 @@ def validator_for(schema: JSON | None) -> jsonschema.protocols.Validator | None:
     except jsonschema.exceptions.SchemaError as exc:
         raise RequestError(f"'response_schema' is not a valid JSON schema: {exc.message}",
                            code="invalid_response_schema") from None
-    return cls(schema)
+    validator = cls(schema)  # its references resolve within it: nothing is ever fetched
+    try:
+        validator.is_valid(None)
+    except Unresolvable as exc:
+        raise RequestError(f"'response_schema' has a $ref that does not resolve: {exc.ref!r}",
+                           code="invalid_response_schema") from None
+    return validator
 
 
 def parse_answer(completion: JSON, items: Sequence[Item],

@@ -168,3 +168,20 @@ def test_the_item_digest_is_the_question_not_the_id() -> None:
     assert item_digest(SPEC, a) != item_digest(PackSpec(SPEC.model, SPEC.instruction,
                                                         {"type": "string"}), a)
     assert item_digest(SPEC, a) != item_digest(SPEC, Item("x", "other input", 0))
+
+
+def test_a_schema_reference_outside_it_is_refused_not_fetched() -> None:
+    for ref in ("http://127.0.0.1:9/schema.json", "#/$defs/missing"):
+        with pytest.raises(RequestError) as caught:
+            validator_for({"$ref": ref})
+        assert caught.value.code == "invalid_response_schema"
+        assert ref.lstrip("#") in caught.value.message
+    # a reference reached only by some outputs fails those items, not the request
+    validator = validator_for({"anyOf": [{"type": "null"}, {"$ref": "#/$defs/missing"}]})
+    parsed = parse_answer(_completion({"results": [{"id": "a", "output": 1}]}), _items("a"),
+                          validator)
+    assert parsed.problems == {
+        "a": "response_schema cannot be checked: unresolvable $ref '/$defs/missing'"}
+    local = validator_for({"$defs": {"l": {"enum": ["x"]}}, "$ref": "#/$defs/l"})
+    assert parse_answer(_completion({"results": [{"id": "a", "output": "x"}]}), _items("a"),
+                        local).outputs == {"a": "x"}
