@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+import orjson
 from referencing.exceptions import Unresolvable
 
 from skinflint.cachekey import request_hash
@@ -233,9 +234,9 @@ def _entries(completion: JSON) -> list[Any] | str:
     text = _answer_text(completion)
     if text is None:
         return "the answer has no text"
-    try:
-        value = json.loads(_strip_fence(text))
-    except ValueError:
+    try:  # orjson: what it reads it can write back (no NaN, no integer past 64 bits)
+        value = orjson.loads(_strip_fence(text))
+    except orjson.JSONDecodeError:
         return "the answer is not valid JSON"
     if isinstance(value, dict):
         value = value.get("results")

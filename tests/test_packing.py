@@ -185,3 +185,10 @@ def test_a_schema_reference_outside_it_is_refused_not_fetched() -> None:
     local = validator_for({"$defs": {"l": {"enum": ["x"]}}, "$ref": "#/$defs/l"})
     assert parse_answer(_completion({"results": [{"id": "a", "output": "x"}]}), _items("a"),
                         local).outputs == {"a": "x"}
+
+
+def test_what_cannot_be_written_back_as_json_is_not_valid_json() -> None:
+    for text in ('{"results": [{"id": "a", "output": NaN}]}',
+                 '{"results": [{"id": "a", "output": 1e999}]}'):
+        parsed = parse_answer(_completion(text), _items("a"))
+        assert parsed.problems == {"a": "the answer is not valid JSON"}
