@@ -20,7 +20,7 @@ from skinflint.embed import embedder_for
 from skinflint.interfaces import InvalidationFeed, Ledger, Provider, Vector
 from skinflint.metrics import Metrics
 from skinflint.monitor import AlertMonitor, Webhook
-from skinflint.pipeline import Pipeline, RequestContext, build_stages
+from skinflint.pipeline import Pipeline, Reply, RequestContext, build_stages
 from skinflint.pipeline.account import Account
 from skinflint.pipeline.attribute import Attribute
 from skinflint.pipeline.breakers import ProviderBreaker
@@ -146,6 +146,10 @@ async def _shadow_guard(policies: Callable[[str, str], ShadowPolicy | None],
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("background loading failed; the semantic cache stays off: %s", done.exception())
+
+
+async def _attributed(ctx: RequestContext) -> Reply:
+    return Reply(body={})
 
 
 @dataclass
@@ -277,6 +281,16 @@ class Gateway:
             raw_body=raw_body,
             headers=headers,
         )
+
+    async def attributed(self, raw_body: bytes, headers: dict[str, str]) -> RequestContext:
+        """A chat request's context as the attribute stage leaves it (tenant, feature, user,
+        tags, cache mode), the rest of the pipeline not run; raises what that stage raises (a
+        missing gateway key, a malformed body). batch_map looks its items up with it."""
+        ctx = self.context("chat", raw_body, headers)
+        attribute = self.pipeline.stages[0]
+        assert attribute.name == "attribute"
+        await attribute(ctx, _attributed)
+        return ctx
 
     async def close(self) -> None:
         """Flush the ledger and the caches, then close connections."""

@@ -17,7 +17,7 @@ from skinflint.interfaces import Ledger
 from skinflint.metrics import Metrics
 from skinflint.models import CLIENT_LEFT, LedgerRecord, StreamChunk, Usage
 from skinflint.pipeline.cache import ResponseCache
-from skinflint.pipeline.context import Costs, Next, Reply, RequestContext
+from skinflint.pipeline.context import Costs, Next, PackedItems, Reply, RequestContext
 from skinflint.pipeline.shadow import ShadowGuard
 from skinflint.pricing import PriceCatalog
 from skinflint.streaming import StreamAssembler, is_truncated
@@ -27,6 +27,7 @@ __all__ = ["Account"]
 
 CLIENT_CLOSED = 499
 RULE_STRATEGY = "rule"  # the ledger's strategy (and provider) for a rule's answer
+BATCH_MAP_STRATEGY = "batch_map"  # the strategy of each item's row of a packed call
 _CACHE_STRATEGY = {"hit-exact": "exact_cache", "hit-semantic": "semantic_cache"}
 
 
@@ -50,6 +51,16 @@ def _provider(ctx: RequestContext) -> str:
     if ctx.cache.hit:
         return "cache"
     return ctx.answered.provider if ctx.answered is not None else ""
+
+
+def _share(total: float | None, fractions: list[float], i: int, last: int) -> float | None:
+    """Item ``i``'s part of ``total``; the last item takes what the others leave, so that the
+    parts sum to the total exactly."""
+    if total is None:
+        return None
+    if i < last:
+        return total * fractions[i]
+    return total - sum(total * f for f in fractions[:last])
 
 
 class Account:
@@ -272,17 +283,47 @@ class Account:
                 self._metrics.child(
                     self._metrics.cascade_escalations, a.target.name, a.verdict.reason
                 ).inc()
-        self._ledger.record(
-            self._row(
-                ctx,
-                cost_usd=ctx.costs.own_usd,
-                strategy=self._strategy(ctx),
-                latency_ms=(time.perf_counter() - ctx.started) * 1000,
-            )
-        )
+        latency_ms = (time.perf_counter() - ctx.started) * 1000
+        if ctx.packed is not None and not ctx.served_locally:
+            self._record_items(ctx, ctx.packed, latency_ms)
+        else:
+            self._ledger.record(self._row(ctx, cost_usd=ctx.costs.own_usd,
+                                          strategy=self._strategy(ctx), latency_ms=latency_ms))
         self._observe_metrics(ctx, ctx.usage or Usage())
         if ctx.on_accounted is not None:
             ctx.on_accounted(ctx)
+
+    def _record_items(self, ctx: RequestContext, packed: PackedItems, latency_ms: float) -> None:
+        """A packed call's row, split into one row per item it carried: each with its share
+        (by weight) of the call's tokens and cost; the shares sum to the call's figures."""
+        counts = _counts(ctx.usage or Usage())
+        removed = ctx.compression.tokens_removed if ctx.compression is not None else 0
+        split = {name: packed.shares(n) for name, n in (*counts.items(),
+                                                         ("tokens_saved", removed))}
+        fractions = packed.fractions()
+        costs = ctx.costs
+        money = {"cost_usd": costs.own_usd, "baseline_cost_usd": costs.baseline_cost_usd,
+                 "saved_usd": costs.saved_usd}
+        last = len(fractions) - 1
+        for i, position in enumerate(packed.positions):
+            shared = {name: _share(total, fractions, i, last) for name, total in money.items()}
+            if packed.solo_tokens or packed.retry:
+                alone = Usage(input_tokens=packed.solo_tokens[i] if packed.solo_tokens else 0,
+                              output_tokens=split["output_tokens"][i])
+                shared.update(self._item_baseline(costs.baseline_model, alone, packed.retry,
+                                                  shared["cost_usd"]))
+            self._ledger.record(self._row(
+                ctx, request_id=f"{ctx.request_id}.i{position}",
+                **{name: parts[i] for name, parts in split.items()}, **shared,
+                strategy=BATCH_MAP_STRATEGY, latency_ms=latency_ms))
+
+    def _item_baseline(self, model: str, alone: Usage, retry: bool,
+                       cost: float | None) -> dict[str, float | None]:
+        """An item's baseline: the item asked alone (its prompt, its share of the output) on
+        the baseline model; none for a retry, whose cost is what batching lost."""
+        baseline = 0.0 if retry else self._catalog.cost(model, alone)
+        saved = baseline - cost if baseline is not None and cost is not None else None
+        return {"baseline_cost_usd": baseline, "saved_usd": saved}
 
     def _observe_metrics(self, ctx: RequestContext, usage: Usage) -> None:
         m = self._metrics

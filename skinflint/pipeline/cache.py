@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -55,6 +55,7 @@ from skinflint.streaming import chunks_from_completion, is_complete
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
+    "ItemPlan",
     "Policy",
     "ResponseCache",
     "context_digest",
@@ -160,6 +161,30 @@ async def _replay(chunks: list[dict[str, Any]]) -> AsyncIterator[StreamChunk]:
         yield StreamChunk(data=data)
 
 
+class ItemPlan:
+    """The answers of single batch_map items, by digest, within one request's scope (the
+    runner's ``ItemCache``): stored under the request's tags, for the policy's TTL."""
+
+    def __init__(self, cache: ResponseCache, ctx: RequestContext, ttl_seconds: float, *,
+                 read: bool) -> None:
+        self._cache, self._ctx, self._ttl, self._read = cache, ctx, ttl_seconds, read
+
+    def _key(self, digest: str) -> str:
+        return self._cache.key_for(self._ctx, scoped_key("batch_map_item", digest))
+
+    async def get(self, digests: Sequence[str]) -> list[bytes | None]:
+        if not self._read:  # x-skinflint-cache: refresh asks anew, and stores the answers
+            return [None] * len(digests)
+        now, store = self._cache.clock(), self._cache.backend
+        return list(await asyncio.gather(*(store.get(self._key(d), now) for d in digests)))
+
+    async def put(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        expires = self._cache.clock() + self._ttl if self._ttl > 0 else 0.0
+        tags = self._ctx.tags
+        for digest, value in entries:
+            await self._cache.backend.set(CacheEntry(self._key(digest), value, expires, tags))
+
+
 class ResponseCache:
     def __init__(
         self,
@@ -183,7 +208,7 @@ class ResponseCache:
         self._metrics = metrics
         self._threshold = threshold
         self._verifier = verifier
-        self._clock = clock
+        self.clock = clock  # the time entries expire by
         capped = token_budgets is not None and token_budgets.configured
         self._caps = token_budgets if capped else None
         self._policies: dict[tuple[str, str], Policy] = {}
@@ -300,9 +325,9 @@ class ResponseCache:
         if ctx.cache_mode == "refresh":  # never waits, but those that arrive meanwhile may
             self._flights.lead(key, ctx)
             return None
-        raw = await self.backend.get(key, self._clock())
+        raw = await self.backend.get(key, self.clock())
         if raw is None:  # wait for an identical request in flight, else lead the key
-            raw = await self._flights.join(key, ctx, lambda: self.backend.get(key, self._clock()))
+            raw = await self._flights.join(key, ctx, lambda: self.backend.get(key, self.clock()))
         return None if raw is None else self.serve(ctx, raw, CacheDecision("hit-exact"))
 
     def release(self, ctx: RequestContext) -> None:
@@ -315,8 +340,11 @@ class ResponseCache:
 
     def semantic_threshold(self, ctx: RequestContext) -> float | None:
         """The similarity a semantic match needs, or None when the semantic cache does not
-        look ``ctx`` up (off for it, not yet loaded, or not cacheable)."""
+        look ``ctx`` up (off for it, not yet loaded, not cacheable, or a batch_map packed
+        call)."""
         if self._index is None or ctx.cache_plan is None or ctx.endpoint != "chat":
+            return None
+        if ctx.packed is not None:  # a similar list of items is other items: never the same
             return None
         return self.policy(ctx.feature, ctx.requested_model).threshold
 
@@ -354,7 +382,7 @@ class ResponseCache:
                 if kind:
                     self._metrics.child(self._metrics.semantic_rejected, kind).inc()
                     continue
-            raw = await self.backend.get(key, self._clock())
+            raw = await self.backend.get(key, self.clock())
             if raw is None:  # expired or invalidated with its exact entry
                 await index.remove(key)
                 continue
@@ -391,7 +419,7 @@ class ResponseCache:
         value = raw if raw is not None else orjson.dumps(body)
         if len(value) > self.config.exact.max_entry_bytes:
             return False
-        expires = self._clock() + plan.ttl_seconds if plan.ttl_seconds > 0 else 0.0
+        expires = self.clock() + plan.ttl_seconds if plan.ttl_seconds > 0 else 0.0
         await self.backend.set(CacheEntry(plan.key, value, expires, ctx.tags))
         if stale := self._invalidated_since(ctx, plan):  # one ran during the write
             await self.backend.invalidate_tags(sorted(stale))
@@ -407,6 +435,16 @@ class ResponseCache:
             await self._index.add(probe.partition, plan.key, probe.question, probe.vector)
         except Exception as exc:  # the answer is already served; only the index misses it
             self._index_failed("add", exc)
+
+    # ---- single items of batch_map requests
+
+    def item_plan(self, ctx: RequestContext) -> ItemPlan | None:
+        """How batch_map items asked like ``ctx`` (an attributed request: its scope, feature
+        and model) are cached; None when the cache may not serve them."""
+        policy = self.policy(ctx.feature, ctx.requested_model)
+        if self.bypass(ctx, policy) is not None:
+            return None
+        return ItemPlan(self, ctx, policy.ttl_seconds, read=ctx.cache_mode != "refresh")
 
     # ---- invalidation
 

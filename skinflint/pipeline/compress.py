@@ -95,7 +95,9 @@ class Compress:
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
         messages = ctx.body.get("messages")
-        if ctx.endpoint == "chat" and isinstance(messages, list) and messages:
+        # a batch_map packed call is left whole: its items are a JSON array any cut would break
+        if (ctx.endpoint == "chat" and isinstance(messages, list) and messages
+                and ctx.packed is None):
             policy = self._policies.find(ctx.feature, ctx.requested_model)
             if policy is not None:
                 await self._compress(ctx, policy, messages)

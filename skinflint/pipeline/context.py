@@ -26,6 +26,7 @@ __all__ = [
     "Counting",
     "GateVerdict",
     "Next",
+    "PackedItems",
     "Reply",
     "RequestContext",
     "RouteDecision",
@@ -233,6 +234,43 @@ class Costs:
 NO_COSTS = Costs(None, None, "", None, None)
 
 
+@dataclass(frozen=True, slots=True)
+class PackedItems:
+    """The request is one packed call of a batch_map request (set by whoever packed it): the
+    items it carries, by their position in the batch_map request, each one's weight (its
+    input tokens), the prompt tokens each would have taken asked alone, and whether the call
+    retries items. The account stage writes a ledger row per item, each with its share of the
+    call's tokens and cost, instead of one row for the call; its baseline is the item asked
+    alone (a retry's rows have none: their cost is what batching lost)."""
+
+    positions: tuple[int, ...]
+    weights: tuple[int, ...]
+    solo_tokens: tuple[int, ...] = ()  # empty: no baseline of its own (the call's is shared)
+    retry: bool = False
+
+    def shares(self, total: int) -> list[int]:
+        """``total`` split by weight into whole parts that sum to it (largest remainders)."""
+        weight = sum(self.weights)
+        if weight <= 0:
+            weights, weight = [1] * len(self.weights), len(self.weights)
+        else:
+            weights = list(self.weights)
+        exact = [total * w / weight for w in weights]
+        parts = [int(x) for x in exact]
+        left = total - sum(parts)
+        order = sorted(range(len(parts)), key=lambda i: parts[i] - exact[i])
+        for i in order[:left]:
+            parts[i] += 1
+        return parts
+
+    def fractions(self) -> list[float]:
+        """Each item's share of the call, by weight (they sum to 1)."""
+        weight = sum(self.weights)
+        if weight <= 0:
+            return [1 / len(self.weights)] * len(self.weights)
+        return [w / weight for w in self.weights]
+
+
 @dataclass(slots=True)
 class Reply:
     """What a stage returns: a complete body, or a stream of chunks (exactly one is set)."""
@@ -276,6 +314,7 @@ class RequestContext:
     targets: tuple[Target, ...] = ()
     route: RouteDecision | None = None
     token_cap: TokenCap | None = None  # None: no token budget applies
+    packed: PackedItems | None = None  # set when the request is a batch_map packed call
     answered: Target | None = None  # the target whose provider answered
     usage: Usage | None = None
     model: str = ""  # the model the answer names (a cache hit's, or account's), else unknown

@@ -27,6 +27,7 @@ from skinflint.gateway import Gateway
 from skinflint.models import CLIENT_LEFT
 from skinflint.monitor import event_json
 from skinflint.pipeline import Reply, RequestContext
+from skinflint.server.batch_map import answer_batch_map
 from skinflint.server.dashboard import PAGE, STATIC, Dashboard
 from skinflint.server.model_list import ModelList
 from skinflint.server.openapi import openapi_json
@@ -216,6 +217,21 @@ class App:
             self._running.discard(task)
             watcher.cancel()
 
+    async def batch_map(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        """In-prompt batching: each packed call goes through the pipeline."""
+        assert self.gateway is not None
+        headers = _headers(scope)
+        raw = await _read_body(receive, self.settings.server.max_body_bytes)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive, out, task))
+        self._running.add(task)
+        try:
+            await out.json(await answer_batch_map(self.gateway, raw, headers))
+        finally:
+            self._running.discard(task)
+            watcher.cancel()
+
     async def _reply(self, ctx: RequestContext, reply: Reply, out: Responder) -> None:
         if reply.chunks is None:
             body = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
@@ -361,6 +377,7 @@ for _path in ("/v1/embeddings", "/embeddings"):
     _ROUTES["POST", _path] = App.embeddings
 for _path in ("/v1/models", "/models"):
     _ROUTES["GET", _path] = App.models
+_ROUTES["POST", "/v1/skinflint/batch_map"] = App.batch_map
 _ROUTES["GET", "/health"] = App.health
 _ROUTES["GET", "/dashboard"] = App.dashboard
 for _name in STATIC:

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from skinflint import __version__
+from skinflint.packing import MAX_ITEMS
 from skinflint.pipeline.attribute import (
     MAX_MESSAGES,
     MAX_MODEL_NAME,
@@ -20,6 +21,7 @@ from skinflint.pipeline.attribute import (
     MAX_OUTPUT_TOKENS,
     ROLES,
 )
+from skinflint.server.batch_map import MAX_ITEMS_PER_CALL
 from skinflint.server.dashboard import STATIC
 from skinflint.server.spend_api import MAX_LIMIT
 from skinflint.storage.rollup import BUCKETS, DIMENSIONS, FIGURES, RECENT_COLUMNS
@@ -134,6 +136,46 @@ _SCHEMAS: JSON = {
         "type": "object",
         "required": ["model", "input"],
         "properties": {"model": _ref("Model"), "input": {}},
+    },
+    "BatchMapRequest": {
+        "type": "object",
+        "required": ["model", "instruction", "items"],
+        "additionalProperties": False,
+        "properties": {
+            "model": _ref("Model"),
+            "instruction": {"type": "string", "minLength": 1,
+                            "description": "applied to each item; sent once per call"},
+            "items": {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS, "items": {
+                "oneOf": [{"type": "string", "description": "its id is its index"},
+                          {"type": "object", "required": ["input"],
+                           "additionalProperties": False,
+                           "properties": {"id": {"type": ["string", "integer"]},
+                                          "input": {}}}]},
+                      "description": "ids must be unique"},
+            "max_items_per_call": {"type": ["integer", "null"], "minimum": 1,
+                                   "maximum": MAX_ITEMS_PER_CALL,
+                                   "description": "default: as many as the token budget"},
+            "response_schema": {"type": ["object", "null"],
+                                "description": "a JSON schema each output must match"},
+        },
+    },
+    "BatchMapResponse": {
+        "type": "object",
+        "required": ["results", "calls", "usage", "cost_usd"],
+        "properties": {
+            "results": {"type": "array", "description": "one per item, in input order",
+                        "items": {"type": "object", "required": ["id", "output", "status"],
+                                  "properties": {
+                                      "id": {"type": "string"}, "output": {},
+                                      "status": {"enum": ["ok", "retried", "error"]},
+                                      "error": {"type": "string",
+                                                "description": "with status error"}}}},
+            "calls": {"type": "integer", "minimum": 0, "description": "packed calls made"},
+            "usage": {"type": "object", "properties": {
+                k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens",
+                                                 "total_tokens")}},
+            "cost_usd": {"type": ["number", "null"], "description": "null: a price is unknown"},
+        },
     },
     "Object": {"type": "object", "description": "OpenAI's response, relayed"},
     "Health": {
@@ -277,8 +319,13 @@ def _paths() -> JSON:
     enable = _get_op("Switch a strategy the shadow guard switched off back on for a feature",
                      _json(_ref("Object")), _ADMIN_KEY)
     enable["requestBody"] = {"required": True, "content": _json(_ref("ShadowSwitch"))}
+    batch = _pipeline_op("Apply one instruction to many items, packed into few calls",
+                         "BatchMapRequest")
+    batch["responses"] = {"200": {"description": "one result per item, in input order",
+                                  "content": _json(_ref("BatchMapResponse"))}, **_ERRORS}
     return {
         "/v1/chat/completions": chat,
+        "/v1/skinflint/batch_map": {"post": batch},
         "/chat/completions": chat,
         "/v1/embeddings": embed,
         "/embeddings": embed,
