@@ -185,7 +185,9 @@ class LedgerRecord:
     similarity: float | None = None
     cache_reason: str = ""  # a CacheBypass value when cache_status is "bypass"
     truncated: int = 0  # 1 when the answer was cut at its output limit (finish_reason length)
-    tokens_saved: int = 0  # prompt tokens the compress stage removed before the call
+    # prompt tokens the compress stage removed before the call; on a batch_map item's row, also
+    # those packing saved against the item asked alone (below zero when packing cost more)
+    tokens_saved: int = 0
 
 
 @dataclass(frozen=True, slots=True)

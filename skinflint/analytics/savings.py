@@ -11,13 +11,18 @@ Each strategy changes that in one way (:data:`EFFECTS`, :func:`tokens_saved`):
 
 * a **whole call** not made (``exact_cache``, ``semantic_cache``, ``rule``): every prompt and
   completion token, and the baseline's whole price;
-* **tokens removed** from a call still made (``compression`` and ``batching``: prompt tokens;
-  ``token_budgets``: completion tokens beyond the cap): those tokens, at the baseline's rate;
+* **tokens removed** from a call still made (``compression``, ``batching`` and ``batch_map``:
+  prompt tokens; ``token_budgets``: completion tokens beyond the cap): those tokens, at the
+  baseline's rate (a ``batch_map`` row's ``saved_usd`` already prices them: each item asked
+  alone, against its share of the packed call);
 * **price only** (``route``, ``routing``, ``cascade``): the same tokens to a cheaper model, so no
   token is saved, only the difference in price; the tiers a cascade escalated from processed
   tokens on top, which count against it (tokens saved below zero) as their cost does;
-* **extra calls** (``shadow``: the uncompressed call and judge the shadow guard makes): their
-  tokens and cost count against the saving.
+* **price only** also for ``batch``: the same tokens through a provider's batch API, at its
+  discount;
+* **extra calls** (``shadow``: the uncompressed call and judge the shadow guard makes;
+  ``compress_call``: the cheap model's rewrites and summaries): their tokens and cost count
+  against the saving.
 
 Strategies are applied in pipeline order, so the parts add up to the whole: compression
 removes prompt tokens from the baseline request (priced at the baseline's prompt rate), then
@@ -31,7 +36,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from skinflint.models import CASCADE_ATTEMPT, SHADOW_CALL, LedgerRecord, Usage, is_attempt
+from skinflint.models import (
+    CASCADE_ATTEMPT,
+    COMPRESS_CALL,
+    SHADOW_CALL,
+    LedgerRecord,
+    Usage,
+    is_attempt,
+)
 from skinflint.pricing import PriceCatalog
 
 __all__ = ["EFFECTS", "NO_STRATEGY", "Saved", "baseline_prompt_usd", "ledger_savings",
@@ -51,13 +63,19 @@ EFFECTS: dict[str, str] = {
     "rule": WHOLE_CALL,
     "compression": REMOVED,
     "batching": REMOVED,
+    "batch_map": REMOVED,
     "token_budgets": REMOVED,
+    "batch": PRICE_ONLY,
     "route": PRICE_ONLY,
     "routing": PRICE_ONLY,
     "cascade": PRICE_ONLY,
     NO_STRATEGY: PRICE_ONLY,
     SHADOW_CALL: EXTRA_CALLS,
+    COMPRESS_CALL: EXTRA_CALLS,
 }
+
+#: Strategies whose ledger rows' ``tokens_saved`` are their own saving, not compression's.
+OWN_TOKENS_SAVED = frozenset({"batch_map"})
 
 
 @dataclass
@@ -121,19 +139,20 @@ def ledger_savings(rows: Iterable[LedgerRecord],
         dollars.setdefault(key, []).append(usd)
 
     for r in rows:
-        if r.strategy == SHADOW_CALL:
-            inp, outp = tokens_saved(SHADOW_CALL, input_tokens=r.input_tokens,
+        if EFFECTS.get(r.strategy) == EXTRA_CALLS:
+            inp, outp = tokens_saved(r.strategy, input_tokens=r.input_tokens,
                                      output_tokens=r.output_tokens)
-            add(SHADOW_CALL, inp, outp, -(r.cost_usd or 0.0))
+            add(r.strategy, inp, outp, -(r.cost_usd or 0.0))
         elif is_attempt(r.strategy):
             fallback = "cascade" if r.strategy == CASCADE_ATTEMPT else NO_STRATEGY
             add(parents.get(r.request_id.split(".")[0], fallback),
                 -r.input_tokens, -r.output_tokens, 0.0, requests=0)
         else:
+            own = r.tokens_saved if r.strategy in OWN_TOKENS_SAVED else 0
             inp, outp = tokens_saved(name_of(r), input_tokens=r.input_tokens,
-                                     output_tokens=r.output_tokens)
+                                     output_tokens=r.output_tokens, removed_input=own)
             add(name_of(r), inp, outp, r.saved_usd or 0.0)
-            if r.tokens_saved:
+            if r.tokens_saved and not own:
                 usd = r.tokens_saved * prompt_usd(r) if prompt_usd is not None else 0.0
                 add("compression", *tokens_saved("compression", input_tokens=r.input_tokens,
                                                  output_tokens=r.output_tokens,

@@ -307,14 +307,16 @@ class Account:
         last = len(fractions) - 1
         for i, position in enumerate(packed.positions):
             shared = {name: _share(total, fractions, i, last) for name, total in money.items()}
+            tokens = {name: parts[i] for name, parts in split.items()}
             if packed.solo_tokens or packed.retry:
                 alone = Usage(input_tokens=packed.solo_tokens[i] if packed.solo_tokens else 0,
                               output_tokens=split["output_tokens"][i])
                 shared.update(self._item_baseline(costs.baseline_model, alone, packed.retry,
                                                   shared["cost_usd"]))
+                if not packed.retry:  # the prompt tokens packing saved, against the item alone
+                    tokens["tokens_saved"] += alone.input_tokens - tokens["input_tokens"]
             self._ledger.record(self._row(
-                ctx, request_id=f"{ctx.request_id}.i{position}",
-                **{name: parts[i] for name, parts in split.items()}, **shared,
+                ctx, request_id=f"{ctx.request_id}.i{position}", **tokens, **shared,
                 strategy=BATCH_MAP_STRATEGY, latency_ms=latency_ms))
 
     def _item_baseline(self, model: str, alone: Usage, retry: bool,

@@ -123,3 +123,21 @@ def test_one_definition_of_tokens_saved(strategy: str, expected: tuple[int, int]
     assert tokens_saved(strategy, input_tokens=300, output_tokens=40,
                         removed_input=removed_input, removed_output=removed_output) == expected
     assert strategy in EFFECTS
+
+
+def test_batch_map_rows_save_their_own_tokens_and_model_calls_count_against() -> None:
+    rows = [
+        _row("p.i0", "batch_map", 30, 5, saved_usd=0.02, tokens_saved=170),
+        _row("p.i1", "batch_map", 40, 5, saved_usd=0.01, tokens_saved=160),
+        _row("q", "batch", 100, 10, saved_usd=0.04),
+        _row("r", "", 500, 10, saved_usd=0.0, tokens_saved=200),
+        _row("r.rewrite", "compress_call", 600, 150, cost_usd=0.001),
+    ]
+    s = _by_name(ledger_savings(rows, prompt_usd=lambda r: 1e-6))
+    assert (s["batch_map"].requests, s["batch_map"].input_tokens) == (2, 330)
+    assert s["batch_map"].usd == pytest.approx(0.03)
+    assert "compression" in s and s["compression"].input_tokens == 200  # r's, not batch_map's
+    assert (s["batch"].tokens, s["batch"].usd) == (0, pytest.approx(0.04))
+    assert (s["compress_call"].input_tokens, s["compress_call"].output_tokens) == (-600, -150)
+    assert s["compress_call"].usd == pytest.approx(-0.001)
+    assert token_totals(rows)["saved"] == sum(x.tokens for x in s.values())

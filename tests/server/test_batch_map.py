@@ -117,9 +117,14 @@ def test_each_item_has_a_ledger_row_with_its_share_of_the_call(
         alone = TOKENS.count_messages("cheap", solo_messages(spec, Item("", items[position], 0)))
         expected = (alone * 0.01 + based[0]["output_tokens"] * 0.02) / 1e6
         assert based[0]["baseline_cost_usd"] == pytest.approx(expected)
+        # the prompt tokens packing saved: the item alone against its share of the call
+        assert based[0]["tokens_saved"] == alone - based[0]["input_tokens"]
         for r in mine:
             assert r["saved_usd"] == pytest.approx(r["baseline_cost_usd"] - r["cost_usd"])
+            if r is not based[0]:
+                assert r["tokens_saved"] == 0
     assert sum(r["saved_usd"] for r in rows) > 0
+    assert sum(r["tokens_saved"] for r in rows) > 0
 
 
 def test_items_already_answered_are_served_from_the_cache(
