@@ -14,7 +14,7 @@ import pytest
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
 from skinflint.interfaces import Provider
-from skinflint.models import StreamChunk, UpstreamRequest
+from skinflint.models import BatchLine, StreamChunk, UpstreamRequest
 from skinflint.providers import replay
 from skinflint.providers.replay import (
     REPLAY_LATENCY,
@@ -272,3 +272,25 @@ def test_word_count_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert token_counter() == "words"
     assert count_tokens("def f(x): return x + 1") == 10
     assert replay._truncate("one, two three", 2) == "one,"
+
+
+async def test_a_batch_answers_each_line_with_its_recording(provider: ReplayProvider,
+                                                             arc: ReplaySample,
+                                                             mbpp: ReplaySample) -> None:
+    lines = [BatchLine("a", request(arc.prompt).body), BatchLine("b", request(mbpp.prompt).body),
+             BatchLine("c", request("never recorded").body)]
+    batch_id = await provider.submit_batch(lines, timeout=5)
+    status = await provider.batch_status(batch_id, timeout=5)
+    assert (status.state, status.total) == ("ended", 3)
+    outcomes = {o.custom_id: o for o in await provider.batch_results(batch_id, timeout=5)}
+    live = (await provider.complete(request(arc.prompt))).body
+    a = outcomes["a"].completion
+    assert a is not None and a.body["choices"] == live["choices"]
+    assert a.body["usage"] == live["usage"]
+    b = outcomes["b"].completion
+    assert b is not None and b.body["choices"][0]["message"]["content"] == mbpp.responses[GPT4]
+    assert (outcomes["c"].completion, outcomes["c"].error) == (None, "failed")
+    await provider.cancel_batch(batch_id, timeout=5)
+    with pytest.raises(UpstreamStatusError) as err:
+        await provider.batch_status("replay-batch-0", timeout=5)
+    assert err.value.status == 404

@@ -18,7 +18,10 @@ Contract of a call:
   ``seed``, model and prompt, so runs are reproducible;
 * failures are :class:`UpstreamStatusError`: 404 ``replay_prompt_unknown`` for an unrecorded
   prompt or an empty recorded response, 404 ``model_not_found`` for an unrecorded model, 400 for
-  embeddings.
+  embeddings;
+* its batch API (:class:`skinflint.interfaces.BatchAPI`) answers every line with the same
+  recording, with no latency: a batch has ended as soon as it is sent. Batches are kept in
+  memory, as everything replayed is.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import asyncio
 import functools
 import gzip
 import hashlib
+import itertools
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -41,7 +45,14 @@ import orjson
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
 from skinflint.messages import content_text, last_user_text
-from skinflint.models import Completion, StreamChunk, UpstreamRequest
+from skinflint.models import (
+    BatchLine,
+    BatchOutcome,
+    BatchStatus,
+    Completion,
+    StreamChunk,
+    UpstreamRequest,
+)
 from skinflint.recorded import read_samples
 
 __all__ = [
@@ -242,6 +253,16 @@ async def _sleep(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
+def _completion(answer: _Answer) -> Completion:
+    message = {"role": "assistant", "content": answer.content}
+    return Completion(body={
+        "id": answer.id, "object": "chat.completion", "created": answer.created,
+        "model": answer.model, "usage": answer.usage,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": answer.finish_reason}],
+    })
+
+
 class ReplayProvider:
     """A :class:`skinflint.interfaces.Provider` serving recorded answers; see the module doc."""
 
@@ -253,6 +274,8 @@ class ReplayProvider:
         self._seed = seed
         self._lock = threading.Lock()
         self._extract: _Extract | None = None
+        self._batches: dict[str, list[BatchLine]] = {}  # in memory: replay is offline
+        self._batch_ids = itertools.count(1)
 
     def load(self) -> None:
         """Read the recordings once (blocking; thread-safe; later calls return at once).
@@ -351,13 +374,41 @@ class ReplayProvider:
         """The recorded answer as a ``chat.completion``, after the simulated latency."""
         answer = await self._answer(request)
         await _sleep(answer.ttft + answer.generation)
-        message = {"role": "assistant", "content": answer.content}
-        return Completion(body={
-            "id": answer.id, "object": "chat.completion", "created": answer.created,
-            "model": answer.model, "usage": answer.usage,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": answer.finish_reason}],
-        })
+        return _completion(answer)
+
+    async def submit_batch(self, lines: Sequence[BatchLine], timeout: float) -> str:
+        """A batch of recorded answers: it has ended as soon as it is sent (no latency)."""
+        await self._extract_async()
+        batch_id = f"replay-batch-{next(self._batch_ids)}"
+        self._batches[batch_id] = list(lines)
+        return batch_id
+
+    async def batch_status(self, batch_id: str, timeout: float) -> BatchStatus:
+        lines = self._batch(batch_id)
+        return BatchStatus(batch_id, "ended", "completed", total=len(lines))
+
+    async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
+        """Each line's recorded answer; a line with none has failed, as a live call would."""
+        outcomes = []
+        for line in self._batch(batch_id):
+            request = UpstreamRequest(str(line.body.get("model")), line.body, timeout)
+            try:
+                completion = _completion(await self._answer(request))
+            except UpstreamStatusError as exc:
+                outcomes.append(BatchOutcome(line.custom_id, error="failed", message=str(exc)))
+            else:
+                outcomes.append(BatchOutcome(line.custom_id, completion))
+        return outcomes
+
+    async def cancel_batch(self, batch_id: str, timeout: float) -> None:
+        self._batch(batch_id)  # ended at once: nothing left to cancel
+
+    def _batch(self, batch_id: str) -> list[BatchLine]:
+        lines = self._batches.get(batch_id)
+        if lines is None:
+            raise UpstreamStatusError(404, f"replay: no batch {batch_id}", provider=self.name,
+                                      code="batch_not_found")
+        return lines
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[StreamChunk]:
         """Role chunk after the ttft, content pieces spread over the generation time, finish
