@@ -1,0 +1,399 @@
+"""The job store (:class:`~skinflint.interfaces.JobStore`) in SQL, for SQLite and PostgreSQL.
+
+One thread per store owns the connection and runs every operation in a transaction of its own,
+except writes that may share one: the enqueues (and lookups) that arrived while the last
+transaction ran are applied together, in one transaction (group commit: under load, one commit
+makes a thousand deferred requests durable). Each caller waits for its own operation's commit;
+nothing blocks the event loop. PostgreSQL is driven the same way (psycopg's synchronous
+connection in that thread), with the same statements, so both behave alike.
+
+Tables: ``jobs`` (one row per job, its body and result), ``job_batches`` (the provider batches
+jobs were claimed into, written before the batch is sent), ``job_lease`` (which process sends
+and polls), ``job_files`` and ``job_client_batches`` (the pass-through API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import operator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import astuple, dataclass, fields
+from typing import Any, Literal, Protocol, TypeVar
+
+import orjson
+
+from skinflint.interfaces import (
+    FINISHED,
+    ClientBatch,
+    Job,
+    JobResult,
+    ProviderBatch,
+    QueuedGroup,
+    StoredFile,
+)
+
+__all__ = ["Dialect", "JobTables", "SqlJobStore", "schema"]
+
+log = logging.getLogger("skinflint.storage")
+
+T = TypeVar("T")
+Dialect = Literal["sqlite", "postgres"]
+
+_JOB_COLUMNS = [f.name for f in fields(Job)]
+_AS_ROW = operator.attrgetter(*_JOB_COLUMNS)  # far faster than dataclasses.astuple
+_JOB_SELECT = "SELECT {} FROM jobs".format(", ".join(f'"{c}"' for c in _JOB_COLUMNS))
+_FINISHED = ", ".join(f"'{s}'" for s in sorted(FINISHED))
+_CHUNK = 500  # ids per IN (...) list
+LEASE = "batches"
+
+
+def schema(dialect: Dialect) -> list[str]:
+    """The statements that create the tables (idempotent)."""
+    real, blob = ("REAL", "BLOB") if dialect == "sqlite" else ("DOUBLE PRECISION", "BYTEA")
+    types = {"body": blob, "response": blob, "created": real, "due": real, "finished": real}
+    columns = ", ".join(f'"{c}" {types.get(c, "TEXT")}' for c in _JOB_COLUMNS)
+    return [
+        f"CREATE TABLE IF NOT EXISTS jobs ({columns}, PRIMARY KEY (id))",
+        "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (provider, provider_model, \"group\","
+        " due) WHERE state = 'queued'",
+        "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch <> ''",
+        "CREATE INDEX IF NOT EXISTS jobs_group ON jobs (\"group\") WHERE \"group\" <> ''",
+        f"CREATE TABLE IF NOT EXISTS job_batches (id TEXT PRIMARY KEY, provider TEXT,"
+        f" model TEXT, \"group\" TEXT, created {real}, provider_id TEXT)",
+        f"CREATE TABLE IF NOT EXISTS job_lease (name TEXT PRIMARY KEY, owner TEXT,"
+        f" expires {real})",
+        f"CREATE TABLE IF NOT EXISTS job_files (id TEXT PRIMARY KEY, tenant TEXT, feature TEXT,"
+        f" \"user\" TEXT, purpose TEXT, filename TEXT, content {blob}, created {real})",
+        f"CREATE TABLE IF NOT EXISTS job_client_batches (id TEXT PRIMARY KEY, tenant TEXT,"
+        f" input_file_id TEXT, endpoint TEXT, completion_window TEXT, metadata TEXT,"
+        f" created {real}, cancelled {real})",
+    ]
+
+
+class Connection(Protocol):
+    """What the tables need of a connection: statements inside :meth:`transaction`."""
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _job(row: Sequence[Any]) -> Job:
+    job = Job(*row)
+    job.body = bytes(job.body)
+    if job.response is not None:
+        job.response = bytes(job.response)
+    return job
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i:i + _CHUNK]
+
+
+class JobTables:
+    """The store's operations, each run inside a transaction of ``conn`` (blocking)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def enqueue(self, jobs: Sequence[Job]) -> None:
+        marks = ", ".join("?" for _ in _JOB_COLUMNS)
+        cols = ", ".join(f'"{c}"' for c in _JOB_COLUMNS)
+        self.conn.many(f"INSERT INTO jobs ({cols}) VALUES ({marks})", [_AS_ROW(j) for j in jobs])
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self.conn.run(f"{_JOB_SELECT} WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def queued(self) -> list[QueuedGroup]:
+        rows = self.conn.run(
+            'SELECT provider, provider_model, "group", COUNT(*), MIN(due) FROM jobs'
+            " WHERE state = 'queued' GROUP BY provider, provider_model, \"group\"")
+        return [QueuedGroup(p, m, g, int(n), float(d)) for p, m, g, n, d in rows]
+
+    def claim(self, batch: ProviderBatch, limit: int) -> list[Job]:
+        self.conn.run("INSERT INTO job_batches (id, provider, model, \"group\", created,"
+                      " provider_id) VALUES (?, ?, ?, ?, ?, ?)", astuple(batch))
+        self.conn.run(
+            "UPDATE jobs SET state = 'submitted', batch = ? WHERE id IN (SELECT id FROM jobs"
+            " WHERE state = 'queued' AND provider = ? AND provider_model = ? AND \"group\" = ?"
+            " ORDER BY due LIMIT ?)",
+            (batch.id, batch.provider, batch.model, batch.group, limit))
+        return self.batch_jobs(batch.id)
+
+    def submitted(self, batch_id: str, provider_id: str) -> None:
+        self.conn.run("UPDATE job_batches SET provider_id = ? WHERE id = ?",
+                      (provider_id, batch_id))
+
+    def unfinished(self) -> list[ProviderBatch]:
+        rows = self.conn.run(
+            "SELECT id, provider, model, \"group\", created, provider_id FROM job_batches b"
+            f" WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.batch = b.id AND j.state NOT IN"
+            f" ({_FINISHED})) ORDER BY created, id")
+        return [ProviderBatch(*row) for row in rows]
+
+    def batch_jobs(self, batch_id: str) -> list[Job]:
+        return [_job(r) for r in self.conn.run(f"{_JOB_SELECT} WHERE batch = ? ORDER BY due, id",
+                                               (batch_id,))]
+
+    def requeue(self, batch_id: str) -> int:
+        back = self.conn.run(f"SELECT id FROM jobs WHERE batch = ? AND state NOT IN ({_FINISHED})",
+                             (batch_id,))
+        self.conn.run(f"UPDATE jobs SET state = 'queued', batch = '' WHERE batch = ? AND state"
+                      f" NOT IN ({_FINISHED})", (batch_id,))
+        self.conn.run("DELETE FROM job_batches WHERE id = ?", (batch_id,))
+        return len(back)
+
+    def finish(self, results: Sequence[JobResult], now: float) -> list[Job]:
+        by_id = {r.job_id: r for r in results}
+        open_ids: list[str] = []
+        for chunk in _chunks(list(by_id)):
+            marks = ", ".join("?" for _ in chunk)
+            open_ids += [r[0] for r in self.conn.run(
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND state NOT IN ({_FINISHED})",
+                tuple(chunk))]
+        rows = [(by_id[i].state, by_id[i].response, by_id[i].error, by_id[i].message, now, i)
+                for i in open_ids]
+        self.conn.many("UPDATE jobs SET state = ?, response = ?, error = ?, message = ?,"
+                       " finished = ? WHERE id = ?", rows)
+        return self._jobs(open_ids)
+
+    def _jobs(self, ids: Sequence[str]) -> list[Job]:
+        found: list[Job] = []
+        for chunk in _chunks(ids):
+            marks = ", ".join("?" for _ in chunk)
+            found += [_job(r) for r in self.conn.run(f"{_JOB_SELECT} WHERE id IN ({marks})",
+                                                     tuple(chunk))]
+        order = {i: n for n, i in enumerate(ids)}
+        return sorted(found, key=lambda j: order[j.id])
+
+    def lease(self, owner: str, ttl: float, now: float) -> bool:
+        self.conn.run(
+            "INSERT INTO job_lease (name, owner, expires) VALUES (?, ?, ?) ON CONFLICT (name)"
+            " DO UPDATE SET owner = excluded.owner, expires = excluded.expires"
+            " WHERE job_lease.owner = excluded.owner OR job_lease.expires < ?",
+            (LEASE, owner, now + ttl, now))
+        rows = self.conn.run("SELECT owner FROM job_lease WHERE name = ?", (LEASE,))
+        return bool(rows) and rows[0][0] == owner
+
+    def release(self, owner: str) -> None:
+        self.conn.run("DELETE FROM job_lease WHERE name = ? AND owner = ?", (LEASE, owner))
+
+    def put_file(self, file: StoredFile) -> None:
+        self.conn.run("INSERT INTO job_files (id, tenant, feature, \"user\", purpose, filename,"
+                      " content, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(file))
+
+    def get_file(self, file_id: str) -> StoredFile | None:
+        rows = self.conn.run("SELECT id, tenant, feature, \"user\", purpose, filename, content,"
+                             " created FROM job_files WHERE id = ?", (file_id,))
+        if not rows:
+            return None
+        row = list(rows[0])
+        row[6] = bytes(row[6])
+        return StoredFile(*row)
+
+    def put_batch(self, batch: ClientBatch, jobs: Sequence[Job]) -> None:
+        meta = None if batch.metadata is None else orjson.dumps(batch.metadata).decode()
+        self.conn.run(
+            "INSERT INTO job_client_batches (id, tenant, input_file_id, endpoint,"
+            " completion_window, metadata, created, cancelled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (batch.id, batch.tenant, batch.input_file_id, batch.endpoint,
+             batch.completion_window, meta, batch.created, batch.cancelled))
+        self.enqueue(jobs)
+
+    def get_batch(self, batch_id: str) -> ClientBatch | None:
+        rows = self.conn.run(
+            "SELECT id, tenant, input_file_id, endpoint, completion_window, metadata, created,"
+            " cancelled FROM job_client_batches WHERE id = ?", (batch_id,))
+        if not rows:
+            return None
+        row = list(rows[0])
+        row[5] = None if row[5] is None else orjson.loads(row[5])
+        return ClientBatch(*row)
+
+    def cancel_batch(self, batch_id: str, now: float) -> list[Job]:
+        self.conn.run("UPDATE job_client_batches SET cancelled = ? WHERE id = ? AND cancelled = 0",
+                      (now, batch_id))
+        ids = [r[0] for r in self.conn.run(
+            "SELECT id FROM jobs WHERE \"group\" = ? AND state = 'queued'", (batch_id,))]
+        self.conn.many("UPDATE jobs SET state = 'cancelled', error = 'cancelled', message = ?,"
+                       " finished = ? WHERE id = ?",
+                       [("the batch was cancelled before this line was sent", now, i)
+                        for i in ids])
+        return self._jobs(ids)
+
+    def group_jobs(self, group: str) -> list[Job]:
+        return [_job(r) for r in self.conn.run(
+            f"{_JOB_SELECT} WHERE \"group\" = ? ORDER BY created, id", (group,))]
+
+
+@dataclass(slots=True)
+class _Op:
+    run: Callable[[JobTables], Any]
+    shared: bool  # may share a transaction with other shared operations
+    loop: asyncio.AbstractEventLoop
+    waiter: asyncio.Future[Any]
+
+
+def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for waiter, result, exc in done:
+        if waiter.done():  # its caller went away
+            continue
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(result)
+
+
+class SqlJobStore:
+    """A :class:`~skinflint.interfaces.JobStore` over a :class:`Connection` owned by one thread
+    (see the module docstring). ``transactions`` counts the transactions committed."""
+
+    def __init__(self, connect: Callable[[], Connection], *, name: str = "jobs") -> None:
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._ops: list[_Op] = []
+        self._closed = False
+        self.transactions = 0
+        self._ready: list[BaseException | Connection] = []
+        self._thread = threading.Thread(target=self._run, args=(connect,),
+                                        name=f"skinflint-{name}", daemon=True)
+        started = threading.Event()
+        self._started = started
+        self._thread.start()
+        started.wait()
+        first = self._ready[0]
+        if isinstance(first, BaseException):
+            raise first
+
+    # ---- on the event loop
+
+    async def _call(self, run: Callable[[JobTables], T], *, shared: bool = False) -> T:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the job store is closed")
+            self._ops.append(_Op(run, shared, loop, waiter))
+            self._arrived.notify()
+        return await waiter
+
+    async def enqueue(self, jobs: Sequence[Job]) -> None:
+        await self._call(lambda t: t.enqueue(jobs), shared=True)
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self._call(lambda t: t.get(job_id), shared=True)
+
+    async def queued(self) -> list[QueuedGroup]:
+        return await self._call(lambda t: t.queued())
+
+    async def claim(self, batch: ProviderBatch, limit: int) -> list[Job]:
+        return await self._call(lambda t: t.claim(batch, limit))
+
+    async def submitted(self, batch_id: str, provider_id: str) -> None:
+        await self._call(lambda t: t.submitted(batch_id, provider_id))
+
+    async def unfinished(self) -> list[ProviderBatch]:
+        return await self._call(lambda t: t.unfinished())
+
+    async def batch_jobs(self, batch_id: str) -> list[Job]:
+        return await self._call(lambda t: t.batch_jobs(batch_id))
+
+    async def requeue(self, batch_id: str) -> int:
+        return await self._call(lambda t: t.requeue(batch_id))
+
+    async def finish(self, results: Sequence[JobResult], now: float) -> list[Job]:
+        return await self._call(lambda t: t.finish(results, now))
+
+    async def lease(self, owner: str, ttl: float, now: float) -> bool:
+        return await self._call(lambda t: t.lease(owner, ttl, now))
+
+    async def release(self, owner: str) -> None:
+        await self._call(lambda t: t.release(owner))
+
+    async def put_file(self, file: StoredFile) -> None:
+        await self._call(lambda t: t.put_file(file))
+
+    async def get_file(self, file_id: str) -> StoredFile | None:
+        return await self._call(lambda t: t.get_file(file_id), shared=True)
+
+    async def put_batch(self, batch: ClientBatch, jobs: Sequence[Job]) -> None:
+        await self._call(lambda t: t.put_batch(batch, jobs))
+
+    async def get_batch(self, batch_id: str) -> ClientBatch | None:
+        return await self._call(lambda t: t.get_batch(batch_id), shared=True)
+
+    async def cancel_batch(self, batch_id: str, now: float) -> list[Job]:
+        return await self._call(lambda t: t.cancel_batch(batch_id, now))
+
+    async def group_jobs(self, group: str) -> list[Job]:
+        return await self._call(lambda t: t.group_jobs(group), shared=True)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._arrived.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    # ---- in the store's thread
+
+    def _run(self, connect: Callable[[], Connection]) -> None:
+        try:
+            conn = connect()
+        except BaseException as exc:
+            self._ready.append(exc)
+            self._started.set()
+            return
+        self._ready.append(conn)
+        self._started.set()
+        tables = JobTables(conn)
+        try:
+            while True:
+                with self._lock:
+                    while not self._ops and not self._closed:
+                        self._arrived.wait()
+                    ops, self._ops = self._ops, []
+                    if not ops and self._closed:
+                        return
+                self._apply(tables, ops)
+        finally:
+            conn.close()
+
+    def _apply(self, tables: JobTables, ops: list[_Op]) -> None:
+        done: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        shared = [op for op in ops if op.shared]
+        alone = [op for op in ops if not op.shared]
+        if len(shared) > 1:
+            try:
+                results = self._transaction(tables, shared)
+            except Exception:  # one of them failed: each alone, to fail only that one
+                alone = shared + alone
+            else:
+                for op, result in zip(shared, results, strict=True):
+                    done.setdefault(op.loop, []).append((op.waiter, result, None))
+        else:
+            alone = shared + alone
+        for op in alone:
+            try:
+                result = self._transaction(tables, [op])[0]
+            except Exception as exc:  # the caller gets it
+                done.setdefault(op.loop, []).append((op.waiter, None, exc))
+            else:
+                done.setdefault(op.loop, []).append((op.waiter, result, None))
+        for loop, delivered in done.items():
+            with contextlib.suppress(RuntimeError):  # its loop closed: nobody waits
+                loop.call_soon_threadsafe(_deliver, delivered)
+
+    def _transaction(self, tables: JobTables, ops: list[_Op]) -> list[Any]:
+        with tables.conn.transaction():
+            results = [op.run(tables) for op in ops]
+        self.transactions += 1
+        return results
