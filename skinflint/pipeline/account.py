@@ -2,7 +2,8 @@
 catalog, saving against the baseline, the ledger row, and storing the answer in the caches.
 
 It acts after every other stage has returned, for every outcome: answered, served from cache,
-failed, or abandoned by the client. A stream is accounted when it ends.
+failed, or abandoned by the client. A stream is accounted when it ends. A deferred request
+(``202``) has no row of its own: the batch service writes one when its result arrives.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class Account:
                 ctx.costs = self._price(ctx)
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
+        if ctx.deferred:  # accepted, not answered: its row is written when its result is
+            self._finish(ctx)
+            return reply
         ctx.model = reply.body.get("model") or ctx.answered_model
         ctx.truncated = is_truncated(reply.body)
         try:  # the client may leave (cancelling this task) while usage is counted or stored
@@ -272,14 +276,15 @@ class Account:
                 self._metrics.child(
                     self._metrics.cascade_escalations, a.target.name, a.verdict.reason
                 ).inc()
-        self._ledger.record(
-            self._row(
-                ctx,
-                cost_usd=ctx.costs.own_usd,
-                strategy=self._strategy(ctx),
-                latency_ms=(time.perf_counter() - ctx.started) * 1000,
+        if not ctx.deferred:
+            self._ledger.record(
+                self._row(
+                    ctx,
+                    cost_usd=ctx.costs.own_usd,
+                    strategy=self._strategy(ctx),
+                    latency_ms=(time.perf_counter() - ctx.started) * 1000,
+                )
             )
-        )
         self._observe_metrics(ctx, ctx.usage or Usage())
         if ctx.on_accounted is not None:
             ctx.on_accounted(ctx)
