@@ -18,7 +18,9 @@ clock. Tests steer it:
 * a line whose last user message holds ``[[batch:fail]]`` fails alone (OpenAI: an error-file
   line with a 500 response; Anthropic: an ``errored`` result);
 * ``cancel``: ``cancelling`` then ``cancelled`` (OpenAI), ``canceling`` then ``ended`` with the
-  unanswered lines ``canceled`` (Anthropic).
+  unanswered lines ``canceled`` (Anthropic);
+* ``omit_unrun_next(n)``: the next ``n`` batches that end with lines unanswered list those lines
+  in no result file (OpenAI has done so for cancelled batches), Anthropic results included.
 
 ``submitted`` counts the lines sent through batches; ``batch(id)`` shows one batch's state.
 """
@@ -93,6 +95,7 @@ class FakeBatches:
         self._ids = itertools.count(1)
         self._held = False
         self._expire = 0
+        self._omit = 0
         self.submitted = 0
 
     def routes(self, app: web.Application) -> None:
@@ -113,7 +116,7 @@ class FakeBatches:
         with self._lock:
             self._files.clear()
             self._batches.clear()
-            self._held, self._expire, self.submitted = False, 0, 0
+            self._held, self._expire, self._omit, self.submitted = False, 0, 0, 0
 
     def hold(self) -> None:
         """Keep every batch in progress until :meth:`release`."""
@@ -127,6 +130,10 @@ class FakeBatches:
     def expire_next(self, n: int = 1) -> None:
         with self._lock:
             self._expire += n
+
+    def omit_unrun_next(self, n: int = 1) -> None:
+        with self._lock:
+            self._omit += n
 
     def batch(self, batch_id: str) -> JSON:
         """A batch's state for assertions: api, lines, step, outcome."""
@@ -165,7 +172,11 @@ class FakeBatches:
 
     def _finish(self, b: _Batch, outcome: str) -> None:
         b.outcome = outcome
+        omit = outcome != "completed" and self._omit > 0
+        self._omit -= omit
         for index, (custom_id, body) in enumerate(b.lines):
+            if omit:
+                continue
             if outcome != "completed":
                 b.errors.append(self._unanswered(b, index, custom_id, outcome))
             elif _fails(body):

@@ -3,13 +3,14 @@
 Requests are translated with :func:`to_anthropic`, complete responses with
 :func:`from_anthropic` (both in :mod:`~skinflint.providers.anthropic_format`, which says what
 cannot be translated) and streams with :func:`chunks_from_sse`; all three are pure (no I/O) so
-they are tested without a network. :class:`AnthropicProvider` only adds the HTTP call.
+they are tested without a network. :class:`AnthropicProvider` only adds the HTTP call, and
+delegates the batch API to :class:`~skinflint.providers.anthropic_batches.AnthropicBatches`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -18,22 +19,30 @@ import aiohttp
 import orjson
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
-from skinflint.models import Completion, StreamChunk, UpstreamRequest
+from skinflint.models import (
+    BatchLine,
+    BatchOutcome,
+    BatchStatus,
+    Completion,
+    StreamChunk,
+    UpstreamRequest,
+)
+from skinflint.providers.anthropic_batches import AnthropicBatches
 from skinflint.providers.anthropic_format import (
     JSON,
     PREFIX,
     finish_reason,
     from_anthropic,
+    status_error,
     to_anthropic,
     usage_from_anthropic,
+    vendor_error,
 )
 from skinflint.providers.http import (
     client_timeout,
     json_object,
     model_objects,
-    retry_after_seconds,
     translate_errors,
-    vendor_message,
 )
 
 __all__ = [
@@ -51,8 +60,6 @@ _EVENT_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
                  "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
                  "rate_limit_error": 429, "api_error": 500, "overloaded_error": 503,
                  "timeout_error": 504}
-_OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "rate_limit_error",
-                           "api_error"})
 
 
 class _StreamTranslator:
@@ -165,30 +172,8 @@ def _event(payload: bytes, name: str, provider: str) -> JSON:
 # --- errors ------------------------------------------------------------------------------
 
 
-def _vendor_error(status: int, error: JSON, provider: str,
-                  retry_after: float | None = None) -> UpstreamStatusError:
-    etype = error.get("type") if isinstance(error.get("type"), str) else None
-    message = str(error.get("message") or f"upstream returned HTTP {status}")
-    message = vendor_message(provider, status, message)
-    return UpstreamStatusError(status, PREFIX + message, provider=provider,
-                               error_type=etype if etype in _OPENAI_TYPES else None,
-                               code=etype, retry_after=retry_after)
-
-
 def _stream_error(error: JSON, provider: str) -> UpstreamStatusError:
-    return _vendor_error(_EVENT_STATUS.get(str(error.get("type")), 500), error, provider)
-
-
-def _status_error(status: int, raw: bytes, retry_after: str | None,
-                  provider: str) -> UpstreamStatusError:
-    """A non-2xx response; its body is ``{"type": "error", "error": {"type", "message"}}``."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    return _vendor_error(status, error if isinstance(error, dict) else {}, provider,
-                         retry_after_seconds(retry_after))
+    return vendor_error(_EVENT_STATUS.get(str(error.get("type")), 500), error, provider)
 
 
 def _decode(raw: bytes, provider: str) -> JSON:
@@ -226,6 +211,9 @@ class AnthropicProvider:
         self._headers = {"x-api-key": api_key, "anthropic-version": version,
                          "content-type": "application/json"}
         self._default_max_tokens = default_max_tokens
+        self._batches = AnthropicBatches(name, root=_api_url(base_url, "").removesuffix("/v1/"),
+                                         session=session, headers=self._headers,
+                                         default_max_tokens=default_max_tokens)
 
     def __repr__(self) -> str:
         return f"AnthropicProvider({self.name!r}, url={self._url!r})"  # never the key
@@ -243,8 +231,8 @@ class AnthropicProvider:
                                       timeout=client_timeout(request.timeout, streaming=stream,
                                                              connect=request.timeout)) as resp:
             if not 200 <= resp.status < 300:
-                raise _status_error(resp.status, await resp.read(),
-                                    resp.headers.get("retry-after"), self.name)
+                raise status_error(resp.status, await resp.read(),
+                                   resp.headers.get("retry-after"), self.name)
             yield resp
 
     async def complete(self, request: UpstreamRequest) -> Completion:
@@ -269,13 +257,27 @@ class AnthropicProvider:
                     timeout=client_timeout(timeout, streaming=False, connect=timeout)) as resp:
                 raw = await resp.read()
                 if not 200 <= resp.status < 300:
-                    raise _status_error(resp.status, raw, resp.headers.get("retry-after"),
-                                        self.name)
+                    raise status_error(resp.status, raw, resp.headers.get("retry-after"),
+                                       self.name)
         return [_openai_model(m) for m in model_objects(raw, provider=self.name)]
 
     async def embed(self, request: UpstreamRequest) -> Completion:
         raise UpstreamStatusError(400, PREFIX + "embeddings are not supported",
                                   provider=self.name, code="unsupported_endpoint")
+
+    # --- the batch API (skinflint.interfaces.BatchAPI) -------------------------------------
+
+    async def submit_batch(self, lines: Sequence[BatchLine], timeout: float) -> str:
+        return await self._batches.submit_batch(lines, timeout)
+
+    async def batch_status(self, batch_id: str, timeout: float) -> BatchStatus:
+        return await self._batches.batch_status(batch_id, timeout)
+
+    async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
+        return await self._batches.batch_results(batch_id, timeout)
+
+    async def cancel_batch(self, batch_id: str, timeout: float) -> None:
+        await self._batches.cancel_batch(batch_id, timeout)
 
     async def close(self) -> None:
         return None  # the session is shared and closed by its owner

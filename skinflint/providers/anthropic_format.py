@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 
 from skinflint.errors import UpstreamStatusError
+from skinflint.providers.http import retry_after_seconds, vendor_message
 
-__all__ = ["JSON", "PREFIX", "finish_reason", "from_anthropic", "to_anthropic",
-           "usage_from_anthropic"]
+__all__ = ["JSON", "PREFIX", "finish_reason", "from_anthropic", "status_error", "to_anthropic",
+           "usage_from_anthropic", "vendor_error"]
 
 JSON = dict[str, Any]
 
@@ -27,6 +28,8 @@ _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
            "max_tokens": "length", "model_context_window_exceeded": "length",
            "tool_use": "tool_calls", "refusal": "content_filter"}
 _TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}
+_OPENAI_TYPES = frozenset({"invalid_request_error", "authentication_error", "rate_limit_error",
+                           "api_error"})
 _JSON_ONLY = ("Respond with a single valid JSON object and nothing else: no prose and no "
               "code fences.")
 
@@ -273,6 +276,31 @@ def _tool_call(block: JSON) -> JSON:
     return {"id": block.get("id", ""), "type": "function",
             "function": {"name": block.get("name", ""),
                          "arguments": orjson.dumps(block.get("input") or {}).decode()}}
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def vendor_error(status: int, error: JSON, provider: str,
+                 retry_after: float | None = None) -> UpstreamStatusError:
+    etype = error.get("type") if isinstance(error.get("type"), str) else None
+    message = str(error.get("message") or f"upstream returned HTTP {status}")
+    message = vendor_message(provider, status, message)
+    return UpstreamStatusError(status, PREFIX + message, provider=provider,
+                               error_type=etype if etype in _OPENAI_TYPES else None,
+                               code=etype, retry_after=retry_after)
+
+
+def status_error(status: int, raw: bytes, retry_after: str | None,
+                 provider: str) -> UpstreamStatusError:
+    """A non-2xx response; its body is ``{"type": "error", "error": {"type", "message"}}``."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    return vendor_error(status, error if isinstance(error, dict) else {}, provider,
+                        retry_after_seconds(retry_after))
 
 
 # --- stream ------------------------------------------------------------------------------

@@ -1,16 +1,25 @@
 """Any OpenAI-compatible API: OpenAI, DeepSeek, DashScope, Groq, OpenRouter, Together, vLLM,
-Ollama, llama.cpp. Bodies pass through untouched and responses are relayed byte for byte."""
+Ollama, llama.cpp. Bodies pass through untouched and responses are relayed byte for byte.
+The batch API (files and batches) is :class:`~skinflint.providers.openai_batches.OpenAIBatches`,
+which the provider delegates to."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
 import orjson
 
 from skinflint.errors import UpstreamProtocolError
-from skinflint.models import Completion, StreamChunk, UpstreamRequest
+from skinflint.models import (
+    BatchLine,
+    BatchOutcome,
+    BatchStatus,
+    Completion,
+    StreamChunk,
+    UpstreamRequest,
+)
 from skinflint.providers.http import (
     client_timeout,
     json_object,
@@ -19,6 +28,7 @@ from skinflint.providers.http import (
     translate_errors,
     vendor_message,
 )
+from skinflint.providers.openai_batches import OpenAIBatches
 
 __all__ = ["OpenAICompatProvider"]
 
@@ -41,6 +51,11 @@ class OpenAICompatProvider:
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._connect_timeout = connect_timeout
+        self._batches = OpenAIBatches(name, base=self._base, session=session,
+                                      headers=self._headers, connect_timeout=connect_timeout)
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatProvider({self.name!r}, url={self._base!r})"  # never the key
 
     def _headers_for(self, request: UpstreamRequest) -> dict[str, str]:
         return {**self._headers, **request.headers} if request.headers else self._headers
@@ -115,6 +130,20 @@ class OpenAICompatProvider:
                 code="upstream_stream_error",
             )
         return StreamChunk(data=data, raw=payload)
+
+    # --- the batch API (skinflint.interfaces.BatchAPI) -------------------------------------
+
+    async def submit_batch(self, lines: Sequence[BatchLine], timeout: float) -> str:
+        return await self._batches.submit_batch(lines, timeout)
+
+    async def batch_status(self, batch_id: str, timeout: float) -> BatchStatus:
+        return await self._batches.batch_status(batch_id, timeout)
+
+    async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
+        return await self._batches.batch_results(batch_id, timeout)
+
+    async def cancel_batch(self, batch_id: str, timeout: float) -> None:
+        await self._batches.cancel_batch(batch_id, timeout)
 
     async def close(self) -> None:
         return None  # the session is shared and closed by its owner
