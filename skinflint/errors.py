@@ -5,6 +5,7 @@
     ├── RequestError                    400 invalid_request_error
     │   ├── BodyTooLargeError           413
     │   ├── UnknownModelError           404 model_not_found
+    │   ├── NotFoundError               404 not_found (a job, file or batch)
     │   ├── AuthenticationError         401 authentication_error
     │   └── BudgetExceededError         429 budget_exceeded (with Retry-After)
     ├── ShuttingDownError               503 shutdown (the server stopped before answering)
@@ -29,6 +30,7 @@ __all__ = [
     "BudgetExceededError",
     "BudgetStoreError",
     "ConfigError",
+    "NotFoundError",
     "RequestError",
     "ShuttingDownError",
     "SkinflintError",
@@ -86,6 +88,11 @@ class BodyTooLargeError(RequestError):
 class UnknownModelError(RequestError):
     status = 404
     code = "model_not_found"
+
+
+class NotFoundError(RequestError):
+    status = 404
+    code = "not_found"
 
 
 class AuthenticationError(RequestError):

@@ -25,6 +25,7 @@ could not be reached for is given back to the queue and tried in a later round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -105,10 +106,8 @@ class BatchService:
             except Exception:  # a failed round (database or provider down) must not end them
                 log.exception("batches: a round failed")
             self._woken.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), self.tick)
-            except TimeoutError:
-                pass
 
     async def round(self) -> None:
         now = self._clock()

@@ -50,7 +50,7 @@ BatchPrice = Callable[[str, str, Usage], float | None]
 
 def line_body(job: Job) -> dict[str, Any]:
     """The request a job sends: the client's body, naming the provider's model."""
-    body = orjson.loads(job.body)
+    body: dict[str, Any] = orjson.loads(job.body)
     body["model"] = job.provider_model
     return body
 

@@ -11,8 +11,8 @@ from skinflint.pipeline.cache_exact import ExactCache
 from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider
 from skinflint.pipeline.compress import Compress
-from skinflint.pipeline.defer import Defer
 from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
+from skinflint.pipeline.defer import Defer
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules

@@ -84,15 +84,16 @@ class Defer:
             return None
         explicit = asked == "batch"
         if ctx.endpoint != "chat" or ctx.stream:
-            return _refuse(explicit, "only non-streaming chat requests can be deferred",
-                           "batch_streaming" if ctx.stream else "batch_unsupported")
+            _refuse(explicit, "only non-streaming chat requests can be deferred",
+                    "batch_streaming" if ctx.stream else "batch_unsupported")
+            return None
         name = ctx.requested_model
         if ctx.budget is not None and ctx.budget.downgrade_to:
             name = ctx.budget.downgrade_to
         target = self._target(name)
         if target is None:
-            return _refuse(explicit, f"model {name[:64]!r} cannot be deferred: its provider"
-                           " has no batch API, or it is a route", "batch_unsupported")
+            _refuse(explicit, f"model {name[:64]!r} cannot be deferred: its provider has no"
+                    " batch API, or it is a route", "batch_unsupported")
         return target
 
     async def __call__(self, ctx: RequestContext, next: Next) -> Reply:
@@ -112,6 +113,6 @@ class Defer:
 
 
 def _refuse(explicit: bool, message: str, code: str) -> None:
+    """Refuse a request that asked to be deferred; one of a deferrable feature goes on."""
     if explicit:
         raise RequestError(message, code=code)
-    return None
