@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jsonschema
 import openai
 import pytest
 
@@ -64,6 +65,9 @@ def test_a_deferred_request_is_accepted_then_answered_at_the_batch_price(
         assert accepted["id"].startswith("job_")
         done = wait_done(client, accepted["id"])
     assert done["status"] == "completed"
+    schema = openapi_document()["components"]["schemas"]["Job"]
+    for shown in (accepted, done):
+        jsonschema.validate(shown, schema)
     completion = done["response"]
     assert completion["object"] == "chat.completion"
     assert "two plus two" in completion["choices"][0]["message"]["content"]

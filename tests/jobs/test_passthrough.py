@@ -108,7 +108,7 @@ def test_bad_input_is_refused_naming_the_line(make_gateway: GatewayFactory) -> N
     gw = make_gateway(batching=FAST)
     with sdk(gw.base_url) as client:
         file_id = upload(client, [line("a", "gpt-4o-mini", "ok"), line("a", "gpt-4o", "dup")])
-        with pytest.raises(openai.BadRequestError, match="line 2.*used twice"):
+        with pytest.raises(openai.BadRequestError, match=r"line 2.*used twice"):
             client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
         with pytest.raises(openai.BadRequestError, match="purpose"):
