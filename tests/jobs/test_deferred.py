@@ -18,6 +18,7 @@ import pytest
 
 from skinflint.models import Usage
 from skinflint.pricing import PriceCatalog
+from skinflint.server.openapi import openapi_document
 from tests.conftest import GatewayFactory, ledger_rows
 from tests.fake_batches import FAIL_MARKER
 from tests.fake_upstream import FakeUpstream
