@@ -247,3 +247,17 @@ def test_a_job_is_seen_only_with_its_tenants_key(make_gateway: GatewayFactory) -
             job(b, job_id)
     with sdk(gw.base_url, "sk-nobody") as nobody, pytest.raises(openai.AuthenticationError):
         job(nobody, job_id)
+
+
+def test_a_route_is_answered_in_real_time_or_refused(make_gateway: GatewayFactory) -> None:
+    routes = {"smart": {"default_task": "chat", "tasks": {"chat": {"model": "gpt-4o-mini"}}}}
+    gw = make_gateway(routes=routes, batching={**FAST, "features": {"nightly": {
+        "deferrable": True}}})
+    with sdk(gw.base_url) as client:
+        with pytest.raises(openai.BadRequestError, match="cannot be deferred"):
+            client.chat.completions.create(
+                model="smart", messages=[{"role": "user", "content": "hi"}], extra_headers=BATCH)
+        live = client.chat.completions.with_raw_response.create(
+            model="smart", messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-skinflint-feature": "nightly"})
+        assert live.status_code == 200
