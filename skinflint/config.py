@@ -95,6 +95,9 @@ class ProviderConfig(_Frozen):
     breaker: BreakerConfig = BreakerConfig()
     latency_scale: float = Field(default=1.0, ge=0)  # replay only
     data_path: str | None = None  # replay only: RouterBench CSV(s) or extract; default shipped
+    # the batch price as a fraction of the real-time price (0.5: half price; 1: no discount),
+    # used for a model the catalog lists no batch price for
+    batch_discount: float = Field(default=0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _needs_url(self) -> ProviderConfig:

@@ -42,7 +42,7 @@ from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
 from skinflint.pipeline.shadow import ProviderUpstream, ShadowGuard
-from skinflint.pricing import PriceCatalog
+from skinflint.pricing import BatchDiscount, PriceCatalog
 from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.replay import REPLAY_PRICES, ReplayProvider
@@ -66,7 +66,26 @@ def price_catalog(settings: Settings) -> PriceCatalog:
         if model.price is not None:
             overrides[alias] = (model.price.input, model.price.output, model.price.cached_input)
     aliases = {alias: m.model for alias, m in settings.models.items() if m.model}
-    return PriceCatalog(overrides, aliases)
+    discounts, default = _batch_discounts(settings)
+    return PriceCatalog(overrides, aliases, batch_discounts=discounts,
+                        default_batch_discount=default)
+
+
+def _batch_discounts(settings: Settings) -> tuple[dict[str, BatchDiscount], BatchDiscount]:
+    """Each model's ``batch_discount``: its provider's, under its alias and its provider's name
+    for it; a name not configured takes the default provider's."""
+
+    def of(name: str) -> BatchDiscount:
+        return BatchDiscount(settings.providers[name].batch_discount,
+                             f"providers.{name}.batch_discount")
+
+    discounts: dict[str, BatchDiscount] = {}
+    for alias, model in settings.models.items():
+        if model.provider in settings.providers:
+            discounts[alias] = of(model.provider)
+            discounts.setdefault(model.model or alias, discounts[alias])
+    default = settings.default_provider
+    return discounts, of(default) if default in settings.providers else BatchDiscount()
 
 
 def _breakers(settings: Settings, metrics: Metrics) -> dict[str, ProviderBreaker]:

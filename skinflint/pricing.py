@@ -16,20 +16,40 @@ calls) costs two or three multiplications.
 A model the catalog lists without an output price (an embedding model: only its input is
 billed) costs its input; its cost is unknown only for a call that produced output tokens, so a
 chat model missing a price is never charged a guess.
+
+A call made through a provider's batch API is priced at the batch price (``batch=True``): the
+catalog's batch price where it lists one (``price_context={"processing": "batch"}``), else the
+real-time price times the provider's configured ``batch_discount``. :attr:`ModelPrice.batch`
+says which, and :attr:`ModelPrice.source` says so in words.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from skinflint.models import Usage
 
-__all__ = ["ModelPrice", "Part", "PriceCatalog"]
+__all__ = ["DEFAULT_BATCH_DISCOUNT", "BatchDiscount", "ModelPrice", "Part", "PriceCatalog"]
 
 _PER_TOKEN = 1e-6  # catalog and overrides are in USD per million tokens
+
+#: The batch price as a fraction of the real-time price where neither the catalog nor the
+#: configuration says otherwise: OpenAI's and Anthropic's batch APIs both halve prices.
+DEFAULT_BATCH_DISCOUNT = 0.5
+_BATCH_CONTEXT = {"processing": "batch"}  # the catalog's name for batch processing
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDiscount:
+    """A batch price as a fraction of the real-time price, and the setting it comes from (told
+    in a discounted price's ``source``)."""
+
+    rate: float = DEFAULT_BATCH_DISCOUNT
+    setting: str = "the default batch_discount"
 
 
 Tiers = tuple[tuple[int, float], ...]
@@ -57,7 +77,9 @@ class Part:
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
     """USD per million tokens, with optional tiers keyed by input tokens (``start`` -> rate),
-    and the parts of a call priced at rates of their own (``parts``)."""
+    and the parts of a call priced at rates of their own (``parts``). ``batch`` is how a batch
+    price was found: ``catalog`` (listed there), ``discount`` (the real-time price times a
+    configured ``batch_discount``); ``None`` for a real-time price."""
 
     model: str
     input: float
@@ -68,6 +90,7 @@ class ModelPrice:
     output_tiers: Tiers = ()
     cached_tiers: Tiers = ()
     parts: tuple[Part, ...] = ()
+    batch: Literal["catalog", "discount"] | None = None
 
     def cost(self, usage: Usage) -> float | None:
         """USD for ``usage``, or ``None`` when it has output tokens and no output price."""
@@ -131,8 +154,9 @@ def _rate(value: Any) -> tuple[float | None, Tiers]:
 _FALLBACK_PROVIDER = "openai"
 
 
-def _catalog_entry(model: str) -> Any | None:
-    """The catalog's price calculation for ``model``, or ``None`` if it does not list it."""
+def _catalog_entry(model: str, batch: bool) -> Any | None:
+    """The catalog's price calculation for ``model`` (at its batch price if ``batch``), or
+    ``None`` if it does not list it."""
     from genai_prices import Usage as CatalogUsage
     from genai_prices import calc_price
 
@@ -142,15 +166,32 @@ def _catalog_entry(model: str) -> Any | None:
                 CatalogUsage(input_tokens=1, output_tokens=1),
                 model_ref=model,
                 provider_id=provider_id,
+                price_context=_BATCH_CONTEXT if batch else None,
             )
         except LookupError:
             continue
     return None
 
 
-def _from_catalog(model: str) -> ModelPrice | None:
-    found = _catalog_entry(model)
-    if found is None:
+def _lists_batch_price(found: Any) -> bool:
+    """Whether the catalog's calculation ``found`` used a batch price: one of the model's price
+    variants is for batch processing and in force, and the model was found under its own
+    provider (the catalog ignores variants of a model found through another)."""
+    if not any(found.model is m for m in found.provider.models):
+        return False
+    now = datetime.now(tz=UTC)
+    return any(
+        all(_BATCH_CONTEXT.get(k) == v for k, v in variant.when.items())
+        and (variant.constraint is None or variant.constraint.active(now))
+        for variant in found.model.price_variants or ()
+    )
+
+
+def _from_catalog(model: str, batch: bool = False) -> ModelPrice | None:
+    """The catalog's price of ``model``; with ``batch``, its batch price, or ``None`` when the
+    catalog lists none."""
+    found = _catalog_entry(model, batch)
+    if found is None or (batch and not _lists_batch_price(found)):
         return None
     mp = found.model_price
     inp, inp_t = _rate(mp.input_mtok)
@@ -163,11 +204,35 @@ def _from_catalog(model: str) -> ModelPrice | None:
         input=inp,
         output=out,
         cached_input=inp if cached is None else cached,
-        source=f"genai-prices ({found.provider.id}/{found.model.id})",
+        source=f"genai-prices ({found.provider.id}/{found.model.id}"
+        + (", batch price)" if batch else ")"),
         input_tiers=inp_t,
         output_tiers=out_t,
         cached_tiers=cached_t if cached is not None else inp_t,
         parts=_parts(mp),
+        batch="catalog" if batch else None,
+    )
+
+
+def _discounted(price: ModelPrice, by: BatchDiscount) -> ModelPrice:
+    """``price`` with every rate times ``by.rate``: a batch price the catalog does not list."""
+    discount = by.rate
+
+    def scaled(tiers: Tiers) -> Tiers:
+        return tuple((start, rate * discount) for start, rate in tiers)
+
+    return replace(
+        price,
+        input=price.input * discount,
+        output=None if price.output is None else price.output * discount,
+        cached_input=price.cached_input * discount,
+        input_tiers=scaled(price.input_tiers),
+        output_tiers=scaled(price.output_tiers),
+        cached_tiers=scaled(price.cached_tiers),
+        parts=tuple(replace(p, rate=p.rate * discount, tiers=scaled(p.tiers))
+                    for p in price.parts),
+        source=f"{price.source} x {discount:g} ({by.setting})",
+        batch="discount",
     )
 
 
@@ -194,6 +259,9 @@ class PriceCatalog:
     input rate, reasoning and audio completion tokens its output rate.
     ``aliases`` map a configured alias to the model it stands for, priced as that model
     unless the alias has an override of its own.
+    ``batch_discounts`` map a model name (an alias or the model it stands for) to the
+    ``batch_discount`` of the provider serving it; other names take ``default_batch_discount``.
+    A discount applies only where the catalog lists no batch price; an override has none.
     """
 
     MEMO_LIMIT = 4096
@@ -202,10 +270,16 @@ class PriceCatalog:
         self,
         overrides: dict[str, tuple[float, float | None, float | None]] | None = None,
         aliases: Mapping[str, str] | None = None,
+        *,
+        batch_discounts: Mapping[str, BatchDiscount] | None = None,
+        default_batch_discount: BatchDiscount = BatchDiscount(),
     ) -> None:
         self.overrides = dict(overrides or {})
         self.aliases = {a: m for a, m in (aliases or {}).items() if a not in self.overrides}
+        self.batch_discounts = dict(batch_discounts or {})
+        self.default_batch_discount = default_batch_discount
         self._memo: dict[str, ModelPrice | None] = {}
+        self._batch_memo: dict[str, ModelPrice | None] = {}
         self._lock = threading.Lock()
 
     def warm(self, models: list[str] | None = None) -> None:
@@ -220,30 +294,50 @@ class PriceCatalog:
 
         return frozenset([*self.overrides, *(m.id for p in providers for m in p.models)])
 
-    def price(self, model: str) -> ModelPrice | None:
+    def price(self, model: str, *, batch: bool = False) -> ModelPrice | None:
+        """The real-time price of ``model``, or with ``batch`` its batch price (see
+        :attr:`ModelPrice.batch`); ``None`` when unknown."""
+        memo = self._batch_memo if batch else self._memo
         try:
-            return self._memo[model]
+            return memo[model]
         except KeyError:
             pass
         with self._lock:
             found = self._resolve(self.aliases.get(model, model))
-            if len(self._memo) < self.MEMO_LIMIT:
-                self._memo[model] = found
+            if found is not None and batch:
+                found = self._batch_price(model, found)
+            if len(memo) < self.MEMO_LIMIT:
+                memo[model] = found
             else:
                 _trim_catalog_memos(self.MEMO_LIMIT)
         return found
 
-    def _resolve(self, model: str) -> ModelPrice | None:
+    def _resolve(self, model: str, batch: bool = False) -> ModelPrice | None:
         override = self.overrides.get(model)
         if override is not None:
+            if batch:
+                return None  # the configuration gives no batch price: the discount applies
             inp, out, cached = override
             return ModelPrice(model, inp, out, inp if cached is None else cached, "config")
-        found = _from_catalog(model)
+        found = _from_catalog(model, batch)
         if found is None and "/" in model:
-            found = _from_catalog(model.rsplit("/", 1)[1])
+            found = _from_catalog(model.rsplit("/", 1)[1], batch)
         return found
 
-    def cost(self, model: str, usage: Usage) -> float | None:
-        """USD for ``usage`` on ``model``, or ``None`` when the price is unknown."""
-        price = self.price(model)
+    def _batch_price(self, model: str, realtime: ModelPrice) -> ModelPrice:
+        """The batch price of ``model`` whose real-time price is ``realtime``: the catalog's,
+        else ``realtime`` at the discount configured for the name asked for or its model."""
+        listed = self._resolve(self.aliases.get(model, model), batch=True)
+        if listed is not None:
+            return listed
+        discount = self.batch_discounts.get(model)
+        if discount is None:
+            discount = self.batch_discounts.get(self.aliases.get(model, model),
+                                                self.default_batch_discount)
+        return _discounted(realtime, discount)
+
+    def cost(self, model: str, usage: Usage, *, batch: bool = False) -> float | None:
+        """USD for ``usage`` on ``model`` (at its batch price with ``batch``), or ``None`` when
+        the price is unknown."""
+        price = self.price(model, batch=batch)
         return None if price is None else price.cost(usage)

@@ -19,6 +19,8 @@ clock. Tests steer it:
   line with a 500 response; Anthropic: an ``errored`` result);
 * ``cancel``: ``cancelling`` then ``cancelled`` (OpenAI), ``canceling`` then ``ended`` with the
   unanswered lines ``canceled`` (Anthropic);
+* ``refuse_next(n)``: the next ``n`` OpenAI batches fail validation at their first status read
+  (status ``failed``, ``errors`` naming line 1, no result file);
 * ``omit_unrun_next(n)``: the next ``n`` batches that end with lines unanswered list those lines
   in no result file (OpenAI has done so for cancelled batches), Anthropic results included.
 
@@ -96,6 +98,7 @@ class FakeBatches:
         self._held = False
         self._expire = 0
         self._omit = 0
+        self._refuse = 0
         self.submitted = 0
 
     def routes(self, app: web.Application) -> None:
@@ -117,6 +120,7 @@ class FakeBatches:
             self._files.clear()
             self._batches.clear()
             self._held, self._expire, self._omit, self.submitted = False, 0, 0, 0
+            self._refuse = 0
 
     def hold(self) -> None:
         """Keep every batch in progress until :meth:`release`."""
@@ -130,6 +134,10 @@ class FakeBatches:
     def expire_next(self, n: int = 1) -> None:
         with self._lock:
             self._expire += n
+
+    def refuse_next(self, n: int = 1) -> None:
+        with self._lock:
+            self._refuse += n
 
     def omit_unrun_next(self, n: int = 1) -> None:
         with self._lock:
@@ -154,6 +162,10 @@ class FakeBatches:
     def _advance(self, b: _Batch) -> None:
         """One step on each status read; a batch ends at its last step (unless held)."""
         if b.outcome is not None:
+            return
+        if b.api == "openai" and self._refuse:
+            self._refuse -= 1
+            b.outcome = "failed"  # validation failed: no line ran, no result file
             return
         if b.cancelling:
             self._finish(b, "cancelled")
@@ -349,7 +361,10 @@ def _openai_view(b: _Batch) -> JSON:
     else:
         status = _OPENAI_STEPS[b.step]
     done = len(b.results)
-    return {"id": b.id, "object": "batch", "endpoint": b.meta.get("endpoint"), "errors": None,
+    errors = None if status != "failed" else {"object": "list", "data": [
+        {"code": "invalid_request", "message": "line 1: the model is not available for batches",
+         "param": "body.model", "line": 1}]}
+    return {"id": b.id, "object": "batch", "endpoint": b.meta.get("endpoint"), "errors": errors,
             "input_file_id": b.meta.get("input_file_id"),
             "completion_window": b.meta.get("completion_window") or "24h", "status": status,
             "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,

@@ -203,6 +203,26 @@ def test_prices_show_the_rates_of_a_calls_parts(capsys: pytest.CaptureFixture[st
     assert code == 0 and "cache write 3.75" in " ".join(out.split())
 
 
+def test_prices_show_the_batch_price_and_where_it_comes_from(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = _run(capsys, "prices", "claude-haiku-4-5", "--json")
+    row = json.loads(out)[0]
+    assert code == 0 and (row["batch_input_per_mtok"], row["batch_output_per_mtok"]) == (0.5, 2.5)
+    assert row["batch_price"] == "catalog" and row["batch_source"].endswith("batch price)")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "providers": {"ds": {"base_url": "http://127.0.0.1:1/v1", "batch_discount": 0.4}},
+        "models": {"chat": {"provider": "ds", "model": "deepseek-chat"}}}))
+    code, out, _ = _run(capsys, "--config", str(config), "prices", "chat", "--json")
+    row = json.loads(out)[0]
+    assert code == 0 and row["batch_price"] == "discount"
+    assert row["batch_input_per_mtok"] == pytest.approx(0.4 * row["input_per_mtok"])
+    assert row["batch_source"].endswith("x 0.4 (providers.ds.batch_discount)")
+    code, out, _ = _run(capsys, "--config", str(config), "prices", "chat")
+    assert code == 0 and "providers.ds.batch_discount" in "".join(out.split())
+
+
 def test_bad_config_names_the_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(

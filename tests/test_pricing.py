@@ -6,9 +6,10 @@ import genai_prices
 import pytest
 
 from skinflint.config import settings_from_dict
+from skinflint.errors import ConfigError
 from skinflint.gateway import price_catalog
 from skinflint.models import Usage
-from skinflint.pricing import ModelPrice, Part, PriceCatalog
+from skinflint.pricing import BatchDiscount, ModelPrice, Part, PriceCatalog
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +183,87 @@ def test_parts_larger_than_their_whole_are_still_priced(catalog: PriceCatalog) -
     cost = catalog.cost("claude-3-5-sonnet-latest",
                         Usage(input_tokens=10, output_tokens=1, cache_write_tokens=50))
     assert cost is not None and cost > 0
+
+
+# ---- batch prices
+
+BATCH = {"processing": "batch"}
+
+
+def _catalog_batch_cost(model: str, usage: Usage, provider_id: str | None = None,
+                        context: dict[str, str] | None = BATCH) -> float:
+    """What genai-prices charges for ``usage`` on ``model`` (at its batch price by default)."""
+    counts = genai_prices.Usage(input_tokens=usage.input_tokens,
+                                cache_read_tokens=usage.cached_tokens,
+                                cache_write_tokens=usage.cache_write_tokens,
+                                output_tokens=usage.output_tokens)
+    return float(genai_prices.calc_price(counts, model_ref=model, provider_id=provider_id,
+                                         price_context=context).total_price)
+
+
+@pytest.mark.parametrize("model", ["claude-haiku-4-5", "claude-sonnet-4-5", "gpt-4o-mini"])
+def test_a_batch_price_the_catalog_lists_is_the_catalogs(model: str) -> None:
+    catalog = PriceCatalog(default_batch_discount=BatchDiscount(0.9))  # the catalog's wins
+    usage = Usage(input_tokens=12_000, cached_tokens=3_000, cache_write_tokens=2_000,
+                  output_tokens=900)
+    price = catalog.price(model, batch=True)
+    assert price is not None and price.batch == "catalog"
+    assert price.source.endswith(", batch price)")
+    batch = catalog.cost(model, usage, batch=True)
+    assert batch == pytest.approx(_catalog_batch_cost(model, usage), rel=1e-9)
+    realtime = catalog.cost(model, usage)
+    assert realtime == pytest.approx(_catalog_batch_cost(model, usage, context=None), rel=1e-9)
+    assert batch is not None and realtime is not None and batch < realtime
+    assert catalog.price(model) is not None and catalog.price(model).batch is None  # type: ignore[union-attr]
+
+
+def _settings(discount: float | None, **model: object) -> dict[str, object]:
+    provider: dict[str, object] = {"base_url": "http://127.0.0.1:1/v1"}
+    if discount is not None:
+        provider["batch_discount"] = discount
+    return {"providers": {"ds": provider},
+            "models": {"chat": {"provider": "ds", "model": "deepseek-chat", **model}}}
+
+
+def test_without_a_catalog_batch_price_the_providers_discount_applies() -> None:
+    catalog = price_catalog(settings_from_dict(_settings(0.4), env={}))
+    usage = Usage(input_tokens=5_000, cached_tokens=1_000, output_tokens=700)
+    standard = _catalog_batch_cost("deepseek-chat", usage, context=None)
+    assert _catalog_batch_cost("deepseek-chat", usage) == pytest.approx(standard)  # no variant
+    for name in ("chat", "deepseek-chat"):  # the alias and the provider's name for it
+        price = catalog.price(name, batch=True)
+        assert price is not None and price.batch == "discount"
+        assert price.source == ("genai-prices (deepseek/deepseek-chat)"
+                                " x 0.4 (providers.ds.batch_discount)")
+        assert catalog.cost(name, usage, batch=True) == pytest.approx(0.4 * standard, rel=1e-9)
+        assert catalog.cost(name, usage) == pytest.approx(standard, rel=1e-9)
+
+
+def test_a_configured_price_is_discounted_at_the_default_half() -> None:
+    catalog = price_catalog(settings_from_dict(
+        _settings(None, price={"input": 2.0, "output": 6.0}), env={}))
+    price = catalog.price("chat", batch=True)
+    assert price is not None and (price.input, price.output, price.cached_input) == (1.0, 3.0, 1.0)
+    assert (price.batch, price.source) == (
+        "discount", "config x 0.5 (providers.ds.batch_discount)")
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    assert catalog.cost("chat", usage, batch=True) == pytest.approx(4.0)
+
+
+def test_a_discount_scales_every_rate_of_a_call() -> None:
+    catalog = PriceCatalog(default_batch_discount=BatchDiscount(0.25, "a test's discount"))
+    realtime = catalog.price("gpt-audio")  # the catalog lists no batch price for it
+    price = catalog.price("gpt-audio", batch=True)
+    assert realtime is not None and price is not None and price.batch == "discount"
+    assert price.source.endswith(" x 0.25 (a test's discount)")
+    usage = Usage(input_tokens=2_000, output_tokens=800, input_audio_tokens=500,
+                  output_audio_tokens=300)
+    assert price.cost(usage) == pytest.approx(0.25 * (realtime.cost(usage) or 0), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5])
+def test_a_batch_discount_outside_0_to_1_is_refused_naming_its_key(bad: float) -> None:
+    with pytest.raises(ConfigError, match=r"providers\.ds\.batch_discount"):
+        settings_from_dict(_settings(bad), env={})
+    assert settings_from_dict(_settings(1), env={}).providers["ds"].batch_discount == 1
+    assert settings_from_dict(_settings(None), env={}).providers["ds"].batch_discount == 0.5

@@ -221,46 +221,67 @@ def cmd_prices(args: argparse.Namespace, settings: Settings) -> int:
     models = [args.model] if args.model else sorted(settings.models) or ["gpt-4o-mini"]
     rows = []
     for name in models:
-        price = catalog.price(name)
-        if price is None:
+        price, batch = catalog.price(name), catalog.price(name, batch=True)
+        if price is None or batch is None:
             raise ConfigError(f"no price known for {name!r}: add models.{name}.price to the config")
-        rows.append(
-            {
-                "model": name,
-                "input_per_mtok": price.input,
-                "output_per_mtok": price.output,
-                "cached_input_per_mtok": price.cached_input,
-                **{f"{label}_per_mtok": rate for label, rate in _part_rates(price).items()},
-                "source": price.source,
-            }
-        )
+        rows.append({"model": name, **_price_row(price), **_price_row(batch, "batch_"),
+                     "batch_price": batch.batch})  # catalog | discount
     if args.json:
         print_json(rows)
         return 0
+    new_console().print(_price_table(rows))
+    return 0
+
+
+def _price_row(price: ModelPrice, prefix: str = "") -> dict[str, Any]:
+    return {f"{prefix}input_per_mtok": price.input,
+            f"{prefix}output_per_mtok": price.output,
+            f"{prefix}cached_input_per_mtok": price.cached_input,
+            **{f"{prefix}{label}_per_mtok": rate for label, rate in _part_rates(price).items()},
+            f"{prefix}source": price.source}
+
+
+def _price_table(rows: list[dict[str, Any]]) -> Table:
+    """Each model's real-time price, and beneath it its batch price and where that comes
+    from."""
     table = Table(title="Prices (USD per million tokens)")
     table.add_column("model", overflow="fold")  # a name is wrapped, never cut short
     for col in ("input", "output", "cached"):
         table.add_column(col, justify="right", no_wrap=True)
-    others = [_other_rates(r) for r in rows]
-    if any(others):  # rates for parts of a call (cache writes, audio, reasoning)
+    others = [(_other_rates(r), _other_rates(r, "batch_")) for r in rows]
+    with_other = any(o for pair in others for o in pair)  # rates for parts of a call
+    if with_other:
         table.add_column("other", overflow="fold")
     table.add_column("source", overflow="fold")
-    for r, other in zip(rows, others, strict=True):
-        table.add_row(
-            str(r["model"]),
-            f"{r['input_per_mtok']:g}",
-            "-" if r["output_per_mtok"] is None else f"{r['output_per_mtok']:g}",  # not billed
-            f"{r['cached_input_per_mtok']:g}",
-            *([other or "-"] if any(others) else []),
-            str(r["source"]),
-        )
-    new_console().print(table)
-    return 0
+    for r, pair in zip(rows, others, strict=True):
+        lines = (("", pair[0], str(r["model"])), ("batch_", pair[1], "  batch"))
+        for prefix, other, label in lines:
+            table.add_row(
+                label,
+                f"{r[prefix + 'input_per_mtok']:g}",
+                _rate(r[prefix + "output_per_mtok"]),
+                f"{r[prefix + 'cached_input_per_mtok']:g}",
+                *([other or "-"] if with_other else []),
+                _batch_note(r) if prefix else str(r["source"]),
+            )
+    return table
 
 
 #: The parts of a call a price may bill at rates of their own, as ``skinflint prices`` names them.
 _PARTS = {"cache_write_tokens": "cache_write", "input_audio_tokens": "input_audio",
           "output_audio_tokens": "output_audio", "reasoning_tokens": "reasoning"}
+
+
+def _batch_note(row: dict[str, Any]) -> str:
+    """Where the batch price comes from, short: a discounted price's source is the real-time
+    price's followed by the discount and its setting."""
+    if row["batch_price"] == "catalog":
+        return str(row["batch_source"])
+    return "real-time " + str(row["batch_source"]).removeprefix(str(row["source"])).strip()
+
+
+def _rate(rate: object) -> str:
+    return "-" if rate is None else f"{rate:g}"  # None: not billed
 
 
 def _part_rates(price: ModelPrice) -> dict[str, float | None]:
@@ -269,7 +290,7 @@ def _part_rates(price: ModelPrice) -> dict[str, float | None]:
     return {label: own.get(usage) for usage, label in _PARTS.items()}
 
 
-def _other_rates(row: dict[str, Any]) -> str:
-    rates = [(label, row[f"{label}_per_mtok"]) for label in _PARTS.values()]
+def _other_rates(row: dict[str, Any], prefix: str = "") -> str:
+    rates = [(label, row[f"{prefix}{label}_per_mtok"]) for label in _PARTS.values()]
     return ", ".join(f"{label.replace('_', ' ')} {rate:g}" for label, rate in rates
                      if rate is not None)

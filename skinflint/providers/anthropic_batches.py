@@ -3,11 +3,13 @@ as OpenAI chat-completions bodies (translated with :func:`to_anthropic`), result
 OpenAI ``chat.completion`` objects (translated with :func:`from_anthropic`).
 
 Anthropic lists every request of an ended batch in its results: ``succeeded``, ``errored``
-(not billed), ``expired`` or ``canceled``. A ``custom_id`` must match ``[a-zA-Z0-9_-]{1,64}``.
+(not billed), ``expired`` or ``canceled``. A ``custom_id`` must match ``[a-zA-Z0-9_-]{1,64}``:
+another is refused before anything is sent.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
@@ -23,12 +25,19 @@ from skinflint.providers.anthropic_format import (
     status_error,
     to_anthropic,
 )
-from skinflint.providers.http import client_timeout, json_object, translate_errors, vendor_message
+from skinflint.providers.http import (
+    client_timeout,
+    json_object,
+    parse_off_loop,
+    translate_errors,
+    vendor_message,
+)
 
 __all__ = ["AnthropicBatches", "outcome_of", "request_of", "state_of"]
 
 JSON = dict[str, Any]
 
+_CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _STATES: dict[str, Literal["running", "ended"]] = {"in_progress": "running",
                                                    "canceling": "running", "ended": "ended"}
 _UNRUN: dict[str, Literal["expired", "cancelled"]] = {"expired": "expired",
@@ -37,7 +46,12 @@ _UNRUN: dict[str, Literal["expired", "cancelled"]] = {"expired": "expired",
 
 def request_of(line: BatchLine, default_max_tokens: int) -> JSON:
     """The batch request for ``line``: its body translated for the model it names. Raises
-    :class:`UpstreamStatusError` (400, naming the line) when the body cannot be translated."""
+    :class:`UpstreamStatusError` (400, naming the line) when the body cannot be translated or
+    the ``custom_id`` is not one Anthropic accepts."""
+    if not _CUSTOM_ID.fullmatch(line.custom_id):
+        raise UpstreamStatusError(400, PREFIX + "a batch custom_id must be 1 to 64 letters, "
+                                  "digits, '_' or '-'", error_type="invalid_request_error",
+                                  code="invalid_custom_id")
     try:
         params = to_anthropic(line.body, str(line.body.get("model") or ""), default_max_tokens)
     except UpstreamStatusError as exc:
@@ -145,7 +159,9 @@ class AnthropicBatches:
                                         provider=self.name, code="batch_not_ended")
         if _origin(url) != _origin(self._url):
             url = self._url_of(batch_id, "/results")
-        raw = await self._call("GET", url, timeout)
+        return await parse_off_loop(self._outcomes, await self._call("GET", url, timeout))
+
+    def _outcomes(self, raw: bytes) -> list[BatchOutcome]:
         return [outcome_of(json_object(row, provider=self.name, what="batch result"), self.name)
                 for row in raw.splitlines() if row.strip()]
 

@@ -3,11 +3,12 @@ reading of vendor error responses."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -26,6 +27,7 @@ __all__ = [
     "json_object",
     "model_objects",
     "new_session",
+    "parse_off_loop",
     "retry_after_seconds",
     "status_error",
     "translate_errors",
@@ -42,6 +44,12 @@ _SECRET = re.compile(
     re.IGNORECASE,
 )
 _MAX_VENDOR_TEXT = 500
+
+#: A body at least this large (a batch's result file) is parsed in a worker thread, so that
+#: parsing it does not hold up every other request on the event loop.
+OFF_LOOP_BYTES = 1 << 20
+
+T = TypeVar("T")
 
 #: The ``code`` of a connection error that happened after the request was sent: unlike a
 #: refused connection, the provider may have done (and billed) the work.
@@ -101,6 +109,13 @@ def translate_errors(provider: str) -> Iterator[None]:
         raise UpstreamProtocolError(
             f"{provider}: {type(exc).__name__}", provider=provider
         ) from None
+
+
+async def parse_off_loop(parse: Callable[[bytes], T], raw: bytes) -> T:
+    """``parse(raw)``, in a worker thread when ``raw`` is large (see :data:`OFF_LOOP_BYTES`)."""
+    if len(raw) < OFF_LOOP_BYTES:
+        return parse(raw)
+    return await asyncio.to_thread(parse, raw)
 
 
 def json_object(raw: bytes, *, provider: str, what: str) -> dict[str, Any]:

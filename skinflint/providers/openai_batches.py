@@ -22,6 +22,7 @@ from skinflint.models import BatchLine, BatchOutcome, BatchStatus, Completion
 from skinflint.providers.http import (
     client_timeout,
     json_object,
+    parse_off_loop,
     status_error,
     translate_errors,
     vendor_message,
@@ -40,13 +41,23 @@ _UNRUN: dict[str, Literal["expired", "cancelled"]] = {"batch_expired": "expired"
                                                        "batch_cancelled": "cancelled"}
 
 
+#: Fields of a chat request a batch line cannot honour (a batch answers whole completions).
+_UNBATCHABLE = ("stream", "stream_options")
+
+
 def batch_jsonl(lines: Sequence[BatchLine]) -> bytes:
-    """The input file for ``lines``: one request object per line."""
+    """The input file for ``lines``: one request object per line, ``stream`` left out."""
     return b"".join(
         orjson.dumps({"custom_id": line.custom_id, "method": "POST", "url": ENDPOINT,
-                      "body": line.body}) + b"\n"
+                      "body": _batchable(line.body)}) + b"\n"
         for line in lines
     )
+
+
+def _batchable(body: JSON) -> JSON:
+    if not any(k in body for k in _UNBATCHABLE):
+        return body
+    return {k: v for k, v in body.items() if k not in _UNBATCHABLE}
 
 
 def state_of(batch: JSON) -> BatchStatus:
@@ -92,6 +103,14 @@ def _error_text(status: int, body: object) -> str:
     if isinstance(err, dict) and err.get("message"):
         return str(err["message"])
     return err if isinstance(err, str) else f"the line was answered with HTTP {status}"
+
+
+def _why(batch: JSON) -> str:
+    """The first of a failed batch's errors (``{"data": [{"code", "message", "line"}]}``)."""
+    data = _dict(batch.get("errors")).get("data")
+    first = _dict(data[0]) if isinstance(data, list) and data else {}
+    text = first.get("message") or first.get("code")
+    return f" ({vendor_message('', 0, str(text))})" if text else ""
 
 
 def _jsonl(raw: bytes, provider: str) -> Iterator[JSON]:
@@ -155,30 +174,40 @@ class OpenAIBatches:
 
     async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
         """Every line's outcome, in the input file's order when a line is missing from both
-        result files (the input is then read to name it), else in the files' order."""
+        result files (the input is then read to name it), else in the files' order. Raises
+        :class:`UpstreamProtocolError` (code ``batch_not_ended``) while the batch runs."""
         batch = await self._batch(batch_id, timeout)
+        if state_of(batch).state == "running":  # its lines would all look unrun
+            raise UpstreamProtocolError(
+                f"{self.name}: batch {batch_id[:64]!r} has not ended", provider=self.name,
+                code="batch_not_ended")
         found: dict[str, BatchOutcome] = {}
         for key in ("output_file_id", "error_file_id"):
             if batch.get(key):
-                for line in _jsonl(await self._content(str(batch[key]), timeout), self.name):
-                    outcome = outcome_of(line, self.name)
+                raw = await self._content(str(batch[key]), timeout)
+                for outcome in await parse_off_loop(self._outcomes, raw):
                     found.setdefault(outcome.custom_id, outcome)
         total = int(_dict(batch.get("request_counts")).get("total") or 0)
         if (total and len(found) >= total) or not batch.get("input_file_id"):
             return list(found.values())
-        return await self._with_unrun(found, str(batch["input_file_id"]),
-                                      str(batch.get("status")), timeout)
+        return await self._with_unrun(found, batch, timeout)
 
-    async def _with_unrun(self, found: dict[str, BatchOutcome], input_file_id: str,
-                          status: str, timeout: float) -> list[BatchOutcome]:
+    async def _with_unrun(self, found: dict[str, BatchOutcome], batch: JSON,
+                          timeout: float) -> list[BatchOutcome]:
         """Every line of the input file: its outcome, or expired when it has none."""
-        unrun = f"the line has no result: the batch is {status}"
+        unrun = f"the line has no result: the batch is {batch.get('status')}{_why(batch)}"
         out = []
-        for line in _jsonl(await self._content(input_file_id, timeout), self.name):
-            custom_id = str(line.get("custom_id"))
+        raw = await self._content(str(batch["input_file_id"]), timeout)
+        for custom_id in await parse_off_loop(self._custom_ids, raw):
             outcome = found.pop(custom_id, None)
             out.append(outcome or BatchOutcome(custom_id, error="expired", message=unrun))
         return out + list(found.values())
+
+    def _outcomes(self, raw: bytes) -> list[BatchOutcome]:
+        return [outcome_of(line, self.name) for line in _jsonl(raw, self.name)]
+
+    def _custom_ids(self, raw: bytes) -> list[str]:
+        return [str(line.get("custom_id")) for line in _jsonl(raw, self.name)]
 
     async def cancel_batch(self, batch_id: str, timeout: float) -> None:
         await self._object("POST", f"/batches/{quote(batch_id, safe='')}/cancel", timeout)

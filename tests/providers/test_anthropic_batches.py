@@ -9,12 +9,13 @@ import aiohttp
 import pytest
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
-from skinflint.models import BatchLine, BatchStatus, UpstreamRequest, Usage
+from skinflint.models import BatchLine, UpstreamRequest, Usage
 from skinflint.providers.anthropic import AnthropicProvider
 from skinflint.providers.anthropic_batches import outcome_of
 from skinflint.providers.http import new_session
 from tests.fake_batches import FAIL_MARKER
 from tests.fake_upstream import FakeUpstream
+from tests.providers.batching import finish, run_batch
 
 KEY = "sk-ant-batch-secret-77"
 MODEL = "claude-haiku-4-5"
@@ -37,13 +38,6 @@ def _line(custom_id: str, text: str, **extra: object) -> BatchLine:
     return BatchLine(custom_id, {"model": MODEL, "messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": text}],
         **extra})
-
-
-async def _poll(provider: AnthropicProvider, batch_id: str) -> list[BatchStatus]:
-    seen = [await provider.batch_status(batch_id, 5)]
-    while seen[-1].state == "running" and len(seen) < 10:
-        seen.append(await provider.batch_status(batch_id, 5))
-    return seen
 
 
 async def test_lines_are_sent_as_anthropic_requests(
@@ -73,7 +67,7 @@ async def test_results_come_back_as_openai_completions_with_their_usage(
 ) -> None:
     ok = _line("ok", "one two [[cached=2]] [[cache_write=3]]")
     batch_id = await provider.submit_batch([ok, _line("bad", f"x {FAIL_MARKER}")], 5)
-    seen = await _poll(provider, batch_id)
+    seen = await finish(provider, batch_id)
     assert [(s.state, s.detail) for s in seen] == [("ended", "ended")]
     assert (seen[0].total, seen[0].succeeded, seen[0].failed) == (2, 1, 1)
     outcomes = {o.custom_id: o for o in await provider.batch_results(batch_id, 5)}
@@ -98,7 +92,7 @@ async def test_an_expired_batch_ends_with_every_request_expired(
 ) -> None:
     fake.batches.expire_next()
     batch_id = await provider.submit_batch([_line("a", "one"), _line("b", "two")], 5)
-    assert (await _poll(provider, batch_id))[-1].state == "ended"
+    assert (await finish(provider, batch_id))[-1].state == "ended"
     outcomes = await provider.batch_results(batch_id, 5)
     assert sorted((o.custom_id, o.error) for o in outcomes) == [("a", "expired"),
                                                                 ("b", "expired")]
@@ -111,7 +105,7 @@ async def test_a_cancelled_batch_reports_its_requests_cancelled(
     batch_id = await provider.submit_batch([_line("a", "one")], 5)
     assert (await provider.batch_status(batch_id, 5)).state == "running"
     await provider.cancel_batch(batch_id, 5)
-    seen = await _poll(provider, batch_id)
+    seen = await finish(provider, batch_id)
     assert seen[-1].state == "ended"
     (outcome,) = await provider.batch_results(batch_id, 5)
     assert (outcome.custom_id, outcome.error, outcome.completion) == ("a", "cancelled", None)
@@ -127,7 +121,7 @@ async def test_a_held_batch_keeps_running_and_has_no_results_yet(
     with pytest.raises(UpstreamProtocolError):
         await provider.batch_results(batch_id, 5)
     fake.batches.release()
-    assert (await _poll(provider, batch_id))[-1].state == "ended"
+    assert (await finish(provider, batch_id))[-1].state == "ended"
     (outcome,) = await provider.batch_results(batch_id, 5)
     assert outcome.completion is not None
 
@@ -139,6 +133,18 @@ async def test_an_untranslatable_line_is_refused_before_anything_is_sent(
         await provider.submit_batch([_line("a", "one"), _line("b", "two", n=2)], 5)
     assert info.value.status == 400 and "'b'" in info.value.message
     assert fake.calls("/v1/messages/batches") == [] and fake.batches.submitted == 0
+
+
+async def test_a_custom_id_anthropic_would_refuse_is_refused_before_sending(
+    provider: AnthropicProvider, fake: FakeUpstream
+) -> None:
+    for bad in ("has space", "x" * 65, ""):
+        with pytest.raises(UpstreamStatusError) as info:
+            await provider.submit_batch([_line("ok", "one"), _line(bad, "two")], 5)
+        assert info.value.status == 400 and info.value.code == "invalid_custom_id"
+    assert fake.calls("/v1/messages/batches") == []
+    outcomes = await run_batch(provider, [_line("job-1_A", "fine")])
+    assert outcomes["job-1_A"].completion is not None
 
 
 async def test_an_unknown_batch_is_anthropics_404_without_the_key(
@@ -160,3 +166,13 @@ def test_an_errored_result_is_failed_with_the_vendors_message_redacted(
                          "claude")
     assert (outcome.custom_id, outcome.error) == ("z", "failed")
     assert outcome.message == "anthropic: bad [redacted]"
+
+
+async def test_a_large_batch_comes_back_whole(provider: AnthropicProvider) -> None:
+    # Its results pass OFF_LOOP_BYTES, so they are parsed and translated in a worker thread.
+    lines = [_line(f"r{i}", f"item {i} to classify") for i in range(4000)]
+    outcomes = await run_batch(provider, lines, timeout=30)
+    assert len(outcomes) == 4000
+    assert all(outcomes[f"r{i}"].completion is not None for i in range(4000))
+    assert outcomes["r3999"].completion.body["choices"][0]["message"]["content"] == (  # type: ignore[union-attr]
+        "echo: item 3999 to classify")

@@ -8,13 +8,17 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from skinflint.errors import UpstreamConnectionError, UpstreamStatusError
-from skinflint.models import BatchLine, BatchStatus, UpstreamRequest, Usage
+from skinflint.config import ProviderConfig
+from skinflint.errors import UpstreamConnectionError, UpstreamProtocolError, UpstreamStatusError
+from skinflint.interfaces import BatchAPI
+from skinflint.models import BatchLine, UpstreamRequest, Usage
+from skinflint.providers import open_provider
 from skinflint.providers.http import new_session
 from skinflint.providers.openai_batches import ENDPOINT, state_of
 from skinflint.providers.openai_compat import OpenAICompatProvider
 from tests.fake_batches import FAIL_MARKER
 from tests.fake_upstream import FakeUpstream
+from tests.providers.batching import finish, run_batch
 
 KEY = "sk-upstream-batch-secret-42"
 
@@ -37,22 +41,13 @@ def _line(custom_id: str, text: str, model: str = "gpt-4o-mini") -> BatchLine:
                                  "messages": [{"role": "user", "content": text}]})
 
 
-async def _poll(provider: OpenAICompatProvider, batch_id: str,
-                limit: int = 10) -> list[BatchStatus]:
-    """Status reads until the batch leaves ``running``."""
-    seen = [await provider.batch_status(batch_id, 5)]
-    while seen[-1].state == "running" and len(seen) < limit:
-        seen.append(await provider.batch_status(batch_id, 5))
-    return seen
-
-
 async def test_a_batch_runs_and_every_line_has_its_outcome(
     provider: OpenAICompatProvider, fake: FakeUpstream
 ) -> None:
     lines = [_line("a", "one two"), _line("b", f"broken {FAIL_MARKER}"),
              _line("c", "three [[cached=2]]")]
     batch_id = await provider.submit_batch(lines, 5)
-    seen = await _poll(provider, batch_id)
+    seen = await finish(provider, batch_id)
     assert [s.detail for s in seen] == ["in_progress", "finalizing", "completed"]
     assert [s.state for s in seen] == ["running", "running", "ended"]
     assert (seen[-1].id, seen[-1].total, seen[-1].succeeded, seen[-1].failed) == (
@@ -71,9 +66,7 @@ async def test_usage_is_the_same_as_a_live_call_of_the_same_line(
     provider: OpenAICompatProvider,
 ) -> None:
     line = _line("u", "count these words please [[cached=3]] [[reasoning=4]]")
-    batch_id = await provider.submit_batch([line], 5)
-    await _poll(provider, batch_id)
-    (outcome,) = await provider.batch_results(batch_id, 5)
+    outcome = (await run_batch(provider, [line]))["u"]
     live = await provider.complete(UpstreamRequest(body=line.body, provider_model="gpt-4o-mini",
                                                    timeout=5))
     assert outcome.completion is not None
@@ -86,7 +79,9 @@ async def test_usage_is_the_same_as_a_live_call_of_the_same_line(
 async def test_the_upload_and_the_batch_are_what_openai_expects(
     provider: OpenAICompatProvider, fake: FakeUpstream
 ) -> None:
-    batch_id = await provider.submit_batch([_line("x", "hi"), _line("y", "there")], 5)
+    streamed = _line("y", "there")
+    streamed.body.update(stream=True, stream_options={"include_usage": True})
+    batch_id = await provider.submit_batch([_line("x", "hi"), streamed], 5)
     (upload,) = fake.calls("/v1/files")
     assert upload.headers["authorization"] == f"Bearer {KEY}"
     assert upload.headers["x-org"] == "acme"
@@ -102,6 +97,8 @@ async def test_the_upload_and_the_batch_are_what_openai_expects(
     assert [r["custom_id"] for r in rows] == ["x", "y"]
     assert rows[0] == {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
                        "body": _line("x", "hi").body}
+    assert rows[1]["body"] == _line("y", "there").body  # a batch line is never streamed
+    assert streamed.body["stream"] is True  # the caller's line is left as it was
 
 
 async def test_an_expired_batch_ends_with_every_line_expired(
@@ -109,7 +106,7 @@ async def test_an_expired_batch_ends_with_every_line_expired(
 ) -> None:
     fake.batches.expire_next()
     batch_id = await provider.submit_batch([_line("a", "one"), _line("b", "two")], 5)
-    last = (await _poll(provider, batch_id))[-1]
+    last = (await finish(provider, batch_id))[-1]
     assert (last.state, last.detail) == ("ended", "expired")
     outcomes = await provider.batch_results(batch_id, 5)
     assert [(o.custom_id, o.error, o.completion) for o in outcomes] == [
@@ -121,7 +118,7 @@ async def test_a_cancelled_batch_ends_with_its_lines_cancelled(
 ) -> None:
     batch_id = await provider.submit_batch([_line("a", "one"), _line("b", "two")], 5)
     await provider.cancel_batch(batch_id, 5)
-    last = (await _poll(provider, batch_id))[-1]
+    last = (await finish(provider, batch_id))[-1]
     assert (last.state, last.detail) == ("ended", "cancelled")
     outcomes = await provider.batch_results(batch_id, 5)
     assert {(o.custom_id, o.error) for o in outcomes} == {("a", "cancelled"), ("b", "cancelled")}
@@ -133,7 +130,7 @@ async def test_a_line_in_no_result_file_is_expired(
     fake.batches.omit_unrun_next()
     batch_id = await provider.submit_batch([_line("a", "one"), _line("b", "two")], 5)
     await provider.cancel_batch(batch_id, 5)
-    assert (await _poll(provider, batch_id))[-1].detail == "cancelled"
+    assert (await finish(provider, batch_id))[-1].detail == "cancelled"
     outcomes = await provider.batch_results(batch_id, 5)
     assert [(o.custom_id, o.error) for o in outcomes] == [("a", "expired"), ("b", "expired")]
     assert "no result" in outcomes[0].message
@@ -147,7 +144,7 @@ async def test_a_held_batch_keeps_running_until_released(
     held = [await provider.batch_status(batch_id, 5) for _ in range(5)]
     assert {s.state for s in held} == {"running"}
     fake.batches.release()
-    assert (await _poll(provider, batch_id))[-1].state == "ended"
+    assert (await finish(provider, batch_id))[-1].state == "ended"
     (outcome,) = await provider.batch_results(batch_id, 5)
     assert outcome.completion is not None
 
@@ -182,3 +179,46 @@ def test_every_openai_status_has_its_state(status: str, state: str) -> None:
                       "request_counts": {"total": 5, "completed": 3, "failed": 1}})
     assert (found.state, found.detail, found.total, found.succeeded, found.failed) == (
         state, status, 5, 3, 1)
+
+
+async def test_results_are_refused_while_the_batch_runs(
+    provider: OpenAICompatProvider, fake: FakeUpstream
+) -> None:
+    fake.batches.hold()
+    batch_id = await provider.submit_batch([_line("a", "one")], 5)
+    with pytest.raises(UpstreamProtocolError) as info:
+        await provider.batch_results(batch_id, 5)  # else every line would look unrun
+    assert info.value.code == "batch_not_ended"
+    assert not [r for r in fake.requests if r.path.endswith("/content")]
+
+
+def test_the_http_providers_offer_the_batch_api(session: aiohttp.ClientSession) -> None:
+    def provider(kind: str) -> object:
+        return open_provider("p", ProviderConfig(kind=kind, base_url="http://127.0.0.1:9/v1"),
+                             session)
+
+    assert isinstance(provider("openai-compatible"), BatchAPI)
+    assert isinstance(provider("anthropic"), BatchAPI)
+    assert not isinstance(provider("replay"), BatchAPI)
+
+
+async def test_a_batch_that_fails_validation_ran_no_line(
+    provider: OpenAICompatProvider, fake: FakeUpstream
+) -> None:
+    fake.batches.refuse_next()
+    batch_id = await provider.submit_batch([_line("a", "one"), _line("b", "two")], 5)
+    (status,) = await finish(provider, batch_id)
+    assert (status.state, status.detail) == ("failed", "failed")
+    outcomes = await provider.batch_results(batch_id, 5)
+    assert [(o.custom_id, o.error, o.completion) for o in outcomes] == [
+        ("a", "expired", None), ("b", "expired", None)]
+    assert "model is not available" in outcomes[0].message
+
+
+async def test_a_large_batch_comes_back_whole(provider: OpenAICompatProvider) -> None:
+    # Its result file passes OFF_LOOP_BYTES, so it is parsed in a worker thread.
+    lines = [_line(f"r{i}", f"item {i} to classify") for i in range(4000)]
+    outcomes = await run_batch(provider, lines, timeout=30)
+    assert len(outcomes) == 4000
+    assert all(o.completion is not None and o.completion.body["choices"][0]["message"]["content"]
+               == f"echo: item {i} to classify" for i, o in enumerate(outcomes.values()))
