@@ -136,16 +136,12 @@ async def _shadow_guard(policies: Callable[[str, str], ShadowPolicy | None],
     return guard
 
 
-#: The batch discount where the price catalog has none.
-BATCH_DISCOUNT = 0.5
-
-
 def batch_price(catalog: PriceCatalog) -> BatchPrice:
-    """What a line answered by a provider batch costs."""
+    """What a line answered by a provider batch costs: the catalog's batch price, else the
+    real-time price at the provider's ``batch_discount`` (see :mod:`skinflint.pricing`)."""
 
     def price(provider: str, name: str, usage: Usage) -> float | None:
-        cost = catalog.cost(name, usage)
-        return None if cost is None else cost * BATCH_DISCOUNT
+        return catalog.cost(name, usage, batch=True)
 
     return price
 

@@ -261,3 +261,15 @@ def test_a_route_is_answered_in_real_time_or_refused(make_gateway: GatewayFactor
             model="smart", messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-skinflint-feature": "nightly"})
         assert live.status_code == 200
+
+
+def test_the_providers_batch_discount_prices_a_model_the_catalog_has_no_batch_price_for(
+        make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    gw = make_gateway(batching=FAST, fake_opts={"batch_discount": 0.8})
+    with sdk(gw.base_url) as client:
+        done = wait_done(client, defer(client, "priced by the config", model="cheap")["id"])
+    assert done["status"] == "completed"
+    (row,) = ledger_rows(tmp_path / "skinflint.db", expect=1)
+    realtime = (row["input_tokens"] * 0.01 + row["output_tokens"] * 0.02) / 1e6  # its override
+    assert row["baseline_cost_usd"] == pytest.approx(realtime)
+    assert row["cost_usd"] == pytest.approx(realtime * 0.8)
