@@ -151,6 +151,8 @@ def batch_target(settings: Settings, route: Route,
     """The target that answers a model name through a batch API: a model or alias (not a
     route) whose provider has one; None otherwise."""
 
+    batching = frozenset(n for n, p in providers.items() if isinstance(p, BatchAPI))
+
     def target(name: str) -> Target | None:
         if name in settings.routes:
             return None
@@ -158,7 +160,7 @@ def batch_target(settings: Settings, route: Route,
             found = route.resolve(name)[0]
         except UnknownModelError:
             return None
-        return found if isinstance(providers.get(found.provider), BatchAPI) else None
+        return found if found.provider in batching else None
 
     return target
 
