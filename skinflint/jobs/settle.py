@@ -41,6 +41,9 @@ log = logging.getLogger("skinflint.batches")
 BATCH_STRATEGY = "batch"
 #: Real-time retries of failed lines running at once.
 RETRIES_AT_ONCE = 8
+#: Results recorded and ledgered at a time (a batch of 50,000 lines must not hold the event
+#: loop for long).
+CHUNK = 500
 #: Webhook deliveries running at once.
 WEBHOOKS_AT_ONCE = 16
 
@@ -116,9 +119,12 @@ class Settler:
         for result, how in await asyncio.gather(*retries):
             results.append(result)
             hows[result.job_id] = how
-        finished = await self._store.finish(results, self._clock())
-        for job in finished:
-            self._account(job, hows[job.id])
+        finished: list[Job] = []
+        for start in range(0, len(results), CHUNK):  # the event loop serves between chunks
+            done = await self._store.finish(results[start:start + CHUNK], self._clock())
+            for job in done:
+                self._account(job, hows[job.id])
+            finished += done
         return finished
 
     async def _realtime(self, job: Job, outcome: BatchOutcome) -> tuple[JobResult, _How]:

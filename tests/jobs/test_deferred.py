@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -273,3 +274,31 @@ def test_the_providers_batch_discount_prices_a_model_the_catalog_has_no_batch_pr
     realtime = (row["input_tokens"] * 0.01 + row["output_tokens"] * 0.02) / 1e6  # its override
     assert row["baseline_cost_usd"] == pytest.approx(realtime)
     assert row["cost_usd"] == pytest.approx(realtime * 0.8)
+
+
+def test_budgets_admit_at_acceptance_and_count_the_spend_when_the_result_arrives(
+        make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    fake.batches.hold()
+    budget = {"name": "nightly-day", "per": "feature", "match": "nightly", "window": "day",
+              "limit": {"usd": 10.0, "requests": 2}}
+    gw = make_gateway(batching=FAST, budgets=[budget])
+    nightly = {"x-skinflint-feature": "nightly"}
+    with sdk(gw.base_url) as client:
+        ids = [defer(client, f"job {i}", headers=nightly)["id"] for i in range(2)]
+        with pytest.raises(openai.RateLimitError):  # the third is refused at acceptance
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
+                extra_headers={**BATCH, **nightly})
+        (row,) = httpx.get(gw.root_url + "/api/budgets").json()["data"]
+        assert row["spent"]["requests"] == 2 and row["spent"]["usd"] == 0
+        fake.batches.release()
+        for i in ids:
+            wait_done(client, i)
+        deadline = time.monotonic() + 5
+        while True:
+            (row,) = httpx.get(gw.root_url + "/api/budgets").json()["data"]
+            if row["spent"]["usd"] > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert row["spent"]["requests"] == 2 and row["spent"]["usd"] > 0
+    assert row["reserved"] == {"usd": 0, "requests": 0, "tokens": 0}
