@@ -160,17 +160,43 @@ def test_a_failed_line_is_retried_in_real_time_or_reported(
         assert (bad_row["strategy"], bad_row["status"], bad_row["cost_usd"]) == ("batch", 502, 0)
 
 
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
 def test_an_expired_batch_is_answered_in_real_time(
-        make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path) -> None:
+        make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path, model: str) -> None:
     fake.batches.expire_next(1)
     gw = make_gateway(batching=FAST)
     with sdk(gw.base_url) as client:
-        ids = [defer(client, f"late {i}")["id"] for i in range(3)]
+        ids = [defer(client, f"late {i}", model=model)["id"] for i in range(3)]
         answers = [wait_done(client, i) for i in ids]
     assert [a["status"] for a in answers] == ["completed"] * 3
-    assert len(fake.calls()) == 3
+    assert all(a["response"]["object"] == "chat.completion" for a in answers)
+    path = "/v1/chat/completions" if model.startswith("gpt") else "/v1/messages"
+    assert len(fake.calls(path)) == 3
     rows = ledger_rows(tmp_path / "skinflint.db", expect=3)
     assert sorted(r["strategy"] for r in rows) == ["", "", ""]
+
+
+def test_an_expired_line_is_reported_failed(make_gateway: GatewayFactory,
+                                             fake: FakeUpstream) -> None:
+    fake.batches.expire_next(1)
+    gw = make_gateway(batching={**FAST, "on_failure": "fail"})
+    with sdk(gw.base_url) as client:
+        answer = wait_done(client, defer(client, "too late")["id"])
+    assert answer["status"] == "failed" and answer["error"]["code"] == "expired"
+    assert "response" not in answer and len(fake.calls()) == 0
+
+
+def test_an_anthropic_model_is_deferred_through_message_batches(
+        make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path) -> None:
+    gw = make_gateway(batching=FAST)
+    with sdk(gw.base_url) as client:
+        answer = wait_done(client, defer(client, "bonjour", model="claude-sonnet")["id"])
+    assert answer["status"] == "completed"
+    assert "bonjour" in answer["response"]["choices"][0]["message"]["content"]
+    assert [fake.batches.batch(b)["api"] for b in fake.batches.batch_ids()] == ["anthropic"]
+    (row,) = ledger_rows(tmp_path / "skinflint.db", expect=1)
+    assert row["strategy"] == "batch" and row["provider"] == "claude"
+    assert row["cost_usd"] == pytest.approx(row["baseline_cost_usd"] / 2)
 
 
 class _Hooks(BaseHTTPRequestHandler):
