@@ -34,6 +34,7 @@ __all__ = [
     "Claim",
     "ClientBatch",
     "CounterRow",
+    "GroupCounts",
     "InvalidationFeed",
     "Job",
     "JobResult",
@@ -350,6 +351,28 @@ class QueuedGroup(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class GroupCounts:
+    """How many jobs of a passed-through batch are in each state (``expired``: those failed
+    because their line expired), and when the last one finished."""
+
+    queued: int = 0
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    last_finished: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.submitted + self.completed + self.failed + self.cancelled
+
+    @property
+    def open(self) -> int:
+        return self.queued + self.submitted
+
+
+@dataclass(frozen=True, slots=True)
 class StoredFile:
     """A file a client uploaded (``POST /v1/files``), kept for its tenant with the attribution
     of the upload."""
@@ -436,6 +459,10 @@ class JobStore(Protocol):
         """Mark the batch cancelled and cancel its queued jobs; those cancelled."""
         ...
 
-    async def group_jobs(self, group: str) -> list[Job]: ...
+    async def group_jobs(self, group: str) -> list[Job]:
+        """A passed-through batch's jobs, in its input file's order."""
+        ...
+
+    async def group_counts(self, group: str) -> GroupCounts: ...
 
     async def close(self) -> None: ...

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from skinflint.errors import RequestError
-from skinflint.interfaces import ClientBatch, Job, StoredFile
+from skinflint.interfaces import ClientBatch, GroupCounts, Job, StoredFile
 from skinflint.pipeline.context import Target
 
 __all__ = [
@@ -68,31 +68,29 @@ def result_file_object(file_id: str, content: bytes, created: float) -> JSON:
             else "batch_errors.jsonl", "purpose": "batch_output", "status": "processed"}
 
 
-def _status(batch: ClientBatch, jobs: Sequence[Job]) -> str:
-    open_jobs = [j for j in jobs if j.state in ("queued", "submitted")]
+def _status(batch: ClientBatch, counts: GroupCounts) -> str:
     if batch.cancelled:
-        return "cancelling" if open_jobs else "cancelled"
-    if not open_jobs:
-        expired = bool(jobs) and all(j.error == "expired" for j in jobs)
+        return "cancelling" if counts.open else "cancelled"
+    if not counts.open:
+        expired = bool(counts.total) and counts.expired == counts.total
         return "expired" if expired else "completed"
-    if all(j.state == "queued" for j in jobs):
+    if counts.queued == counts.total:
         return "validating"
     return "in_progress"
 
 
-def batch_object(batch: ClientBatch, jobs: Sequence[Job]) -> JSON:
+def batch_object(batch: ClientBatch, counts: GroupCounts) -> JSON:
     """A batch as ``GET /v1/batches/{id}`` shows it: its status and counts aggregate its
     jobs'; its output and error files exist once it has ended."""
-    status = _status(batch, jobs)
+    status = _status(batch, counts)
     ended = status in ("completed", "cancelled", "expired")
-    done = sum(j.state == "completed" for j in jobs)
-    failed = sum(j.state in ("failed", "cancelled") for j in jobs)
-    last = max((j.finished for j in jobs), default=0.0)
+    failed = counts.failed + counts.cancelled
+    last = counts.last_finished
     return {
         "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": None,
         "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
         "status": status,
-        "output_file_id": output_file_id(batch.id) if ended and done else None,
+        "output_file_id": output_file_id(batch.id) if ended and counts.completed else None,
         "error_file_id": error_file_id(batch.id) if ended and failed else None,
         "created_at": int(batch.created), "expires_at": int(batch.created) + 86400,
         "in_progress_at": None, "finalizing_at": None,
@@ -101,7 +99,8 @@ def batch_object(batch: ClientBatch, jobs: Sequence[Job]) -> JSON:
         "expired_at": int(last) if status == "expired" else None,
         "cancelling_at": int(batch.cancelled) if batch.cancelled else None,
         "cancelled_at": int(last or batch.cancelled) if status == "cancelled" else None,
-        "request_counts": {"total": len(jobs), "completed": done, "failed": failed},
+        "request_counts": {"total": counts.total, "completed": counts.completed,
+                           "failed": failed},
         "metadata": batch.metadata,
     }
 

@@ -10,6 +10,7 @@ status aggregates its jobs'; its output and error files are written from their s
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import hashlib
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 
 from skinflint.errors import AuthenticationError, NotFoundError, RequestError
-from skinflint.interfaces import ClientBatch, StoredFile
+from skinflint.interfaces import ClientBatch, GroupCounts, StoredFile
 from skinflint.jobs import shapes
 from skinflint.jobs.service import BatchService
 from skinflint.pipeline.context import Target
@@ -123,7 +124,8 @@ class BatchesAPI:
             return f
         batch = await self._batch(tenant, result[0])
         jobs = await self._store.group_jobs(batch.id)
-        return shapes.result_lines(jobs, errors=result[1]), batch.created
+        lines = await asyncio.to_thread(shapes.result_lines, jobs, errors=result[1])
+        return lines, batch.created
 
     async def create(self, headers: Mapping[str, str], raw: bytes) -> bytes:
         tenant = self.tenant(headers)
@@ -148,7 +150,7 @@ class BatchesAPI:
         jobs = shapes.read_lines(f.content, batch.id, f, batch.created, self._target)
         await self._store.put_batch(batch, jobs)
         self._service.wake()
-        return orjson.dumps(shapes.batch_object(batch, jobs))
+        return orjson.dumps(shapes.batch_object(batch, GroupCounts(queued=len(jobs))))
 
     async def _batch(self, tenant: str, batch_id: str) -> ClientBatch:
         batch = await self._store.get_batch(batch_id)
@@ -158,7 +160,7 @@ class BatchesAPI:
 
     async def retrieve(self, headers: Mapping[str, str], batch_id: str) -> bytes:
         batch = await self._batch(self.tenant(headers), batch_id)
-        return orjson.dumps(shapes.batch_object(batch, await self._store.group_jobs(batch.id)))
+        return orjson.dumps(shapes.batch_object(batch, await self._store.group_counts(batch.id)))
 
     async def cancel(self, headers: Mapping[str, str], batch_id: str) -> bytes:
         batch = await self._batch(self.tenant(headers), batch_id)

@@ -10,7 +10,8 @@ from typing import Any
 
 import psycopg
 
-from skinflint.storage.jobs import SqlJobStore, schema
+from skinflint.storage.job_thread import SqlJobStore
+from skinflint.storage.jobs import schema
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
 
 __all__ = ["PostgresJobStore"]
@@ -37,7 +38,7 @@ class _Postgres:
         return self._conn
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, write: bool = True) -> Iterator[None]:
         try:
             conn = self._connection()
         except psycopg.Error as exc:

@@ -8,7 +8,8 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from skinflint.storage.jobs import SqlJobStore, schema
+from skinflint.storage.job_thread import SqlJobStore
+from skinflint.storage.jobs import schema
 from skinflint.storage.ledger import open_sqlite
 
 __all__ = ["SQLiteJobStore"]
@@ -22,8 +23,9 @@ class _SQLite:
                 self._conn.execute(statement)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        self._conn.execute("BEGIN IMMEDIATE")  # waits busy_timeout for another process
+    def transaction(self, *, write: bool = True) -> Iterator[None]:
+        # a writer waits busy_timeout for another process's write lock; a reader never does
+        self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield
             self._conn.execute("COMMIT")

@@ -169,3 +169,17 @@ async def test_results_survive_reopening(tmp_path: Path) -> None:
         assert time.perf_counter() - started < 1
     finally:
         await second.close()
+
+
+async def test_group_counts(store: JobStore) -> None:
+    cb = ClientBatch("batch_2", "t1", "file-1", "/v1/chat/completions", "24h", None, NOW)
+    await store.put_batch(cb, [job(i, group="batch_2") for i in range(5)])
+    await store.claim(batch("b1", group="batch_2"), 3)
+    await store.finish([JobResult("job_0000", "completed", b"{}"),
+                        JobResult("job_0001", "failed", error="expired", message="late"),
+                        JobResult("job_0002", "failed", error="failed")], NOW + 7)
+    counts = await store.group_counts("batch_2")
+    assert (counts.queued, counts.submitted, counts.completed, counts.failed,
+            counts.expired, counts.total, counts.open) == (2, 0, 1, 2, 1, 5, 2)
+    assert counts.last_finished == NOW + 7
+    assert (await store.group_counts("batch_none")).total == 0
