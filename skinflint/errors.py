@@ -9,6 +9,8 @@
     │   ├── AuthenticationError         401 authentication_error
     │   └── BudgetExceededError         429 budget_exceeded (with Retry-After)
     ├── ShuttingDownError               503 shutdown (the server stopped before answering)
+    ├── BudgetStoreError                503 budget_store_unavailable
+    ├── JobStoreError                   503 job_store_unavailable
     └── UpstreamError                   502 upstream_error (a provider failed)
         ├── UpstreamStatusError         the provider's own 4xx/5xx, relayed with its status
         ├── UpstreamTimeoutError        504 timeout
@@ -30,6 +32,7 @@ __all__ = [
     "BudgetExceededError",
     "BudgetStoreError",
     "ConfigError",
+    "JobStoreError",
     "NotFoundError",
     "RequestError",
     "ShuttingDownError",
@@ -132,6 +135,17 @@ class BudgetStoreError(SkinflintError):
     status = 503
     error_type = "server_error"
     code = "budget_store_unavailable"
+    retry_after = 1.0
+
+
+class JobStoreError(SkinflintError):
+    """The job store could not be read or written (the SQLite file locked past its busy
+    timeout, the PostgreSQL server unreachable): a deferred request is not accepted unless it
+    is stored."""
+
+    status = 503
+    error_type = "server_error"
+    code = "job_store_unavailable"
     retry_after = 1.0
 
 

@@ -109,7 +109,7 @@ class Defer:
             provider_model=target.provider_model, body=ctx.raw_body, created=now,
             due=now + self._config.window_seconds)
         await self._store.enqueue([job])
-        ctx.deferred = job.id
+        ctx.deferred, ctx.status = job.id, 202
         return Reply(body=job_json(job), status=202)
 
 

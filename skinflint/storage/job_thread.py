@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from skinflint.errors import JobStoreError
 from skinflint.interfaces import (
     ClientBatch,
     GroupCounts,
@@ -25,6 +27,8 @@ from skinflint.storage.jobs import Connection, JobTables
 __all__ = ["SqlJobStore"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("skinflint.storage")
 
 
 @dataclass(slots=True)
@@ -181,8 +185,10 @@ class SqlJobStore:
         for op in alone:
             try:
                 result = self._transaction(tables, [op])[0]
-            except Exception as exc:  # the caller gets it
-                done.setdefault(op.loop, []).append((op.waiter, None, exc))
+            except Exception as exc:  # the caller gets it, as ours (the driver's is logged)
+                log.warning("jobs: a store operation failed: %s", exc)
+                failure = JobStoreError(f"the job store is unavailable: {exc}")
+                done.setdefault(op.loop, []).append((op.waiter, None, failure))
             else:
                 done.setdefault(op.loop, []).append((op.waiter, result, None))
         for loop, delivered in done.items():

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from skinflint.errors import JobStoreError
 from skinflint.interfaces import ClientBatch, Job, JobResult, JobStore, ProviderBatch, StoredFile
 from skinflint.storage.sqlite_jobs import SQLiteJobStore
 from tests.pg import free_port, pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+from tests.storage.test_ledger_durability import locked
 
 Opener = Callable[[Path], Awaitable[JobStore]]
 NOW = 1_000_000.0
@@ -183,3 +185,18 @@ async def test_group_counts(store: JobStore) -> None:
             counts.expired, counts.total, counts.open) == (2, 0, 1, 2, 1, 5, 2)
     assert counts.last_finished == NOW + 7
     assert (await store.group_counts("batch_none")).total == 0
+
+
+async def test_a_locked_file_fails_writes_with_our_error_and_reads_go_on(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    store = await asyncio.to_thread(SQLiteJobStore, str(path), busy_timeout=0.2)
+    try:
+        await store.enqueue([job(1)])
+        with locked(path):
+            with pytest.raises(JobStoreError, match="unavailable"):
+                await store.enqueue([job(2)])
+            assert await store.get("job_0001") is not None  # a reader waits for no lock
+        await store.enqueue([job(2)])
+        assert await store.get("job_0002") is not None
+    finally:
+        await store.close()
