@@ -2,10 +2,10 @@
 them and records their results (see :mod:`skinflint.jobs.settle`).
 
 Every gateway process runs it, but only the one holding the job store's lease acts (``serve
---workers N`` processes share the SQLite file, replicas the PostgreSQL database); the others
-take over within :data:`LEASE_SECONDS` when it stops renewing (at once when it closes
-gracefully, as it gives the lease back). Each round (every ``tick`` seconds, or at once when
-woken), the holder:
+--workers N`` processes share the SQLite file, replicas the PostgreSQL database). The holder
+renews it every round and, during a long round, every third of :data:`LEASE_SECONDS`; the
+others take over within that time when it stops (at once when it closes gracefully, as it
+gives the lease back). Each round (every ``tick`` seconds, or at once when woken), the holder:
 
 1. on its first round, resumes: provider batches recorded but not known to be sent (the
    process stopped between writing its intent and the provider's answer) are sent again, with
@@ -77,21 +77,24 @@ class BatchService:
         self.leading = False
         self._woken = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
 
     def batch_api(self, provider: str) -> BatchAPI | None:
         return self._apis.get(provider)
 
     def start(self) -> None:
         self._loop = asyncio.ensure_future(self._run())
+        self._keeper = asyncio.ensure_future(self._keep_lease())
 
     def wake(self) -> None:
         """Run a round now (a passed-through batch is due at once)."""
         self._woken.set()
 
     async def close(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+        for task in (self._loop, self._keeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.leading:
             try:
                 await self.store.release(self.owner)
@@ -108,6 +111,18 @@ class BatchService:
             self._woken.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), self.tick)
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease while a long round runs (sending 50,000 lines may take longer than
+        the lease lasts): a process alive keeps it."""
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            if self.leading:
+                try:
+                    self.leading = await self.store.lease(self.owner, LEASE_SECONDS,
+                                                          self._clock())
+                except Exception:  # the next round tries again
+                    log.exception("batches: could not renew the lease")
 
     async def round(self) -> None:
         now = self._clock()
