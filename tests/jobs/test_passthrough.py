@@ -68,6 +68,9 @@ def test_a_batch_through_the_sdk(make_gateway: GatewayFactory, fake: FakeUpstrea
         assert batch.output_file_id and batch.error_file_id
         output = client.files.content(batch.output_file_id).content
         errors = by_custom_id(client.files.content(batch.error_file_id).content)
+        uploaded = client.files.retrieve(file_id)
+        assert (uploaded.purpose, uploaded.filename) == ("batch", "in.jsonl")
+        assert client.files.retrieve(batch.output_file_id).bytes == len(output)
     answers = by_custom_id(output)
     assert [x["custom_id"] for x in map(json.loads, output.splitlines())] == ["a", "b", "c"]
     assert "second" in answers["b"]["response"]["body"]["choices"][0]["message"]["content"]
