@@ -67,25 +67,28 @@ def price_catalog(settings: Settings) -> PriceCatalog:
             overrides[alias] = (model.price.input, model.price.output, model.price.cached_input)
     aliases = {alias: m.model for alias, m in settings.models.items() if m.model}
     discounts, default = _batch_discounts(settings)
+    by_provider = {name: _discount_of(settings, name) for name in settings.providers}
     return PriceCatalog(overrides, aliases, batch_discounts=discounts,
-                        default_batch_discount=default)
+                        provider_batch_discounts=by_provider, default_batch_discount=default)
+
+
+def _discount_of(settings: Settings, provider: str) -> BatchDiscount:
+    return BatchDiscount(settings.providers[provider].batch_discount,
+                         f"providers.{provider}.batch_discount")
 
 
 def _batch_discounts(settings: Settings) -> tuple[dict[str, BatchDiscount], BatchDiscount]:
     """Each model's ``batch_discount``: its provider's, under its alias and its provider's name
     for it; a name not configured takes the default provider's."""
-
-    def of(name: str) -> BatchDiscount:
-        return BatchDiscount(settings.providers[name].batch_discount,
-                             f"providers.{name}.batch_discount")
-
     discounts: dict[str, BatchDiscount] = {}
     for alias, model in settings.models.items():
         if model.provider in settings.providers:
-            discounts[alias] = of(model.provider)
+            discounts[alias] = _discount_of(settings, model.provider)
             discounts.setdefault(model.model or alias, discounts[alias])
     default = settings.default_provider
-    return discounts, of(default) if default in settings.providers else BatchDiscount()
+    if default in settings.providers:
+        return discounts, _discount_of(settings, default)
+    return discounts, BatchDiscount()
 
 
 def _breakers(settings: Settings, metrics: Metrics) -> dict[str, ProviderBreaker]:

@@ -26,7 +26,7 @@ says which, and :attr:`ModelPrice.source` says so in words.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -260,8 +260,9 @@ class PriceCatalog:
     ``aliases`` map a configured alias to the model it stands for, priced as that model
     unless the alias has an override of its own.
     ``batch_discounts`` map a model name (an alias or the model it stands for) to the
-    ``batch_discount`` of the provider serving it; other names take ``default_batch_discount``.
-    A discount applies only where the catalog lists no batch price; an override has none.
+    ``batch_discount`` of the provider serving it, ``provider_batch_discounts`` a provider's
+    name to its own; a call priced without either takes ``default_batch_discount``. A discount
+    applies only where the catalog lists no batch price; an override has none.
     """
 
     MEMO_LIMIT = 4096
@@ -272,14 +273,16 @@ class PriceCatalog:
         aliases: Mapping[str, str] | None = None,
         *,
         batch_discounts: Mapping[str, BatchDiscount] | None = None,
+        provider_batch_discounts: Mapping[str, BatchDiscount] | None = None,
         default_batch_discount: BatchDiscount = BatchDiscount(),
     ) -> None:
         self.overrides = dict(overrides or {})
         self.aliases = {a: m for a, m in (aliases or {}).items() if a not in self.overrides}
         self.batch_discounts = dict(batch_discounts or {})
+        self.provider_batch_discounts = dict(provider_batch_discounts or {})
         self.default_batch_discount = default_batch_discount
         self._memo: dict[str, ModelPrice | None] = {}
-        self._batch_memo: dict[str, ModelPrice | None] = {}
+        self._batch_memo: dict[tuple[str, str | None], ModelPrice | None] = {}
         self._lock = threading.Lock()
 
     def warm(self, models: list[str] | None = None) -> None:
@@ -294,23 +297,33 @@ class PriceCatalog:
 
         return frozenset([*self.overrides, *(m.id for p in providers for m in p.models)])
 
-    def price(self, model: str, *, batch: bool = False) -> ModelPrice | None:
+    def price(self, model: str, *, batch: bool = False,
+              provider: str | None = None) -> ModelPrice | None:
         """The real-time price of ``model``, or with ``batch`` its batch price (see
-        :attr:`ModelPrice.batch`); ``None`` when unknown."""
-        memo = self._batch_memo if batch else self._memo
+        :attr:`ModelPrice.batch`) for a call through ``provider`` when given (its
+        ``batch_discount`` then applies, else the one configured for the model); ``None`` when
+        unknown."""
+        if not batch:
+            return self._memoised(self._memo, model, lambda: self._realtime(model))
+        return self._memoised(self._batch_memo, (model, provider),
+                              lambda: self._batch_price(model, provider))
+
+    def _memoised(self, memo: dict[Any, ModelPrice | None], key: Any,
+                  resolve: Callable[[], ModelPrice | None]) -> ModelPrice | None:
         try:
-            return memo[model]
+            return memo[key]
         except KeyError:
             pass
         with self._lock:
-            found = self._resolve(self.aliases.get(model, model))
-            if found is not None and batch:
-                found = self._batch_price(model, found)
+            found = resolve()
             if len(memo) < self.MEMO_LIMIT:
-                memo[model] = found
+                memo[key] = found
             else:
                 _trim_catalog_memos(self.MEMO_LIMIT)
         return found
+
+    def _realtime(self, model: str) -> ModelPrice | None:
+        return self._resolve(self.aliases.get(model, model))
 
     def _resolve(self, model: str, batch: bool = False) -> ModelPrice | None:
         override = self.overrides.get(model)
@@ -324,20 +337,21 @@ class PriceCatalog:
             found = _from_catalog(model.rsplit("/", 1)[1], batch)
         return found
 
-    def _batch_price(self, model: str, realtime: ModelPrice) -> ModelPrice:
-        """The batch price of ``model`` whose real-time price is ``realtime``: the catalog's,
-        else ``realtime`` at the discount configured for the name asked for or its model."""
+    def _batch_price(self, model: str, provider: str | None) -> ModelPrice | None:
+        """The catalog's batch price of ``model``, else its real-time price at the discount of
+        ``provider``, else the one configured for the name asked for or its model."""
         listed = self._resolve(self.aliases.get(model, model), batch=True)
-        if listed is not None:
+        realtime = self._realtime(model)
+        if listed is not None or realtime is None:
             return listed
-        discount = self.batch_discounts.get(model)
-        if discount is None:
-            discount = self.batch_discounts.get(self.aliases.get(model, model),
-                                                self.default_batch_discount)
-        return _discounted(realtime, discount)
+        discount = self.provider_batch_discounts.get(provider or "")
+        for name in (model, self.aliases.get(model, model)):
+            discount = discount or self.batch_discounts.get(name)
+        return _discounted(realtime, discount or self.default_batch_discount)
 
-    def cost(self, model: str, usage: Usage, *, batch: bool = False) -> float | None:
-        """USD for ``usage`` on ``model`` (at its batch price with ``batch``), or ``None`` when
-        the price is unknown."""
-        price = self.price(model, batch=batch)
+    def cost(self, model: str, usage: Usage, *, batch: bool = False,
+             provider: str | None = None) -> float | None:
+        """USD for ``usage`` on ``model`` (at its batch price with ``batch``, through
+        ``provider`` when given: see :meth:`price`), or ``None`` when the price is unknown."""
+        price = self.price(model, batch=batch, provider=provider)
         return None if price is None else price.cost(usage)

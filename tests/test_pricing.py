@@ -239,6 +239,24 @@ def test_without_a_catalog_batch_price_the_providers_discount_applies() -> None:
         assert catalog.cost(name, usage) == pytest.approx(standard, rel=1e-9)
 
 
+def test_the_discount_of_the_provider_a_call_went_through_wins() -> None:
+    raw = _settings(0.4)
+    raw["providers"]["other"] = {"base_url": "http://127.0.0.1:1/v1",  # type: ignore[index]
+                                 "batch_discount": 0.8}
+    catalog = price_catalog(settings_from_dict(raw, env={}))
+    usage = Usage(input_tokens=4_000, output_tokens=400)
+    standard = _catalog_batch_cost("deepseek-chat", usage, context=None)
+    price = catalog.price("deepseek-chat", batch=True, provider="other")
+    assert price is not None and price.source.endswith("x 0.8 (providers.other.batch_discount)")
+    assert catalog.cost("chat", usage, batch=True, provider="other") == pytest.approx(
+        0.8 * standard, rel=1e-9)
+    assert catalog.cost("chat", usage, batch=True) == pytest.approx(0.4 * standard, rel=1e-9)
+    assert catalog.cost("chat", usage, batch=True, provider="unknown") == pytest.approx(
+        0.4 * standard, rel=1e-9)  # an unknown provider: the model's own
+    listed = catalog.price("claude-haiku-4-5", batch=True, provider="other")
+    assert listed is not None and listed.batch == "catalog"  # the catalog's price still wins
+
+
 def test_a_configured_price_is_discounted_at_the_default_half() -> None:
     catalog = price_catalog(settings_from_dict(
         _settings(None, price={"input": 2.0, "output": 6.0}), env={}))
