@@ -144,7 +144,7 @@ def batch_price(catalog: PriceCatalog) -> BatchPrice:
     real-time price at the provider's ``batch_discount`` (see :mod:`skinflint.pricing`)."""
 
     def price(provider: str, name: str, usage: Usage) -> float | None:
-        return catalog.cost(name, usage, batch=True)
+        return catalog.cost(name, usage, batch=True, provider=provider)
 
     return price
 
