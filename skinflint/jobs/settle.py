@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +39,9 @@ log = logging.getLogger("skinflint.batches")
 
 #: The ledger's strategy for a line answered by a provider batch.
 BATCH_STRATEGY = "batch"
-#: Real-time retries of failed lines running at once.
+#: Real-time retries of failed lines running at once, and recorded together.
 RETRIES_AT_ONCE = 8
+RETRY_CHUNK = 4 * RETRIES_AT_ONCE
 #: Results recorded and ledgered at a time (a batch of 50,000 lines must not hold the event
 #: loop for long).
 CHUNK = 500
@@ -95,33 +96,42 @@ class Settler:
         ``cancelled``: the client cancelled the batch, so nothing is retried. The jobs this
         call finished."""
         by_id = {o.custom_id: o for o in outcomes}
-        results: list[JobResult] = []
-        hows: dict[str, _How] = {}
-        retries: list[Awaitable[tuple[JobResult, _How]]] = []
+        results: list[tuple[JobResult, _How]] = []
+        retry: list[tuple[Job, BatchOutcome]] = []
         for job in jobs:
             if job.state in ("completed", "failed", "cancelled"):
                 continue
             o = by_id.get(job.id) or BatchOutcome(job.id, error="failed",
                                                   message="missing from the batch's results")
             if o.completion is not None:
-                results.append(JobResult(job.id, "completed", orjson.dumps(o.completion.body)))
-                hows[job.id] = _How(BATCH_STRATEGY)
+                results.append((JobResult(job.id, "completed", orjson.dumps(o.completion.body)),
+                                _How(BATCH_STRATEGY)))
             elif cancelled or o.error == "cancelled":
-                results.append(JobResult(job.id, "cancelled", error="cancelled",
-                                         message=o.message or "the batch was cancelled"))
-                hows[job.id] = _How(BATCH_STRATEGY, 499, "cancelled")
+                results.append((JobResult(job.id, "cancelled", error="cancelled",
+                                          message=o.message or "the batch was cancelled"),
+                                _How(BATCH_STRATEGY, 499, "cancelled")))
             elif self._on_failure == "realtime":
-                retries.append(self._realtime(job, o))
+                retry.append((job, o))
             else:
-                results.append(JobResult(job.id, "failed", error=o.error or "failed",
-                                         message=o.message))
-                hows[job.id] = _How(BATCH_STRATEGY, 502, f"batch_{o.error or 'failed'}")
-        for result, how in await asyncio.gather(*retries):
-            results.append(result)
-            hows[result.job_id] = how
+                results.append((JobResult(job.id, "failed", error=o.error or "failed",
+                                          message=o.message),
+                                _How(BATCH_STRATEGY, 502, f"batch_{o.error or 'failed'}")))
+        finished = await self._record(results, CHUNK)
+        # each group of retries is recorded as soon as it is answered: a stop loses few
+        for start in range(0, len(retry), RETRY_CHUNK):
+            answered = await asyncio.gather(*(self._realtime(j, o)
+                                              for j, o in retry[start:start + RETRY_CHUNK]))
+            finished += await self._record(answered, CHUNK)
+        return finished
+
+    async def _record(self, results: Sequence[tuple[JobResult, _How]], chunk: int) -> list[Job]:
+        """Record ``results`` and account for the jobs they finished, ``chunk`` at a time (the
+        event loop serves between chunks)."""
+        hows = {r.job_id: how for r, how in results}
         finished: list[Job] = []
-        for start in range(0, len(results), CHUNK):  # the event loop serves between chunks
-            done = await self._store.finish(results[start:start + CHUNK], self._clock())
+        for start in range(0, len(results), chunk):
+            part = [r for r, _ in results[start:start + chunk]]
+            done = await self._store.finish(part, self._clock())
             for job in done:
                 self._account(job, hows[job.id])
             finished += done
