@@ -58,7 +58,9 @@ def schema(dialect: Dialect) -> list[str]:
         "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch <> ''",
         "CREATE INDEX IF NOT EXISTS jobs_group ON jobs (\"group\") WHERE \"group\" <> ''",
         f"CREATE TABLE IF NOT EXISTS job_batches (id TEXT PRIMARY KEY, provider TEXT,"
-        f" model TEXT, \"group\" TEXT, created {real}, provider_id TEXT)",
+        f" model TEXT, \"group\" TEXT, created {real}, provider_id TEXT,"
+        f" done INTEGER NOT NULL DEFAULT 0)",
+        "CREATE INDEX IF NOT EXISTS job_batches_open ON job_batches (created) WHERE done = 0",
         f"CREATE TABLE IF NOT EXISTS job_lease (name TEXT PRIMARY KEY, owner TEXT,"
         f" expires {real})",
         f"CREATE TABLE IF NOT EXISTS job_files (id TEXT PRIMARY KEY, tenant TEXT, feature TEXT,"
@@ -118,14 +120,16 @@ class JobTables:
         return [QueuedGroup(p, m, g, int(n), float(d)) for p, m, g, n, d in rows]
 
     def claim(self, batch: ProviderBatch, limit: int) -> list[Job]:
-        self.conn.run("INSERT INTO job_batches (id, provider, model, \"group\", created,"
-                      " provider_id) VALUES (?, ?, ?, ?, ?, ?)", astuple(batch))
         self.conn.run(
             "UPDATE jobs SET state = 'submitted', batch = ? WHERE id IN (SELECT id FROM jobs"
             " WHERE state = 'queued' AND provider = ? AND provider_model = ? AND \"group\" = ?"
             " ORDER BY due LIMIT ?)",
             (batch.id, batch.provider, batch.model, batch.group, limit))
-        return self.batch_jobs(batch.id)
+        claimed = self.batch_jobs(batch.id)
+        if claimed:  # a batch of no job is not recorded
+            self.conn.run("INSERT INTO job_batches (id, provider, model, \"group\", created,"
+                          " provider_id) VALUES (?, ?, ?, ?, ?, ?)", astuple(batch))
+        return claimed
 
     def submitted(self, batch_id: str, provider_id: str) -> None:
         self.conn.run("UPDATE job_batches SET provider_id = ? WHERE id = ?",
@@ -133,9 +137,8 @@ class JobTables:
 
     def unfinished(self) -> list[ProviderBatch]:
         rows = self.conn.run(
-            "SELECT id, provider, model, \"group\", created, provider_id FROM job_batches b"
-            f" WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.batch = b.id AND j.state NOT IN"
-            f" ({_FINISHED})) ORDER BY created, id")
+            "SELECT id, provider, model, \"group\", created, provider_id FROM job_batches"
+            " WHERE done = 0 ORDER BY created, id")
         return [ProviderBatch(*row) for row in rows]
 
     def batch_jobs(self, batch_id: str) -> list[Job]:
@@ -162,7 +165,16 @@ class JobTables:
                 for i in open_ids]
         self.conn.many("UPDATE jobs SET state = ?, response = ?, error = ?, message = ?,"
                        " finished = ? WHERE id = ?", rows)
-        return self._jobs(open_ids)
+        finished = self._jobs(open_ids)
+        self._close_batches({j.batch for j in finished if j.batch})
+        return finished
+
+    def _close_batches(self, batch_ids: set[str]) -> None:
+        """Mark done the batches none of whose jobs is left to finish."""
+        self.conn.many(
+            f"UPDATE job_batches SET done = 1 WHERE id = ? AND NOT EXISTS (SELECT 1 FROM jobs"
+            f" WHERE batch = ? AND state NOT IN ({_FINISHED}))",
+            [(b, b) for b in sorted(batch_ids)])
 
     def _jobs(self, ids: Sequence[str]) -> list[Job]:
         found: list[Job] = []

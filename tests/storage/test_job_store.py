@@ -84,6 +84,12 @@ async def test_claim_takes_its_group_earliest_first_up_to_the_limit(store: JobSt
     assert [(g.model, g.jobs) for g in await store.queued()] == [("n", 1)]
 
 
+async def test_a_claim_of_nothing_records_no_batch(store: JobStore) -> None:
+    await store.enqueue([job(1, model="n")])
+    assert await store.claim(batch("b1"), 10) == []
+    assert await store.unfinished() == []
+
+
 async def test_unfinished_batches_until_every_job_is_finished(store: JobStore) -> None:
     await store.enqueue([job(1), job(2)])
     await store.claim(batch("b1"), 10)
