@@ -455,6 +455,11 @@ class JobStore(Protocol):
 
     async def get_batch(self, batch_id: str) -> ClientBatch | None: ...
 
+    async def tenant_batches(self, tenant: str, after: str, limit: int) -> list[ClientBatch]:
+        """A tenant's passed-through batches, newest first, from the one after ``after`` (a
+        batch id; empty: from the newest), at most ``limit``."""
+        ...
+
     async def cancel_batch(self, batch_id: str, now: float) -> list[Job]:
         """Mark the batch cancelled and cancel its queued jobs; those cancelled."""
         ...

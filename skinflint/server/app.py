@@ -219,6 +219,10 @@ class App:
         await out.send_bytes(content, 200, [(b"content-type", b"application/octet-stream"),
                                             (b"content-length", str(len(content)).encode())])
 
+    async def list_batches(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        query = scope.get("query_string", b"")
+        await out.json(await self._batches_api().list_batches(_headers(scope), query))
+
     async def create_batch(self, scope: Scope, receive: Receive, out: Responder) -> None:
         raw = await _read_body(receive, self.settings.server.max_body_bytes)
         await out.json(await self._batches_api().create(_headers(scope), raw))
@@ -426,6 +430,7 @@ _ROUTES["GET", "/api/spend"] = App.spend
 _ROUTES["GET", "/api/requests"] = App.recent_requests
 _ROUTES["POST", "/v1/files"] = App.upload_file
 _ROUTES["POST", "/v1/batches"] = App.create_batch
+_ROUTES["GET", "/v1/batches"] = App.list_batches
 
 #: Routes whose path ends in an id: (method, prefix, suffix).
 _ID_ROUTES: list[tuple[str, str, str, Handler]] = [

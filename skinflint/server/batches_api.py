@@ -17,6 +17,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -31,6 +32,7 @@ __all__ = ["BatchesAPI", "path_id"]
 
 JSON = dict[str, Any]
 _WINDOWS = ("24h",)
+MAX_LISTED = 100  # batches a list answers at most
 
 
 def path_id(path: str, prefix: str, suffix: str = "") -> str | None:
@@ -161,6 +163,25 @@ class BatchesAPI:
     async def retrieve(self, headers: Mapping[str, str], batch_id: str) -> bytes:
         batch = await self._batch(self.tenant(headers), batch_id)
         return orjson.dumps(shapes.batch_object(batch, await self._store.group_counts(batch.id)))
+
+    async def list_batches(self, headers: Mapping[str, str], query: bytes) -> bytes:
+        """``GET /v1/batches?after=&limit=``: the tenant's batches, newest first."""
+        tenant = self.tenant(headers)
+        params = parse_qs(query.decode("latin-1"))
+        after = params.get("after", [""])[0]
+        try:
+            limit = int(params.get("limit", ["20"])[0])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_LISTED:
+            raise RequestError(f"limit must be from 1 to {MAX_LISTED}", code="invalid_limit")
+        found = await self._store.tenant_batches(tenant, after, limit + 1)
+        data = [shapes.batch_object(b, await self._store.group_counts(b.id))
+                for b in found[:limit]]
+        return orjson.dumps({"object": "list", "data": data,
+                             "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None,
+                             "has_more": len(found) > limit})
 
     async def cancel(self, headers: Mapping[str, str], batch_id: str) -> bytes:
         batch = await self._batch(self.tenant(headers), batch_id)

@@ -93,7 +93,12 @@ def batch_paths(errors: JSON) -> JSON:
         "/v1/files/{id}/content": {"get": _with_id(_op(
             "A file's content: an uploaded file, or a batch's output or error file (JSONL)",
             obj, {"application/octet-stream": {}}), "a file id")},
-        "/v1/batches": {"post": create},
+        "/v1/batches": {"post": create, "get": {**_op(
+            "The tenant's batches, newest first", obj), "parameters": [
+                {"name": "after", "in": "query", "required": False,
+                 "schema": {"type": "string"}, "description": "list from after this batch id"},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}]}},
         "/v1/batches/{id}": {"get": _with_id(_op(
             "A batch: its status and counts aggregate its lines'", obj), "a batch id")},
         "/v1/batches/{id}/cancel": {"post": _with_id(_op(

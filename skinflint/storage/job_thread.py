@@ -129,6 +129,10 @@ class SqlJobStore:
     async def get_batch(self, batch_id: str) -> ClientBatch | None:
         return await self._call(lambda t: t.get_batch(batch_id), shared=True, write=False)
 
+    async def tenant_batches(self, tenant: str, after: str, limit: int) -> list[ClientBatch]:
+        return await self._call(lambda t: t.tenant_batches(tenant, after, limit), shared=True,
+                                write=False)
+
     async def cancel_batch(self, batch_id: str, now: float) -> list[Job]:
         return await self._call(lambda t: t.cancel_batch(batch_id, now))
 

@@ -68,6 +68,8 @@ def schema(dialect: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS job_client_batches (id TEXT PRIMARY KEY, tenant TEXT,"
         f" input_file_id TEXT, endpoint TEXT, completion_window TEXT, metadata TEXT,"
         f" created {real}, cancelled {real})",
+        "CREATE INDEX IF NOT EXISTS job_client_batches_tenant ON job_client_batches (tenant,"
+        " created)",
     ]
 
 
@@ -91,6 +93,16 @@ def _job(row: Sequence[Any]) -> Job:
     if job.response is not None:
         job.response = bytes(job.response)
     return job
+
+
+_BATCH_SELECT = ("SELECT id, tenant, input_file_id, endpoint, completion_window, metadata,"
+                 " created, cancelled FROM job_client_batches")
+
+
+def _client_batch(found: Sequence[Any]) -> ClientBatch:
+    row = list(found)
+    row[5] = None if row[5] is None else orjson.loads(row[5])
+    return ClientBatch(*row)
 
 
 def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -220,14 +232,20 @@ class JobTables:
         self.enqueue(jobs)
 
     def get_batch(self, batch_id: str) -> ClientBatch | None:
-        rows = self.conn.run(
-            "SELECT id, tenant, input_file_id, endpoint, completion_window, metadata, created,"
-            " cancelled FROM job_client_batches WHERE id = ?", (batch_id,))
-        if not rows:
-            return None
-        row = list(rows[0])
-        row[5] = None if row[5] is None else orjson.loads(row[5])
-        return ClientBatch(*row)
+        rows = self.conn.run(f"{_BATCH_SELECT} WHERE id = ?", (batch_id,))
+        return _client_batch(rows[0]) if rows else None
+
+    def tenant_batches(self, tenant: str, after: str, limit: int) -> list[ClientBatch]:
+        if after:
+            rows = self.conn.run(
+                f"{_BATCH_SELECT} WHERE tenant = ? AND (created < (SELECT created FROM"
+                " job_client_batches WHERE id = ?) OR (created = (SELECT created FROM"
+                " job_client_batches WHERE id = ?) AND id < ?)) ORDER BY created DESC, id DESC"
+                " LIMIT ?", (tenant, after, after, after, limit))
+        else:
+            rows = self.conn.run(f"{_BATCH_SELECT} WHERE tenant = ? ORDER BY created DESC,"
+                                 " id DESC LIMIT ?", (tenant, limit))
+        return [_client_batch(r) for r in rows]
 
     def cancel_batch(self, batch_id: str, now: float) -> list[Job]:
         self.conn.run("UPDATE job_client_batches SET cancelled = ? WHERE id = ? AND cancelled = 0",

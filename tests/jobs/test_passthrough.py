@@ -135,3 +135,20 @@ def test_files_and_batches_belong_to_their_tenant(make_gateway: GatewayFactory) 
         with pytest.raises(openai.NotFoundError):
             b.files.content(file_id)
         assert until_ended(a, created.id).status == "completed"
+
+
+def test_batches_are_listed_newest_first_per_tenant(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(batching=FAST, keys=[{"key": "sk-a", "tenant": "a"},
+                                           {"key": "sk-b", "tenant": "b"}])
+    with sdk(gw.base_url, "sk-a") as a, sdk(gw.base_url, "sk-b") as b:
+        made = []
+        for i in range(3):
+            file_id = upload(a, [line(str(i), "gpt-4o-mini", f"number {i}")])
+            made.append(a.batches.create(input_file_id=file_id, completion_window="24h",
+                                         endpoint="/v1/chat/completions").id)
+        first = a.batches.list(limit=2)
+        assert [x.id for x in first.data] == made[::-1][:2] and first.has_more
+        assert [x.id for x in a.batches.list()] == made[::-1]  # the SDK pages on its own
+        assert [x.id for x in b.batches.list()] == []
+        with pytest.raises(openai.BadRequestError, match="limit"):
+            a.batches.list(limit=1000)

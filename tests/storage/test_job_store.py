@@ -206,3 +206,15 @@ async def test_a_locked_file_fails_writes_with_our_error_and_reads_go_on(tmp_pat
         assert await store.get("job_0002") is not None
     finally:
         await store.close()
+
+
+async def test_a_tenants_batches_newest_first_in_pages(store: JobStore) -> None:
+    for i in range(5):
+        tenant = "t2" if i == 2 else "t1"
+        await store.put_batch(ClientBatch(f"batch_{i}", tenant, "f", "/v1/chat/completions",
+                                          "24h", None, NOW + i), [])
+    first = await store.tenant_batches("t1", "", 2)
+    assert [b.id for b in first] == ["batch_4", "batch_3"]
+    rest = await store.tenant_batches("t1", "batch_3", 10)
+    assert [b.id for b in rest] == ["batch_1", "batch_0"]
+    assert [b.id for b in await store.tenant_batches("t2", "", 10)] == ["batch_2"]
