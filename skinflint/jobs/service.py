@@ -5,7 +5,8 @@ Every gateway process runs it, but only the one holding the job store's lease ac
 --workers N`` processes share the SQLite file, replicas the PostgreSQL database). The holder
 renews it every round and, during a long round, every third of :data:`LEASE_SECONDS`; the
 others take over within that time when it stops (at once when it closes gracefully, as it
-gives the lease back). Each round (every ``tick`` seconds, or at once when woken), the holder:
+gives the lease back, or when it was killed and a process restarts on the same machine).
+Each round (every ``tick`` seconds, or at once when woken), the holder:
 
 1. on its first round, resumes: provider batches recorded but not known to be sent (the
    process stopped between writing its intent and the provider's answer) are sent again, with
@@ -54,6 +55,21 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
 
 
+def dead_here(owner: str) -> bool:
+    """Whether ``owner`` (see :func:`_owner`) was a process of this machine that is gone (it
+    was killed, and restarted here): its lease need not be waited for."""
+    host, pid, _ = [*owner.rsplit(":", 2), "", ""][:3]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
 class BatchService:
     """See the module docstring. :meth:`round` runs one round (tests call it); :meth:`start`
     runs rounds in the background until :meth:`close`."""
@@ -74,6 +90,7 @@ class BatchService:
                                   MAX_TICK))
         self._next_poll: dict[str, float] = {}
         self._resumed = False
+        self._checked = False  # whether a dead holder of the lease was looked for
         self.leading = False
         self._woken = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
@@ -127,6 +144,14 @@ class BatchService:
     async def round(self) -> None:
         now = self._clock()
         self.leading = await self.store.lease(self.owner, LEASE_SECONDS, now)
+        if not self.leading and not self._checked:
+            self._checked = True  # once: a holder alive now renews, or expires by itself
+            holder = await self.store.lease_holder()
+            if holder is not None and dead_here(holder):
+                log.warning("batches: the process that sent batches (%s) is gone; taking over",
+                            holder)
+                await self.store.release(holder)
+                self.leading = await self.store.lease(self.owner, LEASE_SECONDS, now)
         if not self.leading:
             self._resumed = False  # whoever leads next resumes
             return

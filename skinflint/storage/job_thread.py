@@ -117,6 +117,9 @@ class SqlJobStore:
     async def release(self, owner: str) -> None:
         await self._call(lambda t: t.release(owner))
 
+    async def lease_holder(self) -> str | None:
+        return await self._call(lambda t: t.lease_holder(), write=False)
+
     async def put_file(self, file: StoredFile) -> None:
         await self._call(lambda t: t.put_file(file))
 

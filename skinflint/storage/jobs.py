@@ -209,6 +209,10 @@ class JobTables:
     def release(self, owner: str) -> None:
         self.conn.run("DELETE FROM job_lease WHERE name = ? AND owner = ?", (LEASE, owner))
 
+    def lease_holder(self) -> str | None:
+        rows = self.conn.run("SELECT owner FROM job_lease WHERE name = ?", (LEASE,))
+        return str(rows[0][0]) if rows else None
+
     def put_file(self, file: StoredFile) -> None:
         self.conn.run("INSERT INTO job_files (id, tenant, feature, \"user\", purpose, filename,"
                       " content, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(file))

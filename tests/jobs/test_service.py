@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +21,7 @@ import pytest
 from skinflint.config import BatchingConfig
 from skinflint.interfaces import Job, ProviderBatch
 from skinflint.jobs import BatchService, Settler
+from skinflint.jobs.service import dead_here
 from skinflint.pricing import PriceCatalog
 from skinflint.providers.http import new_session
 from skinflint.providers.openai_compat import OpenAICompatProvider
@@ -108,3 +113,14 @@ async def test_an_unreachable_provider_gives_the_jobs_back(
     finally:
         await service.close()
         await session.close()
+
+
+def test_a_dead_lease_holder_is_told_by_host_and_pid() -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    assert dead_here(f"{host}:{gone}:ab12")
+    assert not dead_here(f"{host}:{os.getppid()}:ab12")  # alive
+    assert not dead_here(f"{host}:{os.getpid()}:ab12")  # this very process
+    assert not dead_here(f"another-{host}:{gone}:ab12")  # another machine's: unknown
+    assert not dead_here("garbage")

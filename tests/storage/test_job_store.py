@@ -140,7 +140,9 @@ async def test_one_owner_holds_the_lease_until_it_expires_or_is_released(
     assert not await store.lease("b", 10, NOW + 1)
     assert await store.lease("a", 10, NOW + 5)  # renewed
     assert await store.lease("b", 10, NOW + 16)  # a's expired
+    assert await store.lease_holder() == "b"
     await store.release("b")
+    assert await store.lease_holder() is None
     assert await store.lease("a", 10, NOW + 17)
 
 
