@@ -11,7 +11,8 @@ Each round (every ``tick`` seconds, or at once when woken), the holder:
 1. on its first round, resumes: provider batches recorded but not known to be sent (the
    process stopped between writing its intent and the provider's answer) are sent again, with
    a warning: if the provider had received the first copy, its lines run twice upstream (each
-   job's first result is the only one recorded and ledgered), a window of one HTTP round trip;
+   job's first result is the only one recorded and ledgered): the window between the
+   provider's answer to the create call and the local write of its id;
 2. sends each group of queued jobs (provider, model, and passed-through batch) that is due
    (``window_seconds`` after its oldest deferred request, at once for a passed-through batch)
    or holds ``max_lines`` jobs: the batch is written with its jobs first (the intent), then
