@@ -27,10 +27,10 @@ import orjson
 from skinflint.cachekey import request_hash
 from skinflint.errors import UpstreamError
 from skinflint.interfaces import Amounts, Job, JobResult, JobStore, Ledger, Provider
+from skinflint.jobs.admit import job_context
 from skinflint.models import BatchOutcome, Completion, LedgerRecord, UpstreamRequest, Usage
 from skinflint.monitor import Webhook
 from skinflint.pipeline.budgets import BudgetBook
-from skinflint.pipeline.context import RequestContext
 from skinflint.pricing import PriceCatalog
 
 __all__ = ["BATCH_STRATEGY", "BatchPrice", "Settler", "line_body"]
@@ -180,19 +180,17 @@ class Settler:
             saved_usd=saved, strategy=how.strategy, status=how.status,
             error_type=how.error_type, route=job.requested_model,
             latency_ms=max(now - job.created, 0.0) * 1000))
-        self._spend(job, Amounts(cost or 0.0, 0 if not job.group else 1,
-                                 usage.input_tokens + usage.output_tokens))
+        self._spend(job, Amounts(cost or 0.0, 0, usage.input_tokens + usage.output_tokens))
         self._notify(job)
 
     def _spend(self, job: Job, amount: Amounts) -> None:
-        """Count what the job spent in its budgets. A deferred request counted as a request
-        when the guard admitted it; a passed-through line counts as one now."""
+        """Count what the job spent in its budgets (it counted as a request when it was
+        admitted: the guard's for a deferred request, :mod:`skinflint.jobs.admit` for a line
+        of a passed-through batch)."""
         book = self._budgets
         if book is None or not book.budgets:
             return
-        ctx = RequestContext(job.request_id, job.created, 0.0, "chat", b"", {},
-                             tenant=job.tenant, feature=job.feature, user=job.user,
-                             requested_model=job.requested_model)
+        ctx = job_context(job)
         claims = [c for _, c in book.claims(book.applying(ctx), Amounts(), book.clock())]
         if claims:
             book.counters.settle(claims, amount)

@@ -193,7 +193,7 @@ class App:
             raise RequestError("this gateway keeps no jobs", code="not_found")
         if self._batches is None:
             tenants = {k.key_sha256: k.tenant for k in self.settings.keys}
-            self._batches = BatchesAPI(gw.batches, tenants, gw.batch_target)
+            self._batches = BatchesAPI(gw.batches, tenants, gw.batch_target, gw.budgets)
         return self._batches
 
     # ---- jobs, files and batches (see skinflint.server.batches_api)

@@ -24,7 +24,9 @@ import orjson
 from skinflint.errors import AuthenticationError, NotFoundError, RequestError
 from skinflint.interfaces import ClientBatch, GroupCounts, StoredFile
 from skinflint.jobs import shapes
+from skinflint.jobs.admit import admit_lines
 from skinflint.jobs.service import BatchService
+from skinflint.pipeline.budgets import BudgetBook
 from skinflint.pipeline.context import Target
 from skinflint.pipeline.defer import job_json
 
@@ -64,8 +66,9 @@ class BatchesAPI:
     one open tenant, ``default``)."""
 
     def __init__(self, service: BatchService, tenants: Mapping[str, str],
-                 target: Callable[[str], Target | None]) -> None:
+                 target: Callable[[str], Target | None], budgets: BudgetBook | None) -> None:
         self._service = service
+        self._budgets = budgets
         self._store = service.store
         self._tenants = tenants
         self._target = target
@@ -150,6 +153,7 @@ class BatchesAPI:
         batch = ClientBatch(shapes.new_batch_id(), tenant, f.id, shapes.CHAT_ENDPOINT, window,
                             metadata if isinstance(metadata, dict) else None, time.time())
         jobs = shapes.read_lines(f.content, batch.id, f, batch.created, self._target)
+        await admit_lines(self._budgets, jobs)
         await self._store.put_batch(batch, jobs)
         self._service.wake()
         return orjson.dumps(shapes.batch_object(batch, GroupCounts(queued=len(jobs))))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -152,3 +153,31 @@ def test_batches_are_listed_newest_first_per_tenant(make_gateway: GatewayFactory
         assert [x.id for x in b.batches.list()] == []
         with pytest.raises(openai.BadRequestError, match="limit"):
             a.batches.list(limit=1000)
+
+
+def test_a_batch_is_admitted_by_the_budgets_whole_or_refused(
+        make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    budget = {"name": "reports-day", "per": "feature", "match": "reports", "window": "day",
+              "limit": {"requests": 3, "usd": 10.0}}
+    gw = make_gateway(batching=FAST, budgets=[budget])
+    reports = {"x-skinflint-feature": "reports"}
+    with sdk(gw.base_url) as client:
+        big = upload(client, [line(str(i), "gpt-4o-mini", f"q{i}") for i in range(4)],
+                     extra_headers=reports)
+        with pytest.raises(openai.RateLimitError, match="4 lines"):
+            client.batches.create(input_file_id=big, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+        small = upload(client, [line(str(i), "gpt-4o-mini", f"q{i}") for i in range(3)],
+                       extra_headers=reports)
+        created = client.batches.create(input_file_id=small, endpoint="/v1/chat/completions",
+                                        completion_window="24h")
+        assert until_ended(client, created.id).status == "completed"
+        deadline = time.monotonic() + 5
+        while True:
+            (row,) = httpx.get(gw.root_url + "/api/budgets").json()["data"]
+            if row["spent"]["usd"] > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert row["spent"]["requests"] == 3 and row["spent"]["usd"] > 0
+    assert row["reserved"] == {"usd": 0, "requests": 0, "tokens": 0}
+    assert fake.batches.submitted == 3
