@@ -94,6 +94,7 @@ class BatchService:
         self._checked = False  # whether a dead holder of the lease was looked for
         self.leading = False
         self._woken = asyncio.Event()
+        self._stopping = False
         self._loop: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
 
@@ -109,6 +110,12 @@ class BatchService:
         self._woken.set()
 
     async def close(self) -> None:
+        """Let the round under way finish (up to :data:`CLOSE_GRACE` seconds: a batch being
+        sent is then marked sent, not sent again after the restart), then stop."""
+        self._stopping = True
+        self._woken.set()
+        if self._loop is not None:
+            await asyncio.wait([self._loop], timeout=CLOSE_GRACE)
         for task in (self._loop, self._keeper):
             if task is not None:
                 task.cancel()
@@ -121,7 +128,7 @@ class BatchService:
         await self.settler.close(CLOSE_GRACE)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.round()
             except Exception:  # a failed round (database or provider down) must not end them
