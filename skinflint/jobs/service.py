@@ -102,6 +102,10 @@ class BatchService:
         return self._apis.get(provider)
 
     def start(self) -> None:
+        """Run rounds in the background; nothing when no provider has a batch API (then
+        nothing can be deferred or batched)."""
+        if not self._apis:
+            return
         self._loop = asyncio.ensure_future(self._run())
         self._keeper = asyncio.ensure_future(self._keep_lease())
 
