@@ -30,12 +30,14 @@ __all__ = [
     "DEFAULT_ALERT_RULES",
     "AlertRule",
     "AnswerRule",
+    "BatchingConfig",
     "BreakerConfig",
     "BudgetConfig",
     "BudgetLimit",
     "CachePolicy",
     "CompressionPolicy",
     "ContextPolicy",
+    "DeferrablePolicy",
     "ExactCacheConfig",
     "FewShotPolicy",
     "GateConfig",
@@ -526,6 +528,45 @@ class CompressionPolicy(_Frozen):
         return [(key, model) for key, model in named if model]
 
 
+class DeferrablePolicy(_Frozen):
+    """A feature's batching policy: ``deferrable`` requests are deferred as if they had asked
+    with ``x-skinflint-priority: batch``."""
+
+    deferrable: bool = False
+
+
+class BatchingConfig(_Frozen):
+    """Deferred requests (``x-skinflint-priority: batch`` or a ``deferrable`` feature): gathered
+    ``window_seconds`` per provider and model (or until ``max_lines``), sent as one provider
+    batch, polled every ``poll_seconds``. A line that expired or failed is retried once in real
+    time (``realtime``) or reported failed (``fail``). ``webhook`` is POSTed
+    ``{"id", "status"}`` when a deferred job finishes."""
+
+    window_seconds: float = Field(default=60.0, ge=0)
+    max_lines: int = Field(default=50_000, ge=1, le=50_000)
+    poll_seconds: float = Field(default=30.0, gt=0)
+    on_failure: Literal["realtime", "fail"] = "realtime"
+    webhook: str | None = Field(default=None, repr=False)
+    features: dict[str, DeferrablePolicy] = Field(default_factory=dict)
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/]+\S*", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    def deferrable(self, feature: str) -> bool:
+        """Whether ``feature``'s requests are deferred without asking."""
+        policy = self.features.get(feature) if feature else None
+        return policy is not None and policy.deferrable
+
+
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8787, ge=0, le=65535)
@@ -549,6 +590,7 @@ class Settings(_Frozen):
     # absent: the default rule; an empty list (or an empty section): no alerts
     alerts: tuple[AlertRule, ...] = DEFAULT_ALERT_RULES
     compression: Scoped[CompressionPolicy] = Field(default_factory=Scoped[CompressionPolicy])
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     admin_key_sha256: str = Field(default="", repr=False)
     admin_key: str = Field(default="", repr=False, exclude=True)
 
@@ -626,6 +668,7 @@ class Settings(_Frozen):
                  *self.cache.semantic.features}
         names.update(f for route in self.routes.values() for f in route.pins)
         names.update(b.match for b in self.budgets if b.per == "feature" and b.match)
+        names.update(self.batching.features)
         return frozenset(names)
 
     def model_names(self) -> frozenset[str]:

@@ -5,9 +5,12 @@
     ├── RequestError                    400 invalid_request_error
     │   ├── BodyTooLargeError           413
     │   ├── UnknownModelError           404 model_not_found
+    │   ├── NotFoundError               404 not_found (a job, file or batch)
     │   ├── AuthenticationError         401 authentication_error
     │   └── BudgetExceededError         429 budget_exceeded (with Retry-After)
     ├── ShuttingDownError               503 shutdown (the server stopped before answering)
+    ├── BudgetStoreError                503 budget_store_unavailable
+    ├── JobStoreError                   503 job_store_unavailable
     └── UpstreamError                   502 upstream_error (a provider failed)
         ├── UpstreamStatusError         the provider's own 4xx/5xx, relayed with its status
         ├── UpstreamTimeoutError        504 timeout
@@ -29,6 +32,8 @@ __all__ = [
     "BudgetExceededError",
     "BudgetStoreError",
     "ConfigError",
+    "JobStoreError",
+    "NotFoundError",
     "RequestError",
     "ShuttingDownError",
     "SkinflintError",
@@ -88,6 +93,11 @@ class UnknownModelError(RequestError):
     code = "model_not_found"
 
 
+class NotFoundError(RequestError):
+    status = 404
+    code = "not_found"
+
+
 class AuthenticationError(RequestError):
     status = 401
     error_type = "authentication_error"
@@ -125,6 +135,17 @@ class BudgetStoreError(SkinflintError):
     status = 503
     error_type = "server_error"
     code = "budget_store_unavailable"
+    retry_after = 1.0
+
+
+class JobStoreError(SkinflintError):
+    """The job store could not be read or written (the SQLite file locked past its busy
+    timeout, the PostgreSQL server unreachable): a deferred request is not accepted unless it
+    is stored."""
+
+    status = 503
+    error_type = "server_error"
+    code = "job_store_unavailable"
     retry_after = 1.0
 
 

@@ -17,8 +17,12 @@ import aiohttp
 
 from skinflint.config import Settings, ShadowPolicy
 from skinflint.embed import embedder_for
-from skinflint.interfaces import InvalidationFeed, Ledger, Provider, Vector
+from skinflint.errors import UnknownModelError
+from skinflint.interfaces import BatchAPI, InvalidationFeed, JobStore, Ledger, Provider, Vector
+from skinflint.jobs import BatchService, Settler
+from skinflint.jobs.settle import BatchPrice
 from skinflint.metrics import Metrics
+from skinflint.models import Usage
 from skinflint.monitor import AlertMonitor, Webhook
 from skinflint.pipeline import Pipeline, Reply, RequestContext, build_stages
 from skinflint.pipeline.account import Account
@@ -32,6 +36,8 @@ from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.condense import Condenser
+from skinflint.pipeline.context import Target
+from skinflint.pipeline.defer import Defer
 from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
@@ -143,6 +149,46 @@ async def _shadow_guard(policies: Callable[[str, str], ShadowPolicy | None],
     return guard
 
 
+def batch_price(catalog: PriceCatalog) -> BatchPrice:
+    """What a line answered by a provider batch costs: the catalog's batch price, else the
+    real-time price at the provider's ``batch_discount`` (see :mod:`skinflint.pricing`)."""
+
+    def price(provider: str, name: str, usage: Usage) -> float | None:
+        return catalog.cost(name, usage, batch=True, provider=provider)
+
+    return price
+
+
+def batch_target(settings: Settings, route: Route,
+                 providers: dict[str, Provider]) -> Callable[[str], Target | None]:
+    """The target that answers a model name through a batch API: a model or alias (not a
+    route) whose provider has one; None otherwise."""
+
+    batching = frozenset(n for n, p in providers.items() if isinstance(p, BatchAPI))
+
+    def target(name: str) -> Target | None:
+        if name in settings.routes:
+            return None
+        try:
+            found = route.resolve(name)[0]
+        except UnknownModelError:
+            return None
+        return found if found.provider in batching else None
+
+    return target
+
+
+def _batch_service(settings: Settings, store: JobStore, providers: dict[str, Provider],
+                   timeouts: dict[str, float], ledger: Ledger, catalog: PriceCatalog,
+                   budgets: BudgetBook | None, session: aiohttp.ClientSession) -> BatchService:
+    config = settings.batching
+    settler = Settler(store, ledger=ledger, catalog=catalog, batch_price=batch_price(catalog),
+                      providers=providers, timeouts=timeouts, on_failure=config.on_failure,
+                      budgets=budgets, webhook=Webhook(session), webhook_url=config.webhook,
+                      clock=time.time)
+    return BatchService(store, providers, config, settler, timeouts=timeouts)
+
+
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("background loading failed; the semantic cache stays off: %s", done.exception())
@@ -169,6 +215,9 @@ class Gateway:
     alerts: AlertMonitor | None = field(default=None)  # None: no rules, or no shared ledger
     shadow: ShadowGuard | None = field(default=None)  # None: no feature is shadowed
     condenser: Condenser | None = field(default=None)  # None: no rewrites or summaries
+    batches: BatchService | None = field(default=None)  # deferred requests, batches
+    # the target that answers a model name through a batch API (None: none does)
+    batch_target: Callable[[str], Target | None] = field(default=lambda name: None)
     # unique per process start, then a counter: cheaper than 16 random bytes per request
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -216,9 +265,13 @@ class Gateway:
         budgets = None
         if settings.budgets:
             budgets = BudgetBook(settings, await storage.budget_counters(), catalog=catalog)
+        jobs = await storage.job_store()
+        timeouts = {n: p.timeout for n, p in policies.items()}
+        batchable = batch_target(settings, route, providers)
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             guard=Guard(budgets, metrics),
+            defer=Defer(settings.batching, jobs, batchable),
             rules=Rules(settings.rules, tokens, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
@@ -231,8 +284,12 @@ class Gateway:
             call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),
             account=account,
         )
+        batches = _batch_service(settings, jobs, providers, timeouts, ledger, catalog, budgets,
+                                 session)
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
-                 providers, session, budgets, shadow=shadow, condenser=condenser)
+                 providers, session, budgets, shadow=shadow, condenser=condenser,
+                 batches=batches, batch_target=batchable)
+        batches.start()
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)
         if isinstance(cache.backend, InvalidationFeed):
@@ -305,6 +362,8 @@ class Gateway:
             await self.shadow.close()
         if self.condenser is not None:  # a rewrite under way is a paid call: let it finish
             await self.condenser.drain(timeout=5.0)
+        if self.batches is not None:
+            await self.batches.close()
         for provider in self.providers.values():
             await provider.close()
         await self.session.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,7 @@ from skinflint.models import (
 )
 
 __all__ = [
+    "FINISHED",
     "Admission",
     "Amounts",
     "BatchAPI",
@@ -31,12 +32,21 @@ __all__ = [
     "CacheEntry",
     "CacheStore",
     "Claim",
+    "ClientBatch",
     "CounterRow",
+    "GroupCounts",
     "InvalidationFeed",
+    "Job",
+    "JobResult",
+    "JobState",
+    "JobStore",
     "Ledger",
     "Limits",
     "Provider",
+    "ProviderBatch",
+    "QueuedGroup",
     "SemanticIndex",
+    "StoredFile",
     "Vector",
 ]
 
@@ -266,5 +276,202 @@ class BudgetCounters(Protocol):
     async def snapshot(self, now: float) -> list[CounterRow]:
         """The counters of windows not yet ended."""
         ...
+
+    async def close(self) -> None: ...
+
+
+# ---- deferred requests and passed-through batches
+
+JobState = Literal["queued", "submitted", "completed", "failed", "cancelled"]
+#: The states a job ends in.
+FINISHED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(slots=True)
+class Job:
+    """One chat request to be answered through a provider batch: a deferred request (``group``
+    empty) or a line of a passed-through batch (``group``: the client's batch id, ``custom_id``
+    the line's own). ``body`` is the client's JSON body as sent (never a key); the request's
+    attribution travels with it. ``due`` is when it must be sent at the latest."""
+
+    id: str
+    tenant: str
+    feature: str
+    user: str
+    request_id: str
+    requested_model: str
+    provider: str
+    provider_model: str
+    body: bytes
+    created: float
+    due: float
+    group: str = ""
+    custom_id: str = ""
+    state: JobState = "queued"
+    batch: str = ""  # the gateway's id of the provider batch it was claimed into
+    response: bytes | None = None  # the chat.completion JSON, once completed
+    error: str = ""  # failed or cancelled: expired | cancelled | failed | realtime_failed
+    message: str = ""
+    finished: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What a finished job is recorded with (see :class:`Job`)."""
+
+    job_id: str
+    state: Literal["completed", "failed", "cancelled"]
+    response: bytes | None = None
+    error: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderBatch:
+    """A provider batch as the gateway tracks it. It is written (``provider_id`` empty) with
+    its jobs claimed before it is sent: an intent that a restart reconciles."""
+
+    id: str
+    provider: str
+    model: str  # the provider's model name
+    group: str
+    created: float
+    provider_id: str = ""  # empty: not known to be sent yet
+
+
+class QueuedGroup(NamedTuple):
+    """Jobs waiting to be sent, for one provider, model and group: how many, and the earliest
+    time one of them is due."""
+
+    provider: str
+    model: str
+    group: str
+    jobs: int
+    due: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCounts:
+    """How many jobs of a passed-through batch are in each state (``expired``: those failed
+    because their line expired), and when the last one finished."""
+
+    queued: int = 0
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+    last_finished: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.submitted + self.completed + self.failed + self.cancelled
+
+    @property
+    def open(self) -> int:
+        return self.queued + self.submitted
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A file a client uploaded (``POST /v1/files``), kept for its tenant with the attribution
+    of the upload."""
+
+    id: str
+    tenant: str
+    feature: str
+    user: str
+    purpose: str
+    filename: str
+    content: bytes
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClientBatch:
+    """A passed-through batch as the client created it (``POST /v1/batches``); its jobs carry
+    its id as their ``group``."""
+
+    id: str
+    tenant: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Any] | None
+    created: float
+    cancelled: float = 0.0  # when the client asked to cancel it (0: not asked)
+
+
+class JobStore(Protocol):
+    """Durable jobs, the provider batches they are sent in, and the files and batches of the
+    pass-through API. Implementations: SQLite (shared by ``serve --workers N``), PostgreSQL
+    (replicas), memory. Every write is durable when its call returns."""
+
+    async def enqueue(self, jobs: Sequence[Job]) -> None: ...
+
+    async def get(self, job_id: str) -> Job | None: ...
+
+    async def queued(self) -> list[QueuedGroup]: ...
+
+    async def claim(self, batch: ProviderBatch, limit: int) -> list[Job]:
+        """Record ``batch`` and move up to ``limit`` queued jobs of its provider, model and
+        group into it (earliest due first), in one transaction; the jobs claimed."""
+        ...
+
+    async def submitted(self, batch_id: str, provider_id: str) -> None:
+        """The batch was accepted by its provider under ``provider_id``."""
+        ...
+
+    async def unfinished(self) -> list[ProviderBatch]:
+        """Batches with a job not finished, oldest first (a restart resumes them)."""
+        ...
+
+    async def batch_jobs(self, batch_id: str) -> list[Job]: ...
+
+    async def requeue(self, batch_id: str) -> int:
+        """Give a batch's unfinished jobs back to the queue and forget the batch (it never
+        reached its provider); how many were given back."""
+        ...
+
+    async def finish(self, results: Sequence[JobResult], now: float) -> list[Job]:
+        """Record results of jobs not finished yet; the jobs this call finished, as finished
+        (a result for a job already finished is ignored: nothing is counted twice)."""
+        ...
+
+    async def lease(self, owner: str, ttl: float, now: float) -> bool:
+        """Take or renew the right to send and poll batches for ``ttl`` seconds; False when
+        another owner holds it."""
+        ...
+
+    async def release(self, owner: str) -> None: ...
+
+    async def lease_holder(self) -> str | None:
+        """Who holds the lease (or held it last); None when nobody does."""
+        ...
+
+    async def put_file(self, file: StoredFile) -> None: ...
+
+    async def get_file(self, file_id: str) -> StoredFile | None: ...
+
+    async def put_batch(self, batch: ClientBatch, jobs: Sequence[Job]) -> None:
+        """Record a passed-through batch and enqueue its jobs, in one transaction."""
+        ...
+
+    async def get_batch(self, batch_id: str) -> ClientBatch | None: ...
+
+    async def tenant_batches(self, tenant: str, after: str, limit: int) -> list[ClientBatch]:
+        """A tenant's passed-through batches, newest first, from the one after ``after`` (a
+        batch id; empty: from the newest), at most ``limit``."""
+        ...
+
+    async def cancel_batch(self, batch_id: str, now: float) -> list[Job]:
+        """Mark the batch cancelled and cancel its queued jobs; those cancelled."""
+        ...
+
+    async def group_jobs(self, group: str) -> list[Job]:
+        """A passed-through batch's jobs, in its input file's order."""
+        ...
+
+    async def group_counts(self, group: str) -> GroupCounts: ...
 
     async def close(self) -> None: ...

@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 
 from skinflint.pipeline.attribute import MAX_MODEL_NAME, MAX_N
-from skinflint.server.app import _ROUTES
+from skinflint.server.app import _ID_ROUTES, _ROUTES
 from skinflint.server.openapi import openapi_document
 from tests.conftest import GatewayFactory
 from tests.fake_packed import PackedAnswerer
@@ -17,7 +17,8 @@ from tests.fake_upstream import FakeUpstream
 def test_every_route_of_the_server_is_described() -> None:
     paths = openapi_document()["paths"]
     described = {(method.upper(), path) for path, ops in paths.items() for method in ops}
-    assert described == set(_ROUTES)
+    with_id = {(m, f"{prefix}{{id}}{suffix}") for m, prefix, suffix, _ in _ID_ROUTES}
+    assert described == set(_ROUTES) | with_id
 
 
 def test_the_schemas_are_valid_and_say_the_limits() -> None:

@@ -1,4 +1,4 @@
-"""The request pipeline. The ten stages, in order, are listed once, in :func:`build_stages`."""
+"""The request pipeline. The stages, in order, are listed once, in :func:`build_stages`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider
 from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import Next, Reply, RequestContext, Stage
+from skinflint.pipeline.defer import Defer
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
@@ -23,6 +24,7 @@ def build_stages(
     *,
     attribute: Attribute,
     guard: Guard,
+    defer: Defer,
     rules: Rules,
     exact_cache: ExactCache,
     semantic_cache: SemanticCache,
@@ -36,6 +38,7 @@ def build_stages(
     return [
         attribute,  # 1  request id, hash, tenant/feature/user/tags
         guard,  # 2  budgets and rate limits
+        defer,  # 2b deferred to a provider batch: 202 and a job id
         rules,  # 3  deterministic answers
         exact_cache,  # 4  exact cache lookup
         semantic_cache,  # 5  semantic cache lookup

@@ -2,7 +2,8 @@
 catalog, saving against the baseline, the ledger row, and storing the answer in the caches.
 
 It acts after every other stage has returned, for every outcome: answered, served from cache,
-failed, or abandoned by the client. A stream is accounted when it ends.
+failed, or abandoned by the client. A stream is accounted when it ends. A deferred request
+(``202``) has no row of its own: the batch service writes one when its result arrives.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class Account:
                 ctx.costs = self._price(ctx)
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
+        if ctx.deferred:  # accepted, not answered: its row is written when its result is
+            self._finish(ctx)
+            return reply
         ctx.model = reply.body.get("model") or ctx.answered_model
         ctx.truncated = is_truncated(reply.body)
         try:  # the client may leave (cancelling this task) while usage is counted or stored
@@ -284,7 +288,9 @@ class Account:
                     self._metrics.cascade_escalations, a.target.name, a.verdict.reason
                 ).inc()
         latency_ms = (time.perf_counter() - ctx.started) * 1000
-        if ctx.packed is not None and not ctx.served_locally:
+        if ctx.deferred:
+            pass  # its row is written when its result arrives
+        elif ctx.packed is not None and not ctx.served_locally:
             self._record_items(ctx, ctx.packed, latency_ms)
         else:
             self._ledger.record(self._row(ctx, cost_usd=ctx.costs.own_usd,

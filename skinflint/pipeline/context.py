@@ -306,6 +306,7 @@ class RequestContext:
     request_hash: str = ""
     # decisions (each set by the stage that makes it)
     budget: BudgetDecision | None = None  # None: no budget applies
+    deferred: str = ""  # the job id, when the defer stage answered 202 (deferred)
     rule: RuleAnswer | None = None  # set when a rule answered
     cache: CacheDecision = MISS
     cache_plan: CachePlan | None = None  # None: the cache neither serves nor stores it

@@ -28,6 +28,7 @@ from skinflint.models import CLIENT_LEFT
 from skinflint.monitor import event_json
 from skinflint.pipeline import Reply, RequestContext
 from skinflint.server.batch_map import answer_batch_map
+from skinflint.server.batches_api import BatchesAPI, path_id
 from skinflint.server.dashboard import PAGE, STATIC, Dashboard
 from skinflint.server.model_list import ModelList
 from skinflint.server.openapi import openapi_json
@@ -95,6 +96,7 @@ class App:
         #: Why start-up failed, when the configuration is at fault (e.g. its database is down).
         self.startup_error: SkinflintError | None = None
         self._running: set[asyncio.Task[Any]] = set()  # pipeline requests not yet answered
+        self._batches: BatchesAPI | None = None
         self._stopped = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -136,7 +138,8 @@ class App:
             await self.gateway.close()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = _ROUTES.get((scope["method"], scope["path"]))
+        handler = _ROUTES.get((scope["method"], scope["path"])) or _with_id(
+            scope["method"], scope["path"])
         out = Responder(send)
         if handler is None:
             status = 405 if any(p == scope["path"] for _, p in _ROUTES) else 404
@@ -183,6 +186,57 @@ class App:
         token = _bearer(headers)
         if not token or hash_key(token) not in self._key_hashes:
             raise AuthenticationError("invalid or missing gateway key")
+
+    def _batches_api(self) -> BatchesAPI:
+        gw = self.gateway
+        assert gw is not None
+        if gw.batches is None:
+            raise RequestError("this gateway keeps no jobs", code="not_found")
+        if self._batches is None:
+            tenants = {k.key_sha256: k.tenant for k in self.settings.keys}
+            self._batches = BatchesAPI(gw.batches, tenants, gw.batch_target, gw.budgets)
+        return self._batches
+
+    # ---- jobs, files and batches (see skinflint.server.batches_api)
+
+    async def job(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        job_id = path_id(scope["path"], "/v1/skinflint/jobs/")
+        assert job_id is not None  # routed by _with_id
+        await out.json(await self._batches_api().job(_headers(scope), job_id))
+
+    async def upload_file(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        raw = await _read_body(receive, self.settings.server.max_body_bytes)
+        await out.json(await self._batches_api().upload(_headers(scope), raw))
+
+    async def file(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        file_id = path_id(scope["path"], "/v1/files/")
+        assert file_id is not None
+        await out.json(await self._batches_api().file(_headers(scope), file_id))
+
+    async def file_content(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        file_id = path_id(scope["path"], "/v1/files/", "/content")
+        assert file_id is not None
+        content = await self._batches_api().content(_headers(scope), file_id)
+        await out.send_bytes(content, 200, [(b"content-type", b"application/octet-stream"),
+                                            (b"content-length", str(len(content)).encode())])
+
+    async def list_batches(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        query = scope.get("query_string", b"")
+        await out.json(await self._batches_api().list_batches(_headers(scope), query))
+
+    async def create_batch(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        raw = await _read_body(receive, self.settings.server.max_body_bytes)
+        await out.json(await self._batches_api().create(_headers(scope), raw))
+
+    async def batch(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        batch_id = path_id(scope["path"], "/v1/batches/")
+        assert batch_id is not None
+        await out.json(await self._batches_api().retrieve(_headers(scope), batch_id))
+
+    async def cancel_batch(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        batch_id = path_id(scope["path"], "/v1/batches/", "/cancel")
+        assert batch_id is not None
+        await out.json(await self._batches_api().cancel(_headers(scope), batch_id))
 
     # ---- routes
 
@@ -391,3 +445,22 @@ _ROUTES["GET", "/api/shadow"] = App.shadow
 _ROUTES["POST", "/api/shadow/enable"] = App.shadow_enable
 _ROUTES["GET", "/api/spend"] = App.spend
 _ROUTES["GET", "/api/requests"] = App.recent_requests
+_ROUTES["POST", "/v1/files"] = App.upload_file
+_ROUTES["POST", "/v1/batches"] = App.create_batch
+_ROUTES["GET", "/v1/batches"] = App.list_batches
+
+#: Routes whose path ends in an id: (method, prefix, suffix).
+_ID_ROUTES: list[tuple[str, str, str, Handler]] = [
+    ("GET", "/v1/skinflint/jobs/", "", App.job),
+    ("GET", "/v1/files/", "/content", App.file_content),
+    ("GET", "/v1/files/", "", App.file),
+    ("POST", "/v1/batches/", "/cancel", App.cancel_batch),
+    ("GET", "/v1/batches/", "", App.batch),
+]
+
+
+def _with_id(method: str, path: str) -> Handler | None:
+    for m, prefix, suffix, handler in _ID_ROUTES:
+        if m == method and path_id(path, prefix, suffix) is not None:
+            return handler
+    return None

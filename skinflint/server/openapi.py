@@ -23,6 +23,7 @@ from skinflint.pipeline.attribute import (
 )
 from skinflint.server.batch_map import MAX_ITEMS_PER_CALL
 from skinflint.server.dashboard import STATIC
+from skinflint.server.openapi_batches import PRIORITY_PARAMETER, batch_paths, batch_schemas
 from skinflint.server.spend_api import MAX_LIMIT
 from skinflint.storage.rollup import BUCKETS, DIMENSIONS, FIGURES, RECENT_COLUMNS
 from skinflint.storage.spend import OTHER, SERIES_TOP
@@ -276,7 +277,7 @@ _GATEWAY_KEY: list[JSON] = [{"gatewayKey": []}]
 _ADMIN_KEY: list[JSON] = [{"adminKey": []}]
 
 
-def _pipeline_op(summary: str, request: str) -> JSON:
+def _pipeline_op(summary: str, request: str, *, deferrable: bool = False) -> JSON:
     return {
         "summary": summary,
         "security": _GATEWAY_KEY,
@@ -289,13 +290,15 @@ def _pipeline_op(summary: str, request: str) -> JSON:
                 "x-skinflint-cache",
                 "x-skinflint-task",
             )
-        ],
+        ] + ([PRIORITY_PARAMETER] if deferrable else []),
         "requestBody": {"required": True, "content": _json(_ref(request))},
         "responses": {
             "200": {
                 "description": "the answer (server-sent events when streaming)",
                 "content": {**_json(_ref("Object")), "text/event-stream": {}},
             },
+            **({"202": {"description": "deferred: the job to poll",
+                        "content": _json(_ref("Job"))}} if deferrable else {}),
             **_ERRORS,
         },
     }
@@ -310,7 +313,8 @@ def _get_op(summary: str, content: JSON, security: list[JSON] | None) -> JSON:
 
 
 def _paths() -> JSON:
-    chat = {"post": _pipeline_op("Create a chat completion", "ChatCompletionRequest")}
+    chat = {"post": _pipeline_op("Create a chat completion", "ChatCompletionRequest",
+                                 deferrable=True)}
     embed = {"post": _pipeline_op("Create embeddings", "EmbeddingRequest")}
     models = {"get": _get_op("List models, aliases and routes", _json(_ref("Object")),
                              _GATEWAY_KEY)}
@@ -357,6 +361,7 @@ def _paths() -> JSON:
             "The shadow guard's score per feature and strategy, and whether it is on",
             _json(_ref("ShadowScores")), _ADMIN_KEY)},
         "/api/shadow/enable": {"post": enable},
+        **batch_paths(_ERRORS),
     }
 
 
@@ -378,7 +383,7 @@ def openapi_json() -> bytes:
             },
             "paths": _paths(),
             "components": {
-                "schemas": _SCHEMAS,
+                "schemas": {**_SCHEMAS, **batch_schemas()},
                 "securitySchemes": {
                     "gatewayKey": {"type": "http", "scheme": "bearer"},
                     "adminKey": {"type": "http", "scheme": "bearer"},

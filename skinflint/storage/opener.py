@@ -9,6 +9,8 @@ each store. The gateway, the commands and the analytics all open storage here.
   searched in process;
 * the alert store (the alerts raised; spend per window is read from the ledger): beside the
   ledger, in PostgreSQL or the SQLite file (none for ``:memory:``);
+* the job store (deferred requests, provider batches, the pass-through API's files and
+  batches): beside the ledger, in PostgreSQL or the SQLite file (in memory for ``:memory:``);
 * the budget counters: Redis when ``redis_url`` is set, else PostgreSQL when
   ``postgres_url`` is, else the SQLite file (shared by ``serve --workers N``), in memory when
   that file is ``:memory:``.
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from skinflint.config import Settings
-from skinflint.interfaces import BudgetCounters, CacheStore, Ledger, SemanticIndex
+from skinflint.interfaces import BudgetCounters, CacheStore, JobStore, Ledger, SemanticIndex
 from skinflint.storage import sqlite_queries
 from skinflint.storage.alert_store import AlertStore, SQLiteAlertStore
 from skinflint.storage.cache import TieredCacheStore
@@ -124,6 +126,7 @@ class Storage:
         self._cache: CacheStore | None = None
         self._counters: BudgetCounters | None = None
         self._alerts: AlertStore | None = None
+        self._jobs: JobStore | None = None
 
     async def ledger(self) -> Ledger:
         """The request ledger. Raises ConfigError when its server cannot be reached."""
@@ -160,6 +163,22 @@ class Storage:
                 self._must_exist(path)
                 self._counters = await asyncio.to_thread(SQLiteBudgetCounters, path)
         return self._counters
+
+    async def job_store(self) -> JobStore:
+        """Deferred requests and batches, wherever the ledger is (see the module docstring).
+        Raises ConfigError when its server cannot be reached."""
+        if self._jobs is None:
+            where = self.location.ledger or self.settings.storage.sqlite_path
+            if kind(where) == "postgres":
+                from skinflint.storage.pg_jobs import PostgresJobStore
+
+                self._jobs = await asyncio.to_thread(PostgresJobStore, where)
+            else:
+                from skinflint.storage.sqlite_jobs import SQLiteJobStore
+
+                self._must_exist(where)
+                self._jobs = await asyncio.to_thread(SQLiteJobStore, where)
+        return self._jobs
 
     async def alert_store(self) -> AlertStore:
         """The alerts raised, and spend per window read from the ledger, wherever the ledger
@@ -251,7 +270,7 @@ class Storage:
         spills what is pending). A store that fails to close is logged and never keeps the
         ledger from closing."""
         try:
-            for store in (self._alerts, self._counters, self._cache):
+            for store in (self._jobs, self._alerts, self._counters, self._cache):
                 if store is not None:
                     try:
                         await store.close()

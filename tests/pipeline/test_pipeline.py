@@ -19,6 +19,7 @@ from skinflint.pipeline.cache_semantic import SemanticCache
 from skinflint.pipeline.call import CallProvider, RetryPolicy
 from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import MISS, Next, Reply, RequestContext
+from skinflint.pipeline.defer import Defer
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
@@ -94,6 +95,7 @@ def _built(exact: bool, provider: Scripted | None = None) -> tuple[Pipeline, Mem
     stages = build_stages(
         attribute=Attribute({}),
         guard=Guard(None, metrics),
+        defer=Defer(settings.batching, None, lambda name: None),
         rules=Rules(settings.rules, TokenCounter(), metrics),
         exact_cache=ExactCache(cache),
         semantic_cache=SemanticCache(cache),
@@ -113,9 +115,9 @@ def _names(pipeline: Pipeline) -> list[str]:
 
 def test_the_order_a_request_meets_the_stages() -> None:
     assert _names(_built(exact=True)[0]) == [
-        "attribute", "guard (empty)", "rules (empty)", "exact_cache", "semantic_cache (empty)",
+        "attribute", "guard (empty)", "defer (empty)", "rules (empty)", "exact_cache", "semantic_cache (empty)",
         "compress (empty)", "route", "budget_tokens (empty)", "call_provider", "account"]
-    assert _names(_built(exact=False)[0])[3:5] == ["exact_cache (empty)",
+    assert _names(_built(exact=False)[0])[4:6] == ["exact_cache (empty)",
                                                    "semantic_cache (empty)"]
 
 

@@ -266,3 +266,14 @@ def test_a_similar_list_of_items_is_never_a_semantic_hit(
     assert [r["output"] for r in first["results"]] == ["positive"] * 6
     assert [r["output"] for r in second["results"]] == ["negative"] * 6
     assert len(_sent(fake)) == 2
+
+
+def test_a_deferrable_feature_still_answers_batch_map_at_once(
+        fake: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    fake.add_answerer(PackedAnswerer(seed=3))
+    items = _reviews(6)
+    gw = make_gateway(batching={"features": {"nightly": {"deferrable": True}}})
+    with _client(gw, **{"x-skinflint-feature": "nightly"}) as client:
+        answer = _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION, items=items)
+    assert [r["output"] for r in answer["results"]] == [classify(t) for t in items]
+    assert fake.batches.submitted == 0 and len(_sent(fake)) == answer["calls"] == 1

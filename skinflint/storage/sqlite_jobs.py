@@ -1,0 +1,53 @@
+"""The job store in the SQLite file (WAL), shared by every process that opens it (``serve
+--workers N``): see :mod:`skinflint.storage.jobs`."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from skinflint.storage.job_thread import SqlJobStore
+from skinflint.storage.jobs import schema
+from skinflint.storage.ledger import open_sqlite
+
+__all__ = ["SQLiteJobStore"]
+
+
+class _SQLite:
+    def __init__(self, path: str, busy_timeout: float) -> None:
+        self._conn = open_sqlite(path, busy_timeout=busy_timeout)
+        with self.transaction():
+            for statement in schema("sqlite"):
+                self._conn.execute(statement)
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[None]:
+        # a writer waits busy_timeout for another process's write lock; a reader never does
+        self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            raise
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class SQLiteJobStore(SqlJobStore):
+    """Jobs in the SQLite file at ``path`` (created if needed); blocks while it connects."""
+
+    def __init__(self, path: str, *, busy_timeout: float = 10.0) -> None:
+        super().__init__(lambda: _SQLite(path, busy_timeout), name="jobs")
