@@ -215,7 +215,7 @@ def _strategies(calls: Sequence[Call], exact: Sequence[bool], near: Sequence[boo
             " same minute are packed into one prompt that carries their instructions once"
             " (the others' system prompt tokens are saved, at the input rate), assuming no"
             " one waits for those answers (background work); the batch API's discount is"
-            " batch_api's")),
+            " counted apart, under batch_api")),
         proj.Strategy(proj.saving_by_batch_api(calls, catalog), (
             "provider batch API: calls no one waits on are sent through the provider's batch"
             " API, the same tokens at its batch price (the price catalog's, else the"
