@@ -230,6 +230,6 @@ def saving_by_batch_api(calls: Sequence[Call], catalog: PriceCatalog) -> Saved:
         if call.cost is None or call.usage is None:
             continue
         batch = catalog.cost(call.model, call.usage, batch=True)
-        if batch is not None:
-            _add(saved, "batch_api", call, max(call.cost - batch, 0.0))
+        if batch is not None and call.cost > batch:  # a ledger line paid at it saves nothing
+            _add(saved, "batch_api", call, call.cost - batch)
     return saved
