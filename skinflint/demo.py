@@ -5,16 +5,30 @@ classification, cheap-first cascades), the exact cache and the semantic cache; t
 ``openai`` SDK sends a mixed workload over loopback HTTP. Spend and savings come from the
 gateway's own ledger; quality is the recorded correctness of the answers it returned.
 
+A share of the workload (:data:`DEFERRED_SHARE`) is a nightly evaluation no one waits on: the
+feature ``nightly-eval``, configured ``deferrable``, so the gateway answers those requests
+``202`` with a job id, sends them through the replay provider's batch API (each line answered
+with its recording) and serves each answer at ``GET /v1/skinflint/jobs/{id}``, which the demo
+polls. They ask :data:`PREMIUM_MODEL` by name: a deferred request cannot name a route (its model
+is chosen per request), and a job whose answers are read the next morning has no reason to
+trade quality for price, since the batch API halves the premium model's price anyway. They
+are distinct questions (an evaluation set, not repeats), never streamed, and neither read nor
+fill the caches (a deferred request skips them), so they wait for no other request. Their
+ledger rows (strategy ``batch``) are priced at the batch price against the real-time price;
+their recorded correctness counts in the quality figures as any other answer's does. The
+batching window and polling are a fraction of a second, so the demo still takes seconds.
+
 The figures depend only on the seed. Requests run ``concurrency`` at a time, but one that the
 caches could answer from an earlier request (the same prompt, or a question the semantic cache
 could find similar) is sent only once that earlier one has been answered and stored, as when
 real repeats arrive minutes or days apart; otherwise whether it hit would depend on which
 request happened to finish first.
 
-Compression, token budgets and rules stay off: the replay provider finds a recording by the
-exact prompt, so a compressed prompt has no recorded answer (inventing one would fake the
-quality); a recorded answer cut at a token cap has no correctness label; and no benchmark
-question has a deterministic answer a rule could give. Tokens and dollars saved per strategy
+Compression, token budgets, rules and in-prompt batching (``batch_map``) stay off: the replay
+provider finds a recording by the exact prompt, so a compressed prompt, or several questions
+packed into one prompt, has no recorded answer (inventing one would fake the quality); a
+recorded answer cut at a token cap has no correctness label; and no benchmark question has a
+deterministic answer a rule could give. Tokens and dollars saved per strategy
 follow :mod:`skinflint.analytics.savings`.
 """
 
@@ -34,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from skinflint.analytics.evaluation import default_replay_config
 from skinflint.analytics.report import percentile, read_records
@@ -46,10 +61,13 @@ from skinflint.providers.replay import ReplayProvider, ReplaySample
 from skinflint.server.run import BackgroundServer
 
 __all__ = [
+    "DEFERRED_FEATURE",
+    "DEFERRED_SHARE",
     "LATENCY_SPEEDUP",
     "PREMIUM_MODEL",
     "ROUTE",
     "STRATEGIES",
+    "Request",
     "RequestOrder",
     "build_workload",
     "run_demo",
@@ -64,30 +82,56 @@ STREAM_SHARE = 0.2
 # requests are ordered, so that float rounding in the embedder can never decide the order.
 SIMILARITY_MARGIN = 0.01
 PLAN_BATCH = 32  # requests planned at a time
+DEFERRED_SHARE = 0.15  # share of requests from a nightly evaluation no one waits on
+DEFERRED_FEATURE = "nightly-eval"
+#: Deferred requests are gathered this long before a provider batch is sent, and submitted
+#: batches polled this often: a fraction of a second, so the demo takes seconds.
+BATCH_WINDOW_SECONDS = 0.5
+BATCH_POLL_SECONDS = 0.1
+JOB_POLL_SECONDS = 0.2  # how often the demo asks whether a deferred request is answered
 
-#: What answered a request, in the order the pipeline tries them: the exact cache, the
-#: semantic cache, a task's cheap-first cascade, or the one model a task is routed to.
-STRATEGIES = ("exact_cache", "semantic_cache", "cascade", "routed")
+#: What answered a request, in the order the pipeline tries them: a provider's batch API
+#: (deferred requests: their stage comes before the caches), the exact cache, the semantic
+#: cache, a task's cheap-first cascade, or the one model a task is routed to.
+STRATEGIES = ("batch", "exact_cache", "semantic_cache", "cascade", "routed")
 
 Progress = Callable[[int, int], None]
-Workload = list[tuple[ReplaySample, bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request of the workload: ``deferred`` ones are the nightly evaluation's (feature
+    :data:`DEFERRED_FEATURE`, model :data:`PREMIUM_MODEL`, never streamed); the others ask
+    route :data:`ROUTE`."""
+
+    sample: ReplaySample
+    stream: bool = False
+    deferred: bool = False
+
+
+Workload = list[Request]
 
 
 @dataclass(frozen=True, slots=True)
 class Answered:
     sample: ReplaySample
-    model: str  # x-skinflint-model: the recorded model whose answer came back
+    model: str  # x-skinflint-model (a job's answer's model): the recorded model that answered
     cache: str
     route: str
     ms: float
     content: str  # the answer text served
+    deferred: bool = False
 
 
 def build_workload(samples: list[ReplaySample], n: int, seed: int) -> Workload:
     """``n`` requests: distinct questions from every benchmark, a share of them asked again
-    (popular ones more often), some streamed. Deterministic for a seed."""
+    (popular ones more often), some streamed; and among them, :data:`DEFERRED_SHARE` of
+    the ``n`` deferred: distinct questions asked by no other request, with a recorded answer
+    of :data:`PREMIUM_MODEL`. Deterministic for a seed."""
     rng = random.Random(seed)
-    unique = max(1, round(n * (1 - REPEAT_SHARE)))
+    deferred = round(n * DEFERRED_SHARE) if n > 1 else 0
+    interactive = n - deferred
+    unique = max(1, round(interactive * (1 - REPEAT_SHARE)))
     by_eval: dict[str, list[ReplaySample]] = {}
     for s in samples:
         by_eval.setdefault(s.eval, []).append(s)
@@ -97,9 +141,25 @@ def build_workload(samples: list[ReplaySample], n: int, seed: int) -> Workload:
     rng.shuffle(pool)
     pool = pool[:unique]
     weights = [(rank + 1) ** -0.8 for rank in range(len(pool))]  # Zipf-like: a few FAQs lead
-    order = pool + rng.choices(pool, weights=weights, k=n - len(pool))
+    order = pool + rng.choices(pool, weights=weights, k=interactive - len(pool))
     rng.shuffle(order)
-    return [(s, rng.random() < STREAM_SHARE) for s in order]
+    live = [Request(s, rng.random() < STREAM_SHARE) for s in order]
+    nightly = [Request(s, deferred=True) for s in _evaluation_set(samples, pool, deferred, rng)]
+    at = set(rng.sample(range(n), deferred))
+    live_it, nightly_it = iter(live), iter(nightly)
+    return [next(nightly_it) if i in at else next(live_it) for i in range(n)]
+
+
+def _evaluation_set(samples: list[ReplaySample], asked: list[ReplaySample], n: int,
+                    rng: random.Random) -> list[ReplaySample]:
+    """``n`` questions with a recorded answer of :data:`PREMIUM_MODEL`: distinct, and none of
+    ``asked`` while there are enough others (a workload bigger than the recordings repeats)."""
+    answered = [s for s in samples if s.responses.get(PREMIUM_MODEL)]
+    ids = {s.id for s in asked}
+    unasked = [s for s in answered if s.id not in ids]
+    if len(unasked) >= n:
+        return rng.sample(unasked, n)
+    return rng.choices(answered, k=n)
 
 
 class RequestOrder:
@@ -178,6 +238,31 @@ async def _send(client: Any, sample: ReplaySample, stream: bool) -> Answered:
     )
 
 
+async def _defer(client: Any, sample: ReplaySample) -> dict[str, Any]:
+    """Ask for ``sample`` as the nightly evaluation does; the job the gateway accepted."""
+    raw = await client.chat.completions.with_raw_response.create(
+        model=PREMIUM_MODEL, messages=[{"role": "user", "content": sample.prompt}],
+        temperature=0, extra_headers={"x-skinflint-feature": DEFERRED_FEATURE},
+    )
+    if raw.status_code != 202:
+        raise RuntimeError(f"a deferred request was answered {raw.status_code}, not 202")
+    job: dict[str, Any] = orjson.loads(raw.content)
+    return job
+
+
+async def _collect(client: Any, sample: ReplaySample, job: dict[str, Any],
+                   started: float) -> Answered:
+    """Poll ``job`` until it is finished; its answer (none when it failed)."""
+    while job["status"] not in ("completed", "failed", "cancelled"):
+        await asyncio.sleep(JOB_POLL_SECONDS)
+        job = await client.get(f"/skinflint/jobs/{job['id']}", cast_to=object)
+    response = job.get("response") or {}
+    choices = response.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content") or ""
+    return Answered(sample, str(response.get("model", "")), "", "",
+                    (time.perf_counter() - started) * 1000, content, deferred=True)
+
+
 async def _drive(
     base_url: str,
     workload: Workload,
@@ -185,39 +270,50 @@ async def _drive(
     concurrency: int,
     on_progress: Progress | None,
 ) -> list[Answered]:
-    """Every request, ``concurrency`` at a time, each once planned and once the requests it
-    waits for have finished; the answers in workload order."""
+    """Every request, ``concurrency`` at a time (a deferred one while being accepted, not
+    while its answer is awaited), each once planned and once the requests it waits for have
+    finished; the answers in workload order."""
     from openai import AsyncOpenAI
 
     n = len(workload)
+    live = [i for i, r in enumerate(workload) if not r.deferred]
     answers: list[Answered | None] = [None] * n
-    waits: list[tuple[int, ...]] = []
+    waits: dict[int, tuple[int, ...]] = {}
     planned, finished = [asyncio.Event() for _ in workload], [asyncio.Event() for _ in workload]
     done = 0
     gate = asyncio.Semaphore(concurrency)
 
     async def plan() -> None:
-        prompts = [sample.prompt for sample, _ in workload]
-        for start in range(0, n, PLAN_BATCH):
-            waits.extend(await asyncio.to_thread(order.extend, prompts[start:start + PLAN_BATCH]))
-            for i in range(start, len(waits)):
-                planned[i].set()
+        prompts = [workload[i].sample.prompt for i in live]
+        for start in range(0, len(live), PLAN_BATCH):
+            found = await asyncio.to_thread(order.extend, prompts[start:start + PLAN_BATCH])
+            for k, before in enumerate(found, start):
+                waits[live[k]] = tuple(live[j] for j in before)
+                planned[live[k]].set()
 
     async with AsyncOpenAI(base_url=base_url, api_key="demo", max_retries=0, timeout=60) as client:
 
-        async def one(i: int, sample: ReplaySample, stream: bool) -> None:
-            nonlocal done
+        async def ask(i: int, request: Request) -> Answered:
+            if request.deferred:
+                started = time.perf_counter()
+                async with gate:
+                    job = await _defer(client, request.sample)
+                return await _collect(client, request.sample, job, started)
             await planned[i].wait()
             for j in waits[i]:
                 await finished[j].wait()
             async with gate:
-                answers[i] = await _send(client, sample, stream)
+                return await _send(client, request.sample, request.stream)
+
+        async def one(i: int, request: Request) -> None:
+            nonlocal done
+            answers[i] = await ask(i, request)
             finished[i].set()
             done += 1
             if on_progress:
                 on_progress(done, n)
 
-        await asyncio.gather(plan(), *(one(i, s, st) for i, (s, st) in enumerate(workload)))
+        await asyncio.gather(plan(), *(one(i, r) for i, r in enumerate(workload)))
     return [a for a in answers if a is not None]
 
 
@@ -251,6 +347,9 @@ def _run_demo(requests: int, concurrency: int, seed: int, on_progress: Progress 
     raw = default_replay_config()
     raw["providers"]["replay"]["latency_scale"] = 1 / LATENCY_SPEEDUP
     raw["cache"] = {"semantic": {"enabled": True}}
+    raw["batching"] = {"window_seconds": BATCH_WINDOW_SECONDS,
+                       "poll_seconds": BATCH_POLL_SECONDS,
+                       "features": {DEFERRED_FEATURE: {"deferrable": True}}}
     settings = settings_from_dict({**raw, "storage": {"sqlite_path": str(db)}}, env={})
     since = time.time()
     started = time.perf_counter()
@@ -271,12 +370,16 @@ def _correct(replay: ReplayProvider, answered: Answered) -> int:
     recorded response's label, or the letter of a multiple-choice answer), and counts as wrong
     when it cannot be graded."""
     prompt, model = answered.sample.prompt, answered.model
+    if not model:  # a deferred request whose job failed: no answer
+        return 0
     if answered.cache == "hit-semantic":
         return replay.correctness(prompt, model, answered.content) or 0
     return replay.correctness(prompt, model) or 0
 
 
 def _strategy(row: LedgerRecord) -> str:
+    if row.strategy == "batch":
+        return "batch"
     if row.cache_status == "hit-exact":
         return "exact_cache"
     if row.cache_status == "hit-semantic":
@@ -288,7 +391,8 @@ def _strategies(rows: list[LedgerRecord], saving: float) -> list[dict[str, Any]]
     """Each strategy's requests and saving (see :mod:`skinflint.analytics.savings`): dollars
     are the baseline cost of the requests it answered less what they cost, cascade tiers that
     did not answer included (the ledger's saving); tokens are those no provider processed
-    (a cache hit's whole call), less what the tiers a cascade escalated from processed."""
+    (a cache hit's whole call), less what the tiers a cascade escalated from processed. A
+    batch line saves price only: its real-time price less its batch price, no token."""
     saved = {s.strategy: s for s in ledger_savings(rows, name=_strategy)}
     out = []
     for name in STRATEGIES:
@@ -299,11 +403,12 @@ def _strategies(rows: list[LedgerRecord], saving: float) -> list[dict[str, Any]]
 
 
 def _answered_by(answers: list[Answered]) -> list[dict[str, Any]]:
-    """Who answered the requests the caches did not: task, model and cascade tier."""
+    """Who answered the requests the caches did not: task (``batch API`` for the deferred
+    ones), model and cascade tier."""
     misses = [a for a in answers if not a.cache.startswith("hit")]
     counts = Counter(
         (
-            a.route.split("task=")[-1].split(";")[0],
+            "batch API" if a.deferred else a.route.split("task=")[-1].split(";")[0],
             a.model,
             a.route.split("tier=")[-1] if "tier=" in a.route else "",
         )
@@ -328,6 +433,7 @@ def _summarise(
     spend = math.fsum(r.cost_usd or 0.0 for r in rows)
     return {
         "requests": len(answers),
+        "deferred": sum(a.deferred for a in answers),
         "unique_prompts": len({a.sample.id for a in answers}),
         "ledger_rows": len(rows),
         "baseline": {"model": PREMIUM_MODEL, "cost_usd": baseline, "quality": baseline_quality},
@@ -342,9 +448,13 @@ def _summarise(
 
 
 def _timings(answers: list[Answered], wall: float) -> dict[str, Any]:
-    latencies = [a.ms for a in answers]
+    """Latencies of the requests answered in real time; a deferred one's answer waits for its
+    batch on purpose (``deferred_ms``: from acceptance to the answer read)."""
+    latencies = [a.ms for a in answers if not a.deferred]
+    waits = [a.ms for a in answers if a.deferred]
     return {
         "latency_ms": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)},
+        "deferred_ms": {"p50": percentile(waits, 0.5), "p95": percentile(waits, 0.95)},
         "latency_speedup": LATENCY_SPEEDUP,
         "wall_seconds": wall,
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from skinflint.cli.output import count
+from skinflint.cli.output import count, usd
 from tests.analytics.auditlog import CONFIG, Built, build_log
 
 
@@ -143,3 +143,26 @@ def test_tokens_saved_per_strategy_in_json_text_and_html(built: Built, files: Pa
     assert "<th>prompt tokens saved</th><th>answer tokens saved</th>" in html
     assert (f"<td>exact_cache</td><td>{exact['input_tokens_saved']:,}</td>"
             f"<td>{exact['output_tokens_saved']:,}</td>") in html
+
+
+def test_batch_api_in_json_text_and_html(tmp_path: Path) -> None:
+    """Fifteen background calls in one minute, fifteen a person made: the batch API saves the
+    first fifteen's real-time price less their batch price, shown alike in the three outputs."""
+    from tests.analytics.test_audit_batch_api import CATALOG_SAVING, T0, burst
+
+    lines = [*burst(0, 15, T0), *burst(100, 15, T0 + 600, user="ana")]
+    (tmp_path / "calls.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run = _skinflint(tmp_path, "audit", "calls.jsonl", "--json")
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    s = {x["name"]: x for x in out["strategies"]}["batch_api"]
+    assert s["log_requests"] == 15
+    assert s["log_saving_usd"] == pytest.approx(15 * CATALOG_SAVING, rel=1e-9)
+    assert s["saving_usd"] == pytest.approx(s["log_saving_usd"] * out["monthly_factor"],
+                                            rel=1e-6)
+    run = _skinflint(tmp_path, "audit", "calls.jsonl", "--html", "audit.html")
+    assert run.returncode == 0, run.stderr
+    row = " ".join(run.stdout.split()).split("batch_api: provider batch API")[1]
+    assert usd(s["saving_usd"]) in row.split("all together")[0]
+    html = (tmp_path / "audit.html").read_text()
+    assert "<td>batch_api</td><td>0</td><td>0</td>" in html

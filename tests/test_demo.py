@@ -22,13 +22,20 @@ from skinflint.cli import main
 from skinflint.cli.output import count
 from skinflint.cli.run import format_demo
 from skinflint.config import settings_from_dict
-from skinflint.demo import STRATEGIES, RequestOrder, build_workload
+from skinflint.demo import (
+    DEFERRED_FEATURE,
+    DEFERRED_SHARE,
+    PREMIUM_MODEL,
+    STRATEGIES,
+    RequestOrder,
+    build_workload,
+)
 from skinflint.embed import load_embedder
 from skinflint.models import LedgerRecord
 from skinflint.pipeline.cache import semantic_defaults
 from skinflint.providers.replay import ReplayProvider
 
-TIMINGS = ("latency_ms", "wall_seconds")
+TIMINGS = ("latency_ms", "deferred_ms", "wall_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,8 @@ def test_the_same_question_after_another_document_does_not_wait(
 def test_planning_a_batch_at_a_time_gives_the_same_order(
     replay: ReplayProvider, new_order: Callable[[], RequestOrder]
 ) -> None:
-    prompts = [s.prompt for s, _ in build_workload(replay.samples(), 120, 3)]
+    prompts = [r.sample.prompt for r in build_workload(replay.samples(), 120, 3)
+               if not r.deferred]
     whole = new_order().extend(prompts)
     order = new_order()
     batched = [w for k in range(0, len(prompts), 7) for w in order.extend(prompts[k : k + 7])]
@@ -91,8 +99,25 @@ def test_planning_a_batch_at_a_time_gives_the_same_order(
 
 def test_the_workload_depends_on_the_seed(replay: ReplayProvider) -> None:
     samples = replay.samples()
-    ids = [[s.id for s, _ in build_workload(samples, 80, seed)] for seed in (1, 1, 2)]
+    ids = [[(r.sample.id, r.deferred) for r in build_workload(samples, 80, seed)]
+           for seed in (1, 1, 2)]
     assert ids[0] == ids[1] != ids[2]
+
+
+def test_a_share_of_the_workload_is_a_nightly_evaluation(replay: ReplayProvider) -> None:
+    """Deferred requests: their share of the workload, distinct questions no live request
+    asks, each with a recorded answer of the model they name, never streamed."""
+    workload = build_workload(replay.samples(), 200, 5)
+    nightly = [r for r in workload if r.deferred]
+    live = [r for r in workload if not r.deferred]
+    assert len(workload) == 200 and len(nightly) == round(200 * DEFERRED_SHARE) == 30
+    ids = [r.sample.id for r in nightly]
+    assert len(set(ids)) == len(ids)
+    assert not set(ids) & {r.sample.id for r in live}
+    assert all(r.sample.responses[PREMIUM_MODEL] and not r.stream for r in nightly)
+    assert any(r.stream for r in live)
+    positions = [i for i, r in enumerate(workload) if r.deferred]
+    assert positions[0] < 50 and positions[-1] > 150  # spread over the run, not at one end
 
 
 def _demo_json(*args: str, hash_seed: str) -> dict[str, Any]:
@@ -138,6 +163,8 @@ def test_demo_splits_the_saving_by_strategy(capsys: pytest.CaptureFixture[str],
         result["saving_usd"])
     assert math.fsum(s["share"] for s in strategies.values()) == pytest.approx(1.0)
     assert strategies["exact_cache"]["requests"] > 0
+    assert strategies["batch"]["requests"] == result["deferred"] == round(150 * DEFERRED_SHARE)
+    assert strategies["batch"]["saving_usd"] > 0
     assert strategies["exact_cache"]["saving_usd"] > 0 and strategies["cascade"]["saving_usd"] > 0
     answered_by = result["answered_by"]
     assert sum(a["share"] for a in answered_by) == pytest.approx(1.0)
@@ -153,6 +180,8 @@ def test_demo_splits_the_saving_by_strategy(capsys: pytest.CaptureFixture[str],
     text = console.file.getvalue()  # type: ignore[attr-defined]
     _check_text(text)
     exact = strategies["exact_cache"]
+    assert re.search(r"│ batch API \(deferred requests\) +│ +"
+                     + str(strategies["batch"]["requests"]) + r" │ +0 │ +\$\d[\d.,]* +│", text)
     assert re.search(r"│ exact cache \(same request\) +│ +\d+ │ +"
                      + re.escape(count(exact["tokens_saved"]))
                      + r" │ +\$\d[\d.,]* +│ +\d+\.\d%", text)
@@ -178,6 +207,14 @@ def _check_tokens_against_the_ledger(result: dict[str, Any], rows: list[LedgerRe
     baseline = sum(r.input_tokens + r.output_tokens for r in clients)
     processed = sum(r.input_tokens + r.output_tokens for r in rows
                     if not r.cache_status.startswith("hit"))
+    batch = [r for r in rows if r.strategy == "batch"]
+    assert len(batch) == result["deferred"] == s["batch"]["requests"]
+    assert {(r.feature, r.model, r.status) for r in batch} == {
+        (DEFERRED_FEATURE, PREMIUM_MODEL, 200)}
+    for r in batch:  # half the real-time price: the replay provider's batch discount
+        assert r.cost_usd == pytest.approx(r.baseline_cost_usd * 0.5)
+    assert s["batch"]["tokens_saved"] == 0  # the same tokens, at a lower price
+    assert s["batch"]["saving_usd"] == pytest.approx(math.fsum(r.saved_usd or 0 for r in batch))
     assert result["tokens"] == {"baseline": baseline, "processed": processed,
                                 "saved": baseline - processed}
     assert sum(x["tokens_saved"] for x in s.values()) == baseline - processed

@@ -211,10 +211,19 @@ def _strategies(calls: Sequence[Call], exact: Sequence[bool], near: Sequence[boo
             " the longest 5% beyond the cap are saved at the output rate, and those answers"
             " are cut short (their quality cost is not assessed)")),
         proj.Strategy(proj.saving_by_batching(calls, bloat.system_tokens, catalog), (
-            "calls of one feature, model and system prompt within the same minute are sent"
-            " together with their instructions once (the others' system prompt tokens are"
-            " saved), assuming no one waits for those answers"
-            " (background work); the batch API's own discount is not counted")),
+            "in-prompt batching: calls of one feature, model and system prompt within the"
+            " same minute are packed into one prompt that carries their instructions once"
+            " (the others' system prompt tokens are saved, at the input rate), assuming no"
+            " one waits for those answers (background work); the batch API's discount is"
+            " counted apart, under batch_api")),
+        proj.Strategy(proj.saving_by_batch_api(calls, catalog), (
+            "provider batch API: calls no one waits on are sent through the provider's batch"
+            " API, the same tokens at its batch price (the price catalog's, else the"
+            " provider's batch_discount, by default half) instead of the real-time one. A log"
+            " cannot say what may wait: counted are calls with no end user, not streamed,"
+            f" in a burst of >= {proj.BURST_CALLS} calls of one tenant, feature and model"
+            " within a minute (background jobs), whose answers then arrive within the"
+            " provider's window (up to 24 hours) instead of at once")),
     ]
 
 
@@ -227,7 +236,8 @@ def _compound(strategies: list[dict[str, Any]], total: float,
         "log_saving_usd": round(total * share, 9),
         "saving_share": share,
         "assumptions": "the strategies in pipeline order (exact cache, semantic cache,"
-                       " compression, routing, token budgets, batching), each taking its share"
+                       " compression, routing, token budgets, in-prompt batching, then the"
+                       " batch API's price on what is still sent), each taking its share"
                        " of what the ones before left, as if independent; never more than the"
                        " spend",
     }

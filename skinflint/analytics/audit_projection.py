@@ -2,9 +2,19 @@
 in words, and their compound.
 
 The compound applies the strategies in pipeline order (exact cache, semantic cache,
-compression, routing, token budgets, batching), each taking its share of what the ones before
-it left: ``1 - prod(1 - share)`` of the spend, never more than the spend. That assumes the
-strategies' savings are independent of each other, which the words say.
+compression, routing, token budgets, in-prompt batching, then the batch API: a price change on
+whatever is still sent), each taking its share of what the ones before it left:
+``1 - prod(1 - share)`` of the spend, never more than the spend. That assumes the strategies'
+savings are independent of each other, which the words say.
+
+Two strategies batch, differently:
+
+* ``batching`` (in-prompt): calls of one feature, model and system prompt within a minute
+  send their instructions once, so the prompt tokens of all but the first are saved;
+* ``batch_api``: calls no one waits on go through the provider's batch API, the same tokens at
+  the batch price. A log cannot say what may wait, so a stated heuristic picks them
+  (:func:`background_calls`): calls with no end user, not streamed, arriving in a burst of at
+  least :data:`BURST_CALLS` calls of the same tenant, feature and model within a minute.
 """
 
 from __future__ import annotations
@@ -21,12 +31,16 @@ from skinflint.analytics.report import percentile
 from skinflint.analytics.savings import EFFECTS, PRICE_ONLY, Saved, tokens_saved
 from skinflint.pricing import PriceCatalog
 
-__all__ = ["MONTH_SECONDS", "Strategy", "compound", "monthly_factor", "output_caps",
-           "precision_at", "saving_by_batching", "saving_by_budgets", "saving_by_compression",
+__all__ = ["BURST_CALLS", "MONTH_SECONDS", "Strategy", "background_calls", "compound",
+           "monthly_factor", "output_caps", "precision_at", "saving_by_batch_api",
+           "saving_by_batching", "saving_by_budgets", "saving_by_compression",
            "saving_by_marked", "saving_by_routing", "saving_of_marked"]
 
 MONTH_SECONDS = 30 * 86400
 BATCH_WINDOW_SECONDS = 60
+#: Calls of one tenant, feature and model within a minute, with no end user, that make a burst
+#: of background work a batch API could take (a person at a keyboard rarely sends ten a minute).
+BURST_CALLS = 10
 
 
 @dataclass
@@ -188,3 +202,34 @@ def saving_by_batching(calls: Sequence[Call], system_tokens: dict[int, int],
         else:
             firsts.add(key)
     return _fewer("batching", calls, repeats, catalog)
+
+
+def _streamed(call: Call) -> bool:
+    return call.body is not None and call.body.get("stream") is True
+
+
+def background_calls(calls: Sequence[Call]) -> list[int]:
+    """The calls the batch API could take (see the module docstring): requests with a time, no
+    end user and no stream, in a minute where their tenant, feature and model made at least
+    :data:`BURST_CALLS` such calls."""
+    minutes: dict[tuple[str, str, str, int], list[int]] = defaultdict(list)
+    for i, c in enumerate(calls):
+        if c.ts is None or c.user or not c.is_request or _streamed(c):
+            continue
+        minutes[(c.tenant, c.feature, c.model, int(c.ts // BATCH_WINDOW_SECONDS))].append(i)
+    return sorted(i for members in minutes.values() if len(members) >= BURST_CALLS
+                  for i in members)
+
+
+def saving_by_batch_api(calls: Sequence[Call], catalog: PriceCatalog) -> Saved:
+    """Background calls at the batch price (the catalog's, else the provider's
+    ``batch_discount``): their cost less that, no token saved."""
+    saved = Saved("batch_api")
+    for i in background_calls(calls):
+        call = calls[i]
+        if call.cost is None or call.usage is None:
+            continue
+        batch = catalog.cost(call.model, call.usage, batch=True)
+        if batch is not None and call.cost > batch:  # a ledger line paid at it saves nothing
+            _add(saved, "batch_api", call, call.cost - batch)
+    return saved

@@ -29,6 +29,8 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 WEEK = 7 * 86400
 #: How the strategy of a plain call to the provider (the ledger's "") is shown.
 NO_STRATEGY = "none"
+#: The strategy of a deferred request's row, written when its batch answered it.
+BATCH = "batch"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,8 +55,12 @@ class Group:
     shadow-evaluation guard made, whose mean score is ``shadow_score`` (None: none scored);
     ``compress_calls`` the system-prompt rewrites and summaries the compress stage asked a
     cheap model for, which cost ``compress_cost_usd``.
+    A deferred request answered through a provider's batch API (strategy ``batch``) is a
+    client request answered later; each item of a ``batch_map`` call is a request (strategy
+    ``batch_map``, its share of the packed call's cost).
     Cost and tokens count all; errors, cache hits, baseline, saving and latency are those of
-    client requests."""
+    client requests, latency only of those answered in real time (a deferred request waits
+    for its batch by design)."""
 
     key: str
     requests: int = 0
@@ -63,7 +69,7 @@ class Group:
     errors: int = 0
     cache_hits: int = 0
     truncated: int = 0  # answers cut at their output-token limit
-    tokens_saved: int = 0  # prompt tokens the compress stage removed
+    tokens_saved: int = 0  # prompt tokens the compress stage removed, or packing saved
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
@@ -107,7 +113,8 @@ class Group:
         self.tokens_saved += r.tokens_saved
         self.baseline_cost_usd += r.baseline_cost_usd or 0.0
         self.saved_usd += r.saved_usd or 0.0
-        self.latency_ms.append(r.latency_ms)
+        if r.strategy != BATCH:
+            self.latency_ms.append(r.latency_ms)
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)

@@ -18,8 +18,8 @@ Each strategy changes that in one way (:data:`EFFECTS`, :func:`tokens_saved`):
 * **price only** (``route``, ``routing``, ``cascade``): the same tokens to a cheaper model, so no
   token is saved, only the difference in price; the tiers a cascade escalated from processed
   tokens on top, which count against it (tokens saved below zero) as their cost does;
-* **price only** also for ``batch``: the same tokens through a provider's batch API, at its
-  discount;
+* **price only** also for ``batch`` (and the audit's projection of it, ``batch_api``): the
+  same tokens through a provider's batch API, at its discount;
 * **extra calls** (``shadow``: the uncompressed call and judge the shadow guard makes;
   ``compress_call``: the cheap model's rewrites and summaries): their tokens and cost count
   against the saving.
@@ -66,6 +66,7 @@ EFFECTS: dict[str, str] = {
     "batch_map": REMOVED,
     "token_budgets": REMOVED,
     "batch": PRICE_ONLY,
+    "batch_api": PRICE_ONLY,
     "route": PRICE_ONLY,
     "routing": PRICE_ONLY,
     "cascade": PRICE_ONLY,

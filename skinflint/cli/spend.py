@@ -73,7 +73,8 @@ def format_spend(report: Report) -> Table:
 def format_traffic(report: Report) -> Table:
     """Requests, tokens and latency; a ``cut short`` column (answers that reached their
     output-token limit) when any was, and ``tokens saved`` (prompt tokens compression
-    removed) when any were."""
+    removed, or packing items into one prompt saved) when any were. Latency is of requests
+    answered in real time ("-": none)."""
     cut = bool(report.total.truncated)
     compressed = bool(report.total.tokens_saved)
     table = _table(
@@ -94,7 +95,7 @@ def format_traffic(report: Report) -> Table:
             count(g.input_tokens),
             *((count(g.tokens_saved),) * compressed),
             count(g.output_tokens),
-            _ms(s["p50_latency_ms"]),
+            _ms(s["p50_latency_ms"]) if g.latency_ms else "-",
             **options,
         )
     if report.total.cascade_attempts:

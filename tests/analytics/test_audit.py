@@ -91,7 +91,7 @@ def test_strategies_project_the_log_to_a_month(built: Built, audited: dict[str, 
     assert audited["start"] == iso(min(built.times)) and audited["end"] == iso(max(built.times))
     s = {x["name"]: x for x in audited["strategies"]}
     assert list(s) == ["exact_cache", "semantic_cache", "compression", "routing",
-                       "token_budgets", "batching"]
+                       "token_budgets", "batching", "batch_api"]
     assert s["exact_cache"]["log_saving_usd"] == pytest.approx(sum(built.truth.exact), abs=1e-9)
     assert s["exact_cache"]["saving_usd"] == pytest.approx(sum(built.truth.exact) * factor,
                                                            abs=1e-5)
