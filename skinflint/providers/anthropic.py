@@ -10,7 +10,7 @@ delegates the batch API to :class:`~skinflint.providers.anthropic_batches.Anthro
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -20,9 +20,6 @@ import orjson
 
 from skinflint.errors import UpstreamProtocolError, UpstreamStatusError
 from skinflint.models import (
-    BatchLine,
-    BatchOutcome,
-    BatchStatus,
     Completion,
     StreamChunk,
     UpstreamRequest,
@@ -39,6 +36,7 @@ from skinflint.providers.anthropic_format import (
     vendor_error,
 )
 from skinflint.providers.http import (
+    BatchesVia,
     client_timeout,
     json_object,
     model_objects,
@@ -196,7 +194,7 @@ def _openai_model(model: JSON) -> JSON:
     return {"id": model["id"], "object": "model", "created": created, "owned_by": "anthropic"}
 
 
-class AnthropicProvider:
+class AnthropicProvider(BatchesVia):
     """A :class:`skinflint.interfaces.Provider` for ``POST {base_url}/v1/messages``.
 
     ``base_url`` may end in ``/v1`` or not. ``session`` is shared and owned by the caller."""
@@ -264,20 +262,6 @@ class AnthropicProvider:
     async def embed(self, request: UpstreamRequest) -> Completion:
         raise UpstreamStatusError(400, PREFIX + "embeddings are not supported",
                                   provider=self.name, code="unsupported_endpoint")
-
-    # --- the batch API (skinflint.interfaces.BatchAPI) -------------------------------------
-
-    async def submit_batch(self, lines: Sequence[BatchLine], timeout: float) -> str:
-        return await self._batches.submit_batch(lines, timeout)
-
-    async def batch_status(self, batch_id: str, timeout: float) -> BatchStatus:
-        return await self._batches.batch_status(batch_id, timeout)
-
-    async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
-        return await self._batches.batch_results(batch_id, timeout)
-
-    async def cancel_batch(self, batch_id: str, timeout: float) -> None:
-        await self._batches.cancel_batch(batch_id, timeout)
 
     async def close(self) -> None:
         return None  # the session is shared and closed by its owner

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -20,9 +20,12 @@ from skinflint.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
+from skinflint.interfaces import BatchAPI
+from skinflint.models import BatchLine, BatchOutcome, BatchStatus
 
 __all__ = [
     "DISCONNECTED",
+    "BatchesVia",
     "client_timeout",
     "json_object",
     "model_objects",
@@ -188,3 +191,22 @@ def status_error(
         code=code,
         retry_after=retry_after_seconds(retry_after),
     )
+
+
+class BatchesVia:
+    """The batch API (:class:`skinflint.interfaces.BatchAPI`) of a provider that hands it to
+    the object in ``_batches`` (its vendor's files and batches, or message batches)."""
+
+    _batches: BatchAPI
+
+    async def submit_batch(self, lines: Sequence[BatchLine], timeout: float) -> str:
+        return await self._batches.submit_batch(lines, timeout)
+
+    async def batch_status(self, batch_id: str, timeout: float) -> BatchStatus:
+        return await self._batches.batch_status(batch_id, timeout)
+
+    async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
+        return await self._batches.batch_results(batch_id, timeout)
+
+    async def cancel_batch(self, batch_id: str, timeout: float) -> None:
+        await self._batches.cancel_batch(batch_id, timeout)

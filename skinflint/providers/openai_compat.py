@@ -5,7 +5,7 @@ which the provider delegates to."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,14 +13,12 @@ import orjson
 
 from skinflint.errors import UpstreamProtocolError
 from skinflint.models import (
-    BatchLine,
-    BatchOutcome,
-    BatchStatus,
     Completion,
     StreamChunk,
     UpstreamRequest,
 )
 from skinflint.providers.http import (
+    BatchesVia,
     client_timeout,
     json_object,
     model_objects,
@@ -33,7 +31,7 @@ from skinflint.providers.openai_batches import OpenAIBatches
 __all__ = ["OpenAICompatProvider"]
 
 
-class OpenAICompatProvider:
+class OpenAICompatProvider(BatchesVia):
     def __init__(
         self,
         name: str,
@@ -130,20 +128,6 @@ class OpenAICompatProvider:
                 code="upstream_stream_error",
             )
         return StreamChunk(data=data, raw=payload)
-
-    # --- the batch API (skinflint.interfaces.BatchAPI) -------------------------------------
-
-    async def submit_batch(self, lines: Sequence[BatchLine], timeout: float) -> str:
-        return await self._batches.submit_batch(lines, timeout)
-
-    async def batch_status(self, batch_id: str, timeout: float) -> BatchStatus:
-        return await self._batches.batch_status(batch_id, timeout)
-
-    async def batch_results(self, batch_id: str, timeout: float) -> list[BatchOutcome]:
-        return await self._batches.batch_results(batch_id, timeout)
-
-    async def cancel_batch(self, batch_id: str, timeout: float) -> None:
-        await self._batches.cancel_batch(batch_id, timeout)
 
     async def close(self) -> None:
         return None  # the session is shared and closed by its owner
