@@ -18,7 +18,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain, repeat
 from typing import Any, NamedTuple
 
 import orjson
@@ -43,6 +43,7 @@ Within = Callable[[str, int], int]
 
 _FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
 _BLANK = re.compile(r"\n[ \t]*\n\s*")
+_BLANK_SPLIT = re.compile(r"(\n[ \t]*\n\s*)")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)")
 _PUNCTUATION = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
 _STOP = frozenset(w.encode() for w in (
@@ -70,6 +71,9 @@ class Span(NamedTuple):
         return text[self.start:self.end]
 
 
+_SPAN = tuple.__new__  # Span from a 4-tuple, without the Python-level __new__
+
+
 def _protected(piece: str) -> bool:
     if "```" in piece or "~~~" in piece:
         return True
@@ -88,7 +92,30 @@ def _protected(piece: str) -> bool:
 
 def paragraphs(text: str) -> list[Span]:
     """The paragraphs of ``text``; a fenced code block is one protected paragraph."""
-    fences = [m.span() for m in _FENCE.finditer(text)] if "```" in text or "~~~" in text else []
+    if "```" in text or "~~~" in text:
+        return _fenced_paragraphs(text)
+    # one split, the bounds summed in C: piece i is parts[2i], separator i parts[2i + 1]
+    parts = _BLANK_SPLIT.split(text)
+    bounds = [0, *accumulate(map(len, parts))]
+    starts, ends, nexts = bounds[0::2], bounds[1::2], bounds[2::2]
+    nexts.append(len(text))
+    # without a fence only JSON is protected, and only a paragraph that starts with a bracket
+    # (or, the first, with a space) can be JSON
+    heads = [piece[:1] for piece in parts[0::2]]
+    marks = [False] * len(starts)
+    if "{" in heads or "[" in heads or text[:1].isspace():
+        marks = [(h in ("{", "[") or h.isspace()) and _protected(text[a:b])
+                 for h, a, b in zip(heads, starts, ends, strict=True)]
+    spans = list(map(_SPAN, repeat(Span), zip(starts, ends, nexts, marks, strict=True)))
+    if spans and spans[-1].start >= len(text):
+        del spans[-1]  # a separator at the end
+    if spans and spans[0].end <= spans[0].start:
+        del spans[0]  # a separator at the start
+    return spans
+
+
+def _fenced_paragraphs(text: str) -> list[Span]:
+    fences = [m.span() for m in _FENCE.finditer(text)]
     spans: list[Span] = []
     start = 0
     for m in _BLANK.finditer(text):
