@@ -214,14 +214,15 @@ def replace_system(messages: list[Message],
 
 
 def _normalize(text: str) -> str:
-    if _protected(text) and not paragraphs(text)[1:]:
+    spans = paragraphs(text)
+    if not spans[1:] and _protected(text):
         return text  # one code block or JSON document: as sent
     kept: list[str] = []
     seen: set[str] = set()
-    for span in paragraphs(text):
+    for span in spans:
         piece = span.piece(text)
         if not span.protected:
-            piece = "\n".join(line.rstrip() for line in piece.strip().split("\n"))
+            piece = "\n".join(map(str.rstrip, piece.strip().split("\n")))
             if piece in seen:
                 continue
             seen.add(piece)
