@@ -17,7 +17,9 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate, chain, repeat
 from typing import Any, NamedTuple
 
@@ -26,6 +28,7 @@ import orjson
 __all__ = [
     "Examples",
     "Span",
+    "clear_caches",
     "find_examples",
     "keep_examples",
     "lexical_similarities",
@@ -148,6 +151,20 @@ def _words(text: str) -> frozenset[bytes]:
     return frozenset(text.lower().encode().translate(_PUNCTUATION).split()) - _STOP
 
 
+def _bag(text: str) -> AbstractSet[bytes]:
+    words = set(text.lower().encode().translate(_PUNCTUATION).split())
+    words -= _STOP  # in place: cheaper than a second set
+    return words
+
+
+# Prompts re-send the same worked examples, documents and template blocks request after
+# request: their word bags (and line sets, below) are remembered by text, a bounded number of
+# short texts (at most about _REMEMBERED * (_REMEMBER_CHARS + its words) bytes in all).
+_REMEMBERED = 2048
+_REMEMBER_CHARS = 2048
+_remembered_bag = lru_cache(maxsize=_REMEMBERED)(_bag)
+
+
 def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
     """Each text's word-bag cosine with ``question``: shared distinct words over the geometric
     mean of the two texts' distinct words (lower-cased, common English words left out)."""
@@ -156,12 +173,18 @@ def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
         return [0.0] * len(texts)
     out: list[float] = []
     n = len(asked)
-    for text in texts:  # _words inlined, the set built in place: most of the cost is here
-        words = set(text.lower().encode().translate(_PUNCTUATION).split())
-        words -= _STOP
+    bag, remembered, limit = _bag, _remembered_bag, _REMEMBER_CHARS
+    for text in texts:
+        words = remembered(text) if len(text) <= limit else bag(text)
         shared = len(asked.intersection(words))
         out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
+
+
+def clear_caches() -> None:
+    """Forget the remembered word bags and line sets (for measuring texts never seen before)."""
+    _remembered_bag.cache_clear()
+    _remembered_lines.cache_clear()
 
 
 def _editable(message: Any) -> bool:
@@ -276,6 +299,18 @@ def _protected_any(text: str) -> bool:
     return any(s.protected for s in paragraphs(text))
 
 
+def _lines(piece: str) -> frozenset[str]:
+    return frozenset(map(str.strip, piece.split("\n")))
+
+
+_remembered_lines = lru_cache(maxsize=_REMEMBERED)(_lines)
+_EMPTY: frozenset[str] = frozenset()
+
+
+def _line_set(piece: str) -> frozenset[str]:
+    return _remembered_lines(piece) if len(piece) <= _REMEMBER_CHARS else _lines(piece)
+
+
 def _template_line(lines: list[frozenset[str]]) -> str | None:
     seen = Counter(chain.from_iterable(lines))
     best = max(((n, len(line), line) for line, n in seen.items()
@@ -286,8 +321,7 @@ def _template_line(lines: list[frozenset[str]]) -> str | None:
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
     text: str = messages[last]["content"]
     spans = paragraphs(text)
-    lines = [frozenset() if s.protected else frozenset(map(str.strip, s.piece(text).split("\n")))
-             for s in spans]
+    lines = [_EMPTY if s.protected else _line_set(text[s.start:s.end]) for s in spans]
     line = _template_line(lines)
     if line is None:
         return None
