@@ -382,7 +382,8 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
         return messages
     text: str = messages[last]["content"]
     # a token holds at least one character: a short text needs no count
-    if len(text) <= max_tokens or (within or _within(count))(text, max_tokens) <= max_tokens:
+    within = within or _within(count)
+    if len(text) <= max_tokens or within(text, max_tokens) <= max_tokens:
         return messages
     spans = paragraphs(text)
     if len(spans) < 2:
@@ -392,7 +393,8 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
              ([p] if p.protected or p.end - p.start <= max_tokens * _CHARS_PER_TOKEN
               else _sentences(text, p))]
     units = [u for u, _ in parts]
-    kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count))
+    kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count,
+                       within))
     if len(kept) == len(units):
         return messages
     trimmed = _join(text, [(u, p) for u, p in parts if u in kept]) + text[question.start:]
@@ -417,10 +419,11 @@ def _join(text: str, parts: list[tuple[Span, Span]]) -> str:
 
 
 def _select(text: str, units: list[Span], question: Span, budget: int,
-            count: Count) -> list[Span]:
+            count: Count, within: Within) -> list[Span]:
     """The protected units and, best first, the others that fit, until the budget is spent
     or several in a row did not fit (counting every unit of a long text costs more than the
-    last few tokens of budget are worth)."""
+    last few tokens of budget are worth). Whether a unit fits is all that is asked: one that
+    certainly does not is not counted."""
     chosen = {i for i, u in enumerate(units) if u.protected}
     left = budget - sum(count(units[i].piece(text)) for i in chosen)
     scores = lexical_similarities(question.piece(text), [u.piece(text) for u in units])
@@ -430,7 +433,7 @@ def _select(text: str, units: list[Span], question: Span, budget: int,
         if left <= 0 or misses >= _MISSES:
             break
         piece = units[i].piece(text)
-        size = left + 1 if len(piece) > left * _MAX_TOKEN_CHARS else count(piece)
+        size = left + 1 if len(piece) > left * _MAX_TOKEN_CHARS else within(piece, left)
         if size <= left:
             chosen.add(i)
             left, misses = left - size, 0
