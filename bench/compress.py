@@ -43,7 +43,9 @@ import argparse
 import ast
 import asyncio
 import csv
+import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -56,6 +58,7 @@ from skinflint.config import CompressionPolicy, Scoped
 from skinflint.metrics import Metrics
 from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import Reply, RequestContext
+from skinflint.server.run import GC_THRESHOLDS
 from skinflint.tokens import TokenCounter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
@@ -283,6 +286,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     UPSTREAM_S = args.upstream_ms / 1e3
     if not args.data.exists():
         sys.exit(f"no RouterBench data at {args.data}: this benchmark needs shared/data")
+    gc.set_threshold(*GC_THRESHOLDS)  # as the server runs
+    load = _load()
     TOKENS.warm()
     prompts = load_prompts(args.data)
     savings = await few_shot_savings(prompts)
@@ -293,8 +298,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "total_reduction": round(1 - sum(s["input_tokens_after"] for s in savings.values())
                                      / sum(s["input_tokens_before"] for s in savings.values()), 4),
             "prompts": len(everything), "upstream_ms": UPSTREAM_S * 1e3,
+            "gc_thresholds": list(gc.get_threshold()), "load_at_start": load,
+            "load_at_end": _load(),
             "harness_loop_ms": await harness_cost(200), "cpu_by_size": sizes,
             "unconfigured": await unconfigured_cost(args.calls)}
+
+
+def _load() -> float:
+    """The machine's 1-minute load average (other processes' CPU skews the percentiles)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def _commit() -> str:
