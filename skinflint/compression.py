@@ -19,11 +19,12 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import accumulate, chain, repeat
 from typing import Any, NamedTuple
 
 import orjson
+
+from skinflint.remembered import Remembered
 
 __all__ = [
     "Examples",
@@ -157,12 +158,9 @@ def _bag(text: str) -> AbstractSet[bytes]:
     return words
 
 
-# Prompts re-send the same worked examples, documents and template blocks request after
-# request: their word bags (and line sets, below) are remembered by text, a bounded number of
-# short texts (at most about _REMEMBERED * (_REMEMBER_CHARS + its words) bytes in all).
-_REMEMBERED = 2048
-_REMEMBER_CHARS = 2048
-_remembered_bag = lru_cache(maxsize=_REMEMBERED)(_bag)
+_REMEMBERED = 2048  # texts whose word bags (and line sets) are kept
+_REMEMBER_CHARS = 2048  # longer texts are not remembered
+_remembered_bag = Remembered(_bag, size=_REMEMBERED, max_chars=_REMEMBER_CHARS)
 
 
 def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
@@ -173,9 +171,9 @@ def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
         return [0.0] * len(texts)
     out: list[float] = []
     n = len(asked)
-    bag, remembered, limit = _bag, _remembered_bag, _REMEMBER_CHARS
+    bag = _remembered_bag
     for text in texts:
-        words = remembered(text) if len(text) <= limit else bag(text)
+        words = bag(text)
         shared = len(asked.intersection(words))
         out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
@@ -183,8 +181,8 @@ def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
 
 def clear_caches() -> None:
     """Forget the remembered word bags and line sets (for measuring texts never seen before)."""
-    _remembered_bag.cache_clear()
-    _remembered_lines.cache_clear()
+    _remembered_bag.clear()
+    _remembered_lines.clear()
 
 
 def _editable(message: Any) -> bool:
@@ -303,12 +301,8 @@ def _lines(piece: str) -> frozenset[str]:
     return frozenset(map(str.strip, piece.split("\n")))
 
 
-_remembered_lines = lru_cache(maxsize=_REMEMBERED)(_lines)
+_remembered_lines = Remembered(_lines, size=_REMEMBERED, max_chars=_REMEMBER_CHARS)
 _EMPTY: frozenset[str] = frozenset()
-
-
-def _line_set(piece: str) -> frozenset[str]:
-    return _remembered_lines(piece) if len(piece) <= _REMEMBER_CHARS else _lines(piece)
 
 
 def _template_line(lines: list[frozenset[str]]) -> str | None:
@@ -321,7 +315,7 @@ def _template_line(lines: list[frozenset[str]]) -> str | None:
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
     text: str = messages[last]["content"]
     spans = paragraphs(text)
-    lines = [_EMPTY if s.protected else _line_set(text[s.start:s.end]) for s in spans]
+    lines = [_EMPTY if s.protected else _remembered_lines(text[s.start:s.end]) for s in spans]
     line = _template_line(lines)
     if line is None:
         return None

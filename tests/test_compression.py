@@ -153,21 +153,24 @@ def test_remembered_texts_score_and_split_as_before() -> None:
         for examples in found:
             assert (cx.lexical_similarities(examples.question, examples.texts)
                     == ref.lexical_similarities(examples.question, examples.texts))
-    assert cx._remembered_bag.cache_info().hits > 0
-    assert cx._remembered_lines.cache_info().hits > 0
+    assert cx._remembered_bag.info().hits > 0
+    assert cx._remembered_lines.info().hits > 0
 
 
 def test_what_is_remembered_is_bounded() -> None:
     cx.clear_caches()
     limit = cx._REMEMBERED
     texts = [f"text number {i} about the planet" for i in range(limit + 50)]
-    assert cx.lexical_similarities("planet", texts) == ref.lexical_similarities("planet", texts)
-    assert cx._remembered_bag.cache_info().currsize == limit
+    for _ in range(3):  # seen once, then kept, then found
+        assert (cx.lexical_similarities("planet", texts)
+                == ref.lexical_similarities("planet", texts))
+    # texts whose hashes share a slot of the seen-once table push each other out of it
+    assert limit // 2 < cx._remembered_bag.info().currsize <= limit
     long = "planet orbit " * cx._REMEMBER_CHARS  # past the length remembered: split each time
     cx.clear_caches()
-    for _ in range(2):
+    for _ in range(3):
         assert (cx.lexical_similarities("planet", [long])
                 == ref.lexical_similarities("planet", [long]))
-    assert cx._remembered_bag.cache_info().currsize == 0
+    assert cx._remembered_bag.info().currsize == 0
     cx.clear_caches()
-    assert cx._remembered_bag.cache_info().currsize == 0
+    assert cx._remembered_bag.info().currsize == 0

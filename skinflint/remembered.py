@@ -1,0 +1,50 @@
+"""Values derived from texts (word bags, line sets), remembered for texts that come back.
+
+Prompts re-send the same worked examples, documents and system prompts request after request;
+splitting them again is wasted work. But remembering every text costs more than it saves when
+texts never come back: the values kept grow cold in memory, and dropping them for new ones
+touches that memory again. So a text's value is kept only from the second time the text is
+seen (a direct-mapped table of hashes remembers what was seen once: one int a slot, nothing
+to evict), and at most ``size`` values are kept, least recently used dropped first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import _CacheInfo, lru_cache
+from typing import Generic, TypeVar
+
+__all__ = ["Remembered"]
+
+T = TypeVar("T")
+
+
+class Remembered(Generic[T]):
+    """``make(text)``, remembered for a text of at most ``max_chars`` characters seen before
+    (among about the last ``seen`` texts); at most ``size`` values kept. Thread-safe."""
+
+    def __init__(self, make: Callable[[str], T], *, size: int, max_chars: int,
+                 seen: int = 8192) -> None:
+        self._make = make
+        self._kept = lru_cache(maxsize=size)(make)
+        self._max_chars = max_chars
+        self._slots = seen
+        self._seen = [0] * seen
+
+    def __call__(self, text: str) -> T:
+        if len(text) > self._max_chars:
+            return self._make(text)
+        key = hash(text)
+        slot = key % self._slots
+        if self._seen[slot] == key:
+            return self._kept(text)
+        self._seen[slot] = key  # seen once: remembered from the next time
+        return self._make(text)
+
+    def clear(self) -> None:
+        self._seen = [0] * self._slots
+        self._kept.cache_clear()
+
+    def info(self) -> _CacheInfo:
+        """Hits, misses and values kept (a miss: a text seen before, its value now kept)."""
+        return self._kept.cache_info()
