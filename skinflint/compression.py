@@ -171,9 +171,7 @@ def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
         return [0.0] * len(texts)
     out: list[float] = []
     n = len(asked)
-    bag = _remembered_bag
-    for text in texts:
-        words = bag(text)
+    for words in _remembered_bag.many(texts):
         shared = len(asked.intersection(words))
         out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
@@ -315,7 +313,10 @@ def _template_line(lines: list[frozenset[str]]) -> str | None:
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
     text: str = messages[last]["content"]
     spans = paragraphs(text)
-    lines = [_EMPTY if s.protected else _remembered_lines(text[s.start:s.end]) for s in spans]
+    lines = _remembered_lines.many([text[s.start:s.end] for s in spans if not s.protected])
+    if len(lines) < len(spans):  # code and JSON hold no template line
+        found = iter(lines)
+        lines = [_EMPTY if s.protected else next(found) for s in spans]
     line = _template_line(lines)
     if line is None:
         return None

@@ -10,7 +10,7 @@ to evict), and at most ``size`` values are kept, least recently used dropped fir
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import _CacheInfo, lru_cache
 from typing import Generic, TypeVar
 
@@ -32,14 +32,24 @@ class Remembered(Generic[T]):
         self._seen = [0] * seen
 
     def __call__(self, text: str) -> T:
-        if len(text) > self._max_chars:
-            return self._make(text)
-        key = hash(text)
-        slot = key % self._slots
-        if self._seen[slot] == key:
-            return self._kept(text)
-        self._seen[slot] = key  # seen once: remembered from the next time
-        return self._make(text)
+        return self.many((text,))[0]
+
+    def many(self, texts: Iterable[str]) -> list[T]:
+        """``make(text)`` of each text (one call for many: most texts are new, and their
+        lookup must cost next to nothing)."""
+        make, kept, seen, slots, longest = (self._make, self._kept, self._seen, self._slots,
+                                            self._max_chars)
+        out: list[T] = []
+        for text in texts:
+            if len(text) <= longest:
+                key = hash(text)
+                slot = key % slots
+                if seen[slot] == key:
+                    out.append(kept(text))
+                    continue
+                seen[slot] = key  # seen once: remembered from the next time
+            out.append(make(text))
+        return out
 
     def clear(self) -> None:
         self._seen = [0] * self._slots

@@ -10,7 +10,7 @@ def _maker(calls: list[str]) -> Remembered[tuple[str, ...]]:
     def make(text: str) -> tuple[str, ...]:
         calls.append(text)
         return tuple(text.split())
-    return Remembered(make, size=3, max_chars=20, seen=64)
+    return Remembered(make, size=3, max_chars=20, seen=1 << 20)  # slots shared: unlikely
 
 
 def test_a_text_is_kept_from_its_second_sighting() -> None:
