@@ -7,23 +7,25 @@ altered: fenced code blocks and JSON-looking paragraphs are kept whole, messages
 calls, tool results and list (multi-part) content are never edited, and the last user
 message's question (its final paragraph, or its final worked-example block) stays
 byte-identical. Text is split at blank lines (paragraphs); a blank line inside a fence does
-not split.
+not split (:mod:`skinflint.paragraphs`).
+
+The word bags and line sets of texts that come back (re-sent worked examples, documents) are
+remembered, bounded, from their second sighting (:mod:`skinflint.remembered`); the results are
+the same either way.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from itertools import accumulate, chain, repeat
-from typing import Any, NamedTuple
+from itertools import chain
+from typing import Any
 
-import orjson
-
+from skinflint.paragraphs import Span, paragraphs, protected, sentences
 from skinflint.remembered import Remembered
 
 __all__ = [
@@ -45,10 +47,6 @@ Count = Callable[[str], int]
 # ``within(text, limit)``: the text's count when at most ``limit``, else any number above it
 Within = Callable[[str, int], int]
 
-_FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
-_BLANK = re.compile(r"\n[ \t]*\n\s*")
-_BLANK_SPLIT = re.compile(r"(\n[ \t]*\n\s*)")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)")
 _PUNCTUATION = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
 _STOP = frozenset(w.encode() for w in (
     "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "how",
@@ -59,92 +57,6 @@ _CHARS_PER_TOKEN = 4  # English text, on average
 _MISSES = 8  # units in a row that did not fit: the budget is as full as it gets
 _MIN_BLOCKS = 3  # a template line repeated in fewer paragraphs is not a few-shot pattern
 _MIN_TEMPLATE_CHARS = 5  # "A", "B", "Yes": answers, not instructions
-
-
-class Span(NamedTuple):
-    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins.
-    (A named tuple: a long prompt has hundreds, and a tuple is several times faster to make
-    than a frozen dataclass.)"""
-
-    start: int
-    end: int
-    sep: int
-    protected: bool  # code or JSON: kept whole, never dropped
-
-    def piece(self, text: str) -> str:
-        return text[self.start:self.end]
-
-
-_SPAN = tuple.__new__  # Span from a 4-tuple, without the Python-level __new__
-
-
-def _protected(piece: str) -> bool:
-    if "```" in piece or "~~~" in piece:
-        return True
-    first = piece[:1]
-    if first not in ("{", "[") and not first.isspace():
-        return False  # what the check below finds without copying the piece
-    stripped = piece.strip()
-    if stripped[:1] in ("{", "[") and stripped[-1:] in ("}", "]"):
-        try:
-            orjson.loads(stripped)
-        except orjson.JSONDecodeError:
-            return False
-        return True
-    return False
-
-
-def paragraphs(text: str) -> list[Span]:
-    """The paragraphs of ``text``; a fenced code block is one protected paragraph."""
-    if "```" in text or "~~~" in text:
-        return _fenced_paragraphs(text)
-    # one split, the bounds summed in C: piece i is parts[2i], separator i parts[2i + 1]
-    parts = _BLANK_SPLIT.split(text)
-    bounds = [0, *accumulate(map(len, parts))]
-    starts, ends, nexts = bounds[0::2], bounds[1::2], bounds[2::2]
-    nexts.append(len(text))
-    # without a fence only JSON is protected, and only a paragraph that starts with a bracket
-    # (or, the first, with a space) can be JSON
-    heads = [piece[:1] for piece in parts[0::2]]
-    marks = [False] * len(starts)
-    if "{" in heads or "[" in heads or text[:1].isspace():
-        marks = [(h in ("{", "[") or h.isspace()) and _protected(text[a:b])
-                 for h, a, b in zip(heads, starts, ends, strict=True)]
-    spans = list(map(_SPAN, repeat(Span), zip(starts, ends, nexts, marks, strict=True)))
-    if spans and spans[-1].start >= len(text):
-        del spans[-1]  # a separator at the end
-    if spans and spans[0].end <= spans[0].start:
-        del spans[0]  # a separator at the start
-    return spans
-
-
-def _fenced_paragraphs(text: str) -> list[Span]:
-    fences = [m.span() for m in _FENCE.finditer(text)]
-    spans: list[Span] = []
-    start = 0
-    for m in _BLANK.finditer(text):
-        if fences and any(a < m.start() < b for a, b in fences):
-            continue
-        end = m.start()
-        if end > start:
-            spans.append(Span(start, end, m.end(), _protected(text[start:end])))
-        start = m.end()
-    if start < len(text):
-        spans.append(Span(start, len(text), len(text), _protected(text[start:])))
-    return spans
-
-
-def _sentences(text: str, para: Span) -> list[Span]:
-    """``para`` cut into sentences (a protected paragraph stays whole)."""
-    if para.protected:
-        return [para]
-    out: list[Span] = []
-    start = para.start
-    for m in _SENTENCE.finditer(text, para.start, para.end):
-        out.append(Span(start, m.start(), m.end(), False))
-        start = m.end()
-    out.append(Span(start, para.end, para.sep, False))
-    return out
 
 
 def _words(text: str) -> frozenset[bytes]:
@@ -234,7 +146,7 @@ def replace_system(messages: list[Message],
 
 def _normalize(text: str) -> str:
     spans = paragraphs(text)
-    if not spans[1:] and _protected(text):
+    if not spans[1:] and protected(text):
         return text  # one code block or JSON document: as sent
     kept: list[str] = []
     seen: set[str] = set()
@@ -386,7 +298,7 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
     *context, question = spans
     parts = [(u, p) for p in context for u in
              ([p] if p.protected or p.end - p.start <= max_tokens * _CHARS_PER_TOKEN
-              else _sentences(text, p))]
+              else sentences(text, p))]
     units = [u for u, _ in parts]
     kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count,
                        within))
