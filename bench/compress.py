@@ -16,7 +16,10 @@ answered by a letter) before one more question; ``all`` (``few_shot`` + ``contex
 500}``) on prompts made of distinct questions (each prompt's last) as context paragraphs before
 one more question; ``history_1000`` on a conversation of whole prompts each answered by one
 letter; ``system_prompt`` on a system prompt of worked examples with trailing spaces and every
-paragraph twice. Two figures:
+paragraph twice. These forget every remembered text (word bags, line sets) before each call:
+nothing is reused, the worst case. ``few_shot_repeated`` and ``context_500_repeated`` send the
+same worked examples (documents) in every request with a new question each, as a template does,
+and keep what was remembered. Two figures:
 
 * ``loop``: the event loop thread's CPU time (``time.thread_time``) during the call: what the
   request's own task costs on the loop;
@@ -40,7 +43,9 @@ import argparse
 import ast
 import asyncio
 import csv
+import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -48,10 +53,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from skinflint import compression as cx
 from skinflint.config import CompressionPolicy, Scoped
 from skinflint.metrics import Metrics
 from skinflint.pipeline.compress import Compress
 from skinflint.pipeline.context import Reply, RequestContext
+from skinflint.server.run import GC_THRESHOLDS
 from skinflint.tokens import TokenCounter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "routerbench"
@@ -193,27 +200,53 @@ def system_prompts(texts: list[str], size: int, count: int) -> list[list[dict[st
     return built
 
 
-def scenarios(texts: list[str], size: int,
-              count: int) -> list[tuple[str, dict[str, Any], list[list[dict[str, str]]]]]:
-    shots = [[{"role": "user", "content": t}] for t in long_prompts(texts, size, count)]
-    docs = [[{"role": "user", "content": t}] for t in documents(texts, size, count)]
-    return [("few_shot", FEW_SHOT, shots),
-            ("all", EVERYTHING, shots),
-            ("context_500", {"context": {"max_tokens": 500}}, docs),
+def reused(prompts: list[str]) -> list[str]:
+    """``prompts`` all sent with the first one's worked examples (or context), each with its
+    own last paragraph (the question): a template whose examples come back in every request."""
+    shared = prompts[0][:prompts[0].rfind("\n\n") + 2]
+    return [shared + p[p.rfind("\n\n") + 2:] for p in prompts]
+
+
+Scenario = tuple[str, dict[str, Any], list[list[dict[str, str]]], bool]
+
+
+def scenarios(texts: list[str], size: int, count: int) -> list[Scenario]:
+    """(label, policy, requests, fresh): a fresh scenario forgets every remembered text before
+    each call (nothing reused: the worst case); a ``_repeated`` one sends the same worked
+    examples or documents in every request, as a template does, with a new question each."""
+    shot_texts, doc_texts = long_prompts(texts, size, count), documents(texts, size, count)
+    shots = [[{"role": "user", "content": t}] for t in shot_texts]
+    docs = [[{"role": "user", "content": t}] for t in doc_texts]
+    return [("few_shot", FEW_SHOT, shots, True),
+            ("all", EVERYTHING, shots, True),
+            ("context_500", {"context": {"max_tokens": 500}}, docs, True),
             ("history_1000", {"history": {"max_tokens": 1000}},
-             conversations(texts, size, count)),
+             conversations(texts, size, count), True),
             ("system_prompt", {"system_prompt": {"normalize": True}},
-             system_prompts(texts, size, count))]
+             system_prompts(texts, size, count), True),
+            ("few_shot_repeated", FEW_SHOT,
+             [[{"role": "user", "content": t}] for t in reused(shot_texts)], False),
+            ("context_500_repeated", {"context": {"max_tokens": 500}},
+             [[{"role": "user", "content": t}] for t in reused(doc_texts)], False)]
+
+
+async def timed(compress: Compress, prompts: list[list[dict[str, str]]],
+                fresh: bool) -> list[tuple[float, float]]:
+    runs = []
+    for messages in prompts:
+        if fresh:
+            cx.clear_caches()
+        runs.append(await run_once(compress, request(messages)))
+    return runs
 
 
 async def cpu_by_size(texts: list[str], count: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in (2000, 4000, 8000):
-        for label, policy, prompts in scenarios(texts, size, count):
+        for label, policy, prompts, fresh in scenarios(texts, size, count):
             compress = stage(policy)
-            for messages in prompts[:3]:  # warm: first calls of a new stage and thread
-                await run_once(compress, request(messages))
-            runs = [await run_once(compress, request(m)) for m in prompts]
+            await timed(compress, prompts[:3], fresh)  # warm: first calls of a new stage, thread
+            runs = await timed(compress, prompts, fresh)
             loop, total = [r[0] for r in runs], [r[1] for r in runs]
             out[f"{size}/{label}"] = {"loop_ms_p50": round(pct(loop, 0.5), 4),
                                       "loop_ms_p99": round(pct(loop, 0.99), 4),
@@ -253,6 +286,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     UPSTREAM_S = args.upstream_ms / 1e3
     if not args.data.exists():
         sys.exit(f"no RouterBench data at {args.data}: this benchmark needs shared/data")
+    gc.set_threshold(*GC_THRESHOLDS)  # as the server runs
+    load = _load()
     TOKENS.warm()
     prompts = load_prompts(args.data)
     savings = await few_shot_savings(prompts)
@@ -263,8 +298,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "total_reduction": round(1 - sum(s["input_tokens_after"] for s in savings.values())
                                      / sum(s["input_tokens_before"] for s in savings.values()), 4),
             "prompts": len(everything), "upstream_ms": UPSTREAM_S * 1e3,
+            "gc_thresholds": list(gc.get_threshold()), "load_at_start": load,
+            "load_at_end": _load(),
             "harness_loop_ms": await harness_cost(200), "cpu_by_size": sizes,
             "unconfigured": await unconfigured_cost(args.calls)}
+
+
+def _load() -> float:
+    """The machine's 1-minute load average (other processes' CPU skews the percentiles)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def _commit() -> str:

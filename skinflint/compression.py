@@ -7,25 +7,31 @@ altered: fenced code blocks and JSON-looking paragraphs are kept whole, messages
 calls, tool results and list (multi-part) content are never edited, and the last user
 message's question (its final paragraph, or its final worked-example block) stays
 byte-identical. Text is split at blank lines (paragraphs); a blank line inside a fence does
-not split.
+not split (:mod:`skinflint.paragraphs`).
+
+The word bags and line sets of texts that come back (re-sent worked examples, documents) are
+remembered, bounded, from their second sighting (:mod:`skinflint.remembered`); the results are
+the same either way.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, NamedTuple
+from typing import Any
 
-import orjson
+from skinflint.paragraphs import Span, paragraphs, protected, sentences
+from skinflint.remembered import Remembered
 
 __all__ = [
     "Examples",
     "Span",
+    "clear_caches",
     "find_examples",
     "keep_examples",
     "lexical_similarities",
@@ -41,9 +47,6 @@ Count = Callable[[str], int]
 # ``within(text, limit)``: the text's count when at most ``limit``, else any number above it
 Within = Callable[[str, int], int]
 
-_FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
-_BLANK = re.compile(r"\n[ \t]*\n\s*")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)")
 _PUNCTUATION = bytes.maketrans(string.punctuation.encode(), b" " * len(string.punctuation))
 _STOP = frozenset(w.encode() for w in (
     "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "how",
@@ -56,69 +59,20 @@ _MIN_BLOCKS = 3  # a template line repeated in fewer paragraphs is not a few-sho
 _MIN_TEMPLATE_CHARS = 5  # "A", "B", "Yes": answers, not instructions
 
 
-class Span(NamedTuple):
-    """``text[start:end]`` is a paragraph (or sentence); ``sep`` ends where the next begins.
-    (A named tuple: a long prompt has hundreds, and a tuple is several times faster to make
-    than a frozen dataclass.)"""
-
-    start: int
-    end: int
-    sep: int
-    protected: bool  # code or JSON: kept whole, never dropped
-
-    def piece(self, text: str) -> str:
-        return text[self.start:self.end]
-
-
-def _protected(piece: str) -> bool:
-    if "```" in piece or "~~~" in piece:
-        return True
-    first = piece[:1]
-    if first not in ("{", "[") and not first.isspace():
-        return False  # what the check below finds without copying the piece
-    stripped = piece.strip()
-    if stripped[:1] in ("{", "[") and stripped[-1:] in ("}", "]"):
-        try:
-            orjson.loads(stripped)
-        except orjson.JSONDecodeError:
-            return False
-        return True
-    return False
-
-
-def paragraphs(text: str) -> list[Span]:
-    """The paragraphs of ``text``; a fenced code block is one protected paragraph."""
-    fences = [m.span() for m in _FENCE.finditer(text)] if "```" in text or "~~~" in text else []
-    spans: list[Span] = []
-    start = 0
-    for m in _BLANK.finditer(text):
-        if fences and any(a < m.start() < b for a, b in fences):
-            continue
-        end = m.start()
-        if end > start:
-            spans.append(Span(start, end, m.end(), _protected(text[start:end])))
-        start = m.end()
-    if start < len(text):
-        spans.append(Span(start, len(text), len(text), _protected(text[start:])))
-    return spans
-
-
-def _sentences(text: str, para: Span) -> list[Span]:
-    """``para`` cut into sentences (a protected paragraph stays whole)."""
-    if para.protected:
-        return [para]
-    out: list[Span] = []
-    start = para.start
-    for m in _SENTENCE.finditer(text, para.start, para.end):
-        out.append(Span(start, m.start(), m.end(), False))
-        start = m.end()
-    out.append(Span(start, para.end, para.sep, False))
-    return out
-
-
 def _words(text: str) -> frozenset[bytes]:
     # bytes.translate and split are several times faster than a regex over str
     return frozenset(text.lower().encode().translate(_PUNCTUATION).split()) - _STOP
+
+
+def _bag(text: str) -> AbstractSet[bytes]:
+    words = set(text.lower().encode().translate(_PUNCTUATION).split())
+    words -= _STOP  # in place: cheaper than a second set
+    return words
+
+
+_REMEMBERED = 2048  # texts whose word bags (and line sets) are kept
+_REMEMBER_CHARS = 2048  # longer texts are not remembered
+_remembered_bag = Remembered(_bag, size=_REMEMBERED, max_chars=_REMEMBER_CHARS)
 
 
 def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
@@ -129,12 +83,16 @@ def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
         return [0.0] * len(texts)
     out: list[float] = []
     n = len(asked)
-    for text in texts:  # _words inlined, the set built in place: most of the cost is here
-        words = set(text.lower().encode().translate(_PUNCTUATION).split())
-        words -= _STOP
+    for words in _remembered_bag.many(texts):
         shared = len(asked.intersection(words))
         out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
+
+
+def clear_caches() -> None:
+    """Forget the remembered word bags and line sets (for measuring texts never seen before)."""
+    _remembered_bag.clear()
+    _remembered_lines.clear()
 
 
 def _editable(message: Any) -> bool:
@@ -187,14 +145,15 @@ def replace_system(messages: list[Message],
 
 
 def _normalize(text: str) -> str:
-    if _protected(text) and not paragraphs(text)[1:]:
+    spans = paragraphs(text)
+    if not spans[1:] and protected(text):
         return text  # one code block or JSON document: as sent
     kept: list[str] = []
     seen: set[str] = set()
-    for span in paragraphs(text):
+    for span in spans:
         piece = span.piece(text)
         if not span.protected:
-            piece = "\n".join(line.rstrip() for line in piece.strip().split("\n"))
+            piece = "\n".join(map(str.rstrip, piece.strip().split("\n")))
             if piece in seen:
                 continue
             seen.add(piece)
@@ -248,6 +207,14 @@ def _protected_any(text: str) -> bool:
     return any(s.protected for s in paragraphs(text))
 
 
+def _lines(piece: str) -> frozenset[str]:
+    return frozenset(map(str.strip, piece.split("\n")))
+
+
+_remembered_lines = Remembered(_lines, size=_REMEMBERED, max_chars=_REMEMBER_CHARS)
+_EMPTY: frozenset[str] = frozenset()
+
+
 def _template_line(lines: list[frozenset[str]]) -> str | None:
     seen = Counter(chain.from_iterable(lines))
     best = max(((n, len(line), line) for line, n in seen.items()
@@ -258,8 +225,10 @@ def _template_line(lines: list[frozenset[str]]) -> str | None:
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
     text: str = messages[last]["content"]
     spans = paragraphs(text)
-    lines = [frozenset() if s.protected else frozenset(map(str.strip, s.piece(text).split("\n")))
-             for s in spans]
+    lines = _remembered_lines.many([text[s.start:s.end] for s in spans if not s.protected])
+    if len(lines) < len(spans):  # code and JSON hold no template line
+        found = iter(lines)
+        lines = [_EMPTY if s.protected else next(found) for s in spans]
     line = _template_line(lines)
     if line is None:
         return None
@@ -320,7 +289,8 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
         return messages
     text: str = messages[last]["content"]
     # a token holds at least one character: a short text needs no count
-    if len(text) <= max_tokens or (within or _within(count))(text, max_tokens) <= max_tokens:
+    within = within or _within(count)
+    if len(text) <= max_tokens or within(text, max_tokens) <= max_tokens:
         return messages
     spans = paragraphs(text)
     if len(spans) < 2:
@@ -328,9 +298,10 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
     *context, question = spans
     parts = [(u, p) for p in context for u in
              ([p] if p.protected or p.end - p.start <= max_tokens * _CHARS_PER_TOKEN
-              else _sentences(text, p))]
+              else sentences(text, p))]
     units = [u for u, _ in parts]
-    kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count))
+    kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count,
+                       within))
     if len(kept) == len(units):
         return messages
     trimmed = _join(text, [(u, p) for u, p in parts if u in kept]) + text[question.start:]
@@ -355,10 +326,11 @@ def _join(text: str, parts: list[tuple[Span, Span]]) -> str:
 
 
 def _select(text: str, units: list[Span], question: Span, budget: int,
-            count: Count) -> list[Span]:
+            count: Count, within: Within) -> list[Span]:
     """The protected units and, best first, the others that fit, until the budget is spent
     or several in a row did not fit (counting every unit of a long text costs more than the
-    last few tokens of budget are worth)."""
+    last few tokens of budget are worth). Whether a unit fits is all that is asked: one that
+    certainly does not is not counted."""
     chosen = {i for i, u in enumerate(units) if u.protected}
     left = budget - sum(count(units[i].piece(text)) for i in chosen)
     scores = lexical_similarities(question.piece(text), [u.piece(text) for u in units])
@@ -368,7 +340,7 @@ def _select(text: str, units: list[Span], question: Span, budget: int,
         if left <= 0 or misses >= _MISSES:
             break
         piece = units[i].piece(text)
-        size = left + 1 if len(piece) > left * _MAX_TOKEN_CHARS else count(piece)
+        size = left + 1 if len(piece) > left * _MAX_TOKEN_CHARS else within(piece, left)
         if size <= left:
             chosen.add(i)
             left, misses = left - size, 0

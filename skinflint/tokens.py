@@ -52,6 +52,7 @@ _IMAGE_TOKENS: Final = 85
 _SAFE_CUT: Final = re.compile(r"\n(?=[A-Za-z0-9])")
 _CHARS_PER_TOKEN: Final = 4  # English text, on average: how far to look before counting
 _MIN_CHUNK: Final = 1024
+_CHARS_PER_WORD: Final = 8  # how far to look for words enough to pass a limit (English: ~6)
 
 _CL100K_PATTERN: Final = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
@@ -158,6 +159,10 @@ class TokenCounter:
         above ``limit`` (counting stops at the first line that crosses it), so deciding
         whether a long text fits a small budget costs a count of about the budget."""
         encoding = self._encoding(model)
+        if len(text) > 2 * limit:  # likely past it: a cheap lower bound may tell
+            words = _words_at_least(text, limit)
+            if words > limit:
+                return words  # certainly past the limit: nothing to count
         total, start = 0, 0
         while start < len(text) and total <= limit:
             ahead = max(_MIN_CHUNK, (limit - total) * _CHARS_PER_TOKEN)  # what could still fit
@@ -236,6 +241,16 @@ def _build(name: str, found: tuple[Path, _Source] | None) -> tiktoken.Encoding:
     spec = _SPECS[name]
     return tiktoken.Encoding(name, pat_str=spec.pattern, mergeable_ranks=_parse_ranks(data),
                              special_tokens=spec.special_tokens)
+
+
+def _words_at_least(text: str, limit: int) -> int:
+    """A lower bound on ``text``'s count, looked for in no more of it than needed to pass
+    ``limit``: its runs of characters between ASCII whitespace. Neither split pattern makes a
+    piece that holds whitespace between two other characters (whitespace only leads or ends
+    one), and every ASCII whitespace character is whitespace to both, so each run starts at
+    least one piece, and each piece is at least one token. (A run cut off at the end of what
+    is looked at is still a run of the whole text.)"""
+    return len(text[:max(0, limit + 1) * _CHARS_PER_WORD].encode().split())
 
 
 def _parse_ranks(data: bytes) -> dict[bytes, int]:

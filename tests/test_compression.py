@@ -136,3 +136,41 @@ def test_system_prompts_are_normalised_as_before(seed: int) -> None:
         messages = [{"role": "system", "content": f"{text}\n\n\n{text}"},
                     {"role": "developer", "content": text}, {"role": "user", "content": "Hi"}]
         assert cx.normalize_system(messages) == ref.normalize_system(messages)
+
+
+def test_remembered_texts_score_and_split_as_before() -> None:
+    """Word bags and line sets are remembered by text: a prompt sent again, or another prompt
+    re-sending the same examples, is scored and split exactly as the first time."""
+    rng = random.Random(400)
+    cx.clear_caches()
+    shots = [_example(rng) for _ in range(30)]
+    for _ in range(3):  # the same examples, a new question each time
+        text = "\n\n".join([*rng.sample(shots, 20), _example(rng, answer=False)])
+        messages = [{"role": "user", "content": text}]
+        found, before = cx.find_examples(messages), ref.find_examples(messages)
+        assert [(e.question, e.texts, e.blocks) for e in found] \
+            == [(e.question, e.texts, e.blocks) for e in before]
+        for examples in found:
+            assert (cx.lexical_similarities(examples.question, examples.texts)
+                    == ref.lexical_similarities(examples.question, examples.texts))
+    assert cx._remembered_bag.info().hits > 0
+    assert cx._remembered_lines.info().hits > 0
+
+
+def test_what_is_remembered_is_bounded() -> None:
+    cx.clear_caches()
+    limit = cx._REMEMBERED
+    texts = [f"text number {i} about the planet" for i in range(limit + 50)]
+    for _ in range(3):  # seen once, then kept, then found
+        assert (cx.lexical_similarities("planet", texts)
+                == ref.lexical_similarities("planet", texts))
+    # texts whose hashes share a slot of the seen-once table push each other out of it
+    assert limit // 2 < cx._remembered_bag.info().currsize <= limit
+    long = "planet orbit " * cx._REMEMBER_CHARS  # past the length remembered: split each time
+    cx.clear_caches()
+    for _ in range(3):
+        assert (cx.lexical_similarities("planet", [long])
+                == ref.lexical_similarities("planet", [long]))
+    assert cx._remembered_bag.info().currsize == 0
+    cx.clear_caches()
+    assert cx._remembered_bag.info().currsize == 0

@@ -252,3 +252,22 @@ def test_counting_within_a_limit_is_exact_up_to_it_and_above_it_past_it(model: s
         for limit in (0, 1, 50, 500, exact - 1, exact, exact + 1, 10 * exact):
             found = counter.count_text_within(model, text, limit)
             assert found == exact if exact <= limit else found > limit
+
+
+_SPACES = ["\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u2009", "\u3000", "\u200b", " \n "]
+
+
+@pytest.mark.parametrize("model", ["gpt-4", "gpt-4o"])
+def test_the_words_of_a_text_never_outnumber_its_tokens(model: str) -> None:
+    """What lets ``count_text_within`` answer without counting: runs between ASCII whitespace
+    are at most the tokens, whatever other spaces and control characters the text holds."""
+    rng = random.Random(13)
+    counter = TokenCounter()
+    pieces = _PIECES + _SPACES + ["a", "I", "'", "’", "--", "..."]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 40)))
+        exact = counter.count_text(model, text)
+        assert tokens._words_at_least(text, 10**6) <= exact
+        for limit in (0, 1, exact // 3, exact - 1, exact):
+            found = counter.count_text_within(model, text, limit)
+            assert found == exact if exact <= limit else found > limit

@@ -1,0 +1,60 @@
+"""Values derived from texts (word bags, line sets), remembered for texts that come back.
+
+Prompts re-send the same worked examples, documents and system prompts request after request;
+splitting them again is wasted work. But remembering every text costs more than it saves when
+texts never come back: the values kept grow cold in memory, and dropping them for new ones
+touches that memory again. So a text's value is kept only from the second time the text is
+seen (a direct-mapped table of hashes remembers what was seen once: one int a slot, nothing
+to evict), and at most ``size`` values are kept, least recently used dropped first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import _CacheInfo, lru_cache
+from typing import Generic, TypeVar
+
+__all__ = ["Remembered"]
+
+T = TypeVar("T")
+
+
+class Remembered(Generic[T]):
+    """``make(text)``, remembered for a text of at most ``max_chars`` characters seen before
+    (among about the last ``seen`` texts); at most ``size`` values kept. Thread-safe."""
+
+    def __init__(self, make: Callable[[str], T], *, size: int, max_chars: int,
+                 seen: int = 8192) -> None:
+        self._make = make
+        self._kept = lru_cache(maxsize=size)(make)
+        self._max_chars = max_chars
+        self._slots = seen
+        self._seen = [0] * seen
+
+    def __call__(self, text: str) -> T:
+        return self.many((text,))[0]
+
+    def many(self, texts: Iterable[str]) -> list[T]:
+        """``make(text)`` of each text (one call for many: most texts are new, and their
+        lookup must cost next to nothing)."""
+        make, kept, seen, slots, longest = (self._make, self._kept, self._seen, self._slots,
+                                            self._max_chars)
+        out: list[T] = []
+        for text in texts:
+            if len(text) <= longest:
+                key = hash(text)
+                slot = key % slots
+                if seen[slot] == key:
+                    out.append(kept(text))
+                    continue
+                seen[slot] = key  # seen once: remembered from the next time
+            out.append(make(text))
+        return out
+
+    def clear(self) -> None:
+        self._seen = [0] * self._slots
+        self._kept.cache_clear()
+
+    def info(self) -> _CacheInfo:
+        """Hits, misses and values kept (a miss: a text seen before, its value now kept)."""
+        return self._kept.cache_info()
