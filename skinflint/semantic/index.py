@@ -321,11 +321,13 @@ class HnswIndex:
             return self._forget(key)
 
     def __len__(self) -> int:
-        return len(self._labels) + len(self._small)
+        with self._lock:  # never half way through a graph being swapped in
+            return len(self._labels) + len(self._small)
 
     def graphs(self) -> int:
         """How many scopes have an HNSW graph (the others are scanned)."""
-        return len(self._graphs)
+        with self._lock:
+            return len(self._graphs)
 
     def _new_graph(self, entries: int) -> Any:
         graph = self._hnswlib.Index(space="ip", dim=self.dim)
