@@ -1,4 +1,5 @@
-"""The fake upstream's batch APIs behave as the official SDKs expect."""
+"""The fake upstream's batch APIs behave as the official SDKs expect (``fake`` is the
+session's fake upstream, reset for each test: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,6 @@ import pytest
 
 from tests.fake_batches import FAIL_MARKER
 from tests.fake_upstream import FakeUpstream
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeUpstream) -> FakeUpstream:
-    server.reset()
-    return server
 
 
 @pytest.fixture
