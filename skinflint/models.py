@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 __all__ = [
     "ATTEMPT_STRATEGIES",
@@ -25,6 +25,7 @@ __all__ = [
     "Completion",
     "LedgerRecord",
     "StreamChunk",
+    "TokenColumns",
     "UpstreamRequest",
     "Usage",
     "is_attempt",
@@ -81,6 +82,30 @@ class Usage:
             found.reasoning_tokens = int(completion.get("reasoning_tokens") or 0)
             found.output_audio_tokens = int(completion.get("audio_tokens") or 0)
         return found
+
+    def columns(self) -> TokenColumns:
+        """The ledger's token columns (:class:`LedgerRecord`'s fields of the same names)."""
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "input_audio_tokens": self.input_audio_tokens,
+            "output_audio_tokens": self.output_audio_tokens,
+        }
+
+
+class TokenColumns(TypedDict):
+    """A ledger row's token counts, by :class:`LedgerRecord`'s field names."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    input_audio_tokens: int
+    output_audio_tokens: int
 
 
 @dataclass(slots=True)

@@ -174,9 +174,7 @@ class Settler:
             request_id=job.request_id, ts=now, request_hash=_hash(job), tenant=job.tenant,
             feature=job.feature, user=job.user, requested_model=job.requested_model,
             model=str(answer.get("model") or job.provider_model), provider=job.provider,
-            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            cached_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens,
-            reasoning_tokens=usage.reasoning_tokens, cost_usd=cost, baseline_cost_usd=baseline,
+            **usage.columns(), cost_usd=cost, baseline_cost_usd=baseline,
             saved_usd=saved, strategy=how.strategy, status=how.status,
             error_type=how.error_type, route=job.requested_model,
             latency_ms=max(now - job.created, 0.0) * 1000))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from skinflint.errors import ShuttingDownError, SkinflintError
 from skinflint.interfaces import Ledger
@@ -30,19 +30,6 @@ CLIENT_CLOSED = 499
 RULE_STRATEGY = "rule"  # the ledger's strategy (and provider) for a rule's answer
 BATCH_MAP_STRATEGY = "batch_map"  # the strategy of each item's row of a packed call
 _CACHE_STRATEGY = {"hit-exact": "exact_cache", "hit-semantic": "semantic_cache"}
-
-
-def _counts(usage: Usage) -> dict[str, int]:
-    """The ledger's token columns for ``usage``."""
-    return {
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cached_tokens": usage.cached_tokens,
-        "cache_write_tokens": usage.cache_write_tokens,
-        "reasoning_tokens": usage.reasoning_tokens,
-        "input_audio_tokens": usage.input_audio_tokens,
-        "output_audio_tokens": usage.output_audio_tokens,
-    }
 
 
 def _provider(ctx: RequestContext) -> str:
@@ -229,7 +216,7 @@ class Account:
             model=ctx.answered_model,
             provider=_provider(ctx),
             endpoint=ctx.endpoint,
-            **_counts(usage),
+            **usage.columns(),
             baseline_cost_usd=ctx.costs.baseline_cost_usd,
             saved_usd=ctx.costs.saved_usd,
             cache_status=ctx.cache.status,
@@ -267,7 +254,7 @@ class Account:
                     request_id=ctx.request_id + a.suffix,
                     model=a.target.provider_model,
                     provider=a.target.provider,
-                    **_counts(u),
+                    **u.columns(),
                     cost_usd=(None if a.retry and a.usage is None
                               else self._catalog.cost(a.target.name, u)),
                     baseline_cost_usd=0.0,
@@ -302,7 +289,7 @@ class Account:
     def _record_items(self, ctx: RequestContext, packed: PackedItems, latency_ms: float) -> None:
         """A packed call's row, split into one row per item it carried: each with its share
         (by weight) of the call's tokens and cost; the shares sum to the call's figures."""
-        counts = _counts(ctx.usage or Usage())
+        counts = cast("dict[str, int]", (ctx.usage or Usage()).columns())  # every value an int
         removed = ctx.compression.tokens_removed if ctx.compression is not None else 0
         split = {name: packed.shares(n) for name, n in (*counts.items(),
                                                          ("tokens_saved", removed))}

@@ -328,3 +328,13 @@ def test_budgets_admit_at_acceptance_and_count_the_spend_when_the_result_arrives
             time.sleep(0.05)
     assert row["spent"]["requests"] == 2 and row["spent"]["usd"] > 0
     assert row["reserved"] == {"usd": 0, "requests": 0, "tokens": 0}
+
+
+def test_a_batch_line_keeps_every_token_column_of_its_usage(
+        make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path) -> None:
+    gw = make_gateway(batching=FAST)
+    with sdk(gw.base_url) as client:
+        accepted = defer(client, "listen [[audio_in=2]] [[reasoning=3]] [[cached=1]]")
+        assert wait_done(client, accepted["id"])["status"] == "completed"
+    (row,) = ledger_rows(tmp_path / "skinflint.db", expect=1)
+    assert (row["input_audio_tokens"], row["reasoning_tokens"], row["cached_tokens"]) == (2, 3, 1)
