@@ -9,7 +9,9 @@ empty and has fewer tokens than the prompt; a rejected or failed rewrite is reme
 ``retry_after`` seconds, so a broken model is not asked again for every request.
 
 A summary (:meth:`Condenser.summary`) belongs to its request, so it is made on the request's
-path, within its timeout; on any failure the caller trims without one.
+path, within its timeout; on any failure the caller trims without one. Requests that need
+the same summary at the same time share one call: each waits for it within its own timeout,
+and the call is cancelled only when the last of them has stopped waiting.
 
 Both are kept by the content hash of (kind, model, text): in this process (the newest
 ``memory`` of them) and in the response-cache store (tag :data:`TAG`, for ``ttl`` seconds),
@@ -83,6 +85,14 @@ class Job:
                 "temperature": 0, "max_tokens": self.max_tokens}
 
 
+@dataclass(slots=True)
+class _Shared:
+    """A summary being made, and how many requests wait for it."""
+
+    task: asyncio.Task[str | None]
+    waiters: int = 0
+
+
 class Condenser:
     """See the module docstring. ``store`` is the response-cache store (None: this process
     only)."""
@@ -104,6 +114,7 @@ class Condenser:
         self._known: OrderedDict[str, str] = OrderedDict()
         self._failed: OrderedDict[str, float] = OrderedDict()  # key -> when to try again
         self._pending: dict[str, asyncio.Task[None]] = {}
+        self._summaries: dict[str, _Shared] = {}  # summaries being made, by key
         self._sizes: OrderedDict[str, int] = OrderedDict()  # a prompt's tokens, by key
 
     def rewritten(self, ctx: RequestContext, text: str, model: str, min_tokens: int,
@@ -139,27 +150,49 @@ class Condenser:
         found = self._recall(key)
         if found is not None or self._failing(key):
             return found
+        shared = self._summaries.get(key)
+        if shared is None:
+            task = asyncio.ensure_future(self._summarize(ctx, job, count))
+            shared = self._summaries[key] = _Shared(task)
+            task.add_done_callback(lambda _: self._summaries.pop(key, None))
+        shared.waiters += 1
         try:
             async with asyncio.timeout(timeout):
-                made = await self._make(ctx, job, count, f".{job.kind}")
-            if made is not None:
-                return made
+                return await asyncio.shield(shared.task)
         except TimeoutError:
             log.warning("compress: the %s of %s by %s took over %gs; trimmed without it",
                         job.kind, ctx.request_id, job.model, timeout)
+            return None
+        except asyncio.CancelledError:
+            waiter = asyncio.current_task()
+            if shared.task.cancelled() and (waiter is None or not waiter.cancelling()):
+                return None  # the call was cancelled (shutting down), not this request
+            raise
+        finally:
+            shared.waiters -= 1
+            if shared.waiters == 0 and not shared.task.done():
+                shared.task.cancel()  # nobody waits for it any more
+                self._fail(key)
+                await asyncio.wait([shared.task])  # its call is ledgered before this returns
+
+    async def _summarize(self, ctx: RequestContext, job: Job, count: Count) -> str | None:
+        try:
+            made = await self._make(ctx, job, count, f".{job.kind}")
+            if made is not None:
+                return made
         except SkinflintError as exc:
             log.warning("compress: the %s of %s by %s failed (%s); trimmed without it",
                         job.kind, ctx.request_id, job.model, exc)
         except Exception:  # a summary is a saving, never a reason to fail the request
             log.exception("compress: the %s of %s by %s failed; trimmed without it",
                           job.kind, ctx.request_id, job.model)
-        self._fail(key)
+        self._fail(job.key)
         return None
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait (at most ``timeout`` seconds) for the rewrites under way, then cancel the
         rest."""
-        tasks = list(self._pending.values())
+        tasks = [*self._pending.values(), *(s.task for s in self._summaries.values())]
         if not tasks:
             return
         _, late = await asyncio.wait(tasks, timeout=timeout)

@@ -206,3 +206,46 @@ async def test_an_unreachable_store_only_costs_the_sharing() -> None:
         assert await _rewrite(condenser) == SHORT and len(ledger.records) == 1
     finally:
         await store.close()
+
+
+async def test_requests_needing_the_same_summary_at_once_share_one_call() -> None:
+    model = Model()
+    model.gate = asyncio.Event()
+    condenser, ledger = _condenser(model)
+    job = Job("summary.context", "mini", PROMPT, 50)
+    waiting = [asyncio.ensure_future(condenser.summary(_ctx(f"r{i}"), job, _words, 5.0))
+               for i in range(3)]
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    assert await asyncio.gather(*waiting) == [SHORT] * 3
+    assert len(model.requests) == 1
+    assert [r.request_id for r in ledger.records] == ["r0.summary.context"]
+
+
+async def test_a_shared_summary_outlives_a_waiter_that_gave_up() -> None:
+    """The first request stops waiting; the call goes on for the second, and its answer is
+    kept for the requests after them."""
+    model = Model()
+    model.gate = asyncio.Event()
+    condenser, ledger = _condenser(model)
+    job = Job("summary.context", "mini", PROMPT, 50)
+    patient = asyncio.ensure_future(condenser.summary(_ctx("b"), job, _words, 5.0))
+    await asyncio.sleep(0)
+    assert await condenser.summary(_ctx("a"), job, _words, 0.02) is None
+    model.gate.set()
+    assert await patient == SHORT
+    assert await condenser.summary(_ctx("c"), job, _words, 0.02) == SHORT
+    assert len(model.requests) == 1
+    assert [(r.request_id, r.status) for r in ledger.records] == [("b.summary.context", 200)]
+
+
+async def test_draining_ends_a_summary_without_failing_its_request() -> None:
+    model = Model()
+    model.gate = asyncio.Event()
+    condenser, ledger = _condenser(model)
+    job = Job("summary.context", "mini", PROMPT, 50)
+    waiting = asyncio.ensure_future(condenser.summary(_ctx(), job, _words, 5.0))
+    await asyncio.sleep(0.01)
+    await condenser.drain(timeout=0.01)
+    assert await waiting is None
+    assert [r.status for r in ledger.records] == [499]
