@@ -263,3 +263,25 @@ def test_without_a_model_for_this_feature_no_extra_call_is_made(
     time.sleep(0.2)  # a background call would have started by now
     assert [(r.body or {}).get("model") for r in fake.calls()] == ["gpt-4o", "gpt-4o"]
     assert _compress_rows(tmp_path / "skinflint.db", 2) == []
+
+
+def test_a_summary_counts_in_the_budgets_of_its_request(
+    make_gateway: GatewayFactory, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """A budget counts what the request's cheap-model calls spent beside it: their cost and
+    tokens, not another request."""
+    fake.answer_as(CHEAP, SUMMARY)
+    gw = make_gateway(
+        compression={"features": {"support": {
+            "context": {"max_tokens": 60, "summarize_with": CHEAP}}}},
+        budgets=[{"name": "b", "window": "day", "limit": {"usd": 10.0}}])
+    raw = _ask(gw, [{"role": "user", "content": DOCUMENT}])
+    rows = ledger_rows(tmp_path / "skinflint.db", expect=2)
+    call = next(r for r in rows if r["strategy"] == COMPRESS_CALL)
+    assert call["cost_usd"] > 0
+    spent = next(r for r in httpx.get(f"{gw.root_url}/api/budgets", timeout=5).json()["data"]
+                 if r["name"] == "b")["spent"]
+    assert spent["usd"] == pytest.approx(float(raw.headers["x-skinflint-cost-usd"])
+                                         + call["cost_usd"])
+    assert spent["requests"] == 1
+    assert spent["tokens"] == sum(r["input_tokens"] + r["output_tokens"] for r in rows)

@@ -114,3 +114,27 @@ def test_the_guard_switches_a_degrading_strategy_off(
     rows = ledger_rows(tmp_path / "skinflint.db", expect=7)
     assert sum(r["strategy"] == "shadow" for r in rows) == 3
     assert all(r["request_id"].endswith(".shadow") for r in rows if r["strategy"] == "shadow")
+
+
+def test_shadow_calls_count_in_the_budgets_of_their_request(
+    make_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    docs = {"context": {"max_tokens": 200}, **SHADOWED["features"]["docs"]}
+    gw = make_gateway(compression={"features": {"docs": docs}}, admin_key="admin-secret",
+                      budgets=[{"name": "b", "window": "day", "limit": {"usd": 10.0}}])
+    question = f"{LONG_CONTEXT}\n\nWhat does the manual say?"
+    with openai.OpenAI(base_url=gw.base_url, api_key="k", max_retries=0, timeout=10) as client:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": question}],
+            extra_headers={"x-skinflint-feature": "docs"})
+    rows = ledger_rows(tmp_path / "skinflint.db", expect=2)
+    [shadow] = [r for r in rows if r["strategy"] == "shadow"]
+    assert shadow["cost_usd"] > 0
+    deadline = time.monotonic() + 5
+    while True:
+        [budget] = _get(gw, "/api/budgets").json()["data"]
+        if budget["spent"]["usd"] == pytest.approx(sum(r["cost_usd"] for r in rows)):
+            break
+        assert time.monotonic() < deadline, (budget, rows)
+        time.sleep(0.05)
+    assert budget["spent"]["requests"] == 1

@@ -23,7 +23,7 @@ import orjson
 
 from skinflint.config import BudgetConfig, Settings
 from skinflint.interfaces import Amounts, BudgetCounters, Claim, CounterRow, Limits
-from skinflint.models import Usage
+from skinflint.models import LedgerRecord, Usage
 from skinflint.pipeline.context import RequestContext
 from skinflint.pricing import PriceCatalog
 
@@ -178,6 +178,11 @@ class BudgetBook:
         tokens = sum(u.input_tokens + u.output_tokens
                      for u in [ctx.usage, *(a.usage for a in ctx.attempts)] if u is not None)
         return Amounts(ctx.costs.cost_usd or 0.0, 1, tokens)
+
+    @staticmethod
+    def side_call(row: LedgerRecord) -> Amounts:
+        """What a call made beside a request spent: its cost and tokens, no request."""
+        return Amounts(row.cost_usd or 0.0, 0, row.input_tokens + row.output_tokens)
 
     async def rows(self) -> list[dict[str, Any]]:
         """Each budget's current window per subject: limits, spent, reserved, remaining. A

@@ -36,7 +36,7 @@ from skinflint.metrics import Metrics
 from skinflint.models import COMPRESS_CALL, Usage
 from skinflint.pipeline.context import RequestContext
 from skinflint.pipeline.shadow_score import answer_text
-from skinflint.pipeline.upstream import ServiceUpstream, side_call_row
+from skinflint.pipeline.upstream import ServiceUpstream, record_side_call, side_call_row
 from skinflint.pricing import PriceCatalog
 
 __all__ = ["TAG", "Condenser", "Job"]
@@ -273,8 +273,8 @@ class Condenser:
             raise
         finally:
             ms = (time.perf_counter() - started) * 1000
-            self._ledger.record(side_call_row(ctx, target, request_id, COMPRESS_CALL, usage,
-                                              outcome, ms, self._catalog))
+            record_side_call(self._ledger, ctx, side_call_row(
+                ctx, target, request_id, COMPRESS_CALL, usage, outcome, ms, self._catalog))
 
     def _recall(self, key: str) -> str | None:
         found = self._known.get(key)

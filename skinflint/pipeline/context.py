@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from skinflint.interfaces import Vector
-from skinflint.models import CASCADE_ATTEMPT, RETRIED_ATTEMPT, CacheBypass, StreamChunk, Usage
+from skinflint.models import (
+    CASCADE_ATTEMPT,
+    RETRIED_ATTEMPT,
+    CacheBypass,
+    LedgerRecord,
+    StreamChunk,
+    Usage,
+)
 
 __all__ = [
     "MISS",
@@ -329,6 +336,9 @@ class RequestContext:
     errors: list[Exception] = field(default_factory=list)
     # told by the account stage once the request's cost is known, however it ended
     on_accounted: Callable[[RequestContext], None] | None = None
+    # told of each call made for the request beside its own (a cheap model's rewrite or
+    # summary, a shadow call, its judge) once the call is over, with its ledger row
+    on_side_call: Callable[[LedgerRecord], None] | None = None
 
     @property
     def answered_model(self) -> str:

@@ -5,7 +5,9 @@ the most the request may cost (see :mod:`skinflint.pipeline.budgets`). A ``block
 would pass refuses it (429 ``budget_exceeded``, ``Retry-After`` until the window resets); a
 ``downgrade`` budget it passes sends it to another model; alert thresholds it crosses are
 logged and counted. Once the account stage has priced the request, however it ended, the
-reservation is replaced by what it really spent.
+reservation is replaced by what it really spent. Calls made for the request beside its own
+(a cheap model's rewrite or summary, a shadow call, its judge) add their spend to the same
+budgets when they end: they count, but no request is refused for them.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import logging
 
 from skinflint.config import BudgetConfig
 from skinflint.errors import BudgetExceededError
-from skinflint.interfaces import Admission, Claim
+from skinflint.interfaces import Admission, Amounts, Claim
 from skinflint.metrics import Metrics
+from skinflint.models import LedgerRecord
 from skinflint.pipeline.budgets import BudgetBook, alert_marks
 from skinflint.pipeline.context import BudgetDecision, Next, Reply, RequestContext
 
 __all__ = ["Guard"]
 
 log = logging.getLogger("skinflint.budgets")
+
+NOTHING = Amounts()
 
 
 class Guard:
@@ -51,7 +56,12 @@ class Guard:
         def settle(done: RequestContext) -> None:
             book.counters.settle(claims, book.actual(done))
 
+        def side_call(row: LedgerRecord) -> None:  # spend beside the request: none reserved
+            book.counters.settle([c._replace(amount=NOTHING) for c in claims],
+                                 book.side_call(row))
+
         ctx.on_accounted = settle
+        ctx.on_side_call = side_call
         return await next(ctx)
 
     def _decide(

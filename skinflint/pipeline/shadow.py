@@ -48,7 +48,12 @@ from skinflint.pipeline.shadow_score import (
     is_structured,
     word_cosine,
 )
-from skinflint.pipeline.upstream import ProviderUpstream, ServiceUpstream, side_call_row
+from skinflint.pipeline.upstream import (
+    ProviderUpstream,
+    ServiceUpstream,
+    record_side_call,
+    side_call_row,
+)
 from skinflint.pricing import PriceCatalog
 from skinflint.storage.alert_store import AlertStore
 
@@ -214,7 +219,8 @@ class ShadowGuard:
             try:
                 score = await self._score(job, answer_text(reference.body), job.answer)
             finally:
-                self._ledger.record(dataclasses.replace(row, similarity=score))
+                record_side_call(self._ledger, job.ctx,
+                                 dataclasses.replace(row, similarity=score))
         except SkinflintError as exc:  # a sample lost, not a request: logged and counted
             log.info("shadow call for %s failed: %s", job.ctx.request_id, exc)
             self._count("failed")
@@ -230,7 +236,7 @@ class ShadowGuard:
         try:
             completion = await self._upstream.complete(target, body)
         except SkinflintError as exc:
-            self._ledger.record(self._ledger_row(
+            record_side_call(self._ledger, job.ctx, self._ledger_row(
                 job, target, suffix, None, (exc.status, exc.code or exc.error_type),
                 (time.perf_counter() - started) * 1000))
             raise
@@ -258,7 +264,7 @@ class ShadowGuard:
         body: JSON = {"messages": messages, "temperature": 0, "max_tokens": 3}
         verdict, row = await self._call(job, self._upstream.resolve(judge), body,
                                         ".shadow.judge")
-        self._ledger.record(row)
+        record_side_call(self._ledger, job.ctx, row)
         return float(answer_text(verdict.body).strip().upper().startswith("YES"))
 
     async def _similarity(self, reference: str, answer: str) -> float:

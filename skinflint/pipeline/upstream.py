@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from skinflint.interfaces import Provider
+from skinflint.interfaces import Ledger, Provider
 from skinflint.models import Completion, LedgerRecord, UpstreamRequest, Usage
 from skinflint.pipeline.context import RequestContext, Target
 from skinflint.pricing import PriceCatalog
 
-__all__ = ["ProviderUpstream", "ServiceUpstream", "side_call_row"]
+__all__ = ["ProviderUpstream", "ServiceUpstream", "record_side_call", "side_call_row"]
 
 JSON = dict[str, Any]
 
@@ -66,3 +66,11 @@ def side_call_row(ctx: RequestContext, target: Target, request_id: str, strategy
         upstream_latency_ms=ms, status=outcome[0], error_type=outcome[1],
         route=ctx.route_label,
     )
+
+
+def record_side_call(ledger: Ledger, ctx: RequestContext, row: LedgerRecord) -> None:
+    """Record ``row``, a call made for ``ctx`` beside its own, and tell ``ctx`` of it (the
+    budgets that admitted the request count its spend)."""
+    ledger.record(row)
+    if ctx.on_side_call is not None:
+        ctx.on_side_call(row)
