@@ -478,19 +478,28 @@ class _Summarized(_Frozen):
     summary_timeout: float = Field(default=10.0, gt=0)
 
 
-class ContextPolicy(_Summarized):
+class _Trimmed(_Summarized):
+    max_tokens: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _room_for_the_summary(self) -> _Trimmed:
+        if self.summarize_with and self.summary_max_tokens >= self.max_tokens:
+            raise ValueError(
+                f"summary_max_tokens ({self.summary_max_tokens}) must be less than max_tokens "
+                f"({self.max_tokens}): the summary takes its place within max_tokens")
+        return self
+
+
+class ContextPolicy(_Trimmed):
     """Context trimming: the last user message is cut to ``max_tokens``, keeping the chunks
-    most relevant to its question; with ``summarize_with``, a summary of the chunks left out
-    takes the place of the first of them."""
-
-    max_tokens: int = Field(gt=0)
+    most relevant to its question; with ``summarize_with``, it is cut to leave room for a
+    summary of the chunks left out, which takes the place of the first of them."""
 
 
-class HistoryPolicy(_Summarized):
+class HistoryPolicy(_Trimmed):
     """Conversation trimming: the oldest turns go until the prompt fits ``max_tokens``; with
-    ``summarize_with``, one system message summarising them takes their place."""
-
-    max_tokens: int = Field(gt=0)
+    ``summarize_with``, until it fits beside one system message summarising them, which takes
+    their place."""
 
 
 class ShadowPolicy(_Frozen):

@@ -36,9 +36,9 @@ def test_the_models_and_their_bounds_are_read_with_defaults() -> None:
 
 
 @pytest.mark.parametrize(("policy", "key"), [
-    ({"context": {"max_tokens": 10, "summarize_with": "nope"}},
+    ({"context": {"max_tokens": 1000, "summarize_with": "nope"}},
      r"compression\.routes\.auto\.context\.summarize_with: unknown model 'nope'"),
-    ({"history": {"max_tokens": 10, "summarize_with": "nope"}},
+    ({"history": {"max_tokens": 1000, "summarize_with": "nope"}},
      r"compression\.routes\.auto\.history\.summarize_with: unknown model 'nope'"),
     ({"system_prompt": {"rewrite_with": "nope"}},
      r"compression\.routes\.auto\.system_prompt\.rewrite_with: unknown model 'nope'"),
@@ -53,6 +53,10 @@ def test_an_unknown_model_is_named_by_its_key(policy: dict[str, Any], key: str) 
     ({"history": {"max_tokens": 10, "summary_timeout": 0}}, "summary_timeout"),
     ({"history": {"max_tokens": 10, "summarise_with": "mini"}}, "summarise_with"),
     ({"context": {"max_tokens": 10, "summarize_with": ""}}, "summarize_with"),
+    ({"context": {"max_tokens": 256, "summarize_with": "mini"}},
+     r"context: summary_max_tokens \(256\) must be less than max_tokens \(256\)"),
+    ({"history": {"max_tokens": 100, "summarize_with": "mini", "summary_max_tokens": 100}},
+     r"history: summary_max_tokens \(100\) must be less than max_tokens"),
     ({"system_prompt": {"min_tokens": -1}}, "min_tokens"),
 ])
 def test_a_bad_value_is_named_by_its_key(policy: dict[str, Any], key: str) -> None:

@@ -161,7 +161,8 @@ SUMMARY = "Cat naps, fence painting and a pie recipe."
 
 def _summarizing(make_gateway: GatewayFactory, **extra: Any) -> Any:
     return make_gateway(compression={"features": {"support": {
-        "context": {"max_tokens": 60, "summarize_with": CHEAP, **extra}}}})
+        "context": {"max_tokens": 60, "summarize_with": CHEAP, "summary_max_tokens": 20,
+                    **extra}}}})
 
 
 def test_the_context_left_out_is_summarised_in_its_place_and_the_call_ledgered(
@@ -174,7 +175,7 @@ def test_the_context_left_out_is_summarised_in_its_place_and_the_call_ledgered(
     assert len(summaries) == 1
     asked = summaries[0]["messages"][-1]["content"]
     assert NOTES[1] in asked and NOTES[0] not in asked  # what was left out, only
-    assert summaries[0]["max_tokens"] == 256
+    assert summaries[0]["max_tokens"] == 20
     sent = _calls(fake, "gpt-4o")[0]["messages"][0]["content"]
     assert f"[Summary of omitted text: {SUMMARY}]" in sent
     assert sent.endswith(QUESTION) and NOTES[0] in sent and NOTES[1] not in sent
@@ -239,7 +240,8 @@ def test_a_summary_that_takes_too_long_is_given_up_and_the_turns_just_dropped(
 ) -> None:
     fake.fail_next("delay=3")
     gw = make_gateway(compression={"features": {"support": {
-        "history": {"max_tokens": 60, "summarize_with": CHEAP, "summary_timeout": 0.3}}}})
+        "history": {"max_tokens": 60, "summarize_with": CHEAP, "summary_max_tokens": 20,
+                    "summary_timeout": 0.3}}}})
     started = time.monotonic()
     raw = _ask(gw, HISTORY)
     assert raw.status_code == 200 and time.monotonic() - started < 2.5
@@ -273,7 +275,8 @@ def test_a_summary_counts_in_the_budgets_of_its_request(
     fake.answer_as(CHEAP, SUMMARY)
     gw = make_gateway(
         compression={"features": {"support": {
-            "context": {"max_tokens": 60, "summarize_with": CHEAP}}}},
+            "context": {"max_tokens": 60, "summarize_with": CHEAP,
+                        "summary_max_tokens": 20}}}},
         budgets=[{"name": "b", "window": "day", "limit": {"usd": 10.0}}])
     raw = _ask(gw, [{"role": "user", "content": DOCUMENT}])
     rows = ledger_rows(tmp_path / "skinflint.db", expect=2)
@@ -285,3 +288,25 @@ def test_a_summary_counts_in_the_budgets_of_its_request(
                                          + call["cost_usd"])
     assert spent["requests"] == 1
     assert spent["tokens"] == sum(r["input_tokens"] + r["output_tokens"] for r in rows)
+
+
+def test_a_summarised_context_still_fits_max_tokens(
+    make_gateway: GatewayFactory, fake: FakeUpstream
+) -> None:
+    """The context is cut to leave ``summary_max_tokens`` for the summary; a summary that would
+    take it past ``max_tokens`` anyway (a model that overran its limit) is not used."""
+    from skinflint.tokens import TokenCounter
+
+    tokens = TokenCounter()
+    fake.answer_as(CHEAP, SUMMARY)
+    gw = _summarizing(make_gateway)
+    _ask(gw, [{"role": "user", "content": DOCUMENT}])
+    sent = _calls(fake, "gpt-4o")[0]["messages"][0]["content"]
+    assert f"[Summary of omitted text: {SUMMARY}]" in sent
+    assert tokens.count_text("gpt-4o", sent) <= 60
+
+    fake.answer_as(CHEAP, " ".join([SUMMARY] * 6))  # about 70 tokens: over its 20
+    _ask(gw, [{"role": "user", "content": f"{NOTES[2]}\n\n{DOCUMENT}"}])
+    sent = _calls(fake, "gpt-4o")[1]["messages"][0]["content"]
+    assert "[Summary" not in sent and sent.endswith(QUESTION)
+    assert tokens.count_text("gpt-4o", sent) <= 60

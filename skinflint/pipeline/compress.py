@@ -127,17 +127,26 @@ class Compress:
             pruned = await self._prune(messages, policy.few_shot.keep)
             messages = self._step(done, "few_shot", messages, pruned)
         if policy.context is not None and self._may(feature, "context"):
-            cut = cx.trim_context(messages, policy.context.max_tokens, counter.text,
-                                  counter.within)
+            before = messages
+
+            def trim_context(limit: int) -> Messages:
+                return cx.trim_context(before, limit, counter.text, counter.within)
+
+            cut = trim_context(policy.context.max_tokens)
             if policy.context.summarize_with and cut is not messages:
                 cut = await self._summarize(ctx, policy.context, "context", messages, cut,
-                                            counter)
+                                            trim_context, counter)
             messages = self._step(done, "context", messages, cut)
         if policy.history is not None and self._may(feature, "history"):
-            cut = cx.trim_history(messages, policy.history.max_tokens, counter.messages)
+            before = messages
+
+            def trim_history(limit: int) -> Messages:
+                return cx.trim_history(before, limit, counter.messages)
+
+            cut = trim_history(policy.history.max_tokens)
             if policy.history.summarize_with and cut is not messages:
                 cut = await self._summarize(ctx, policy.history, "history", messages, cut,
-                                            counter)
+                                            trim_history, counter)
             messages = self._step(done, "history", messages, cut)
         if done:
             self._record(ctx, done, messages, counter)
@@ -153,15 +162,17 @@ class Compress:
 
     async def _summarize(self, ctx: RequestContext, policy: ContextPolicy | HistoryPolicy,
                          kind: str, before: Messages, cut: Messages,
-                         counter: _Counts) -> Messages:
-        """``cut`` with a summary of what trimming left out of ``before`` in its place, or
-        ``cut`` as it is when there is no summary to be had."""
+                         trim: Callable[[int], Messages], counter: _Counts) -> Messages:
+        """``before`` trimmed to leave room for a summary of what it leaves out, with that
+        summary in its place; or ``cut`` (``before`` trimmed to ``max_tokens``) as it is, when
+        there is no summary to be had or it does not fit."""
         if self._condenser is None or policy.summarize_with is None:
             return cut
+        tighter = trim(policy.max_tokens - policy.summary_max_tokens)
         if kind == "context":
-            omitted = omission.context_omitted(before, cut)
+            omitted = omission.context_omitted(before, tighter)
         else:
-            omitted = omission.history_omitted(before, cut)
+            omitted = omission.history_omitted(before, tighter)
         if omitted is None:
             return cut
         job = Job(f"summary.{kind}", policy.summarize_with, omitted.text,
@@ -170,8 +181,16 @@ class Compress:
         if summary is None:
             return cut
         if kind == "context":
-            return omission.with_context_summary(cut, omitted, summary)
-        return omission.with_history_summary(cut, omitted, summary)
+            summarized = omission.with_context_summary(tighter, omitted, summary)
+            size = counter.within(summarized[omitted.index]["content"], policy.max_tokens)
+        else:
+            summarized = omission.with_history_summary(tighter, omitted, summary)
+            size = counter.messages(summarized)
+        if size > policy.max_tokens:  # the summary's framing did not fit beside it
+            log.info("compression: the %s summary of %s did not fit in %d tokens; trimmed "
+                     "without it", kind, ctx.request_id, policy.max_tokens)
+            return cut
+        return summarized
 
     @staticmethod
     def _step(done: list[tuple[str, Messages]], strategy: str, before: Messages,
