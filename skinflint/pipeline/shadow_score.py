@@ -23,16 +23,18 @@ floor", valid for any scores in [0, 1] (binary or not), made of two parts:
   the floor the wealth is a nonnegative supermartingale, so by Ville's inequality the chance it
   *ever* reaches ``1 / DELTA`` is at most :data:`DELTA`: however many samples are checked, the
   chance of switching off a strategy at or above its floor stays below
-  ``FIRST_DELTA + DELTA`` (measured: about 0.5%, the same over 1,000 samples as over 10,000,
-  where the former rule, Hoeffding's upper bound on the last 200 scores checked at every sample,
-  climbed from 0.3% to 3.8%: ``bench/shadow.py``). The wealth is not restarted, which is what
-  keeps that guarantee; a long good history does not hide a later drop because the bet is
-  nothing while the recent scores are above the floor, so the wealth stays near 1 (a strategy
-  that sits *just* above the floor for a long time loses a little of it, and a later drop then
-  takes a little longer to catch). The floor may change between samples: each factor uses the
-  floor of its sample.
+  ``FIRST_DELTA + DELTA``, 3% (measured exactly at the floor: 0.6-0.8% within 1,000 samples,
+  0.85-0.9% within 10,000, where the former rule, Hoeffding's upper bound on the last 200
+  scores checked at every sample, went from 0.45-0.55% to 3.6-4.8%: ``bench/shadow.py``).
+  The wealth is not restarted, which is what keeps that guarantee; a long good history does
+  not hide a later drop because the bet is nothing while the recent scores are above the
+  floor, so the wealth stays near 1 (a strategy that sits *just* above the floor for a long
+  time loses a little of it, and a later drop then takes a little longer to catch). The floor
+  may change between samples: each factor uses the floor of its sample.
 
-The rolling window of the last :data:`WINDOW` scores gives the mean shown to operators.
+Both count from the window's start (the process's start, or an operator's re-enable), so a
+``min_samples`` beyond the window decides too. The rolling window of the last :data:`WINDOW`
+scores gives the mean shown to operators.
 """
 
 from __future__ import annotations
