@@ -171,7 +171,7 @@ def replay_betting(series: np.ndarray, min_samples: int) -> np.ndarray:
         estimate = (PRIOR * FLOOR + (sums[:, t - 1] - sums[:, start])) / (PRIOR + t - 1 - start)
         stake = np.where(estimate >= FLOOR, 0.0,
                          np.minimum(cap, (FLOOR - estimate) / spread))
-        wealth *= 1.0 + stake * (FLOOR - series[:, t - 1])
+        wealth = np.minimum(1e100, wealth * (1.0 + stake * (FLOOR - series[:, t - 1])))
         if t == min_samples:
             off[sums[:, t] <= limit] = t
         if t >= min_samples:

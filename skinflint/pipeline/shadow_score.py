@@ -75,6 +75,7 @@ CAP = 0.5  # the largest bet, as the share of the wealth a score of 1 could lose
 SHORT_WORDS = 5  # answers of at most this many words are compared exactly
 WINDOW = 200  # the samples a rolling score keeps
 _TINY = 1e-9  # keeps a floor of 0 or 1 from dividing by zero
+_MOST = 1e100  # the wealth kept at most (far past 1 / DELTA; keeps it finite, and JSON)
 
 _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
@@ -182,7 +183,7 @@ class Window:
         scores = self.scores
         held = min(len(scores), MEMORY)
         estimate = (PRIOR * floor + self.recent) / (PRIOR + held)
-        self.wealth *= 1.0 + bet(estimate, floor) * (floor - score)
+        self.wealth = min(_MOST, self.wealth * (1.0 + bet(estimate, floor) * (floor - score)))
         if len(scores) >= MEMORY:
             self.recent -= scores[-MEMORY]
         if len(scores) == scores.maxlen:

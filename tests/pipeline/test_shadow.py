@@ -187,6 +187,9 @@ def test_a_drop_after_a_long_good_history_is_caught() -> None:
 
 def test_min_samples_beyond_the_window_still_decides() -> None:
     assert _window([0.0] * 400, min_samples=300) == 300
+    window = Window()
+    _window([0.0] * 1000, min_samples=2000, window=window)
+    assert math.isfinite(window.wealth) and window.wealth >= 1 / DELTA
 
 
 def test_exact_sets_aside_case_spacing_and_key_order() -> None:
