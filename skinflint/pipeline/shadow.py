@@ -18,8 +18,7 @@ off for the feature: :meth:`enabled` says False, the log says why, and an alert 
 operator switches it back on (:meth:`enable`), which closes the alert and starts a fresh
 window and test. :meth:`rows` shows, per (feature, strategy), the samples in the window, their
 mean, as ``bound`` the test's evidence against the floor (the betting wealth: 1 at the start,
-below 1 while the scores are at or above the floor, switched off at ``1 / DELTA``, 100), the
-floor and the state.
+grown by scores below the floor, switched off at ``1 / DELTA``, 100), the floor and the state.
 
 The switch survives a restart through the alert table: at start the guard reads the open
 ``shadow-guard`` alerts back. Scores and evidence are kept in memory, per process: after a
