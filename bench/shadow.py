@@ -12,18 +12,19 @@ requests have been scored. Reported per (p, M): the fraction of runs switched of
 median, p90 and max of the sampled requests it took (``>H``: not switched off within the
 horizon), and whether that is within ``M``.
 
-The guard's rule (a rolling window of the last 200 scores, checked at every sample once it
-holds ``min_samples``, against Hoeffding's upper bound) is also replayed on the same agreement
-series by a vectorised copy that reads its thresholds from
-:func:`skinflint.pipeline.shadow_score.upper_bound`; the bench checks that it switches off at the
-same sample as the real guard in every run, then uses it where the real guard would take too
-long: the false switch-off rate at the floor over 1,000 and 5,000 sampled requests, the smallest
-drop caught within ``M`` and within the 200-sample window (caught: in at least 90% of 2,000
-runs, on a 0.01 grid of p), and the same figures for two what-if rules using the tighter
-Chernoff/KL bound (Hoeffding's Theorem 1, valid for any scores in [0, 1]): at the same per-check
-confidence (95%), and at 99.9%, which gives about the shipped rule's false switch-off rate.
-The best any level-5% test can do at the first check (``M`` samples, an exact binomial test at
-the floor) is computed exactly, as the limit no bound can beat.
+The guard's rule (:mod:`skinflint.pipeline.shadow_score`: a first check at ``M`` samples, then
+testing by betting at every sample) is also replayed on the same agreement series by a
+vectorised copy that reads its constants and the first check's limits from that module; the
+bench checks that it switches off at the same sample as the real guard in every run, then uses
+it, on ``--replay-runs`` seeded runs per figure, where the real guard would take too long. The
+former rule (a rolling window of the last 200 scores, checked at every sample once it holds
+``M``, against Hoeffding's one-sided upper 95% bound) is kept here only, replayed on the same
+series, for comparison. Per rule and ``M``: the largest true agreement switched off within ``M``
+samples in at least 90% of runs (0.01 grid); the median and p90 samples to switch-off at 0.8 and
+0.85; the false switch-off rate at the floor (0.9) and at 0.95 within 1,000 and 10,000 samples;
+and a drop that starts after 2,000 samples at 0.97 (to 0.8 and to 0.85): the share switched off
+before it (false) and the samples to switch-off after it. The best any level-5% single check can
+do at ``M`` samples (an exact binomial test at the floor) is computed exactly, as a reference.
 
 End to end: a real gateway (:class:`skinflint.server.run.BackgroundServer`) in front of the
 fake upstream of ``tests/fake_upstream.py``, which echoes the last user message, so trimming the
@@ -35,7 +36,7 @@ the strategy was switched off.
 Each run (but a ``--quick`` one) appends one JSON object to ``bench/results/shadow.jsonl``
 and prints a table.
 
-    python bench/shadow.py [--runs 200] [--horizon 300] [--quick]
+    python bench/shadow.py [--runs 200] [--horizon 300] [--replay-runs 2000] [--quick]
 """
 
 from __future__ import annotations
@@ -60,7 +61,15 @@ from skinflint.metrics import Metrics
 from skinflint.models import Completion
 from skinflint.pipeline.context import Compression, RequestContext, Target
 from skinflint.pipeline.shadow import ShadowGuard
-from skinflint.pipeline.shadow_score import DELTA, WINDOW, upper_bound
+from skinflint.pipeline.shadow_score import (
+    CAP,
+    DELTA,
+    FIRST_DELTA,
+    MEMORY,
+    PRIOR,
+    WINDOW,
+    first_check,
+)
 from skinflint.pricing import PriceCatalog
 from skinflint.storage.ledger import MemoryLedger
 
@@ -73,7 +82,9 @@ FEATURE, STRATEGY = "docs", "context"
 TARGET = Target("small", "p", "s-1")
 CLIENT, OTHER = "The harbour opened in 1850", "The document is about a harbour"
 BATCH = 50  # samples shown to the guard between two drains (its calls run in order)
-Bound = Callable[[float, int], float]
+OLD_DELTA = 0.05  # the former rule's per-check level
+CHUNK = 500  # replayed runs at a time (memory)
+Replay = Callable[[np.ndarray, int], np.ndarray]
 
 # ---------------------------------------------------------------- the real guard
 
@@ -135,79 +146,131 @@ def agreements(p: float, min_samples: int, run: int, horizon: int) -> np.ndarray
     return rng.random(horizon) < p
 
 
-# ---------------------------------------------------------------- the same rule, vectorised
+# ---------------------------------------------------------------- the rules, vectorised
+
+
+def first_limit(min_samples: int) -> int:
+    """The most agreements out of ``min_samples`` the guard's first check switches off on (-1:
+    none)."""
+    return max((k for k in range(min_samples + 1)
+                if first_check(k / min_samples, min_samples, FLOOR)), default=-1)
+
+
+def replay_betting(series: np.ndarray, min_samples: int) -> np.ndarray:
+    """The guard's rule, per run (row of 0/1 agreements): the sample after which it switches
+    off (0: never). The same float operations in the same order as
+    :class:`skinflint.pipeline.shadow_score.Window`, so the same sample."""
+    runs, horizon = series.shape
+    sums = np.zeros((runs, horizon + 1))
+    sums[:, 1:] = np.cumsum(series, 1)
+    wealth, off = np.ones(runs), np.zeros(runs, np.int64)
+    cap, spread = CAP / max(1.0 - FLOOR, 1e-9), max(FLOOR * (1.0 - FLOOR), 1e-9)
+    limit, threshold = first_limit(min_samples), 1 / DELTA
+    for t in range(1, horizon + 1):
+        start = max(t - 1 - MEMORY, 0)
+        estimate = (PRIOR * FLOOR + (sums[:, t - 1] - sums[:, start])) / (PRIOR + t - 1 - start)
+        stake = np.where(estimate >= FLOOR, 0.0,
+                         np.minimum(cap, (FLOOR - estimate) / spread))
+        wealth = np.minimum(1e100, wealth * (1.0 + stake * (FLOOR - series[:, t - 1])))
+        if t == min_samples:
+            off[sums[:, t] <= limit] = t
+        if t >= min_samples:
+            off[(off == 0) & (wealth >= threshold)] = t
+    return off
 
 
 def hoeffding(mean: float, n: int) -> float:
-    return upper_bound(mean, n)
+    """The former rule's bound: Hoeffding's one-sided upper 95% bound on the mean of ``n``
+    scores in [0, 1]."""
+    return 1.0 if n <= 0 else min(1.0, mean + math.sqrt(math.log(1 / OLD_DELTA) / (2 * n)))
 
 
-def _kl(p: float, q: float) -> float:
-    e = 1e-12
-    p, q = min(max(p, e), 1 - e), min(max(q, e), 1 - e)
-    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+OLD_LIMITS = np.array([-1] + [next((k for k in range(n, -1, -1) if hoeffding(k / n, n) < FLOOR),
+                                   -1) for n in range(1, WINDOW + 1)])
 
 
-def chernoff(mean: float, n: int, delta: float = DELTA) -> float:
-    """The what-if: the largest q with ``n * KL(mean || q) <= ln(1 / delta)``."""
-    lo, hi, limit = mean, 1.0, math.log(1 / delta) / n
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if _kl(mean, mid) > limit else (mid, hi)
-    return hi
-
-
-def thresholds(bound: Bound) -> np.ndarray:
-    """Per window size n: the most agreements out of n whose bound is below the floor (-1:
-    none)."""
-    found = np.full(WINDOW + 1, -1)
-    for n in range(1, WINDOW + 1):  # the bound grows with k: the first k from the top
-        found[n] = next((k for k in range(n, -1, -1) if bound(k / n, n) < FLOOR), -1)
-    return found
-
-
-def replay(series: np.ndarray, min_samples: int, limits: np.ndarray) -> np.ndarray:
-    """Per run (row of 0/1 agreements): the sample after which the rule switches off (0:
-    never)."""
+def replay_hoeffding(series: np.ndarray, min_samples: int) -> np.ndarray:
+    """The former rule, per run: the sample after which it switched off (0: never)."""
     runs, horizon = series.shape
     sums = np.concatenate([np.zeros((runs, 1), np.int32), np.cumsum(series, 1, np.int32)], 1)
     t = np.arange(1, horizon + 1)
     held = sums[:, t] - sums[:, np.maximum(t - WINDOW, 0)]
-    fire = (held <= limits[np.minimum(t, WINDOW)]) & (t >= min_samples)
+    fire = (held <= OLD_LIMITS[np.minimum(t, WINDOW)]) & (t >= min_samples)
     return np.where(fire.any(1), fire.argmax(1) + 1, 0)
 
 
-def _simulate(p: float, min_samples: int, limits: np.ndarray, runs: int, horizon: int,
-              seed: int) -> np.ndarray:
+RULES: dict[str, Replay] = {"betting (shipped)": replay_betting,
+                            "hoeffding (former)": replay_hoeffding}
+
+
+def _simulate(rule: Replay, p: float, min_samples: int, runs: int, horizon: int, seed: int,
+              before: tuple[int, float] | None = None) -> np.ndarray:
+    """``rule`` on ``runs`` seeded series of agreement ``p`` (after ``before[0]`` samples of
+    agreement ``before[1]``, when given), a chunk of runs at a time."""
     rng = np.random.default_rng([seed, round(p * 1000), min_samples])
-    return replay(rng.random((runs, horizon)) < p, min_samples, limits)
+    level = np.full(horizon, p)
+    if before is not None:
+        level[:before[0]] = before[1]
+    out = []
+    for start in range(0, runs, CHUNK):
+        draws = rng.random((min(CHUNK, runs - start), horizon))
+        out.append(rule((draws < level).astype(np.float64), min_samples))
+    return np.concatenate(out)
 
 
-def smallest_drop(min_samples: int, limits: np.ndarray, within: int, runs: int) -> float:
-    """The highest p on a 0.01 grid below the floor switched off within ``within`` samples in
-    at least 90% of runs."""
+def largest_caught(rule: Replay, min_samples: int, runs: int) -> float:
+    """The highest p on a 0.01 grid below the floor switched off within ``min_samples``
+    samples in at least 90% of runs."""
     for hundredths in range(round(FLOOR * 100) - 1, 0, -1):
         p = hundredths / 100
-        off = _simulate(p, min_samples, limits, runs, within, 7)
-        if np.mean(off > 0) >= 0.9:
+        if np.mean(_simulate(rule, p, min_samples, runs, min_samples, 7) > 0) >= 0.9:
             return p
     return 0.0
+
+
+def _spread(off: np.ndarray, horizon: int) -> dict[str, Any]:
+    """Median and p90 of the samples to switch-off (``horizon + 1``: not within it)."""
+    taken = np.where(off > 0, off, horizon + 1)
+    return {"median": float(np.median(taken)), "p90": float(np.quantile(taken, 0.9)),
+            "off": round(float(np.mean(off > 0)), 4)}
+
+
+def rule_figures(name: str, rule: Replay, sizes: tuple[int, ...], runs: int,
+                 long: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"rule": name}
+    for m in sizes:
+        false = {}
+        for p in (FLOOR, 0.95):
+            off = _simulate(rule, p, m, runs, long, 11)
+            false[f"false_off_at_{p}"] = {"within_1000": float(np.mean((off > 0) & (off <= 1000))),
+                                          f"within_{long}": float(np.mean(off > 0))}
+        drops = {f"p{p}": _spread(_simulate(rule, p, m, runs, 3000, 13), 3000)
+                 for p in (0.8, 0.85)}
+        change = {}
+        for p in (0.8, 0.85):
+            off = _simulate(rule, p, m, runs, 5000, 19, before=(2000, 0.97))
+            after = np.where(off > 2000, off - 2000, 0)
+            change[f"0.97_then_{p}"] = {"false_before": float(np.mean((off > 0) & (off <= 2000))),
+                                        **_spread(after, 3000)}
+        out[str(m)] = {"largest_caught_within_min_samples": largest_caught(rule, m, runs),
+                       **false, "to_switch_off": drops, "after_2000_at_0.97": change}
+    return out
 
 
 def _binomial_cdf(k: int, n: int, p: float) -> float:
     return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
 
 
-def first_check(n: int, k: int) -> float:
+def first_check_reach(n: int, k: int) -> float:
     """The highest p (0.01 grid) with P(at most k agreements in n) >= 0.9."""
     grid = (h / 100 for h in range(round(FLOOR * 100) - 1, 0, -1))
     return next((p for p in grid if _binomial_cdf(k, n, p) >= 0.9), 0.0)
 
 
-def exact_test_limit(n: int) -> int:
-    """The most agreements out of n a one-sided exact binomial test at level DELTA rejects
-    ``mean >= floor`` on: the most powerful single check a 5% rule can make."""
-    return max(k for k in range(n + 1) if _binomial_cdf(k, n, FLOOR) <= DELTA)
+def exact_test_limit(n: int, level: float = OLD_DELTA) -> int:
+    """The most agreements out of n a one-sided exact binomial test at ``level`` rejects
+    ``mean >= floor`` on: the most powerful single check at that level."""
+    return max(k for k in range(n + 1) if _binomial_cdf(k, n, FLOOR) <= level)
 
 
 # ---------------------------------------------------------------- measurements
@@ -227,37 +290,16 @@ def _quantiles(off: list[int | None], horizon: int) -> dict[str, Any]:
 async def guard_table(runs: int, horizon: int, levels: tuple[float, ...],
                       sizes: tuple[int, ...]) -> tuple[list[dict[str, Any]], bool, float]:
     metrics, rows, same, started = Metrics(), [], True, time.perf_counter()
-    limits = thresholds(hoeffding)
     for m in sizes:
         for p in levels:
             series = [agreements(p, m, i, horizon) for i in range(runs)]
             off = [await guard_run(s, m, metrics) for s in series]
-            replayed = replay(np.array(series), m, limits)
+            replayed = replay_betting(np.array(series, np.float64), m)
             same &= [o or 0 for o in off] == replayed.tolist()
             within = sum(o is not None and o <= m for o in off) / runs
             rows.append({"p": p, "min_samples": m, **_quantiles(off, horizon),
                          "within_min_samples": round(within, 4)})
     return rows, same, time.perf_counter() - started
-
-
-def rule_figures(name: str, bound: Bound, sizes: tuple[int, ...], runs: int) -> dict[str, Any]:
-    limits = thresholds(bound)
-    out: dict[str, Any] = {"limits": {n: int(limits[n]) for n in (20, 50, 100, 200)}}
-    for m in sizes:
-        false = {h: float(np.mean(_simulate(FLOOR, m, limits, runs, h, 11) > 0))
-                 for h in (1000, 5000)}
-        moderate = {p: _simulate(p, m, limits, runs, 1000, 13) for p in (0.85, 0.8)}
-        out[str(m)] = {
-            "false_off_at_floor": {f"within_{h}": v for h, v in false.items()},
-            "false_off_at_0.95_within_5000": float(np.mean(
-                _simulate(0.95, m, limits, runs, 5000, 17) > 0)),
-            "smallest_drop_at_first_check": first_check(m, int(limits[m])),
-            "smallest_drop_within_window": smallest_drop(m, limits, WINDOW, runs),
-            **{f"p{p}_off_within_1000": float(np.mean(o > 0)) for p, o in moderate.items()},
-            **{f"p{p}_median": float(np.median(np.where(o > 0, o, 1001)))
-               for p, o in moderate.items()},
-        }
-    return {"rule": name, **out}
 
 
 def end_to_end(min_samples: int) -> dict[str, Any]:
@@ -336,19 +378,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     levels = LEVELS if not args.quick else (1.0, 0.9, 0.7, 0.5)
     sizes = MIN_SAMPLES if not args.quick else (20,)
     table, same, seconds = await guard_table(args.runs, args.horizon, levels, sizes)
-    replay_runs = 200 if args.quick else 2000
-    rules = [rule_figures("hoeffding (shipped)", hoeffding, sizes, replay_runs),
-             rule_figures("chernoff-kl (what-if)", chernoff, sizes, replay_runs),
-             rule_figures("chernoff-kl at 0.001 per check (what-if)",
-                          lambda mean, n: chernoff(mean, n, 0.001), sizes, replay_runs)]
+    started = time.perf_counter()
+    long = 10_000 if not args.quick else 2_000
+    rules = [rule_figures(name, rule, sizes, args.replay_runs, long)
+             for name, rule in RULES.items()]
     exact = {m: {"limit": exact_test_limit(m),
-                 "smallest_drop": first_check(m, exact_test_limit(m))} for m in sizes}
+                 "largest_caught": first_check_reach(m, exact_test_limit(m))} for m in sizes}
     return {"ts": time.time(), "commit": _commit(), "machine": platform.machine(),
             "python": platform.python_version(), "floor": FLOOR, "delta": DELTA,
-            "window": WINDOW, "runs": args.runs, "horizon": args.horizon, "quick": args.quick,
+            "first_delta": FIRST_DELTA, "memory": MEMORY, "prior": PRIOR, "cap": CAP,
+            "window": WINDOW, "runs": args.runs, "horizon": args.horizon,
+            "replay_runs": args.replay_runs, "quick": args.quick,
             "guard": table, "guard_seconds": round(seconds, 1),
-            "replay_matches_guard": same, "rules": rules, "exact_test_first_check": exact,
-            "end_to_end": end_to_end(args.e2e_min_samples)}
+            "replay_matches_guard": same, "first_check_limits": {
+                m: first_limit(m) for m in sizes},
+            "rules": rules, "replay_seconds": round(time.perf_counter() - started, 1),
+            "exact_test_first_check": exact, "end_to_end": end_to_end(args.e2e_min_samples)}
 
 
 def render(result: dict[str, Any]) -> Iterator[str]:
@@ -361,19 +406,30 @@ def render(result: dict[str, Any]) -> Iterator[str]:
                f" {r['within_min_samples']:>6.3f} {r['median']!s:>7} {r['p90']!s:>7}"
                f" {r['max']!s:>7}")
     yield f"vectorised rule = real guard in every run: {result['replay_matches_guard']}"
+    yield f"first check switches off on at most {result['first_check_limits']} agreements"
+    yield (f"\n{result['replay_runs']} replayed runs per figure ({result['replay_seconds']} s);"
+           " medians/p90 in samples (3001: not within 3,000)")
     for rule in result["rules"]:
-        yield f"\n{rule['rule']}: agreements out of n that switch off {rule['limits']}"
-        yield (f"{'M':>4} {'false@0.9/1k':>12} {'/5k':>6} {'false@.95/5k':>12}"
-               f" {'caught@M':>9} {'caught<=200':>11} {'0.85 off/1k':>11} {'0.8 median':>10}")
+        yield f"\n{rule['rule']}"
+        yield (f"{'M':>4} {'caught@M':>8} {'false@.9 1k':>11} {'10k':>6} {'false@.95 1k':>12}"
+               f" {'10k':>6} {'0.8 med/p90':>12} {'0.85 med/p90':>13}"
+               f" {'.97>.8 after':>13} {'.97>.85 after':>14} {'false<2k':>8}")
         for m in (k for k in rule if k.isdigit()):
             f = rule[m]
-            yield (f"{m:>4} {f['false_off_at_floor']['within_1000']:>12.4f}"
-                   f" {f['false_off_at_floor']['within_5000']:>6.3f}"
-                   f" {f['false_off_at_0.95_within_5000']:>12.4f}"
-                   f" {f['smallest_drop_at_first_check']:>9} {f['smallest_drop_within_window']:>11}"
-                   f" {f['p0.85_off_within_1000']:>11.3f} {f['p0.8_median']:>10}")
-    yield "\nbest level-5% test at the first check (exact binomial): " + ", ".join(
-        f"M={m}: <= {v['limit']} agreements, catches p <= {v['smallest_drop']}"
+            at, high = f[f"false_off_at_{FLOOR}"], f["false_off_at_0.95"]
+            drops, change = f["to_switch_off"], f["after_2000_at_0.97"]
+            far = list(at)[-1]
+
+            def both(d: dict[str, Any]) -> str:
+                return f"{d['median']:g}/{d['p90']:g}"
+
+            yield (f"{m:>4} {f['largest_caught_within_min_samples']:>8}"
+                   f" {at['within_1000']:>11.4f} {at[far]:>6.4f} {high['within_1000']:>12.4f}"
+                   f" {high[far]:>6.4f} {both(drops['p0.8']):>12} {both(drops['p0.85']):>13}"
+                   f" {both(change['0.97_then_0.8']):>13} {both(change['0.97_then_0.85']):>14}"
+                   f" {change['0.97_then_0.8']['false_before']:>8.4f}")
+    yield "\nbest level-5% single check at M samples (exact binomial): " + ", ".join(
+        f"M={m}: <= {v['limit']} agreements, catches p <= {v['largest_caught']}"
         for m, v in result["exact_test_first_check"].items())
     yield f"end to end (gateway + fake upstream): {result['end_to_end']}"
 
@@ -382,12 +438,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--horizon", type=int, default=300, help="sampled requests per run")
+    parser.add_argument("--replay-runs", type=int, default=2000,
+                        help="seeded runs per figure of the vectorised rules")
     parser.add_argument("--e2e-min-samples", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parsed = parser.parse_args()
     logging.getLogger("skinflint.shadow").setLevel(logging.ERROR)  # one line per switch-off
     if parsed.quick:
         parsed.runs, parsed.horizon, parsed.e2e_min_samples = 20, 120, 5
+        parsed.replay_runs = 200
     outcome = asyncio.run(main(parsed))
     if not parsed.quick:  # a smoke run is not a result
         RESULTS.parent.mkdir(exist_ok=True)

@@ -506,8 +506,9 @@ class ShadowPolicy(_Frozen):
     """Sampled shadow evaluation of a compressed feature (``compression.<scope>.shadow``): a
     ``sample`` fraction of its compressed requests is also sent uncompressed, the two answers
     are scored by ``judge`` (``exact``, ``similarity``, or a model or alias asked whether they
-    agree), and a strategy whose score is confidently below ``floor`` after ``min_samples``
-    samples is switched off for the feature."""
+    agree), and a strategy whose mean score is confidently below ``floor`` is switched off for
+    the feature: checked first at ``min_samples`` samples (the earliest the guard decides), then
+    at every sample by a sequential test (:mod:`skinflint.pipeline.shadow_score`)."""
 
     sample: float = Field(default=0.05, ge=0, le=1)
     floor: float = Field(default=0.9, ge=0, le=1)

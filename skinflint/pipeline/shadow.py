@@ -9,17 +9,21 @@ counted. Each call is tried once, with its provider's timeout: a failure loses t
 logged and counted, never retried. Each call (and a judge model's, when one scores) is a
 ledger row of strategy
 ``shadow``: its cost counts, it is not a client request; the uncompressed call's row holds the
-pair's score in its ``similarity`` column. The score goes to a rolling window per
-(feature, strategy) (:mod:`skinflint.pipeline.shadow_score`); once it holds ``min_samples``
-scores and their upper confidence bound is below ``floor``, the strategy is switched off for
-the feature: :meth:`enabled` says False, the log says why, and an alert of rule
+pair's score in its ``similarity`` column. The score goes to a window per (feature, strategy)
+(:mod:`skinflint.pipeline.shadow_score`), which tests whether the strategy's mean score is
+below ``floor``: once at ``min_samples`` samples (the earliest the guard decides), then at every
+sample by betting against the floor. When the test says it is below, the strategy is switched
+off for the feature: :meth:`enabled` says False, the log says why, and an alert of rule
 ``shadow-guard`` (name ``<feature>/<strategy>``) is recorded for ``GET /api/alerts``. Only an
 operator switches it back on (:meth:`enable`), which closes the alert and starts a fresh
-window.
+window and test. :meth:`rows` shows, per (feature, strategy), the samples in the window, their
+mean, as ``bound`` the test's evidence against the floor (the betting wealth: 1 at the start,
+grown by scores below the floor, switched off at ``1 / DELTA``, 100), the floor and the state.
 
 The switch survives a restart through the alert table: at start the guard reads the open
-``shadow-guard`` alerts back. Scores are kept in memory, per process; another replica learns
-of a switch (either way) when it restarts.
+``shadow-guard`` alerts back. Scores and evidence are kept in memory, per process: after a
+restart a strategy that is on starts a fresh test (its first check again at ``min_samples``);
+another replica learns of a switch (either way) when it restarts.
 """
 
 from __future__ import annotations
@@ -191,14 +195,15 @@ class ShadowGuard:
         return True
 
     def rows(self) -> list[JSON]:
-        """Each watched (feature, strategy): its samples, mean score, bound, floor, state."""
+        """Each watched (feature, strategy): its samples, mean score, evidence against the
+        floor (``bound``), floor, state."""
         return [self._row(f, s, self._watches[f, s]) for f, s in sorted(self._watches)]
 
     def _row(self, feature: str, strategy: str, watch: _Watch) -> JSON:
         window = watch.window
         return {
             "feature": feature, "strategy": strategy, "samples": window.samples,
-            "mean": round(window.mean, 4), "bound": round(window.bound, 4),
+            "mean": round(window.mean, 4), "bound": float(f"{window.wealth:.4g}"),
             "floor": watch.floor, "state": "on" if self.enabled(feature, strategy) else "off",
         }
 
@@ -282,23 +287,23 @@ class ShadowGuard:
             key = (feature, strategy)
             watch = self._watches.setdefault(key, _Watch(Window()))
             watch.floor = floor = job.policy.floor
-            watch.window.add(score)
-            window = watch.window
-            if key in self._off or window.samples < job.policy.min_samples:
+            watch.window.add(score, floor)
+            if key in self._off:
                 continue
-            if window.bound < floor:
-                await self._switch_off(feature, strategy, watch, floor)
+            why = watch.window.below(floor, job.policy.min_samples)
+            if why is not None:
+                await self._switch_off(feature, strategy, watch, floor, why)
 
     async def _switch_off(self, feature: str, strategy: str, watch: _Watch,
-                          floor: float) -> None:
+                          floor: float, why: str) -> None:
         self._off.add((feature, strategy))
         self._metrics.shadow_off.set(len(self._off))
         watch.off_since = time.time()
         w = watch.window
         log.warning(
-            "shadow guard: %s switched off for feature %r: mean score %.3f over %d samples,"
-            " upper bound %.3f below the floor %.3f; enable it again with POST /api/shadow/enable",
-            strategy, feature, w.mean, w.samples, w.bound, floor)
+            "shadow guard: %s switched off for feature %r: its mean score is below the floor"
+            " %.3f (%s; mean %.3f over the last %d samples); enable it again with POST"
+            " /api/shadow/enable", strategy, feature, floor, why, w.mean, w.samples)
         if self._alerts is None:
             return
         try:

@@ -1,5 +1,6 @@
-"""The shadow-evaluation guard: its scores and bound, switching a strategy off on a degrading
-series (and not on a healthy one), the operator's re-enable, the switch kept in the alert
+"""The shadow-evaluation guard: its scores and its test (the first check at min_samples and the
+bet against the floor), switching a strategy off on a degrading series (and not on a healthy
+one, nor after a long good history), the operator's re-enable, the switch kept in the alert
 table, sampling, and the bound on calls in flight."""
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.context import Compression, Reply, RequestContext, Target
 from skinflint.pipeline.shadow import ALERT_RULE, ProviderUpstream, ShadowGuard
 from skinflint.pipeline.shadow_score import (
+    DELTA,
     WINDOW,
     Window,
+    bet,
     exact_score,
+    first_check,
     is_structured,
-    upper_bound,
+    kl,
     word_cosine,
 )
 from skinflint.pricing import PriceCatalog
@@ -103,25 +107,89 @@ def _policy(**fields: Any) -> ShadowPolicy:
                            "min_samples": 20, **fields})
 
 
-# ---- scores and bound
+# ---- scores and the test
 
 
-def test_the_bound_is_hoeffdings_upper_bound() -> None:
-    assert upper_bound(0.5, 20) == pytest.approx(0.5 + math.sqrt(math.log(20) / 40))
-    assert upper_bound(0.5, 20) == pytest.approx(0.7737, abs=1e-4)
-    assert upper_bound(0.95, 200) == 1.0  # clipped
-    assert upper_bound(0.0, 0) == 1.0  # nothing known: nothing to switch off
-    assert upper_bound(0.0, 2) < 0.9 < upper_bound(0.0, 1)
+def test_the_first_check_is_hoeffdings_chernoff_bound_at_its_level() -> None:
+    assert kl(0.0, 0.9) == pytest.approx(math.log(10))
+    assert kl(0.9, 0.9) == 0.0 and kl(0.5, 1.0) == math.inf
+    # 20 samples at the floor 0.9, level 2%: 20 KL(m || 0.9) >= ln 50 for m <= 13/20
+    assert first_check(13 / 20, 20, 0.9) and not first_check(14 / 20, 20, 0.9)
+    assert first_check(14 / 20, 20, 0.9, delta=0.05)
+    assert not first_check(0.95, 100, 0.9) and not first_check(0.0, 0, 0.9)
+    assert first_check(0.99, 1, 1.0)  # a single miss disproves a floor of 1
 
 
-def test_a_window_keeps_the_newest_scores() -> None:
+def test_the_bet_is_kelly_against_the_estimate_and_capped() -> None:
+    assert bet(0.9, 0.9) == 0.0 and bet(0.97, 0.9) == 0.0  # nothing while at the floor
+    assert bet(0.8, 0.9) == pytest.approx(0.1 / 0.09)
+    assert bet(0.0, 0.9) == pytest.approx(5.0)  # capped: a score of 1 loses half the wealth
+    assert bet(0.5, 0.0) == 0.0
+
+
+def test_a_window_keeps_the_newest_scores_and_bets_before_counting() -> None:
     window = Window()
     for _ in range(WINDOW):
-        window.add(0.0)
+        window.add(1.0, 0.9)
+    assert window.wealth == 1.0  # a good history bets nothing
+    for _ in range(WINDOW):
+        window.add(0.0, 0.9)
     for _ in range(WINDOW // 2):
-        window.add(1.0)
-    assert window.samples == WINDOW
+        window.add(1.0, 0.9)
+    assert window.samples == WINDOW and window.seen == 2 * WINDOW + WINDOW // 2
     assert window.mean == pytest.approx(0.5)
+    fresh = Window()
+    fresh.add(0.0, 0.9)  # the first score is bet on from the floor alone: nothing
+    assert fresh.wealth == 1.0
+    fresh.add(0.0, 0.9)  # estimate (10 * 0.9 + 0) / 11: bet 0.909 on the next score
+    assert fresh.wealth == pytest.approx(1 + (0.9 - 9 / 11) / 0.09 * 0.9)
+    window.clear()
+    assert (window.samples, window.seen, window.wealth, window.mean) == (0, 0, 1.0, 1.0)
+
+
+def _window(agreements: list[float], floor: float = 0.9, min_samples: int = 20,
+            window: Window | None = None) -> int | None:
+    """The sample after which a window fed ``agreements`` says the strategy is below
+    ``floor`` (None: never)."""
+    window = Window() if window is None else window
+    for i, score in enumerate(agreements, 1):
+        window.add(score, floor)
+        if window.below(floor, min_samples) is not None:
+            return i
+    return None
+
+
+def test_a_moderate_drop_is_caught_at_min_samples() -> None:
+    # 13 agreements in 20 (mean 0.65): the first check switches it off at the 20th sample;
+    # Hoeffding's upper bound on 20 samples (0.65 + 0.39) would not, nor would 14 in 20
+    series = [0.0 if i % 3 == 1 else 1.0 for i in range(20)]
+    assert sum(series) == 13 and _window(series) == 20
+    series[1] = 1.0
+    assert _window(series) is None
+
+
+def test_strategies_at_a_margin_above_the_floor_stay_on_over_many_samples() -> None:
+    rng = random.Random(11)
+    for _ in range(20):  # 20 strategies at 0.95, 3,000 samples each
+        assert _window([float(rng.random() < 0.95) for _ in range(3000)]) is None
+
+
+def test_a_drop_after_a_long_good_history_is_caught() -> None:
+    rng = random.Random(5)
+    for _ in range(10):
+        good = [float(rng.random() < 0.97) for _ in range(2000)]
+        bad = [float(rng.random() < 0.7) for _ in range(400)]
+        window = Window()
+        off = _window(good + bad, window=window)
+        assert off is not None and 2000 < off <= 2000 + 200
+        assert window.wealth >= 1 / DELTA  # the bet, long after the first check
+
+
+def test_min_samples_beyond_the_window_still_decides() -> None:
+    assert _window([0.0] * 400, min_samples=300) == 300
+    window = Window()
+    _window([0.0] * 1000, min_samples=2000, window=window)
+    assert math.isfinite(window.wealth) and window.wealth >= 1 / DELTA
 
 
 def test_exact_sets_aside_case_spacing_and_key_order() -> None:
@@ -157,8 +225,18 @@ async def test_a_degrading_strategy_is_switched_off_at_min_samples(tmp_path: Pat
         ALERT_RULE, "feature", "docs/context", None)
     [row] = rig.guard.rows()
     assert row == {"feature": "docs", "strategy": "context", "samples": 20, "mean": 0.0,
-                   "bound": pytest.approx(0.2737, abs=1e-4), "floor": 0.9, "state": "off"}
+                   "bound": 2.742e12, "floor": 0.9, "state": "off"}  # the evidence
     await store.close()
+
+
+async def test_a_moderate_drop_is_switched_off_at_min_samples_by_the_guard() -> None:
+    rig = Rig(_policy())
+    for i in range(20):  # 13 answers in 20 agree
+        assert rig.guard.enabled("docs", "context")
+        await rig.serve(WRONG if i % 3 == 1 else RIGHT)
+    assert not rig.guard.enabled("docs", "context")
+    [row] = rig.guard.rows()
+    assert (row["samples"], row["mean"], row["state"]) == (20, 0.65, "off")
 
 
 async def test_the_uncompressed_request_goes_to_the_answering_model_and_is_ledgered() -> None:
@@ -220,6 +298,10 @@ async def test_an_operator_switches_it_back_on_with_a_fresh_window(tmp_path: Pat
     await rig.serve(WRONG)  # one more bad sample does not switch it off at once
     assert rig.guard.enabled("docs", "context")
     assert rig.guard.rows()[0]["samples"] == 1
+    assert rig.guard.rows()[0]["bound"] == 1.0  # a fresh test: no evidence yet
+    for _ in range(2):
+        await rig.serve(WRONG)
+    assert not rig.guard.enabled("docs", "context")  # its first check again, at 3
     await store.close()
 
 
@@ -238,6 +320,29 @@ async def test_the_switch_survives_a_restart(tmp_path: Path) -> None:
     third = Rig(_policy(min_samples=2), alerts=store)
     await third.guard.restore()
     assert third.guard.enabled("docs", "context")
+    await store.close()
+
+
+async def test_a_restart_starts_a_fresh_test_for_what_is_on(tmp_path: Path) -> None:
+    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
+    first = Rig(_policy(min_samples=3), alerts=store)
+    for _ in range(2):
+        await first.serve(WRONG, strategies=("context", "history"))
+    await first.serve(WRONG)  # context is off: its third sample
+    assert not first.guard.enabled("docs", "context")
+    assert first.guard.enabled("docs", "history")  # two samples: too early to say
+    second = Rig(_policy(min_samples=3), alerts=store)
+    await second.guard.restore()
+    assert not second.guard.enabled("docs", "context")
+    assert [(r["strategy"], r["samples"], r["bound"]) for r in second.guard.rows()] == [
+        ("context", 0, 1.0)]
+    await second.serve(WRONG, strategies=("history",))  # the third since the first start,
+    assert second.guard.enabled("docs", "history")  # the first since this one
+    for _ in range(2):
+        await second.serve(WRONG, strategies=("history",))
+    assert not second.guard.enabled("docs", "history")
+    assert {(e.name, e.end) for e in await store.recent(10)} == {
+        ("docs/context", None), ("docs/history", None)}
     await store.close()
 
 
