@@ -358,7 +358,7 @@
     var rows = (await fetchJSON("api/shadow")).data;
     fill("shadow", rows, function (r) {
       return [badge(r.state), r.feature, r.strategy, count(r.samples),
-        r.samples ? r.mean.toFixed(2) : "—", r.samples ? r.bound.toFixed(2) : "—",
+        r.samples ? r.mean.toFixed(2) : "—", r.samples ? r.bound.toPrecision(3) : "—",
         r.floor === null ? "—" : r.floor.toFixed(2)];
     });
     setState("shadow", rows.length ? "ready" : "empty",

@@ -260,7 +260,10 @@ _SCHEMAS: JSON = {
                 "properties": {
                     "feature": {"type": "string"}, "strategy": {"type": "string"},
                     "samples": {"type": "integer"}, "mean": {"type": "number"},
-                    "bound": {"type": "number"}, "floor": {"type": ["number", "null"]},
+                    "bound": {"type": "number", "description": (
+                        "the sequential test's evidence that the mean score is below the "
+                        "floor: its betting wealth, 1 at the start; off at 100")},
+                    "floor": {"type": ["number", "null"]},
                     "state": {"enum": ["on", "off"]},
                 }}},
             "dropped": {"type": "integer"},
