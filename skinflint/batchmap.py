@@ -34,6 +34,7 @@ from skinflint.tokens import TokenCounter
 
 __all__ = [
     "BatchResult",
+    "CachedItem",
     "CallAnswer",
     "CallFailed",
     "Complete",
@@ -111,16 +112,27 @@ class ItemResult:
         return found
 
 
+@dataclass(frozen=True, slots=True)
+class CachedItem:
+    """An item answered from the cache: its position, and the tokens asking it alone would
+    have taken (its prompt alone, its answer)."""
+
+    position: int
+    prompt_tokens: int
+    output_tokens: int
+
+
 @dataclass(slots=True)
 class BatchResult:
     """The answer: one result per item in input order, the calls made, their summed usage and
-    cost (None when a call's cost is not known)."""
+    cost (None when a call's cost is not known), and the items the cache answered."""
 
     results: list[ItemResult]
     calls: int = 0
     usage: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("prompt_tokens", "completion_tokens", "total_tokens"), 0))
     cost_usd: float | None = 0.0
+    cached: list[CachedItem] = field(default_factory=list)
 
     def to_json(self) -> JSON:
         return {"results": [r.to_json() for r in self.results], "calls": self.calls,
@@ -215,18 +227,33 @@ class _Run:
             self.result.cost_usd += answer.cost_usd
 
 
-async def _cached(items: list[Item], spec: PackSpec, cache: ItemCache,
-                  run: _Run) -> tuple[list[Item], list[str]]:
-    """Answer the items the cache holds; the others, and the digests of all items."""
+async def _cached(items: list[Item], spec: PackSpec, cache: ItemCache, run: _Run,
+                  tokens: TokenCounter) -> tuple[list[Item], list[str]]:
+    """Answer the items the cache holds (each counted in ``run.result.cached``); the others,
+    and the digests of all items."""
     digests = [item_digest(spec, item) for item in items]
     found = await cache.get(digests)
     pending: list[Item] = []
+    hits: list[tuple[Item, Any]] = []
     for item, raw in zip(items, found, strict=True):
         if raw is None:
             pending.append(item)
         else:
-            run.answered[item.position] = ItemResult(item.id, orjson.loads(raw)["output"], "ok")
+            output = orjson.loads(raw)["output"]
+            run.answered[item.position] = ItemResult(item.id, output, "ok")
+            hits.append((item, output))
+    if hits:
+        run.result.cached = await asyncio.to_thread(_sizes, hits, spec, tokens)
     return pending, digests
+
+
+def _sizes(hits: Sequence[tuple[Item, Any]], spec: PackSpec,
+           tokens: TokenCounter) -> list[CachedItem]:
+    """The tokens of each item asked alone: its prompt, and its answer written as JSON."""
+    model = spec.model
+    return [CachedItem(item.position, tokens.count_messages(model, solo_messages(spec, item)),
+                       tokens.count_text(model, orjson.dumps(output).decode()))
+            for item, output in hits]
 
 
 async def run_batch_map(items: Sequence[Item], spec: PackSpec, complete: Complete, *,
@@ -237,7 +264,7 @@ async def run_batch_map(items: Sequence[Item], spec: PackSpec, complete: Complet
     run = _Run(spec, complete, concurrency)
     pending, digests = list(items), list[str]()
     if cache is not None:
-        pending, digests = await _cached(list(items), spec, cache, run)
+        pending, digests = await _cached(list(items), spec, cache, run, tokens)
     await run.weigh(pending, tokens)
     failures = await run.round(pending, 0) if pending else []
     for attempt, cap in enumerate(retry_caps(run.largest), start=1):

@@ -218,6 +218,7 @@ class Gateway:
     batches: BatchService | None = field(default=None)  # deferred requests, batches
     # the target that answers a model name through a batch API (None: none does)
     batch_target: Callable[[str], Target | None] = field(default=lambda name: None)
+    account: Account | None = field(default=None)  # the pipeline's account stage
     # unique per process start, then a counter: cheaper than 16 random bytes per request
     _id_prefix: str = field(default_factory=lambda: os.urandom(6).hex())
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -288,7 +289,7 @@ class Gateway:
                                  session)
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
                  providers, session, budgets, shadow=shadow, condenser=condenser,
-                 batches=batches, batch_target=batchable)
+                 batches=batches, batch_target=batchable, account=account)
         batches.start()
         gw.warmed = asyncio.ensure_future(gw._warm())
         gw.warmed.add_done_callback(_report_warm_failure)

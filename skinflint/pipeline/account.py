@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
 from skinflint.errors import ShuttingDownError, SkinflintError
@@ -311,6 +311,23 @@ class Account:
             self._ledger.record(self._row(
                 ctx, request_id=f"{ctx.request_id}.i{position}", **tokens, **shared,
                 strategy=BATCH_MAP_STRATEGY, latency_ms=latency_ms))
+
+    def record_cached_items(self, ctx: RequestContext, items: Sequence[tuple[int, Usage]],
+                            latency_ms: float) -> None:
+        """One row per batch_map item of ``ctx`` (the request as attributed) that the response
+        cache answered, ``(position, usage asked alone)``: an exact-cache hit, no cost, saving
+        what asking it alone of the baseline model would have cost."""
+        baseline = self._baseline_for(ctx)
+        for position, alone in items:
+            cost = self._catalog.cost(baseline, alone)
+            self._ledger.record(self._row(
+                ctx, request_id=f"{ctx.request_id}.i{position}", model=ctx.requested_model,
+                provider="cache", **alone.columns(), cost_usd=0.0, baseline_cost_usd=cost,
+                saved_usd=cost, cache_status="hit-exact", cache_reason="",
+                strategy=_CACHE_STRATEGY["hit-exact"], latency_ms=latency_ms, status=200,
+                error_type="", similarity=None, truncated=0, tokens_saved=0))
+        self._metrics.child(self._metrics.requests, ctx.endpoint, ctx.requested_model,
+                            "hit-exact", "200").inc(len(items))
 
     def _item_baseline(self, model: str, alone: Usage, retry: bool,
                        cost: float | None) -> dict[str, float | None]:

@@ -1,7 +1,8 @@
 """``POST /v1/skinflint/batch_map``: in-prompt batching, each packed call a real request through
 the gateway's pipeline, so attribution, budgets, routing and the ledger apply to it. The
 pipeline's account stage writes one ledger row per item (strategy ``batch_map``), each with
-its share of its call's cost; items already answered are served from the response cache.
+its share of its call's cost; items already answered are served from the response cache, each
+one ledger row too (strategy ``exact_cache``, saving the item asked alone).
 
 Request: ``{"model", "instruction", "items": [...], "max_items_per_call"?, "response_schema"?}``
 with the pipeline's headers (key, ``x-skinflint-feature``, ...). Answer: ``{"results": [{"id",
@@ -10,6 +11,7 @@ with the pipeline's headers (key, ``x-skinflint-feature``, ...). Answer: ``{"res
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -17,6 +19,7 @@ import orjson
 from skinflint.batchmap import CallAnswer, CallFailed, PackedCall, run_batch_map
 from skinflint.errors import RequestError, SkinflintError, UpstreamError
 from skinflint.gateway import Gateway
+from skinflint.models import Usage
 from skinflint.packing import Item, PackSpec, packed_body, parse_items, validator_for
 from skinflint.pipeline.context import PackedItems
 
@@ -105,6 +108,11 @@ async def answer_batch_map(gateway: Gateway, raw: bytes, headers: dict[str, str]
     # the request as its first call would be: authenticated and attributed before any work
     probe = await gateway.attributed(orjson.dumps(packed_body(spec, items[:1])), sent)
     plan = gateway.cache.item_plan(probe) if gateway.cache.exact_enabled else None
+    started = time.perf_counter()
     result = await run_batch_map(items, spec, _ThroughPipeline(gateway, sent),
                                  tokens=gateway.tokens, cache=plan)
+    if result.cached and gateway.account is not None:
+        gateway.account.record_cached_items(
+            probe, [(c.position, Usage(input_tokens=c.prompt_tokens, output_tokens=c.output_tokens))
+                    for c in result.cached], (time.perf_counter() - started) * 1000)
     return orjson.dumps(result.to_json())

@@ -277,3 +277,24 @@ def test_a_deferrable_feature_still_answers_batch_map_at_once(
         answer = _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION, items=items)
     assert [r["output"] for r in answer["results"]] == [classify(t) for t in items]
     assert fake.batches.submitted == 0 and len(_sent(fake)) == answer["calls"] == 1
+
+
+def test_each_item_served_from_the_cache_is_a_ledger_row_saving_the_item_alone(
+        fake: FakeUpstream, make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    fake.add_answerer(PackedAnswerer())
+    first = _reviews(4)
+    with _client(make_gateway()) as client:
+        _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION, items=first)
+        _batch_map(client, model="gpt-4o-mini", instruction=INSTRUCTION,
+                   items=[*first[2:], *_reviews(1, start=50)])
+    rows = ledger_rows(tmp_path / "skinflint.db", expect=7)
+    hits = sorted((r for r in rows if r["cache_status"] == "hit-exact"),
+                  key=lambda r: r["request_id"])
+    assert [r["request_id"].rsplit(".", 1)[1] for r in hits] == ["i0", "i1"]
+    spec = PackSpec("gpt-4o-mini", INSTRUCTION, None, None)
+    for row, text in zip(hits, first[2:], strict=True):
+        alone = TOKENS.count_messages("gpt-4o-mini", solo_messages(spec, Item("x", text, 0)))
+        assert (row["strategy"], row["provider"], row["cost_usd"]) == ("exact_cache", "cache", 0)
+        assert row["input_tokens"] == alone and row["output_tokens"] > 0
+        assert row["saved_usd"] == row["baseline_cost_usd"] > 0
+    assert sum(r["strategy"] == "batch_map" for r in rows) == 5  # 4 items, then the new one
