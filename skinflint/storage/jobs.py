@@ -75,6 +75,7 @@ def schema(dialect: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS job_files (id TEXT PRIMARY KEY, tenant TEXT, feature TEXT,"
         f" \"user\" TEXT, purpose TEXT, filename TEXT, content {blob}, created {real})",
         "CREATE INDEX IF NOT EXISTS job_files_tenant ON job_files (tenant, created)",
+        "CREATE INDEX IF NOT EXISTS job_files_created ON job_files (created)",
         f"CREATE TABLE IF NOT EXISTS job_client_batches (id TEXT PRIMARY KEY, tenant TEXT,"
         f" input_file_id TEXT, endpoint TEXT, completion_window TEXT, metadata TEXT,"
         f" created {real}, cancelled {real})",
