@@ -213,11 +213,14 @@ class BatchService:
         before = self._clock() - self.config.keep_days * _DAY
         total = Purged()
         while self.leading and not self._stopping:
+            started = time.monotonic()
             done = await self.store.purge(before, PURGE_ROWS)
             total = Purged(*(a + b for a, b in zip(total, done, strict=True)))
             self._count_purged(done)
             if max(done) < PURGE_ROWS:
                 break
+            # as long again before the next step: a purge takes at most half the store's time
+            await asyncio.sleep(min(time.monotonic() - started, 1.0))
         if total.total:
             await self.store.reclaim()
             log.info("batches: deleted %d jobs, %d files, %d batches and %d provider batches"

@@ -6,6 +6,7 @@ Passed-through batches are the gateway's own: an uploaded file is kept in the jo
 batch made from it turns each line into a job (its model resolved as a chat request's would
 be), and the batch service sends them at once, one provider batch per provider and model. Its
 status aggregates its jobs'; its output and error files are written from their stored results.
+A file can be listed, and deleted unless a batch made from it is still running.
 """
 
 from __future__ import annotations
