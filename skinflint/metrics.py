@@ -146,7 +146,7 @@ class Metrics:
                                (self.jobs_finished, JOB_OUTCOMES),
                                (self.jobs_purged, PURGED_KINDS)):
             for value in values:  # at 0 from the start, so that rates see the first one
-                self.child(metric, value)
+                metric.labels(value)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",
