@@ -550,13 +550,16 @@ class BatchingConfig(_Frozen):
     ``window_seconds`` per provider and model (or until ``max_lines``), sent as one provider
     batch, polled every ``poll_seconds``. A line that expired or failed is retried once in real
     time (``realtime``) or reported failed (``fail``). ``webhook`` is POSTed
-    ``{"id", "status"}`` when a deferred job finishes."""
+    ``{"id", "status"}`` when a deferred job finishes. Finished jobs, and the uploaded files
+    and passed-through batches no job waits on any more, are deleted ``keep_days`` after
+    they ended."""
 
     window_seconds: float = Field(default=60.0, ge=0)
     max_lines: int = Field(default=50_000, ge=1, le=50_000)
     poll_seconds: float = Field(default=30.0, gt=0)
     on_failure: Literal["realtime", "fail"] = "realtime"
     webhook: str | None = Field(default=None, repr=False)
+    keep_days: float = Field(default=7.0, gt=0)
     features: dict[str, DeferrablePolicy] = Field(default_factory=dict)
 
     @field_validator("webhook")

@@ -180,13 +180,14 @@ def batch_target(settings: Settings, route: Route,
 
 def _batch_service(settings: Settings, store: JobStore, providers: dict[str, Provider],
                    timeouts: dict[str, float], ledger: Ledger, catalog: PriceCatalog,
-                   budgets: BudgetBook | None, session: aiohttp.ClientSession) -> BatchService:
+                   budgets: BudgetBook | None, session: aiohttp.ClientSession,
+                   metrics: Metrics) -> BatchService:
     config = settings.batching
     settler = Settler(store, ledger=ledger, catalog=catalog, batch_price=batch_price(catalog),
                       providers=providers, timeouts=timeouts, on_failure=config.on_failure,
                       budgets=budgets, webhook=Webhook(session), webhook_url=config.webhook,
-                      clock=time.time)
-    return BatchService(store, providers, config, settler, timeouts=timeouts)
+                      clock=time.time, metrics=metrics)
+    return BatchService(store, providers, config, settler, timeouts=timeouts, metrics=metrics)
 
 
 def _report_warm_failure(done: asyncio.Future[None]) -> None:
@@ -272,7 +273,7 @@ class Gateway:
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             guard=Guard(budgets, metrics),
-            defer=Defer(settings.batching, jobs, batchable),
+            defer=Defer(settings.batching, jobs, batchable, metrics=metrics),
             rules=Rules(settings.rules, tokens, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
@@ -286,7 +287,7 @@ class Gateway:
             account=account,
         )
         batches = _batch_service(settings, jobs, providers, timeouts, ledger, catalog, budgets,
-                                 session)
+                                 session, metrics)
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
                  providers, session, budgets, shadow=shadow, condenser=condenser,
                  batches=batches, batch_target=batchable, account=account)

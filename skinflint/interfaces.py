@@ -42,8 +42,10 @@ __all__ = [
     "JobStore",
     "Ledger",
     "Limits",
+    "ListedFile",
     "Provider",
     "ProviderBatch",
+    "Purged",
     "QueuedGroup",
     "SemanticIndex",
     "StoredFile",
@@ -387,6 +389,29 @@ class StoredFile:
     created: float
 
 
+class ListedFile(NamedTuple):
+    """An uploaded file as a listing shows it (its size, not its content)."""
+
+    id: str
+    purpose: str
+    filename: str
+    size: int
+    created: float
+
+
+class Purged(NamedTuple):
+    """What one pass of the job store's retention deleted."""
+
+    jobs: int = 0
+    files: int = 0
+    batches: int = 0  # passed-through batches
+    provider_batches: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.jobs + self.files + self.batches + self.provider_batches
+
+
 @dataclass(frozen=True, slots=True)
 class ClientBatch:
     """A passed-through batch as the client created it (``POST /v1/batches``); its jobs carry
@@ -453,6 +478,19 @@ class JobStore(Protocol):
 
     async def get_file(self, file_id: str) -> StoredFile | None: ...
 
+    async def tenant_files(self, tenant: str, purpose: str, after: str, limit: int,
+                           newest_first: bool = True) -> list[ListedFile]:
+        """A tenant's uploaded files (of ``purpose``; empty: any), newest first (or oldest
+        first), from the one after ``after`` (a file id; empty: from the first), at most
+        ``limit``."""
+        ...
+
+    async def delete_file(self, file_id: str, tenant: str) -> Literal["deleted", "in_use",
+                                                                       "missing"]:
+        """Delete ``tenant``'s file, unless a batch made from it has a job not finished
+        (``in_use``); ``missing``: no such file of that tenant."""
+        ...
+
     async def put_batch(self, batch: ClientBatch, jobs: Sequence[Job]) -> None:
         """Record a passed-through batch and enqueue its jobs, in one transaction."""
         ...
@@ -473,5 +511,23 @@ class JobStore(Protocol):
         ...
 
     async def group_counts(self, group: str) -> GroupCounts: ...
+
+    async def waiting(self) -> dict[str, int]:
+        """How many jobs are in each state not finished (``queued``, ``submitted``)."""
+        ...
+
+    async def purge(self, before: float, limit: int) -> Purged:
+        """Delete, in one transaction, at most ``limit`` rows of each kind: jobs finished
+        before ``before`` (never one not finished; a line of a passed-through batch goes with
+        its batch), passed-through batches created before it whose jobs all finished before
+        it, provider batches done and created before it, and uploaded files created before it
+        that no batch left was made from. Call again while it deletes ``limit`` of a kind."""
+        ...
+
+    async def reclaim(self) -> None:
+        """Give the space freed by :meth:`purge` back to the file system, in bounded steps,
+        where the database is set up for that (SQLite with ``auto_vacuum=INCREMENTAL``);
+        nothing otherwise."""
+        ...
 
     async def close(self) -> None: ...

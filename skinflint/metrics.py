@@ -4,8 +4,8 @@ Every label set is bounded, so that clients cannot grow the registry (and the me
 scraper) without limit. The only label whose values come from clients is ``model``: a name
 the gateway knows (configured, or listed by the price catalog; see :class:`Metrics`) is kept,
 any other is counted as :data:`OTHER`. The other labels take values the gateway chooses
-(endpoints, cache statuses, reasons, configured providers, routes, tasks, alert rules and
-answer rules).
+(endpoints, cache statuses, reasons, configured providers, routes, tasks, alert rules,
+answer rules, and job sources, states and outcomes).
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["OTHER", "Metrics"]
+__all__ = ["JOB_OUTCOMES", "JOB_SOURCES", "OTHER", "PURGED_KINDS", "Metrics"]
 
 #: The ``model`` label of every model name the gateway does not know.
 OTHER = "other"
+#: The label values of the job metrics.
+JOB_SOURCES = ("deferred", "batch")
+JOB_OUTCOMES = ("completed", "failed", "expired", "cancelled")
+PURGED_KINDS = ("job", "file", "batch", "provider_batch")
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -124,6 +128,25 @@ class Metrics:
         self.shadow_off = Gauge(
             "skinflint_shadow_switched_off",
             "Feature and strategy pairs the shadow guard has switched off", registry=self.registry)
+        self.jobs_accepted = counter("skinflint_jobs_accepted",
+                                     "Jobs stored: deferred requests and lines of passed-through"
+                                     " batches", ["source"])
+        self.jobs_finished = counter("skinflint_jobs_finished",
+                                     "Jobs this process finished, by outcome (completed,"
+                                     " failed, expired, cancelled)", ["outcome"])
+        self.jobs_purged = counter("skinflint_jobs_purged",
+                                   "Rows the job store's retention deleted, by kind (job,"
+                                   " file, batch, provider_batch)", ["kind"])
+        self.jobs_waiting = Gauge(
+            "skinflint_jobs_waiting",
+            "Jobs not finished, by state (queued, submitted), as counted at each round of the"
+            " process that sends batches (only that process shows it)", ["state"],
+            registry=self.registry)
+        for metric, values in ((self.jobs_accepted, JOB_SOURCES),
+                               (self.jobs_finished, JOB_OUTCOMES),
+                               (self.jobs_purged, PURGED_KINDS)):
+            for value in values:  # at 0 from the start, so that rates see the first one
+                metric.labels(value)
         self.latency = Histogram(
             "skinflint_request_seconds",
             "Total request latency",

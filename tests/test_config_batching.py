@@ -12,8 +12,8 @@ def test_defaults_and_deferrable_features() -> None:
     settings = settings_from_dict({"batching": {"features": {"nightly": {"deferrable": True},
                                                              "live": {}}}}, env={})
     b = settings.batching
-    assert (b.window_seconds, b.max_lines, b.poll_seconds, b.on_failure, b.webhook) == (
-        60.0, 50_000, 30.0, "realtime", None)
+    assert (b.window_seconds, b.max_lines, b.poll_seconds, b.on_failure, b.webhook,
+            b.keep_days) == (60.0, 50_000, 30.0, "realtime", None, 7.0)
     assert b.deferrable("nightly") and not b.deferrable("live") and not b.deferrable("")
     assert "nightly" in settings.feature_names()
     assert settings.providers["openai"].batch_discount == 0.5
@@ -22,6 +22,9 @@ def test_defaults_and_deferrable_features() -> None:
 @pytest.mark.parametrize(("section", "message"), [
     ({"on_failure": "retry"}, "batching.on_failure: must be 'realtime' or 'fail'"),
     ({"poll_seconds": 0}, "batching.poll_seconds: must be > 0"),
+    ({"keep_days": 0}, "batching.keep_days: must be > 0"),
+    ({"keep_days": -1.5}, "batching.keep_days: must be > 0"),
+    ({"keep_days": "a week"}, "batching.keep_days: must be a number"),
     ({"max_lines": 60000}, "batching.max_lines: must be <= 50000"),
     ({"webhook": "ftp://x"}, "batching.webhook: must be an http:// or https:// URL"),
     ({"features": {"f": {"deferable": True}}}, "batching.features.f.deferable: unknown key"),

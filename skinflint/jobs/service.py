@@ -18,7 +18,11 @@ Each round (every ``tick`` seconds, or at once when woken), the holder:
    or holds ``max_lines`` jobs: the batch is written with its jobs first (the intent), then
    sent, then marked sent with the provider's id;
 3. polls every sent batch whose turn has come (``poll_seconds`` apart) and, once it has
-   ended, records its results.
+   ended, records its results;
+4. counts the jobs waiting (the ``skinflint_jobs_waiting`` gauge) and, every
+   :data:`PURGE_SECONDS`, starts deleting in the background what ended more than
+   ``keep_days`` ago (:meth:`BatchService.purge`): finished jobs, and the uploaded files and
+   passed-through batches no job waits on, :data:`PURGE_ROWS` of each per transaction.
 
 A batch the provider refuses outright (a 4xx) fails its jobs as a failed line would; one it
 could not be reached for is given back to the queue and tried in a later round.
@@ -36,11 +40,12 @@ from collections.abc import Callable, Mapping
 
 from skinflint.config import BatchingConfig
 from skinflint.errors import UpstreamError, UpstreamStatusError
-from skinflint.interfaces import BatchAPI, Job, JobStore, Provider, ProviderBatch
+from skinflint.interfaces import BatchAPI, Job, JobStore, Provider, ProviderBatch, Purged
 from skinflint.jobs.settle import Settler, line_body
+from skinflint.metrics import Metrics
 from skinflint.models import BatchLine, BatchOutcome
 
-__all__ = ["LEASE_SECONDS", "BatchService"]
+__all__ = ["LEASE_SECONDS", "PURGE_ROWS", "PURGE_SECONDS", "BatchService"]
 
 log = logging.getLogger("skinflint.batches")
 
@@ -50,6 +55,12 @@ LEASE_SECONDS = 30.0
 MAX_TICK = 5.0
 #: How long closing waits for webhooks in flight.
 CLOSE_GRACE = 5.0
+#: How often the lease holder deletes what ended more than ``keep_days`` ago.
+PURGE_SECONDS = 300.0
+#: Rows of each kind deleted per transaction (a large purge never holds a lock for long).
+PURGE_ROWS = 1000
+_DAY = 86_400.0
+_WAITING = ("queued", "submitted")
 
 
 def _owner() -> str:
@@ -71,6 +82,11 @@ def dead_here(owner: str) -> bool:
     return False
 
 
+def _report_purge_failure(done: asyncio.Future[Purged]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("batches: deleting old jobs failed (tried again later): %s", done.exception())
+
+
 class BatchService:
     """See the module docstring. :meth:`round` runs one round (tests call it); :meth:`start`
     runs rounds in the background until :meth:`close`."""
@@ -78,9 +94,10 @@ class BatchService:
     def __init__(
         self, store: JobStore, providers: Mapping[str, Provider], config: BatchingConfig,
         settler: Settler, *, timeouts: Mapping[str, float],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.config = config
         self.settler = settler
         self.owner = _owner()
@@ -97,6 +114,8 @@ class BatchService:
         self._stopping = False
         self._loop: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._purging: asyncio.Task[Purged] | None = None
+        self._next_purge = 0.0
 
     def batch_api(self, provider: str) -> BatchAPI | None:
         return self._apis.get(provider)
@@ -120,7 +139,7 @@ class BatchService:
         self._woken.set()
         if self._loop is not None:
             await asyncio.wait([self._loop], timeout=CLOSE_GRACE)
-        for task in (self._loop, self._keeper):
+        for task in (self._loop, self._keeper, self._purging):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -166,12 +185,56 @@ class BatchService:
                 self.leading = await self.store.lease(self.owner, LEASE_SECONDS, now)
         if not self.leading:
             self._resumed = False  # whoever leads next resumes
+            if self.metrics is not None:
+                self.metrics.jobs_waiting.clear()  # the holder shows it
             return
         if not self._resumed:
             await self._resume()
             self._resumed = True
         await self._send_due(now)
         await self._poll(now)
+        await self._count_waiting()
+        if now >= self._next_purge and (self._purging is None or self._purging.done()):
+            self._next_purge = now + PURGE_SECONDS
+            self._purging = asyncio.ensure_future(self.purge())
+            self._purging.add_done_callback(_report_purge_failure)
+
+    async def _count_waiting(self) -> None:
+        if self.metrics is None:
+            return
+        waiting = await self.store.waiting()
+        for state in _WAITING:
+            self.metrics.jobs_waiting.labels(state).set(waiting.get(state, 0))
+
+    async def purge(self) -> Purged:
+        """Delete what ended more than ``keep_days`` ago (see :meth:`JobStore.purge`),
+        :data:`PURGE_ROWS` of each kind per transaction, while this process holds the lease;
+        then give the space back where the store does that. What was deleted."""
+        before = self._clock() - self.config.keep_days * _DAY
+        total = Purged()
+        while self.leading and not self._stopping:
+            started = time.monotonic()
+            done = await self.store.purge(before, PURGE_ROWS)
+            total = Purged(*(a + b for a, b in zip(total, done, strict=True)))
+            self._count_purged(done)
+            if max(done) < PURGE_ROWS:
+                break
+            # as long again before the next step: a purge takes at most half the store's time
+            await asyncio.sleep(min(time.monotonic() - started, 1.0))
+        if total.total:
+            await self.store.reclaim()
+            log.info("batches: deleted %d jobs, %d files, %d batches and %d provider batches"
+                     " that ended more than %g days ago", total.jobs, total.files,
+                     total.batches, total.provider_batches, self.config.keep_days)
+        return total
+
+    def _count_purged(self, done: Purged) -> None:
+        if self.metrics is None:
+            return
+        for kind, n in (("job", done.jobs), ("file", done.files), ("batch", done.batches),
+                        ("provider_batch", done.provider_batches)):
+            if n:
+                self.metrics.child(self.metrics.jobs_purged, kind).inc(n)
 
     async def _resume(self) -> None:
         for batch in await self.store.unfinished():

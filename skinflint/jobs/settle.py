@@ -28,6 +28,7 @@ from skinflint.cachekey import request_hash
 from skinflint.errors import UpstreamError
 from skinflint.interfaces import Amounts, Job, JobResult, JobStore, Ledger, Provider
 from skinflint.jobs.admit import job_context
+from skinflint.metrics import Metrics
 from skinflint.models import BatchOutcome, Completion, LedgerRecord, UpstreamRequest, Usage
 from skinflint.monitor import Webhook
 from skinflint.pipeline.budgets import BudgetBook
@@ -74,6 +75,7 @@ class Settler:
         providers: Mapping[str, Provider], timeouts: Mapping[str, float], on_failure: str,
         budgets: BudgetBook | None = None, webhook: Webhook | None = None,
         webhook_url: str | None = None, clock: Callable[[], float],
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._ledger = ledger
@@ -86,6 +88,7 @@ class Settler:
         self._webhook = webhook
         self._webhook_url = webhook_url
         self._clock = clock
+        self._metrics = metrics
         self._retrying = asyncio.Semaphore(RETRIES_AT_ONCE)
         self._sending = asyncio.Semaphore(WEBHOOKS_AT_ONCE)
         self._deliveries: set[asyncio.Task[bool]] = set()
@@ -180,6 +183,9 @@ class Settler:
             latency_ms=max(now - job.created, 0.0) * 1000))
         self._spend(job, Amounts(cost or 0.0, 0, usage.input_tokens + usage.output_tokens))
         self._notify(job)
+        if self._metrics is not None:
+            outcome = "expired" if job.state == "failed" and job.error == "expired" else job.state
+            self._metrics.child(self._metrics.jobs_finished, outcome).inc()
 
     def _spend(self, job: Job, amount: Amounts) -> None:
         """Count what the job spent in its budgets (it counted as a request when it was

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from skinflint.errors import RequestError
-from skinflint.interfaces import ClientBatch, GroupCounts, Job, StoredFile
+from skinflint.interfaces import ClientBatch, GroupCounts, Job, ListedFile, StoredFile
 from skinflint.pipeline.context import Target
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "batch_object",
     "error_file_id",
     "file_object",
+    "listed_file_object",
     "new_batch_id",
     "new_file_id",
     "output_file_id",
@@ -58,7 +59,11 @@ def result_file(file_id: str) -> tuple[str, bool] | None:
 
 
 def file_object(f: StoredFile) -> JSON:
-    return {"id": f.id, "object": "file", "bytes": len(f.content), "created_at": int(f.created),
+    return listed_file_object(ListedFile(f.id, f.purpose, f.filename, len(f.content), f.created))
+
+
+def listed_file_object(f: ListedFile) -> JSON:
+    return {"id": f.id, "object": "file", "bytes": f.size, "created_at": int(f.created),
             "filename": f.filename, "purpose": f.purpose, "status": "processed"}
 
 

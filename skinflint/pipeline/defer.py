@@ -24,6 +24,7 @@ from typing import Any
 from skinflint.config import BatchingConfig
 from skinflint.errors import RequestError
 from skinflint.interfaces import Job, JobStore
+from skinflint.metrics import Metrics
 from skinflint.pipeline.context import Next, Reply, RequestContext, Target
 
 __all__ = ["PRIORITY_HEADER", "Defer", "job_json", "new_job_id"]
@@ -62,12 +63,14 @@ class Defer:
     name = "defer"
 
     def __init__(self, config: BatchingConfig, store: JobStore | None, target: BatchTarget,
-                 *, clock: Callable[[], float] = time.time) -> None:
+                 *, clock: Callable[[], float] = time.time,
+                 metrics: Metrics | None = None) -> None:
         """With no ``store`` (library use) nothing is deferred and the stage is skipped."""
         self._config = config
         self._store = store
         self._target = target
         self._clock = clock
+        self._metrics = metrics
         self.enabled = store is not None
 
     def deferral(self, ctx: RequestContext) -> Target | None:
@@ -111,6 +114,8 @@ class Defer:
             provider_model=target.provider_model, body=ctx.raw_body, created=now,
             due=now + self._config.window_seconds)
         await self._store.enqueue([job])
+        if self._metrics is not None:
+            self._metrics.child(self._metrics.jobs_accepted, "deferred").inc()
         ctx.deferred, ctx.status = job.id, 202
         return Reply(body=job_json(job), status=202)
 

@@ -213,6 +213,15 @@ class App:
         assert file_id is not None
         await out.json(await self._batches_api().file(_headers(scope), file_id))
 
+    async def list_files(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        query = scope.get("query_string", b"")
+        await out.json(await self._batches_api().list_files(_headers(scope), query))
+
+    async def delete_file(self, scope: Scope, receive: Receive, out: Responder) -> None:
+        file_id = path_id(scope["path"], "/v1/files/")
+        assert file_id is not None
+        await out.json(await self._batches_api().delete_file(_headers(scope), file_id))
+
     async def file_content(self, scope: Scope, receive: Receive, out: Responder) -> None:
         file_id = path_id(scope["path"], "/v1/files/", "/content")
         assert file_id is not None
@@ -446,6 +455,7 @@ _ROUTES["POST", "/api/shadow/enable"] = App.shadow_enable
 _ROUTES["GET", "/api/spend"] = App.spend
 _ROUTES["GET", "/api/requests"] = App.recent_requests
 _ROUTES["POST", "/v1/files"] = App.upload_file
+_ROUTES["GET", "/v1/files"] = App.list_files
 _ROUTES["POST", "/v1/batches"] = App.create_batch
 _ROUTES["GET", "/v1/batches"] = App.list_batches
 
@@ -454,6 +464,7 @@ _ID_ROUTES: list[tuple[str, str, str, Handler]] = [
     ("GET", "/v1/skinflint/jobs/", "", App.job),
     ("GET", "/v1/files/", "/content", App.file_content),
     ("GET", "/v1/files/", "", App.file),
+    ("DELETE", "/v1/files/", "", App.delete_file),
     ("POST", "/v1/batches/", "/cancel", App.cancel_batch),
     ("GET", "/v1/batches/", "", App.batch),
 ]

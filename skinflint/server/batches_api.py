@@ -6,6 +6,7 @@ Passed-through batches are the gateway's own: an uploaded file is kept in the jo
 batch made from it turns each line into a job (its model resolved as a chat request's would
 be), and the batch service sends them at once, one provider batch per provider and model. Its
 status aggregates its jobs'; its output and error files are written from their stored results.
+A file can be listed, and deleted unless a batch made from it is still running.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = ["BatchesAPI", "path_id"]
 JSON = dict[str, Any]
 _WINDOWS = ("24h",)
 MAX_LISTED = 100  # batches a list answers at most
+MAX_FILES_LISTED = 10_000  # files a list answers at most (and by default, as OpenAI's)
 
 
 def path_id(path: str, prefix: str, suffix: str = "") -> str | None:
@@ -59,6 +61,17 @@ def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str, bytes]]:
         if isinstance(name, str) and isinstance(payload, bytes):
             fields[name] = (part.get_filename() or "", payload)
     return fields
+
+
+def _limit(params: Mapping[str, list[str]], default: int, most: int) -> int:
+    """The ``limit`` query parameter, from 1 to ``most``."""
+    try:
+        limit = int(params.get("limit", [str(default)])[0])
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= most:
+        raise RequestError(f"limit must be from 1 to {most}", code="invalid_limit")
+    return limit
 
 
 class BatchesAPI:
@@ -105,6 +118,42 @@ class BatchesAPI:
                        time.time())
         await self._store.put_file(f)
         return orjson.dumps(shapes.file_object(f))
+
+    async def list_files(self, headers: Mapping[str, str], query: bytes) -> bytes:
+        """``GET /v1/files?purpose=&limit=&after=&order=``: the tenant's uploaded files,
+        newest first unless ``order=asc`` (a batch's output and error files are reached from
+        the batch)."""
+        tenant = self.tenant(headers)
+        params = parse_qs(query.decode("latin-1"))
+        limit = _limit(params, MAX_FILES_LISTED, MAX_FILES_LISTED)
+        order = params.get("order", ["desc"])[0]
+        if order not in ("asc", "desc"):
+            raise RequestError("order must be asc or desc", code="invalid_order")
+        found = await self._store.tenant_files(
+            tenant, params.get("purpose", [""])[0], params.get("after", [""])[0], limit + 1,
+            newest_first=order == "desc")
+        data = [shapes.listed_file_object(f) for f in found[:limit]]
+        return orjson.dumps({"object": "list", "data": data,
+                             "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None,
+                             "has_more": len(found) > limit})
+
+    async def delete_file(self, headers: Mapping[str, str], file_id: str) -> bytes:
+        """``DELETE /v1/files/{id}``: refused (400 ``file_in_use``) while a batch made from the
+        file has lines not finished."""
+        tenant = self.tenant(headers)
+        result = shapes.result_file(file_id)
+        if result is not None:
+            await self._batch(tenant, result[0])
+            raise RequestError("a batch's output and error files are kept as long as the"
+                               " batch", code="invalid_file")
+        done = await self._store.delete_file(file_id, tenant)
+        if done == "missing":
+            raise NotFoundError(f"no file {file_id[:64]!r}")
+        if done == "in_use":
+            raise RequestError(f"file {file_id[:64]!r} is the input of a batch still running;"
+                               " cancel the batch or wait for it to end", code="file_in_use")
+        return orjson.dumps({"id": file_id, "object": "file", "deleted": True})
 
     async def file(self, headers: Mapping[str, str], file_id: str) -> bytes:
         """A file's object: an uploaded file, or a batch's output or error file."""
@@ -155,6 +204,9 @@ class BatchesAPI:
         jobs = shapes.read_lines(f.content, batch.id, f, batch.created, self._target)
         await admit_lines(self._budgets, jobs)
         await self._store.put_batch(batch, jobs)
+        metrics = self._service.metrics
+        if metrics is not None:
+            metrics.child(metrics.jobs_accepted, "batch").inc(len(jobs))
         self._service.wake()
         return orjson.dumps(shapes.batch_object(batch, GroupCounts(queued=len(jobs))))
 
@@ -173,12 +225,7 @@ class BatchesAPI:
         tenant = self.tenant(headers)
         params = parse_qs(query.decode("latin-1"))
         after = params.get("after", [""])[0]
-        try:
-            limit = int(params.get("limit", ["20"])[0])
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_LISTED:
-            raise RequestError(f"limit must be from 1 to {MAX_LISTED}", code="invalid_limit")
+        limit = _limit(params, 20, MAX_LISTED)
         found = await self._store.tenant_batches(tenant, after, limit + 1)
         data = [shapes.batch_object(b, await self._store.group_counts(b.id))
                 for b in found[:limit]]

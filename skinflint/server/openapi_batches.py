@@ -88,8 +88,22 @@ def batch_paths(errors: JSON) -> JSON:
         "/v1/skinflint/jobs/{id}": {"get": _with_id(_op(
             "A deferred request's job: its status and, once completed, its answer",
             _ref("Job")), "the job id the 202 answered")},
-        "/v1/files": {"post": upload},
-        "/v1/files/{id}": {"get": _with_id(_op("A file's object", obj), "a file id")},
+        "/v1/files": {"post": upload, "get": {**_op(
+            "The tenant's uploaded files, newest first", obj), "parameters": [
+                {"name": "purpose", "in": "query", "required": False,
+                 "schema": {"type": "string"}, "description": "only files of this purpose"},
+                {"name": "after", "in": "query", "required": False,
+                 "schema": {"type": "string"}, "description": "list from after this file id"},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 10_000,
+                            "default": 10_000}},
+                {"name": "order", "in": "query", "required": False,
+                 "schema": {"enum": ["asc", "desc"], "default": "desc"}}]}},
+        "/v1/files/{id}": {
+            "get": _with_id(_op("A file's object", obj), "a file id"),
+            "delete": _with_id(_op(
+                "Delete an uploaded file (refused while a batch made from it runs)", obj),
+                "a file id")},
         "/v1/files/{id}/content": {"get": _with_id(_op(
             "A file's content: an uploaded file, or a batch's output or error file (JSONL)",
             obj, {"application/octet-stream": {}}), "a file id")},

@@ -18,15 +18,20 @@ from skinflint.interfaces import (
     GroupCounts,
     Job,
     JobResult,
+    ListedFile,
     ProviderBatch,
+    Purged,
     QueuedGroup,
     StoredFile,
 )
-from skinflint.storage.jobs import Connection, JobTables
+from skinflint.storage.jobs import Connection, FileDeletion, JobTables
 
 __all__ = ["SqlJobStore"]
 
 T = TypeVar("T")
+
+#: Free pages given back to the file system per transaction (see :meth:`SqlJobStore.reclaim`).
+RECLAIM_PAGES = 1000
 
 log = logging.getLogger("skinflint.storage")
 
@@ -126,6 +131,15 @@ class SqlJobStore:
     async def get_file(self, file_id: str) -> StoredFile | None:
         return await self._call(lambda t: t.get_file(file_id), shared=True, write=False)
 
+    async def tenant_files(self, tenant: str, purpose: str, after: str, limit: int,
+                           newest_first: bool = True) -> list[ListedFile]:
+        return await self._call(
+            lambda t: t.tenant_files(tenant, purpose, after, limit, newest_first), shared=True,
+            write=False)
+
+    async def delete_file(self, file_id: str, tenant: str) -> FileDeletion:
+        return await self._call(lambda t: t.delete_file(file_id, tenant))
+
     async def put_batch(self, batch: ClientBatch, jobs: Sequence[Job]) -> None:
         await self._call(lambda t: t.put_batch(batch, jobs))
 
@@ -144,6 +158,16 @@ class SqlJobStore:
 
     async def group_counts(self, group: str) -> GroupCounts:
         return await self._call(lambda t: t.group_counts(group), shared=True, write=False)
+
+    async def waiting(self) -> dict[str, int]:
+        return await self._call(lambda t: t.waiting(), write=False)
+
+    async def purge(self, before: float, limit: int) -> Purged:
+        return await self._call(lambda t: t.purge(before, limit))
+
+    async def reclaim(self) -> None:
+        while await self._call(lambda t: t.reclaim(RECLAIM_PAGES)):
+            pass
 
     async def close(self) -> None:
         with self._lock:

@@ -11,6 +11,9 @@ connection in that thread), with the same statements, so both behave alike.
 Tables: ``jobs`` (one row per job, its body and result), ``job_batches`` (the provider batches
 jobs were claimed into, written before the batch is sent), ``job_lease`` (which process sends
 and polls), ``job_files`` and ``job_client_batches`` (the pass-through API).
+
+Retention (:meth:`JobTables.purge`) deletes what has ended, a bounded number of rows per
+transaction, so that a large purge never holds the write lock for long.
 """
 
 from __future__ import annotations
@@ -29,19 +32,23 @@ from skinflint.interfaces import (
     GroupCounts,
     Job,
     JobResult,
+    ListedFile,
     ProviderBatch,
+    Purged,
     QueuedGroup,
     StoredFile,
 )
 
-__all__ = ["Connection", "Dialect", "JobTables", "schema"]
+__all__ = ["Connection", "Dialect", "FileDeletion", "JobTables", "schema"]
 
 Dialect = Literal["sqlite", "postgres"]
+FileDeletion = Literal["deleted", "in_use", "missing"]
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
 _AS_ROW = operator.attrgetter(*_JOB_COLUMNS)  # far faster than dataclasses.astuple
 _JOB_SELECT = "SELECT {} FROM jobs".format(", ".join(f'"{c}"' for c in _JOB_COLUMNS))
 _FINISHED = ", ".join(f"'{s}'" for s in sorted(FINISHED))
+_OPEN = "'queued', 'submitted'"
 _CHUNK = 500  # ids per IN (...) list
 LEASE = "batches"
 
@@ -57,6 +64,8 @@ def schema(dialect: Dialect) -> list[str]:
         " due) WHERE state = 'queued'",
         "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch) WHERE batch <> ''",
         "CREATE INDEX IF NOT EXISTS jobs_group ON jobs (\"group\") WHERE \"group\" <> ''",
+        f"CREATE INDEX IF NOT EXISTS jobs_ended ON jobs (finished) WHERE state IN ({_FINISHED})",
+        f"CREATE INDEX IF NOT EXISTS jobs_open ON jobs (state) WHERE state IN ({_OPEN})",
         f"CREATE TABLE IF NOT EXISTS job_batches (id TEXT PRIMARY KEY, provider TEXT,"
         f" model TEXT, \"group\" TEXT, created {real}, provider_id TEXT,"
         f" done INTEGER NOT NULL DEFAULT 0)",
@@ -65,11 +74,15 @@ def schema(dialect: Dialect) -> list[str]:
         f" expires {real})",
         f"CREATE TABLE IF NOT EXISTS job_files (id TEXT PRIMARY KEY, tenant TEXT, feature TEXT,"
         f" \"user\" TEXT, purpose TEXT, filename TEXT, content {blob}, created {real})",
+        "CREATE INDEX IF NOT EXISTS job_files_tenant ON job_files (tenant, created)",
+        "CREATE INDEX IF NOT EXISTS job_files_created ON job_files (created)",
         f"CREATE TABLE IF NOT EXISTS job_client_batches (id TEXT PRIMARY KEY, tenant TEXT,"
         f" input_file_id TEXT, endpoint TEXT, completion_window TEXT, metadata TEXT,"
         f" created {real}, cancelled {real})",
         "CREATE INDEX IF NOT EXISTS job_client_batches_tenant ON job_client_batches (tenant,"
         " created)",
+        "CREATE INDEX IF NOT EXISTS job_client_batches_file ON job_client_batches"
+        " (input_file_id)",
     ]
 
 
@@ -83,6 +96,11 @@ class Connection(Protocol):
     def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
     def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def reclaim(self, pages: int) -> bool:
+        """Give up to ``pages`` free pages back to the file system, inside the transaction,
+        where the database does that on request; whether free pages are left to give."""
+        ...
 
     def close(self) -> None: ...
 
@@ -277,3 +295,63 @@ class JobTables:
                 counts["expired"] = counts.get("expired", 0) + int(n)
             last = max(last, float(finished or 0.0))
         return GroupCounts(**counts, last_finished=last)
+
+    def waiting(self) -> dict[str, int]:
+        return {str(state): int(n) for state, n in self.conn.run(
+            f"SELECT state, COUNT(*) FROM jobs WHERE state IN ({_OPEN}) GROUP BY state")}
+
+    def tenant_files(self, tenant: str, purpose: str, after: str, limit: int,
+                     newest_first: bool = True) -> list[ListedFile]:
+        where, params = "tenant = ?", [tenant]
+        if purpose:
+            where, params = where + " AND purpose = ?", [*params, purpose]
+        less, order = ("<", "DESC") if newest_first else (">", "ASC")
+        if after:
+            where += (f" AND (created, id) {less} (SELECT created, id FROM job_files WHERE"
+                      " id = ? AND tenant = ?)")
+            params += [after, tenant]
+        rows = self.conn.run(
+            f"SELECT id, purpose, filename, length(content), created FROM job_files WHERE"
+            f" {where} ORDER BY created {order}, id {order} LIMIT ?", (*params, limit))
+        return [ListedFile(i, p, n, int(size or 0), float(c)) for i, p, n, size, c in rows]
+
+    def delete_file(self, file_id: str, tenant: str) -> FileDeletion:
+        found = self.conn.run("SELECT tenant FROM job_files WHERE id = ?", (file_id,))
+        if not found or found[0][0] != tenant:
+            return "missing"
+        if self.conn.run(
+                "SELECT 1 FROM job_client_batches b WHERE b.input_file_id = ? AND EXISTS"
+                " (SELECT 1 FROM jobs j WHERE j.\"group\" = b.id AND j.\"group\" <> ''"
+                f" AND j.state IN ({_OPEN})) LIMIT 1", (file_id,)):
+            return "in_use"
+        self.conn.run("DELETE FROM job_files WHERE id = ?", (file_id,))
+        return "deleted"
+
+    def purge(self, before: float, limit: int) -> Purged:
+        """See :meth:`skinflint.interfaces.JobStore.purge`. The batches go first, so that
+        their jobs and input files can follow in the same pass."""
+        batches = self._deleted(
+            "job_client_batches", "SELECT b.id FROM job_client_batches b WHERE b.created < ?"
+            " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.\"group\" = b.id AND"
+            f" j.\"group\" <> '' AND (j.state NOT IN ({_FINISHED}) OR j.finished >= ?))"
+            " LIMIT ?", (before, before, limit))
+        jobs = self._deleted(
+            "jobs", f"SELECT j.id FROM jobs j WHERE j.state IN ({_FINISHED}) AND j.finished < ?"
+            " AND (j.\"group\" = '' OR NOT EXISTS (SELECT 1 FROM job_client_batches b WHERE"
+            " b.id = j.\"group\")) LIMIT ?", (before, limit))
+        provider_batches = self._deleted(
+            "job_batches", "SELECT id FROM job_batches WHERE done = 1 AND created < ? LIMIT ?",
+            (before, limit))
+        files = self._deleted(
+            "job_files", "SELECT f.id FROM job_files f WHERE f.created < ? AND NOT EXISTS"
+            " (SELECT 1 FROM job_client_batches b WHERE b.input_file_id = f.id) LIMIT ?",
+            (before, limit))
+        return Purged(jobs, files, batches, provider_batches)
+
+    def _deleted(self, table: str, select: str, params: Sequence[Any]) -> int:
+        """Delete the rows of ``table`` whose ids ``select`` finds; how many."""
+        return len(self.conn.run(f"DELETE FROM {table} WHERE id IN ({select}) RETURNING id",
+                                 params))
+
+    def reclaim(self, pages: int) -> bool:
+        return self.conn.reclaim(pages)

@@ -60,6 +60,9 @@ class _Postgres:
             with self._connection().cursor() as cur:
                 cur.executemany(_pg(sql), rows)
 
+    def reclaim(self, pages: int) -> bool:
+        return False  # autovacuum reuses the space of deleted rows
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

@@ -14,6 +14,8 @@ from skinflint.storage.ledger import open_sqlite
 
 __all__ = ["SQLiteJobStore"]
 
+_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+
 
 class _SQLite:
     def __init__(self, path: str, busy_timeout: float) -> None:
@@ -41,6 +43,17 @@ class _SQLite:
     def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._conn.executemany(sql, rows)
+
+    def reclaim(self, pages: int) -> bool:
+        """With ``auto_vacuum=INCREMENTAL`` (set when the file was created), frees up to
+        ``pages`` pages; otherwise nothing (a full VACUUM would lock the file for long)."""
+        if self._conn.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL:
+            return False
+        free = int(self._conn.execute("PRAGMA freelist_count").fetchone()[0])
+        for _ in range(min(free, pages)):
+            # one page per statement: Python's driver steps this pragma only once
+            self._conn.execute("PRAGMA incremental_vacuum(1)")
+        return free > pages
 
     def close(self) -> None:
         self._conn.close()
