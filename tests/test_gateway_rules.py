@@ -147,3 +147,43 @@ def test_embeddings_are_never_answered_by_rules(
     with _client(gw) as c:
         c.embeddings.create(model="text-embedding-3-small", input="order #1")
     assert any(r.path.endswith("/embeddings") for r in fake.requests)
+
+
+def test_a_rule_gives_as_many_choices_as_asked_streamed_or_not(
+    make_gateway: GatewayFactory, fake: FakeUpstream,
+) -> None:
+    gw = make_gateway(rules=[HOURS])
+    with _client(gw) as c:
+        done = _ask(c, "opening hours?", SUPPORT, n=3).parse()
+        stream = c.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "opening hours?"}],
+            extra_headers=SUPPORT, n=2, stream=True)
+        streamed: dict[int, str] = {}
+        for chunk in stream:
+            for choice in chunk.choices:
+                streamed[choice.index] = streamed.get(choice.index, "") + (
+                    choice.delta.content or "")
+    assert [(ch.index, ch.message.content) for ch in done.choices] == [
+        (i, HOURS["answer"]) for i in range(3)]
+    assert streamed == {0: HOURS["answer"], 1: HOURS["answer"]}
+    assert _upstream_calls(fake) == 0
+
+
+def test_a_request_for_json_or_a_tool_call_is_answered_by_a_rule_only_as_it_asked(
+    make_gateway: GatewayFactory, fake: FakeUpstream,
+) -> None:
+    as_json = {"name": "hours-json", "match": r"(?i)\bhours as json\b",
+               "answer": '{{"open": "9:00", "close": "17:00"}}'}  # braces doubled: a template
+    gw = make_gateway(rules=[HOURS, as_json])
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    with _client(gw) as c:
+        text = _ask(c, "opening hours?", SUPPORT, response_format={"type": "json_object"})
+        json_answer = _ask(c, "hours as json", SUPPORT, response_format={"type": "json_object"})
+        tool_needed = _ask(c, "opening hours?", SUPPORT, tools=[tool], tool_choice="required")
+        tool_allowed = _ask(c, "opening hours?", SUPPORT, tools=[tool])
+    assert text.headers["x-skinflint-route"] == "gpt-4o-mini"  # not JSON: asked upstream
+    assert json_answer.headers["x-skinflint-route"] == "rule;name=hours-json"
+    assert json_answer.parse().choices[0].message.content == '{"open": "9:00", "close": "17:00"}'
+    assert tool_needed.headers["x-skinflint-route"] == "gpt-4o-mini"
+    assert tool_allowed.headers["x-skinflint-route"] == "rule;name=opening-hours"
+    assert _upstream_calls(fake) == 2

@@ -154,19 +154,23 @@ class Rules:
         return found
 
     def find(self, ctx: RequestContext) -> tuple[str, str] | None:
-        """The first rule that answers ``ctx``, and its answer."""
+        """The first rule that answers ``ctx``, and its answer. A request that must be answered
+        by a tool call is never answered by a rule, and one that asks for JSON
+        (``response_format``) only by an answer that is JSON."""
         if ctx.endpoint != "chat":
             return None
         rules = self.applying(ctx.feature, ctx.requested_model)
         if not rules:
             return None
-        text = last_user_text(ctx.body.get("messages"))
-        if not text:
+        body = ctx.body
+        text = last_user_text(body.get("messages"))
+        if not text or _needs_tool_call(body):
             return None
+        wants_json = _wants_json(body)
         key = normalise(text) if any(r.table is not None for r in rules) else ""
         for rule in rules:
             answer = rule.answer(text, key)
-            if answer is not None:
+            if answer is not None and (not wants_json or _is_json(answer)):
                 return rule.name, answer
         return None
 
@@ -197,14 +201,35 @@ class Rules:
         return Reply(body=body)
 
 
+def _needs_tool_call(body: Mapping[str, Any]) -> bool:
+    choice = body.get("tool_choice")
+    return bool(body.get("tools")) and (choice == "required" or isinstance(choice, dict))
+
+
+def _wants_json(body: Mapping[str, Any]) -> bool:
+    wanted = body.get("response_format")
+    return isinstance(wanted, dict) and wanted.get("type") in ("json_object", "json_schema")
+
+
+def _is_json(text: str) -> bool:
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 def _completion(ctx: RequestContext, text: str) -> dict[str, Any]:
+    """The answer, as many times as the request asked for choices (``n``)."""
+    n = ctx.body.get("n")
+    count = n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 128 else 1
     return {
         "id": f"chatcmpl-{ctx.request_id}",
         "object": "chat.completion",
         "created": int(ctx.ts),
         "model": ctx.requested_model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": "stop"}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": "stop"} for i in range(count)],
     }
 
 
