@@ -42,6 +42,7 @@ from skinflint.pipeline.embedding import GuardedEmbedder
 from skinflint.pipeline.guard import Guard
 from skinflint.pipeline.route import Route
 from skinflint.pipeline.rules import Rules
+from skinflint.pipeline.shadow import ALERT_RULE as SHADOW_ALERT_RULE
 from skinflint.pipeline.shadow import ShadowGuard
 from skinflint.pipeline.upstream import ProviderUpstream
 from skinflint.pricing import BatchDiscount, PriceCatalog
@@ -311,7 +312,8 @@ class Gateway:
         except NotStoredError:
             log.info("cost alerts are off: the ledger is in memory")
             return None
-        monitor = AlertMonitor(self.settings.alerts, store, self.metrics, Webhook(self.session))
+        monitor = AlertMonitor(self.settings.alerts, store, self.metrics, Webhook(self.session),
+                               others=(SHADOW_ALERT_RULE,))
         monitor.start()
         return monitor
 

@@ -17,6 +17,7 @@ own, so nothing waits for it. Nothing here runs on a request's path.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -40,6 +41,8 @@ log = logging.getLogger("skinflint.alerts")
 
 #: How long closing waits for webhooks still being delivered.
 CLOSE_GRACE = 5.0
+#: Every scope a rule may judge per.
+_PERS: tuple[str, ...] = get_args(AlertRule.model_fields["per"].annotation)
 
 
 def iso(ts: float) -> str:
@@ -112,14 +115,18 @@ class Webhook:
 class AlertMonitor:
     """Judges ``rules`` over the ledger through ``store`` (see the module docstring).
     :meth:`evaluate` does one round at a given time (tests call it with their own clock);
-    :meth:`start` runs rounds in the background on ``clock`` until :meth:`close`."""
+    :meth:`start` runs rounds in the background on ``clock`` until :meth:`close`, the first
+    after :meth:`retire`. ``others``: rules whose alerts are recorded in the same table by
+    someone else (the shadow guard's), never retired here."""
 
     def __init__(
         self, rules: Sequence[AlertRule], store: AlertStore, metrics: Metrics,
         webhook: Webhook | None = None, *, clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        others: Sequence[str] = (),
     ) -> None:
         self.rules = tuple(rules)
+        self.others = frozenset(others)
         self.store = store
         self.metrics = metrics
         self.webhook = webhook
@@ -144,7 +151,26 @@ class AlertMonitor:
                 task.cancel()
             await asyncio.gather(*self._deliveries, return_exceptions=True)
 
+    async def retire(self, now: float) -> list[AlertEvent]:
+        """Resolve, at ``now``, the alerts still firing for a rule no longer configured (one
+        renamed or removed): nothing would ever judge them again. Returns those it resolved."""
+        known = {rule.name for rule in self.rules} | self.others
+        resolved: list[AlertEvent] = []
+        for name in sorted(set(await self.store.active()) - known):
+            for per in _PERS:
+                for event in await self.store.open_at(name, per, now):
+                    done = await self.store.resolve(dataclasses.replace(event, end=now))
+                    if done is not None:
+                        log.info("cost alert %s resolved for %s %r: the rule is no longer "
+                                 "configured", name, per, done.name)
+                        resolved.append(done)
+        return resolved
+
     async def _run(self) -> None:
+        try:
+            await self.retire(self._clock())
+        except Exception:  # the rounds run all the same
+            log.exception("cost alerts: could not resolve the alerts of removed rules")
         while True:
             now = self._clock()
             try:

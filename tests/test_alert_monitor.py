@@ -251,3 +251,25 @@ async def test_a_webhook_refusing_the_payload_is_not_retried(
     async with aiohttp.ClientSession() as session:
         assert not await Webhook(session, backoff=0.01).deliver(url, {"text": "x"})
     assert len(receiver.bodies) == 1
+
+
+async def test_the_alerts_of_a_rule_no_longer_configured_are_resolved_at_start(
+    tmp_path: Path, storages: list[Storage]
+) -> None:
+    """A renamed or removed rule's alert would stay firing for ever; another owner's (the
+    shadow guard's) is left alone."""
+    db = tmp_path / "skinflint.db"
+    write_ledger(db, SEARCH[:1])
+    config = settings(db)
+    storage = open_storage(config)
+    storages.append(storage)
+    store = await storage.alert_store()
+    for event in (AlertEvent("old-name", "feature", "search", T0, None, 1.0, 0.1),
+                  AlertEvent("feature-spend", "feature", "chat", T0, None, 1.0, 0.1),
+                  AlertEvent("shadow-guard", "feature", "docs/context", T0, None, 0.0, 0.0)):
+        assert await store.fire(event)
+    m = AlertMonitor(config.alerts, store, Metrics(), others=("shadow-guard",))
+    [retired] = await m.retire(T0 + 600)
+    assert (retired.rule, retired.name, retired.end) == ("old-name", "search", T0 + 600)
+    assert await store.active() == {"feature-spend": 1, "shadow-guard": 1}
+    assert await m.retire(T0 + 900) == []
