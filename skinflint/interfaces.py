@@ -25,6 +25,7 @@ from skinflint.models import (
 
 __all__ = [
     "FINISHED",
+    "RETRYING",
     "Admission",
     "Amounts",
     "BatchAPI",
@@ -285,6 +286,8 @@ class BudgetCounters(Protocol):
 # ---- deferred requests and passed-through batches
 
 JobState = Literal["queued", "submitted", "completed", "failed", "cancelled"]
+#: The ``error`` of a job whose line's real-time retry is under way (its state: submitted).
+RETRYING = "realtime_retry"
 #: The states a job ends in.
 FINISHED: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
@@ -456,6 +459,12 @@ class JobStore(Protocol):
     async def requeue(self, batch_id: str) -> int:
         """Give a batch's unfinished jobs back to the queue and forget the batch (it never
         reached its provider); how many were given back."""
+        ...
+
+    async def retrying(self, job_ids: Sequence[str]) -> None:
+        """Mark unfinished jobs whose failed line is about to be retried in real time, before
+        the calls: a job still marked when it is settled again (the process stopped before
+        recording its result) may have been answered and billed, so it is not asked again."""
         ...
 
     async def finish(self, results: Sequence[JobResult], now: float) -> list[Job]:

@@ -10,6 +10,11 @@ one ledger row, its spend in the budgets, and the webhook.
   provider's message (ledgered at no cost: the provider bills no failed line);
 * a line cancelled (the client cancelled its passed-through batch): the job is cancelled.
 
+Jobs about to be retried in real time are marked in the store first (:data:`RETRYING`); a job
+still marked when its batch is settled again, by a process started after one that stopped
+mid-retry, may have been answered and billed: it fails (``realtime_interrupted``), ledgered at
+an unknown cost, and is not asked again.
+
 The ledger row's request id is the deferred request's own (or the job's id, for a line of a
 passed-through batch); its time is when the result arrived.
 """
@@ -26,7 +31,15 @@ import orjson
 
 from skinflint.cachekey import request_hash
 from skinflint.errors import UpstreamError
-from skinflint.interfaces import Amounts, Job, JobResult, JobStore, Ledger, Provider
+from skinflint.interfaces import (
+    RETRYING,
+    Amounts,
+    Job,
+    JobResult,
+    JobStore,
+    Ledger,
+    Provider,
+)
 from skinflint.jobs.admit import job_context
 from skinflint.metrics import Metrics
 from skinflint.models import BatchOutcome, Completion, LedgerRecord, UpstreamRequest, Usage
@@ -46,6 +59,8 @@ RETRY_CHUNK = 4 * RETRIES_AT_ONCE
 #: Results recorded and ledgered at a time (a batch of 50,000 lines must not hold the event
 #: loop for long).
 CHUNK = 500
+_INTERRUPTED = ("the gateway stopped during this line's real-time retry: the provider may have"
+                " answered and billed it; it is not asked again")
 #: Webhook deliveries running at once.
 WEBHOOKS_AT_ONCE = 16
 
@@ -65,6 +80,7 @@ class _How:
     strategy: str  # BATCH_STRATEGY, or "" for a real-time retry
     status: int = 200
     error_type: str = ""
+    cost_known: bool = True  # False: a call that may have been billed, at a price unknown
 
 
 class Settler:
@@ -104,6 +120,11 @@ class Settler:
         for job in jobs:
             if job.state in ("completed", "failed", "cancelled"):
                 continue
+            if job.error == RETRYING:  # left under way by a process that stopped
+                results.append((JobResult(job.id, "failed", error="realtime_interrupted",
+                                          message=_INTERRUPTED),
+                                _How("", 499, "realtime_interrupted", cost_known=False)))
+                continue
             o = by_id.get(job.id) or BatchOutcome(job.id, error="failed",
                                                   message="missing from the batch's results")
             if o.completion is not None:
@@ -122,8 +143,9 @@ class Settler:
         finished = await self._record(results, CHUNK)
         # each group of retries is recorded as soon as it is answered: a stop loses few
         for start in range(0, len(retry), RETRY_CHUNK):
-            answered = await asyncio.gather(*(self._realtime(j, o)
-                                              for j, o in retry[start:start + RETRY_CHUNK]))
+            group = retry[start:start + RETRY_CHUNK]
+            await self._store.retrying([j.id for j, _ in group])  # never asked twice
+            answered = await asyncio.gather(*(self._realtime(j, o) for j, o in group))
             finished += await self._record(answered, CHUNK)
         return finished
 
@@ -168,6 +190,8 @@ class Settler:
         price = self._catalog.cost(job.requested_model, usage)
         if how.strategy == BATCH_STRATEGY and job.state == "completed":
             cost = self._batch_price(job.provider, job.requested_model, usage)
+        elif not how.cost_known:
+            cost = None
         else:  # a real-time retry costs the real-time price; a line not answered, nothing
             cost = price if job.state == "completed" else 0.0
         baseline = price if job.state == "completed" else 0.0

@@ -54,7 +54,7 @@ def job_json(job: Job, response: Any = None) -> dict[str, Any]:
         out["finished_at"] = int(job.finished)
     if response is not None:
         out["response"] = response
-    if job.error:
+    if job.error and job.state in ("failed", "cancelled"):
         out["error"] = {"code": job.error, "message": job.message}
     return out
 

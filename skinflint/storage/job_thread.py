@@ -113,6 +113,9 @@ class SqlJobStore:
     async def requeue(self, batch_id: str) -> int:
         return await self._call(lambda t: t.requeue(batch_id))
 
+    async def retrying(self, job_ids: Sequence[str]) -> None:
+        await self._call(lambda t: t.retrying(job_ids))
+
     async def finish(self, results: Sequence[JobResult], now: float) -> list[Job]:
         return await self._call(lambda t: t.finish(results, now))
 

@@ -28,6 +28,7 @@ import orjson
 
 from skinflint.interfaces import (
     FINISHED,
+    RETRYING,
     ClientBatch,
     GroupCounts,
     Job,
@@ -182,6 +183,12 @@ class JobTables:
                       f" NOT IN ({_FINISHED})", (batch_id,))
         self.conn.run("DELETE FROM job_batches WHERE id = ?", (batch_id,))
         return len(back)
+
+    def retrying(self, job_ids: Sequence[str]) -> None:
+        for chunk in _chunks(list(job_ids)):
+            marks = ", ".join("?" for _ in chunk)
+            self.conn.run(f"UPDATE jobs SET error = ?, message = '' WHERE id IN ({marks})"
+                          f" AND state NOT IN ({_FINISHED})", (RETRYING, *chunk))
 
     def finish(self, results: Sequence[JobResult], now: float) -> list[Job]:
         by_id = {r.job_id: r for r in results}

@@ -22,6 +22,7 @@ from skinflint.config import BatchingConfig
 from skinflint.interfaces import Job, ProviderBatch
 from skinflint.jobs import BatchService, Settler
 from skinflint.jobs.service import dead_here
+from skinflint.models import BatchOutcome
 from skinflint.pricing import PriceCatalog
 from skinflint.providers.http import new_session
 from skinflint.providers.openai_compat import OpenAICompatProvider
@@ -124,3 +125,38 @@ def test_a_dead_lease_holder_is_told_by_host_and_pid() -> None:
     assert not dead_here(f"{host}:{os.getpid()}:ab12")  # this very process
     assert not dead_here(f"another-{host}:{gone}:ab12")  # another machine's: unknown
     assert not dead_here("garbage")
+
+
+async def test_a_real_time_retry_cut_short_by_a_stop_is_not_asked_again(
+        parts: Parts, fake: FakeUpstream) -> None:
+    """The process stops while a failed line is retried in real time: the provider may have
+    answered (and billed) it, so whoever settles the batch next fails the job, ledgered at an
+    unknown cost, instead of asking a second time."""
+    now = time.time()
+    await parts.store.enqueue([job(1, now)])
+    await parts.store.claim(ProviderBatch("pb_1", "fake", "gpt-4o-mini", "", now), 10)
+    failed = [BatchOutcome("job_001", error="failed", message="server_error")]
+
+    def settler() -> Settler:
+        provider = parts.service.batch_api("fake")
+        assert isinstance(provider, OpenAICompatProvider)
+        return Settler(parts.store, ledger=parts.ledger, catalog=PriceCatalog(),
+                       batch_price=lambda p, m, u: 0.0, providers={"fake": provider},
+                       timeouts={"fake": 5}, on_failure="realtime", clock=time.time)
+
+    fake.fail_next("delay=3")
+    first = asyncio.ensure_future(settler().settle(await parts.store.batch_jobs("pb_1"), failed))
+    deadline = time.monotonic() + 5
+    while not fake.calls("/v1/chat/completions"):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    first.cancel()  # the process stops mid-call
+    await asyncio.gather(first, return_exceptions=True)
+    [marked] = await parts.store.batch_jobs("pb_1")
+    assert (marked.state, marked.error) == ("submitted", "realtime_retry")
+
+    [done] = await settler().settle([marked], failed)
+    assert (done.state, done.error) == ("failed", "realtime_interrupted")
+    assert len(fake.calls("/v1/chat/completions")) == 1  # not asked again
+    [row] = parts.ledger.records
+    assert (row.request_id, row.status, row.cost_usd) == ("req1", 499, None)
