@@ -320,8 +320,8 @@ async def test_ledger_record_flush_query(pg_url: str) -> None:
         for record in written:
             ledger.record(record)
         await asyncio.to_thread(ledger.flush)
-        assert await asyncio.to_thread(ledger.query) == written
-        assert ledger.query(since=1250.0) == written[250:]
+        assert await asyncio.to_thread(lambda: list(ledger.query())) == written
+        assert list(ledger.query(since=1250.0)) == written[250:]
     finally:
         ledger.close()
 
@@ -336,7 +336,7 @@ def test_ledger_close_loses_nothing(pg_url: str) -> None:
     two.close()
     reader = PostgresLedger(pg_url)
     try:
-        assert reader.query() == records(50) + records(50, start=2000.0)
+        assert list(reader.query()) == records(50) + records(50, start=2000.0)
     finally:
         reader.close()
 
@@ -355,7 +355,7 @@ def test_ledger_keeps_records_through_failures(pg_url: str) -> None:
         ledger.record(records(11)[10])
         ledger.flush()  # the broken connection fails once more; the records stay held
         ledger.flush()  # reconnects and writes them all
-        assert ledger.query() == records(11)
+        assert list(ledger.query()) == records(11)
     finally:
         admin.close()
         ledger.close()
@@ -383,7 +383,7 @@ def test_ledger_retries_held_records_by_itself_and_spills_past_max_held(
             time.sleep(0.05)
             row = admin.execute("SELECT COUNT(*) FROM skinflint_ledger").fetchone()
             count = row[0] if row else 0
-        assert ledger.query() == records(10)
+        assert list(ledger.query()) == records(10)
         assert list(tmp_path.iterdir()) == []
     finally:
         admin.close()
@@ -411,7 +411,7 @@ async def test_ledger_writes_to_a_server_that_stops_answering_are_cut_off_and_he
         await asyncio.wait_for(asyncio.to_thread(ledger.flush), 10)  # cut off, held
         proxy.thaw()
         await asyncio.wait_for(asyncio.to_thread(ledger.flush), 10)
-        assert await asyncio.to_thread(ledger.query) == first + later
+        assert await asyncio.to_thread(lambda: list(ledger.query())) == first + later
         proxy.freeze()
         ledger.record(last[0])
     finally:
@@ -420,7 +420,7 @@ async def test_ledger_writes_to_a_server_that_stops_answering_are_cut_off_and_he
     assert spill.is_file()
     reader = await PostgresLedger.create(url, spill=spill)
     try:
-        assert await asyncio.to_thread(reader.query) == first + later + last
+        assert await asyncio.to_thread(lambda: list(reader.query())) == first + later + last
         assert list(tmp_path.iterdir()) == []  # written, so the claim is gone
     finally:
         await asyncio.to_thread(reader.close)

@@ -65,7 +65,7 @@ def test_replicas_share_caches_and_ledger(replicas: list[BackgroundServer], fake
     replicas.clear()
     ledger = PostgresLedger(pg_url)
     try:
-        rows = ledger.query()
+        rows = list(ledger.query())
     finally:
         ledger.close()
     assert [r.cache_status for r in rows] == ["miss", "hit-exact", "hit-semantic"]

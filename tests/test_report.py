@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import time
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -439,3 +441,46 @@ def test_report_shows_the_prompt_tokens_compression_saved_per_group(
     lines = _fits(_piped(tmp_path, "report", "--db", str(db)))
     assert "saved" in lines[lines.index("Requests by feature") + 2]
     assert _figures(lines, "Requests by feature", "docs")[4:7] == ["700", "150", "0"]
+
+
+def test_an_export_holds_a_few_thousand_rows_at_a_time(tmp_path: Path) -> None:
+    """Rows are read and written a part at a time: exporting 40,000 allocates a fraction of
+    what holding them all would."""
+    now = time.time()
+    rows = [_every_field(i, now - 40_000 + i) for i in range(40_000)]
+    db = _ledger_file(tmp_path / "l.db", rows)
+    ledger = SQLiteLedger(str(db))
+    all_at_once = _peak(lambda: list(ledger.query()))
+    ledger.close()
+    out = tmp_path / "rows.jsonl"
+    exported = _peak(lambda: main(["report", "--db", str(db), "--export", str(out)]))
+    assert out.read_bytes().count(b"\n") == 40_000
+    assert exported < all_at_once / 4, (exported, all_at_once)
+
+
+def test_a_postgres_ledger_exports_every_row_oldest_first(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from skinflint.storage.pg_ledger import PostgresLedger
+
+    now = time.time()
+    rows = [_every_field(i, now - 12_000 + i) for i in range(12_000)]  # past one read's rows
+    ledger = PostgresLedger(pg_url)
+    for r in rows:
+        ledger.record(r)
+    ledger.close()
+    out = tmp_path / "rows.jsonl"
+    assert _cli(capsys, "report", "--db", pg_url, "--export", str(out), "--json") == {
+        "exported": 12_000, "path": str(out)}
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["request_id"] for line in lines] == [r.request_id for r in rows]
+
+
+def _peak(run: Callable[[], object]) -> int:
+    """The most memory Python held at once while ``run`` ran, in bytes."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from skinflint.config import Settings
 from skinflint.errors import ConfigError
@@ -22,7 +22,9 @@ from skinflint.models import (
 from skinflint.storage.opener import NotStoredError, Storage, open_storage
 
 __all__ = ["GROUPINGS", "WEEK", "Group", "Report", "WeekChange", "build_report", "change_text",
-           "parse_since", "percentile", "read_records", "week_over_week"]
+           "each_record", "parse_since", "percentile", "read_records", "week_over_week"]
+
+T = TypeVar("T")
 
 GROUPINGS = ("feature", "model", "user", "strategy", "tenant")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -214,13 +216,21 @@ def read_records(
     """The records with ``ts >= since``, oldest first, from the ledger the settings name (or
     ``db``: a SQLite path or a ``postgresql://`` URL). Raises ConfigError when there is no
     ledger there; a SQLite file that does not exist is not created."""
-    return asyncio.run(_read(open_storage(settings, db=db, existing=True), since))
+    return each_record(settings, list, db=db, since=since)
 
 
-async def _read(storage: Storage, since: float) -> list[LedgerRecord]:
+def each_record(settings: Settings, use: Callable[[Iterable[LedgerRecord]], T], *,
+                db: str | None = None, since: float = 0.0) -> T:
+    """``use`` of the records :func:`read_records` reads, given them as they are read (so
+    that an export of millions holds a few thousand at a time), off the event loop."""
+    return asyncio.run(_read(open_storage(settings, db=db, existing=True), since, use))
+
+
+async def _read(storage: Storage, since: float,
+                use: Callable[[Iterable[LedgerRecord]], T]) -> T:
     try:
         ledger = await storage.ledger()
-        return list(await asyncio.to_thread(ledger.query, since))
+        return await asyncio.to_thread(lambda: use(ledger.query(since)))
     except (FileNotFoundError, NotStoredError):
         where = storage.location.ledger or storage.location.cache
         raise ConfigError(f"no ledger at {where}") from None

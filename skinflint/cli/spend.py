@@ -214,9 +214,10 @@ def _suggest_caps(args: argparse.Namespace, settings: Settings, since: float) ->
 
 def _export(args: argparse.Namespace, settings: Settings, since: float) -> int:
     from skinflint.analytics.export import write_export
-    from skinflint.analytics.report import read_records
+    from skinflint.analytics.report import each_record
 
-    written = write_export(read_records(settings, db=args.db, since=since), args.export)
+    written = each_record(settings, lambda records: write_export(records, args.export),
+                          db=args.db, since=since)
     if args.export != "-":
         if args.json:
             print_json({"exported": written, "path": args.export})

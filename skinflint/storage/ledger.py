@@ -27,7 +27,10 @@ from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.spend import Spend, SpendQueries
 from skinflint.storage.spill import LedgerSpill
 
-__all__ = ["MemoryLedger", "SQLiteLedger", "open_sqlite"]
+__all__ = ["READ_ROWS", "MemoryLedger", "SQLiteLedger", "open_sqlite"]
+
+#: Rows a query reads from the database at a time (an export of millions stays small).
+READ_ROWS = 5000
 
 
 _COLUMNS = [f.name for f in fields(LedgerRecord)]
@@ -162,16 +165,18 @@ class SQLiteLedger:
     def flush(self) -> None:
         self._writer.flush()
 
-    def query(self, since: float = 0.0) -> Iterable[LedgerRecord]:
+    def query(self, since: float = 0.0) -> Iterator[LedgerRecord]:
+        """Every record with ``ts >= since``, oldest first, read :data:`READ_ROWS` at a time
+        as it is iterated (blocking), on a connection of its own."""
         self.flush()
         conn = open_sqlite(self.path)
         try:
-            rows = conn.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE ts >= ? ORDER BY ts", (since,)
-            ).fetchall()
+            cursor = conn.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM ledger WHERE ts >= ? ORDER BY ts", (since,))
+            while rows := cursor.fetchmany(READ_ROWS):
+                yield from (LedgerRecord(*row) for row in rows)
         finally:
             conn.close()
-        return [LedgerRecord(*row) for row in rows]
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         """Rows of a query on the reading connection (blocking), as written so far."""

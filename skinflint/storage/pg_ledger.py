@@ -18,6 +18,7 @@ import psycopg
 
 from skinflint.models import ATTEMPT_STRATEGIES, LedgerRecord
 from skinflint.storage import rollup
+from skinflint.storage.ledger import READ_ROWS
 from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
 from skinflint.storage.spend import Spend, SpendQueries
@@ -179,13 +180,18 @@ class PostgresLedger:
     def flush(self) -> None:
         self._writer.flush()
 
-    def query(self, since: float = 0.0) -> list[LedgerRecord]:
-        """Every record with ``ts >= since``, oldest first, after writing what is pending."""
+    def query(self, since: float = 0.0) -> Iterator[LedgerRecord]:
+        """Every record with ``ts >= since``, oldest first, after writing what is pending:
+        read through a server-side cursor, :data:`READ_ROWS` at a time, as it is iterated
+        (blocking; the ledger's connection is held until the iteration ends)."""
         self.flush()
         with self._lock:
-            cur = self._connection().execute(
-                f"SELECT {_QUOTED} FROM skinflint_ledger WHERE ts >= %s ORDER BY ts", (since,))
-            return [LedgerRecord(*row) for row in cur.fetchall()]
+            conn = self._connection()
+            with conn.transaction(), conn.cursor(name="skinflint_query") as cur:
+                cur.itersize = READ_ROWS
+                cur.execute(f"SELECT {_QUOTED} FROM skinflint_ledger WHERE ts >= %s"
+                            " ORDER BY ts", (since,))
+                yield from (LedgerRecord(*row) for row in cur)
 
     def hit_counts(self) -> tuple[int, int, int, float]:
         """``(requests, hits, semantic hits, USD saved by hits)`` over chat and embeddings

@@ -39,7 +39,7 @@ def test_an_old_sqlite_ledger_gains_the_usage_columns(tmp_path: Path) -> None:
     ledger = SQLiteLedger(str(db), flush_interval=60)
     try:
         ledger.record(NEW_ROW)
-        old, new = ledger.query()
+        old, new = list(ledger.query())
     finally:
         ledger.close()
     assert new == NEW_ROW
@@ -66,7 +66,7 @@ def test_an_old_postgres_ledger_gains_the_usage_columns(pg_url: str) -> None:
     ledger = PostgresLedger(pg_url, flush_interval=60)
     try:
         ledger.record(NEW_ROW)
-        old, new = ledger.query()
+        old, new = list(ledger.query())
     finally:
         ledger.close()
     assert new.cache_write_tokens == 7 and new.reasoning_tokens == 2
