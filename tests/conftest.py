@@ -16,6 +16,11 @@ from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
 from tests.fake_upstream import FakeUpstream
 
+# One PostgreSQL and one Redis server for the whole run, started when a test first asks for one
+# (a module that imported these fixtures itself would start servers of its own).
+from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

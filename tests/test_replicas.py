@@ -15,8 +15,6 @@ from skinflint.server.run import BackgroundServer
 from skinflint.storage.postgres import PostgresLedger
 from tests.conftest import base_config
 from tests.fake_upstream import FakeUpstream
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
-from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 
 def _replicas(fake: FakeUpstream, tmp_path: Path,
