@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -11,10 +14,16 @@ from typing import Any
 
 import openai
 import pytest
+import uvicorn
 
 from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
 from tests.fake_upstream import FakeUpstream
+
+# One PostgreSQL and one Redis server for the whole run, started when a test first asks for one
+# (a module that imported these fixtures itself would start servers of its own).
+from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -73,6 +82,43 @@ def base_config(
     return config
 
 
+class PromptServer(uvicorn.Server):
+    """uvicorn's server, stopping as soon as it is asked to. uvicorn notices ``should_exit`` at
+    its next 0.1 s tick, then pauses 0.1 s for open connections to close even when there are
+    none: 0.2 s for each of the hundreds of gateways the tests start and stop. Otherwise this is
+    uvicorn's shutdown: open connections are asked to close and given 0.1 s, running requests
+    finish, then the lifespan shutdown runs (which writes the ledger)."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864_000
+            await asyncio.sleep(0.01)
+            should_exit = await self.on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        if self.server_state.connections:
+            await asyncio.sleep(0.1)
+        try:
+            await asyncio.wait_for(self._wait_tasks_to_complete(),
+                                   timeout=self.config.timeout_graceful_shutdown)
+        except TimeoutError:
+            logging.getLogger("uvicorn.error").error(
+                "Cancel %s running task(s), timeout graceful shutdown exceeded",
+                len(self.server_state.tasks))
+            for task in self.server_state.tasks:
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
 GatewayFactory = Callable[..., BackgroundServer]
 
 
@@ -82,7 +128,7 @@ def make_gateway(fake: FakeUpstream, tmp_path: Path) -> Iterator[GatewayFactory]
 
     def start(**extra: Any) -> BackgroundServer:
         settings = settings_from_dict(base_config(fake, tmp_path / "skinflint.db", **extra), env={})
-        server = BackgroundServer(settings).__enter__()
+        server = BackgroundServer(settings, server_class=PromptServer).__enter__()
         started.append(server)
         return server
 

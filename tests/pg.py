@@ -10,7 +10,8 @@ Without the server binaries, pgvector or psycopg the fixtures skip, except under
 binaries are found in ``$SKINFLINT_PG_BINDIR``, ``/usr/lib/postgresql/*/bin`` (newest first),
 then ``pg_config --bindir`` and the ``PATH``.
 
-A test module imports ``pg_server_fixture`` and ``pg_url_fixture`` to use the fixtures.
+``tests/conftest.py`` registers the fixtures for every test, so that one server serves the
+whole run.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 the ``redis`` package the fixtures skip, except under CI (``CI=true``), where they fail so that a
 missing install step cannot pass unnoticed (``apt-get install redis-server``).
 
-A test module imports ``redis_server_fixture`` and ``redis_url_fixture`` to use the fixtures.
+``tests/conftest.py`` registers the fixtures for every test, so that one server serves the
+whole run.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from tests.conftest import base_config
 from tests.fake_upstream import FakeUpstream
 from tests.pg import free_port
 from tests.processes import stop
-from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 BUDGET = {"name": "limited-daily", "per": "feature", "match": "limited", "window": "day",
           "limit": {"requests": 10}}

@@ -16,12 +16,7 @@ from skinflint.models import LedgerRecord
 from skinflint.storage.cache import MemoryCacheStore, TieredCacheStore
 from skinflint.storage.ledger import SQLiteLedger
 from tests import pg
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
-from tests.redis_server import (  # noqa: F401  (fixtures)
-    redis_server_fixture,
-    redis_url_fixture,
-    spawn_redis,
-)
+from tests.redis_server import spawn_redis
 
 StoreFactory = Callable[[int], Awaitable[CacheStore]]
 

@@ -31,13 +31,14 @@ def _write_config(fake: FakeUpstream, tmp_path: Path, **extra: object) -> Path:
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "gateway exited"
-        try:
-            if httpx.get(url + "/health", timeout=0.5).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.05)
+    with httpx.Client(timeout=0.5) as http:  # one client: each new one loads the CA bundle
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "gateway exited"
+            try:
+                if http.get(url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
     raise AssertionError("gateway did not become healthy")
 
 

@@ -25,7 +25,6 @@ from skinflint.config import settings_from_dict
 from skinflint.server.run import GC_THRESHOLDS
 from tests.pg import free_port
 from tests.processes import stop
-from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 LINE = re.compile(
     r"skinflint listening on http://127\.0\.0\.1:(\d+) \(storage: (.+), workers: (\d+)\)\n"

@@ -30,6 +30,9 @@ from tests.pg import free_port
 _SKINFLINT = Path(sys.executable).with_name("skinflint")
 _QUESTION = {"model": "gpt-4o-mini", "temperature": 0,
              "messages": [{"role": "user", "content": "what changed in v1?"}]}
+#: Keeps no connection alive, so each request opens one of its own (and ``serve --workers``
+#: spreads them); one client for all, since each new one loads the CA bundle (~60 ms).
+_HTTP = httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def _env(fake: FakeUpstream) -> dict[str, str]:
@@ -49,7 +52,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes]) -> None:
     while time.monotonic() < deadline:
         assert proc.poll() is None, "gateway exited"
         try:
-            if httpx.get(url + "/health", timeout=0.5).json()["ready"]:
+            if _HTTP.get(url + "/health", timeout=0.5).json()["ready"]:
                 return
         except httpx.TransportError:
             pass
@@ -80,7 +83,7 @@ def served(fake: FakeUpstream, tmp_path: Path) -> Iterator[str]:
 
 def _ask(url: str, tags: str = "docs:v1") -> httpx.Response:
     """One request on a connection of its own (so that ``serve --workers`` spreads them)."""
-    resp = httpx.post(url + "/v1/chat/completions", json=_QUESTION, timeout=10,
+    resp = _HTTP.post(url + "/v1/chat/completions", json=_QUESTION,
                       headers={"x-skinflint-tags": tags})
     assert resp.status_code == 200
     return resp
@@ -141,7 +144,7 @@ def test_workers_follow_each_others_invalidations(fake: FakeUpstream, tmp_path: 
         before, workers = answers(30)
         assert len(workers) == 2, "the requests all went to one worker"
         # each worker holds an answer in memory (the first one it saw, or its own)
-        resp = httpx.post(url + "/api/cache/invalidate", json={"tags": ["docs:v1"]})
+        resp = _HTTP.post(url + "/api/cache/invalidate", json={"tags": ["docs:v1"]})
         assert resp.json() == {"invalidated": 1, "tags": ["docs:v1"]}
         time.sleep(3 * invalidations.POLL_SECONDS)  # the other worker reads the log
         after, workers = answers(30)

@@ -20,7 +20,7 @@ from skinflint.providers.http import new_session
 from skinflint.providers.openai_compat import OpenAICompatProvider
 from skinflint.server.model_list import RETRY_SECONDS, ModelList
 from skinflint.server.run import BackgroundServer
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, PromptServer
 from tests.fake_upstream import MODELS, FakeUpstream
 
 
@@ -38,7 +38,7 @@ def _zero_config(base_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def zero_config_gateway(fake: FakeUpstream, tmp_path: Path) -> Iterator[BackgroundServer]:
-    with BackgroundServer(_zero_config(fake.base_url, tmp_path)) as gw:
+    with BackgroundServer(_zero_config(fake.base_url, tmp_path), server_class=PromptServer) as gw:
         yield gw
 
 
@@ -92,7 +92,7 @@ def test_gateway_keys_are_required(make_gateway: GatewayFactory, fake: FakeUpstr
 
 def test_upstream_down_with_nothing_configured_is_a_502(tmp_path: Path) -> None:
     settings = _zero_config(f"http://127.0.0.1:{_closed_port()}/v1", tmp_path)
-    with BackgroundServer(settings) as gw:
+    with BackgroundServer(settings, server_class=PromptServer) as gw:
         resp = httpx.get(gw.base_url + "/models")
     assert resp.status_code == 502
     error = resp.json()["error"]

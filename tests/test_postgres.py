@@ -29,7 +29,6 @@ from skinflint.interfaces import CacheEntry, Vector  # noqa: E402
 from skinflint.models import LedgerRecord  # noqa: E402
 from skinflint.storage import pg_semantic  # noqa: E402
 from skinflint.storage.postgres import PgSemanticIndex, PostgresCacheStore, PostgresLedger  # noqa: E402
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: E402, F401  (fixtures)
 from tests.proxy import FreezingProxy  # noqa: E402
 
 DEAD_URL = "postgresql://postgres@127.0.0.1:1/postgres"

@@ -16,7 +16,7 @@ import pytest
 from skinflint.config import settings_from_dict
 from skinflint.errors import ConfigError
 from skinflint.server.run import BackgroundServer
-from tests.conftest import base_config, ledger_rows
+from tests.conftest import PromptServer, base_config, ledger_rows
 from tests.fake_upstream import FakeUpstream
 
 CHAT, MESSAGES = "/v1/chat/completions", "/v1/messages"
@@ -29,7 +29,7 @@ def server(fake: FakeUpstream, tmp_path: Path) -> Iterator[BackgroundServer]:
     config = base_config(fake, tmp_path / "skinflint.db",
                          fake_opts={"max_retries": 0,
                                     "breaker": {"failures": 2, "cooldown": COOLDOWN}})
-    with BackgroundServer(settings_from_dict(config, env={})) as gw:
+    with BackgroundServer(settings_from_dict(config, env={}), server_class=PromptServer) as gw:
         yield gw
 
 

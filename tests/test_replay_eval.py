@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import re
 import sys
@@ -44,11 +46,19 @@ def subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_replay_without_a_dataset_uses_the_shipped_extract(
-        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(scope="module")
+def shipped_report() -> str:
+    """What ``skinflint replay --json --no-curve`` prints for the shipped extract (a replay of
+    it takes seconds, and two tests read the same report)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["replay", "--json", "--no-curve"]) == 0
+    return out.getvalue()
+
+
+def test_replay_without_a_dataset_uses_the_shipped_extract(shipped_report: str) -> None:
     """The README's replay example needs no data beside the package: the extract is shipped."""
-    assert main(["replay", "--json", "--no-curve"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(shipped_report)
     assert report["requests"] == 2217  # every sample of the extract (PROVENANCE.md)
     assert 0.3 < report["skinflint"]["cost_share"] < 0.6
     assert report["skinflint"]["quality_share"] > 0.95
@@ -143,12 +153,11 @@ def test_a_missing_recording_is_a_failed_request_not_a_crash(subset: Path, tmp_p
 
 
 def test_replay_shows_each_strategys_tokens_and_dollars_saved(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        shipped_report: str, capsys: pytest.CaptureFixture[str]) -> None:
     """On the shipped extract: the saving of each strategy is what its ledger rows say; a
     cascade spends the tokens of the tiers it escalated from; the parts add up to the ledger
     baseline less what was spent."""
-    assert main(["replay", "--json", "--no-curve"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(shipped_report)
     _, rows = replay_dataset(default_replay_config(), None)
     attempts = ("cascade_escalated", "retried_attempt")
     clients = [r for r in rows if r.strategy not in attempts]

@@ -13,10 +13,8 @@ import pytest
 from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
 from skinflint.storage.postgres import PostgresLedger
-from tests.conftest import base_config
+from tests.conftest import PromptServer, base_config
 from tests.fake_upstream import FakeUpstream
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
-from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 
 def _replicas(fake: FakeUpstream, tmp_path: Path,
@@ -27,7 +25,8 @@ def _replicas(fake: FakeUpstream, tmp_path: Path,
                              cache={"semantic": {"enabled": True, "embedder": "hashing",
                                                  "threshold": 0.75}})
         config["storage"].update(storage)
-        servers.append(BackgroundServer(settings_from_dict(config, env={})).__enter__())
+        settings = settings_from_dict(config, env={})
+        servers.append(BackgroundServer(settings, server_class=PromptServer).__enter__())
     yield servers
     for server in servers:
         server.__exit__(None, None, None)

@@ -27,7 +27,6 @@ from skinflint.money import format_usd
 from skinflint.server.run import BackgroundServer
 from skinflint.storage.ledger import SQLiteLedger
 from tests.conftest import GatewayFactory, ledger_rows
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 
 LONG_FEATURE = "summarise-long-documents-for-the-legal-and-compliance-teams"
 ROUTES: dict[str, Any] = {

@@ -75,13 +75,14 @@ def served(fake: FakeUpstream, tmp_path: Path) -> Iterator[tuple[subprocess.Pope
 
 def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "serve exited"
-        try:
-            httpx.get(base + "/health", timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
+    with httpx.Client(timeout=1) as http:  # one client: each new one loads the CA bundle
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "serve exited"
+            try:
+                http.get(base + "/health")
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
     raise AssertionError("serve did not start")
 
 

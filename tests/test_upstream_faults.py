@@ -24,7 +24,7 @@ from skinflint.cli import main
 from skinflint.config import settings_from_dict
 from skinflint.models import RETRIED_ATTEMPT
 from skinflint.server.run import BackgroundServer
-from tests.conftest import base_config, ledger_rows
+from tests.conftest import PromptServer, base_config, ledger_rows
 from tests.fake_upstream import FakeUpstream
 from tests.pg import free_port
 
@@ -64,7 +64,8 @@ def gw(fake: FakeUpstream, tmp_path: Path) -> Iterator[Gateway]:
     config["models"]["ghost-only"] = {"provider": "dead", "model": "gpt-4o-mini"}
     config["routes"] = {"smart": {"default_task": "chat", "tasks": {"chat": {"cascade": [
         {"model": "gpt-4o-mini", "gate": {"format": "choice"}}, {"model": "gpt-4o"}]}}}}
-    with BackgroundServer(settings_from_dict(config, env={})) as server:
+    with BackgroundServer(settings_from_dict(config, env={}),
+                          server_class=PromptServer) as server:
         with openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0,
                            timeout=10) as client:
             yield Gateway(server, client, db)

@@ -7,10 +7,13 @@ import gc
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skinflint.config import Settings, load_settings
 from skinflint.server.app import App
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = [
     "GC_THRESHOLDS",
@@ -148,9 +151,16 @@ class BackgroundServer:
     """The gateway on a loopback port in a thread of this process, for the demo and tests;
     entering waits until background loading (prices, embedder, recorded data) is done.
 
-    ``with BackgroundServer(settings) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
+    ``with BackgroundServer(settings) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``.
+    ``server_class`` runs a subclass of ``uvicorn.Server`` instead of uvicorn's own."""
 
-    def __init__(self, settings: Settings, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str = "127.0.0.1",
+        server_class: type[uvicorn.Server] | None = None,
+    ) -> None:
         import threading
 
         import uvicorn
@@ -170,7 +180,7 @@ class BackgroundServer:
             access_log=False,
             log_level="warning",
         )
-        self._server = uvicorn.Server(config)
+        self._server = (server_class or uvicorn.Server)(config)
         self._thread = threading.Thread(
             target=self._server.run,
             kwargs={"sockets": [self._sock]},

@@ -36,14 +36,15 @@ def serving(config: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
                           stderr=subprocess.DEVNULL) as proc:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        with httpx.Client(timeout=1) as http:  # one client: each new one loads the CA bundle
+            while True:
+                try:
+                    if http.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
         try:
             yield url, proc
         finally:
@@ -71,9 +72,9 @@ def test_a_killed_gateway_is_taken_over_at_once(fake: FakeUpstream, tmp_path: Pa
         proc.wait(10)
     fake.batches.release()
     started = time.monotonic()
-    with serving(config) as (url, _):
+    with serving(config) as (url, _), httpx.Client() as http:
         for reply in replies:
-            while httpx.get(f"{url}/v1/skinflint/jobs/{reply.json()['id']}").json()[
+            while http.get(f"{url}/v1/skinflint/jobs/{reply.json()['id']}").json()[
                     "status"] != "completed":
                 assert time.monotonic() - started < LEASE_SECONDS / 2, "waited for the lease"
                 time.sleep(0.05)

@@ -17,7 +17,7 @@ from skinflint.config import settings_from_dict
 from skinflint.server.run import BackgroundServer
 from tests.conftest import base_config, ledger_rows
 from tests.fake_upstream import FakeUpstream
-from tests.pg import free_port, pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
+from tests.pg import free_port
 from tests.test_budgets_workers import _serving, _worker
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "later, please"}]}

@@ -99,6 +99,7 @@ async def test_entries_expire_by_the_injected_clock() -> None:
     first = _request(feature="news")
     assert await cache.lookup(first) is None and first.cache_plan is not None
     assert await cache.store(first, ANSWER, None)
+    cache.release(first)  # as the pipeline does once a request is answered
     clock.now += 299
     again = _request(feature="news")
     reply = await cache.lookup(again)
@@ -116,10 +117,12 @@ async def test_nothing_is_stored_for_a_bypassed_failed_or_cut_off_request() -> N
     await cache.lookup(failed)
     failed.status = 502
     assert not await cache.store(failed, ANSWER, None)
+    cache.release(failed)  # as the pipeline does once a request is answered
     cut = _request()
     await cache.lookup(cut)
     cut_off = {**ANSWER, "choices": [{**ANSWER["choices"][0], "finish_reason": "length"}]}
     assert not await cache.store(cut, cut_off, None)
+    cache.release(cut)
     assert await cache.lookup(_request()) is None
 
 
@@ -148,6 +151,8 @@ async def test_an_invalidation_during_the_cache_write_drops_the_entry_written() 
     await cache.invalidate_tags(["doc:1"])  # finds nothing yet
     store.go.set()
     assert await asyncio.gather(*writes) == [False, True]
+    for ctx in (stale, other):
+        cache.release(ctx)  # as the pipeline does once a request is answered
     assert await cache.lookup(_request(tags=("doc:1",), model="a")) is None
     assert await cache.lookup(_request(tags=("doc:2",), model="b")) is not None
 

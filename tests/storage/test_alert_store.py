@@ -19,7 +19,6 @@ from skinflint.models import ATTEMPT_STRATEGIES, LedgerRecord
 from skinflint.monitor import AlertMonitor
 from skinflint.storage.alert_store import AlertStore
 from skinflint.storage.opener import Storage, open_storage
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 
 T0 = 28_333_333 * 60
 Opener = Callable[[], Awaitable[Storage]]

@@ -16,8 +16,7 @@ from skinflint.errors import BudgetStoreError
 from skinflint.interfaces import Amounts, BudgetCounters, Claim, Limits
 from skinflint.storage.counters import MemoryBudgetCounters
 from skinflint.storage.sqlite_counters import SQLiteBudgetCounters
-from tests.pg import free_port, pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
-from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
+from tests.pg import free_port
 from tests.storage.test_ledger_durability import locked
 
 Opener = Callable[[Path], Awaitable[BudgetCounters]]

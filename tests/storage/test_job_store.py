@@ -13,7 +13,6 @@ import pytest
 from skinflint.errors import JobStoreError
 from skinflint.interfaces import ClientBatch, Job, JobResult, JobStore, ProviderBatch, StoredFile
 from skinflint.storage.sqlite_jobs import SQLiteJobStore
-from tests.pg import free_port, pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 from tests.storage.test_ledger_durability import locked
 
 Opener = Callable[[Path], Awaitable[JobStore]]

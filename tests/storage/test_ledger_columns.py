@@ -10,7 +10,6 @@ from pathlib import Path
 from skinflint.models import LedgerRecord
 from skinflint.storage.ledger import SQLiteLedger
 from tests import pg
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 
 NEW = ("cache_write_tokens", "reasoning_tokens", "input_audio_tokens", "output_audio_tokens")
 #: The ledger's columns before cache writes, reasoning and audio were recorded.

@@ -31,8 +31,6 @@ from skinflint.storage.opener import (
 )
 from skinflint.storage.semantic import LocalSemanticIndex
 from tests import pg
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
-from tests.redis_server import redis_server_fixture, redis_url_fixture  # noqa: F401  (fixtures)
 
 PG = "postgresql://app@db/ledger"
 REDIS = "redis://cache:6379/0"

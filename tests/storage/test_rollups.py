@@ -21,7 +21,6 @@ from skinflint.storage.rollup import DIMENSIONS, FIGURES
 from skinflint.storage.spend import OTHER, SERIES_TOP
 from skinflint.storage.spill import LedgerSpill
 from tests import pg
-from tests.pg import pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 
 NOW = 1_790_000_000.0  # a fixed instant, so the hours are the same at every run
 Key = tuple[str, int, str]
