@@ -19,10 +19,6 @@ from skinflint.pricing import PriceCatalog
 from skinflint.storage.ledger import MemoryLedger
 from skinflint.storage.redis_cache import RedisCacheStore
 from tests.pipeline.parts import Scripted, answer, chat, context
-from tests.redis_server import (  # noqa: F401  (fixtures)
-    redis_server_fixture,
-    redis_url_fixture,
-)
 
 PROMPT = " ".join(f"Rule {i}: always answer politely and cite the manual." for i in range(20))
 SHORT = "Be polite; cite the manual."

@@ -13,7 +13,6 @@ import pytest
 
 from skinflint.interfaces import ClientBatch, JobResult, JobStore, Purged, StoredFile
 from skinflint.storage.sqlite_jobs import SQLiteJobStore
-from tests.pg import free_port, pg_server_fixture, pg_url_fixture  # noqa: F401  (fixtures)
 from tests.storage.test_job_store import NOW, OPENERS, batch, job
 
 DAY = 86_400.0
