@@ -6,26 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from skinflint.interfaces import ClientBatch, JobResult, JobStore, Purged, StoredFile
 from skinflint.storage.sqlite_jobs import SQLiteJobStore
-from tests.storage.test_job_store import NOW, OPENERS, batch, job
+from tests.storage.test_job_store import NOW, batch, job
+from tests.storage.test_job_store import store as store
 
 DAY = 86_400.0
 CUTOFF = NOW + 10 * DAY  # what ended before this is deleted
-
-
-@pytest.fixture(params=sorted(OPENERS))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    if request.param == "postgres":
-        (tmp_path / "pg-url").write_text(request.getfixturevalue("pg_url"))
-    opened = await OPENERS[request.param](tmp_path)
-    yield opened
-    await opened.close()
 
 
 def upload(file_id: str, tenant: str = "t1", *, created: float = NOW,
