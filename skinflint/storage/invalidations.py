@@ -14,13 +14,14 @@ All functions here are blocking: gateways call them from worker threads.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from skinflint.storage.ledger import sqlite_transaction
 
 __all__ = [
     "HEARTBEAT_SECONDS",
@@ -80,19 +81,6 @@ class Pending:
     missed: bool = False
 
 
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction on an autocommit connection (as ``open_sqlite`` opens them),
-    taking the write lock at once so that the log's lines are appended in id order."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def gateway_id() -> str:
     """A new identity for one gateway process."""
     return os.urandom(8).hex()
@@ -106,7 +94,7 @@ def create_tables(conn: sqlite3.Connection) -> None:
 def delete_tagged(conn: sqlite3.Connection, tags: Sequence[str]) -> set[str]:
     """Delete the cache entries tagged with any of ``tags``, logging nothing (to apply a
     logged invalidation again); returns their keys."""
-    with _transaction(conn):
+    with sqlite_transaction(conn):
         return _delete_tagged(conn, tags)
 
 
@@ -123,7 +111,7 @@ def invalidate(conn: sqlite3.Connection, tags: Sequence[str]) -> tuple[set[str],
     """Delete the entries tagged with any of ``tags`` and append the log line that tells every
     gateway, in one transaction; returns the keys deleted and the line's id. The connection
     must be in autocommit mode (as :func:`skinflint.storage.ledger.open_sqlite` opens it)."""
-    with _transaction(conn):
+    with sqlite_transaction(conn):
         keys = _delete_tagged(conn, tags)
         line = conn.execute(
             "INSERT INTO cache_invalidations (ts, tags) VALUES (?, ?)",
@@ -155,7 +143,7 @@ def register(conn: sqlite3.Connection, gateway: str, applied: int) -> None:
     its memory was empty). Forgets gateways long gone, and log lines every gateway has
     applied once they are old."""
     now = time.time()
-    with _transaction(conn):
+    with sqlite_transaction(conn):
         conn.execute("DELETE FROM cache_gateways WHERE seen_at < ?", (now - _KEEP_SECONDS,))
         conn.execute(
             "INSERT OR REPLACE INTO cache_gateways VALUES (?, ?, ?, ?, ?, ?)",
@@ -170,7 +158,7 @@ def register(conn: sqlite3.Connection, gateway: str, applied: int) -> None:
 
 def report_applied(conn: sqlite3.Connection, gateway: str, applied: int) -> None:
     """Mark ``gateway`` alive, having applied the log up to ``applied``."""
-    with _transaction(conn):
+    with sqlite_transaction(conn):
         conn.execute(
             "INSERT INTO cache_gateways VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
             " SET seen_at = excluded.seen_at, applied = excluded.applied",
@@ -179,7 +167,7 @@ def report_applied(conn: sqlite3.Connection, gateway: str, applied: int) -> None
 
 
 def unregister(conn: sqlite3.Connection, gateway: str) -> None:
-    with _transaction(conn):
+    with sqlite_transaction(conn):
         conn.execute("DELETE FROM cache_gateways WHERE id = ?", (gateway,))
 
 

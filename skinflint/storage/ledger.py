@@ -27,7 +27,7 @@ from skinflint.storage.ledger_writer import Insert, LedgerWriter
 from skinflint.storage.spend import Spend, SpendQueries
 from skinflint.storage.spill import LedgerSpill
 
-__all__ = ["READ_ROWS", "MemoryLedger", "SQLiteLedger", "open_sqlite"]
+__all__ = ["READ_ROWS", "MemoryLedger", "SQLiteLedger", "open_sqlite", "sqlite_transaction"]
 
 #: Rows a query reads from the database at a time (an export of millions stays small).
 READ_ROWS = 5000
@@ -64,6 +64,22 @@ def open_sqlite(
     return conn
 
 
+@contextlib.contextmanager
+def sqlite_transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[None]:
+    """One transaction, all or nothing, on a connection in autocommit mode (as
+    :func:`open_sqlite` opens them): a writer takes the write lock at once, waiting
+    ``busy_timeout`` for another's; a reader never waits."""
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        raise
+
+
 class MemoryLedger:
     """Keeps records in a list; for tests and library use."""
 
@@ -86,8 +102,7 @@ class MemoryLedger:
 def _create_table(conn: sqlite3.Connection) -> None:
     """The ledger table; fields added to :class:`LedgerRecord` since a file was made become new
     columns of its table (empty in the rows written before)."""
-    conn.execute("BEGIN IMMEDIATE")  # two processes starting at once add a column once
-    try:
+    with sqlite_transaction(conn):  # two processes starting at once add a column once
         conn.execute(_SCHEMA)
         have = {row[1] for row in conn.execute("PRAGMA table_info(ledger)")}
         for name, typed in zip(_COLUMNS, _TYPED, strict=True):
@@ -96,10 +111,6 @@ def _create_table(conn: sqlite3.Connection) -> None:
                 conn.execute(f"ALTER TABLE ledger ADD COLUMN {typed}{default}")
         conn.execute("CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts)")
         _create_rollups(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def _create_rollups(conn: sqlite3.Connection) -> None:
@@ -139,16 +150,9 @@ class SQLiteLedger:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Insert]:
-        """One write transaction, all or nothing: the connection is in autocommit mode."""
-        self._conn.execute("BEGIN IMMEDIATE")  # waits busy_timeout for another writer
-        try:
+        """One write transaction, all or nothing."""
+        with sqlite_transaction(self._conn):
             yield self._insert
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-            raise
 
     def _insert(self, batch: list[LedgerRecord]) -> None:
         """Every write of rows, spilled ones included: the rows and their rollups."""

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import contextlib
-import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from skinflint.storage.job_thread import SqlJobStore
 from skinflint.storage.jobs import schema
-from skinflint.storage.ledger import open_sqlite
+from skinflint.storage.ledger import open_sqlite, sqlite_transaction
 
 __all__ = ["SQLiteJobStore"]
 
@@ -24,18 +23,8 @@ class _SQLite:
             for statement in schema("sqlite"):
                 self._conn.execute(statement)
 
-    @contextlib.contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[None]:
-        # a writer waits busy_timeout for another process's write lock; a reader never does
-        self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield
-            self._conn.execute("COMMIT")
-        except BaseException:
-            if self._conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn.execute("ROLLBACK")
-            raise
+    def transaction(self, *, write: bool = True) -> contextlib.AbstractContextManager[None]:
+        return sqlite_transaction(self._conn, write=write)
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, params).fetchall()
