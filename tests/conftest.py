@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import uvicorn
@@ -148,6 +149,20 @@ def client(gateway: BackgroundServer) -> Iterator[openai.OpenAI]:
         base_url=gateway.base_url, api_key="client-key", max_retries=0, timeout=10
     ) as c:
         yield c
+
+
+def budget_row(gw: BackgroundServer, ready: Callable[[dict[str, Any]], bool], *,
+               headers: dict[str, str] | None = None, wait: float = 5.0) -> dict[str, Any]:
+    """The one budget of ``GET /api/budgets``, once ``ready`` holds for it, or as it is after
+    ``wait`` seconds (the caller's assertions then say what is wrong). A request's spend may
+    be counted after its answer: settling runs once it is accounted."""
+    deadline = time.monotonic() + wait
+    while True:
+        (row,) = httpx.get(gw.root_url + "/api/budgets", headers=headers or {},
+                           timeout=5).json()["data"]
+        if ready(row) or time.monotonic() > deadline:
+            return row
+        time.sleep(0.05)
 
 
 def ledger_rows(db: Path, *, expect: int | None = None, wait: float = 3.0) -> list[dict[str, Any]]:

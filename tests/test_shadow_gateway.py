@@ -16,7 +16,7 @@ import pytest
 from skinflint.alerts import AlertEvent
 from skinflint.pipeline.shadow import ALERT_RULE
 from skinflint.storage.alert_store import SQLiteAlertStore
-from tests.conftest import GatewayFactory, ledger_rows
+from tests.conftest import GatewayFactory, budget_row, ledger_rows
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 SHADOWED = {"features": {"docs": {"shadow": {"sample": 1.0, "floor": 0.9, "judge": "exact",
@@ -130,11 +130,7 @@ def test_shadow_calls_count_in_the_budgets_of_their_request(
     rows = ledger_rows(tmp_path / "skinflint.db", expect=2)
     [shadow] = [r for r in rows if r["strategy"] == "shadow"]
     assert shadow["cost_usd"] > 0
-    deadline = time.monotonic() + 5
-    while True:
-        [budget] = _get(gw, "/api/budgets").json()["data"]
-        if budget["spent"]["usd"] == pytest.approx(sum(r["cost_usd"] for r in rows)):
-            break
-        assert time.monotonic() < deadline, (budget, rows)
-        time.sleep(0.05)
+    spent = sum(r["cost_usd"] for r in rows)
+    budget = budget_row(gw, lambda b: b["spent"]["usd"] == pytest.approx(spent), headers=ADMIN)
+    assert budget["spent"]["usd"] == pytest.approx(spent), (budget, rows)
     assert budget["spent"]["requests"] == 1

@@ -20,7 +20,7 @@ import pytest
 from skinflint.models import Usage
 from skinflint.pricing import PriceCatalog
 from skinflint.server.openapi import openapi_document
-from tests.conftest import GatewayFactory, ledger_rows
+from tests.conftest import GatewayFactory, budget_row, ledger_rows
 from tests.fake_batches import FAIL_MARKER
 from tests.fake_upstream import FakeUpstream
 
@@ -320,12 +320,7 @@ def test_budgets_admit_at_acceptance_and_count_the_spend_when_the_result_arrives
         fake.batches.release()
         for i in ids:
             wait_done(client, i)
-        deadline = time.monotonic() + 5
-        while True:
-            (row,) = httpx.get(gw.root_url + "/api/budgets").json()["data"]
-            if row["spent"]["usd"] > 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        row = budget_row(gw, lambda b: b["spent"]["usd"] > 0)
     assert row["spent"]["requests"] == 2 and row["spent"]["usd"] > 0
     assert row["reserved"] == {"usd": 0, "requests": 0, "tokens": 0}
 

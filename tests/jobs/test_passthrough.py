@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import GatewayFactory, ledger_rows
+from tests.conftest import GatewayFactory, budget_row, ledger_rows
 from tests.fake_batches import FAIL_MARKER
 from tests.fake_upstream import FakeUpstream
 
@@ -172,12 +171,7 @@ def test_a_batch_is_admitted_by_the_budgets_whole_or_refused(
         created = client.batches.create(input_file_id=small, endpoint="/v1/chat/completions",
                                         completion_window="24h")
         assert until_ended(client, created.id).status == "completed"
-        deadline = time.monotonic() + 5
-        while True:
-            (row,) = httpx.get(gw.root_url + "/api/budgets").json()["data"]
-            if row["spent"]["usd"] > 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        row = budget_row(gw, lambda b: b["spent"]["usd"] > 0)
     assert row["spent"]["requests"] == 3 and row["spent"]["usd"] > 0
     assert row["reserved"] == {"usd": 0, "requests": 0, "tokens": 0}
     assert fake.batches.submitted == 3
