@@ -147,9 +147,13 @@ class BatchResult:
 def weigh(items: Sequence[Item], spec: PackSpec, tokens: TokenCounter) -> list[tuple[int, int]]:
     """Each item's input tokens as the packed prompt shows it, and its prompt's tokens asked
     alone (blocking: loads the tokenizer the first time)."""
-    model = spec.model
-    return [(tokens.count_text(model, item_json(item)) + 1,
-             tokens.count_messages(model, solo_messages(spec, item))) for item in items]
+    return [(tokens.count_text(spec.model, item_json(item)) + 1, _alone(spec, item, tokens))
+            for item in items]
+
+
+def _alone(spec: PackSpec, item: Item, tokens: TokenCounter) -> int:
+    """The prompt tokens of ``item`` asked alone."""
+    return tokens.count_messages(spec.model, solo_messages(spec, item))
 
 
 @dataclass(slots=True)
@@ -250,9 +254,8 @@ async def _cached(items: list[Item], spec: PackSpec, cache: ItemCache, run: _Run
 def _sizes(hits: Sequence[tuple[Item, Any]], spec: PackSpec,
            tokens: TokenCounter) -> list[CachedItem]:
     """The tokens of each item asked alone: its prompt, and its answer written as JSON."""
-    model = spec.model
-    return [CachedItem(item.position, tokens.count_messages(model, solo_messages(spec, item)),
-                       tokens.count_text(model, orjson.dumps(output).decode()))
+    return [CachedItem(item.position, _alone(spec, item, tokens),
+                       tokens.count_text(spec.model, orjson.dumps(output).decode()))
             for item, output in hits]
 
 
