@@ -138,7 +138,8 @@ async def _shadow_guard(policies: Callable[[str, str], ShadowPolicy | None],
                         alerts: AlertStore | None, upstream: ProviderUpstream, ledger: Ledger,
                         catalog: PriceCatalog, metrics: Metrics,
                         cache: ResponseCache) -> ShadowGuard:
-    """The shadow-evaluation guard, with the switches it made before a restart."""
+    """The shadow-evaluation guard, with the samples and switches logged before this start,
+    following those other processes log."""
 
     async def vector(text: str) -> Vector | None:
         embedder = cache.embedder  # the semantic cache's, once loaded
@@ -147,6 +148,7 @@ async def _shadow_guard(policies: Callable[[str, str], ShadowPolicy | None],
     guard = ShadowGuard(policies, upstream, ledger=ledger, catalog=catalog, metrics=metrics,
                         alerts=alerts, vector=vector)
     await guard.restore()
+    guard.start()
     return guard
 
 

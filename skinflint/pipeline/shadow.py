@@ -20,10 +20,16 @@ window and test. :meth:`rows` shows, per (feature, strategy), the samples in the
 mean, as ``bound`` the test's evidence against the floor (the betting wealth: 1 at the start,
 grown by scores below the floor, switched off at ``1 / DELTA``, 100), the floor and the state.
 
-The switch survives a restart through the alert table: at start the guard reads the open
-``shadow-guard`` alerts back. Scores and evidence are kept in memory, per process: after a
-restart a strategy that is on starts a fresh test (its first check again at ``min_samples``);
-another replica learns of a switch (either way) when it restarts.
+Every process shares one test per (feature, strategy) when the ledger is shared (a SQLite
+file, PostgreSQL): each sample is logged in the alert store (:meth:`AlertStore.add_score
+<skinflint.storage.alert_store.AlertStore.add_score>`), and every process applies the logged
+samples in the order they were logged, so ``serve --workers N`` and replicas decide on all
+their samples together, the same way, and the evidence survives a restart (the newest
+:data:`~skinflint.storage.alert_store.SCORES_KEPT` samples are replayed at start). The
+switch itself is the open ``shadow-guard`` alert: a process learns within
+:data:`SYNC_SECONDS` that another switched a strategy off, or that an operator switched it
+back on (a re-enable is logged as a mark where the test starts afresh). With a ledger in
+memory, the test and the switch are the process's own and last until it stops.
 """
 
 from __future__ import annotations
@@ -59,14 +65,15 @@ from skinflint.pipeline.upstream import (
     side_call_row,
 )
 from skinflint.pricing import PriceCatalog
-from skinflint.storage.alert_store import AlertStore
+from skinflint.storage.alert_store import SCORES_KEPT, AlertStore
 
-__all__ = ["ALERT_RULE", "ProviderUpstream", "ShadowGuard", "ShadowUpstream"]
+__all__ = ["ALERT_RULE", "SYNC_SECONDS", "ProviderUpstream", "ShadowGuard", "ShadowUpstream"]
 
 log = logging.getLogger("skinflint.shadow")
 
 JSON = dict[str, Any]
 ALERT_RULE = "shadow-guard"
+SYNC_SECONDS = 2.0  # how often a process reads the samples and switches others logged
 _PER = "feature"
 _JUDGE_PROMPT = (
     "Two answers to the same request follow. Reply YES if they agree in substance (the same "
@@ -94,6 +101,7 @@ class _Job:
 class _Watch:
     window: Window
     floor: float | None = None  # None: not scored since the process started
+    min_samples: int = 0
     off_since: float | None = None
 
 
@@ -114,6 +122,7 @@ class ShadowGuard:
         vector: Callable[[str], Awaitable[Vector | None]] | None = None,
         max_in_flight: int = 4,
         sampler: Callable[[], float] = random.random,
+        sync_seconds: float = SYNC_SECONDS,
     ) -> None:
         self._policies = policies
         self._upstream = upstream
@@ -128,6 +137,11 @@ class ShadowGuard:
         self._off: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.dropped = 0
+        self._sync_seconds = sync_seconds
+        self._syncing = asyncio.Lock()  # one sync (or re-enable) at a time
+        self._applied: int | None = None  # the newest logged sample applied (None: none read)
+        self._stored_off: set[tuple[str, str]] = set()  # open alerts at the last sync
+        self._following: asyncio.Task[None] | None = None
 
     @property
     def alert_store(self) -> AlertStore | None:
@@ -160,39 +174,94 @@ class ShadowGuard:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def start(self) -> None:
+        """Follow the samples and switches other processes log (with a shared store)."""
+        if self._alerts is not None and self._following is None:
+            self._following = asyncio.ensure_future(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self._sync_seconds)
+            try:
+                await self.sync()
+            except Exception:  # the store is away: the next round tries again
+                log.exception("shadow guard: reading the shared samples and switches failed")
+
     async def close(self) -> None:
         """Abandon the shadow calls under way: they are samples, not requests."""
+        if self._following is not None:
+            self._following.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def restore(self) -> None:
-        """Switch off again what the open ``shadow-guard`` alerts say was switched off."""
+        """Replay the logged samples and switch off what the open ``shadow-guard`` alerts
+        say is off: the test and the switches as they were before a restart."""
+        await self.sync()
+
+    async def sync(self) -> None:
+        """Apply the samples logged since the last sync (every process's, in the order they
+        were logged), then take the switches as the store has them."""
         if self._alerts is None:
             return
-        for event in await self._alerts.open_at(ALERT_RULE, _PER, time.time()):
-            feature, _, strategy = event.name.rpartition("/")
-            self._off.add((feature, strategy))
-            self._metrics.shadow_off.set(len(self._off))
-            self._watches.setdefault((feature, strategy), _Watch(Window()))
-            log.info("shadow guard: %s stays off for feature %r until enabled", strategy, feature)
+        async with self._syncing:
+            await self._read_switches(self._alerts)
+            await self._read_samples(self._alerts)
+
+    async def _read_samples(self, store: AlertStore) -> None:
+        replay = self._applied is None  # the first read: what was logged before this start
+        while True:
+            after = -SCORES_KEPT if self._applied is None else self._applied
+            rows = await store.scores_after(after, SCORES_KEPT)
+            self._applied = rows[-1][0] if rows else max(self._applied or 0, 0)
+            for _, name, score, floor, min_samples in rows:
+                feature, _, strategy = name.rpartition("/")
+                await self._apply(feature, strategy, score, floor, min_samples, decide=not replay)
+            if len(rows) < SCORES_KEPT:
+                break
+        if replay:  # the processes that logged the samples decided on each: judged once here
+            for (feature, strategy), watch in list(self._watches.items()):
+                await self._decide(feature, strategy, watch)
+
+    async def _read_switches(self, store: AlertStore) -> None:
+        found = {(f, s) for f, _, s in (e.name.rpartition("/") for e in
+                                         await store.open_at(ALERT_RULE, _PER, time.time()))}
+        for key in sorted(found - self._off):  # switched off elsewhere, or before a restart
+            self._off.add(key)
+            self._watches.setdefault(key, _Watch(Window()))
+            log.info("shadow guard: %s is off for feature %r until enabled", key[1], key[0])
+        for key in sorted((self._stored_off - found) & self._off):  # an operator, elsewhere
+            self._off.discard(key)
+            log.info("shadow guard: %s was switched back on for feature %r", key[1], key[0])
+        self._stored_off = found
+        self._metrics.shadow_off.set(len(self._off))
 
     async def enable(self, feature: str, strategy: str) -> bool:
-        """Switch a strategy back on for a feature, with a fresh window; False if it was on."""
+        """Switch a strategy back on for a feature, with a fresh test; False if it was on."""
         key = (feature, strategy)
-        if key not in self._off:
-            return False
-        self._off.discard(key)
-        self._metrics.shadow_off.set(len(self._off))
+        async with self._syncing:
+            if key not in self._off:
+                return False
+            self._off.discard(key)
+            self._metrics.shadow_off.set(len(self._off))
+            if self._alerts is None:
+                self._restart(key)
+            else:  # the mark starts the test afresh in every process, this one included
+                await self._alerts.add_score(f"{feature}/{strategy}", None, 0.0, 0)
+                await self._alerts.resolve(
+                    self._event(feature, strategy, time.time(), time.time()))
+                self._stored_off.discard(key)
+        log.warning("shadow guard: %s switched back on for feature %r by an operator",
+                    strategy, feature)
+        await self.sync()
+        return True
+
+    def _restart(self, key: tuple[str, str]) -> None:
         watch = self._watches.get(key)
         if watch is not None:
             watch.window.clear()
             watch.off_since = None
-        if self._alerts is not None:
-            await self._alerts.resolve(self._event(feature, strategy, time.time(), time.time()))
-        log.warning("shadow guard: %s switched back on for feature %r by an operator",
-                    strategy, feature)
-        return True
 
     def rows(self) -> list[JSON]:
         """Each watched (feature, strategy): its samples, mean score, evidence against the
@@ -282,34 +351,62 @@ class ShadowGuard:
         return word_cosine(reference, answer)
 
     async def _add(self, job: _Job, score: float) -> None:
-        feature = job.ctx.feature
-        for strategy in job.strategies:
-            key = (feature, strategy)
-            watch = self._watches.setdefault(key, _Watch(Window()))
-            watch.floor = floor = job.policy.floor
-            watch.window.add(score, floor)
-            if key in self._off:
-                continue
-            why = watch.window.below(floor, job.policy.min_samples)
-            if why is not None:
-                await self._switch_off(feature, strategy, watch, floor, why)
+        feature, policy = job.ctx.feature, job.policy
+        if self._alerts is None:
+            for strategy in job.strategies:
+                await self._apply(feature, strategy, score, policy.floor, policy.min_samples)
+            return
+        try:
+            for strategy in job.strategies:
+                await self._alerts.add_score(f"{feature}/{strategy}", score, policy.floor,
+                                             policy.min_samples)
+        except Exception:  # a sample lost, as a failed call loses one
+            log.exception("shadow guard: the sample of %s was not logged", job.ctx.request_id)
+            self._count("failed")
+            return
+        await self.sync()
+
+    async def _apply(self, feature: str, strategy: str, score: float | None, floor: float,
+                     min_samples: int, *, decide: bool = True) -> None:
+        """One sample (None: an operator's re-enable) added to the test, which may switch the
+        strategy off."""
+        key = (feature, strategy)
+        if score is None:
+            self._restart(key)
+            return
+        watch = self._watches.setdefault(key, _Watch(Window()))
+        watch.floor, watch.min_samples = floor, min_samples
+        watch.window.add(score, floor)
+        if decide:
+            await self._decide(feature, strategy, watch)
+
+    async def _decide(self, feature: str, strategy: str, watch: _Watch) -> None:
+        if (feature, strategy) in self._off or watch.floor is None:
+            return
+        why = watch.window.below(watch.floor, watch.min_samples)
+        if why is not None:
+            await self._switch_off(feature, strategy, watch, watch.floor, why)
 
     async def _switch_off(self, feature: str, strategy: str, watch: _Watch,
                           floor: float, why: str) -> None:
         self._off.add((feature, strategy))
         self._metrics.shadow_off.set(len(self._off))
         watch.off_since = time.time()
+        recorded = self._alerts is None
+        if self._alerts is not None:
+            try:  # every process applying the samples decides so; one records it
+                recorded = await self._alerts.fire(
+                    self._event(feature, strategy, watch.off_since, None))
+                self._stored_off.add((feature, strategy))  # open now, by this one or another
+            except Exception:  # the switch holds; only its record is lost, and said so
+                log.exception("shadow guard: the alert for %s/%s was not recorded", feature,
+                              strategy)
         w = watch.window
-        log.warning(
+        log.log(
+            logging.WARNING if recorded else logging.INFO,
             "shadow guard: %s switched off for feature %r: its mean score is below the floor"
             " %.3f (%s; mean %.3f over the last %d samples); enable it again with POST"
             " /api/shadow/enable", strategy, feature, floor, why, w.mean, w.samples)
-        if self._alerts is None:
-            return
-        try:
-            await self._alerts.fire(self._event(feature, strategy, watch.off_since, None))
-        except Exception:  # the switch holds; only its record is lost, and said so
-            log.exception("shadow guard: the alert for %s/%s was not recorded", feature, strategy)
 
     @staticmethod
     def _event(feature: str, strategy: str, start: float, end: float | None) -> AlertEvent:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from skinflint.alerts import AlertEvent
 from skinflint.storage import rollup
-from skinflint.storage.ledger import open_sqlite
+from skinflint.storage.ledger import open_sqlite, sqlite_transaction
 
-__all__ = ["SCOPE_COLUMNS", "AlertStore", "SQLiteAlertStore", "Spend", "spend_query"]
+__all__ = ["SCOPE_COLUMNS", "SCORES_KEPT", "AlertStore", "SQLiteAlertStore", "Score", "Spend",
+           "spend_query"]
 
 T = TypeVar("T")
 
@@ -33,6 +35,10 @@ SCOPE_COLUMNS = {"global": "''", "tenant": '"tenant"', "feature": '"feature"',
 
 #: ``(window index, scope name, USD)``
 Spend = tuple[int, str, float]
+
+#: A shadow-guard sample: ``(id, name, score, floor, min_samples)``; a score of None marks an
+#: operator's re-enable (the test starts afresh there).
+Score = tuple[int, str, float | None, float, int]
 
 _COLUMNS = "rule, per, name, started, ended, spend_usd, baseline_usd"
 
@@ -85,6 +91,17 @@ class AlertStore(Protocol):
         """The newest alerts, newest first."""
         ...
 
+    async def add_score(self, name: str, score: float | None, floor: float,
+                        min_samples: int) -> None:
+        """Log one shadow-guard sample for ``name`` (``<feature>/<strategy>``); ids follow
+        the order the samples were logged in, across every process sharing the store."""
+        ...
+
+    async def scores_after(self, after: int, limit: int) -> list[Score]:
+        """The samples logged after id ``after``, oldest first, at most ``limit``; with a
+        negative ``after``, the newest ``-after`` of them."""
+        ...
+
     async def active(self) -> dict[str, int]:
         """Alerts firing, per rule."""
         ...
@@ -98,6 +115,12 @@ def event_from_row(row: Sequence[Any]) -> AlertEvent:
                       None if ended is None else float(ended), float(spend), float(baseline))
 
 
+def score_from_row(row: Sequence[Any]) -> Score:
+    id_, name, score, floor, min_samples = row
+    return (int(id_), str(name), None if score is None else float(score), float(floor),
+            int(min_samples))
+
+
 _SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS alert_events (rule TEXT NOT NULL, per TEXT NOT NULL,"
     " name TEXT NOT NULL, started REAL NOT NULL, ended REAL, spend_usd REAL NOT NULL,"
@@ -105,7 +128,14 @@ _SQLITE_SCHEMA = (
     "CREATE UNIQUE INDEX IF NOT EXISTS alert_events_open ON alert_events (rule, per, name)"
     " WHERE ended IS NULL",
     "CREATE INDEX IF NOT EXISTS alert_events_started ON alert_events (started)",
+    "CREATE TABLE IF NOT EXISTS shadow_scores (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " name TEXT NOT NULL, score REAL, floor REAL NOT NULL, min_samples INTEGER NOT NULL,"
+    " ts REAL NOT NULL)",
 )
+
+#: The shadow-guard samples a store keeps, newest first (older ones are deleted as new ones
+#: come: a restart replays at most these).
+SCORES_KEPT = 20_000
 
 
 class SQLiteAlertStore:
@@ -163,6 +193,30 @@ class SQLiteAlertStore:
                " ORDER BY started DESC, rule, name LIMIT ?")
         return [event_from_row(r) for r in
                 await self._run(lambda c: c.execute(sql, (limit,)).fetchall())]
+
+    async def add_score(self, name: str, score: float | None, floor: float,
+                        min_samples: int) -> None:
+        def add(c: sqlite3.Connection) -> None:
+            with sqlite_transaction(c):  # one writer at a time: ids follow commit order
+                row = c.execute("INSERT INTO shadow_scores (name, score, floor, min_samples,"
+                                " ts) VALUES (?, ?, ?, ?, ?)",
+                                (name, score, floor, min_samples, time.time()))
+                c.execute("DELETE FROM shadow_scores WHERE id <= ?",
+                          ((row.lastrowid or 0) - SCORES_KEPT,))
+
+        await self._run(add)
+
+    async def scores_after(self, after: int, limit: int) -> list[Score]:
+        if after < 0:
+            sql = ("SELECT * FROM (SELECT id, name, score, floor, min_samples FROM shadow_scores"
+                   " ORDER BY id DESC LIMIT ?) ORDER BY id")
+            params: tuple[int, ...] = (min(-after, limit),)
+        else:
+            sql = ("SELECT id, name, score, floor, min_samples FROM shadow_scores WHERE id > ?"
+                   " ORDER BY id LIMIT ?")
+            params = (after, limit)
+        rows = await self._run(lambda c: c.execute(sql, params).fetchall())
+        return [score_from_row(r) for r in rows]
 
     async def active(self) -> dict[str, int]:
         sql = "SELECT rule, COUNT(*) FROM alert_events WHERE ended IS NULL GROUP BY rule"

@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from skinflint.alerts import AlertEvent
-from skinflint.storage.alert_store import Spend, event_from_row, spend_query
+from skinflint.storage.alert_store import (
+    SCORES_KEPT,
+    Score,
+    Spend,
+    event_from_row,
+    score_from_row,
+    spend_query,
+)
 from skinflint.storage.pgpool import Pool, open_pool, setup
 
 __all__ = ["PostgresAlertStore"]
@@ -21,7 +29,13 @@ _SCHEMA = (
     " ON skinflint_alert_events (rule, per, name) WHERE ended IS NULL",
     "CREATE INDEX IF NOT EXISTS skinflint_alert_events_started"
     " ON skinflint_alert_events (started)",
+    "CREATE TABLE IF NOT EXISTS skinflint_shadow_scores (id BIGSERIAL PRIMARY KEY,"
+    " name TEXT NOT NULL, score DOUBLE PRECISION, floor DOUBLE PRECISION NOT NULL,"
+    " min_samples INTEGER NOT NULL, ts DOUBLE PRECISION NOT NULL)",
 )
+#: Taken by each insert into the shadow-score log: ids then follow commit order, so a reader
+#: that has seen id n has seen every id below it.
+_SCORES_LOCK = 0x5C0E5
 
 
 class PostgresAlertStore:
@@ -78,6 +92,31 @@ class PostgresAlertStore:
             f"SELECT {_COLUMNS} FROM skinflint_alert_events"
             " ORDER BY started DESC, rule, name LIMIT %s", (limit,))
         return [event_from_row(r) for r in rows]
+
+    async def add_score(self, name: str, score: float | None, floor: float,
+                        min_samples: int) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCORES_LOCK,))
+            cur = await conn.execute(
+                "INSERT INTO skinflint_shadow_scores (name, score, floor, min_samples, ts)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (name, score, floor, min_samples, time.time()))
+            row = await cur.fetchone()
+            assert row is not None
+            await conn.execute("DELETE FROM skinflint_shadow_scores WHERE id <= %s",
+                               (int(row[0]) - SCORES_KEPT,))
+
+    async def scores_after(self, after: int, limit: int) -> list[Score]:
+        columns = "id, name, score, floor, min_samples"
+        if after < 0:
+            _, rows = await self._rows(
+                f"SELECT * FROM (SELECT {columns} FROM skinflint_shadow_scores"
+                " ORDER BY id DESC LIMIT %s) AS newest ORDER BY id", (min(-after, limit),))
+        else:
+            _, rows = await self._rows(
+                f"SELECT {columns} FROM skinflint_shadow_scores WHERE id > %s"
+                " ORDER BY id LIMIT %s", (after, limit))
+        return [score_from_row(r) for r in rows]
 
     async def active(self) -> dict[str, int]:
         _, rows = await self._rows(

@@ -1,7 +1,8 @@
 """The shadow-evaluation guard: its scores and its test (the first check at min_samples and the
 bet against the floor), switching a strategy off on a degrading series (and not on a healthy
-one, nor after a long good history), the operator's re-enable, the switch kept in the alert
-table, sampling, and the bound on calls in flight."""
+one, nor after a long good history), the operator's re-enable, the switch and the samples kept
+in the alert store (so processes sharing it decide together, and a restart goes on where the
+test was), sampling, and the bound on calls in flight."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ class Rig:
     path, the alert table in a SQLite file."""
 
     def __init__(self, policy: ShadowPolicy | None, *, alerts: SQLiteAlertStore | None = None,
-                 sampler: Any = None, max_in_flight: int = 4) -> None:
+                 sampler: Any = None, max_in_flight: int = 4,
+                 sync_seconds: float = 2.0) -> None:
         self.provider, self.judge = Upstream("p"), Upstream("j", "YES")
         self.ledger, self.metrics = MemoryLedger(), Metrics()
         targets = {"judge": JUDGE, "small": SMALL}
@@ -83,7 +85,8 @@ class Rig:
         self.guard = ShadowGuard(lambda feature, route: policy if feature == "docs" else None,
                                  upstream, ledger=self.ledger, catalog=PriceCatalog(PRICES),
                                  metrics=self.metrics, alerts=alerts,
-                                 sampler=sampler or (lambda: 0.0), max_in_flight=max_in_flight)
+                                 sampler=sampler or (lambda: 0.0), max_in_flight=max_in_flight,
+                                 sync_seconds=sync_seconds)
 
     async def serve(self, answered: str, *, feature: str = "docs",
                     strategies: tuple[str, ...] = ("context",)) -> RequestContext:
@@ -323,7 +326,7 @@ async def test_the_switch_survives_a_restart(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_a_restart_starts_a_fresh_test_for_what_is_on(tmp_path: Path) -> None:
+async def test_a_restart_goes_on_with_the_test_where_it_was(tmp_path: Path) -> None:
     store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
     first = Rig(_policy(min_samples=3), alerts=store)
     for _ in range(2):
@@ -334,16 +337,85 @@ async def test_a_restart_starts_a_fresh_test_for_what_is_on(tmp_path: Path) -> N
     second = Rig(_policy(min_samples=3), alerts=store)
     await second.guard.restore()
     assert not second.guard.enabled("docs", "context")
-    assert [(r["strategy"], r["samples"], r["bound"]) for r in second.guard.rows()] == [
-        ("context", 0, 1.0)]
-    await second.serve(WRONG, strategies=("history",))  # the third since the first start,
-    assert second.guard.enabled("docs", "history")  # the first since this one
-    for _ in range(2):
-        await second.serve(WRONG, strategies=("history",))
+    assert [(r["strategy"], r["samples"], r["bound"], r["state"])
+            for r in second.guard.rows()] == [
+        (row["strategy"], row["samples"], row["bound"], row["state"])
+        for row in first.guard.rows()]
+    assert [r["samples"] for r in second.guard.rows()] == [3, 2]
+    await second.serve(WRONG, strategies=("history",))  # its third since the first start
     assert not second.guard.enabled("docs", "history")
     assert {(e.name, e.end) for e in await store.recent(10)} == {
         ("docs/context", None), ("docs/history", None)}
     await store.close()
+
+
+async def test_a_restart_after_a_re_enable_replays_only_the_fresh_test(tmp_path: Path) -> None:
+    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
+    first = Rig(_policy(min_samples=3), alerts=store)
+    for _ in range(3):
+        await first.serve(WRONG)
+    assert await first.guard.enable("docs", "context")
+    await first.serve(RIGHT)
+    second = Rig(_policy(min_samples=3), alerts=store)
+    await second.guard.restore()
+    assert second.guard.enabled("docs", "context")  # the bad samples before the mark: gone
+    assert [(r["samples"], r["mean"]) for r in second.guard.rows()] == [(1, 1.0)]
+    assert await store.active() == {}
+    await store.close()
+
+
+async def test_processes_sharing_a_store_decide_on_all_their_samples(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.db")
+    one, two = await SQLiteAlertStore.create(path), await SQLiteAlertStore.create(path)
+    a = Rig(_policy(min_samples=4), alerts=one)
+    b = Rig(_policy(min_samples=4), alerts=two)
+    for rig in (a, b):
+        await rig.guard.restore()
+    for rig in (a, b, a):
+        await rig.serve(WRONG)
+    assert a.guard.enabled("docs", "context") and b.guard.enabled("docs", "context")
+    await b.serve(WRONG)  # the fourth sample, the second of this process: the first check
+    assert not b.guard.enabled("docs", "context")
+    assert a.guard.enabled("docs", "context")  # until it reads the store
+    await a.guard.sync()
+    assert not a.guard.enabled("docs", "context")
+    assert [r["samples"] for r in a.guard.rows()] == [4]
+    assert [e.name for e in await one.recent(10)] == ["docs/context"]  # recorded once
+    assert await a.guard.enable("docs", "context")  # an operator, through the other process
+    assert not b.guard.enabled("docs", "context")
+    await b.guard.sync()
+    assert b.guard.enabled("docs", "context")
+    assert [(r["samples"], r["bound"]) for r in b.guard.rows()] == [(0, 1.0)]  # afresh
+    for store in (one, two):
+        await store.close()
+
+
+async def test_a_process_follows_the_store_on_its_own(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger.db")
+    one, two = await SQLiteAlertStore.create(path), await SQLiteAlertStore.create(path)
+    a = Rig(_policy(min_samples=2), alerts=one)
+    b = Rig(_policy(min_samples=2), alerts=two, sync_seconds=0.01)
+    b.guard.start()
+    for _ in range(2):
+        await a.serve(WRONG)
+    assert not a.guard.enabled("docs", "context")
+    for _ in range(500):
+        if not b.guard.enabled("docs", "context"):
+            break
+        await asyncio.sleep(0.01)
+    assert not b.guard.enabled("docs", "context")
+    await b.guard.close()
+    for store in (one, two):
+        await store.close()
+
+
+async def test_a_sample_the_store_does_not_take_is_lost_and_counted(tmp_path: Path) -> None:
+    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
+    rig = Rig(_policy(min_samples=1), alerts=store)
+    await store.close()  # every statement now fails
+    await rig.serve(WRONG)
+    assert rig.guard.enabled("docs", "context")
+    assert rig.calls("failed") == 1 and rig.calls("scored") == 1
 
 
 async def test_an_answer_of_an_unexpected_shape_is_logged_and_counted(

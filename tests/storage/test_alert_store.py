@@ -135,3 +135,31 @@ async def test_monitors_on_one_database_record_each_alert_once(open_one: Opener)
     recorded = await asyncio.gather(*(m.evaluate(now) for m in monitors))
     assert sorted(len(r) for r in recorded) == [0, 1]
     assert [e.start for e in await monitors[0].store.recent(5)] == [now - 10]
+
+
+async def test_shadow_samples_are_read_in_one_order_and_kept_bounded(
+        open_one: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples logged by two processes at once are read back by each in the same order,
+    every one of them; only the newest SCORES_KEPT are kept."""
+    from skinflint.storage import alert_store, pg_alert_store
+
+    one, two = await (await open_one()).alert_store(), await (await open_one()).alert_store()
+
+    async def log(store: AlertStore, name: str) -> None:
+        for i in range(20):
+            await store.add_score(name, i / 20, 0.9, 20)
+
+    await asyncio.gather(log(one, "f/context"), log(two, "f/history"))
+    seen = await one.scores_after(0, 1000)
+    assert seen == await two.scores_after(0, 1000)
+    assert [s[0] for s in seen] == sorted(s[0] for s in seen) and len(seen) == 40
+    for name in ("f/context", "f/history"):  # each process's own, in the order it logged them
+        assert [s[2] for s in seen if s[1] == name] == [i / 20 for i in range(20)]
+    assert await one.scores_after(seen[9][0], 5) == seen[10:15]
+    assert await one.scores_after(-3, 1000) == seen[-3:]  # the newest, oldest first
+    await one.add_score("f/context", None, 0.0, 0)  # an operator's re-enable: a mark
+    assert (await two.scores_after(seen[-1][0], 10))[0][1:] == ("f/context", None, 0.0, 0)
+    monkeypatch.setattr(alert_store, "SCORES_KEPT", 5)
+    monkeypatch.setattr(pg_alert_store, "SCORES_KEPT", 5)
+    await two.add_score("f/history", 1.0, 0.9, 20)
+    assert len(await one.scores_after(0, 1000)) == 5
