@@ -53,6 +53,9 @@ log = logging.getLogger("skinflint.batches")
 LEASE_SECONDS = 30.0
 #: The longest pause between two rounds.
 MAX_TICK = 5.0
+#: The pause between two rounds when no provider has a batch API: nothing new can be deferred
+#: or batched, and the rounds only settle what an earlier configuration left and purge.
+IDLE_TICK = 60.0
 #: How long closing waits for webhooks in flight.
 CLOSE_GRACE = 5.0
 #: How often the lease holder deletes what ended more than ``keep_days`` ago.
@@ -105,7 +108,7 @@ class BatchService:
         self._timeouts = timeouts
         self._clock = clock
         self.tick = max(0.02, min(config.window_seconds or MAX_TICK, config.poll_seconds,
-                                  MAX_TICK))
+                                  MAX_TICK)) if self._apis else IDLE_TICK
         self._next_poll: dict[str, float] = {}
         self._resumed = False
         self._checked = False  # whether a dead holder of the lease was looked for
@@ -121,10 +124,9 @@ class BatchService:
         return self._apis.get(provider)
 
     def start(self) -> None:
-        """Run rounds in the background; nothing when no provider has a batch API (then
-        nothing can be deferred or batched)."""
-        if not self._apis:
-            return
+        """Run rounds in the background. Without a provider that has a batch API they are
+        :data:`IDLE_TICK` apart: jobs an earlier configuration left are settled (failed, or
+        asked in real time, as ``on_failure`` says) and what ended is purged, uploads too."""
         self._loop = asyncio.ensure_future(self._run())
         self._keeper = asyncio.ensure_future(self._keep_lease())
 
