@@ -10,8 +10,10 @@ byte-identical. Text is split at blank lines (paragraphs); a blank line inside a
 not split (:mod:`skinflint.paragraphs`).
 
 The word bags and line sets of texts that come back (re-sent worked examples, documents) are
-remembered, bounded, from their second sighting (:mod:`skinflint.remembered`); the results are
-the same either way.
+remembered, bounded, from their second sighting (:mod:`skinflint.remembered`), and so are the
+paragraphs of a message's beginning that comes back before something new (the same examples
+or documents before a new question): only what follows it is split. The results are the same
+either way.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def clear_caches() -> None:
     """Forget the remembered word bags and line sets (for measuring texts never seen before)."""
     _remembered_bag.clear()
     _remembered_lines.clear()
+    _remembered_heads.clear()
 
 
 def _editable(message: Any) -> bool:
@@ -222,14 +225,121 @@ def _template_line(lines: list[frozenset[str]]) -> str | None:
     return best[2] if best is not None else None
 
 
-def _block_examples(messages: list[Message], last: int) -> Examples | None:
-    text: str = messages[last]["content"]
-    spans = paragraphs(text)
+def _line_sets(text: str, spans: Sequence[Span]) -> list[frozenset[str]]:
+    """Each paragraph's lines (none for code and JSON, which hold no template line)."""
     lines = _remembered_lines.many([text[s.start:s.end] for s in spans if not s.protected])
-    if len(lines) < len(spans):  # code and JSON hold no template line
+    if len(lines) < len(spans):
         found = iter(lines)
         lines = [_EMPTY if s.protected else next(found) for s in spans]
-    line = _template_line(lines)
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """The paragraphs of a prompt's beginning up to a blank line (its worked examples, sent
+    again before each new question), their line sets, how many paragraphs hold each line, and
+    the lines that could be the template, best first."""
+
+    spans: tuple[Span, ...]
+    lines: tuple[frozenset[str], ...]
+    counts: dict[str, int]
+    ranked: tuple[tuple[int, int, str], ...]  # (paragraphs, length, line)
+
+
+def _head(text: str) -> _Head:
+    spans = paragraphs(text)
+    lines = _line_sets(text, spans)
+    counts = Counter(chain.from_iterable(lines))
+    ranked = sorted(((n, len(line), line) for line, n in counts.items()
+                     if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), reverse=True)
+    return _Head(tuple(spans), tuple(lines), dict(counts), tuple(ranked))
+
+
+_HEADS = 32  # prompt beginnings remembered
+_HEAD_CHARS = 200_000  # longer ones are not
+_remembered_heads = Remembered(_head, size=_HEADS, max_chars=_HEAD_CHARS)
+_SPLITS = 2  # the last blank lines of a prompt where a remembered beginning is looked for
+
+
+def _structure(text: str) -> tuple[list[Span], list[frozenset[str]], str | None]:
+    """The paragraphs of ``text``, their line sets and its template line (see
+    :func:`_known_head`)."""
+    known = _known_head(text)
+    if known is not None:
+        return _extended(*known, text)
+    spans = paragraphs(text)
+    lines = _line_sets(text, spans)
+    return spans, lines, _template_line(lines)
+
+
+def _paragraphs(text: str) -> list[Span]:
+    """:func:`paragraphs` of ``text`` (see :func:`_known_head`)."""
+    known = _known_head(text)
+    if known is None:
+        return paragraphs(text)
+    head, at = known
+    return [*head.spans, *_shifted(paragraphs(text[at:]), at)]
+
+
+def _known_head(text: str) -> tuple[_Head, int] | None:
+    """A beginning of ``text`` that came before (the same worked examples or documents, a new
+    question after them), and where it ends: only what follows it need be split. The result
+    is the same as splitting the whole, as paragraphs are cut at blank lines and the text after
+    a blank line does not change how the text before it is cut."""
+    if "```" in text or "~~~" in text:  # a fence may span a blank line
+        return None
+    for at in _splits(text):
+        head = _remembered_heads.known(text[:at])
+        if head is not None and head.spans and head.spans[-1].end < at == head.spans[-1].sep:
+            return head, at
+    return None
+
+
+def _shifted(spans: list[Span], at: int) -> list[Span]:
+    return [Span(s.start + at, s.end + at, s.sep + at, s.protected) for s in spans]
+
+
+def _splits(text: str) -> list[int]:
+    """Where the last :data:`_SPLITS` paragraphs of ``text`` may start: after a blank line and
+    the blank space that follows it (a paragraph starts with a character that is not)."""
+    found: list[int] = []
+    end = len(text)
+    while len(found) < _SPLITS:
+        at = text.rfind("\n\n", 0, end)
+        if at < 0:
+            break
+        start = at + 2
+        while start < len(text) and text[start].isspace():
+            start += 1
+        if start < len(text) and start not in found:
+            found.append(start)
+        end = at
+        while end > 0 and text[end - 1].isspace():
+            end -= 1
+    return found
+
+
+def _extended(head: _Head, at: int, text: str) -> tuple[list[Span], list[frozenset[str]],
+                                                        str | None]:
+    """:func:`_structure` of ``text``, whose first ``at`` characters ``head`` holds."""
+    rest = _shifted(paragraphs(text[at:]), at)
+    fresh = _line_sets(text, rest)
+    more = Counter(chain.from_iterable(fresh))
+    # the rest's lines only gain: the best of the beginning's, or one of those
+    best = head.ranked[0] if head.ranked else None
+    for line, n in more.items():
+        n += head.counts.get(line, 0)
+        if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS:
+            found = (n, len(line), line)
+            if best is None or found > best:
+                best = found
+    return ([*head.spans, *rest], [*head.lines, *fresh],
+            None if best is None else best[2])
+
+
+def _block_examples(messages: list[Message], last: int) -> Examples | None:
+    text: str = messages[last]["content"]
+    spans, lines, line = _structure(text)
     if line is None:
         return None
     marked = [i for i, found in enumerate(lines) if line in found]
@@ -292,7 +402,7 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
     within = within or _within(count)
     if len(text) <= max_tokens or within(text, max_tokens) <= max_tokens:
         return messages
-    spans = paragraphs(text)
+    spans = _paragraphs(text)
     if len(spans) < 2:
         return messages
     *context, question = spans

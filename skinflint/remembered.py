@@ -51,6 +51,19 @@ class Remembered(Generic[T]):
             out.append(make(text))
         return out
 
+    def known(self, text: str) -> T | None:
+        """``make(text)`` when ``text`` was seen before (made now, and kept, the second time);
+        None the first time, when it is only noted: for a value only worth making for a text
+        that comes back."""
+        if len(text) > self._max_chars:
+            return None
+        key = hash(text)
+        slot = key % self._slots
+        if self._seen[slot] == key:
+            return self._kept(text)
+        self._seen[slot] = key
+        return None
+
     def clear(self) -> None:
         self._seen = [0] * self._slots
         self._kept.cache_clear()

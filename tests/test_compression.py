@@ -174,3 +174,68 @@ def test_what_is_remembered_is_bounded() -> None:
     assert cx._remembered_bag.info().currsize == 0
     cx.clear_caches()
     assert cx._remembered_bag.info().currsize == 0
+
+
+def _found(messages: list[JSON], module: Any) -> list[tuple[Any, ...]]:
+    return [(e.question, e.texts, e.pinned, e.pairs, e.message, e.blocks)
+            for e in module.find_examples(messages)]
+
+
+def test_a_beginning_sent_again_is_split_as_before() -> None:
+    """A prompt whose worked examples come back with something new after them (a question,
+    a few paragraphs, code, JSON, lines that make another template win) is split from its
+    remembered beginning: the same paragraphs, examples and scores as splitting it whole."""
+    rng = random.Random(500)
+    other = "Think step by step first."
+    tails = [
+        lambda: _example(rng, answer=False),
+        lambda: f"{_paragraph(rng)}\n\n{_example(rng, answer=False)}",
+        lambda: '{"question": "which one?"}\n\n' + _example(rng, answer=False),
+        lambda: f"{other}\n{_sentence(rng)}\n\n{other}\n\n{other}\n\n{other}",  # a new winner
+        lambda: "```\ncode\n\nmore\n```\n\n" + _example(rng, answer=False),  # fenced: whole
+        lambda: _sentence(rng),  # no template line in it
+        lambda: f"  {_example(rng, answer=False)}",  # after blank space
+    ]
+    hits = 0
+    for trial in range(16):
+        cx.clear_caches()
+        shots = [_example(rng) if rng.random() > 0.1 else _paragraph(rng)
+                 for _ in range(rng.randint(2, 30))]
+        if trial % 4 == 0:
+            shots += [f"{other}\n{_sentence(rng)}"] * 2  # one short of being the template
+        seps = [rng.choice(["\n\n", "\n\n\n", "\n \n", "\n\n  ", "\n\t\n"]) for _ in shots]
+        head = "".join(s + sep for s, sep in zip(shots, seps, strict=True))
+        for _ in range(4):
+            for tail in tails:
+                messages = [{"role": "user", "content": head + tail()}]
+                spans = _spans(cx._structure(messages[0]["content"])[0])
+                assert spans == _spans(ref.paragraphs(messages[0]["content"]))
+                found = _found(messages, cx)
+                assert found == _found(messages, ref)
+                for examples in cx.find_examples(messages):
+                    assert (cx.lexical_similarities(examples.question, examples.texts)
+                            == ref.lexical_similarities(examples.question, examples.texts))
+        hits += cx._remembered_heads.info().hits
+    assert hits > 16 * 4 * 3  # most prompts were split from their remembered beginning
+    cx.clear_caches()
+
+
+def test_documents_sent_again_are_trimmed_as_before() -> None:
+    """The same documents before a new question each time: cut from their remembered
+    beginning, the context kept is the same as cutting the whole."""
+    rng = random.Random(600)
+    hits = 0
+    for _ in range(6):
+        cx.clear_caches()
+        document = _document(rng, rng.randint(3, 60))
+        head = document[:document.rfind("\n\n") + 2]
+        for _ in range(5):
+            question = rng.choice([_sentence(rng), f"{_paragraph(rng)}\n\n{_sentence(rng)}"])
+            messages = [{"role": "user", "content": head + question}]
+            for budget in (20, 200, 2000):
+                cut = cx.trim_context(messages, budget, _count, _within)
+                before = ref.trim_context(messages, budget, _count)
+                assert cut == before and (cut is messages) == (before is messages)
+        hits += cx._remembered_heads.info().hits
+    assert hits >= 6  # most documents were cut from their remembered beginning
+    cx.clear_caches()

@@ -61,3 +61,13 @@ def test_long_texts_are_not_kept_and_clear_forgets() -> None:
     words("a b")
     assert calls == ["a b"]  # seen once again: not kept yet
     assert words.info().currsize == 0
+
+
+def test_known_makes_a_value_only_for_a_text_seen_before() -> None:
+    calls: list[str] = []
+    words = _maker(calls)
+    assert words.known("a b") is None and calls == []  # noted only
+    assert words.known("a b") == ("a", "b") and calls == ["a b"]  # made and kept
+    assert words.known("a b") == ("a", "b") and calls == ["a b"]
+    assert words.known("word " * 10) is None and words.known("word " * 10) is None  # too long
+    assert calls == ["a b"]
