@@ -27,6 +27,8 @@ from typing import Any, Final
 
 import tiktoken
 
+from skinflint.remembered import Remembered
+
 __all__ = ["TokenCounter"]
 
 _CL100K: Final = "cl100k_base"
@@ -50,6 +52,10 @@ _IMAGE_TOKENS: Final = 85
 # o200k in slashes, never in letters), and no lookaround looks back, so the pieces before the
 # line are those of the text before it: a text's count is the sum of its lines' counts.
 _SAFE_CUT: Final = re.compile(r"\n(?=[A-Za-z0-9])")
+# The safe cuts after a blank line: a text's parts, about a paragraph each, for counts by part.
+_PART_CUT: Final = re.compile(r"\n\n(?=[A-Za-z0-9])")
+_PARTS_KEPT: Final = 4096  # parts whose counts are remembered, per encoding
+_PART_CHARS: Final = 4096  # longer parts are not
 _CHARS_PER_TOKEN: Final = 4  # English text, on average: how far to look before counting
 _MIN_CHUNK: Final = 1024
 _CHARS_PER_WORD: Final = 8  # how far to look for words enough to pass a limit (English: ~6)
@@ -125,6 +131,7 @@ class TokenCounter:
         self._lock = threading.Lock()
         self._located: dict[str, tuple[Path, _Source] | None] = {}
         self._encodings: dict[str, tiktoken.Encoding] = {}
+        self._parts: dict[str, Remembered[int]] = {}  # remembered part counts, per encoding
 
     def warm(self) -> None:
         """Load every encoding that counts may need; blocking (a fraction of a second each)."""
@@ -153,6 +160,30 @@ class TokenCounter:
     def count_text(self, model: str, text: str) -> int:
         """Tokens of ``text`` alone; special-token markers in it count as plain text."""
         return _text_tokens(self._encoding(model), text)
+
+    def count_text_by_parts(self, model: str, text: str) -> int:
+        """``count_text(model, text)``, counted by parts of about a paragraph (cut at a blank
+        line before a line that begins with an ASCII letter or digit, where a count splits):
+        the count of a part seen before is remembered, so a text that sends paragraphs again
+        (worked examples, documents, earlier turns) costs a count of what is new. The parts not
+        remembered are counted together, in one call per run of them."""
+        encoding = self._encoding(model)
+        parts = self._parts.get(encoding.name)
+        if parts is None:
+            parts = self._parts.setdefault(encoding.name, Remembered(
+                lambda part: len(encoding.encode_ordinary(part)), size=_PARTS_KEPT,
+                max_chars=_PART_CHARS))
+        total, start, new = 0, 0, 0  # new: where the run of parts not remembered starts
+        for end in [*(cut.end() for cut in _PART_CUT.finditer(text)), len(text)]:
+            known = parts.known(text[start:end])
+            if known is not None:
+                if new < start:
+                    total += len(encoding.encode_ordinary(text[new:start]))
+                total, new = total + known, end
+            start = end
+        if new < len(text):
+            total += len(encoding.encode_ordinary(text[new:]))
+        return total
 
     def count_text_within(self, model: str, text: str, limit: int) -> int:
         """``count_text(model, text)`` when it is at most ``limit``; past that, some number

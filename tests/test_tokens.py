@@ -271,3 +271,21 @@ def test_the_words_of_a_text_never_outnumber_its_tokens(model: str) -> None:
         for limit in (0, 1, exact // 3, exact - 1, exact):
             found = counter.count_text_within(model, text, limit)
             assert found == exact if exact <= limit else found > limit
+
+
+@pytest.mark.parametrize("model", ["gpt-4", "gpt-4o"])
+def test_counting_by_parts_is_exact_and_remembers_the_parts_that_come_back(model: str) -> None:
+    """Texts made of paragraphs of tricky pieces, some sent again in other texts: counted by
+    parts, each is counted exactly, and the parts that come back are remembered."""
+    rng = random.Random(17)
+    counter = TokenCounter()
+    paragraphs = [rng.choice(["", "Q", "7"]) + "".join(rng.choice(_PIECES)
+                                                       for _ in range(rng.randint(1, 12)))
+                  for _ in range(60)]
+    seps = ["\n\n", "\n\n\n", "\n \n", "\n"]
+    for _ in range(400):
+        chosen = rng.sample(paragraphs, rng.randint(1, 12))
+        text = "".join(p + rng.choice(seps) for p in chosen) + rng.choice(paragraphs)
+        assert counter.count_text_by_parts(model, text) == counter.count_text(model, text)
+    remembered = counter._parts[counter.encoding_for(model)].info()
+    assert remembered.hits > 100 and remembered.currsize > 10

@@ -19,7 +19,9 @@ answer is stored under that same key: compression never changes what a request i
 
 The tokens each strategy removed (the ledger's ``tokens_saved``, exact) are counted on a worker
 thread while the request goes on; the ledger row, written after the answer, asks for the figure
-and counts it itself if that thread has not got to it yet.
+and counts it itself if that thread has not got to it yet. Texts are counted by paragraphs
+(:meth:`TokenCounter.count_text_by_parts`), so examples and documents sent again cost nothing
+to count.
 
 Few-shot similarity uses the semantic cache's local embedder once it has loaded, and a
 word-bag cosine until then (or when the semantic cache is off, or the embedder is busy).
@@ -279,7 +281,7 @@ class _Counts:
     def text(self, text: str) -> int:
         found = self._known.get(text)
         if found is None:
-            found = self._known[text] = self._tokens.count_text(self._model, text)
+            found = self._known[text] = self._tokens.count_text_by_parts(self._model, text)
         return found
 
     def within(self, text: str, limit: int) -> int:
