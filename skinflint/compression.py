@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import string
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
@@ -77,15 +78,17 @@ _REMEMBER_CHARS = 2048  # longer texts are not remembered
 _remembered_bag = Remembered(_bag, size=_REMEMBERED, max_chars=_REMEMBER_CHARS)
 
 
-def lexical_similarities(question: str, texts: Sequence[str]) -> list[float]:
+def lexical_similarities(question: str, texts: Sequence[str],
+                         bags: Sequence[AbstractSet[bytes]] | None = None) -> list[float]:
     """Each text's word-bag cosine with ``question``: shared distinct words over the geometric
-    mean of the two texts' distinct words (lower-cased, common English words left out)."""
+    mean of the two texts' distinct words (lower-cased, common English words left out).
+    ``bags``: the texts' word bags, when known (:attr:`Examples.bags`)."""
     asked = _words(question)
     if not asked:
         return [0.0] * len(texts)
     out: list[float] = []
     n = len(asked)
-    for words in _remembered_bag.many(texts):
+    for words in bags if bags is not None else _remembered_bag.many(texts):
         shared = len(asked.intersection(words))
         out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
@@ -171,7 +174,8 @@ def _normalize(text: str) -> str:
 class Examples:
     """The worked examples of a prompt and the question they precede. ``pairs``: example i is
     the user/assistant messages ``pairs[i]``; ``blocks``: example i is the text
-    ``blocks[i]`` of message ``message`` (its template blocks, the question's excluded)."""
+    ``blocks[i]`` of message ``message`` (its template blocks, the question's excluded);
+    ``bags``: their word bags, kept with a message beginning that came before."""
 
     question: str
     texts: tuple[str, ...]
@@ -179,6 +183,7 @@ class Examples:
     pairs: tuple[tuple[int, int], ...] = ()
     message: int = -1
     blocks: tuple[tuple[int, int], ...] = ()  # (start, next start) in the message's content
+    bags: tuple[AbstractSet[bytes], ...] | None = None  # the texts' word bags, when known
 
 
 def find_examples(messages: list[Message]) -> list[Examples]:
@@ -237,13 +242,24 @@ def _line_sets(text: str, spans: Sequence[Span]) -> list[frozenset[str]]:
 @dataclass(frozen=True, slots=True)
 class _Head:
     """The paragraphs of a prompt's beginning up to a blank line (its worked examples, sent
-    again before each new question), their line sets, how many paragraphs hold each line, and
-    the lines that could be the template, best first."""
+    again before each new question), their line sets, how many paragraphs hold each line, the
+    lines that could be the template, best first, and the word bags of its examples."""
 
+    text: str
     spans: tuple[Span, ...]
     lines: tuple[frozenset[str], ...]
     counts: dict[str, int]
     ranked: tuple[tuple[int, int, str], ...]  # (paragraphs, length, line)
+    bags: dict[tuple[int, int], AbstractSet[bytes]]  # by (start, end) of an example
+
+    def bag(self, start: int, end: int) -> AbstractSet[bytes]:
+        """The word bag of the example ``text[start:end]``."""
+        found = self.bags.get((start, end))
+        if found is None:
+            found = _bag(self.text[start:end])
+            if len(self.bags) < 2 * len(self.spans):  # the examples of a template or two
+                self.bags[start, end] = found
+        return found
 
 
 def _head(text: str) -> _Head:
@@ -252,24 +268,77 @@ def _head(text: str) -> _Head:
     counts = Counter(chain.from_iterable(lines))
     ranked = sorted(((n, len(line), line) for line, n in counts.items()
                      if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), reverse=True)
-    return _Head(tuple(spans), tuple(lines), dict(counts), tuple(ranked))
+    return _Head(text, tuple(spans), tuple(lines), dict(counts), tuple(ranked), {})
+
+
+class _Heads:
+    """Prompt beginnings, analysed from their second sighting (:mod:`skinflint.remembered`'s
+    rule) and at most ``size`` kept, least recently used dropped first. A beginning is found
+    by its length and its first and last characters, then compared whole: no copy or hash of
+    a long prompt per request."""
+
+    def __init__(self, size: int, max_chars: int, seen: int = 8192) -> None:
+        self._size = size
+        self._max_chars = max_chars
+        self._slots = seen
+        self._seen = [0] * seen
+        self._kept: dict[tuple[int, str, str], _Head] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def known(self, text: str, at: int) -> _Head | None:
+        """The analysis of ``text[:at]`` when it came before (made now the second time); None
+        the first time, when it is only noted."""
+        if at > self._max_chars:
+            return None
+        key = (at, text[:_FINGER], text[max(0, at - _FINGER):at])
+        with self._lock:
+            head = self._kept.pop(key, None)
+            if head is not None:
+                self._kept[key] = head  # the newest now
+        if head is not None:
+            if not text.startswith(head.text):
+                return None  # another beginning with the same ends
+            self.hits += 1
+            return head
+        mark = hash(key)
+        slot = mark % self._slots
+        if self._seen[slot] != mark:
+            self._seen[slot] = mark
+            return None
+        if _fenced(text[:at]):
+            return None
+        head = _head(text[:at])
+        with self._lock:
+            self._kept[key] = head
+            while len(self._kept) > self._size:
+                del self._kept[next(iter(self._kept))]
+        return head
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen = [0] * self._slots
+            self._kept.clear()
+            self.hits = 0
 
 
 _HEADS = 32  # prompt beginnings remembered
 _HEAD_CHARS = 200_000  # longer ones are not
-_remembered_heads = Remembered(_head, size=_HEADS, max_chars=_HEAD_CHARS)
+_FINGER = 64  # characters at each end of a beginning that find it
+_remembered_heads = _Heads(_HEADS, _HEAD_CHARS)
 _SPLITS = 2  # the last blank lines of a prompt where a remembered beginning is looked for
 
 
-def _structure(text: str) -> tuple[list[Span], list[frozenset[str]], str | None]:
-    """The paragraphs of ``text``, their line sets and its template line (see
-    :func:`_known_head`)."""
+def _structure(text: str) -> tuple[list[Span], list[frozenset[str]], str | None,
+                                    _Head | None]:
+    """The paragraphs of ``text``, their line sets, its template line and the remembered
+    beginning they were taken from, if any (see :func:`_known_head`)."""
     known = _known_head(text)
     if known is not None:
-        return _extended(*known, text)
+        return (*_extended(*known, text), known[0])
     spans = paragraphs(text)
     lines = _line_sets(text, spans)
-    return spans, lines, _template_line(lines)
+    return spans, lines, _template_line(lines), None
 
 
 def _paragraphs(text: str) -> list[Span]:
@@ -286,13 +355,18 @@ def _known_head(text: str) -> tuple[_Head, int] | None:
     question after them), and where it ends: only what follows it need be split. The result
     is the same as splitting the whole, as paragraphs are cut at blank lines and the text after
     a blank line does not change how the text before it is cut."""
-    if "```" in text or "~~~" in text:  # a fence may span a blank line
-        return None
     for at in _splits(text):
-        head = _remembered_heads.known(text[:at])
-        if head is not None and head.spans and head.spans[-1].end < at == head.spans[-1].sep:
+        head = _remembered_heads.known(text, at)
+        if (head is not None and head.spans and head.spans[-1].end < at == head.spans[-1].sep
+                and not _fenced(text, at)):
             return head, at
     return None
+
+
+def _fenced(text: str, start: int = 0) -> bool:
+    """Whether ``text[start:]`` holds a code fence, which may span a blank line (a remembered
+    beginning holds none)."""
+    return text.find("```", start) >= 0 or text.find("~~~", start) >= 0
 
 
 def _shifted(spans: list[Span], at: int) -> list[Span]:
@@ -339,7 +413,7 @@ def _extended(head: _Head, at: int, text: str) -> tuple[list[Span], list[frozens
 
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
     text: str = messages[last]["content"]
-    spans, lines, line = _structure(text)
+    spans, lines, line, head = _structure(text)
     if line is None:
         return None
     marked = [i for i, found in enumerate(lines) if line in found]
@@ -357,7 +431,12 @@ def _block_examples(messages: list[Message], last: int) -> Examples | None:
     code = [s.start for s in spans if s.protected]
     pinned = frozenset(i for i, (a, b) in enumerate(bounds)
                        if code and any(a <= c < b for c in code))
-    return Examples(question, texts, pinned, message=last, blocks=tuple(bounds))
+    bags = None
+    if head is not None:  # the examples it holds were likely scored before
+        at = len(head.text)
+        bags = tuple(head.bag(a, b) if b <= at else _remembered_bag(text[a:b])
+                     for a, b in bounds)
+    return Examples(question, texts, pinned, message=last, blocks=tuple(bounds), bags=bags)
 
 
 def keep_examples(messages: list[Message], examples: Examples,

@@ -196,7 +196,7 @@ def test_a_beginning_sent_again_is_split_as_before() -> None:
         lambda: _sentence(rng),  # no template line in it
         lambda: f"  {_example(rng, answer=False)}",  # after blank space
     ]
-    hits = 0
+    hits = bagged = 0
     for trial in range(16):
         cx.clear_caches()
         shots = [_example(rng) if rng.random() > 0.1 else _paragraph(rng)
@@ -213,10 +213,15 @@ def test_a_beginning_sent_again_is_split_as_before() -> None:
                 found = _found(messages, cx)
                 assert found == _found(messages, ref)
                 for examples in cx.find_examples(messages):
+                    before = ref.lexical_similarities(examples.question, examples.texts)
                     assert (cx.lexical_similarities(examples.question, examples.texts)
-                            == ref.lexical_similarities(examples.question, examples.texts))
-        hits += cx._remembered_heads.info().hits
+                            == before)
+                    assert (cx.lexical_similarities(examples.question, examples.texts,
+                                                    examples.bags) == before)
+                    bagged += examples.bags is not None
+        hits += cx._remembered_heads.hits
     assert hits > 16 * 4 * 3  # most prompts were split from their remembered beginning
+    assert bagged > 16 * 4 * 3  # and their examples' word bags kept with it
     cx.clear_caches()
 
 
@@ -236,6 +241,25 @@ def test_documents_sent_again_are_trimmed_as_before() -> None:
                 cut = cx.trim_context(messages, budget, _count, _within)
                 before = ref.trim_context(messages, budget, _count)
                 assert cut == before and (cut is messages) == (before is messages)
-        hits += cx._remembered_heads.info().hits
+        hits += cx._remembered_heads.hits
     assert hits >= 6  # most documents were cut from their remembered beginning
+    cx.clear_caches()
+
+
+def test_a_beginning_with_the_same_ends_is_not_taken_for_another() -> None:
+    """Beginnings are found by their length and ends, then compared whole."""
+    rng = random.Random(700)
+    cx.clear_caches()
+    ends = [_example(rng) for _ in range(3)]
+    shared = _example(rng)
+    one, two = f"Which {shared}", f"Whose {shared}"  # the same length, other words
+    heads = ["\n\n".join([*ends, middle, *ends]) + "\n\n" for middle in (one, two)]
+    question = _example(rng, answer=False)
+    for head in (heads[0], heads[0], heads[0], heads[1]):
+        messages = [{"role": "user", "content": head + question}]
+        assert _found(messages, cx) == _found(messages, ref)
+        for examples in cx.find_examples(messages):
+            assert (cx.lexical_similarities(examples.question, examples.texts, examples.bags)
+                    == ref.lexical_similarities(examples.question, examples.texts))
+    assert cx._remembered_heads.hits > 0
     cx.clear_caches()

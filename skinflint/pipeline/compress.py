@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -205,20 +205,21 @@ class Compress:
         # the last user message's blocks first: pruning pairs moves the messages after them
         for examples in reversed(cx.find_examples(messages)):
             if len(examples.texts) > keep:
-                scores = await self._similarities(examples.question, examples.texts)
+                scores = await self._similarities(examples)
                 messages = cx.keep_examples(messages, examples, scores, keep)
         return messages
 
-    async def _similarities(self, question: str, texts: Sequence[str]) -> list[float]:
-        """Each text's similarity to ``question``: embedding cosine when the embedder gives
+    async def _similarities(self, examples: cx.Examples) -> list[float]:
+        """Each example's similarity to the question: embedding cosine when the embedder gives
         every vector, else word-bag cosine."""
+        question, texts = examples.question, examples.texts
         embedder = self._embedder()
         if embedder is not None:
             vectors = await asyncio.gather(*(embedder.vector(t) for t in (question, *texts)))
             q, *rest = vectors
             if q is not None and all(v is not None for v in rest):
                 return [_cosine(q, v) for v in rest if v is not None]
-        return cx.lexical_similarities(question, texts)
+        return cx.lexical_similarities(question, texts, examples.bags)
 
     def _record(self, ctx: RequestContext, done: list[tuple[str, Messages]],
                 final: Messages, counter: _Counts) -> None:
