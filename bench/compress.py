@@ -16,10 +16,11 @@ answered by a letter) before one more question; ``all`` (``few_shot`` + ``contex
 500}``) on prompts made of distinct questions (each prompt's last) as context paragraphs before
 one more question; ``history_1000`` on a conversation of whole prompts each answered by one
 letter; ``system_prompt`` on a system prompt of worked examples with trailing spaces and every
-paragraph twice. These forget every remembered text (word bags, line sets) before each call:
-nothing is reused, the worst case. ``few_shot_repeated`` and ``context_500_repeated`` send the
-same worked examples (documents) in every request with a new question each, as a template does,
-and keep what was remembered. Two figures:
+paragraph twice. These forget every remembered text (word bags, line sets, message beginnings,
+the token counts of paragraphs) before each call: nothing is reused, the worst case.
+``few_shot_repeated`` and ``context_500_repeated`` send the same worked examples (documents) in
+every request with a new question each, as a template does, and keep what was remembered.
+Two figures:
 
 * ``loop``: the event loop thread's CPU time (``time.thread_time``) during the call: what the
   request's own task costs on the loop;
@@ -236,6 +237,7 @@ async def timed(compress: Compress, prompts: list[list[dict[str, str]]],
     for messages in prompts:
         if fresh:
             cx.clear_caches()
+            TOKENS.forget_parts()
         runs.append(await run_once(compress, request(messages)))
     return runs
 

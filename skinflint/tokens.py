@@ -185,6 +185,11 @@ class TokenCounter:
             total += len(encoding.encode_ordinary(text[new:]))
         return total
 
+    def forget_parts(self) -> None:
+        """Forget the remembered part counts (for measuring texts never seen before)."""
+        for parts in list(self._parts.values()):
+            parts.clear()
+
     def count_text_within(self, model: str, text: str, limit: int) -> int:
         """``count_text(model, text)`` when it is at most ``limit``; past that, some number
         above ``limit`` (counting stops at the first line that crosses it), so deciding
