@@ -64,6 +64,7 @@ Allowed = Callable[[str, str], bool]
 
 # Counts of what compression removed, off the event loop (tiktoken releases the GIL).
 _COUNTING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skinflint-count")
+_WHOLE_CHARS = 4096  # a text this short is counted whole when asked whether it fits
 
 
 class Compress:
@@ -286,8 +287,11 @@ class _Counts:
         return found
 
     def within(self, text: str, limit: int) -> int:
-        """``text``'s count when at most ``limit``, else a number above it (not remembered)."""
+        """``text``'s count when at most ``limit``, else a number above it (not remembered). A
+        paragraph or so is counted whole, by parts: a document sent again costs nothing."""
         found = self._known.get(text)
+        if found is None and len(text) <= _WHOLE_CHARS:
+            return self.text(text)
         if found is None:
             found = self._tokens.count_text_within(self._model, text, limit)
             if found <= limit:
