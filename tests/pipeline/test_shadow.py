@@ -285,12 +285,18 @@ async def test_every_strategy_of_the_request_is_scored() -> None:
     assert not rig.guard.enabled("docs", "history")
 
 
-async def test_an_operator_switches_it_back_on_with_a_fresh_window(tmp_path: Path) -> None:
+async def _switched_off(tmp_path: Path) -> tuple[SQLiteAlertStore, Rig]:
+    """A guard on a SQLite alert store that switched context off at its third sample."""
     store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
     rig = Rig(_policy(min_samples=3), alerts=store)
     for _ in range(3):
         await rig.serve(WRONG)
     assert not rig.guard.enabled("docs", "context")
+    return store, rig
+
+
+async def test_an_operator_switches_it_back_on_with_a_fresh_window(tmp_path: Path) -> None:
+    store, rig = await _switched_off(tmp_path)
     assert await rig.guard.enable("docs", "context")
     assert rig.guard.enabled("docs", "context")
     assert rig.metrics.registry.get_sample_value("skinflint_shadow_switched_off") == 0
@@ -350,10 +356,7 @@ async def test_a_restart_goes_on_with_the_test_where_it_was(tmp_path: Path) -> N
 
 
 async def test_a_restart_after_a_re_enable_replays_only_the_fresh_test(tmp_path: Path) -> None:
-    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
-    first = Rig(_policy(min_samples=3), alerts=store)
-    for _ in range(3):
-        await first.serve(WRONG)
+    store, first = await _switched_off(tmp_path)
     assert await first.guard.enable("docs", "context")
     await first.serve(RIGHT)
     second = Rig(_policy(min_samples=3), alerts=store)
