@@ -240,25 +240,48 @@ def _line_sets(text: str, spans: Sequence[Span]) -> list[frozenset[str]]:
 
 
 @dataclass(frozen=True, slots=True)
+class _HeadBlocks:
+    """The example blocks of a remembered beginning for one template line: its template
+    paragraphs, where the first block starts, and each block's bounds, text, word bag and
+    whether it holds code (the block of its last template paragraph included: the question's
+    when nothing after the beginning holds the line)."""
+
+    marked: tuple[int, ...]
+    first: int
+    bounds: tuple[tuple[int, int], ...]
+    texts: tuple[str, ...]
+    bags: tuple[AbstractSet[bytes], ...]
+    pinned: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
 class _Head:
     """The paragraphs of a prompt's beginning up to a blank line (its worked examples, sent
     again before each new question), their line sets, how many paragraphs hold each line, the
-    lines that could be the template, best first, and the word bags of its examples."""
+    lines that could be the template, best first, and its example blocks by template line."""
 
     text: str
     spans: tuple[Span, ...]
     lines: tuple[frozenset[str], ...]
     counts: dict[str, int]
     ranked: tuple[tuple[int, int, str], ...]  # (paragraphs, length, line)
-    bags: dict[tuple[int, int], AbstractSet[bytes]]  # by (start, end) of an example
+    examples: dict[str, _HeadBlocks | None]
 
-    def bag(self, start: int, end: int) -> AbstractSet[bytes]:
-        """The word bag of the example ``text[start:end]``."""
-        found = self.bags.get((start, end))
-        if found is None:
-            found = _bag(self.text[start:end])
-            if len(self.bags) < 2 * len(self.spans):  # the examples of a template or two
-                self.bags[start, end] = found
+    def blocks(self, line: str) -> _HeadBlocks | None:
+        """The example blocks for template ``line`` (None: no paragraph here holds it)."""
+        if line in self.examples:
+            return self.examples[line]
+        marked = [i for i, found in enumerate(self.lines) if line in found]
+        found = None
+        if marked:
+            first = _first(self.text, self.spans, marked[0])
+            bounds = _bounds(self.spans, marked, first, 0, len(marked), len(self.text))
+            texts = tuple(self.text[a:b] for a, b in bounds)
+            found = _HeadBlocks(tuple(marked), first, tuple(bounds), texts,
+                                tuple(map(_bag, texts)),
+                                frozenset(_pinned(self.spans, bounds, 0)))
+        if len(self.examples) < 4:  # a template or two per beginning
+            self.examples[line] = found
         return found
 
 
@@ -416,27 +439,67 @@ def _block_examples(messages: list[Message], last: int) -> Examples | None:
     spans, lines, line, head = _structure(text)
     if line is None:
         return None
-    marked = [i for i, found in enumerate(lines) if line in found]
-    first = marked[0]
-    repeated = Counter(s.piece(text) for s in spans) if first > 0 else Counter()
+    known = head.blocks(line) if head is not None else None
+    if known is None:
+        marked = [i for i, found in enumerate(lines) if line in found]
+    else:  # the beginning's template paragraphs, then those of the rest
+        assert head is not None
+        marked = [*known.marked, *(i for i in range(len(head.spans), len(spans))
+                                   if line in lines[i])]
+    first = _first(text, spans, marked[0])
+    last_example = len(marked) - 1  # the last template block is the question
+    done = 0
+    bounds: list[tuple[int, int]] = []
+    texts: list[str] = []
+    bags: list[AbstractSet[bytes]] | None = None
+    pinned: set[int] = set()
+    if known is not None and known.first == first:  # the beginning's examples, as before
+        done = min(len(known.bounds), last_example)
+        bounds += known.bounds[:done]
+        texts += known.texts[:done]
+        bags = list(known.bags[:done])
+        pinned |= {i for i in known.pinned if i < done}
+    more = _bounds(spans, marked, first, done, last_example, len(text))
+    bounds += more
+    texts += (text[a:b] for a, b in more)
+    if bags is not None:
+        bags += (_remembered_bag(text[a:b]) for a, b in more)
+    pinned |= _pinned(spans, more, done)
+    start = first if last_example == 0 else marked[-2] + 1
+    question = text[spans[start].start:spans[marked[-1]].end]
+    return Examples(question, tuple(texts), frozenset(pinned), message=last,
+                    blocks=tuple(bounds), bags=None if bags is None else tuple(bags))
+
+
+def _first(text: str, spans: Sequence[Span], first: int) -> int:
+    """Where the first example starts: at its template paragraph's block, with the header
+    paragraphs before it that the text repeats."""
+    if first == 0:
+        return 0
+    repeated = Counter(s.piece(text) for s in spans)
     while first > 0 and repeated[spans[first - 1].piece(text)] > 1:
         first -= 1  # a repeated header paragraph belongs to the first example
-    starts = [first, *(m + 1 for m in marked[:-1])]
-    ends = marked[:-1]
-    bounds = [(spans[a].start, spans[b + 1].start)
-              for a, b in zip(starts[:-1], ends, strict=True)]
-    final = spans[marked[-1]]
-    question = text[spans[starts[-1]].start:final.end]
-    texts = tuple(text[a:b] for a, b in bounds)
+    return first
+
+
+def _bounds(spans: Sequence[Span], marked: Sequence[int], first: int, start: int, stop: int,
+            end: int) -> list[tuple[int, int]]:
+    """(start, next start) of examples ``start`` to ``stop - 1``: each from the paragraph
+    after the previous template paragraph (the first, from ``first``) to the start of the one
+    after its own (``end`` past the last paragraph)."""
+    out = []
+    for j in range(start, stop):
+        a, b = (first if j == 0 else marked[j - 1] + 1), marked[j] + 1
+        out.append((spans[a].start, spans[b].start if b < len(spans) else end))
+    return out
+
+
+def _pinned(spans: Sequence[Span], bounds: Sequence[tuple[int, int]], index: int) -> set[int]:
+    """The examples among ``bounds`` (numbered from ``index``) that hold code or JSON."""
     code = [s.start for s in spans if s.protected]
-    pinned = frozenset(i for i, (a, b) in enumerate(bounds)
-                       if code and any(a <= c < b for c in code))
-    bags = None
-    if head is not None:  # the examples it holds were likely scored before
-        at = len(head.text)
-        bags = tuple(head.bag(a, b) if b <= at else _remembered_bag(text[a:b])
-                     for a, b in bounds)
-    return Examples(question, texts, pinned, message=last, blocks=tuple(bounds), bags=bags)
+    if not code:
+        return set()
+    return {index + i for i, (a, b) in enumerate(bounds) if any(a <= c < b for c in code)}
 
 
 def keep_examples(messages: list[Message], examples: Examples,

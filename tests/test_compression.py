@@ -187,6 +187,7 @@ def test_a_beginning_sent_again_is_split_as_before() -> None:
     remembered beginning: the same paragraphs, examples and scores as splitting it whole."""
     rng = random.Random(500)
     other = "Think step by step first."
+    header = "Answer the questions below."
     tails = [
         lambda: _example(rng, answer=False),
         lambda: f"{_paragraph(rng)}\n\n{_example(rng, answer=False)}",
@@ -195,12 +196,16 @@ def test_a_beginning_sent_again_is_split_as_before() -> None:
         lambda: "```\ncode\n\nmore\n```\n\n" + _example(rng, answer=False),  # fenced: whole
         lambda: _sentence(rng),  # no template line in it
         lambda: f"  {_example(rng, answer=False)}",  # after blank space
+        lambda: f"{header}\n\n{_example(rng, answer=False)}",  # the header, once more
+        lambda: header,  # the same, after the question
     ]
     hits = bagged = 0
     for trial in range(16):
         cx.clear_caches()
         shots = [_example(rng) if rng.random() > 0.1 else _paragraph(rng)
                  for _ in range(rng.randint(2, 30))]
+        if trial % 2:
+            shots.insert(0, header)
         if trial % 4 == 0:
             shots += [f"{other}\n{_sentence(rng)}"] * 2  # one short of being the template
         seps = [rng.choice(["\n\n", "\n\n\n", "\n \n", "\n\n  ", "\n\t\n"]) for _ in shots]
