@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from skinflint.server.run import BackgroundServer
 from tests.conftest import base_config
 from tests.fake_upstream import FakeUpstream
 from tests.pg import free_port
-from tests.processes import stop
+from tests.processes import stop, wait_for_workers
 
 BUDGET = {"name": "limited-daily", "per": "feature", "match": "limited", "window": "day",
           "limit": {"requests": 10}}
@@ -39,7 +38,8 @@ def _serving(config: Path, port: int, workers: int) -> Iterator[str]:
                           stderr=subprocess.PIPE) as proc:
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_for_workers(url, workers, proc)
+            # of a feature no budget counts
+            wait_for_workers(url, workers, proc, BODY, {"x-skinflint-feature": "warm-up"})
             yield url
         finally:
             stop(proc)
@@ -47,22 +47,6 @@ def _serving(config: Path, port: int, workers: int) -> Iterator[str]:
 
 def _worker(response: httpx.Response) -> str:
     return response.headers["x-skinflint-request-id"][:12]  # each process's own prefix
-
-
-def _wait_for_workers(url: str, workers: int, proc: subprocess.Popen[bytes]) -> None:
-    """Until requests (of a feature no budget counts) have been answered by every worker."""
-    seen: set[str] = set()
-    deadline = time.monotonic() + 60
-    while len(seen) < workers:
-        assert proc.poll() is None and time.monotonic() < deadline, "workers did not start"
-        try:
-            with httpx.Client(timeout=5) as http:  # a new connection each round
-                for _ in range(4):
-                    r = http.post(f"{url}/v1/chat/completions", json=BODY,
-                                  headers={"x-skinflint-feature": "warm-up", "connection": "close"})
-                    seen.add(_worker(r))
-        except httpx.TransportError:
-            time.sleep(0.1)
 
 
 async def _burst(url: str, n: int) -> list[httpx.Response]:

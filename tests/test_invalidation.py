@@ -26,6 +26,7 @@ from skinflint.storage.cache import TieredCacheStore
 from skinflint.storage.ledger import open_sqlite
 from tests.fake_upstream import FakeUpstream
 from tests.pg import free_port
+from tests.processes import wait_for_workers
 
 _SKINFLINT = Path(sys.executable).with_name("skinflint")
 _QUESTION = {"model": "gpt-4o-mini", "temperature": 0,
@@ -130,6 +131,8 @@ def test_workers_follow_each_others_invalidations(fake: FakeUpstream, tmp_path: 
     through one worker's admin API, or by the command, reaches both. Each upstream answer has
     an id of its own, so a stale copy would show its old id."""
     with _serve(tmp_path, fake, "--workers", "2") as url:
+        wait_for_workers(url, 2, None, {"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": "warm-up"}]})
 
         def answers(n: int) -> tuple[set[str], set[str]]:
             """The answers' ids, and the workers that answered (a request id starts with its
@@ -161,6 +164,8 @@ def test_a_worker_serves_what_another_worker_paid_for(fake: FakeUpstream, tmp_pa
     """With `serve --workers 2`, an answer one worker stored is served by the other: the
     upstream is called once, however the requests are spread."""
     with _serve(tmp_path, fake, "--workers", "2") as url:
+        wait_for_workers(url, 2, None, {"model": "gpt-4o-mini", "messages": [
+            {"role": "user", "content": "warm-up"}]})
         assert _ask(url).headers["x-skinflint-cache"] == "miss"
         time.sleep(3 * invalidations.POLL_SECONDS)  # written, and learnt by the other worker
         workers = {_ask(url).headers["x-skinflint-request-id"][:12] for _ in range(30)}
