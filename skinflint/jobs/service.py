@@ -264,9 +264,7 @@ class BatchService:
     async def _send(self, batch: ProviderBatch, jobs: list[Job]) -> None:
         api = self._apis.get(batch.provider)
         if api is None:  # its provider lost its batch API (configuration changed)
-            await self.settler.settle(jobs, [BatchOutcome(
-                j.id, error="failed", message=f"{batch.provider} has no batch API")
-                for j in jobs])
+            await self._without_api(batch, jobs)
             return
         lines = [BatchLine(j.id, line_body(j)) for j in jobs]
         try:
@@ -305,7 +303,9 @@ class BatchService:
 
     async def _check(self, batch: ProviderBatch) -> None:
         api = self._apis.get(batch.provider)
-        if api is None:
+        if api is None:  # sent before its provider lost its batch API: its results are lost
+            await self._without_api(batch, await self.store.batch_jobs(batch.id))
+            self._next_poll.pop(batch.id, None)
             return
         timeout = self._timeouts.get(batch.provider, 600)
         status = await api.batch_status(batch.provider_id, timeout)
@@ -323,6 +323,13 @@ class BatchService:
         self._next_poll.pop(batch.id, None)
         log.info("batches: %s batch %s %s; %d lines recorded", batch.provider,
                  batch.provider_id, status.detail, len(done))
+
+    async def _without_api(self, batch: ProviderBatch, jobs: list[Job]) -> None:
+        """Settle ``jobs`` of a provider that has no batch API any more (failed, or asked in
+        real time, as ``on_failure`` says)."""
+        await self.settler.settle(jobs, [BatchOutcome(
+            j.id, error="failed", message=f"{batch.provider} has no batch API") for j in jobs],
+            cancelled=await self._cancelled(batch))
 
     async def _cancelled(self, batch: ProviderBatch) -> bool:
         if not batch.group:

@@ -37,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +67,7 @@ from skinflint.pipeline.upstream import (
     side_call_row,
 )
 from skinflint.pricing import PriceCatalog
-from skinflint.storage.alert_store import SCORES_KEPT, AlertStore
+from skinflint.storage.alert_store import AlertStore
 
 __all__ = ["ALERT_RULE", "SYNC_SECONDS", "ProviderUpstream", "ShadowGuard", "ShadowUpstream"]
 
@@ -74,6 +76,7 @@ log = logging.getLogger("skinflint.shadow")
 JSON = dict[str, Any]
 ALERT_RULE = "shadow-guard"
 SYNC_SECONDS = 2.0  # how often a process reads the samples and switches others logged
+_PAGE = 5000  # logged samples read at a time
 _PER = "feature"
 _JUDGE_PROMPT = (
     "Two answers to the same request follow. Reply YES if they agree in substance (the same "
@@ -191,6 +194,7 @@ class ShadowGuard:
         """Abandon the shadow calls under way: they are samples, not requests."""
         if self._following is not None:
             self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -212,30 +216,43 @@ class ShadowGuard:
     async def _read_samples(self, store: AlertStore) -> None:
         replay = self._applied is None  # the first read: what was logged before this start
         while True:
-            after = -SCORES_KEPT if self._applied is None else self._applied
-            rows = await store.scores_after(after, SCORES_KEPT)
-            self._applied = rows[-1][0] if rows else max(self._applied or 0, 0)
-            for _, name, score, floor, min_samples in rows:
+            rows = await store.scores_after(self._applied or 0, _PAGE)
+            # a strategy's samples logged before an operator's re-enable later in these rows
+            # decide nothing: the mark starts its test afresh
+            marks = Counter(name for _, name, score, _, _ in rows if score is None)
+            for id_, name, score, floor, min_samples in rows:
                 feature, _, strategy = name.rpartition("/")
-                await self._apply(feature, strategy, score, floor, min_samples, decide=not replay)
-            if len(rows) < SCORES_KEPT:
+                if score is None:
+                    marks[name] -= 1
+                decide = not replay and not marks[name]
+                await self._apply(feature, strategy, score, floor, min_samples, decide=decide)
+                self._applied = id_
+            if len(rows) < _PAGE:
                 break
+        if self._applied is None:
+            self._applied = 0
         if replay:  # the processes that logged the samples decided on each: judged once here
             for (feature, strategy), watch in list(self._watches.items()):
                 await self._decide(feature, strategy, watch)
 
     async def _read_switches(self, store: AlertStore) -> None:
-        found = {(f, s) for f, _, s in (e.name.rpartition("/") for e in
-                                         await store.open_at(ALERT_RULE, _PER, time.time()))}
+        found = {(f, s) for f, _, s in (e.name.rpartition("/") for e in await self._open(store))}
         for key in sorted(found - self._off):  # switched off elsewhere, or before a restart
             self._off.add(key)
             self._watches.setdefault(key, _Watch(Window()))
             log.info("shadow guard: %s is off for feature %r until enabled", key[1], key[0])
         for key in sorted((self._stored_off - found) & self._off):  # an operator, elsewhere
             self._off.discard(key)
+            self._restart(key)  # the evidence that switched it off is spent
             log.info("shadow guard: %s was switched back on for feature %r", key[1], key[0])
         self._stored_off = found
         self._metrics.shadow_off.set(len(self._off))
+
+    @staticmethod
+    async def _open(store: AlertStore) -> list[AlertEvent]:
+        """The ``shadow-guard`` alerts still open, whatever the clocks of the processes that
+        recorded them say."""
+        return await store.open_at(ALERT_RULE, _PER, math.inf)
 
     async def enable(self, feature: str, strategy: str) -> bool:
         """Switch a strategy back on for a feature, with a fresh test; False if it was on."""
@@ -243,18 +260,24 @@ class ShadowGuard:
         async with self._syncing:
             if key not in self._off:
                 return False
-            self._off.discard(key)
-            self._metrics.shadow_off.set(len(self._off))
-            if self._alerts is None:
-                self._restart(key)
-            else:  # the mark starts the test afresh in every process, this one included
+            if self._alerts is not None:  # the store first: a failure changes nothing here
+                # the mark starts the test afresh in every process, this one included
                 await self._alerts.add_score(f"{feature}/{strategy}", None, 0.0, 0)
-                await self._alerts.resolve(
-                    self._event(feature, strategy, time.time(), time.time()))
+                name = f"{feature}/{strategy}"
+                started = max((e.start for e in await self._open(self._alerts)
+                               if e.name == name), default=0.0)
+                now = max(time.time(), math.nextafter(started, math.inf))
+                await self._alerts.resolve(self._event(feature, strategy, now, now))
                 self._stored_off.discard(key)
+            self._off.discard(key)
+            self._restart(key)
+            self._metrics.shadow_off.set(len(self._off))
         log.warning("shadow guard: %s switched back on for feature %r by an operator",
                     strategy, feature)
-        await self.sync()
+        try:
+            await self.sync()
+        except Exception:  # switched on; the next round reads the rest
+            log.exception("shadow guard: reading the shared samples after enabling failed")
         return True
 
     def _restart(self, key: tuple[str, str]) -> None:
@@ -364,7 +387,10 @@ class ShadowGuard:
             log.exception("shadow guard: the sample of %s was not logged", job.ctx.request_id)
             self._count("failed")
             return
-        await self.sync()
+        try:
+            await self.sync()
+        except Exception:  # logged: the next round applies it
+            log.exception("shadow guard: reading the shared samples failed")
 
     async def _apply(self, feature: str, strategy: str, score: float | None, floor: float,
                      min_samples: int, *, decide: bool = True) -> None:

@@ -24,8 +24,8 @@ from skinflint.alerts import AlertEvent
 from skinflint.storage import rollup
 from skinflint.storage.ledger import open_sqlite, sqlite_transaction
 
-__all__ = ["SCOPE_COLUMNS", "SCORES_KEPT", "AlertStore", "SQLiteAlertStore", "Score", "Spend",
-           "spend_query"]
+__all__ = ["SCOPE_COLUMNS", "SCORES_KEPT", "TRIM_EVERY", "AlertStore", "SQLiteAlertStore",
+           "Score", "Spend", "spend_query", "trim_scores"]
 
 T = TypeVar("T")
 
@@ -93,13 +93,14 @@ class AlertStore(Protocol):
 
     async def add_score(self, name: str, score: float | None, floor: float,
                         min_samples: int) -> None:
-        """Log one shadow-guard sample for ``name`` (``<feature>/<strategy>``); ids follow
-        the order the samples were logged in, across every process sharing the store."""
+        """Log one shadow-guard sample for ``name`` (``<feature>/<strategy>``; a score of
+        None: an operator's re-enable, before which that name's samples are deleted); ids
+        follow the order the samples were logged in, across every process sharing the store.
+        See :data:`SCORES_KEPT`."""
         ...
 
     async def scores_after(self, after: int, limit: int) -> list[Score]:
-        """The samples logged after id ``after``, oldest first, at most ``limit``; with a
-        negative ``after``, the newest ``-after`` of them."""
+        """The samples logged after id ``after``, oldest first, at most ``limit``."""
         ...
 
     async def active(self) -> dict[str, int]:
@@ -113,6 +114,17 @@ def event_from_row(row: Sequence[Any]) -> AlertEvent:
     rule, per, name, started, ended, spend, baseline = row
     return AlertEvent(str(rule), str(per), str(name), float(started),
                       None if ended is None else float(ended), float(spend), float(baseline))
+
+
+#: Deletes a name's samples past the newest :data:`SCORES_KEPT` (``%s`` placeholders).
+_TRIM = ("DELETE FROM {table} WHERE name = %s AND id <= (SELECT id FROM {table} WHERE name = %s"
+         " ORDER BY id DESC LIMIT 1 OFFSET %s)")
+
+
+def trim_scores(table: str) -> str:
+    """The statement that deletes a name's samples past the newest :data:`SCORES_KEPT` in
+    ``table`` (``%s`` placeholders: name, name, how many to keep)."""
+    return _TRIM.format(table=table)
 
 
 def score_from_row(row: Sequence[Any]) -> Score:
@@ -131,11 +143,14 @@ _SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS shadow_scores (id INTEGER PRIMARY KEY AUTOINCREMENT,"
     " name TEXT NOT NULL, score REAL, floor REAL NOT NULL, min_samples INTEGER NOT NULL,"
     " ts REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS shadow_scores_name ON shadow_scores (name, id)",
 )
 
-#: The shadow-guard samples a store keeps, newest first (older ones are deleted as new ones
-#: come: a restart replays at most these).
-SCORES_KEPT = 20_000
+#: The shadow-guard samples a store keeps per name, newest first: its samples since the last
+#: operator's re-enable (older ones are deleted then), at most this many (older ones are
+#: deleted every :data:`TRIM_EVERY` samples logged). A restart replays what is kept.
+SCORES_KEPT = 100_000
+TRIM_EVERY = 1000
 
 
 class SQLiteAlertStore:
@@ -201,21 +216,19 @@ class SQLiteAlertStore:
                 row = c.execute("INSERT INTO shadow_scores (name, score, floor, min_samples,"
                                 " ts) VALUES (?, ?, ?, ?, ?)",
                                 (name, score, floor, min_samples, time.time()))
-                c.execute("DELETE FROM shadow_scores WHERE id <= ?",
-                          ((row.lastrowid or 0) - SCORES_KEPT,))
+                at = row.lastrowid or 0
+                if score is None:
+                    c.execute("DELETE FROM shadow_scores WHERE name = ? AND id < ?", (name, at))
+                elif at % TRIM_EVERY == 0:
+                    c.execute(trim_scores("shadow_scores").replace("%s", "?"),
+                              (name, name, SCORES_KEPT))
 
         await self._run(add)
 
     async def scores_after(self, after: int, limit: int) -> list[Score]:
-        if after < 0:
-            sql = ("SELECT * FROM (SELECT id, name, score, floor, min_samples FROM shadow_scores"
-                   " ORDER BY id DESC LIMIT ?) ORDER BY id")
-            params: tuple[int, ...] = (min(-after, limit),)
-        else:
-            sql = ("SELECT id, name, score, floor, min_samples FROM shadow_scores WHERE id > ?"
-                   " ORDER BY id LIMIT ?")
-            params = (after, limit)
-        rows = await self._run(lambda c: c.execute(sql, params).fetchall())
+        sql = ("SELECT id, name, score, floor, min_samples FROM shadow_scores WHERE id > ?"
+               " ORDER BY id LIMIT ?")
+        rows = await self._run(lambda c: c.execute(sql, (after, limit)).fetchall())
         return [score_from_row(r) for r in rows]
 
     async def active(self) -> dict[str, int]:

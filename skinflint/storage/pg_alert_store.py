@@ -9,11 +9,13 @@ from typing import Any
 from skinflint.alerts import AlertEvent
 from skinflint.storage.alert_store import (
     SCORES_KEPT,
+    TRIM_EVERY,
     Score,
     Spend,
     event_from_row,
     score_from_row,
     spend_query,
+    trim_scores,
 )
 from skinflint.storage.pgpool import Pool, open_pool, setup
 
@@ -32,6 +34,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS skinflint_shadow_scores (id BIGSERIAL PRIMARY KEY,"
     " name TEXT NOT NULL, score DOUBLE PRECISION, floor DOUBLE PRECISION NOT NULL,"
     " min_samples INTEGER NOT NULL, ts DOUBLE PRECISION NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS skinflint_shadow_scores_name"
+    " ON skinflint_shadow_scores (name, id)",
 )
 #: Taken by each insert into the shadow-score log: ids then follow commit order, so a reader
 #: that has seen id n has seen every id below it.
@@ -103,19 +107,18 @@ class PostgresAlertStore:
                 (name, score, floor, min_samples, time.time()))
             row = await cur.fetchone()
             assert row is not None
-            await conn.execute("DELETE FROM skinflint_shadow_scores WHERE id <= %s",
-                               (int(row[0]) - SCORES_KEPT,))
+            at = int(row[0])
+            if score is None:
+                await conn.execute("DELETE FROM skinflint_shadow_scores WHERE name = %s"
+                                   " AND id < %s", (name, at))
+            elif at % TRIM_EVERY == 0:
+                await conn.execute(trim_scores("skinflint_shadow_scores"),
+                                   (name, name, SCORES_KEPT))
 
     async def scores_after(self, after: int, limit: int) -> list[Score]:
-        columns = "id, name, score, floor, min_samples"
-        if after < 0:
-            _, rows = await self._rows(
-                f"SELECT * FROM (SELECT {columns} FROM skinflint_shadow_scores"
-                " ORDER BY id DESC LIMIT %s) AS newest ORDER BY id", (min(-after, limit),))
-        else:
-            _, rows = await self._rows(
-                f"SELECT {columns} FROM skinflint_shadow_scores WHERE id > %s"
-                " ORDER BY id LIMIT %s", (after, limit))
+        _, rows = await self._rows(
+            "SELECT id, name, score, floor, min_samples FROM skinflint_shadow_scores"
+            " WHERE id > %s ORDER BY id LIMIT %s", (after, limit))
         return [score_from_row(r) for r in rows]
 
     async def active(self) -> dict[str, int]:

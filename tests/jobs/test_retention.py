@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from skinflint.config import BatchingConfig
-from skinflint.interfaces import Purged, StoredFile
+from skinflint.interfaces import ProviderBatch, Purged, StoredFile
 from skinflint.jobs import BatchService, Settler
 from skinflint.jobs.service import IDLE_TICK
 from skinflint.metrics import Metrics
@@ -140,7 +140,8 @@ async def test_a_process_that_loses_the_lease_stops_showing_the_gauge(parts: Par
 
 async def test_without_a_batch_api_leftover_jobs_are_settled_and_purged(parts: Parts) -> None:
     """A configuration whose providers have no batch API (any more): the service still runs,
-    seldom; the jobs an earlier one queued fail, and what ended is purged, uploads too."""
+    seldom; the jobs an earlier one left fail (queued, or in a batch sent before), and what
+    ended is purged, uploads too."""
     config = BatchingConfig(window_seconds=0, poll_seconds=0.01, keep_days=7)
     idle = BatchService(parts.store, {}, config, parts.settler, timeouts={},
                         clock=parts.clock, metrics=parts.metrics)
@@ -149,20 +150,25 @@ async def test_without_a_batch_api_leftover_jobs_are_settled_and_purged(parts: P
     now = parts.clock.now
     await parts.store.put_file(StoredFile("file-old", "t1", "f", "u", "batch", "a.jsonl",
                                           b"{}", now - 30 * DAY))
-    await parts.store.enqueue([job(1, now)])
+    await parts.store.enqueue([job(1, now), job(2, now)])
+    sent = ProviderBatch("pb_sent", "fake", "gpt-4o-mini", "", now)
+    assert [j.id for j in await parts.store.claim(sent, 1)] == ["job_001"]
+    await parts.store.submitted("pb_sent", "batch_abc")
     idle.start()  # the first round runs at once
 
     async def failed() -> bool:
-        found = await parts.store.get("job_001")
-        return found is not None and found.state == "failed"
+        found = [await parts.store.get(f"job_00{i}") for i in (1, 2)]
+        return all(j is not None and j.state == "failed" for j in found)
 
     for _ in range(200):
         if await failed():
             break
         await asyncio.sleep(0.01)
     assert await failed()
-    found = await parts.store.get("job_001")
-    assert found is not None and found.message == "fake has no batch API"
+    for i in (1, 2):
+        found = await parts.store.get(f"job_00{i}")
+        assert found is not None and found.message == "fake has no batch API"
+    assert await parts.store.unfinished() == []
     assert await parts.store.get_file("file-old") is None  # purged by that first round
     parts.clock.now += 8 * DAY
-    assert (await idle.purge()).jobs == 1
+    assert (await idle.purge()).jobs == 2

@@ -541,3 +541,48 @@ async def test_the_account_stage_shows_the_guard_each_compressed_answer() -> Non
     await rig.guard.drain()
     assert len(rig.provider.requests) == 1
     assert rig.guard.rows()[0]["mean"] == 0.0
+
+
+async def test_samples_logged_before_a_re_enable_do_not_switch_it_off_again(
+        tmp_path: Path) -> None:
+    """A sample another process logged just before an operator's re-enable, not yet read by
+    the process that enables (nor by the other one when it reads the re-enable): its strategy
+    stays on, in both, with a fresh test."""
+    path = str(tmp_path / "ledger.db")
+    one, two = await SQLiteAlertStore.create(path), await SQLiteAlertStore.create(path)
+    a = Rig(_policy(min_samples=3), alerts=one)
+    b = Rig(_policy(min_samples=3), alerts=two)
+    for _ in range(3):  # the first check passes: switched off by the evidence later
+        await a.serve(RIGHT)
+    while a.guard.enabled("docs", "context"):
+        await a.serve(WRONG)
+    assert a.guard.rows()[0]["bound"] >= 1 / DELTA
+    await b.guard.sync()
+    assert not a.guard.enabled("docs", "context") and not b.guard.enabled("docs", "context")
+    await b.serve(WRONG)  # logged, not yet read by a
+    assert await a.guard.enable("docs", "context")
+    assert a.guard.enabled("docs", "context")
+    await b.guard.sync()
+    assert b.guard.enabled("docs", "context")
+    for rig in (a, b):
+        await rig.guard.sync()
+        assert rig.guard.enabled("docs", "context")
+        assert [(r["samples"], r["bound"]) for r in rig.guard.rows()] == [(0, 1.0)]
+    assert await one.active() == {}
+    for store in (one, two):
+        await store.close()
+
+
+async def test_a_restart_replays_every_sample_since_the_last_re_enable(tmp_path: Path) -> None:
+    """Samples of two features interleaved: a process started afterwards shows the same tests
+    as the one that logged them."""
+    store = await SQLiteAlertStore.create(str(tmp_path / "ledger.db"))
+    first = Rig(_policy(min_samples=50), alerts=store)
+    rng = random.Random(3)
+    for _ in range(60):
+        await first.serve(rng.choice([RIGHT, RIGHT, WRONG]),
+                          strategies=(rng.choice(["context", "history"]),))
+    second = Rig(_policy(min_samples=50), alerts=store)
+    await second.guard.restore()
+    assert second.guard.rows() == first.guard.rows()
+    await store.close()

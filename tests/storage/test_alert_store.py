@@ -140,7 +140,8 @@ async def test_monitors_on_one_database_record_each_alert_once(open_one: Opener)
 async def test_shadow_samples_are_read_in_one_order_and_kept_bounded(
         open_one: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     """Samples logged by two processes at once are read back by each in the same order,
-    every one of them; only the newest SCORES_KEPT are kept."""
+    every one of them; an operator's re-enable deletes that name's samples before it, and only
+    the newest SCORES_KEPT of a name are kept."""
     from skinflint.storage import alert_store, pg_alert_store
 
     one, two = await (await open_one()).alert_store(), await (await open_one()).alert_store()
@@ -156,10 +157,14 @@ async def test_shadow_samples_are_read_in_one_order_and_kept_bounded(
     for name in ("f/context", "f/history"):  # each process's own, in the order it logged them
         assert [s[2] for s in seen if s[1] == name] == [i / 20 for i in range(20)]
     assert await one.scores_after(seen[9][0], 5) == seen[10:15]
-    assert await one.scores_after(-3, 1000) == seen[-3:]  # the newest, oldest first
     await one.add_score("f/context", None, 0.0, 0)  # an operator's re-enable: a mark
-    assert (await two.scores_after(seen[-1][0], 10))[0][1:] == ("f/context", None, 0.0, 0)
-    monkeypatch.setattr(alert_store, "SCORES_KEPT", 5)
-    monkeypatch.setattr(pg_alert_store, "SCORES_KEPT", 5)
+    left = await two.scores_after(0, 1000)
+    assert [s[1:] for s in left if s[1] == "f/context"] == [("f/context", None, 0.0, 0)]
+    assert [s for s in left if s[1] == "f/history"] == [s for s in seen if s[1] == "f/history"]
+    for module in (alert_store, pg_alert_store):
+        monkeypatch.setattr(module, "SCORES_KEPT", 5)
+        monkeypatch.setattr(module, "TRIM_EVERY", 1)  # trimmed at every sample
     await two.add_score("f/history", 1.0, 0.9, 20)
-    assert len(await one.scores_after(0, 1000)) == 5
+    kept = await one.scores_after(0, 1000)
+    assert len([s for s in kept if s[1] == "f/history"]) == 5
+    assert len([s for s in kept if s[1] == "f/context"]) == 1  # another name's: as it was
