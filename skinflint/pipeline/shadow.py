@@ -24,11 +24,12 @@ Every process shares one test per (feature, strategy) when the ledger is shared 
 file, PostgreSQL): each sample is logged in the alert store (:meth:`AlertStore.add_score
 <skinflint.storage.alert_store.AlertStore.add_score>`), and every process applies the logged
 samples in the order they were logged, so ``serve --workers N`` and replicas decide on all
-their samples together, the same way, and the evidence survives a restart (the newest
-:data:`~skinflint.storage.alert_store.SCORES_KEPT` samples are replayed at start). The
-switch itself is the open ``shadow-guard`` alert: a process learns within
-:data:`SYNC_SECONDS` that another switched a strategy off, or that an operator switched it
-back on (a re-enable is logged as a mark where the test starts afresh). With a ledger in
+their samples together, the same way, and the evidence survives a restart (a strategy's
+samples since its last re-enable are kept, at most
+:data:`~skinflint.storage.alert_store.SCORES_KEPT`, and replayed at start). The switch itself
+is the open ``shadow-guard`` alert: a process learns within :data:`SYNC_SECONDS` that another
+switched a strategy off, or that an operator switched it back on (a re-enable is logged as a
+mark where the test starts afresh, and the samples before it are deleted). With a ledger in
 memory, the test and the switch are the process's own and last until it stops.
 """
 
