@@ -280,7 +280,7 @@ class _Head:
             found = _HeadBlocks(tuple(marked), first, tuple(bounds), texts,
                                 tuple(map(_bag, texts)),
                                 frozenset(_pinned(self.spans, bounds, 0)))
-        if len(self.examples) < 4:  # a template or two per beginning
+        if len(self.examples) < 2:  # a template line, or its runner-up, per beginning
             self.examples[line] = found
         return found
 
@@ -345,8 +345,8 @@ class _Heads:
             self.hits = 0
 
 
-_HEADS = 32  # prompt beginnings remembered
-_HEAD_CHARS = 200_000  # longer ones are not
+_HEADS = 16  # prompt beginnings remembered (with their examples: a few MB at most)
+_HEAD_CHARS = 100_000  # longer ones are not
 _FINGER = 64  # characters at each end of a beginning that find it
 _remembered_heads = _Heads(_HEADS, _HEAD_CHARS)
 _SPLITS = 2  # the last blank lines of a prompt where a remembered beginning is looked for
