@@ -329,7 +329,7 @@ class _Heads:
         if self._seen[slot] != mark:
             self._seen[slot] = mark
             return None
-        if _fenced(text[:at]):
+        if _fenced(text, 0, at):
             return None
         head = _head(text[:at])
         with self._lock:
@@ -386,10 +386,10 @@ def _known_head(text: str) -> tuple[_Head, int] | None:
     return None
 
 
-def _fenced(text: str, start: int = 0) -> bool:
-    """Whether ``text[start:]`` holds a code fence, which may span a blank line (a remembered
-    beginning holds none)."""
-    return text.find("```", start) >= 0 or text.find("~~~", start) >= 0
+def _fenced(text: str, start: int = 0, end: int | None = None) -> bool:
+    """Whether ``text[start:end]`` holds a code fence, which may span a blank line (a
+    remembered beginning holds none)."""
+    return text.find("```", start, end) >= 0 or text.find("~~~", start, end) >= 0
 
 
 def _shifted(spans: list[Span], at: int) -> list[Span]:
