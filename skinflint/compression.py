@@ -83,12 +83,16 @@ def lexical_similarities(question: str, texts: Sequence[str],
     """Each text's word-bag cosine with ``question``: shared distinct words over the geometric
     mean of the two texts' distinct words (lower-cased, common English words left out).
     ``bags``: the texts' word bags, when known (:attr:`Examples.bags`)."""
+    return _cosines(question, bags if bags is not None else _remembered_bag.many(texts))
+
+
+def _cosines(question: str, bags: Sequence[AbstractSet[bytes]]) -> list[float]:
     asked = _words(question)
     if not asked:
-        return [0.0] * len(texts)
+        return [0.0] * len(bags)
     out: list[float] = []
     n = len(asked)
-    for words in bags if bags is not None else _remembered_bag.many(texts):
+    for words in bags:
         shared = len(asked.intersection(words))
         out.append(shared / math.sqrt(n * len(words)) if shared else 0.0)
     return out
@@ -258,7 +262,8 @@ class _HeadBlocks:
 class _Head:
     """The paragraphs of a prompt's beginning up to a blank line (its worked examples, sent
     again before each new question), their line sets, how many paragraphs hold each line, the
-    lines that could be the template, best first, and its example blocks by template line."""
+    lines that could be the template, best first, its example blocks by template line and
+    the word bags of the units of context it holds."""
 
     text: str
     spans: tuple[Span, ...]
@@ -266,6 +271,16 @@ class _Head:
     counts: dict[str, int]
     ranked: tuple[tuple[int, int, str], ...]  # (paragraphs, length, line)
     examples: dict[str, _HeadBlocks | None]
+    bags: dict[tuple[int, int], AbstractSet[bytes]]  # of the paragraphs or sentences it holds
+
+    def bag(self, start: int, end: int) -> AbstractSet[bytes]:
+        """The word bag of ``text[start:end]``, a unit of context trimming."""
+        found = self.bags.get((start, end))
+        if found is None:
+            found = _bag(self.text[start:end])
+            if len(self.bags) < 4 * len(self.spans):  # its paragraphs, or their sentences
+                self.bags[start, end] = found
+        return found
 
     def blocks(self, line: str) -> _HeadBlocks | None:
         """The example blocks for template ``line`` (None: no paragraph here holds it)."""
@@ -291,7 +306,7 @@ def _head(text: str) -> _Head:
     counts = Counter(chain.from_iterable(lines))
     ranked = sorted(((n, len(line), line) for line, n in counts.items()
                      if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), reverse=True)
-    return _Head(text, tuple(spans), tuple(lines), dict(counts), tuple(ranked), {})
+    return _Head(text, tuple(spans), tuple(lines), dict(counts), tuple(ranked), {}, {})
 
 
 class _Heads:
@@ -364,13 +379,14 @@ def _structure(text: str) -> tuple[list[Span], list[frozenset[str]], str | None,
     return spans, lines, _template_line(lines), None
 
 
-def _paragraphs(text: str) -> list[Span]:
-    """:func:`paragraphs` of ``text`` (see :func:`_known_head`)."""
+def _paragraphs(text: str) -> tuple[list[Span], _Head | None]:
+    """:func:`paragraphs` of ``text``, and the remembered beginning they were taken from, if
+    any (see :func:`_known_head`)."""
     known = _known_head(text)
     if known is None:
-        return paragraphs(text)
+        return paragraphs(text), None
     head, at = known
-    return [*head.spans, *_shifted(paragraphs(text[at:]), at)]
+    return [*head.spans, *_shifted(paragraphs(text[at:]), at)], head
 
 
 def _known_head(text: str) -> tuple[_Head, int] | None:
@@ -544,7 +560,7 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
     within = within or _within(count)
     if len(text) <= max_tokens or within(text, max_tokens) <= max_tokens:
         return messages
-    spans = _paragraphs(text)
+    spans, head = _paragraphs(text)
     if len(spans) < 2:
         return messages
     *context, question = spans
@@ -552,8 +568,13 @@ def trim_context(messages: list[Message], max_tokens: int, count: Count,
              ([p] if p.protected or p.end - p.start <= max_tokens * _CHARS_PER_TOKEN
               else sentences(text, p))]
     units = [u for u, _ in parts]
-    kept = set(_select(text, units, question, max_tokens - count(question.piece(text)), count,
-                       within))
+    if head is None:
+        bags = _remembered_bag.many([u.piece(text) for u in units])
+    else:  # the word bags of the units a remembered beginning holds are kept with it
+        bags = [head.bag(u.start, u.end) if u.end <= len(head.text)
+                else _remembered_bag(u.piece(text)) for u in units]
+    kept = set(_select(text, units, bags, question,
+                       max_tokens - count(question.piece(text)), count, within))
     if len(kept) == len(units):
         return messages
     trimmed = _join(text, [(u, p) for u, p in parts if u in kept]) + text[question.start:]
@@ -577,15 +598,15 @@ def _join(text: str, parts: list[tuple[Span, Span]]) -> str:
     return "".join(pieces)
 
 
-def _select(text: str, units: list[Span], question: Span, budget: int,
-            count: Count, within: Within) -> list[Span]:
+def _select(text: str, units: list[Span], bags: Sequence[AbstractSet[bytes]], question: Span,
+            budget: int, count: Count, within: Within) -> list[Span]:
     """The protected units and, best first, the others that fit, until the budget is spent
     or several in a row did not fit (counting every unit of a long text costs more than the
     last few tokens of budget are worth). Whether a unit fits is all that is asked: one that
     certainly does not is not counted."""
     chosen = {i for i, u in enumerate(units) if u.protected}
     left = budget - sum(count(units[i].piece(text)) for i in chosen)
-    scores = lexical_similarities(question.piece(text), [u.piece(text) for u in units])
+    scores = _cosines(question.piece(text), bags)
     misses = 0
     for i in sorted((i for i in range(len(units)) if i not in chosen),
                     key=lambda i: (-scores[i], i)):
