@@ -25,7 +25,7 @@ from skinflint.storage import rollup
 from skinflint.storage.ledger import open_sqlite, sqlite_transaction
 
 __all__ = ["SCOPE_COLUMNS", "SCORES_KEPT", "TRIM_EVERY", "AlertStore", "SQLiteAlertStore",
-           "Score", "Spend", "spend_query", "trim_scores"]
+           "Score", "Spend", "score_cleanup", "score_statements", "spend_query"]
 
 T = TypeVar("T")
 
@@ -116,15 +116,27 @@ def event_from_row(row: Sequence[Any]) -> AlertEvent:
                       None if ended is None else float(ended), float(spend), float(baseline))
 
 
-#: Deletes a name's samples past the newest :data:`SCORES_KEPT` (``%s`` placeholders).
-_TRIM = ("DELETE FROM {table} WHERE name = %s AND id <= (SELECT id FROM {table} WHERE name = %s"
-         " ORDER BY id DESC LIMIT 1 OFFSET %s)")
+def score_statements(table: str, mark: str) -> tuple[str, str]:
+    """The statements that log a shadow-guard sample in ``table`` (its id returned) and read
+    the samples after an id, oldest first (``mark``: the driver's placeholder)."""
+    return (f"INSERT INTO {table} (name, score, floor, min_samples, ts)"
+            f" VALUES ({mark}, {mark}, {mark}, {mark}, {mark}) RETURNING id",
+            f"SELECT id, name, score, floor, min_samples FROM {table} WHERE id > {mark}"
+            f" ORDER BY id LIMIT {mark}")
 
 
-def trim_scores(table: str) -> str:
-    """The statement that deletes a name's samples past the newest :data:`SCORES_KEPT` in
-    ``table`` (``%s`` placeholders: name, name, how many to keep)."""
-    return _TRIM.format(table=table)
+def score_cleanup(table: str, mark: str, name: str, logged: int,
+                  score: float | None) -> tuple[str, tuple[Any, ...]] | None:
+    """What to delete once sample ``logged`` of ``name`` is in ``table``: for an operator's
+    re-enable, that name's samples before it; every :data:`TRIM_EVERY` samples, its samples
+    past the newest :data:`SCORES_KEPT`; else nothing (None)."""
+    if score is None:
+        return f"DELETE FROM {table} WHERE name = {mark} AND id < {mark}", (name, logged)
+    if logged % TRIM_EVERY == 0:
+        return (f"DELETE FROM {table} WHERE name = {mark} AND id <= (SELECT id FROM {table}"
+                f" WHERE name = {mark} ORDER BY id DESC LIMIT 1 OFFSET {mark})",
+                (name, name, SCORES_KEPT))
+    return None
 
 
 def score_from_row(row: Sequence[Any]) -> Score:
@@ -151,6 +163,7 @@ _SQLITE_SCHEMA = (
 #: deleted every :data:`TRIM_EVERY` samples logged). A restart replays what is kept.
 SCORES_KEPT = 100_000
 TRIM_EVERY = 1000
+_SCORES = score_statements("shadow_scores", "?")
 
 
 class SQLiteAlertStore:
@@ -213,22 +226,16 @@ class SQLiteAlertStore:
                         min_samples: int) -> None:
         def add(c: sqlite3.Connection) -> None:
             with sqlite_transaction(c):  # one writer at a time: ids follow commit order
-                row = c.execute("INSERT INTO shadow_scores (name, score, floor, min_samples,"
-                                " ts) VALUES (?, ?, ?, ?, ?)",
-                                (name, score, floor, min_samples, time.time()))
-                at = row.lastrowid or 0
-                if score is None:
-                    c.execute("DELETE FROM shadow_scores WHERE name = ? AND id < ?", (name, at))
-                elif at % TRIM_EVERY == 0:
-                    c.execute(trim_scores("shadow_scores").replace("%s", "?"),
-                              (name, name, SCORES_KEPT))
+                logged = int(c.execute(_SCORES[0], (name, score, floor, min_samples,
+                                                    time.time())).fetchone()[0])
+                cleanup = score_cleanup("shadow_scores", "?", name, logged, score)
+                if cleanup is not None:
+                    c.execute(*cleanup)
 
         await self._run(add)
 
     async def scores_after(self, after: int, limit: int) -> list[Score]:
-        sql = ("SELECT id, name, score, floor, min_samples FROM shadow_scores WHERE id > ?"
-               " ORDER BY id LIMIT ?")
-        rows = await self._run(lambda c: c.execute(sql, (after, limit)).fetchall())
+        rows = await self._run(lambda c: c.execute(_SCORES[1], (after, limit)).fetchall())
         return [score_from_row(r) for r in rows]
 
     async def active(self) -> dict[str, int]:

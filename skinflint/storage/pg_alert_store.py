@@ -8,14 +8,13 @@ from typing import Any
 
 from skinflint.alerts import AlertEvent
 from skinflint.storage.alert_store import (
-    SCORES_KEPT,
-    TRIM_EVERY,
     Score,
     Spend,
     event_from_row,
+    score_cleanup,
     score_from_row,
+    score_statements,
     spend_query,
-    trim_scores,
 )
 from skinflint.storage.pgpool import Pool, open_pool, setup
 
@@ -40,6 +39,8 @@ _SCHEMA = (
 #: Taken by each insert into the shadow-score log: ids then follow commit order, so a reader
 #: that has seen id n has seen every id below it.
 _SCORES_LOCK = 0x5C0E5
+_SCORES_TABLE = "skinflint_shadow_scores"
+_SCORES = score_statements(_SCORES_TABLE, "%s")
 
 
 class PostgresAlertStore:
@@ -101,24 +102,15 @@ class PostgresAlertStore:
                         min_samples: int) -> None:
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCORES_LOCK,))
-            cur = await conn.execute(
-                "INSERT INTO skinflint_shadow_scores (name, score, floor, min_samples, ts)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                (name, score, floor, min_samples, time.time()))
+            cur = await conn.execute(_SCORES[0], (name, score, floor, min_samples, time.time()))
             row = await cur.fetchone()
             assert row is not None
-            at = int(row[0])
-            if score is None:
-                await conn.execute("DELETE FROM skinflint_shadow_scores WHERE name = %s"
-                                   " AND id < %s", (name, at))
-            elif at % TRIM_EVERY == 0:
-                await conn.execute(trim_scores("skinflint_shadow_scores"),
-                                   (name, name, SCORES_KEPT))
+            cleanup = score_cleanup(_SCORES_TABLE, "%s", name, int(row[0]), score)
+            if cleanup is not None:
+                await conn.execute(*cleanup)
 
     async def scores_after(self, after: int, limit: int) -> list[Score]:
-        _, rows = await self._rows(
-            "SELECT id, name, score, floor, min_samples FROM skinflint_shadow_scores"
-            " WHERE id > %s ORDER BY id LIMIT %s", (after, limit))
+        _, rows = await self._rows(_SCORES[1], (after, limit))
         return [score_from_row(r) for r in rows]
 
     async def active(self) -> dict[str, int]:

@@ -142,7 +142,7 @@ async def test_shadow_samples_are_read_in_one_order_and_kept_bounded(
     """Samples logged by two processes at once are read back by each in the same order,
     every one of them; an operator's re-enable deletes that name's samples before it, and only
     the newest SCORES_KEPT of a name are kept."""
-    from skinflint.storage import alert_store, pg_alert_store
+    from skinflint.storage import alert_store
 
     one, two = await (await open_one()).alert_store(), await (await open_one()).alert_store()
 
@@ -161,9 +161,8 @@ async def test_shadow_samples_are_read_in_one_order_and_kept_bounded(
     left = await two.scores_after(0, 1000)
     assert [s[1:] for s in left if s[1] == "f/context"] == [("f/context", None, 0.0, 0)]
     assert [s for s in left if s[1] == "f/history"] == [s for s in seen if s[1] == "f/history"]
-    for module in (alert_store, pg_alert_store):
-        monkeypatch.setattr(module, "SCORES_KEPT", 5)
-        monkeypatch.setattr(module, "TRIM_EVERY", 1)  # trimmed at every sample
+    monkeypatch.setattr(alert_store, "SCORES_KEPT", 5)
+    monkeypatch.setattr(alert_store, "TRIM_EVERY", 1)  # trimmed at every sample
     await two.add_score("f/history", 1.0, 0.9, 20)
     kept = await one.scores_after(0, 1000)
     assert len([s for s in kept if s[1] == "f/history"]) == 5
