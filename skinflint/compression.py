@@ -371,12 +371,12 @@ def _structure(text: str) -> tuple[list[Span], list[frozenset[str]], str | None,
                                     _Head | None]:
     """The paragraphs of ``text``, their line sets, its template line and the remembered
     beginning they were taken from, if any (see :func:`_known_head`)."""
-    known = _known_head(text)
-    if known is not None:
-        return (*_extended(*known, text), known[0])
-    spans = paragraphs(text)
-    lines = _line_sets(text, spans)
-    return spans, lines, _template_line(lines), None
+    spans, head = _paragraphs(text)
+    if head is None:
+        lines = _line_sets(text, spans)
+        return spans, lines, _template_line(lines), None
+    fresh = _line_sets(text, spans[len(head.spans):])
+    return spans, [*head.lines, *fresh], _template_after(head, fresh), head
 
 
 def _paragraphs(text: str) -> tuple[list[Span], _Head | None]:
@@ -432,22 +432,18 @@ def _splits(text: str) -> list[int]:
     return found
 
 
-def _extended(head: _Head, at: int, text: str) -> tuple[list[Span], list[frozenset[str]],
-                                                        str | None]:
-    """:func:`_structure` of ``text``, whose first ``at`` characters ``head`` holds."""
-    rest = _shifted(paragraphs(text[at:]), at)
-    fresh = _line_sets(text, rest)
-    more = Counter(chain.from_iterable(fresh))
-    # the rest's lines only gain: the best of the beginning's, or one of those
+def _template_after(head: _Head, fresh: list[frozenset[str]]) -> str | None:
+    """The template line of a text that is ``head`` followed by paragraphs of line sets
+    ``fresh``: the lines of those only gain, so the best of the beginning's, or one of
+    theirs."""
     best = head.ranked[0] if head.ranked else None
-    for line, n in more.items():
+    for line, n in Counter(chain.from_iterable(fresh)).items():
         n += head.counts.get(line, 0)
         if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS:
             found = (n, len(line), line)
             if best is None or found > best:
                 best = found
-    return ([*head.spans, *rest], [*head.lines, *fresh],
-            None if best is None else best[2])
+    return None if best is None else best[2]
 
 
 def _block_examples(messages: list[Message], last: int) -> Examples | None:
