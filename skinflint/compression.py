@@ -29,7 +29,7 @@ from itertools import chain
 from typing import Any
 
 from skinflint.paragraphs import Span, paragraphs, protected, sentences
-from skinflint.remembered import Remembered
+from skinflint.remembered import Remembered, SeenOnce
 
 __all__ = [
     "Examples",
@@ -318,8 +318,7 @@ class _Heads:
     def __init__(self, size: int, max_chars: int, seen: int = 8192) -> None:
         self._size = size
         self._max_chars = max_chars
-        self._slots = seen
-        self._seen = [0] * seen
+        self._seen = SeenOnce(seen)
         self._kept: dict[tuple[int, str, str], _Head] = {}
         self._lock = threading.Lock()
         self.hits = 0
@@ -339,12 +338,7 @@ class _Heads:
                 return None  # another beginning with the same ends
             self.hits += 1
             return head
-        mark = hash(key)
-        slot = mark % self._slots
-        if self._seen[slot] != mark:
-            self._seen[slot] = mark
-            return None
-        if _fenced(text, 0, at):
+        if not self._seen.again(hash(key)) or _fenced(text, 0, at):
             return None
         head = _head(text[:at])
         with self._lock:
@@ -355,7 +349,7 @@ class _Heads:
 
     def clear(self) -> None:
         with self._lock:
-            self._seen = [0] * self._slots
+            self._seen.clear()
             self._kept.clear()
             self.hits = 0
 

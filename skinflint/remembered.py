@@ -14,9 +14,29 @@ from collections.abc import Callable, Iterable
 from functools import _CacheInfo, lru_cache
 from typing import Generic, TypeVar
 
-__all__ = ["Remembered"]
+__all__ = ["Remembered", "SeenOnce"]
 
 T = TypeVar("T")
+
+
+class SeenOnce:
+    """The keys seen, about the last ``slots`` of them: a direct-mapped table of hashes, one
+    int a slot, nothing to evict (a key pushed out is merely seen afresh)."""
+
+    def __init__(self, slots: int = 8192) -> None:
+        self._table = [0] * slots
+
+    def again(self, key: int) -> bool:
+        """Whether ``key`` was seen before; noted now when it was not."""
+        table = self._table
+        slot = key % len(table)
+        if table[slot] == key:
+            return True
+        table[slot] = key
+        return False
+
+    def clear(self) -> None:
+        self._table = [0] * len(self._table)
 
 
 class Remembered(Generic[T]):
@@ -28,8 +48,7 @@ class Remembered(Generic[T]):
         self._make = make
         self._kept = lru_cache(maxsize=size)(make)
         self._max_chars = max_chars
-        self._slots = seen
-        self._seen = [0] * seen
+        self._seen = SeenOnce(seen)
 
     def __call__(self, text: str) -> T:
         return self.many((text,))[0]
@@ -37,35 +56,26 @@ class Remembered(Generic[T]):
     def many(self, texts: Iterable[str]) -> list[T]:
         """``make(text)`` of each text (one call for many: most texts are new, and their
         lookup must cost next to nothing)."""
-        make, kept, seen, slots, longest = (self._make, self._kept, self._seen, self._slots,
-                                            self._max_chars)
+        make, kept, again, longest = (self._make, self._kept, self._seen.again,
+                                      self._max_chars)
         out: list[T] = []
         for text in texts:
-            if len(text) <= longest:
-                key = hash(text)
-                slot = key % slots
-                if seen[slot] == key:
-                    out.append(kept(text))
-                    continue
-                seen[slot] = key  # seen once: remembered from the next time
-            out.append(make(text))
+            if len(text) <= longest and again(hash(text)):
+                out.append(kept(text))
+            else:  # long, or seen once: remembered from the next time
+                out.append(make(text))
         return out
 
     def known(self, text: str) -> T | None:
         """``make(text)`` when ``text`` was seen before (made now, and kept, the second time);
         None the first time, when it is only noted: for a value only worth making for a text
         that comes back."""
-        if len(text) > self._max_chars:
-            return None
-        key = hash(text)
-        slot = key % self._slots
-        if self._seen[slot] == key:
+        if len(text) <= self._max_chars and self._seen.again(hash(text)):
             return self._kept(text)
-        self._seen[slot] = key
         return None
 
     def clear(self) -> None:
-        self._seen = [0] * self._slots
+        self._seen.clear()
         self._kept.cache_clear()
 
     def info(self) -> _CacheInfo:
