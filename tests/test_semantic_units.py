@@ -72,6 +72,11 @@ DIFFERENT = [
     ("Why is the sky blue?", "Why is the sky not blue?", "negation"),
     ("Can I run it without root?", "Can I run it with root?", "negation"),
     ("Why doesn't my code compile?", "Why does my code compile?", "negation"),
+    # both negate once elsewhere: a negation added is still a difference
+    ("Michael was a better employer than Joel so _ did not have to worry about retaining "
+     "employees. Answer without explanation.",
+     "Michael was a better employer than Joel so _ had to worry about retaining employees. "
+     "Answer without explanation.", "negation"),
     ("How do I learn Java quickly?", "How do I learn Python quickly?", "entities"),
     ("Best rehab center near Warren County", "Best rehab center near Peach County", "entities"),
     ("She watered the rose, the soil of the _ was already wet.",

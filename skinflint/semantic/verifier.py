@@ -9,8 +9,9 @@ the texts differ in any of
 * named entities (capitalised words, acronyms, camel case) missing from the other text,
 * symbols (``%`` vs ``~``, ``C++`` vs ``C#``; ordinary punctuation is ignored),
 * the word opening the question, when both open with where / when / why / who,
-* negation (not, no, never, without, n't, non-, ...), or opposite words (for / against,
-  encrypt / decrypt, buy / sell, he / she, ...),
+* negation (not, no, never, without, n't, non-, ...: how many times each text negates, so "did
+  not have to worry, without a doubt" is not "had to worry, without a doubt"), or opposite
+  words (for / against, encrypt / decrypt, buy / sell, he / she, ...),
 * the order of two words around a word both texts share: "from Paris to London" vs "from London
   to Paris", "F to C" vs "C to F", "is Apple better than Samsung" vs the reverse,
 * the one word that differs between otherwise identical texts, unless both are forms of one word:
@@ -185,7 +186,7 @@ def compare(a: str, b: str) -> Evidence:
         symbols=_differ(left.symbols, right.symbols),
         question=_differ(left.question, right.question) if left.question and right.question
         else (frozenset(), frozenset()),
-        negation=left.negated != right.negated,
+        negation=left.negations != right.negations,
         opposites=_opposites(left.stems, right.stems),
         order=_swap(left.words, right.words) or _flipped(left.words, right.words),
         replaced=_replaced(left.words, right.words),
@@ -224,7 +225,7 @@ class _Parsed:
     entities: frozenset[str]
     symbols: frozenset[str]
     question: frozenset[str]  # "where", "when", ... opening a sentence
-    negated: bool
+    negations: int  # negation words, counted
 
     @classmethod
     def of(cls, text: str) -> _Parsed:
@@ -244,7 +245,7 @@ class _Parsed:
                 w for w, (_, first) in zip(lower, tokens, strict=True)
                 if first and w in _QUESTION_WORDS
             ),
-            negated=any(w in _NEGATIONS or w.endswith("n't") for w in lower),
+            negations=sum(w in _NEGATIONS or w.endswith("n't") for w in lower),
         )
 
 
