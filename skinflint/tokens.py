@@ -194,11 +194,10 @@ class TokenCounter:
         """``count_text(model, text)`` when it is at most ``limit``; past that, some number
         above ``limit`` (counting stops at the first line that crosses it), so deciding
         whether a long text fits a small budget costs a count of about the budget."""
+        past = self.past(text, limit)
+        if past is not None:
+            return past  # certainly past the limit: nothing to count
         encoding = self._encoding(model)
-        if len(text) > 2 * limit:  # likely past it: a cheap lower bound may tell
-            words = _words_at_least(text, limit)
-            if words > limit:
-                return words  # certainly past the limit: nothing to count
         total, start = 0, 0
         while start < len(text) and total <= limit:
             ahead = max(_MIN_CHUNK, (limit - total) * _CHARS_PER_TOKEN)  # what could still fit
@@ -207,6 +206,18 @@ class TokenCounter:
             total += len(encoding.encode_ordinary(text[start:end]))
             start = end
         return total
+
+    @staticmethod
+    def past(text: str, limit: int) -> int | None:
+        """A number above ``limit`` when ``text`` certainly counts more tokens than that, in any
+        encoding, found without counting (a lower bound: its runs of characters between ASCII
+        whitespace); None when it may not. Looked for only in a text over twice ``limit``
+        characters long (likely past it), in no more of it than needed."""
+        if len(text) > 2 * limit:
+            words = _words_at_least(text, limit)
+            if words > limit:
+                return words
+        return None
 
     def count_messages(self, model: str, messages: list[dict[str, Any]]) -> int:
         """Prompt tokens of OpenAI chat ``messages``, reply priming included (cookbook method).

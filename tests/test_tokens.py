@@ -271,6 +271,8 @@ def test_the_words_of_a_text_never_outnumber_its_tokens(model: str) -> None:
         for limit in (0, 1, exact // 3, exact - 1, exact):
             found = counter.count_text_within(model, text, limit)
             assert found == exact if exact <= limit else found > limit
+            past = TokenCounter.past(text, limit)
+            assert past is None or exact > limit < past
 
 
 @pytest.mark.parametrize("model", ["gpt-4", "gpt-4o"])

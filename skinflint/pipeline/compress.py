@@ -288,8 +288,11 @@ class _Counts:
 
     def within(self, text: str, limit: int) -> int:
         """``text``'s count when at most ``limit``, else a number above it (not remembered). A
-        paragraph or so is counted whole, by parts: a document sent again costs nothing."""
+        paragraph or so is counted whole, by parts: a document sent again costs nothing; one
+        that certainly does not fit (:meth:`TokenCounter.past`) is not counted at all."""
         found = self._known.get(text)
+        if found is None and (past := self._tokens.past(text, limit)) is not None:
+            return past  # a paragraph that certainly does not fit is not counted
         if found is None and len(text) <= _WHOLE_CHARS:
             return self.text(text)
         if found is None:

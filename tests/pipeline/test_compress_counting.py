@@ -94,3 +94,13 @@ async def test_when_the_counting_thread_is_busy_the_caller_counts_exactly() -> N
 
 async def _answered() -> Reply:
     return Reply(body=answer())
+
+
+def test_a_paragraph_that_certainly_does_not_fit_is_not_counted() -> None:
+    counts = compress._Counts(TOKENS, "gpt-4o")
+    paragraph = " ".join(f"word{i}" for i in range(300))
+    exact = TOKENS.count_text("gpt-4o", paragraph)
+    assert counts.within(paragraph, 100) > 100
+    assert paragraph not in counts._known  # answered from its words, not counted
+    assert counts.within(paragraph, exact) == exact == counts.text(paragraph)
+    assert counts.within(paragraph, exact - 1) > exact - 1
