@@ -273,10 +273,13 @@ class Gateway:
         jobs = await storage.job_store()
         timeouts = {n: p.timeout for n, p in policies.items()}
         batchable = batch_target(settings, route, providers)
+        batches = _batch_service(settings, jobs, providers, timeouts, ledger, catalog, budgets,
+                                 session, metrics)
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             guard=Guard(budgets, metrics),
-            defer=Defer(settings.batching, jobs, batchable, metrics=metrics),
+            defer=Defer(settings.batching, jobs, batchable, metrics=metrics, cache=cache,
+                        answered=batches.settler.answered),
             rules=Rules(settings.rules, tokens, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),
@@ -289,8 +292,6 @@ class Gateway:
             call_provider=CallProvider(providers, policies, metrics, _breakers(settings, metrics)),
             account=account,
         )
-        batches = _batch_service(settings, jobs, providers, timeouts, ledger, catalog, budgets,
-                                 session, metrics)
         gw = cls(settings, Pipeline(stages), storage, cache, metrics, catalog, tokens,
                  providers, session, budgets, shadow=shadow, condenser=condenser,
                  batches=batches, batch_target=batchable, account=account)

@@ -223,6 +223,11 @@ class Settler:
         if claims:
             book.counters.settle(claims, amount)
 
+    def answered(self, job: Job) -> None:
+        """A deferred job the exact cache answered when it was accepted: its webhook (its
+        ledger row is its request's own)."""
+        self._notify(job)
+
     def _notify(self, job: Job) -> None:
         if self._webhook is None or not self._webhook_url or job.group:
             return

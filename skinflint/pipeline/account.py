@@ -90,7 +90,7 @@ class Account:
                 ctx.costs = self._price(ctx)
             return Reply(chunks=self._observe(ctx, reply.chunks), status=reply.status)
         assert reply.body is not None
-        if ctx.deferred:  # accepted, not answered: its row is written when its result is
+        if ctx.deferred:  # its row is written when its result is (now, if the cache answered)
             self._finish(ctx)
             return reply
         ctx.model = reply.body.get("model") or ctx.answered_model
@@ -275,7 +275,7 @@ class Account:
                     self._metrics.cascade_escalations, a.target.name, a.verdict.reason
                 ).inc()
         latency_ms = (time.perf_counter() - ctx.started) * 1000
-        if ctx.deferred:
+        if ctx.deferred and not ctx.cache.hit:
             pass  # its row is written when its result arrives
         elif ctx.packed is not None and not ctx.served_locally:
             self._record_items(ctx, ctx.packed, latency_ms)

@@ -309,9 +309,9 @@ class ResponseCache:
 
     # ---- serving
 
-    async def lookup(self, ctx: RequestContext) -> Reply | None:
-        """Decide whether the cache serves and stores ``ctx`` (its ``cache`` and
-        ``cache_plan``), and answer it from an exact entry when there is one."""
+    def _exact(self, ctx: RequestContext) -> tuple[str, Policy] | None:
+        """``ctx``'s exact key and policy; None (and ``ctx.cache`` says why) when the cache may
+        not serve it."""
         policy = self.policy(ctx.feature, ctx.requested_model)
         reason = self.bypass(ctx, policy)
         if reason is not None:
@@ -320,7 +320,15 @@ class ResponseCache:
         digest = (
             request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
         )
-        key = self.key_for(ctx, digest)
+        return self.key_for(ctx, digest), policy
+
+    async def lookup(self, ctx: RequestContext) -> Reply | None:
+        """Decide whether the cache serves and stores ``ctx`` (its ``cache`` and
+        ``cache_plan``), and answer it from an exact entry when there is one."""
+        found = self._exact(ctx)
+        if found is None:
+            return None
+        key, policy = found
         ctx.cache_plan = CachePlan(key, policy.ttl_seconds, self.invalidations)
         if ctx.cache_mode == "refresh":  # never waits, but those that arrive meanwhile may
             self._flights.lead(key, ctx)
@@ -328,6 +336,18 @@ class ResponseCache:
         raw = await self.backend.get(key, self.clock())
         if raw is None:  # wait for an identical request in flight, else lead the key
             raw = await self._flights.join(key, ctx, lambda: self.backend.get(key, self.clock()))
+        return None if raw is None else self.serve(ctx, raw, CacheDecision("hit-exact"))
+
+    async def stored(self, ctx: RequestContext) -> Reply | None:
+        """``ctx`` answered from an exact entry when the cache holds one and may serve it;
+        nothing in flight is waited for or led, and nothing is planned to be stored (for a
+        request deferred to a provider batch: answered now, or later by its batch)."""
+        if not self.exact_enabled or ctx.cache_mode == "refresh":
+            return None
+        found = self._exact(ctx)
+        if found is None:
+            return None
+        raw = await self.backend.get(found[0], self.clock())
         return None if raw is None else self.serve(ctx, raw, CacheDecision("hit-exact"))
 
     def release(self, ctx: RequestContext) -> None:

@@ -6,7 +6,10 @@ serves its answer.
 
 A deferred request has met the attribute and guard stages only: it is authenticated,
 attributed and admitted by its budgets (the guard's reservation becomes one request spent; its
-cost counts when its result arrives). The cache, rules, compression and routing do not apply.
+cost counts when its result arrives). Rules, compression and routing do not apply. The exact
+cache does: a request whose answer it holds (and may serve, as for any request) is not sent
+again at the batch price. Its job is completed at once with the stored answer, the ``202``
+carries it, the ledger records a cache hit, and the batch webhook is told.
 
 What cannot be deferred is decided in :meth:`Defer.deferral`, in one place: a request that asked
 explicitly is refused (400) when it streams, is not a chat request, or names a model whose
@@ -19,12 +22,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
+
+import orjson
 
 from skinflint.config import BatchingConfig
 from skinflint.errors import RequestError
 from skinflint.interfaces import Job, JobStore
 from skinflint.metrics import Metrics
+from skinflint.pipeline.cache import ResponseCache
 from skinflint.pipeline.context import Next, Reply, RequestContext, Target
 
 __all__ = ["PRIORITY_HEADER", "Defer", "job_json", "new_job_id"]
@@ -63,14 +70,19 @@ class Defer:
     name = "defer"
 
     def __init__(self, config: BatchingConfig, store: JobStore | None, target: BatchTarget,
-                 *, clock: Callable[[], float] = time.time,
-                 metrics: Metrics | None = None) -> None:
-        """With no ``store`` (library use) nothing is deferred and the stage is skipped."""
+                 *, clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+                 cache: ResponseCache | None = None,
+                 answered: Callable[[Job], None] | None = None) -> None:
+        """With no ``store`` (library use) nothing is deferred and the stage is skipped.
+        ``cache``: where stored answers are looked for; ``answered``: told of each job the
+        cache answered (the webhook)."""
         self._config = config
         self._store = store
         self._target = target
         self._clock = clock
         self._metrics = metrics
+        self._cache = cache
+        self._answered = answered
         self.enabled = store is not None
 
     def deferral(self, ctx: RequestContext) -> Target | None:
@@ -107,17 +119,28 @@ class Defer:
         if target is None:
             return await next(ctx)
         assert self._store is not None  # else not enabled
+        stored = await self._cache.stored(ctx) if self._cache is not None else None
         now = self._clock()
         job = Job(
             id=new_job_id(ctx.request_id), tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
             request_id=ctx.request_id, requested_model=target.name, provider=target.provider,
             provider_model=target.provider_model, body=ctx.raw_body, created=now,
             due=now + self._config.window_seconds)
+        if stored is not None:  # answered: nothing to send
+            assert stored.body is not None
+            raw = stored.raw if stored.raw is not None else orjson.dumps(stored.body)
+            job = replace(job, state="completed", response=raw, finished=now)
         await self._store.enqueue([job])
         if self._metrics is not None:
             self._metrics.child(self._metrics.jobs_accepted, "deferred").inc()
         ctx.deferred, ctx.status = job.id, 202
-        return Reply(body=job_json(job), status=202)
+        if stored is None:
+            return Reply(body=job_json(job), status=202)
+        if self._metrics is not None:
+            self._metrics.child(self._metrics.jobs_finished, "completed").inc()
+        if self._answered is not None:
+            self._answered(job)
+        return Reply(body=job_json(job, stored.body), status=202)
 
 
 def _refuse(explicit: bool, message: str, code: str) -> None:

@@ -333,3 +333,50 @@ def test_a_batch_line_keeps_every_token_column_of_its_usage(
         assert wait_done(client, accepted["id"])["status"] == "completed"
     (row,) = ledger_rows(tmp_path / "skinflint.db", expect=1)
     assert (row["input_audio_tokens"], row["reasoning_tokens"], row["cached_tokens"]) == (2, 3, 1)
+
+
+def _ask(client: openai.OpenAI, text: str, headers: dict[str, str]) -> Any:
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": text}], temperature=0,
+        extra_headers=headers)
+
+
+def test_a_deferred_request_the_cache_answers_is_not_sent_again(
+        make_gateway: GatewayFactory, fake: FakeUpstream, hooks: str, tmp_path: Path) -> None:
+    gw = make_gateway(batching={**FAST, "webhook": hooks})
+    with sdk(gw.base_url) as client:
+        paid = json.loads(_ask(client, "what is two plus two?", {}).content)
+        calls = len(fake.calls())
+        raw = _ask(client, "what is two plus two?", BATCH)
+        assert raw.status_code == 202
+        accepted = json.loads(raw.content)
+        assert accepted["status"] == "completed" and accepted["response"] == paid
+        jsonschema.validate(accepted, openapi_document()["components"]["schemas"]["Job"])
+        assert job(client, accepted["id"])["response"] == paid
+        refused = _ask(client, "what is two plus two?", {**BATCH, "x-skinflint-cache": "bypass"})
+        sent = wait_done(client, json.loads(refused.content)["id"])
+    assert sent["status"] == "completed"
+    assert fake.batches.submitted == 1  # the request that would not take the cached answer
+    assert len(fake.calls()) == calls == 1  # nothing else went upstream in real time
+    rows = ledger_rows(tmp_path / "skinflint.db", expect=3)
+    hit = next(r for r in rows if r["request_id"] == accepted["request_id"])
+    assert (hit["cache_status"], hit["strategy"], hit["cost_usd"]) == ("hit-exact",
+                                                                       "exact_cache", 0.0)
+    assert hit["saved_usd"] == hit["baseline_cost_usd"] > 0
+    assert sorted(r["strategy"] for r in rows) == ["", "batch", "exact_cache"]
+    deadline = time.monotonic() + 10  # the first delivery failed: retried after a second
+    while len(_Hooks.received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {"id": accepted["id"], "status": "completed"} in _Hooks.received
+
+
+def test_a_deferred_request_is_not_answered_from_another_tenants_cache(
+        make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    gw = make_gateway(batching=FAST, keys=[{"key": "key-a", "tenant": "a"},
+                                           {"key": "key-b", "tenant": "b"}])
+    with sdk(gw.base_url, "key-a") as a, sdk(gw.base_url, "key-b") as b:
+        _ask(a, "what is two plus two?", {})
+        accepted = json.loads(_ask(b, "what is two plus two?", BATCH).content)
+        assert accepted["status"] == "queued"
+        assert wait_done(b, accepted["id"])["status"] == "completed"
+    assert fake.batches.submitted == 1
