@@ -184,12 +184,12 @@ def batch_target(settings: Settings, route: Route,
 def _batch_service(settings: Settings, store: JobStore, providers: dict[str, Provider],
                    timeouts: dict[str, float], ledger: Ledger, catalog: PriceCatalog,
                    budgets: BudgetBook | None, session: aiohttp.ClientSession,
-                   metrics: Metrics) -> BatchService:
+                   metrics: Metrics, cache: ResponseCache) -> BatchService:
     config = settings.batching
     settler = Settler(store, ledger=ledger, catalog=catalog, batch_price=batch_price(catalog),
                       providers=providers, timeouts=timeouts, on_failure=config.on_failure,
                       budgets=budgets, webhook=Webhook(session), webhook_url=config.webhook,
-                      clock=time.time, metrics=metrics)
+                      clock=time.time, metrics=metrics, cache=cache)
     return BatchService(store, providers, config, settler, timeouts=timeouts, metrics=metrics)
 
 
@@ -274,7 +274,7 @@ class Gateway:
         timeouts = {n: p.timeout for n, p in policies.items()}
         batchable = batch_target(settings, route, providers)
         batches = _batch_service(settings, jobs, providers, timeouts, ledger, catalog, budgets,
-                                 session, metrics)
+                                 session, metrics, cache)
         stages = build_stages(
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             guard=Guard(budgets, metrics),

@@ -300,7 +300,9 @@ class Job:
     """One chat request to be answered through a provider batch: a deferred request (``group``
     empty) or a line of a passed-through batch (``group``: the client's batch id, ``custom_id``
     the line's own). ``body`` is the client's JSON body as sent (never a key); the request's
-    attribution travels with it. ``due`` is when it must be sent at the latest."""
+    attribution travels with it. ``due`` is when it must be sent at the latest.
+    ``cache_key``: where the exact cache stores a deferred request's answer when it arrives,
+    for ``cache_ttl`` seconds (0: no expiry); empty when it is not stored."""
 
     id: str
     tenant: str
@@ -321,6 +323,8 @@ class Job:
     error: str = ""  # failed or cancelled: expired | cancelled | failed | realtime_failed
     message: str = ""
     finished: float = 0.0
+    cache_key: str = ""
+    cache_ttl: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,9 @@ one ledger row, its spend in the budgets, and the webhook.
   provider's message (ledgered at no cost: the provider bills no failed line);
 * a line cancelled (the client cancelled its passed-through batch): the job is cancelled.
 
+A deferred request's answer is stored in the exact cache where its job says
+(``Job.cache_key``), whether the batch or a real-time retry gave it.
+
 Jobs about to be retried in real time are marked in the store first (:data:`RETRYING`); a job
 still marked when its batch is settled again, by a process started after one that stopped
 mid-retry, may have been answered and billed: it fails (``realtime_interrupted``), ledgered at
@@ -45,6 +48,7 @@ from skinflint.metrics import Metrics
 from skinflint.models import BatchOutcome, Completion, LedgerRecord, UpstreamRequest, Usage
 from skinflint.monitor import Webhook
 from skinflint.pipeline.budgets import BudgetBook
+from skinflint.pipeline.cache import ResponseCache
 from skinflint.pricing import PriceCatalog
 
 __all__ = ["BATCH_STRATEGY", "BatchPrice", "Settler", "line_body"]
@@ -91,7 +95,7 @@ class Settler:
         providers: Mapping[str, Provider], timeouts: Mapping[str, float], on_failure: str,
         budgets: BudgetBook | None = None, webhook: Webhook | None = None,
         webhook_url: str | None = None, clock: Callable[[], float],
-        metrics: Metrics | None = None,
+        metrics: Metrics | None = None, cache: ResponseCache | None = None,
     ) -> None:
         self._store = store
         self._ledger = ledger
@@ -105,6 +109,7 @@ class Settler:
         self._webhook_url = webhook_url
         self._clock = clock
         self._metrics = metrics
+        self._cache = cache
         self._retrying = asyncio.Semaphore(RETRIES_AT_ONCE)
         self._sending = asyncio.Semaphore(WEBHOOKS_AT_ONCE)
         self._deliveries: set[asyncio.Task[bool]] = set()
@@ -160,7 +165,20 @@ class Settler:
             for job in done:
                 self._account(job, hows[job.id])
             finished += done
+            await self._keep(done)
         return finished
+
+    async def _keep(self, jobs: Sequence[Job]) -> None:
+        """Store the answers of deferred requests the cache is to keep."""
+        if self._cache is None:
+            return
+        for job in jobs:
+            if job.cache_key and job.state == "completed" and job.response is not None:
+                try:
+                    await self._cache.keep(job.cache_key, job.cache_ttl, job.response)
+                except Exception as exc:  # the answer is recorded; only the cache misses it
+                    log.warning("batches: storing the answer of %s in the cache failed: %r",
+                                job.id, exc)
 
     async def _realtime(self, job: Job, outcome: BatchOutcome) -> tuple[JobResult, _How]:
         """The line, once, as a real-time call through its provider."""

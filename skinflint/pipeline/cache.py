@@ -350,6 +350,25 @@ class ResponseCache:
         raw = await self.backend.get(found[0], self.clock())
         return None if raw is None else self.serve(ctx, raw, CacheDecision("hit-exact"))
 
+    def later(self, ctx: RequestContext) -> tuple[str, float] | None:
+        """The key and TTL under which ``ctx``'s answer may be stored when it arrives later (a
+        request deferred to a provider batch); None when it may not be: the cache may not store
+        it, or it has tags (an invalidation in the hours before its answer arrives could not be
+        told from one before the request)."""
+        if ctx.tags or not self.exact_enabled:
+            return None
+        found = self._exact(ctx)
+        return None if found is None else (found[0], found[1].ttl_seconds)
+
+    async def keep(self, key: str, ttl_seconds: float, raw: bytes) -> bool:
+        """Store an answer that arrived later under ``key`` (see :meth:`later`), if it is a
+        complete answer and fits."""
+        if len(raw) > self.config.exact.max_entry_bytes or not is_complete(orjson.loads(raw)):
+            return False
+        expires = self.clock() + ttl_seconds if ttl_seconds > 0 else 0.0
+        await self.backend.set(CacheEntry(key, raw, expires, ()))
+        return True
+
     def release(self, ctx: RequestContext) -> None:
         """Wake the requests waiting for ``ctx``'s answer: call it once the answer is stored or
         known never to be (failed, abandoned, not storable), whatever happened. After a failure

@@ -9,7 +9,8 @@ attributed and admitted by its budgets (the guard's reservation becomes one requ
 cost counts when its result arrives). Rules, compression and routing do not apply. The exact
 cache does: a request whose answer it holds (and may serve, as for any request) is not sent
 again at the batch price. Its job is completed at once with the stored answer, the ``202``
-carries it, the ledger records a cache hit, and the batch webhook is told.
+carries it, the ledger records a cache hit, and the batch webhook is told. Otherwise the job
+notes where its answer is to be stored when it arrives (:meth:`ResponseCache.later`).
 
 What cannot be deferred is decided in :meth:`Defer.deferral`, in one place: a request that asked
 explicitly is refused (400) when it streams, is not a chat request, or names a model whose
@@ -130,6 +131,8 @@ class Defer:
             assert stored.body is not None
             raw = stored.raw if stored.raw is not None else orjson.dumps(stored.body)
             job = replace(job, state="completed", response=raw, finished=now)
+        elif self._cache is not None and (later := self._cache.later(ctx)) is not None:
+            job = replace(job, cache_key=later[0], cache_ttl=later[1])
         await self._store.enqueue([job])
         if self._metrics is not None:
             self._metrics.child(self._metrics.jobs_accepted, "deferred").inc()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import astuple, fields
 from typing import Any, Literal, Protocol
 
@@ -40,7 +40,7 @@ from skinflint.interfaces import (
     StoredFile,
 )
 
-__all__ = ["Connection", "Dialect", "FileDeletion", "JobTables", "schema"]
+__all__ = ["Connection", "Dialect", "FileDeletion", "JobTables", "added_columns", "schema"]
 
 Dialect = Literal["sqlite", "postgres"]
 FileDeletion = Literal["deleted", "in_use", "missing"]
@@ -54,10 +54,29 @@ _CHUNK = 500  # ids per IN (...) list
 LEASE = "batches"
 
 
+def _types(dialect: Dialect) -> tuple[str, str]:
+    return ("REAL", "BLOB") if dialect == "sqlite" else ("DOUBLE PRECISION", "BYTEA")
+
+
+def _added(dialect: Dialect) -> dict[str, str]:
+    """The jobs table's columns added since it was first made, with the value of earlier rows."""
+    real, _ = _types(dialect)
+    return {"cache_key": "TEXT NOT NULL DEFAULT ''", "cache_ttl": f"{real} NOT NULL DEFAULT 0"}
+
+
+def added_columns(dialect: Dialect, have: Collection[str]) -> list[str]:
+    """The statements that give a jobs table made earlier, with columns ``have``, the columns
+    added since."""
+    return [f'ALTER TABLE jobs ADD COLUMN "{name}" {typed}'
+            for name, typed in _added(dialect).items() if name not in have]
+
+
 def schema(dialect: Dialect) -> list[str]:
-    """The statements that create the tables (idempotent)."""
-    real, blob = ("REAL", "BLOB") if dialect == "sqlite" else ("DOUBLE PRECISION", "BYTEA")
-    types = {"body": blob, "response": blob, "created": real, "due": real, "finished": real}
+    """The statements that create the tables (idempotent); see :func:`added_columns` for a
+    table made earlier."""
+    real, blob = _types(dialect)
+    types = {"body": blob, "response": blob, "created": real, "due": real, "finished": real,
+             **_added(dialect)}
     columns = ", ".join(f'"{c}" {types.get(c, "TEXT")}' for c in _JOB_COLUMNS)
     return [
         f"CREATE TABLE IF NOT EXISTS jobs ({columns}, PRIMARY KEY (id))",

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 
 from skinflint.storage.job_thread import SqlJobStore
-from skinflint.storage.jobs import schema
+from skinflint.storage.jobs import added_columns, schema
 from skinflint.storage.pgpool import CONNECT_TIMEOUT, SCHEMA_LOCK, config_error
 
 __all__ = ["PostgresJobStore"]
@@ -29,6 +29,11 @@ class _Postgres:
             assert self._conn is not None
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             for statement in schema("postgres"):
+                self._conn.execute(statement)
+            have = {row[0] for row in self._conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'jobs'")}
+            for statement in added_columns("postgres", have):
                 self._conn.execute(statement)
 
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:

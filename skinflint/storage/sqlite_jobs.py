@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from skinflint.storage.job_thread import SqlJobStore
-from skinflint.storage.jobs import schema
+from skinflint.storage.jobs import added_columns, schema
 from skinflint.storage.ledger import open_sqlite, sqlite_transaction
 
 __all__ = ["SQLiteJobStore"]
@@ -19,8 +19,11 @@ _INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
 class _SQLite:
     def __init__(self, path: str, busy_timeout: float) -> None:
         self._conn = open_sqlite(path, busy_timeout=busy_timeout)
-        with self.transaction():
+        with self.transaction():  # two processes starting at once add a column once
             for statement in schema("sqlite"):
+                self._conn.execute(statement)
+            have = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+            for statement in added_columns("sqlite", have):
                 self._conn.execute(statement)
 
     def transaction(self, *, write: bool = True) -> contextlib.AbstractContextManager[None]:

@@ -380,3 +380,22 @@ def test_a_deferred_request_is_not_answered_from_another_tenants_cache(
         assert accepted["status"] == "queued"
         assert wait_done(b, accepted["id"])["status"] == "completed"
     assert fake.batches.submitted == 1
+
+
+def test_a_batchs_answer_is_stored_for_the_requests_that_follow(
+        make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    gw = make_gateway(batching=FAST)
+    with sdk(gw.base_url) as client:
+        first = json.loads(_ask(client, "what is three plus three?", BATCH).content)
+        answer = wait_done(client, first["id"])["response"]
+        again = _ask(client, "what is three plus three?", {})
+        assert json.loads(again.content) == answer
+        assert again.headers["x-skinflint-cache"] == "hit-exact"
+        repeat = json.loads(_ask(client, "what is three plus three?", BATCH).content)
+        assert repeat["status"] == "completed" and repeat["response"] == answer
+        tagged = json.loads(_ask(client, "what is four plus four?",
+                                 {**BATCH, "x-skinflint-tags": "docs"}).content)
+        wait_done(client, tagged["id"])
+        assert _ask(client, "what is four plus four?",
+                    {"x-skinflint-tags": "docs"}).headers["x-skinflint-cache"] == "miss"
+    assert fake.batches.submitted == 2 and len(fake.calls()) == 1

@@ -4,14 +4,17 @@ group, results recorded once, restart bookkeeping, the lease, and the pass-throu
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
 from skinflint.errors import JobStoreError
 from skinflint.interfaces import ClientBatch, Job, JobResult, JobStore, ProviderBatch, StoredFile
+from skinflint.storage.jobs import Dialect, schema
 from skinflint.storage.sqlite_jobs import SQLiteJobStore
 from tests.storage.test_ledger_durability import locked
 
@@ -219,3 +222,48 @@ async def test_a_tenants_batches_newest_first_in_pages(store: JobStore) -> None:
     rest = await store.tenant_batches("t1", "batch_3", 10)
     assert [b.id for b in rest] == ["batch_1", "batch_0"]
     assert [b.id for b in await store.tenant_batches("t2", "", 10)] == ["batch_2"]
+
+
+_ADDED = ('"cache_key" TEXT NOT NULL DEFAULT \'\', ', '"cache_ttl" REAL NOT NULL DEFAULT 0, ',
+          '"cache_ttl" DOUBLE PRECISION NOT NULL DEFAULT 0, ')
+
+
+def _earlier(dialect: Dialect) -> str:
+    """The jobs table as it was made before the cache columns were added."""
+    create = schema(dialect)[0]
+    for column in _ADDED:
+        create = create.replace(column, "")
+    assert "cache_" not in create
+    return create
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+async def test_a_jobs_table_made_earlier_gets_the_new_columns(
+        dialect: Dialect, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    old = job(1)
+    columns = [f.name for f in fields(Job) if not f.name.startswith("cache_")]
+    row = [getattr(old, c) for c in columns]
+    insert = "INSERT INTO jobs ({}) VALUES ({})".format(
+        ", ".join(f'"{c}"' for c in columns), ", ".join("?" for _ in columns))
+    if dialect == "sqlite":
+        conn = sqlite3.connect(tmp_path / "jobs.db")
+        conn.execute(_earlier("sqlite"))
+        conn.execute(insert, row)
+        conn.commit()
+        conn.close()
+        opened = await _sqlite(tmp_path)
+    else:
+        url = request.getfixturevalue("pg_url")
+        psycopg = pytest.importorskip("psycopg")
+        with psycopg.connect(url, autocommit=True) as pg:
+            pg.execute(_earlier("postgres"))
+            pg.execute(insert.replace("?", "%s"), row)
+        (tmp_path / "pg-url").write_text(url)
+        opened = await _postgres(tmp_path)
+    try:
+        assert await opened.get(old.id) == old  # read with the columns' defaults
+        new = replace(job(2), cache_key="k", cache_ttl=60.0)
+        await opened.enqueue([new])
+        assert await opened.get(new.id) == new
+    finally:
+        await opened.close()
