@@ -150,6 +150,11 @@ class TokenBudget(_Frozen):
     brevity: str | None = Field(default=None, min_length=1)
 
 
+#: The cache-key scope of a request sent with no output cap (see
+#: :meth:`TokenBudgets.cache_scope`).
+UNCAPPED = "-"
+
+
 class TokenBudgets(Scoped[TokenBudget]):
     """The ``token_budgets`` section: a :class:`Scoped` cap, plus ``tasks:`` keyed by the task
     a route chose. A request takes its task's, else its feature's, else its route's, else the
@@ -173,7 +178,7 @@ class TokenBudgets(Scoped[TokenBudget]):
         cap is known now; with one, it may depend on the task the route will choose, which
         the rest of the key determines, so every task cap takes part."""
         budget = self.find(feature, route)
-        scope = "-" if budget is None else f"{budget.max_tokens}\0{budget.brevity or ''}"
+        scope = UNCAPPED if budget is None else f"{budget.max_tokens}\0{budget.brevity or ''}"
         if routed and self.tasks:
             scope += "".join(f"\0{t}\0{b.max_tokens}\0{b.brevity or ''}"
                              for t, b in sorted(self.tasks.items()))

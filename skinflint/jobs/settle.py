@@ -65,6 +65,8 @@ RETRY_CHUNK = 4 * RETRIES_AT_ONCE
 CHUNK = 500
 _INTERRUPTED = ("the gateway stopped during this line's real-time retry: the provider may have"
                 " answered and billed it; it is not asked again")
+#: Answers stored in the exact cache at once.
+KEEPS_AT_ONCE = 32
 #: Webhook deliveries running at once.
 WEBHOOKS_AT_ONCE = 16
 
@@ -165,20 +167,23 @@ class Settler:
             for job in done:
                 self._account(job, hows[job.id])
             finished += done
-            await self._keep(done)
+        await self._keep(finished)  # once all are recorded: a slow cache holds up none
         return finished
 
     async def _keep(self, jobs: Sequence[Job]) -> None:
-        """Store the answers of deferred requests the cache is to keep."""
+        """Store the answers of deferred requests the cache is to keep, a few at a time."""
         if self._cache is None:
             return
-        for job in jobs:
-            if job.cache_key and job.state == "completed" and job.response is not None:
-                try:
-                    await self._cache.keep(job.cache_key, job.cache_ttl, job.response)
-                except Exception as exc:  # the answer is recorded; only the cache misses it
-                    log.warning("batches: storing the answer of %s in the cache failed: %r",
-                                job.id, exc)
+        kept = [j for j in jobs if j.cache_key and j.state == "completed" and j.response]
+        for start in range(0, len(kept), KEEPS_AT_ONCE):
+            await asyncio.gather(*(self._keep_one(j) for j in kept[start:start + KEEPS_AT_ONCE]))
+
+    async def _keep_one(self, job: Job) -> None:
+        assert self._cache is not None and job.response is not None
+        try:
+            await self._cache.keep(job.cache_key, job.cache_ttl, job.response)
+        except Exception as exc:  # the answer is recorded; only the cache misses it
+            log.warning("batches: storing the answer of %s in the cache failed: %r", job.id, exc)
 
     async def _realtime(self, job: Job, outcome: BatchOutcome) -> tuple[JobResult, _How]:
         """The line, once, as a real-time call through its provider."""

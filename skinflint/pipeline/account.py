@@ -3,7 +3,8 @@ catalog, saving against the baseline, the ledger row, and storing the answer in 
 
 It acts after every other stage has returned, for every outcome: answered, served from cache,
 failed, or abandoned by the client. A stream is accounted when it ends. A deferred request
-(``202``) has no row of its own: the batch service writes one when its result arrives.
+(``202``) has no row of its own: the batch service writes one when its result arrives, unless
+the exact cache answered it at once (a cache hit's row, now).
 """
 
 from __future__ import annotations

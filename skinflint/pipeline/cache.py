@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from skinflint.cachekey import request_hash, scoped_key
-from skinflint.config import CacheConfig, CachePolicy, Settings, TokenBudgets
+from skinflint.config import UNCAPPED, CacheConfig, CachePolicy, Settings, TokenBudgets
 from skinflint.embed import canonical_name
 from skinflint.errors import ConfigError
 from skinflint.interfaces import CacheEntry, CacheStore, InvalidationFeed, SemanticIndex
@@ -288,13 +288,15 @@ class ResponseCache:
             return f"u:{len(ctx.tenant)}:{ctx.tenant}:{ctx.user}"
         return f"t:{ctx.tenant}"
 
-    def key_for(self, ctx: RequestContext, digest: str) -> str:
+    def key_for(self, ctx: RequestContext, digest: str, *, uncapped: bool = False) -> str:
         """``digest`` within the request's scope; for a route, also within its task and
         feature, and for a feature with a policy of its own (a TTL, say), within that feature,
         so that no request is served an answer stored under another feature's policy; with
-        token budgets, also within the output cap that applies to it."""
+        token budgets, also within the output cap that applies to it (none, ``uncapped``: a
+        request deferred to a provider batch is sent as the client wrote it)."""
         if self._caps is not None:
-            digest = scoped_key(f"cap\0{self._cap_scope(ctx)}", digest)
+            scope = UNCAPPED if uncapped else self._cap_scope(ctx)
+            digest = scoped_key(f"cap\0{scope}", digest)
         if ctx.requested_model in self._routes:
             digest = scoped_key(f"route\0{ctx.task}\0{ctx.feature}", digest)
         elif ctx.feature in self.config.exact.features:
@@ -309,9 +311,10 @@ class ResponseCache:
 
     # ---- serving
 
-    def _exact(self, ctx: RequestContext) -> tuple[str, Policy] | None:
-        """``ctx``'s exact key and policy; None (and ``ctx.cache`` says why) when the cache may
-        not serve it."""
+    def _exact(self, ctx: RequestContext, *, uncapped: bool = False
+               ) -> tuple[str, Policy] | None:
+        """``ctx``'s exact key and policy (see :meth:`key_for`); None (and ``ctx.cache`` says
+        why) when the cache may not serve it."""
         policy = self.policy(ctx.feature, ctx.requested_model)
         reason = self.bypass(ctx, policy)
         if reason is not None:
@@ -320,7 +323,7 @@ class ResponseCache:
         digest = (
             request_hash(ctx.endpoint, ctx.body, loose=True) if policy.loose else ctx.request_hash
         )
-        return self.key_for(ctx, digest), policy
+        return self.key_for(ctx, digest, uncapped=uncapped), policy
 
     async def lookup(self, ctx: RequestContext) -> Reply | None:
         """Decide whether the cache serves and stores ``ctx`` (its ``cache`` and
@@ -341,10 +344,11 @@ class ResponseCache:
     async def stored(self, ctx: RequestContext) -> Reply | None:
         """``ctx`` answered from an exact entry when the cache holds one and may serve it;
         nothing in flight is waited for or led, and nothing is planned to be stored (for a
-        request deferred to a provider batch: answered now, or later by its batch)."""
+        request deferred to a provider batch: answered now, or later by its batch, with no
+        output cap either way)."""
         if not self.exact_enabled or ctx.cache_mode == "refresh":
             return None
-        found = self._exact(ctx)
+        found = self._exact(ctx, uncapped=True)
         if found is None:
             return None
         raw = await self.backend.get(found[0], self.clock())
@@ -357,7 +361,7 @@ class ResponseCache:
         told from one before the request)."""
         if ctx.tags or not self.exact_enabled:
             return None
-        found = self._exact(ctx)
+        found = self._exact(ctx, uncapped=True)
         return None if found is None else (found[0], found[1].ttl_seconds)
 
     async def keep(self, key: str, ttl_seconds: float, raw: bytes) -> bool:

@@ -9,7 +9,9 @@ attributed and admitted by its budgets (the guard's reservation becomes one requ
 cost counts when its result arrives). Rules, compression and routing do not apply. The exact
 cache does: a request whose answer it holds (and may serve, as for any request) is not sent
 again at the batch price. Its job is completed at once with the stored answer, the ``202``
-carries it, the ledger records a cache hit, and the batch webhook is told. Otherwise the job
+carries it, the ledger records a cache hit (status 200, as a job's answer is recorded), and
+the batch webhook is told. A deferred request is sent with no output cap (token budgets do not
+apply), so these answers are those of uncapped requests. Otherwise the job
 notes where its answer is to be stored when it arrives (:meth:`ResponseCache.later`).
 
 What cannot be deferred is decided in :meth:`Defer.deferral`, in one place: a request that asked
@@ -136,8 +138,9 @@ class Defer:
         await self._store.enqueue([job])
         if self._metrics is not None:
             self._metrics.child(self._metrics.jobs_accepted, "deferred").inc()
-        ctx.deferred, ctx.status = job.id, 202
+        ctx.deferred = job.id
         if stored is None:
+            ctx.status = 202  # accepted; answered (its ledger row's status) when it is
             return Reply(body=job_json(job), status=202)
         if self._metrics is not None:
             self._metrics.child(self._metrics.jobs_finished, "completed").inc()

@@ -360,8 +360,8 @@ def test_a_deferred_request_the_cache_answers_is_not_sent_again(
     assert len(fake.calls()) == calls == 1  # nothing else went upstream in real time
     rows = ledger_rows(tmp_path / "skinflint.db", expect=3)
     hit = next(r for r in rows if r["request_id"] == accepted["request_id"])
-    assert (hit["cache_status"], hit["strategy"], hit["cost_usd"]) == ("hit-exact",
-                                                                       "exact_cache", 0.0)
+    assert (hit["cache_status"], hit["strategy"], hit["cost_usd"], hit["status"]) == (
+        "hit-exact", "exact_cache", 0.0, 200)
     assert hit["saved_usd"] == hit["baseline_cost_usd"] > 0
     assert sorted(r["strategy"] for r in rows) == ["", "batch", "exact_cache"]
     deadline = time.monotonic() + 10  # the first delivery failed: retried after a second
@@ -399,3 +399,20 @@ def test_a_batchs_answer_is_stored_for_the_requests_that_follow(
         assert _ask(client, "what is four plus four?",
                     {"x-skinflint-tags": "docs"}).headers["x-skinflint-cache"] == "miss"
     assert fake.batches.submitted == 2 and len(fake.calls()) == 1
+
+
+def test_capped_and_uncapped_answers_are_kept_apart(
+        make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    """A deferred request is sent with no output cap: its answer is never served to a request
+    the token budgets cap, nor a capped answer to it."""
+    gw = make_gateway(batching=FAST, token_budgets={"default": {"max_tokens": 50}})
+    with sdk(gw.base_url) as client:
+        _ask(client, "what is five plus five?", {})  # capped, cached
+        first = json.loads(_ask(client, "what is five plus five?", BATCH).content)
+        assert first["status"] == "queued"
+        wait_done(client, first["id"])
+        assert _ask(client, "what is five plus five?", {}).headers["x-skinflint-cache"] == (
+            "hit-exact")  # the capped answer, still
+        again = json.loads(_ask(client, "what is five plus five?", BATCH).content)
+        assert again["status"] == "completed"  # the batch's own answer
+    assert fake.batches.submitted == 1 and len(fake.calls()) == 1
