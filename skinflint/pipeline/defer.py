@@ -11,8 +11,9 @@ cache does: a request whose answer it holds (and may serve, as for any request) 
 again at the batch price. Its job is completed at once with the stored answer, the ``202``
 carries it, the ledger records a cache hit (status 200, as a job's answer is recorded), and
 the batch webhook is told. A deferred request is sent with no output cap (token budgets do not
-apply), so these answers are those of uncapped requests. Otherwise the job
-notes where its answer is to be stored when it arrives (:meth:`ResponseCache.later`).
+apply), so these answers are those of uncapped requests. Otherwise the job notes where its
+answer is to be stored when it arrives (:meth:`ResponseCache.later`), unless a budget sends it
+to another model than the one asked for.
 
 What cannot be deferred is decided in :meth:`Defer.deferral`, in one place: a request that asked
 explicitly is refused (400) when it streams, is not a chat request, or names a model whose
@@ -133,7 +134,8 @@ class Defer:
             assert stored.body is not None
             raw = stored.raw if stored.raw is not None else orjson.dumps(stored.body)
             job = replace(job, state="completed", response=raw, finished=now)
-        elif self._cache is not None and (later := self._cache.later(ctx)) is not None:
+        elif (self._cache is not None and target.name == ctx.requested_model
+              and (later := self._cache.later(ctx)) is not None):  # not another model's answer
             job = replace(job, cache_key=later[0], cache_ttl=later[1])
         await self._store.enqueue([job])
         if self._metrics is not None:

@@ -416,3 +416,19 @@ def test_capped_and_uncapped_answers_are_kept_apart(
         again = json.loads(_ask(client, "what is five plus five?", BATCH).content)
         assert again["status"] == "completed"  # the batch's own answer
     assert fake.batches.submitted == 1 and len(fake.calls()) == 1
+
+
+def test_an_answer_of_another_model_than_the_one_asked_is_not_stored(
+        make_gateway: GatewayFactory, fake: FakeUpstream) -> None:
+    budget = {"name": "bulk-daily", "per": "feature", "match": "bulk", "limit": {"requests": 1},
+              "action": "downgrade", "downgrade_to": "cheap"}
+    gw = make_gateway(batching=FAST, budgets=[budget])
+    bulk = {**BATCH, "x-skinflint-feature": "bulk"}
+    with sdk(gw.base_url) as client:
+        first = json.loads(_ask(client, "what is six plus six?", bulk).content)
+        second = json.loads(_ask(client, "what is seven plus seven?", bulk).content)
+        assert wait_done(client, second["id"])["response"]["model"] == "qwen3-8b"
+        wait_done(client, first["id"])
+        hits = [_ask(client, f"what is {n} plus {n}?", {}).headers["x-skinflint-cache"]
+                for n in ("six", "seven")]
+    assert hits == ["hit-exact", "miss"]
