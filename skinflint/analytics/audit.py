@@ -20,6 +20,7 @@ from skinflint.analytics.audit_bloat import Bloat, find_bloat
 from skinflint.analytics.audit_duplicates import (
     PREFILTER_NOTE,
     NearSetting,
+    cache_lifetime,
     exact_duplicates,
     near_duplicates,
 )
@@ -77,14 +78,14 @@ def run_audit(
     counter = TokenCounter()
     on_progress("pricing", 0, None)
     price_calls(calls, catalog, counter)
-    exact = exact_duplicates(calls, settings.cache.exact.scope)
+    exact = exact_duplicates(calls, settings.cache)
     threshold, verifier = semantic_setting(settings)
     near = [False] * len(calls)
     if len(log.calls) > log.ledger_lines:
         on_progress("finding near duplicates", 0, None)
         setting = NearSetting(embedder or embedder_for(settings), threshold, verifier,
                               settings.cache.semantic.max_question_chars,
-                              settings.cache.exact.scope)
+                              settings.cache.exact.scope, cache_lifetime(settings.cache))
         near = near_duplicates(calls, exact, setting,
                                lambda d, t: on_progress("embedding questions", d, t))
     on_progress("prompt bloat and routing", 0, None)

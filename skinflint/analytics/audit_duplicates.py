@@ -1,11 +1,17 @@
 """Duplicates in a log, found as the caches would find them.
 
 Exact: a request whose exact-cache key (the request hash, default normalisation, within the
-cache's scope) was seen before. Near: a request that is not an exact duplicate whose last user
-message matches an earlier question of the same semantic partition (scope, model, system prompt,
-parameters and earlier turns: :func:`skinflint.pipeline.cache.context_digest`) at the semantic
-cache's threshold, with its embedder, and passes its verifier when that is on. As in the cache,
-a question that was itself served from the semantic cache is not indexed, so it matches nothing.
+cache's scope, and within its feature when the feature has a cache policy of its own) was seen
+before, and whose entry would still be there: stored by the first request of that key, it lives
+for the cache's TTL for that feature and model, and the first request after it expired stores it
+again. Requests of a feature or model the cache is off for are never duplicates. Near: a request
+that is not an exact duplicate whose last user message matches an earlier question of the same
+semantic partition (scope, model, system prompt, parameters and earlier turns:
+:func:`skinflint.pipeline.cache.context_digest`), asked within that question's TTL, at the
+semantic cache's threshold, with its embedder, and passes its verifier when that is on. As in
+the cache, a question that was itself served from the semantic cache is not indexed, so it
+matches nothing. (The temperature rules are not applied: a log rarely says what the provider
+sampled at, and the duplicates are what the cache could serve with them set to allow it.)
 
 The embedder costs milliseconds a text, so it only sees texts that could match. A question is
 compared with the earlier questions of its partition whose bag of words has a cosine of at least
@@ -19,6 +25,7 @@ undercounted by about that much.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zlib
@@ -31,16 +38,19 @@ import numpy as np
 import numpy.typing as npt
 
 from skinflint.analytics.audit_input import Call
+from skinflint.config import CacheConfig
 from skinflint.embed import Embedder
 from skinflint.messages import last_user_text
-from skinflint.pipeline.cache import context_digest, split_question
+from skinflint.pipeline.cache import context_digest, merged_policy, split_question
 from skinflint.semantic.verifier import compare
 
 __all__ = [
     "PREFILTER_COSINE",
     "PREFILTER_NOTE",
     "PREFILTER_TOP_K",
+    "Lifetime",
     "NearSetting",
+    "cache_lifetime",
     "exact_duplicates",
     "near_duplicates",
     "scope_of",
@@ -71,17 +81,48 @@ def scope_of(call: Call, scope: str) -> str:
     return f"t:{call.tenant}"
 
 
-def exact_duplicates(calls: Sequence[Call], scope: str) -> list[bool]:
-    """For each call (in time order), whether its key was seen before in its scope."""
-    seen: set[tuple[str, str]] = set()
+#: How long a call's answer would stay in the exact cache (0: no expiry); None when the cache
+#: would not store it (off for its feature or model).
+Lifetime = Callable[[Call], float | None]
+
+
+def cache_lifetime(config: CacheConfig) -> Lifetime:
+    """The :data:`Lifetime` of calls under the cache's rules (:func:`merged_policy`)."""
+    known: dict[tuple[str, str], float | None] = {}
+
+    def lifetime(call: Call) -> float | None:
+        asked = call.body.get("model") if call.body is not None else None
+        key = (call.feature, asked if isinstance(asked, str) else call.model)
+        if key not in known:
+            policy = merged_policy(config, 1.0, *key)
+            known[key] = policy.ttl_seconds if policy.enabled else None
+        return known[key]
+
+    return lifetime
+
+
+def _expires(call: Call, ttl: float) -> float:
+    return math.inf if call.ts is None or ttl <= 0 else call.ts + ttl
+
+
+def exact_duplicates(calls: Sequence[Call], config: CacheConfig) -> list[bool]:
+    """For each call (in time order), whether the exact cache would have served it: its key
+    was stored before in its scope (and feature, if that has a policy of its own) and has not
+    expired since."""
+    lifetime = cache_lifetime(config)
+    expiry: dict[tuple[str, str, str], float] = {}
     marks = []
     for call in calls:
-        if not call.is_request or not call.request_hash:
+        ttl = lifetime(call) if call.is_request and call.request_hash else None
+        if ttl is None:
             marks.append(False)
             continue
-        key = (scope_of(call, scope), call.request_hash)
-        marks.append(key in seen)
-        seen.add(key)
+        own = call.feature if call.feature in config.exact.features else ""
+        key = (scope_of(call, config.exact.scope), own, call.request_hash)
+        hit = key in expiry and (call.ts is None or call.ts < expiry[key])
+        marks.append(hit)
+        if not hit:
+            expiry[key] = _expires(call, ttl)
     return marks
 
 
@@ -92,6 +133,7 @@ class NearSetting:
     verifier: bool
     max_question_chars: int
     scope: str
+    lifetime: Lifetime
 
 
 def _partitions(
@@ -100,7 +142,7 @@ def _partitions(
     """``(scope, context digest) -> [(call index, question)]`` in time order."""
     found: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
     for i, call in enumerate(calls):
-        if call.body is None or exact[i] or not call.is_request:
+        if call.body is None or exact[i] or not call.is_request or setting.lifetime(call) is None:
             continue
         split = split_question(last_user_text(call.body["messages"]), setting.max_question_chars)
         if split is None or not split[1].strip():
@@ -161,8 +203,12 @@ def near_duplicates(
     for entries, cands in plans:
         served: set[int] = set()
         for j, earlier in enumerate(cands):
-            question = entries[j][1]
+            question, asked = entries[j][1], calls[entries[j][0]].ts
             for i in earlier:
+                stored = calls[entries[i][0]]
+                ttl = setting.lifetime(stored) or 0.0
+                if asked is not None and asked >= _expires(stored, ttl):
+                    continue  # its entry has expired
                 # a semantic hit is not indexed: nothing matches it
                 if i not in served and float(
                         vectors[question] @ vectors[entries[i][1]]) >= setting.threshold:

@@ -59,6 +59,7 @@ __all__ = [
     "Policy",
     "ResponseCache",
     "context_digest",
+    "merged_policy",
     "semantic_defaults",
     "semantic_setting",
     "split_question",
@@ -86,6 +87,29 @@ class Policy:
     max_temperature: float
     any_temperature: bool
     threshold: float | None  # the semantic cache's similarity; None when it is off
+
+
+def merged_policy(config: CacheConfig, threshold: float, feature: str, model: str) -> Policy:
+    """The rules for a feature and a requested model or route: the defaults, then the route's
+    own, then the feature's own (``threshold``: the semantic cache's default)."""
+    ex, sem = config.exact, config.semantic
+    enabled, ttl, norm = ex.enabled, ex.ttl_seconds, ex.normalization
+    max_t, any_t = ex.max_temperature, False
+    overrides: tuple[CachePolicy | None, ...] = (ex.routes.get(model), ex.features.get(feature))
+    for o in overrides:
+        if o is None:
+            continue
+        enabled = enabled if o.enabled is None else o.enabled
+        ttl = ttl if o.ttl_seconds is None else o.ttl_seconds
+        norm = norm if o.normalization is None else o.normalization
+        max_t = max_t if o.max_temperature is None else o.max_temperature
+        any_t = any_t if o.cache_any_temperature is None else o.cache_any_temperature
+    semantic = sem.enabled
+    for p in (sem.routes.get(model), sem.features.get(feature)):
+        if p is not None:
+            semantic = semantic if p.enabled is None else p.enabled
+            threshold = threshold if p.threshold is None else p.threshold
+    return Policy(enabled, ttl, norm == "loose", max_t, any_t, threshold if semantic else None)
 
 
 def semantic_defaults() -> dict[str, Any]:
@@ -244,24 +268,7 @@ class ResponseCache:
             return found
 
     def _merge(self, feature: str, model: str) -> Policy:
-        ex, sem = self.config.exact, self.config.semantic
-        enabled, ttl, norm = ex.enabled, ex.ttl_seconds, ex.normalization
-        max_t, any_t = ex.max_temperature, False
-        overrides: tuple[CachePolicy | None, ...] = (ex.routes.get(model), ex.features.get(feature))
-        for o in overrides:
-            if o is None:
-                continue
-            enabled = enabled if o.enabled is None else o.enabled
-            ttl = ttl if o.ttl_seconds is None else o.ttl_seconds
-            norm = norm if o.normalization is None else o.normalization
-            max_t = max_t if o.max_temperature is None else o.max_temperature
-            any_t = any_t if o.cache_any_temperature is None else o.cache_any_temperature
-        semantic, threshold = sem.enabled, self._threshold
-        for p in (sem.routes.get(model), sem.features.get(feature)):
-            if p is not None:
-                semantic = semantic if p.enabled is None else p.enabled
-                threshold = threshold if p.threshold is None else p.threshold
-        return Policy(enabled, ttl, norm == "loose", max_t, any_t, threshold if semantic else None)
+        return merged_policy(self.config, self._threshold, feature, model)
 
     def bypass(self, ctx: RequestContext, policy: Policy) -> CacheBypass | None:
         """Why the cache may not serve or store ``ctx``; None when it may."""
