@@ -83,6 +83,9 @@ DIFFERENT = [
      "She watered the rose, the soil of the _ was already dry.", "one word replaced"),
     ("Should I increase the dose slowly?", "Should I reduce the dose slowly?", "one word replaced"),
     ("How do I restart the server?", "How do I restore the server?", "one word replaced"),
+    ("Monica enjoys vodka but Felicia prefers whiskey because _ likes dark liquors. A) Monica "
+     "B) Felicia", "Monica enjoys vodka but Felicia prefers whiskey because _ likes clear "
+     "liquors. A) Felicia B) Monica", "one word replaced"),  # and two words moved
     ("Why does my laptop overclock?", "Why does my laptop overheat?", "one word replaced"),
     ("Compare the HP LaserJet M604n", "Compare the HP LaserJet M604dn", "entities"),
     ("What does ~ mean in C++?", "What does % mean in C++?", "symbols"),

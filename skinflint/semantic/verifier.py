@@ -245,8 +245,12 @@ class _Parsed:
                 w for w, (_, first) in zip(lower, tokens, strict=True)
                 if first and w in _QUESTION_WORDS
             ),
-            negations=sum(w in _NEGATIONS or w.endswith("n't") for w in lower),
+            negations=sum(map(_negation, lower)),
         )
+
+
+def _negation(word: str) -> bool:
+    return word in _NEGATIONS or word.endswith("n't")
 
 
 # Parsing costs far more than comparing, and a stored question is compared again and again (by
@@ -301,22 +305,27 @@ def _is_entity(token: str, sentence_start: bool) -> bool:
 
 
 def _replaced(left: list[str], right: list[str]) -> tuple[str, str] | None:
-    """The two content words at the one position where otherwise identical texts differ, unless
-    they are forms of one word: the same start followed by endings such as -s, -ed, -ing, -y /
-    -ies ("dance" / "dancing", "tried" / "tries"), not "restart" / "restore".
+    """The two content words by which texts of the same words otherwise differ (one word
+    replaced, the others in any order), unless they are forms of one word: the same start
+    followed by endings such as -s, -ed, -ing, -y / -ies ("dance" / "dancing", "tried" /
+    "tries"), not "restart" / "restore".
 
     Texts that differ in a single word are where opposites hide that no list names ("the soil
-    was already wet" / "... dry", "partially" / "fully responsible"); on Quora pairs this check
-    also turns away some synonyms ("big" / "huge"), about 2% of hits at the shipped threshold.
+    was already wet" / "... dry", "partially" / "fully responsible"), also when other words
+    moved ("_ likes dark liquors. A) Monica B) Felicia" / "_ likes clear liquors. A) Felicia
+    B) Monica"); on Quora pairs this check also turns away some synonyms ("big" / "huge"),
+    about 2% of hits at the shipped threshold.
     """
     if len(left) != len(right):
         return None
-    differing = [(x, y) for x, y in zip(left, right, strict=True) if x != y]
-    if len(differing) != 1:
+    only_left, only_right = Counter(left) - Counter(right), Counter(right) - Counter(left)
+    if sum(only_left.values()) != 1 or sum(only_right.values()) != 1:
         return None
-    x, y = differing[0]
+    (x,), (y,) = only_left, only_right
     if x in STOPWORDS or y in STOPWORDS or _number(x) or _number(y):
         return None
+    if _negation(x) or _negation(y):
+        return None  # compared by their count
     if _inflections(x, y):
         return None
     return x, y
