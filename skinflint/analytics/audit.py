@@ -22,6 +22,7 @@ from skinflint.analytics.audit_duplicates import (
     NearSetting,
     cache_lifetime,
     exact_duplicates,
+    kept_out_by_temperature,
     near_duplicates,
 )
 from skinflint.analytics.audit_figures import (
@@ -93,10 +94,19 @@ def run_audit(
     routed = overpowered(calls, settings, catalog)
     result = _figures(path, log, calls, since, until)
     whole = totals(calls)
+    kept_out = kept_out_by_temperature(calls, [e or n for e, n in zip(exact, near, strict=True)],
+                                       settings.cache)
     result["exact_duplicates"] = _dup_figures(calls, exact, whole.requests)
     result["near_duplicates"] = {**_dup_figures(calls, near, whole.requests),
                                  "threshold": threshold, "verifier": verifier,
                                  "method": PREFILTER_NOTE}
+    result["duplicates_kept_out_by_temperature"] = _dup_figures(calls, kept_out, whole.requests)
+    if any(kept_out):
+        result["notes"].append(
+            f"{sum(kept_out)} of the duplicates set no temperature or one above the cache's"
+            " max_temperature: as configured, the cache would not serve them; setting"
+            " temperature (e.g. 0) in those requests, or max_temperature or"
+            " cache_any_temperature for their feature, lets it")
     result["bloat"] = bloat.figures
     result["overpowered"] = routed.figures(whole.requests, bool(settings.routes))
     result["alerts"], result["alerts_note"] = _alerts(calls, settings)

@@ -10,8 +10,9 @@ semantic partition (scope, model, system prompt, parameters and earlier turns:
 :func:`skinflint.pipeline.cache.context_digest`), asked within that question's TTL, at the
 semantic cache's threshold, with its embedder, and passes its verifier when that is on. As in
 the cache, a question that was itself served from the semantic cache is not indexed, so it
-matches nothing. (The temperature rules are not applied: a log rarely says what the provider
-sampled at, and the duplicates are what the cache could serve with them set to allow it.)
+matches nothing. The temperature rules are not applied to these counts (they are what the
+cache serves once the rules allow it); :func:`kept_out_by_temperature` says which of them the
+rules as configured keep out.
 
 The embedder costs milliseconds a text, so it only sees texts that could match. A question is
 compared with the earlier questions of its partition whose bag of words has a cosine of at least
@@ -41,7 +42,12 @@ from skinflint.analytics.audit_input import Call
 from skinflint.config import CacheConfig
 from skinflint.embed import Embedder
 from skinflint.messages import last_user_text
-from skinflint.pipeline.cache import context_digest, merged_policy, split_question
+from skinflint.pipeline.cache import (
+    context_digest,
+    merged_policy,
+    split_question,
+    temperature_bypass,
+)
 from skinflint.semantic.verifier import compare
 
 __all__ = [
@@ -52,6 +58,7 @@ __all__ = [
     "NearSetting",
     "cache_lifetime",
     "exact_duplicates",
+    "kept_out_by_temperature",
     "near_duplicates",
     "scope_of",
     "word_bags",
@@ -124,6 +131,20 @@ def exact_duplicates(calls: Sequence[Call], config: CacheConfig) -> list[bool]:
         if not hit:
             expiry[key] = _expires(call, ttl)
     return marks
+
+
+def kept_out_by_temperature(calls: Sequence[Call], marks: Sequence[bool],
+                            config: CacheConfig) -> list[bool]:
+    """Of the calls ``marks`` says are duplicates, those the cache's temperature rules as
+    configured keep out (no temperature set where ``max_temperature`` is below the providers'
+    default, or one above it): they are served once the request or the rules change."""
+    out = []
+    for call, marked in zip(calls, marks, strict=True):
+        asked = call.body.get("model") if call.body is not None else None
+        model = asked if isinstance(asked, str) else call.model
+        out.append(marked and call.body is not None and temperature_bypass(
+            merged_policy(config, 1.0, call.feature, model), call.body) is not None)
+    return out
 
 
 @dataclass(frozen=True)

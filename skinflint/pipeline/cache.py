@@ -63,6 +63,7 @@ __all__ = [
     "semantic_defaults",
     "semantic_setting",
     "split_question",
+    "temperature_bypass",
 ]
 
 log = logging.getLogger("skinflint.cache")
@@ -110,6 +111,19 @@ def merged_policy(config: CacheConfig, threshold: float, feature: str, model: st
             semantic = semantic if p.enabled is None else p.enabled
             threshold = threshold if p.threshold is None else p.threshold
     return Policy(enabled, ttl, norm == "loose", max_t, any_t, threshold if semantic else None)
+
+
+def temperature_bypass(policy: Policy, body: dict[str, Any]) -> CacheBypass | None:
+    """Why the temperature rules keep a chat request ``body`` out of the cache; None when they
+    do not."""
+    if policy.any_temperature:
+        return None
+    temperature = body.get("temperature")
+    if not isinstance(temperature, int | float):  # providers then sample at the default
+        unset = policy.max_temperature < DEFAULT_TEMPERATURE
+        return CacheBypass.TEMPERATURE_UNSET if unset else None
+    above = temperature > policy.max_temperature
+    return CacheBypass.TEMPERATURE_ABOVE_MAX if above else None
 
 
 def semantic_defaults() -> dict[str, Any]:
@@ -276,14 +290,9 @@ class ResponseCache:
             return CacheBypass.CLIENT
         if not policy.enabled:
             return CacheBypass.DISABLED
-        if ctx.endpoint != "chat" or policy.any_temperature:
+        if ctx.endpoint != "chat":
             return None
-        temperature = ctx.body.get("temperature")
-        if not isinstance(temperature, int | float):  # providers then sample at the default
-            unset = policy.max_temperature < DEFAULT_TEMPERATURE
-            return CacheBypass.TEMPERATURE_UNSET if unset else None
-        above = temperature > policy.max_temperature
-        return CacheBypass.TEMPERATURE_ABOVE_MAX if above else None
+        return temperature_bypass(policy, ctx.body)
 
     # ---- keys
 

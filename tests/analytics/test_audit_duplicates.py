@@ -62,3 +62,18 @@ def test_a_near_duplicate_is_served_only_while_the_question_it_matches_lives(
     lines = [_line(QUESTION, 0), _line(PARAPHRASES[0], hours)]
     result = _audit(tmp_path, lines, {**TTL_2H, "semantic": {"enabled": True}})
     assert result["near_duplicates"]["requests"] == served
+
+
+def test_duplicates_the_temperature_rules_keep_out_are_told_apart(tmp_path: Path) -> None:
+    lines = [_line(QUESTION, h) for h in (0, 1, 2)] + [_line(BASES[1][0], h) for h in (0, 1)]
+    for line in lines[:3]:
+        del line["request"]["temperature"]  # the providers' default, above max_temperature
+    result = _audit(tmp_path, lines, {})
+    assert result["exact_duplicates"]["requests"] == 3  # what the cache serves once allowed
+    kept_out = result["duplicates_kept_out_by_temperature"]
+    assert kept_out["requests"] == 2 and kept_out["cost_usd"] > 0  # those set no temperature
+    assert any("max_temperature" in note for note in result["notes"])
+    allowed = _audit(tmp_path, lines, {"exact": {"features": {"faq": {
+        "cache_any_temperature": True}}}})
+    assert allowed["duplicates_kept_out_by_temperature"]["requests"] == 0
+    assert not any("max_temperature" in note for note in allowed["notes"])
