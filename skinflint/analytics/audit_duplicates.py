@@ -98,8 +98,7 @@ def cache_lifetime(config: CacheConfig) -> Lifetime:
     known: dict[tuple[str, str], float | None] = {}
 
     def lifetime(call: Call) -> float | None:
-        asked = call.body.get("model") if call.body is not None else None
-        key = (call.feature, asked if isinstance(asked, str) else call.model)
+        key = (call.feature, _asked(call))
         if key not in known:
             policy = merged_policy(config, 1.0, *key)
             known[key] = policy.ttl_seconds if policy.enabled else None
@@ -138,13 +137,15 @@ def kept_out_by_temperature(calls: Sequence[Call], marks: Sequence[bool],
     """Of the calls ``marks`` says are duplicates, those the cache's temperature rules as
     configured keep out (no temperature set where ``max_temperature`` is below the providers'
     default, or one above it): they are served once the request or the rules change."""
-    out = []
-    for call, marked in zip(calls, marks, strict=True):
-        asked = call.body.get("model") if call.body is not None else None
-        model = asked if isinstance(asked, str) else call.model
-        out.append(marked and call.body is not None and temperature_bypass(
-            merged_policy(config, 1.0, call.feature, model), call.body) is not None)
-    return out
+    return [marked and call.body is not None and temperature_bypass(
+        merged_policy(config, 1.0, call.feature, _asked(call)), call.body) is not None
+        for call, marked in zip(calls, marks, strict=True)]
+
+
+def _asked(call: Call) -> str:
+    """The model or route the call asked for (what the cache's rules are chosen by)."""
+    asked = call.body.get("model") if call.body is not None else None
+    return asked if isinstance(asked, str) else call.model
 
 
 @dataclass(frozen=True)
