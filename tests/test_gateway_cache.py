@@ -324,3 +324,22 @@ def test_cache_survives_restart(make_gateway: GatewayFactory, fake: FakeUpstream
     with openai.OpenAI(base_url=gw2.base_url, api_key="k", max_retries=0) as c:
         assert _ask(c, "remember me").headers["x-skinflint-cache"] == "hit-exact"
     assert _calls(fake) == 1
+
+
+def test_an_answer_another_model_gave_is_not_stored_for_the_one_asked(
+        client: openai.OpenAI, fake: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    fake.fail_next("status=500", times=3)  # the first target and its two retries
+    fell_back = _ask(client, model="primary")
+    assert fell_back.headers["x-skinflint-model"] == "claude-3-5-haiku-latest"
+    again = _ask(client, model="primary")  # the model asked is back: its own answer, stored
+    assert again.headers["x-skinflint-cache"] == "miss"
+    assert again.headers["x-skinflint-model"] == "gpt-4o-mini"
+    assert _ask(client, model="primary").headers["x-skinflint-cache"] == "hit-exact"
+    budget = {"name": "daily", "limit": {"requests": 1}, "action": "downgrade",
+              "downgrade_to": "cheap"}
+    with openai.OpenAI(base_url=make_gateway(budgets=[budget]).base_url, api_key="k",
+                       max_retries=0, timeout=10) as other:
+        _ask(other, "within the budget")
+        downgraded = [_ask(other, "past it") for _ in range(2)]
+    assert [d.headers["x-skinflint-model"] for d in downgraded] == ["qwen3-8b"] * 2
+    assert [d.headers["x-skinflint-cache"] for d in downgraded] == ["miss", "miss"]

@@ -466,10 +466,13 @@ class ResponseCache:
     # ---- storing
 
     async def store(self, ctx: RequestContext, body: dict[str, Any], raw: bytes | None) -> bool:
-        """Store a finished answer if the request allows it and the answer is complete: the
-        exact entry, then the question in the semantic index."""
+        """Store a finished answer if the request allows it, the answer is complete and the
+        model chosen for it gave it (not a fallback's or a downgrade's): the exact entry, then
+        the question in the semantic index."""
         plan = ctx.cache_plan
         if plan is None or ctx.cache.hit or ctx.status != 200:
+            return False
+        if ctx.substituted:  # later requests for the model asked would get another's answer
             return False
         if self._invalidated_since(ctx, plan):
             return False  # its data changed since the lookup: the answer may be stale

@@ -204,7 +204,7 @@ class Cascade:
                 )
         if chosen.error is not None or chosen.reply is None:
             raise chosen.error or UpstreamError("cascade: no tier answered")
-        ctx.answered = chosen.ctx.answered
+        ctx.answered, ctx.targets = chosen.ctx.answered, chosen.ctx.targets
         ctx.token_cap = chosen.ctx.token_cap  # each tier's call was capped on its own copy
         if ctx.stream:
             assert chosen.reply.body is not None

@@ -349,6 +349,15 @@ class RequestContext:
         return self.answered.provider_model if self.answered else self.requested_model
 
     @property
+    def substituted(self) -> bool:
+        """True when another model than the one chosen for the request answered it: a
+        fallback, after the chosen target failed, or a budget's downgrade."""
+        downgraded = self.route is not None and bool(self.route.downgrade)
+        fell_back = bool(self.targets) and self.answered is not None and (
+            self.answered is not self.targets[0])
+        return downgraded or fell_back
+
+    @property
     def served_locally(self) -> bool:
         """True when the gateway answered by itself (a cache hit or a rule): no provider was
         called for the answer, which costs nothing and counts only as a request."""
