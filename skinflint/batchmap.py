@@ -71,10 +71,13 @@ class PackedCall:
 
 @dataclass(frozen=True, slots=True)
 class CallAnswer:
-    """A packed call's chat completion and what it cost (None: not known)."""
+    """A packed call's chat completion and what it cost (None: not known); ``storable`` False
+    when another model than the one asked gave it (a fallback, a budget's downgrade): its items'
+    answers are then not stored in the item cache."""
 
     completion: JSON
     cost_usd: float | None
+    storable: bool = True
 
 
 class CallFailed(Exception):
@@ -171,6 +174,7 @@ class _Run:
         self.solo: dict[str, int] = {}
         self.validator = validator_for(spec.response_schema)
         self.answered: dict[int, ItemResult] = {}
+        self.unstorable: set[int] = set()  # items another model than the one asked answered
         self.result = BatchResult([])
         self.largest = 1  # the largest batch sent
         self._gate = asyncio.Semaphore(concurrency)
@@ -216,6 +220,8 @@ class _Run:
             if item.id in parsed.outputs:
                 self.answered[item.position] = ItemResult(item.id, parsed.outputs[item.id],
                                                           status)
+                if not answer.storable:
+                    self.unstorable.add(item.position)
         return [_Failure(item, parsed.problems[item.id], True)
                 for item in batch if item.id in parsed.problems]
 
@@ -278,7 +284,7 @@ async def run_batch_map(items: Sequence[Item], spec: PackSpec, complete: Complet
     for f in failures:
         run.answered[f.item.position] = ItemResult(f.item.id, None, "error", f.message)
     if cache is not None:
-        fresh = {item.position for item in pending}
+        fresh = {item.position for item in pending} - run.unstorable
         await cache.put([(digests[i], orjson.dumps({"output": r.output}))
                          for i, r in _answered_now(items, run, fresh)])
     run.result.results = [run.answered[item.position] for item in items]

@@ -98,7 +98,7 @@ class _ThroughPipeline:
                 raise
             raise CallFailed(exc.message, retryable=False) from None
         body: dict[str, Any] = reply.body if reply.body is not None else {}
-        return CallAnswer(body, ctx.costs.cost_usd)
+        return CallAnswer(body, ctx.costs.cost_usd, storable=not ctx.substituted)
 
 
 async def answer_batch_map(gateway: Gateway, raw: bytes, headers: dict[str, str]) -> bytes:

@@ -298,3 +298,22 @@ def test_each_item_served_from_the_cache_is_a_ledger_row_saving_the_item_alone(
         assert row["input_tokens"] == alone and row["output_tokens"] > 0
         assert row["saved_usd"] == row["baseline_cost_usd"] > 0
     assert sum(r["strategy"] == "batch_map" for r in rows) == 5  # 4 items, then the new one
+
+
+def test_items_another_model_answered_are_not_stored_for_the_one_asked(
+        fake: FakeUpstream, make_gateway: GatewayFactory) -> None:
+    fake.add_answerer(PackedAnswerer())
+    models = {"gpt-4o-mini": {"provider": "fake"}, "gpt-4o": {"provider": "fake"},
+              "first-choice": {"provider": "fake", "model": "gpt-4o-mini",
+                               "fallbacks": ["gpt-4o"]}}
+    items = _reviews(4)
+    with _client(make_gateway(models=models)) as client:
+        fake.fail_next("status=500", times=3)  # the model asked and its two retries
+        fell_back = _batch_map(client, model="first-choice", instruction=INSTRUCTION,
+                               items=items)
+        assert [r["output"] for r in fell_back["results"]] == [classify(t) for t in items]
+        before = len(_sent(fake))
+        again = _batch_map(client, model="first-choice", instruction=INSTRUCTION, items=items)
+        assert again["calls"] == 1 and len(_sent(fake)) == before + 1  # asked anew
+        _batch_map(client, model="first-choice", instruction=INSTRUCTION, items=items)
+        assert len(_sent(fake)) == before + 1  # the model asked answered: now stored
