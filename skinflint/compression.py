@@ -22,7 +22,7 @@ import math
 import string
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from itertools import chain
@@ -227,10 +227,16 @@ _remembered_lines = Remembered(_lines, size=_REMEMBERED, max_chars=_REMEMBER_CHA
 _EMPTY: frozenset[str] = frozenset()
 
 
+def _candidates(counts: Iterable[tuple[str, int]]) -> Iterator[tuple[int, int, str]]:
+    """``(paragraphs, length, line)`` of each line that could be the template line, from
+    ``(line, paragraphs holding it)``: held by enough paragraphs, and long enough to be an
+    instruction rather than an answer. The template line is the greatest."""
+    return ((n, len(line), line) for line, n in counts
+            if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS)
+
+
 def _template_line(lines: list[frozenset[str]]) -> str | None:
-    seen = Counter(chain.from_iterable(lines))
-    best = max(((n, len(line), line) for line, n in seen.items()
-                if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), default=None)
+    best = max(_candidates(Counter(chain.from_iterable(lines)).items()), default=None)
     return best[2] if best is not None else None
 
 
@@ -304,8 +310,7 @@ def _head(text: str) -> _Head:
     spans = paragraphs(text)
     lines = _line_sets(text, spans)
     counts = Counter(chain.from_iterable(lines))
-    ranked = sorted(((n, len(line), line) for line, n in counts.items()
-                     if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS), reverse=True)
+    ranked = sorted(_candidates(counts.items()), reverse=True)
     return _Head(text, tuple(spans), tuple(lines), dict(counts), tuple(ranked), {}, {})
 
 
@@ -430,13 +435,9 @@ def _template_after(head: _Head, fresh: list[frozenset[str]]) -> str | None:
     """The template line of a text that is ``head`` followed by paragraphs of line sets
     ``fresh``: the lines of those only gain, so the best of the beginning's, or one of
     theirs."""
-    best = head.ranked[0] if head.ranked else None
-    for line, n in Counter(chain.from_iterable(fresh)).items():
-        n += head.counts.get(line, 0)
-        if n >= _MIN_BLOCKS and len(line) >= _MIN_TEMPLATE_CHARS:
-            found = (n, len(line), line)
-            if best is None or found > best:
-                best = found
+    gained = ((line, n + head.counts.get(line, 0))
+              for line, n in Counter(chain.from_iterable(fresh)).items())
+    best = max(chain(head.ranked[:1], _candidates(gained)), default=None)
     return None if best is None else best[2]
 
 
