@@ -357,31 +357,26 @@ class ResponseCache:
             raw = await self._flights.join(key, ctx, lambda: self.backend.get(key, self.clock()))
         return None if raw is None else self.serve(ctx, raw, CacheDecision("hit-exact"))
 
-    async def stored(self, ctx: RequestContext) -> Reply | None:
-        """``ctx`` answered from an exact entry when the cache holds one and may serve it;
-        nothing in flight is waited for or led, and nothing is planned to be stored (for a
-        request deferred to a provider batch: answered now, or later by its batch, with no
-        output cap either way)."""
-        if not self.exact_enabled or ctx.cache_mode == "refresh":
-            return None
-        found = self._exact(ctx, uncapped=True)
+    async def deferred(self, ctx: RequestContext
+                       ) -> tuple[Reply | None, tuple[str, float] | None]:
+        """For a request deferred to a provider batch (answered now, or later by its batch,
+        with no output cap either way): ``ctx`` answered from an exact entry when the cache
+        holds one and may serve it (nothing in flight is waited for or led); else the key and
+        TTL under which its answer may be stored when it arrives, None when it may not be: the
+        cache may not store it, or it has tags (an invalidation in the hours before its answer
+        arrives could not be told from one before the request)."""
+        found = self._exact(ctx, uncapped=True) if self.exact_enabled else None
         if found is None:
-            return None
-        raw = await self.backend.get(found[0], self.clock())
-        return None if raw is None else self.serve(ctx, raw, CacheDecision("hit-exact"))
-
-    def later(self, ctx: RequestContext) -> tuple[str, float] | None:
-        """The key and TTL under which ``ctx``'s answer may be stored when it arrives later (a
-        request deferred to a provider batch); None when it may not be: the cache may not store
-        it, or it has tags (an invalidation in the hours before its answer arrives could not be
-        told from one before the request)."""
-        if ctx.tags or not self.exact_enabled:
-            return None
-        found = self._exact(ctx, uncapped=True)
-        return None if found is None else (found[0], found[1].ttl_seconds)
+            return None, None
+        key, policy = found
+        if ctx.cache_mode != "refresh":
+            raw = await self.backend.get(key, self.clock())
+            if raw is not None:
+                return self.serve(ctx, raw, CacheDecision("hit-exact")), None
+        return None, (None if ctx.tags else (key, policy.ttl_seconds))
 
     async def keep(self, key: str, ttl_seconds: float, raw: bytes) -> bool:
-        """Store an answer that arrived later under ``key`` (see :meth:`later`), if it is a
+        """Store an answer that arrived later under ``key`` (see :meth:`deferred`), if it is a
         complete answer and fits."""
         if len(raw) > self.config.exact.max_entry_bytes or not is_complete(orjson.loads(raw)):
             return False

@@ -12,7 +12,7 @@ again at the batch price. Its job is completed at once with the stored answer, t
 carries it, the ledger records a cache hit (status 200, as a job's answer is recorded), and
 the batch webhook is told. A deferred request is sent with no output cap (token budgets do not
 apply), so these answers are those of uncapped requests. Otherwise the job notes where its
-answer is to be stored when it arrives (:meth:`ResponseCache.later`), unless a budget sends it
+answer is to be stored when it arrives (:meth:`ResponseCache.deferred`), unless a budget sends it
 to another model than the one asked for.
 
 What cannot be deferred is decided in :meth:`Defer.deferral`, in one place: a request that asked
@@ -123,7 +123,8 @@ class Defer:
         if target is None:
             return await next(ctx)
         assert self._store is not None  # else not enabled
-        stored = await self._cache.stored(ctx) if self._cache is not None else None
+        stored, later = (await self._cache.deferred(ctx) if self._cache is not None
+                         else (None, None))
         now = self._clock()
         job = Job(
             id=new_job_id(ctx.request_id), tenant=ctx.tenant, feature=ctx.feature, user=ctx.user,
@@ -134,8 +135,7 @@ class Defer:
             assert stored.body is not None
             raw = stored.raw if stored.raw is not None else orjson.dumps(stored.body)
             job = replace(job, state="completed", response=raw, finished=now)
-        elif (self._cache is not None and target.name == ctx.requested_model
-              and (later := self._cache.later(ctx)) is not None):  # not another model's answer
+        elif later is not None and target.name == ctx.requested_model:  # not another's answer
             job = replace(job, cache_key=later[0], cache_ttl=later[1])
         await self._store.enqueue([job])
         if self._metrics is not None:
