@@ -279,7 +279,7 @@ class Gateway:
             attribute=Attribute({k.key_sha256: k.tenant for k in settings.keys}),
             guard=Guard(budgets, metrics),
             defer=Defer(settings.batching, jobs, batchable, metrics=metrics, cache=cache,
-                        answered=batches.settler.answered),
+                        answered=batches.settler.finished),
             rules=Rules(settings.rules, tokens, metrics),
             exact_cache=ExactCache(cache),
             semantic_cache=SemanticCache(cache),

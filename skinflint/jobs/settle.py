@@ -229,10 +229,7 @@ class Settler:
             error_type=how.error_type, route=job.requested_model,
             latency_ms=max(now - job.created, 0.0) * 1000))
         self._spend(job, Amounts(cost or 0.0, 0, usage.input_tokens + usage.output_tokens))
-        self._notify(job)
-        if self._metrics is not None:
-            outcome = "expired" if job.state == "failed" and job.error == "expired" else job.state
-            self._metrics.child(self._metrics.jobs_finished, outcome).inc()
+        self.finished(job)
 
     def _spend(self, job: Job, amount: Amounts) -> None:
         """Count what the job spent in its budgets (it counted as a request when it was
@@ -246,12 +243,12 @@ class Settler:
         if claims:
             book.counters.settle(claims, amount)
 
-    def answered(self, job: Job) -> None:
-        """A deferred job the exact cache answered when it was accepted: its webhook (its
-        ledger row is its request's own)."""
-        self._notify(job)
-
-    def _notify(self, job: Job) -> None:
+    def finished(self, job: Job) -> None:
+        """A job finished (here, or by the exact cache when it was accepted): the finished-jobs
+        metric and the webhook."""
+        if self._metrics is not None:
+            outcome = "expired" if job.state == "failed" and job.error == "expired" else job.state
+            self._metrics.child(self._metrics.jobs_finished, outcome).inc()
         if self._webhook is None or not self._webhook_url or job.group:
             return
         task = asyncio.ensure_future(self._deliver({"id": job.id, "status": job.state}))

@@ -79,7 +79,7 @@ class Defer:
                  answered: Callable[[Job], None] | None = None) -> None:
         """With no ``store`` (library use) nothing is deferred and the stage is skipped.
         ``cache``: where stored answers are looked for; ``answered``: told of each job the
-        cache answered (the webhook)."""
+        cache answered (the finished-jobs metric, the webhook)."""
         self._config = config
         self._store = store
         self._target = target
@@ -144,8 +144,6 @@ class Defer:
         if stored is None:
             ctx.status = 202  # accepted; answered (its ledger row's status) when it is
             return Reply(body=job_json(job), status=202)
-        if self._metrics is not None:
-            self._metrics.child(self._metrics.jobs_finished, "completed").inc()
         if self._answered is not None:
             self._answered(job)
         return Reply(body=job_json(job, stored.body), status=202)

@@ -368,6 +368,8 @@ def test_a_deferred_request_the_cache_answers_is_not_sent_again(
     while len(_Hooks.received) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert {"id": accepted["id"], "status": "completed"} in _Hooks.received
+    metrics = httpx.get(gw.root_url + "/metrics").text
+    assert 'skinflint_jobs_finished_total{outcome="completed"} 2.0' in metrics.splitlines()
 
 
 def test_a_deferred_request_is_not_answered_from_another_tenants_cache(
